@@ -1,0 +1,1 @@
+"""Model logic and shared code of the two-pass streaming ASR service."""
