@@ -1,0 +1,85 @@
+"""Triton adapter for the Fun-ASR-Nano second pass; the logic lives in twopass_asr.nano.
+
+Decoupled: each request gets its text on a response stream whose last response carries
+the final flag (tritonclient's asyncio stream never sees a separate empty final)."""
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from twopass_asr import model_store
+from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.nano.recognizer import NanoRecognizer, validate_nano_dir
+from twopass_asr.triton_models import (
+    error_response,
+    model_parameters,
+    optional_scalar,
+    required_audio,
+    resolve_device,
+    resolve_model_dir,
+    use_utf8_locale,
+)
+from twopass_asr.stream_state import StreamError
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _optional_text(request, name):
+    value = optional_scalar(request, name)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StreamError(f"{name} is not valid UTF-8") from exc
+    return str(value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        use_utf8_locale()
+        _, params = model_parameters(args)
+        model_dir = resolve_model_dir(args, params, model_store.NANO)
+        try:
+            validate_nano_dir(model_dir)
+        except model_store.ModelDirError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
+        device = resolve_device(params)
+        self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=int(params.get("max_new_tokens", "256")))
+        # One worker: generation uses every core already; more would only contend.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
+        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} (torch generation)")
+
+    async def execute(self, requests):
+        await asyncio.gather(*(self._serve(request) for request in requests))
+        return None
+
+    async def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            audio = required_audio(request)
+            if audio.dtype != np.int16:
+                raise StreamError(f"AUDIO must be int16 PCM, got {audio.dtype}")
+            hotwords = parse_hotwords(_optional_text(request, "HOTWORDS") or "")
+            language = _optional_text(request, "LANGUAGE")
+            itn = optional_scalar(request, "ITN")
+            if request.is_cancelled():
+                sender.send(error_response("request cancelled"), flags=FINAL)
+                return
+            text = await asyncio.get_running_loop().run_in_executor(
+                self.executor,
+                lambda: self.recognizer.recognize(audio, hotwords, language, True if itn is None else bool(itn)),
+            )
+            out = pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=FINAL)
+        except (StreamError, ValueError) as exc:
+            sender.send(error_response(str(exc)), flags=FINAL)
+        except Exception as exc:  # one bad segment must not take the model down
+            pb_utils.Logger.log_error(f"funasr_nano_vllm: request failed: {exc!r}")
+            sender.send(error_response(f"internal error in funasr_nano_vllm: {exc}"), flags=FINAL)
+
+    def finalize(self):
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,36 @@
+"""Triton adapter for the streaming Paraformer; the logic lives in twopass_asr.paraformer."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from twopass_asr import model_store
+from twopass_asr.paraformer import DecodeOptions, StreamingParaformer
+from twopass_asr.triton_models import SequenceModel, optional_scalar, optional_vector
+
+DEFAULTS = DecodeOptions()
+
+
+class TritonPythonModel(SequenceModel):
+    store_name = model_store.PARAFORMER
+    validate_dir = staticmethod(model_store.validate_paraformer_dir)
+
+    def load(self, model_dir, device):
+        self.paraformer = StreamingParaformer(model_dir, device=device)
+
+    def new_state(self, request):
+        chunk_size = optional_vector(request, "CHUNK_SIZE")
+        encoder_look_back = optional_scalar(request, "ENCODER_LOOK_BACK")
+        decoder_look_back = optional_scalar(request, "DECODER_LOOK_BACK")
+        return self.paraformer.new_stream(
+            DecodeOptions(
+                chunk_size=DEFAULTS.chunk_size if chunk_size is None else tuple(int(v) for v in chunk_size),
+                encoder_look_back=DEFAULTS.encoder_look_back if encoder_look_back is None else encoder_look_back,
+                decoder_look_back=DEFAULTS.decoder_look_back if decoder_look_back is None else decoder_look_back,
+            )
+        )
+
+    def process_batch(self, states, audios, finals):
+        return self.paraformer.process_batch(states, audios, finals)
+
+    def outputs(self, text):
+        return [pb_utils.Tensor("TEXT", np.array([[(text or "").encode("utf-8")]], dtype=np.object_))]

@@ -1,0 +1,61 @@
+"""Session fixtures: tiny random models, synthesised speech, and a real tritonserver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_silences, write_wav
+from twopass_asr.triton_launcher import REPO_ROOT, TritonServer
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEST_STORE = Path(os.environ.get("TWOPASS_ASR_TEST_MODELS", REPO_ROOT / ".test_models"))
+ARTIFACTS = REPO_ROOT / ".cache" / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def test_models() -> Path:
+    """Tiny random Paraformer and Nano plus the real FSMN-VAD, prepared once (idempotent)."""
+    subprocess.run(
+        [sys.executable, "-m", "twopass_asr.prepare", "--store", str(TEST_STORE), "--random", "tiny", "--seed", "0"],
+        check=True,
+    )
+    return TEST_STORE
+
+
+@dataclass
+class SpeechWav:
+    path: Path
+    pcm: np.ndarray
+
+
+UTTERANCES = [
+    ("jin1 tian1 tian1 qi4 hen3 hao3", MANDARIN_VOICE),
+    ("the quick brown fox jumps over the lazy dog", ENGLISH_VOICE),
+    ("wo3 men5 qu4 gong1 yuan2 san4 bu4 ba5", MANDARIN_VOICE),
+]
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> SpeechWav:
+    """About 9 s: three utterances separated by 1.2-1.5 s of silence."""
+    pcm = speech_with_silences(UTTERANCES, [600, 1500, 1200, 900])
+    path = write_wav(tmp_path_factory.mktemp("speech") / "speech.wav", pcm)
+    return SpeechWav(path=path, pcm=pcm)
+
+
+@pytest.fixture(scope="session")
+def triton_server(test_models):
+    server = TritonServer(test_models, log_path=ARTIFACTS / "tritonserver.log")
+    server.start()
+    yield server
+    server.stop()

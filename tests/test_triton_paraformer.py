@@ -1,0 +1,110 @@
+"""paraformer_streaming through a real tritonserver gives, chunk for chunk, the text of
+FunASR's AutoModel.generate streaming on the same chunks (tiny random model)."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
+from twopass_asr.audio import pcm16_to_float
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module")
+def reference_paraformer(test_models):
+    from funasr import AutoModel
+
+    return AutoModel(model=str(test_models / "paraformer_streaming"), disable_update=True, disable_pbar=True,
+                     disable_log=True)
+
+
+def reference_texts(model, chunks, chunk_size=(0, 10, 5), encoder_look_back=4, decoder_look_back=1):
+    cache = {}
+    texts = []
+    for index, chunk in enumerate(chunks):
+        result = model.generate(
+            input=pcm16_to_float(chunk), cache=cache, is_final=index == len(chunks) - 1,
+            chunk_size=list(chunk_size), encoder_chunk_look_back=encoder_look_back,
+            decoder_chunk_look_back=decoder_look_back,
+        )
+        texts.append(result[0]["text"] if result else "")
+    return texts
+
+
+def option_inputs(chunk_size, encoder_look_back, decoder_look_back):
+    return [
+        tensor("CHUNK_SIZE", np.array([chunk_size], np.int32), "INT32"),
+        tensor("ENCODER_LOOK_BACK", np.array([[encoder_look_back]], np.int32), "INT32"),
+        tensor("DECODER_LOOK_BACK", np.array([[decoder_look_back]], np.int32), "INT32"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "chunk_size,encoder_look_back,decoder_look_back,chunking",
+    [
+        ((0, 10, 5), 4, 1, 9600),
+        ((0, 10, 5), 4, 1, [3000, 7001, 960]),
+        ((0, 8, 4), 2, 0, 7680),
+        ((5, 10, 5), 0, 2, 9600),
+    ],
+)
+def test_paraformer_matches_funasr(triton_server, reference_paraformer, speech_wav, chunk_size,
+                                   encoder_look_back, decoder_look_back, chunking):
+    chunks = chunks_of(speech_wav.pcm, chunking)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    got = [text_of(out) for out in run_sequence(
+        client, "paraformer_streaming", chunks, option_inputs(chunk_size, encoder_look_back, decoder_look_back))]
+    expected = reference_texts(reference_paraformer, chunks, chunk_size, encoder_look_back, decoder_look_back)
+    assert got == expected
+    assert sum(1 for text in got if text) >= 3, "the tiny model's CIF must fire on speech"
+
+
+def test_concurrent_streams_match_funasr(triton_server, reference_paraformer, speech_wav):
+    """Eight interleaved streams (different audio, lengths, start times) each get exactly
+    their own reference output while Triton batches their chunks together."""
+    rng = random.Random(7)
+    streams = []
+    for index in range(8):
+        start = rng.randrange(0, 16000 * 3)
+        length = rng.randrange(16000 * 2, len(speech_wav.pcm) - start)
+        pcm = np.roll(speech_wav.pcm, index * 1234)[start : start + length]
+        streams.append(chunks_of(pcm, 9600))
+
+    def run(chunks):
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        return [text_of(out) for out in run_sequence(client, "paraformer_streaming", chunks)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, streams))
+    for chunks, got in zip(streams, results):
+        assert got == reference_texts(reference_paraformer, chunks)
+
+
+def test_bad_decoding_options_are_rejected(triton_server):
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    audio = tensor("AUDIO", np.zeros((1, 9600), np.int16), "INT16")
+    bad = tensor("CHUNK_SIZE", np.array([[0, 0, 5]], np.int32), "INT32")
+    with pytest.raises(InferenceServerException, match="chunk_size"):
+        client.infer("paraformer_streaming", [audio, bad], sequence_id=777001, sequence_start=True, sequence_end=False)
+    # The failed start left no state, and the model keeps serving a good stream.
+    assert isinstance(text_of(run_sequence(client, "paraformer_streaming", [np.zeros(9600, np.int16)])[0]), str)
+
+
+def test_streams_are_freed_on_end(triton_server, speech_wav):
+    """The active-stream gauge returns to zero once every sequence has ended."""
+    import urllib.request
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    run_sequence(client, "paraformer_streaming", chunks_of(speech_wav.pcm[:32000], 9600))
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{triton_server.metrics_port}/metrics").read().decode()
+    lines = [line for line in metrics.splitlines()
+             if line.startswith("twopass_asr_active_streams") and 'model="paraformer_streaming"' in line]
+    assert lines, "the active-stream gauge is exported"
+    assert all(float(line.rsplit(" ", 1)[1]) == 0 for line in lines)

@@ -1,0 +1,62 @@
+"""Streaming Paraformer (first pass), one decoding cache per stream, over FunASR's
+ParaformerStreaming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from twopass_asr.audio import pcm16_to_float
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    chunk_size: tuple[int, int, int] = (0, 10, 5)
+    encoder_look_back: int = 4
+    decoder_look_back: int = 1
+
+    def __post_init__(self):
+        if len(self.chunk_size) != 3 or any(int(v) != v for v in self.chunk_size):
+            raise ValueError(f"chunk_size must be three integers, got {list(self.chunk_size)}")
+        if self.chunk_size[0] < 0 or not 1 <= self.chunk_size[1] <= 100 or not 0 <= self.chunk_size[2] <= 100:
+            raise ValueError(
+                f"chunk_size {list(self.chunk_size)} out of range: expected [>=0, 1..100, 0..100] (units of 60 ms)"
+            )
+        for name in ("encoder_look_back", "decoder_look_back"):
+            if not 0 <= getattr(self, name) <= 100:
+                raise ValueError(f"{name} must be between 0 and 100 chunks, got {getattr(self, name)}")
+
+
+@dataclass
+class ParaformerStream:
+    options: DecodeOptions
+    cache: dict = field(default_factory=dict)
+
+
+class StreamingParaformer:
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        from funasr import AutoModel
+
+        self.automodel = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
+                                   disable_log=True)
+
+    def new_stream(self, options: DecodeOptions = DecodeOptions()) -> ParaformerStream:
+        return ParaformerStream(options=options)
+
+    def process(self, stream: ParaformerStream, pcm: np.ndarray, is_final: bool) -> str:
+        """Feed one chunk of any length; returns the text newly decoded by it."""
+        opts = stream.options
+        result = self.automodel.generate(
+            input=pcm16_to_float(pcm),
+            cache=stream.cache,
+            is_final=is_final,
+            chunk_size=list(opts.chunk_size),
+            encoder_chunk_look_back=opts.encoder_look_back,
+            decoder_chunk_look_back=opts.decoder_look_back,
+        )
+        return result[0]["text"] if result else ""
+
+    def process_batch(self, streams: list[ParaformerStream], chunks: list[np.ndarray], finals: list[bool]) -> list[str]:
+        return [self.process(s, c, f) for s, c, f in zip(streams, chunks, finals)]

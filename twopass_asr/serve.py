@@ -1,0 +1,98 @@
+"""Run the whole service: prepare models, start tritonserver, then the WebSocket frontend.
+
+Ctrl-C (or SIGTERM) stops both and every process they started."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twopass_asr import model_store
+from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError
+
+log = logging.getLogger("twopass_asr.serve")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", type=Path, default=None, help="model store (default $TWOPASS_ASR_MODELS or .model_store)")
+    parser.add_argument("--random", choices=["tiny", "full"], default=None,
+                        help="serve random models without trying to download the real ones")
+    parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
+                        help="random models to build when the real ones cannot be downloaded (default tiny)")
+    parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
+    parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
+    parser.add_argument("--certfile", default=None)
+    parser.add_argument("--keyfile", default=None)
+    parser.add_argument("--triton-http-port", type=int, default=8000)
+    parser.add_argument("--triton-grpc-port", type=int, default=8001)
+    parser.add_argument("--triton-metrics-port", type=int, default=8002)
+    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / ".cache" / "logs")
+    return parser.parse_args(argv)
+
+
+def prepare(args) -> Path:
+    store = args.store or model_store.store_root()
+    cmd = [sys.executable, "-m", "twopass_asr.prepare", "--store", str(store)]
+    cmd += ["--random", args.random] if args.random else ["--fallback-random", args.fallback_random]
+    subprocess.run(cmd, check=True)
+    return store
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [serve] %(message)s")
+    args = parse_args(argv)
+    stopping = False
+
+    def request_stop(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    triton = frontend = None
+    try:
+        store = prepare(args)
+        triton = TritonServer(
+            store, host="127.0.0.1", http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
+            metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
+        )
+        log.info("starting tritonserver (log: %s)", triton.log_path)
+        triton.start()
+        log.info("tritonserver ready: gRPC %s", triton.grpc_url)
+        cmd = [sys.executable, "-m", "frontend.server", "--triton-url", triton.grpc_url,
+               "--host", args.host, "--port", str(args.port)]
+        if args.certfile:
+            cmd += ["--certfile", args.certfile, "--keyfile", args.keyfile]
+        frontend = subprocess.Popen(cmd, start_new_session=True)
+        scheme = "https" if args.certfile else "http"
+        log.info("frontend starting: %s://%s:%d/ (web page) — Ctrl-C stops everything", scheme, args.host, args.port)
+        while frontend.poll() is None and triton.process.poll() is None:
+            time.sleep(0.5)
+        failed = "frontend" if frontend.poll() is not None else "tritonserver"
+        log.error("%s exited unexpectedly; stopping", failed)
+        return 1
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    except (TritonStartError, subprocess.CalledProcessError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if frontend is not None and frontend.poll() is None:
+            frontend.send_signal(signal.SIGINT)
+            try:
+                frontend.wait(10)
+            except subprocess.TimeoutExpired:
+                frontend.kill()
+        if triton is not None:
+            triton.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
