@@ -1,14 +1,14 @@
-"""Streaming Paraformer (first pass), one decoding cache per stream, over FunASR's
-ParaformerStreaming."""
+"""Streaming Paraformer (first pass): decode options and the serving engine, which advances
+all streams of a Triton execute call in one batched forward pass over FunASR's
+ParaformerStreaming weights (twopass_asr.batched_paraformer; output identical to FunASR's
+per-stream generate)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
-
-from twopass_asr.audio import pcm16_to_float
+from twopass_asr.batched_paraformer import BatchedParaformerStream as ParaformerStream
+from twopass_asr.batched_paraformer import BatchedStreamingParaformer
 
 
 @dataclass(frozen=True)
@@ -29,34 +29,6 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be between 0 and 100 chunks, got {getattr(self, name)}")
 
 
-@dataclass
-class ParaformerStream:
-    options: DecodeOptions
-    cache: dict = field(default_factory=dict)
-
-
-class StreamingParaformer:
-    def __init__(self, model_dir: str | Path, device: str = "cpu"):
-        from funasr import AutoModel
-
-        self.automodel = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
-                                   disable_log=True)
-
+class StreamingParaformer(BatchedStreamingParaformer):
     def new_stream(self, options: DecodeOptions = DecodeOptions()) -> ParaformerStream:
-        return ParaformerStream(options=options)
-
-    def process(self, stream: ParaformerStream, pcm: np.ndarray, is_final: bool) -> str:
-        """Feed one chunk of any length; returns the text newly decoded by it."""
-        opts = stream.options
-        result = self.automodel.generate(
-            input=pcm16_to_float(pcm),
-            cache=stream.cache,
-            is_final=is_final,
-            chunk_size=list(opts.chunk_size),
-            encoder_chunk_look_back=opts.encoder_look_back,
-            decoder_chunk_look_back=opts.decoder_look_back,
-        )
-        return result[0]["text"] if result else ""
-
-    def process_batch(self, streams: list[ParaformerStream], chunks: list[np.ndarray], finals: list[bool]) -> list[str]:
-        return [self.process(s, c, f) for s, c, f in zip(streams, chunks, finals)]
+        return super().new_stream(options)
