@@ -42,8 +42,8 @@ HUB_REPOS = {
 HUB_NAMES = {"ms": "ModelScope", "hf": "Hugging Face"}
 DIR_OPTIONS = {VAD: "--vad-dir", PARAFORMER: "--paraformer-dir", NANO: "--nano-dir"}
 PROBE_TIMEOUT_S = 3.0
-# Bump when random_paraformer's output changes, so existing stores get rebuilt.
-RANDOM_PARAFORMER_VERSION = 1
+# Bump when a random builder's output changes, so existing stores get rebuilt.
+RANDOM_BUILDER_VERSIONS = {PARAFORMER: 1, NANO: 2}
 
 
 class PrepareError(Exception):
@@ -167,9 +167,7 @@ def bundled_vad_step() -> Step:
 
 
 def random_step(name: str, size: str, seed: int) -> Step:
-    entry = {"source": f"random-{size}", "seed": seed}
-    if name == PARAFORMER:
-        entry["builder_version"] = RANDOM_PARAFORMER_VERSION
+    entry = {"source": f"random-{size}", "seed": seed, "builder_version": RANDOM_BUILDER_VERSIONS[name]}
     return Step(name, entry, f"building random {size} weights (seed {seed})",
                 lambda out: build_random(name, size, seed, out))
 

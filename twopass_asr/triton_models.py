@@ -59,7 +59,9 @@ def optional_scalar(request, name: str) -> Any:
     values = tensor.as_numpy().reshape(-1)
     if values.size != 1:
         raise StreamError(f"{name} must hold one value, got {values.size}")
-    return values[0].item()
+    value = values[0]
+    # Numeric tensors hold numpy scalars; BYTES tensors hold plain bytes objects.
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def optional_vector(request, name: str) -> np.ndarray | None:

@@ -1,0 +1,216 @@
+"""twopass_asr.nano: the random Fun-ASR-Nano builder and NanoRecognizer, checked against
+FunASR's own AutoModel on the tiny model (float32, CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from twopass_asr.audio import pcm16_to_float
+from twopass_asr.model_store import ModelDirError
+from twopass_asr.nano.random_model import LLM_SUBDIR, build_random_nano
+from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, validate_nano_dir
+
+
+def quietly(function, *args, **kwargs):
+    # FunASR prints a line per CTC tensor the checkpoint (like the real one) lacks.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_nano(tmp_path_factory):
+    torch.set_num_threads(2)
+    return quietly(build_random_nano, tmp_path_factory.mktemp("nano") / "funasr_nano", "tiny", 0)
+
+
+@pytest.fixture(scope="module")
+def recognizer(tiny_nano):
+    return quietly(NanoRecognizer, tiny_nano)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_nano):
+    from funasr import AutoModel
+
+    return quietly(AutoModel, model=str(tiny_nano), disable_update=True, disable_pbar=True,
+                   disable_log=True, ncpu=2)
+
+
+def reference_text(reference, pcm, hotwords=(), language=None, itn=True):
+    kwargs = {"hotwords": list(hotwords), "itn": itn}
+    if language not in (None, "", "auto"):
+        kwargs["language"] = language
+    with torch.no_grad():
+        return quietly(reference.generate, input=pcm16_to_float(pcm), **kwargs)[0]["text"]
+
+
+def segments():
+    """Deterministic audio of different lengths: noise, a tone, a chirp-like buzz."""
+    rng = np.random.default_rng(7)
+    t = np.arange(48000) / 16000
+    return [
+        (rng.standard_normal(8000) * 3000).astype(np.int16),
+        (np.sin(2 * np.pi * 440 * t[:24000]) * 8000).astype(np.int16),
+        (np.sign(np.sin(2 * np.pi * (200 + 300 * t[:40000]) * t[:40000])) * 4000).astype(np.int16),
+    ]
+
+
+CASES = [
+    dict(),
+    dict(hotwords=["阿里巴巴", "通义"]),
+    dict(itn=False),
+    dict(language="en"),
+    dict(language="zh", itn=False, hotwords=["语音", "识别"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: ",".join(f"{k}={v}" for k, v in case.items()) or "plain")
+def test_recognizer_text_equals_funasr_generate(recognizer, reference, case):
+    for pcm in segments():
+        got = recognizer.recognize(pcm, **case)
+        assert got == reference_text(reference, pcm, **case)
+        assert got.strip(), "the tiny model must produce text"
+
+
+def test_prompt_options_and_audio_change_the_text(recognizer):
+    pcm = segments()[0]
+    assert len({recognizer.recognize(pcm, **case) for case in CASES}) > 1
+    assert len({recognizer.recognize(pcm) for pcm in segments()}) > 1
+
+
+def test_auto_language_means_no_language(recognizer, reference):
+    pcm = segments()[1]
+    expected = reference_text(reference, pcm)
+    assert recognizer.recognize(pcm, language="auto") == expected
+    assert recognizer.recognize(pcm, language="") == expected
+    assert recognizer.recognize(pcm, language=None) == expected
+
+
+def test_recognize_batch_equals_one_by_one(recognizer):
+    requests = [NanoRequest(pcm, **case) for pcm, case in zip(segments(), CASES)]
+    requests.append({"pcm": segments()[0], "hotwords": ["千问"], "language": "en", "itn": False})
+    expected = [recognizer.recognize(r.pcm, r.hotwords, r.language, r.itn) for r in requests[:-1]]
+    expected.append(recognizer.recognize(segments()[0], ["千问"], "en", False))
+    assert recognizer.recognize_batch(requests) == expected
+
+
+def test_generation_respects_max_new_tokens(tiny_nano, recognizer):
+    capped = quietly(NanoRecognizer, tiny_nano, max_new_tokens=2)
+    pcm = segments()[2]
+    short = capped.recognize(pcm)
+    assert short and recognizer.recognize(pcm).startswith(short)
+    assert len(capped._tokenizer.encode(short)) <= 2
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        NanoRecognizer(tiny_nano, max_new_tokens=0)
+
+
+def test_bad_audio_is_rejected_with_a_clear_error(recognizer):
+    with pytest.raises(ValueError, match="int16"):
+        recognizer.recognize(np.zeros(8000, np.float32))
+    with pytest.raises(ValueError, match="too short"):
+        recognizer.recognize(np.zeros(100, np.int16))
+
+
+def state_dict(model_dir):
+    return torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+
+
+def test_builder_is_deterministic_per_seed(tiny_nano, tmp_path):
+    again = quietly(build_random_nano, tmp_path / "same", "tiny", 0)
+    other = quietly(build_random_nano, tmp_path / "other", "tiny", 1)
+    first, second, third = state_dict(tiny_nano), state_dict(again), state_dict(other)
+    assert first.keys() == second.keys() == third.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], third[name]) for name in first)
+    for name in ("config.yaml", "multilingual.tiktoken", f"{LLM_SUBDIR}/tokenizer.json", f"{LLM_SUBDIR}/config.json"):
+        assert (tiny_nano / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_built_directory_has_the_real_layout(tiny_nano):
+    config = yaml.safe_load((tiny_nano / "config.yaml").read_text(encoding="utf-8"))
+    assert (config["model"], config["audio_encoder"], config["audio_adaptor"]) == (
+        "FunASRNano", "SenseVoiceEncoderSmall", "Transformer")
+    assert config["llm_conf"]["init_param_path"] == LLM_SUBDIR
+    metas = json.loads((tiny_nano / "configuration.json").read_text(encoding="utf-8"))["file_path_metas"]
+    assert metas["init_param"] == "model.pt" and metas["llm_conf"]["init_param_path"] == LLM_SUBDIR
+    state = state_dict(tiny_nano)
+    assert {name.split(".")[0] for name in state} == {"audio_encoder", "audio_adaptor", "llm"}
+    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    qwen = json.loads((tiny_nano / LLM_SUBDIR / "config.json").read_text(encoding="utf-8"))
+    assert qwen["model_type"] == "qwen3" and qwen["head_dim"] in (32, 64, 80, 96, 112, 128)
+    assert state["llm.model.embed_tokens.weight"].shape == (qwen["vocab_size"], qwen["hidden_size"])
+
+
+def test_tokenizer_loads_in_transformers_with_chatml(tiny_nano):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_nano / LLM_SUBDIR)
+    qwen = json.loads((tiny_nano / LLM_SUBDIR / "config.json").read_text(encoding="utf-8"))
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == qwen["eos_token_id"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "语音转写：hello"}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\n语音转写：hello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.encode(prompt)
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.decode(ids) == prompt
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user\n语音转写：hello\nassistant\n"
+
+
+@pytest.fixture
+def nano_copy(tiny_nano, tmp_path):
+    return shutil.copytree(tiny_nano, tmp_path / "copy")
+
+
+def test_validate_accepts_the_built_directory(tiny_nano):
+    validate_nano_dir(tiny_nano)
+
+
+@pytest.mark.parametrize("missing", ["config.yaml", "model.pt", f"{LLM_SUBDIR}/config.json",
+                                     "multilingual.tiktoken", f"{LLM_SUBDIR}/tokenizer_config.json"])
+def test_validate_names_a_missing_file(nano_copy, missing):
+    (nano_copy / missing).unlink()
+    with pytest.raises(ModelDirError, match=missing.split("/")[-1].replace(".", r"\.")):
+        validate_nano_dir(nano_copy)
+
+
+def test_validate_needs_some_tokenizer_files(nano_copy):
+    (nano_copy / LLM_SUBDIR / "tokenizer.json").unlink()
+    validate_nano_dir(nano_copy)  # vocab.json + merges.txt still describe the tokenizer
+    (nano_copy / LLM_SUBDIR / "merges.txt").unlink()
+    with pytest.raises(ModelDirError, match="tokenizer.json"):
+        validate_nano_dir(nano_copy)
+
+
+def test_validate_names_a_mismatched_or_missing_tensor(nano_copy):
+    state = state_dict(nano_copy)
+    name = "audio_adaptor.linear2.weight"
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    torch.save(state, nano_copy / "model.pt")
+    with pytest.raises(ModelDirError, match=rf"{name} has shape \[{state[name].shape[0]}, "):
+        validate_nano_dir(nano_copy)
+    del state[name]
+    torch.save(state, nano_copy / "model.pt")
+    with pytest.raises(ModelDirError, match=f"lacks tensor {name}"):
+        validate_nano_dir(nano_copy)
+
+
+def test_validate_rejects_a_config_that_disagrees_with_the_llm(nano_copy):
+    qwen_file = nano_copy / LLM_SUBDIR / "config.json"
+    qwen = json.loads(qwen_file.read_text(encoding="utf-8"))
+    qwen["intermediate_size"] *= 2
+    qwen_file.write_text(json.dumps(qwen), encoding="utf-8")
+    with pytest.raises(ModelDirError, match="mlp"):
+        validate_nano_dir(nano_copy)
+
+
+def test_validate_rejects_a_directory_that_does_not_exist(tmp_path):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        validate_nano_dir(tmp_path / "nowhere")

@@ -1,0 +1,234 @@
+"""Segment recognition with FunASR's own FunASRNano, on plain torch generation.
+
+The model is loaded once by funasr.AutoModel; each segment goes through the FunASRNano
+object's own prompt building (get_prompt, generate_chatml), feature extraction and audio
+embedding splice (inference_prepare), then the LLM's greedy `generate` with the arguments
+FunASRNano.inference_llm uses. The text is therefore FunASR's
+`AutoModel.generate(input=<float tensor>, hotwords=..., language=..., itn=...)` text, while
+CTC timestamp alignment (which needs torchaudio, absent here) is never run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from twopass_asr.audio import pcm16_to_float
+from twopass_asr.model_store import ModelDirError
+from twopass_asr.nano.random_model import CTC_PREFIXES, CTC_VOCAB_FILE, resolved_model_kwargs
+
+NO_LANGUAGE = (None, "", "auto")
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+@dataclass(frozen=True)
+class NanoRequest:
+    """One segment to recognise: 16 kHz mono int16 PCM and the prompt options."""
+
+    pcm: np.ndarray
+    hotwords: Sequence[str] = field(default_factory=tuple)
+    language: str | None = None
+    itn: bool = True
+
+
+class NanoRecognizer:
+    """Fun-ASR-Nano on plain torch: `recognize` gives, for one segment, the text FunASR's
+    AutoModel.generate gives for the same audio and prompt options.
+
+    max_new_tokens caps generation; the directory's own cap (config.yaml `max_length`,
+    FunASR's default 512) still applies, so the text never runs past what FunASR produces.
+    """
+
+    def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None):
+        from funasr import AutoModel
+        from funasr.models.fun_asr_nano.model import dtype_map
+
+        model_dir = Path(model_dir)
+        validate_nano_dir(model_dir)
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
+        # whose configuration.json does not map them still loads without the hub.
+        paths = _component_paths(model_dir, _read_config(model_dir))
+        overrides = {"llm_conf": {"init_param_path": str(paths["llm"])},
+                     "tokenizer_conf": {"init_param_path": str(paths["llm"])}}
+        if "ctc_vocab" in paths:
+            overrides["dataset_conf"] = {"ctc_tokenizer_conf": {"vocab_path": str(paths["ctc_vocab"])}}
+        auto = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
+                         disable_log=True, ncpu=torch.get_num_threads(), **overrides)
+        self.model = auto.model
+        self.kwargs = dict(auto.kwargs)
+        self.device = self.kwargs["device"]
+        self._tokenizer = self.kwargs["tokenizer"]
+        # FunASR's WavFrontend dithers by default (random noise per call): a training-time
+        # augmentation that makes the same segment decode differently from call to call.
+        self.kwargs["frontend"].dither = 0.0
+        configured = int(self.kwargs.get("max_length", 512))
+        self.max_new_tokens = configured if max_new_tokens is None else min(max_new_tokens, configured)
+        # The precision FunASRNano.inference_llm decodes in (runtime kwargs, not llm_conf).
+        llm_dtype = self.kwargs.get("llm_dtype", "fp32")
+        if llm_dtype == "fp32":
+            llm_dtype = "fp16" if self.kwargs.get("fp16", False) else llm_dtype
+            llm_dtype = "bf16" if self.kwargs.get("bf16", False) else llm_dtype
+        self._dtype = dtype_map[llm_dtype]
+        self.model.llm = self.model.llm.to(self._dtype)
+
+    @torch.no_grad()
+    def recognize(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
+                  itn: bool = True) -> str:
+        """Text of one segment (16 kHz mono int16). language None/""/"auto" = no language
+        in the prompt; hotwords are plain words (see twopass_asr.hotwords)."""
+        from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
+
+        audio = pcm16_to_float(pcm)
+        if audio.ndim != 1:
+            raise ValueError(f"expected mono PCM (one dimension), got shape {tuple(audio.shape)}")
+        if audio.numel() < 400:
+            raise ValueError(f"segment too short: {audio.numel()} samples; Fun-ASR-Nano needs at "
+                             "least 400 (one 25 ms fbank frame)")
+        hotwords = [str(word) for word in hotwords]
+        language = None if language in NO_LANGUAGE else str(language)
+        model = self.model
+        chat = model.generate_chatml(model.get_prompt(hotwords, language, bool(itn)), audio)
+        inputs_embeds, _contents, batch, _source_ids, _meta = model.inference_prepare(
+            [chat], None, ["segment"], **self.kwargs  # carries the tokenizer and frontend
+        )
+        with torch.autocast(device_type=resolve_autocast_device_type(self.device),
+                            enabled=self._dtype != torch.float32, dtype=self._dtype):
+            generated = model.llm.generate(
+                inputs_embeds=inputs_embeds.to(self._dtype),
+                attention_mask=batch.get("attention_mask", None),
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=model.llm.config.pad_token_id or model.llm.config.eos_token_id,
+                **self.kwargs.get("llm_kwargs", {}),
+            )
+        response = self._tokenizer.batch_decode(
+            generated, skip_special_tokens=self.kwargs.get("skip_special_tokens", True)
+        )[0]
+        # FunASRNano.inference_llm's post-processing of the response text.
+        return re.sub(r"\s+", " ", response.replace("/sil", " "))
+
+    def recognize_batch(self, requests: Iterable[NanoRequest | Mapping]) -> list[str]:
+        """Texts of several segments, in order. Segments are decoded one after another:
+        left-padded batched generation is not bit-identical to the single-segment reference."""
+        texts = []
+        for request in requests:
+            if isinstance(request, Mapping):
+                request = NanoRequest(**request)
+            texts.append(self.recognize(request.pcm, request.hotwords, request.language, request.itn))
+        return texts
+
+
+# ---------------------------------------------------------------- directory validation
+
+
+def validate_nano_dir(path) -> None:
+    """Check a Fun-ASR-Nano directory before loading it: required files present and every
+    model.pt tensor shaped as config.yaml and the LLM's config.json say (FunASR itself
+    would silently leave mismatched tensors random). Raises ModelDirError naming the
+    missing file or the mismatched tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path} does not exist")
+    config = _read_config(path)
+    if not (path / "model.pt").is_file():
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks model.pt")
+    if config.get("model") != "FunASRNano":
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path}: config.yaml names model "
+                            f"{config.get('model')!r}, expected 'FunASRNano'")
+    paths = _component_paths(path, config)
+    expected = _expected_shapes(path, config, paths)
+    found = _checkpoint_shapes(path / "model.pt")
+    for name, shape in expected.items():
+        if name not in found:
+            if name.startswith(CTC_PREFIXES):
+                continue  # FunASR disables CTC timestamps when they are absent
+            raise ModelDirError(f"Fun-ASR-Nano model directory {path}: model.pt lacks tensor {name} "
+                                f"(expected shape {list(shape)})")
+        if found[name] != shape:
+            raise ModelDirError(f"Fun-ASR-Nano model directory {path}: model.pt tensor {name} has shape "
+                                f"{list(found[name])}, config expects {list(shape)}")
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks config.yaml")
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ModelDirError(f"{config_file} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{config_file} must hold a mapping")
+    return config
+
+
+def _component_paths(path: Path, config: dict) -> dict[str, Path]:
+    """The LLM directory and (when config.yaml configures CTC) the CTC vocabulary file,
+    checked for the files FunASR and vLLM read."""
+    llm_conf = config.get("llm_conf") or {}
+    llm_name = llm_conf.get("init_param_path")
+    if not llm_name:
+        raise ModelDirError(f"{path / 'config.yaml'} has no llm_conf.init_param_path (the LLM directory)")
+    llm_dir = Path(llm_name) if Path(llm_name).is_absolute() else path / llm_name
+    if not llm_dir.is_dir():
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks the LLM directory {llm_dir.name}/")
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (llm_dir / name).is_file():
+            raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks {llm_dir.name}/{name}")
+    if not any(all((llm_dir / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS):
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks {llm_dir.name}/tokenizer.json "
+                            "(or vocab.json + merges.txt)")
+    paths = {"llm": llm_dir}
+    if config.get("ctc_decoder"):
+        vocab = path / CTC_VOCAB_FILE
+        if not vocab.is_file():
+            raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks {CTC_VOCAB_FILE} "
+                                "(the CTC tokenizer vocabulary config.yaml configures)")
+        paths["ctc_vocab"] = vocab
+    return paths
+
+
+def _expected_shapes(path: Path, config: dict, paths: dict[str, Path]) -> dict[str, tuple]:
+    """State-dict shapes of the FunASRNano config.yaml describes, built with FunASR's own
+    class on the meta device (no memory, no initialisation)."""
+    from funasr.register import tables
+
+    import funasr.models.fun_asr_nano.model  # noqa: F401  (registers FunASRNano)
+
+    kwargs = resolved_model_kwargs(config, path)
+    kwargs["llm_conf"]["init_param_path"] = str(paths["llm"])
+    kwargs["tokenizer_conf"]["init_param_path"] = str(paths["llm"])
+    if "ctc_vocab" in paths:
+        kwargs["dataset_conf"]["ctc_tokenizer_conf"]["vocab_path"] = str(paths["ctc_vocab"])
+    try:
+        with torch.device("meta"):
+            model = tables.model_classes.get("FunASRNano")(**kwargs)
+    except Exception as exc:
+        raise ModelDirError(f"Fun-ASR-Nano model directory {path}: config.yaml and "
+                            f"{paths['llm'].name}/config.json do not build a FunASRNano: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _checkpoint_shapes(model_pt: Path) -> dict[str, tuple]:
+    try:
+        state = torch.load(model_pt, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:
+        raise ModelDirError(f"{model_pt} is not a readable torch checkpoint: {type(exc).__name__}: {exc}") from exc
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ModelDirError(f"{model_pt} does not hold a state dict")
+    return {name.removeprefix("module."): tuple(tensor.shape) for name, tensor in state.items()
+            if isinstance(tensor, torch.Tensor)}
+
+
+__all__ = ["NanoRecognizer", "NanoRequest", "validate_nano_dir"]
