@@ -5,8 +5,13 @@ per-stream generate)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+import torch
+
+from twopass_asr.audio import pcm16_to_float
 from twopass_asr.batched_paraformer import BatchedParaformerStream as ParaformerStream
 from twopass_asr.batched_paraformer import BatchedStreamingParaformer
 
@@ -32,3 +37,39 @@ class DecodeOptions:
 class StreamingParaformer(BatchedStreamingParaformer):
     def new_stream(self, options: DecodeOptions = DecodeOptions()) -> ParaformerStream:
         return super().new_stream(options)
+
+
+@dataclass
+class ReferenceStream:
+    options: DecodeOptions
+    cache: dict = field(default_factory=dict)
+
+
+class ReferenceStreamingParaformer:
+    """FunASR's own AutoModel.generate, one stream at a time: the per-stream approach the
+    batched engine replaces, served only so benchmarks can compare the two (engine
+    parameter `funasr` of the paraformer_streaming model)."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+        from funasr import AutoModel
+
+        self.automodel = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
+                                   disable_log=True, ncpu=torch.get_num_threads())
+
+    def new_stream(self, options: DecodeOptions = DecodeOptions()) -> ReferenceStream:
+        return ReferenceStream(options)
+
+    def process_batch(self, streams: list[ReferenceStream], chunks: list[np.ndarray], finals: list[bool]) -> list[str]:
+        texts = []
+        for stream, chunk, is_final in zip(streams, chunks, finals):
+            opts = stream.options
+            result = self.automodel.generate(
+                input=pcm16_to_float(chunk), cache=stream.cache, is_final=is_final,
+                chunk_size=list(opts.chunk_size), encoder_chunk_look_back=opts.encoder_look_back,
+                decoder_chunk_look_back=opts.decoder_look_back,
+            )
+            texts.append(result[0]["text"] if result else "")
+        return texts
+
+
+ENGINES = {"batched": StreamingParaformer, "funasr": ReferenceStreamingParaformer}

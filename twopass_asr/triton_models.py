@@ -82,7 +82,7 @@ def error_response(message: str) -> "pb_utils.InferenceResponse":
 
 class SequenceModel:
     """Base of the sequence-batched adapters. Subclasses give the engine and the I/O:
-    `load(model_dir, device)`, `new_state(request)`, `process_batch(states, audios, finals)`
+    `load(model_dir, device, params)`, `new_state(request)`, `process_batch(states, audios, finals)`
     and `outputs(result)`."""
 
     store_name: str = ""  # the model's directory name in the model store
@@ -97,7 +97,7 @@ class SequenceModel:
             type(self).validate_dir(model_dir)
         except model_store.ModelDirError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        self.load(model_dir, resolve_device(params))
+        self.load(model_dir, resolve_device(params), params)
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         self.streams: StreamStore = StreamStore(
             max_streams=int(params.get("max_streams", "1024")), idle_timeout_s=idle_us / 1e6

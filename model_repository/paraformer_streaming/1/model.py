@@ -4,7 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
-from twopass_asr.paraformer import DecodeOptions, StreamingParaformer
+from twopass_asr.paraformer import ENGINES, DecodeOptions
 from twopass_asr.triton_models import SequenceModel, optional_scalar, optional_vector
 
 DEFAULTS = DecodeOptions()
@@ -14,8 +14,11 @@ class TritonPythonModel(SequenceModel):
     store_name = model_store.PARAFORMER
     validate_dir = staticmethod(model_store.validate_paraformer_dir)
 
-    def load(self, model_dir, device):
-        self.paraformer = StreamingParaformer(model_dir, device=device)
+    def load(self, model_dir, device, params):
+        engine = params.get("engine", "batched")
+        if engine not in ENGINES:
+            raise pb_utils.TritonModelException(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        self.paraformer = ENGINES[engine](model_dir, device=device)
 
     def new_state(self, request):
         chunk_size = optional_vector(request, "CHUNK_SIZE")

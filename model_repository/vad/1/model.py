@@ -16,7 +16,7 @@ class TritonPythonModel(SequenceModel):
     store_name = model_store.VAD
     validate_dir = staticmethod(model_store.validate_vad_dir)
 
-    def load(self, model_dir, device):
+    def load(self, model_dir, device, params):
         self.vad = StreamingVad(model_dir, device=device)
 
     def new_state(self, request):

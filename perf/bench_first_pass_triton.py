@@ -1,0 +1,161 @@
+"""How many concurrent real-time streams the first pass sustains through tritonserver:
+the batched engine vs FunASR's per-stream generate (engine parameter of
+paraformer_streaming), same model, same audio, same machine, in one run.
+
+Each stream sends a 600 ms chunk every 600 ms (staggered starts) over gRPC and waits for
+its answer; a chunk's latency runs from when it was due to when its text arrived. A
+concurrency is sustained when the p95 chunk latency stays under one chunk (600 ms), i.e.
+answers keep up with the audio.
+
+    python -m perf.bench_first_pass_triton --paraformer-dir .cache/bench-models/paraformer-full-seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+import tritonclient.grpc as grpcclient
+
+from twopass_asr.model_store import PARAFORMER
+from twopass_asr.triton_launcher import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonServer
+
+CHUNK_S = 0.6
+CHUNK_SAMPLES = 9600
+
+
+def speech_audio(seconds: float) -> np.ndarray:
+    from perf.pa_inputs import synthesised_wavs
+
+    pcm = np.concatenate(synthesised_wavs(2))
+    reps = int(np.ceil(seconds * 16000 / len(pcm)))
+    return np.tile(pcm, reps)[: int(seconds * 16000)]
+
+
+def model_repository(engine: str, root: Path) -> Path:
+    """A repository holding only paraformer_streaming, with the given engine."""
+    repo = root / f"repo-{engine}"
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / PARAFORMER, repo / PARAFORMER,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    config = repo / PARAFORMER / "config.pbtxt"
+    text = config.read_text()
+    marker = '{ key: "engine" value: { string_value: "batched" } }'
+    if marker not in text:
+        raise SystemExit(f"{config}: engine parameter not found")
+    config.write_text(text.replace(marker, f'{{ key: "engine" value: {{ string_value: "{engine}" }} }}'))
+    return repo
+
+
+async def run_stream(client, sequence_id: int, pcm: np.ndarray, start_at: float, latencies: list[float]) -> None:
+    chunks = [pcm[i : i + CHUNK_SAMPLES] for i in range(0, len(pcm), CHUNK_SAMPLES)]
+    for index, chunk in enumerate(chunks):
+        due = start_at + (index + 1) * CHUNK_S  # a chunk exists once its audio has been spoken
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        audio = grpcclient.InferInput("AUDIO", [1, len(chunk)], "INT16")
+        audio.set_data_from_numpy(chunk.reshape(1, -1))
+        await client.infer(PARAFORMER, [audio], sequence_id=sequence_id, sequence_start=index == 0,
+                           sequence_end=index == len(chunks) - 1)
+        latencies.append(time.monotonic() - due)
+
+
+async def load(url: str, streams: int, pcm: np.ndarray, seed: int) -> list[float]:
+    client = grpcaio.InferenceServerClient(url)
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    now = time.monotonic()
+    try:
+        await asyncio.gather(*(
+            run_stream(client, 10_000 * seed + i + 1, np.roll(pcm, rng.randrange(len(pcm))),
+                       now + rng.uniform(0, CHUNK_S), latencies)
+            for i in range(streams)
+        ))
+    finally:
+        await client.close()
+    return latencies
+
+
+def p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95))
+
+
+def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, list[dict]]:
+    """Largest sustained concurrency: doubling, then bisection."""
+    rows: list[dict] = []
+
+    def trial(n: int) -> bool:
+        latencies = asyncio.run(load(url, n, pcm, seed=len(rows) + 1))
+        row = {"streams": n, "p50_ms": 1000 * float(np.median(latencies)), "p95_ms": 1000 * p95(latencies),
+               "chunks": len(latencies)}
+        row["sustained"] = row["p95_ms"] < 1000 * CHUNK_S
+        rows.append(row)
+        log(f"  {n:3d} streams: p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
+            f"{'ok' if row['sustained'] else 'falls behind'}")
+        return row["sustained"]
+
+    good, bad = 0, None
+    n = 1
+    while n <= max_streams:
+        if not trial(n):
+            bad = n
+            break
+        good, n = n, n * 2
+    if bad is None:
+        return good, rows
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if trial(mid):
+            good = mid
+        else:
+            bad = mid
+    return good, rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paraformer-dir", type=Path, required=True, help="streaming Paraformer model directory")
+    parser.add_argument("--engines", default="funasr,batched")
+    parser.add_argument("--seconds", type=float, default=12.0, help="audio per stream and trial")
+    parser.add_argument("--max-streams", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pcm = speech_audio(args.seconds)
+    results = {}
+    all_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        store.mkdir()
+        (store / PARAFORMER).symlink_to(args.paraformer_dir.resolve())
+        for engine in args.engines.split(","):
+            print(f"[{engine}] starting tritonserver", flush=True)
+            with TritonServer(store, model_repository(engine, Path(tmp)),
+                              log_path=args.out / f"first_pass_triton_{engine}.log") as server:
+                asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999))  # warm-up
+                results[engine], rows = capacity(server.grpc_url, pcm, args.max_streams, print)
+            all_rows += [{"engine": engine, **row} for row in rows]
+            print(f"[{engine}] sustains {results[engine]} real-time streams", flush=True)
+    with open(args.out / "first_pass_triton.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["engine", "streams", "p50_ms", "p95_ms", "chunks", "sustained"])
+        writer.writeheader()
+        writer.writerows(all_rows)
+    lines = ["| engine | sustained real-time streams (p95 chunk latency < 600 ms) |", "|---|---|"]
+    lines += [f"| {engine} | {n} |" for engine, n in results.items()]
+    if results.get("funasr"):
+        lines.append(f"\nbatched / funasr: {results.get('batched', 0) / results['funasr']:.2f}x")
+    (args.out / "first_pass_triton.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
