@@ -1,0 +1,331 @@
+"""WebSocket server speaking FunASR's 2pass protocol, backed by Triton over gRPC; it also
+serves the web page (frontend/static/) over plain HTTP(S) on the same port.
+
+    python -m frontend.server --triton-url 127.0.0.1:8001 --port 10095
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import mimetypes
+import signal
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from frontend.protocol import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    ProtocolError,
+    StreamConfig,
+    decode_text_frame,
+    error_message,
+    start_config,
+    update_config,
+)
+from frontend.session import StreamSession
+from frontend.triton_client import InferenceError, SequenceIds, TritonGateway, TritonUnavailable
+
+log = logging.getLogger("frontend.server")
+
+DEFAULT_STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    triton_url: str
+    max_connections: int = 0  # 0: no limit
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    static_dir: Path | None = DEFAULT_STATIC_DIR
+
+
+class FrontendServer:
+    """State shared by all connections: the Triton channel, sequence ids, the count."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.gateway = TritonGateway(settings.triton_url)
+        self.sequence_ids = SequenceIds()
+        self.active_connections = 0
+        self._connection_numbers = itertools.count(1)
+
+    def next_connection_number(self) -> int:
+        return next(self._connection_numbers)
+
+    async def handle(self, websocket: ServerConnection) -> None:
+        await Connection(self, websocket).run()
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Plain HTTP GETs (no Upgrade header) get the web page's files."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        return static_response(self.settings.static_dir, request.path)
+
+    @staticmethod
+    def select_subprotocol(connection: ServerConnection, offered) -> str | None:
+        # Browsers offer "binary"; FunASR's Python and C++ clients offer nothing. Accept both.
+        return "binary" if "binary" in offered else None
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> Server:
+        return await serve(
+            self.handle,
+            host,
+            port,
+            ssl=ssl_context,
+            process_request=self.process_request,
+            select_subprotocol=self.select_subprotocol,
+            # Beyond our own limit, frames up to twice it still get a JSON error; larger
+            # ones are refused by the library itself (close code 1009).
+            max_size=2 * self.settings.max_frame_bytes,
+            # Audio does not compress; deflate would only cost CPU.
+            compression=None,
+        )
+
+    async def close(self) -> None:
+        await self.gateway.close()
+
+
+def static_response(static_dir: Path | None, request_path: str) -> Response:
+    path = unquote(urlsplit(request_path).path)
+    if static_dir is None or not static_dir.is_dir():
+        return _text_response(404, "Not Found", "no web page is installed on this server\n")
+    relative = path.lstrip("/") or "index.html"
+    root = static_dir.resolve()
+    target = (root / relative).resolve()
+    if root not in target.parents or not target.is_file():
+        return _text_response(404, "Not Found", f"{path} not found\n")
+    content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
+        content_type += "; charset=utf-8"
+    body = target.read_bytes()
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-cache")])
+    return Response(200, "OK", headers, body)
+
+
+def _text_response(status: int, reason: str, text: str) -> Response:
+    body = text.encode()
+    headers = Headers([("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+    return Response(status, reason, headers, body)
+
+
+class Connection:
+    """One WebSocket: a sequence of streams, each a config, audio and an end."""
+
+    def __init__(self, server: FrontendServer, websocket: ServerConnection):
+        self.server = server
+        self.websocket = websocket
+        self.number = server.next_connection_number()
+        self.session: StreamSession | None = None
+        self.config: StreamConfig | None = None  # of the latest stream, inherited by the next
+        self.streams = 0
+        self._failure: BaseException | None = None
+        self._receiver: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        opened = time.monotonic()
+        peer = self.websocket.remote_address
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        log.info("conn %d open from %s subprotocol=%s", self.number, peer_text, self.websocket.subprotocol)
+        settings = self.server.settings
+        if settings.max_connections and self.server.active_connections >= settings.max_connections:
+            await self._send_error(
+                "server_busy", f"server at capacity ({settings.max_connections} connections); retry later",
+                CLOSE_TRY_AGAIN_LATER,
+            )
+            log.info("conn %d refused: at capacity (%d connections)", self.number, settings.max_connections)
+            return
+        self.server.active_connections += 1
+        try:
+            self._receiver = asyncio.create_task(self._receive())
+            try:
+                await self._receiver
+            except asyncio.CancelledError:
+                if self._failure is None:
+                    raise  # the server is shutting down
+            if self._failure is not None:
+                await self._report(self._failure)
+        finally:
+            if self.session is not None and not self.session.completed:
+                await self.session.abort()
+            self.server.active_connections -= 1
+            log.info(
+                "conn %d closed after %.1f s: %d stream(s), close code %s%s",
+                self.number, time.monotonic() - opened, self.streams, self.websocket.close_code,
+                f" ({self.websocket.close_reason})" if self.websocket.close_reason else "",
+            )
+
+    async def _receive(self) -> None:
+        try:
+            async for frame in self.websocket:
+                if len(frame) > self.server.settings.max_frame_bytes:
+                    raise ProtocolError(
+                        "frame_too_large",
+                        f"frame of {len(frame)} bytes exceeds the limit of {self.server.settings.max_frame_bytes}; "
+                        "send audio in smaller pieces",
+                        CLOSE_POLICY_VIOLATION,
+                    )
+                if isinstance(frame, str):
+                    await self._on_text(frame)
+                else:
+                    await self._on_audio(frame)
+        except ConnectionClosed:
+            pass  # client vanished; run() cleans up
+        except Exception as exc:  # bad input, or a bug: this connection ends, the server goes on
+            self._failure = exc
+
+    async def _on_text(self, text: str) -> None:
+        fields = decode_text_frame(text)
+        if self.session is None or self.session.completed:
+            self.config = start_config(fields, self.config)
+            self.session = StreamSession(self.config, self.server.gateway, self.server.sequence_ids, self._send,
+                                         self._session_failed)
+            self.streams += 1
+        else:
+            self.config = update_config(self.config, fields)
+            await self.session.push_config(self.config)
+        if self.config.ends_stream:
+            await self.session.end()
+
+    async def _on_audio(self, data: bytes) -> None:
+        if self.session is None or self.session.completed:
+            raise ProtocolError(
+                "audio_before_config",
+                "binary audio received with no stream open: send a JSON config first"
+                + (" (the previous stream ended with is_speaking=false)" if self.session else ""),
+                CLOSE_POLICY_VIOLATION,
+            )
+        await self.session.push_audio(data)
+
+    async def _send(self, message: dict) -> None:
+        await self.websocket.send(json.dumps(message, ensure_ascii=False))
+
+    def _session_failed(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        if self._receiver is not None:
+            self._receiver.cancel()
+
+    async def _report(self, failure: BaseException) -> None:
+        if isinstance(failure, ConnectionClosed):
+            return
+        if isinstance(failure, ProtocolError):
+            log.info("conn %d bad input (%s): %s", self.number, failure.code, failure.message)
+            await self._send_error(failure.code, failure.message, failure.close_code)
+        elif isinstance(failure, TritonUnavailable):
+            log.error("conn %d: %s", self.number, failure)
+            await self._send_error("inference_unavailable", str(failure), CLOSE_INTERNAL_ERROR)
+        elif isinstance(failure, InferenceError):
+            log.error("conn %d inference failed: %s", self.number, failure)
+            await self._send_error("inference_error", str(failure), CLOSE_INTERNAL_ERROR)
+        else:
+            log.error("conn %d internal error", self.number, exc_info=failure)
+            await self._send_error("internal_error", f"internal server error: {failure!r}", CLOSE_INTERNAL_ERROR)
+
+    async def _send_error(self, code: str, reason: str, close_code: int) -> None:
+        config = self.session.config if self.session is not None else self.config
+        mode = config.mode if config else ""
+        wav_name = config.wav_name if config else ""
+        # Frames the client sent before seeing the error may fill the receive buffer, and
+        # websockets stops reading at its high-water mark: its close frame would go unseen
+        # until the close timeout. Discard them while closing.
+        discard = asyncio.create_task(self._discard_incoming())
+        try:
+            await self._send(error_message(mode, wav_name, code, reason))
+            await self.websocket.close(close_code, _close_reason(reason))
+        except ConnectionClosed:
+            pass
+        finally:
+            discard.cancel()
+
+    async def _discard_incoming(self) -> None:
+        try:
+            async for _ in self.websocket:
+                pass
+        except ConnectionClosed:
+            pass
+
+
+def _close_reason(text: str) -> str:
+    # A close frame's reason is limited to 123 bytes of UTF-8.
+    encoded = text.encode()[:123]
+    return encoded.decode("utf-8", errors="ignore")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC address host:port")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=10095)
+    parser.add_argument("--certfile", help="TLS certificate (PEM): serve wss:// and https://")
+    parser.add_argument("--keyfile", help="TLS private key (PEM) for --certfile")
+    parser.add_argument("--max-connections", type=int, default=0,
+                        help="refuse further connections (close code 1013) beyond this many; 0 = no limit")
+    parser.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES,
+                        help="largest accepted WebSocket frame")
+    parser.add_argument("--static-dir", type=Path, default=DEFAULT_STATIC_DIR, help="web page files served over HTTP")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("--certfile and --keyfile go together")
+    if args.max_connections < 0 or args.max_frame_bytes < 1024:
+        parser.error("--max-connections must be >= 0 and --max-frame-bytes >= 1024")
+    return args
+
+
+def ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    if not certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def run_server(args: argparse.Namespace) -> None:
+    frontend = FrontendServer(ServerSettings(
+        triton_url=args.triton_url, max_connections=args.max_connections,
+        max_frame_bytes=args.max_frame_bytes, static_dir=args.static_dir,
+    ))
+    server = await frontend.start(args.host, args.port, ssl_context(args.certfile, args.keyfile))
+    scheme = "wss" if args.certfile else "ws"
+    log.info("listening on %s://%s:%d/ (Triton gRPC %s)", scheme, args.host, args.port, args.triton_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.close()
+    await server.wait_closed()
+    await frontend.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The handshake-level chatter of websockets (e.g. plain HTTP page requests) is noise.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        asyncio.run(run_server(args))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

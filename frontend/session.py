@@ -1,0 +1,295 @@
+"""One stream of one WebSocket connection: audio in, protocol messages out, via Triton.
+
+The pipeline follows FunASR's own 2pass server: every piece of audio goes to the streaming
+VAD (one Triton sequence for the whole stream, so its times count from the stream start)
+and to the streaming Paraformer (first pass, decoded every chunk_size[1]*60 ms). In 2pass
+mode the first pass is restarted per VAD segment (a segment end ends its Triton sequence,
+flushing the tail; the next audio starts a new one), as FunASR resets its online cache
+there. Each finished segment is cut from the recent audio and sent to Fun-ASR-Nano while
+the first pass carries on; the results go out in segment order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from frontend.audio import AudioHistory, AudioInput
+from frontend.delivery import OrderedDelivery
+from frontend.protocol import (
+    SAMPLE_RATE,
+    StreamConfig,
+    final_message,
+    partial_message,
+    segment_message,
+)
+from frontend.triton_client import FIRST_PASS_MODEL, VAD_MODEL, SequenceIds, SequenceStream, TritonGateway
+
+log = logging.getLogger("frontend.session")
+
+# Audio reaches the models in pieces of 60 ms or more (FunASR's server feeds its VAD per
+# 60 ms client frame); a client's big frames are split so segment ends are noticed promptly.
+MIN_STEP_SAMPLES = SAMPLE_RATE * 60 // 1000
+MAX_STEP_SAMPLES = SAMPLE_RATE * 600 // 1000
+# While no segment is open, keep this much audio: the VAD dates a segment's start back to
+# before the moment it reports it.
+HISTORY_KEEP_MS = 10_000
+# Audio/config items queued for the worker before the connection stops reading (so a fast
+# sender is slowed down by TCP instead of filling memory).
+INBOX_LIMIT = 64
+# Closing a sequence for a client that vanished: a little silence with sequence_end.
+_CLOSING_SILENCE = np.zeros(SAMPLE_RATE // 100, dtype=np.int16)
+_CLOSE_TIMEOUT_S = 5.0
+
+
+class _Samples:
+    """A growing int16 buffer consumed from the front."""
+
+    def __init__(self):
+        self._parts: list[np.ndarray] = []
+        self.size = 0
+
+    def push(self, pcm: np.ndarray) -> None:
+        if len(pcm):
+            self._parts.append(pcm)
+            self.size += len(pcm)
+
+    def take(self, count: int) -> np.ndarray:
+        if not self._parts:
+            return np.zeros(0, dtype=np.int16)
+        joined = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+        head, rest = joined[:count], joined[count:]
+        self._parts = [rest] if len(rest) else []
+        self.size = len(rest)
+        return head
+
+
+class StreamSession:
+    def __init__(
+        self,
+        config: StreamConfig,
+        gateway: TritonGateway,
+        sequence_ids: SequenceIds,
+        emit: Callable[[dict[str, Any]], Awaitable[None]],
+        on_failure: Callable[[BaseException], None],
+    ):
+        self.config = config
+        self._gateway = gateway
+        self._ids = sequence_ids
+        self._emit = emit
+        self._on_failure = on_failure
+        self._audio = AudioInput(config.audio_fs, config.wav_format)
+        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(INBOX_LIMIT)
+        self._pending = _Samples()
+        self._received_samples = 0  # 16 kHz samples given to the models so far
+        self._uses_vad = config.mode != "online"
+        self._uses_first_pass = config.mode != "offline"
+        self._history = AudioHistory() if self._uses_vad else None
+        self._vad_stream: SequenceStream | None = None
+        self._vad_sequence: int | None = None
+        self._open_segment_start: int | None = None
+        self._first_pass_stream: SequenceStream | None = None
+        self._first_pass_sequence: int | None = None
+        self._first_pass_chunk = config.first_pass_chunk_samples
+        self._first_pass_buffer = _Samples()
+        self._finishing = False
+        self._flush_jobs: list[asyncio.Task] = []
+        self._delivery = OrderedDelivery(self._emit, self._fail)
+        self.completed = False  # the final message went out
+        self._failed = False
+        self._worker = asyncio.create_task(self._run())
+
+    # -- called by the connection, in frame order --------------------------------------
+
+    async def push_audio(self, data: bytes) -> None:
+        """Raises ProtocolError for audio that cannot be decoded (e.g. a bad WAV header)."""
+        pcm = self._audio.feed(data)
+        if len(pcm):
+            await self._inbox.put(("audio", pcm))
+
+    async def push_config(self, config: StreamConfig) -> None:
+        await self._inbox.put(("config", config))
+
+    async def end(self) -> None:
+        """No more audio: flush every pass; returns once the final message went out."""
+        await self._inbox.put(("audio", self._audio.finish()))
+        await self._inbox.put(("end", None))
+        await asyncio.shield(self._worker)
+
+    async def abort(self) -> None:
+        """The connection is going away: stop work, cancel second-pass requests and end
+        the open Triton sequences so the models free their state."""
+        self._worker.cancel()
+        self._delivery.cancel()
+        for task in self._flush_jobs:
+            task.cancel()
+        await asyncio.gather(self._worker, return_exceptions=True)
+        closing = []
+        for stream, sequence in ((self._vad_stream, self._vad_sequence),
+                                 (self._first_pass_stream, self._first_pass_sequence)):
+            if stream is not None:
+                closing.append(self._close_stream(stream, sequence))
+        await asyncio.gather(*closing)
+
+    # -- worker --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                kind, item = await self._inbox.get()
+                if kind == "audio":
+                    await self._process(item)
+                elif kind == "config":
+                    self.config = item
+                else:
+                    break
+            await self._finish()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported to the connection, which closes with an error
+            self._fail(exc)
+
+    async def _process(self, pcm: np.ndarray) -> None:
+        self._pending.push(pcm)
+        while self._pending.size >= MIN_STEP_SAMPLES:
+            await self._step(self._pending.take(MAX_STEP_SAMPLES), final=False)
+
+    async def _step(self, pcm: np.ndarray, final: bool) -> None:
+        """One piece of audio through VAD and the first pass; segment ends found by the VAD
+        in this piece close the first-pass sequence after the piece was decoded."""
+        self._received_samples += len(pcm)
+        events = []
+        if self._uses_vad:
+            self._history.append(pcm)
+            events = await self._vad(pcm, final)
+        if self._uses_first_pass:
+            self._first_pass_buffer.push(pcm)
+            await self._decode_first_pass(end=False)
+        for start_ms, end_ms in events:
+            if start_ms >= 0:
+                self._open_segment_start = start_ms
+            if end_ms >= 0:
+                if self._open_segment_start is None:
+                    log.warning("VAD reported a segment end (%d ms) without a start; ignored", end_ms)
+                    continue
+                await self._close_segment(self._open_segment_start, end_ms)
+                self._open_segment_start = None
+        if self._uses_vad:
+            now_ms = self._received_samples * 1000 // SAMPLE_RATE
+            keep_from = now_ms - HISTORY_KEEP_MS
+            if self._open_segment_start is not None:
+                keep_from = min(keep_from, self._open_segment_start)
+            self._history.discard_before_ms(keep_from)
+
+    async def _finish(self) -> None:
+        self._finishing = True
+        tail = self._pending.take(self._pending.size)
+        if self._vad_sequence is not None or self._first_pass_sequence is not None or len(tail):
+            await self._step(tail, final=True)
+        final_result = None
+        if self._uses_first_pass:
+            text = await self._decode_first_pass(end=True, emit=self.config.mode != "online")
+            if self.config.mode == "online":
+                final_result = partial_message(self.config, text)
+        # The last segment closed by the flush becomes the final message; earlier ones are
+        # delivered in order before it.
+        for task in self._flush_jobs[:-1]:
+            self._delivery.submit(task)
+        await self._delivery.drain()
+        if self._flush_jobs:
+            final_result = await self._flush_jobs[-1]
+        await self._emit(final_message(self.config, final_result))
+        self.completed = True
+        await self._close_streams()
+
+    # -- VAD -----------------------------------------------------------------------------
+
+    async def _vad(self, pcm: np.ndarray, final: bool) -> list[tuple[int, int]]:
+        if self._vad_stream is None:
+            self._vad_stream = self._gateway.open_stream(VAD_MODEL)
+        start = self._vad_sequence is None
+        if start:
+            self._vad_sequence = self._ids.next()
+            cfg = self.config
+            inputs = self._gateway.vad_inputs(pcm, cfg.vad_tail_sil, cfg.vad_max_len, cfg.vad_energy)
+        else:
+            inputs = self._gateway.audio_inputs(pcm)
+        result = await self._vad_stream.infer(inputs, self._vad_sequence, start=start, end=final)
+        if final:
+            self._vad_sequence = None
+        return self._gateway.segments(result)
+
+    async def _close_segment(self, start_ms: int, end_ms: int) -> None:
+        if self.config.mode == "2pass":
+            await self._decode_first_pass(end=True)
+        job = asyncio.create_task(self._recognize(self.config, start_ms, end_ms, self._history.slice_ms(start_ms, end_ms)))
+        if self._finishing:
+            self._flush_jobs.append(job)
+        else:
+            self._delivery.submit(job)
+
+    async def _recognize(self, config: StreamConfig, start_ms: int, end_ms: int, pcm: np.ndarray) -> dict[str, Any]:
+        text = ""
+        if len(pcm):
+            text = await self._gateway.recognize_segment(pcm, config.hotwords, config.svs_lang, config.itn)
+        return segment_message(config, text, start_ms, end_ms)
+
+    # -- first pass ----------------------------------------------------------------------
+
+    async def _decode_first_pass(self, end: bool, emit: bool = True) -> str:
+        """Decode every whole chunk buffered; with `end`, also the rest, ending the
+        sequence. Returns the text recognised by this call."""
+        texts = []
+        chunk = self._first_pass_chunk if self._first_pass_sequence is not None else self.config.first_pass_chunk_samples
+        while self._first_pass_buffer.size >= chunk:
+            texts.append(await self._first_pass(self._first_pass_buffer.take(chunk), end=False, emit=emit))
+            chunk = self._first_pass_chunk
+        if end and (self._first_pass_sequence is not None or self._first_pass_buffer.size):
+            rest = self._first_pass_buffer.take(self._first_pass_buffer.size)
+            texts.append(await self._first_pass(rest, end=True, emit=emit))
+        return "".join(texts)
+
+    async def _first_pass(self, pcm: np.ndarray, end: bool, emit: bool) -> str:
+        if self._first_pass_stream is None:
+            self._first_pass_stream = self._gateway.open_stream(FIRST_PASS_MODEL)
+        start = self._first_pass_sequence is None
+        if start:
+            cfg = self.config
+            self._first_pass_sequence = self._ids.next()
+            self._first_pass_chunk = cfg.first_pass_chunk_samples
+            inputs = self._gateway.first_pass_inputs(pcm, cfg.chunk_size, cfg.encoder_chunk_look_back,
+                                                     cfg.decoder_chunk_look_back)
+        else:
+            inputs = self._gateway.audio_inputs(pcm)
+        result = await self._first_pass_stream.infer(inputs, self._first_pass_sequence, start=start, end=end)
+        if end:
+            self._first_pass_sequence = None
+        text = self._gateway.text(result)
+        if text and emit:
+            await self._emit(partial_message(self.config, text))
+        return text
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._failed:
+            self._failed = True
+            self._on_failure(exc)
+
+    async def _close_streams(self) -> None:
+        for stream in (self._vad_stream, self._first_pass_stream):
+            if stream is not None:
+                await stream.close()
+        self._vad_stream = self._first_pass_stream = None
+
+    async def _close_stream(self, stream: SequenceStream, open_sequence: int | None) -> None:
+        if open_sequence is not None and not stream.failed:
+            try:
+                await stream.infer(self._gateway.audio_inputs(_CLOSING_SILENCE), open_sequence, end=True,
+                                   timeout=_CLOSE_TIMEOUT_S)
+            except Exception as exc:  # Triton down: its state is gone anyway
+                log.info("could not end %s sequence %d: %s", stream.model, open_sequence, exc)
+        await stream.close()

@@ -1,0 +1,250 @@
+"""The frontend's only way to Triton: gRPC streaming through tritonclient.grpc.aio.
+
+Sequence models (vad, paraformer_streaming) get one bidirectional stream per WebSocket
+stream, carrying the requests of successive Triton sequences; the decoupled second pass
+(funasr_nano_vllm) gets one stream per segment, so cancelling it cancels just that request.
+The input/output names follow model_repository/*/config.pbtxt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections import deque
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+
+log = logging.getLogger("frontend.triton")
+
+VAD_MODEL = "vad"
+FIRST_PASS_MODEL = "paraformer_streaming"
+SECOND_PASS_MODEL = "funasr_nano_vllm"
+
+# Retry a lost channel quickly so service resumes within seconds once Triton is back
+# (gRPC's default backoff grows to two minutes).
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class InferenceError(Exception):
+    """Triton answered with an error, or the call failed in another way."""
+
+
+class TritonUnavailable(InferenceError):
+    """Triton cannot be reached (stopped, restarting, wrong address)."""
+
+
+def _classify(exc: grpc.RpcError, model: str, url: str) -> InferenceError:
+    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return TritonUnavailable(f"inference server unreachable at {url} ({details})")
+    if code == grpc.StatusCode.CANCELLED:
+        return InferenceError(f"{model}: request cancelled by the inference server ({details})")
+    return InferenceError(f"{model}: gRPC error {code.name if code else ''} ({details})")
+
+
+def _response_error(model: str, message: str) -> InferenceError:
+    if "Server is stopping" in message:
+        return TritonUnavailable(f"inference server is shutting down ({model}: {message})")
+    return InferenceError(f"{model}: {message}")
+
+
+class SequenceIds:
+    """CORRIDs unique across every connection of this process. The random start keeps two
+    frontends sharing one Triton apart; 0 is reserved by Triton for "no sequence"."""
+
+    def __init__(self):
+        self._counter = itertools.count(secrets.randbits(62) + 1)
+
+    def next(self) -> int:
+        return next(self._counter)
+
+
+def _tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _bytes(name: str, text: str) -> grpcclient.InferInput:
+    return _tensor(name, np.array([text.encode("utf-8")], dtype=np.object_), "BYTES")
+
+
+class SequenceStream:
+    """One gRPC stream to one sequence-batched model. Requests go one at a time (the caller
+    awaits each answer), so answers match requests first-in first-out; an answer to a
+    request whose caller was cancelled is dropped."""
+
+    def __init__(self, client: grpcclient_aio.InferenceServerClient, model: str, url: str):
+        self.model = model
+        self._url = url
+        self._requests: asyncio.Queue[dict | None] = asyncio.Queue()
+        self._waiting: deque[asyncio.Future] = deque()
+        self._lock = asyncio.Lock()
+        self._failure: InferenceError | None = None
+        self._responses = client.stream_infer(self._request_iterator())
+        self._reader = asyncio.create_task(self._read())
+
+    async def infer(
+        self,
+        inputs: list[grpcclient.InferInput],
+        sequence_id: int,
+        start: bool = False,
+        end: bool = False,
+        timeout: float | None = None,
+    ) -> grpcclient.InferResult:
+        async with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            answer = asyncio.get_running_loop().create_future()
+            self._waiting.append(answer)
+            self._requests.put_nowait({
+                "model_name": self.model,
+                "inputs": inputs,
+                "sequence_id": sequence_id,
+                "sequence_start": start,
+                "sequence_end": end,
+            })
+            return await asyncio.wait_for(answer, timeout)
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    async def close(self) -> None:
+        """Finish the stream after the answers already asked for."""
+        self._requests.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), 10)
+        except asyncio.TimeoutError:
+            self._responses.cancel()
+            self._reader.cancel()
+
+    async def _request_iterator(self) -> AsyncIterator[dict]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        try:
+            async for result, error in self._responses:
+                answer = self._waiting.popleft() if self._waiting else None
+                if answer is None or answer.done():
+                    continue
+                if error is not None:
+                    answer.set_exception(_response_error(self.model, error.message()))
+                else:
+                    answer.set_result(result)
+        except grpc.RpcError as exc:
+            self._fail(_classify(exc, self.model, self._url))
+        except asyncio.CancelledError:
+            self._fail(InferenceError(f"{self.model}: stream closed"))
+            raise
+        else:
+            self._fail(InferenceError(f"{self.model}: the inference server ended the stream"))
+
+    def _fail(self, failure: InferenceError) -> None:
+        self._failure = failure
+        while self._waiting:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(failure)
+
+
+class TritonGateway:
+    """The shared gRPC channel and typed calls for the three models."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.client = grpcclient_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+
+    def open_stream(self, model: str) -> SequenceStream:
+        return SequenceStream(self.client, model, self.url)
+
+    @staticmethod
+    def audio_inputs(pcm: np.ndarray) -> list[grpcclient.InferInput]:
+        """A chunk for either sequence model, with no per-sequence options."""
+        return [_tensor("AUDIO", pcm.reshape(1, -1), "INT16")]
+
+    @staticmethod
+    def vad_inputs(pcm: np.ndarray, max_end_silence_ms: int | None = None, max_segment_ms: int | None = None,
+                   energy_db: float | None = None) -> list[grpcclient.InferInput]:
+        """Knobs go only on the first request of a sequence (the model reads them there)."""
+        inputs = TritonGateway.audio_inputs(pcm)
+        if max_end_silence_ms is not None:
+            inputs.append(_tensor("MAX_END_SILENCE_MS", np.array([[max_end_silence_ms]], dtype=np.int32), "INT32"))
+        if max_segment_ms is not None:
+            inputs.append(_tensor("MAX_SEGMENT_MS", np.array([[max_segment_ms]], dtype=np.int32), "INT32"))
+        if energy_db is not None:
+            inputs.append(_tensor("ENERGY_DB", np.array([[energy_db]], dtype=np.float32), "FP32"))
+        return inputs
+
+    @staticmethod
+    def first_pass_inputs(pcm: np.ndarray, chunk_size: tuple[int, int, int] | None = None,
+                          encoder_look_back: int | None = None, decoder_look_back: int | None = None
+                          ) -> list[grpcclient.InferInput]:
+        inputs = TritonGateway.audio_inputs(pcm)
+        if chunk_size is not None:
+            inputs.append(_tensor("CHUNK_SIZE", np.array([chunk_size], dtype=np.int32), "INT32"))
+        if encoder_look_back is not None:
+            inputs.append(_tensor("ENCODER_LOOK_BACK", np.array([[encoder_look_back]], dtype=np.int32), "INT32"))
+        if decoder_look_back is not None:
+            inputs.append(_tensor("DECODER_LOOK_BACK", np.array([[decoder_look_back]], dtype=np.int32), "INT32"))
+        return inputs
+
+    @staticmethod
+    def segments(result: grpcclient.InferResult) -> list[tuple[int, int]]:
+        """VAD events [start_ms, end_ms], -1 where not known yet."""
+        rows = result.as_numpy("SEGMENTS")
+        return [] if rows is None else [(int(s), int(e)) for s, e in rows.reshape(-1, 2)]
+
+    @staticmethod
+    def text(result: grpcclient.InferResult) -> str:
+        values = result.as_numpy("TEXT")
+        if values is None or values.size == 0:
+            return ""
+        return b"".join(v if isinstance(v, bytes) else str(v).encode() for v in values.reshape(-1)).decode("utf-8")
+
+    async def recognize_segment(self, pcm: np.ndarray, hotwords: str, language: str, itn: bool) -> str:
+        """Second pass on one segment: the concatenated TEXT deltas of its response stream.
+        Cancelling the caller cancels the gRPC stream, which Triton passes on to the model."""
+        inputs = [_tensor("AUDIO", pcm.reshape(-1), "INT16"), _bytes("LANGUAGE", language),
+                  _tensor("ITN", np.array([itn], dtype=bool), "BOOL")]
+        if hotwords:
+            inputs.append(_bytes("HOTWORDS", hotwords))
+
+        async def one_request():
+            yield {"model_name": SECOND_PASS_MODEL, "inputs": inputs}
+
+        responses = self.client.stream_infer(one_request())
+        pieces = []
+        completed = False
+        try:
+            # The request iterator is exhausted, so Triton ends the stream after the final
+            # response; reading to the end (rather than cancelling) keeps that path clean.
+            async for result, error in responses:
+                if error is not None:
+                    raise _response_error(SECOND_PASS_MODEL, error.message())
+                pieces.append(self.text(result))
+            completed = True
+        except grpc.RpcError as exc:
+            raise _classify(exc, SECOND_PASS_MODEL, self.url) from None
+        finally:
+            if not completed:
+                # Cancelled or failed: Triton passes the cancellation on to the model.
+                responses.cancel()
+        return "".join(pieces)
+
+    async def close(self) -> None:
+        await self.client.close()
