@@ -47,14 +47,13 @@ def prepare(args) -> Path:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [serve] %(message)s")
     args = parse_args(argv)
-    stopping = False
 
     def request_stop(signum, _frame):
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
+    # Explicit handlers: a shell starting us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     triton = frontend = None
     try:
         store = prepare(args)

@@ -1,0 +1,61 @@
+"""The serve command: prepares models, starts tritonserver and the frontend, answers on
+the WebSocket port, and Ctrl-C (SIGINT) stops everything with no orphan processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from frontend.client import transcribe
+from twopass_asr.triton_launcher import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.triton
+
+
+def wait_for_page(port: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"serve exited early with code {process.returncode}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError("the service did not come up")
+
+
+def test_serve_answers_and_stops_cleanly_on_ctrl_c(test_models, speech_wav, tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twopass_asr.serve", "--store", str(test_models), "--random", "tiny",
+         "--host", "127.0.0.1", "--port", str(port), "--triton-http-port", str(free_port()),
+         "--triton-grpc-port", str(free_port()), "--triton-metrics-port", str(free_port()),
+         "--log-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+    )
+    try:
+        wait_for_page(port, process)
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in descendants)
+        assert "tritonserver" in names and "frontend.server" in names
+
+        result = asyncio.run(transcribe(f"ws://127.0.0.1:{port}/", speech_wav.pcm, {"mode": "2pass"}))
+        finals = [m for m in result.messages if m.get("is_final")]
+        assert len(finals) == 1 and finals[0] is result.messages[-1]
+        assert any(m["mode"] == "2pass-offline" and m["text"] for m in result.messages)
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(120) == 0
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, f"orphans left behind: {[' '.join(p.cmdline()) for p in alive]}"
+    finally:
+        if process.poll() is None:
+            process.kill()
