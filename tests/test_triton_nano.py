@@ -1,5 +1,6 @@
 """funasr_nano_vllm through a real tritonserver gives FunASR's FunASRNano text for the
-same segments and prompt options (tiny random model, float32)."""
+same segments and prompt options (tiny random model, float32; the shared server runs the
+default engine=auto, so vLLM where it starts)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,24 @@ def test_nano_rejects_wrong_audio_type(triton_server):
         decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [bad])
     good = [segment_inputs(np.zeros(8000, np.int16))]
     assert len(decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", good)) == 1
+
+
+def test_eight_concurrent_segments_match_funasr(triton_server, reference_nano, speech_wav):
+    cases = CASES + CASES[:3]
+    segments = [speech_wav.pcm[i * 9000 : i * 9000 + (2 + i % 4) * 8000] for i in range(len(cases))]
+    requests = [segment_inputs(pcm, **case) for pcm, case in zip(segments, cases)]
+    got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", requests)
+    assert got == [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, cases)]
+
+
+def test_cancelled_stream_does_not_break_later_requests(triton_server, reference_nano, speech_wav):
+    import tritonclient.grpc as grpcclient
+
+    segment = speech_wav.pcm[16000:64000]
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client.start_stream(callback=lambda result, error: None)
+    for index in range(6):
+        client.async_stream_infer("funasr_nano_vllm", segment_inputs(segment), request_id=f"cancel-{index}")
+    client.stop_stream(cancel_requests=True)
+    got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(segment)] * 2)
+    assert got == [reference_text(reference_nano, segment)] * 2

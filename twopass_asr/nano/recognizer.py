@@ -24,6 +24,7 @@ from twopass_asr.model_store import ModelDirError
 from twopass_asr.nano.random_model import CTC_PREFIXES, CTC_VOCAB_FILE, resolved_model_kwargs
 
 NO_LANGUAGE = (None, "", "auto")
+SILENCE_MARK = "/sil"
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
@@ -76,16 +77,24 @@ class NanoRecognizer:
         if llm_dtype == "fp32":
             llm_dtype = "fp16" if self.kwargs.get("fp16", False) else llm_dtype
             llm_dtype = "bf16" if self.kwargs.get("bf16", False) else llm_dtype
-        self._dtype = dtype_map[llm_dtype]
-        self.model.llm = self.model.llm.to(self._dtype)
+        self.dtype = dtype_map[llm_dtype]
+        self.model.llm = self.model.llm.to(self.dtype)
+        self.llm_dir = paths["llm"]
+        self.model_dir = model_dir
 
     @torch.no_grad()
     def recognize(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
                   itn: bool = True) -> str:
         """Text of one segment (16 kHz mono int16). language None/""/"auto" = no language
         in the prompt; hotwords are plain words (see twopass_asr.hotwords)."""
-        from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
+        return self.generate(self.prompt_embeds(pcm, hotwords, language, itn))
 
+    @torch.no_grad()
+    def prompt_embeds(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
+                      itn: bool = True) -> torch.Tensor:
+        """The LLM input of one segment, [tokens, hidden] in the LLM's dtype: FunASR's prompt
+        (get_prompt, generate_chatml) with the audio embeddings spliced in (inference_prepare).
+        Both generation engines start from this one tensor."""
         audio = pcm16_to_float(pcm)
         if audio.ndim != 1:
             raise ValueError(f"expected mono PCM (one dimension), got shape {tuple(audio.shape)}")
@@ -96,23 +105,32 @@ class NanoRecognizer:
         language = None if language in NO_LANGUAGE else str(language)
         model = self.model
         chat = model.generate_chatml(model.get_prompt(hotwords, language, bool(itn)), audio)
-        inputs_embeds, _contents, batch, _source_ids, _meta = model.inference_prepare(
+        inputs_embeds, _contents, _batch, _source_ids, _meta = model.inference_prepare(
             [chat], None, ["segment"], **self.kwargs  # carries the tokenizer and frontend
         )
+        return inputs_embeds[0].to(self.dtype)
+
+    @torch.no_grad()
+    def generate(self, embeds: torch.Tensor) -> str:
+        """Greedy text for prompt_embeds' output, on torch, as FunASRNano.inference_llm runs it
+        (one unpadded segment: data_load_speech's attention mask is all ones)."""
+        from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
+
+        llm = self.model.llm
+        inputs_embeds = embeds.unsqueeze(0)
         with torch.autocast(device_type=resolve_autocast_device_type(self.device),
-                            enabled=self._dtype != torch.float32, dtype=self._dtype):
-            generated = model.llm.generate(
-                inputs_embeds=inputs_embeds.to(self._dtype),
-                attention_mask=batch.get("attention_mask", None),
+                            enabled=self.dtype != torch.float32, dtype=self.dtype):
+            generated = llm.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.int32, device=inputs_embeds.device),
                 max_new_tokens=self.max_new_tokens,
-                pad_token_id=model.llm.config.pad_token_id or model.llm.config.eos_token_id,
+                pad_token_id=llm.config.pad_token_id or llm.config.eos_token_id,
                 **self.kwargs.get("llm_kwargs", {}),
             )
         response = self._tokenizer.batch_decode(
             generated, skip_special_tokens=self.kwargs.get("skip_special_tokens", True)
         )[0]
-        # FunASRNano.inference_llm's post-processing of the response text.
-        return re.sub(r"\s+", " ", response.replace("/sil", " "))
+        return clean_response(response)
 
     def recognize_batch(self, requests: Iterable[NanoRequest | Mapping]) -> list[str]:
         """Texts of several segments, in order. Segments are decoded one after another:
@@ -123,6 +141,11 @@ class NanoRecognizer:
                 request = NanoRequest(**request)
             texts.append(self.recognize(request.pcm, request.hotwords, request.language, request.itn))
         return texts
+
+
+def clean_response(response: str) -> str:
+    """FunASRNano.inference_llm's post-processing of the decoded response."""
+    return re.sub(r"\s+", " ", response.replace(SILENCE_MARK, " "))
 
 
 # ---------------------------------------------------------------- directory validation
@@ -231,4 +254,4 @@ def _checkpoint_shapes(model_pt: Path) -> dict[str, tuple]:
             if isinstance(tensor, torch.Tensor)}
 
 
-__all__ = ["NanoRecognizer", "NanoRequest", "validate_nano_dir"]
+__all__ = ["NanoRecognizer", "NanoRequest", "clean_response", "validate_nano_dir"]

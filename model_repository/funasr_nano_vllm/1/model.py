@@ -1,10 +1,14 @@
 """Triton adapter for the Fun-ASR-Nano second pass; the logic lives in twopass_asr.nano.
 
 Decoupled: each request gets its text on a response stream whose last response carries
-the final flag (tritonclient's asyncio stream never sees a separate empty final)."""
+the final flag (tritonclient's asyncio stream never sees a separate empty final).
+The prompt embeddings are built in torch; the LLM runs on vLLM's async engine (text
+streamed as it is generated) or, with engine=torch or when `auto` finds no vLLM, on torch
+(text in one response)."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -12,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from twopass_asr import model_store
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.recognizer import NanoRecognizer, validate_nano_dir
+from twopass_asr.nano.vllm_engine import EngineUnavailable, engine_mode, prepare_process_for_vllm, start_engine
 from twopass_asr.triton_models import (
     error_response,
     model_parameters,
@@ -38,20 +43,33 @@ def _optional_text(request, name):
     return str(value)
 
 
+def _text_response(text):
+    out = pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))
+    return pb_utils.InferenceResponse(output_tensors=[out])
+
+
 class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
+        prepare_process_for_vllm()
         _, params = model_parameters(args)
         model_dir = resolve_model_dir(args, params, model_store.NANO)
         try:
             validate_nano_dir(model_dir)
-        except model_store.ModelDirError as exc:
+            mode = engine_mode(params.get("engine"))
+        except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         device = resolve_device(params)
         self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=int(params.get("max_new_tokens", "256")))
-        # One worker: generation uses every core already; more would only contend.
+        try:
+            self.engine = start_engine(mode, self.recognizer, device, params, warn=pb_utils.Logger.log_warn)
+        except (EngineUnavailable, ValueError) as exc:
+            raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine=vllm but {exc}") from exc
+        # One worker for the torch work (embeddings; generation on the torch path): it uses
+        # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
-        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} (torch generation)")
+        engine_name = "vLLM" if self.engine else "torch"
+        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation)")
 
     async def execute(self, requests):
         await asyncio.gather(*(self._serve(request) for request in requests))
@@ -66,15 +84,25 @@ class TritonPythonModel:
             hotwords = parse_hotwords(_optional_text(request, "HOTWORDS") or "")
             language = _optional_text(request, "LANGUAGE")
             itn = optional_scalar(request, "ITN")
+            itn = True if itn is None else bool(itn)
             if request.is_cancelled():
                 sender.send(error_response("request cancelled"), flags=FINAL)
                 return
-            text = await asyncio.get_running_loop().run_in_executor(
-                self.executor,
-                lambda: self.recognizer.recognize(audio, hotwords, language, True if itn is None else bool(itn)),
+            loop = asyncio.get_running_loop()
+            embeds = await loop.run_in_executor(
+                self.executor, lambda: self.recognizer.prompt_embeds(audio, hotwords, language, itn)
             )
-            out = pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))
-            sender.send(pb_utils.InferenceResponse(output_tensors=[out]), flags=FINAL)
+            if self.engine is None:
+                text = await loop.run_in_executor(self.executor, lambda: self.recognizer.generate(embeds))
+                sender.send(_text_response(text), flags=FINAL)
+                return
+            # Leaving the loop early closes the stream, which aborts the request in vLLM.
+            async with aclosing(self.engine.stream(embeds)) as deltas:
+                async for delta, is_last in deltas:
+                    if request.is_cancelled():
+                        sender.send(error_response("request cancelled"), flags=FINAL)
+                        return
+                    sender.send(_text_response(delta), flags=FINAL if is_last else 0)
         except (StreamError, ValueError) as exc:
             sender.send(error_response(str(exc)), flags=FINAL)
         except Exception as exc:  # one bad segment must not take the model down
@@ -83,3 +111,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

@@ -1,0 +1,200 @@
+"""Second-pass speed: Fun-ASR-Nano's LLM on vLLM's async engine vs the torch fallback vs
+FunASR's FunASRNano inference one segment at a time.
+
+With the full-size random Nano (`python -m twopass_asr.prepare --store .model_store-full
+--random full`), C clients (C in --concurrency) each send their segments one after another,
+as the Triton model serves them: prompt embeddings on one torch worker thread, then
+
+  vllm   the AsyncLLM stream (requests of different clients batched by the engine),
+  torch  NanoRecognizer.generate on the same single worker (requests queue),
+  funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only.
+
+Latency is segment submitted -> last text delta; throughput is segments / wall time of the
+level. In-process (no tritonserver), so the numbers are the engines', not gRPC's. A random
+model rarely emits EOS: every segment decodes --max-new-tokens tokens.
+
+    .venv/bin/python perf/bench_second_pass.py [--concurrency 1,4,8,16] [--dtype bf16]
+        [--max-new-tokens 32] [--segments-per-client 1] [--threads 2]
+
+Writes perf/results/second_pass.{md,csv,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
+DEFAULT_OUT = REPO_ROOT / "perf" / "results"
+SEGMENT_SECONDS = 3.0
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Row:
+    engine: str
+    concurrency: int
+    segments: int
+    wall_s: float
+    latencies_ms: list[float]
+
+    @property
+    def segments_per_s(self) -> float:
+        return self.segments / self.wall_s
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+
+def make_segments(count: int, seed: int = 0) -> list[np.ndarray]:
+    # Band-limited noise with a speech-like envelope: the random model's text is meaningless
+    # anyway; what matters is the segment length (audio tokens in the prompt).
+    rng = np.random.default_rng(seed)
+    samples = int(SEGMENT_SECONDS * 16000)
+    envelope = 0.5 + 0.5 * np.sin(np.linspace(0, 6 * np.pi, samples)) ** 2
+    return [(rng.standard_normal(samples) * 4000 * envelope).astype(np.int16) for _ in range(count)]
+
+
+async def run_level(engine_name, concurrency, per_client, recognizer, engine, executor) -> Row:
+    segments = make_segments(concurrency * per_client, seed=concurrency)
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+
+    async def one(pcm):
+        start = time.perf_counter()
+        embeds = await loop.run_in_executor(executor, recognizer.prompt_embeds, pcm)
+        if engine_name == "vllm":
+            async with aclosing(engine.stream(embeds)) as deltas:
+                async for _delta, _is_last in deltas:
+                    pass
+        else:
+            await loop.run_in_executor(executor, recognizer.generate, embeds)
+        latencies.append((time.perf_counter() - start) * 1000)
+
+    async def client(index):
+        for pcm in segments[index * per_client:(index + 1) * per_client]:
+            await one(pcm)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return Row(engine_name, concurrency, len(segments), time.perf_counter() - start, latencies)
+
+
+def run_funasr(recognizer, count: int) -> Row:
+    """FunASRNano.inference, the call AutoModel.generate makes, one segment at a time."""
+    from twopass_asr.audio import pcm16_to_float
+
+    # FunASR casts the LLM to kwargs' llm_dtype on every call: the same precision as the others.
+    kwargs = dict(recognizer.kwargs, max_length=recognizer.max_new_tokens,
+                  llm_dtype={v: k for k, v in DTYPES.items()}[recognizer.dtype])
+    latencies = []
+    start = time.perf_counter()
+    for index, pcm in enumerate(make_segments(count, seed=99)):
+        begin = time.perf_counter()
+        with torch.no_grad():
+            recognizer.model.inference([pcm16_to_float(pcm)], key=[f"seg{index}"], **kwargs)
+        latencies.append((time.perf_counter() - begin) * 1000)
+    return Row("funasr", 1, count, time.perf_counter() - start, latencies)
+
+
+def write_results(rows: list[Row], out: Path, note: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["engine", "concurrency", "segments", "segments_per_s", "p50_ms", "p95_ms"]
+    table = [[r.engine, r.concurrency, r.segments, f"{r.segments_per_s:.3f}", f"{r.percentile(50):.0f}",
+              f"{r.percentile(95):.0f}"] for r in rows]
+    with open(out / "second_pass.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header] + table)
+    lines = [f"# Second pass (Fun-ASR-Nano full-size random weights)\n\n{note}\n",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table]
+    (out / "second_pass.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r.engine for r in rows):
+        mine = [r for r in rows if r.engine == name]
+        xs = [r.concurrency for r in mine]
+        left.plot(xs, [r.segments_per_s for r in mine], "o-", label=name)
+        right.plot(xs, [r.percentile(50) for r in mine], "o-", label=f"{name} p50")
+        right.plot(xs, [r.percentile(95) for r in mine], "x--", label=f"{name} p95")
+    left.set(xlabel="concurrent clients", ylabel="segments / s", title="throughput")
+    right.set(xlabel="concurrent clients", ylabel="latency (ms)", title="segment latency")
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out / "second_pass.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--torch-concurrency", default=None,
+                        help="levels for the torch fallback (default: same as --concurrency)")
+    parser.add_argument("--segments-per-client", type=int, default=1)
+    parser.add_argument("--funasr-segments", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    if not (args.model_dir / "model.pt").is_file():
+        sys.exit(f"{args.model_dir} has no model.pt; build it with: python -m twopass_asr.prepare "
+                 "--store .model_store-full --random full")
+    levels = [int(x) for x in args.concurrency.split(",")]
+    torch_levels = [int(x) for x in (args.torch_concurrency or args.concurrency).split(",")]
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
+
+    from twopass_asr.nano.recognizer import NanoRecognizer
+    from twopass_asr.nano.vllm_engine import EngineSettings, VllmNanoEngine
+
+    recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
+    recognizer.dtype = DTYPES[args.dtype]
+    recognizer.model.llm.to(recognizer.dtype)
+    executor = ThreadPoolExecutor(max_workers=1)
+    rows: list[Row] = []
+    rows.append(run_funasr(recognizer, args.funasr_segments))
+    print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
+    loop = asyncio.new_event_loop()
+    for level in torch_levels:
+        rows.append(loop.run_until_complete(run_level("torch", level, args.segments_per_client, recognizer, None, executor)))
+        print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
+    started = time.perf_counter()
+    engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
+        "cpu", {"vllm_max_num_seqs": str(max(levels))}, recognizer.dtype))
+    print(f"vLLM engine started in {time.perf_counter() - started:.1f} s", flush=True)
+    try:
+        # Warm-up: the first request pays for lazy initialisation.
+        loop.run_until_complete(run_level("vllm", 1, 1, recognizer, engine, executor))
+        for level in levels:
+            rows.append(loop.run_until_complete(run_level("vllm", level, args.segments_per_client, recognizer, engine, executor)))
+            print(f"vllm c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
+    finally:
+        engine.shutdown()
+    note = (f"{SEGMENT_SECONDS:.0f} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype}, "
+            f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "
+            f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
+    write_results(rows, args.out, note)
+
+
+if __name__ == "__main__":
+    main()
