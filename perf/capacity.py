@@ -1,0 +1,250 @@
+"""Capacity search: the largest number of concurrent real-time streams a server sustains
+with p95 partial lag under one first-pass chunk (600 ms), p95 second-pass latency under
+2 s, and every stream ending normally (final message, no error, no dropped connection).
+N doubles from 1 until a run fails, then a binary search between the last pass and the
+first failure; each step is one perf.ws_load run.
+
+    # a running server
+    python -m perf.capacity --url ws://127.0.0.1:10095 --max-clients 32
+    # the service (tritonserver + frontend) and the FunASR baseline, one after the other,
+    # on the same model store and audio; prints the capacity ratio
+    python -m perf.capacity --compare --store .model_store-full --max-clients 16
+
+Writes capacity.json, a Markdown table and latency plots under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from perf import ws_load
+from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError, free_port
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
+SETTLE_S = 2.0  # between steps, so work queued by the previous run cannot delay the next
+
+
+def check_run(run: dict, max_partial_lag_s: float, max_second_pass_s: float) -> str | None:
+    """Why a run misses the targets, or None when it meets them."""
+    if run["finals"] != run["clients"]:
+        return (f"{run['clients'] - run['finals']} of {run['clients']} streams without a final message "
+                f"({run['errors']} errors, {run['failures']} failures, {run['dropped']} dropped)")
+    latency = run["latency_s"]
+    lag = latency["partial_lag"]["p95"]
+    if run["mode"] != "offline":
+        if lag is None:
+            return "no partial lag measured (no partials could be matched to chunks)"
+        if lag >= max_partial_lag_s:
+            return f"p95 partial lag {lag * 1000:.0f} ms >= {max_partial_lag_s * 1000:.0f} ms"
+    second = latency["second_pass"]["p95"]
+    if run["mode"] != "online":
+        if second is None:
+            return "no second-pass results"
+        if second >= max_second_pass_s:
+            return f"p95 second-pass latency {second * 1000:.0f} ms >= {max_second_pass_s * 1000:.0f} ms"
+    return None
+
+
+def search(url: str, plan: ws_load.AudioPlan, max_clients: int, max_partial_lag_s: float, max_second_pass_s: float,
+           speed: float = 1.0, ramp_s: float = 2.0, timeout_s: float | None = None) -> dict[str, Any]:
+    """Exponential then binary search over N; returns the capacity and every step."""
+    steps: list[dict] = []
+
+    def attempt(clients: int) -> bool:
+        if steps:
+            time.sleep(SETTLE_S)
+        run = asyncio.run(ws_load.run_load(url, plan, clients, speed=speed, ramp_s=ramp_s, timeout_s=timeout_s))
+        run["failed_because"] = check_run(run, max_partial_lag_s, max_second_pass_s)
+        steps.append(run)
+        verdict = "ok" if run["failed_because"] is None else f"FAIL: {run['failed_because']}"
+        print(f"[capacity] N={clients}: {verdict}", file=sys.stderr, flush=True)
+        return run["failed_because"] is None
+
+    best, failed = 0, None
+    clients = 1
+    while clients <= max_clients:
+        if not attempt(clients):
+            failed = clients
+            break
+        best = clients
+        clients = min(clients * 2, max_clients) if clients < max_clients else max_clients + 1
+    if failed is not None:
+        while failed - best > 1:
+            middle = (best + failed) // 2
+            if attempt(middle):
+                best = middle
+            else:
+                failed = middle
+    return {"url": url, "capacity": best, "bounded_by_max_clients": failed is None, "max_clients": max_clients,
+            "limits": {"partial_lag_p95_s": max_partial_lag_s, "second_pass_p95_s": max_second_pass_s},
+            "audio_s": plan.audio_s, "steps": steps}
+
+
+def write_search_reports(result: dict, out: Path, title: str) -> None:
+    limits = {"partial_lag": result["limits"]["partial_lag_p95_s"], "second_pass": result["limits"]["second_pass_p95_s"]}
+    runs = sorted(result["steps"], key=lambda r: r["clients"])
+    ws_load.write_reports(runs, out, title, {k: v for k, v in result.items() if k != "steps"}, limits)
+    (out / "capacity.json").write_text(json.dumps(result, indent=2))
+
+
+def capacity_line(result: dict) -> str:
+    bound = " (or more: the search stopped at --max-clients)" if result["bounded_by_max_clients"] else ""
+    return f"capacity {result['capacity']} concurrent streams{bound}"
+
+
+# ---------------------------------------------------------------- servers for --compare
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, what: str, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log_path}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout_s:.0f} s; see {log_path}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def python_server(module_args: list[str], port: int, log_path: Path, what: str, timeout_s: float) -> Iterator[str]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPO_ROOT)
+        try:
+            wait_for_port(port, process, timeout_s, what, log_path)
+            yield f"ws://127.0.0.1:{port}"
+        finally:
+            stop_process(process)
+
+
+def start_triton(store: Path, log_dir: Path, attempts: int = 3) -> TritonServer:
+    """tritonserver on free ports. Another program can take a port between choosing it and
+    tritonserver binding it (loading the models takes a minute): then try new ports."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return TritonServer(store, log_path=log_dir / "tritonserver.log").start()
+        except TritonStartError as exc:
+            if "already in use" not in str(exc) or attempt == attempts:
+                raise
+            print("[capacity] tritonserver port taken meanwhile; retrying on new ports", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def service(store: Path, log_dir: Path) -> Iterator[str]:
+    """tritonserver on the store, and the WebSocket frontend in front of it."""
+    with start_triton(store, log_dir) as triton:
+        port = free_port()
+        with python_server(["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1",
+                            "--port", str(port)], port, log_dir / "frontend.log", "frontend", 60) as url:
+            yield url
+
+
+@contextlib.contextmanager
+def baseline(store: Path, log_dir: Path, threads: int) -> Iterator[str]:
+    port = free_port()
+    with python_server(["perf.baseline_server", "--store", str(store), "--port", str(port),
+                        "--threads", str(threads)], port, log_dir / "baseline.log", "baseline server", 600) as url:
+        yield url
+
+
+def measure(name: str, server, args, pcm, out: Path) -> dict:
+    print(f"[capacity] starting {name} ...", file=sys.stderr, flush=True)
+    with server as url:
+        plan = ws_load.prepare_plan(url, pcm, args.mode, args.vad_dir, args.probe_wait, args.timeout_s or 300.0)
+        result = search(url, plan, args.max_clients, args.max_partial_lag, args.max_second_pass, args.speed,
+                        args.ramp_s, args.timeout_s)
+    write_search_reports(result, out / name, f"{name}: latency vs concurrent streams")
+    print(f"[capacity] {name}: {capacity_line(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    lines = ["| server | capacity (streams) | steps (N: verdict) |", "|---|---|---|"]
+    for name, result in results.items():
+        steps = ", ".join(f"{r['clients']}: {'ok' if r['failed_because'] is None else 'fail'}" for r in result["steps"])
+        more = "+" if result["bounded_by_max_clients"] else ""
+        lines.append(f"| {name} | {result['capacity']}{more} | {steps} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="a running server (not with --compare)")
+    parser.add_argument("--compare", action="store_true",
+                        help="start the service and then the FunASR baseline on --store and measure both")
+    parser.add_argument("--store", type=Path, default=None, help="model store for --compare")
+    parser.add_argument("--baseline-threads", type=int, default=2, help="torch threads of the baseline server")
+    parser.add_argument("--max-clients", type=int, default=32)
+    parser.add_argument("--max-partial-lag", type=float, default=0.6, help="p95 partial lag limit, s (one chunk)")
+    parser.add_argument("--max-second-pass", type=float, default=2.0, help="p95 second-pass latency limit, s")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ws_load.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.max_clients < 1:
+        parser.error("--max-clients must be at least 1")
+    if args.compare == bool(args.url):
+        parser.error("give either --url (a running server) or --compare --store DIR")
+    if args.compare and (args.store is None or not args.store.is_dir()):
+        parser.error("--compare needs --store, an existing model store directory")
+    try:
+        pcm = ws_load.load_pcm(args.wav)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if not args.compare:
+        try:
+            plan = ws_load.prepare_plan(args.url, pcm, args.mode, args.vad_dir, args.probe_wait,
+                                        args.timeout_s or 300.0)
+        except (OSError, RuntimeError) as exc:
+            parser.exit(1, f"capacity: probe stream against {args.url} failed: {exc!r}\n")
+        result = search(args.url, plan, args.max_clients, args.max_partial_lag, args.max_second_pass,
+                        args.speed, args.ramp_s, args.timeout_s)
+        write_search_reports(result, args.out, f"capacity {args.url}")
+        print(ws_load.markdown_table(sorted(result["steps"], key=lambda r: r["clients"])))
+        print(capacity_line(result))
+        return 0
+    args.vad_dir = args.vad_dir or args.store / "vad"
+    store = args.store.resolve()
+    logs = args.out / "logs"
+    results = {
+        "service": measure("service", service(store, logs), args, pcm, args.out),
+        "baseline": measure("baseline", baseline(store, logs, args.baseline_threads), args, pcm, args.out),
+    }
+    service_cap, baseline_cap = results["service"]["capacity"], results["baseline"]["capacity"]
+    ratio = service_cap / baseline_cap if baseline_cap else None
+    summary = {"store": str(store), "audio_s": results["service"]["audio_s"],
+               "capacity": {name: r["capacity"] for name, r in results.items()},
+               "bounded_by_max_clients": {name: r["bounded_by_max_clients"] for name, r in results.items()},
+               "ratio_service_to_baseline": ratio}
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=2))
+    table = comparison_table(results)
+    ratio_text = f"{ratio:.2f}x" if ratio is not None else "undefined (baseline capacity 0)"
+    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baseline\n\n{table}\n\nratio {ratio_text}\n")
+    print(table)
+    print(f"capacity ratio service/baseline: {ratio_text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
