@@ -25,6 +25,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.grpc as grpcclient
 
+from perf.metrics import largest_passing
 from twopass_asr.model_store import PARAFORMER
 from twopass_asr.triton_launcher import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonServer
 
@@ -89,7 +90,7 @@ def p95(values: list[float]) -> float:
 
 
 def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, list[dict]]:
-    """Largest sustained concurrency: doubling, then bisection."""
+    """Largest sustained concurrency (doubling, then bisection) and every trial."""
     rows: list[dict] = []
 
     def trial(n: int) -> bool:
@@ -102,21 +103,7 @@ def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, lis
             f"{'ok' if row['sustained'] else 'falls behind'}")
         return row["sustained"]
 
-    good, bad = 0, None
-    n = 1
-    while n <= max_streams:
-        if not trial(n):
-            bad = n
-            break
-        good, n = n, n * 2
-    if bad is None:
-        return good, rows
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if trial(mid):
-            good = mid
-        else:
-            bad = mid
+    good, _ = largest_passing(trial, max_streams)
     return good, rows
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from perf import ws_load
+from perf import metrics, ws_load
 from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError, free_port
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
@@ -69,22 +69,8 @@ def search(url: str, plan: ws_load.AudioPlan, max_clients: int, max_partial_lag_
         print(f"[capacity] N={clients}: {verdict}", file=sys.stderr, flush=True)
         return run["failed_because"] is None
 
-    best, failed = 0, None
-    clients = 1
-    while clients <= max_clients:
-        if not attempt(clients):
-            failed = clients
-            break
-        best = clients
-        clients = min(clients * 2, max_clients) if clients < max_clients else max_clients + 1
-    if failed is not None:
-        while failed - best > 1:
-            middle = (best + failed) // 2
-            if attempt(middle):
-                best = middle
-            else:
-                failed = middle
-    return {"url": url, "capacity": best, "bounded_by_max_clients": failed is None, "max_clients": max_clients,
+    best, bounded = metrics.largest_passing(attempt, max_clients)
+    return {"url": url, "capacity": best, "bounded_by_max_clients": bounded, "max_clients": max_clients,
             "limits": {"partial_lag_p95_s": max_partial_lag_s, "second_pass_p95_s": max_second_pass_s},
             "audio_s": plan.audio_s, "steps": steps}
 

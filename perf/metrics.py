@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -183,3 +183,25 @@ def detection_latencies(segments: Sequence[tuple[int, float]], detection_frames:
         if sent is not None:
             latencies.append(arrival - sent)
     return latencies
+
+
+def largest_passing(passes: Callable[[int], bool], max_n: int) -> tuple[int, bool]:
+    """The largest n in 1..max_n for which passes(n) holds, assuming it holds up to some n
+    and fails beyond: doubling from 1 (capped at max_n), then bisection between the last
+    pass and the first failure. Returns (n, bounded), bounded when max_n itself passed."""
+    best, failed, n = 0, None, 1
+    while n <= max_n:
+        if not passes(n):
+            failed = n
+            break
+        best = n
+        n = min(n * 2, max_n) if n < max_n else max_n + 1
+    if failed is None:
+        return best, True
+    while failed - best > 1:
+        middle = (best + failed) // 2
+        if passes(middle):
+            best = middle
+        else:
+            failed = middle
+    return best, False

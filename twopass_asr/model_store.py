@@ -178,7 +178,8 @@ def _expected_shapes(config: dict, vocab_size: int, input_size: int, model_dir: 
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _checkpoint_shapes(path: Path, what: str) -> dict:
+def checkpoint_shapes(path: Path, what: str) -> dict:
+    """Tensor shapes in a FunASR model.pt, read memory-mapped (no tensor is loaded)."""
     import torch
 
     try:
@@ -200,7 +201,7 @@ def _checkpoint_shapes(path: Path, what: str) -> dict:
 
 def _check_weights(model_dir: Path, config: dict, vocab_size: int, input_size: int, what: str) -> None:
     expected = _expected_shapes(config, vocab_size, input_size, model_dir, what)
-    actual = _checkpoint_shapes(model_dir / "model.pt", what)
+    actual = checkpoint_shapes(model_dir / "model.pt", what)
     missing = [name for name in expected if name not in actual]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

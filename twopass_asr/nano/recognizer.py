@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr import model_store
 from twopass_asr.model_store import ModelDirError
 from twopass_asr.nano.random_model import CTC_PREFIXES, CTC_VOCAB_FILE, resolved_model_kwargs
 
@@ -167,7 +168,7 @@ def validate_nano_dir(path) -> None:
                             f"{config.get('model')!r}, expected 'FunASRNano'")
     paths = _component_paths(path, config)
     expected = _expected_shapes(path, config, paths)
-    found = _checkpoint_shapes(path / "model.pt")
+    found = model_store.checkpoint_shapes(path / "model.pt", "Fun-ASR-Nano")
     for name, shape in expected.items():
         if name not in found:
             if name.startswith(CTC_PREFIXES):
@@ -238,20 +239,6 @@ def _expected_shapes(path: Path, config: dict, paths: dict[str, Path]) -> dict[s
                             f"{paths['llm'].name}/config.json do not build a FunASRNano: "
                             f"{type(exc).__name__}: {exc}") from exc
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
-def _checkpoint_shapes(model_pt: Path) -> dict[str, tuple]:
-    try:
-        state = torch.load(model_pt, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:
-        raise ModelDirError(f"{model_pt} is not a readable torch checkpoint: {type(exc).__name__}: {exc}") from exc
-    for wrapper in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ModelDirError(f"{model_pt} does not hold a state dict")
-    return {name.removeprefix("module."): tuple(tensor.shape) for name, tensor in state.items()
-            if isinstance(tensor, torch.Tensor)}
 
 
 __all__ = ["NanoRecognizer", "NanoRequest", "clean_response", "validate_nano_dir"]
