@@ -48,6 +48,24 @@ def _text_response(text):
     return pb_utils.InferenceResponse(output_tensors=[out])
 
 
+class _OnceFinalSender:
+    """Sends nothing after the final response: a send after it crashes tritonserver
+    (TRITONBACKEND_ResponseSend) instead of failing the one request."""
+
+    def __init__(self, sender):
+        self._sender = sender
+        self.finished = False
+
+    def send(self, response, final: bool) -> None:
+        if self.finished:
+            return
+        self.finished = final
+        if response is None:
+            self._sender.send(flags=FINAL)
+        else:
+            self._sender.send(response, flags=FINAL if final else 0)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
@@ -76,7 +94,7 @@ class TritonPythonModel:
         return None
 
     async def _serve(self, request):
-        sender = request.get_response_sender()
+        sender = _OnceFinalSender(request.get_response_sender())
         try:
             audio = required_audio(request)
             if audio.dtype != np.int16:
@@ -86,7 +104,7 @@ class TritonPythonModel:
             itn = optional_scalar(request, "ITN")
             itn = True if itn is None else bool(itn)
             if request.is_cancelled():
-                sender.send(error_response("request cancelled"), flags=FINAL)
+                sender.send(error_response("request cancelled"), final=True)
                 return
             loop = asyncio.get_running_loop()
             embeds = await loop.run_in_executor(
@@ -94,20 +112,23 @@ class TritonPythonModel:
             )
             if self.engine is None:
                 text = await loop.run_in_executor(self.executor, lambda: self.recognizer.generate(embeds))
-                sender.send(_text_response(text), flags=FINAL)
+                sender.send(_text_response(text), final=True)
                 return
             # Leaving the loop early closes the stream, which aborts the request in vLLM.
             async with aclosing(self.engine.stream(embeds)) as deltas:
                 async for delta, is_last in deltas:
                     if request.is_cancelled():
-                        sender.send(error_response("request cancelled"), flags=FINAL)
+                        sender.send(error_response("request cancelled"), final=True)
                         return
-                    sender.send(_text_response(delta), flags=FINAL if is_last else 0)
+                    sender.send(_text_response(delta), final=is_last)
         except (StreamError, ValueError) as exc:
-            sender.send(error_response(str(exc)), flags=FINAL)
+            sender.send(error_response(str(exc)), final=True)
         except Exception as exc:  # one bad segment must not take the model down
             pb_utils.Logger.log_error(f"funasr_nano_vllm: request failed: {exc!r}")
-            sender.send(error_response(f"internal error in funasr_nano_vllm: {exc}"), flags=FINAL)
+            sender.send(error_response(f"internal error in funasr_nano_vllm: {exc}"), final=True)
+        finally:
+            # Every request ends with exactly one final response, whatever happened.
+            sender.send(None, final=True)
 
     def finalize(self):
         self.executor.shutdown(wait=False, cancel_futures=True)
