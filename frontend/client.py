@@ -69,6 +69,21 @@ def default_frame_samples(config: dict[str, Any], sample_rate: int) -> int:
     return max(1, int(sample_rate * frame_ms / 1000))
 
 
+async def receive_until_final(websocket, result: "StreamResult", clock) -> None:
+    """Collect server messages, each with its arrival time by `clock`, until the final
+    message or the close; records the close code."""
+    try:
+        async for text in websocket:
+            message = json.loads(text)
+            result.messages.append(message)
+            result.arrival_s.append(clock())
+            if message.get("is_final"):
+                return
+    except ConnectionClosed:
+        pass
+    result.close_code = websocket.close_code
+
+
 async def run_stream(
     websocket: ClientConnection,
     pcm: np.ndarray,
@@ -98,21 +113,9 @@ async def run_stream(
         await websocket.send(json.dumps({"is_speaking": False, "is_end": True}))
         result.end_sent_s = time.monotonic() - started
 
-    async def receive_until_final() -> None:
-        try:
-            async for text in websocket:
-                message = json.loads(text)
-                result.messages.append(message)
-                result.arrival_s.append(time.monotonic() - started)
-                if message.get("is_final"):
-                    return
-        except ConnectionClosed:
-            pass
-        result.close_code = websocket.close_code
-
     sender = asyncio.create_task(send_all())
     try:
-        await asyncio.wait_for(receive_until_final(), timeout_s)
+        await asyncio.wait_for(receive_until_final(websocket, result, lambda: time.monotonic() - started), timeout_s)
     finally:
         if not sender.done():
             sender.cancel()

@@ -40,7 +40,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from frontend.client import StreamResult, default_frame_samples, read_wav
+from frontend.client import StreamResult, default_frame_samples, read_wav, receive_until_final
 from frontend.session import MAX_STEP_SAMPLES, MIN_STEP_SAMPLES
 from perf import metrics
 
@@ -269,21 +269,9 @@ async def client_stream(url: str, plan: AudioPlan, record: StreamRecord, clock: 
                 await websocket.send(json.dumps({"is_speaking": False, "is_end": True}))
                 record.end_sent = result.end_sent_s = now()
 
-            async def receive() -> None:
-                try:
-                    async for text in websocket:
-                        message = json.loads(text)
-                        result.messages.append(message)
-                        result.arrival_s.append(now())
-                        if message.get("is_final"):
-                            return
-                except ConnectionClosed:
-                    pass
-                result.close_code = websocket.close_code
-
             sender = asyncio.create_task(send_all())
             try:
-                await asyncio.wait_for(receive(), timeout_s)
+                await asyncio.wait_for(receive_until_final(websocket, result, now), timeout_s)
             except asyncio.TimeoutError:
                 record.failure = f"no final message within {timeout_s:.0f} s"
             finally:

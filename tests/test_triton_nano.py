@@ -1,6 +1,6 @@
 """funasr_nano_vllm through a real tritonserver gives FunASR's FunASRNano text for the
 same segments and prompt options (tiny random model, float32; the shared server runs the
-default engine=auto, so vLLM where it starts)."""
+default engine, torch; tests/test_nano_vllm.py covers the vLLM engine)."""
 
 from __future__ import annotations
 
