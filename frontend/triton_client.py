@@ -217,10 +217,14 @@ class TritonGateway:
         return b"".join(v if isinstance(v, bytes) else str(v).encode() for v in values.reshape(-1)).decode("utf-8")
 
     async def recognize_segment(self, pcm: np.ndarray, hotwords: str, language: str, itn: bool) -> str:
-        """Second pass on one segment: the concatenated TEXT deltas of its response stream.
+        """Second pass on one segment: the TEXT of its response stream.
         Cancelling the caller cancels the gRPC stream, which Triton passes on to the model."""
+        # STREAM=false: one response per segment. Only the whole text is forwarded, and
+        # tritonserver 2.51 has crashed on streamed deltas while sequence streams were
+        # busy on the same server (see model_repository/funasr_nano_vllm/config.pbtxt).
         inputs = [_tensor("AUDIO", pcm.reshape(-1), "INT16"), _bytes("LANGUAGE", language),
-                  _tensor("ITN", np.array([itn], dtype=bool), "BOOL")]
+                  _tensor("ITN", np.array([itn], dtype=bool), "BOOL"),
+                  _tensor("STREAM", np.array([False], dtype=bool), "BOOL")]
         if hotwords:
             inputs.append(_bytes("HOTWORDS", hotwords))
 

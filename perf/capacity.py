@@ -8,7 +8,7 @@ first failure; each step is one perf.ws_load run.
     python -m perf.capacity --url ws://127.0.0.1:10095 --max-clients 32
     # the service (tritonserver + frontend) and the FunASR baseline, one after the other,
     # on the same model store and audio; prints the capacity ratio
-    python -m perf.capacity --compare --store .model_store-full --max-clients 16
+    python -m perf.capacity --compare --store .model_store-full --max-clients 16 --max-new-tokens 32
 
 Writes capacity.json, a Markdown table and latency plots under --out.
 """
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from perf import metrics, ws_load
+from twopass_asr.nano.recognizer import MAX_NEW_TOKENS_ENV
 from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError, free_port
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
@@ -124,12 +125,13 @@ def python_server(module_args: list[str], port: int, log_path: Path, what: str, 
             stop_process(process)
 
 
-def start_triton(store: Path, log_dir: Path, attempts: int = 3) -> TritonServer:
+def start_triton(store: Path, log_dir: Path, max_new_tokens: int, attempts: int = 3) -> TritonServer:
     """tritonserver on free ports. Another program can take a port between choosing it and
     tritonserver binding it (loading the models takes a minute): then try new ports."""
+    env = {MAX_NEW_TOKENS_ENV: str(max_new_tokens)}
     for attempt in range(1, attempts + 1):
         try:
-            return TritonServer(store, log_path=log_dir / "tritonserver.log").start()
+            return TritonServer(store, log_path=log_dir / "tritonserver.log", env=env).start()
         except TritonStartError as exc:
             if "already in use" not in str(exc) or attempt == attempts:
                 raise
@@ -138,9 +140,9 @@ def start_triton(store: Path, log_dir: Path, attempts: int = 3) -> TritonServer:
 
 
 @contextlib.contextmanager
-def service(store: Path, log_dir: Path) -> Iterator[str]:
+def service(store: Path, log_dir: Path, max_new_tokens: int) -> Iterator[str]:
     """tritonserver on the store, and the WebSocket frontend in front of it."""
-    with start_triton(store, log_dir) as triton:
+    with start_triton(store, log_dir, max_new_tokens) as triton:
         port = free_port()
         with python_server(["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1",
                             "--port", str(port)], port, log_dir / "frontend.log", "frontend", 60) as url:
@@ -148,10 +150,11 @@ def service(store: Path, log_dir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def baseline(store: Path, log_dir: Path, threads: int) -> Iterator[str]:
+def baseline(store: Path, log_dir: Path, threads: int, max_new_tokens: int) -> Iterator[str]:
     port = free_port()
     with python_server(["perf.baseline_server", "--store", str(store), "--port", str(port),
-                        "--threads", str(threads)], port, log_dir / "baseline.log", "baseline server", 600) as url:
+                        "--threads", str(threads), "--max-new-tokens", str(max_new_tokens)],
+                       port, log_dir / "baseline.log", "baseline server", 600) as url:
         yield url
 
 
@@ -182,14 +185,17 @@ def main(argv=None) -> int:
                         help="start the service and then the FunASR baseline on --store and measure both")
     parser.add_argument("--store", type=Path, default=None, help="model store for --compare")
     parser.add_argument("--baseline-threads", type=int, default=2, help="torch threads of the baseline server")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="second-pass generation cap for both servers with --compare; a random Nano "
+                             "never stops by itself, real ones stop after a few dozen tokens per segment")
     parser.add_argument("--max-clients", type=int, default=32)
     parser.add_argument("--max-partial-lag", type=float, default=0.6, help="p95 partial lag limit, s (one chunk)")
     parser.add_argument("--max-second-pass", type=float, default=2.0, help="p95 second-pass latency limit, s")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ws_load.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.max_clients < 1:
-        parser.error("--max-clients must be at least 1")
+    if args.max_clients < 1 or args.max_new_tokens < 1:
+        parser.error("--max-clients and --max-new-tokens must be at least 1")
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):
@@ -214,12 +220,13 @@ def main(argv=None) -> int:
     store = args.store.resolve()
     logs = args.out / "logs"
     results = {
-        "service": measure("service", service(store, logs), args, pcm, args.out),
-        "baseline": measure("baseline", baseline(store, logs, args.baseline_threads), args, pcm, args.out),
+        "service": measure("service", service(store, logs, args.max_new_tokens), args, pcm, args.out),
+        "baseline": measure("baseline", baseline(store, logs, args.baseline_threads, args.max_new_tokens),
+                            args, pcm, args.out),
     }
     service_cap, baseline_cap = results["service"]["capacity"], results["baseline"]["capacity"]
     ratio = service_cap / baseline_cap if baseline_cap else None
-    summary = {"store": str(store), "audio_s": results["service"]["audio_s"],
+    summary = {"store": str(store), "audio_s": results["service"]["audio_s"], "max_new_tokens": args.max_new_tokens,
                "capacity": {name: r["capacity"] for name, r in results.items()},
                "bounded_by_max_clients": {name: r["bounded_by_max_clients"] for name, r in results.items()},
                "ratio_service_to_baseline": ratio}

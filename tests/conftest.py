@@ -55,7 +55,8 @@ def speech_wav(tmp_path_factory) -> SpeechWav:
 
 @pytest.fixture(scope="session")
 def triton_server(test_models):
-    server = TritonServer(test_models, log_path=ARTIFACTS / "tritonserver.log")
+    server = TritonServer(test_models, log_path=ARTIFACTS / "tritonserver.log",
+                          log_verbose=int(os.environ.get("TWOPASS_ASR_TRITON_LOG_VERBOSE", "0")))
     server.start()
     yield server
     server.stop()

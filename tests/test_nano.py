@@ -16,7 +16,13 @@ import yaml
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.model_store import ModelDirError
 from twopass_asr.nano.random_model import LLM_SUBDIR, build_random_nano
-from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, validate_nano_dir
+from twopass_asr.nano.recognizer import (
+    MAX_NEW_TOKENS_ENV,
+    NanoRecognizer,
+    NanoRequest,
+    max_new_tokens_setting,
+    validate_nano_dir,
+)
 
 
 def quietly(function, *args, **kwargs):
@@ -110,6 +116,18 @@ def test_generation_respects_max_new_tokens(tiny_nano, recognizer):
     assert len(capped._tokenizer.encode(short)) <= 2
     with pytest.raises(ValueError, match="max_new_tokens"):
         NanoRecognizer(tiny_nano, max_new_tokens=0)
+
+
+def test_max_new_tokens_setting_from_environment_or_parameter(monkeypatch):
+    monkeypatch.delenv(MAX_NEW_TOKENS_ENV, raising=False)
+    assert max_new_tokens_setting(None) == 256
+    assert max_new_tokens_setting("40") == 40
+    monkeypatch.setenv(MAX_NEW_TOKENS_ENV, "32")
+    assert max_new_tokens_setting("40") == 32
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv(MAX_NEW_TOKENS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{MAX_NEW_TOKENS_ENV}.*{bad!r}"):
+            max_new_tokens_setting("40")
 
 
 def test_bad_audio_is_rejected_with_a_clear_error(recognizer):

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_triton_nano import CASES, reference_text, segment_inputs
-from tests.triton_client_utils import decoupled_texts
+from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.llm_export import WEIGHTS_FILE, export_llm_dir
 from twopass_asr.nano.recognizer import NanoRecognizer, clean_response
@@ -239,7 +239,12 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
     requests = [segment_inputs(pcm, **case) for pcm, case in zip(segments, CASES)]
     with server:
         expected = [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, CASES)]
-        assert decoupled_texts(server.grpc_url, "nano_auto", requests) == expected
+        streamed = decoupled_responses(server.grpc_url, "nano_auto", requests)
+        assert ["".join(pieces) for pieces in streamed] == expected
+        assert max(len(pieces) for pieces in streamed) > 1, "vLLM text must arrive in several deltas"
+        whole = decoupled_responses(server.grpc_url, "nano_auto", [
+            segment_inputs(pcm, **case, stream=False) for pcm, case in zip(segments, CASES)])
+        assert whole == [[text] for text in expected], "STREAM=false: the whole text in one response"
         assert decoupled_texts(server.grpc_url, "nano_fallback", requests) == expected
         text = log.read_text(errors="replace")
         assert text.count("vLLM unavailable, falling back to torch generation") == 1

@@ -1,8 +1,12 @@
 """funasr_nano_vllm through a real tritonserver gives FunASR's FunASRNano text for the
 same segments and prompt options (tiny random model, float32; the shared server runs the
-default engine, torch; tests/test_nano_vllm.py covers the vLLM engine)."""
+default engine, auto, which is vLLM here; tests/test_nano_vllm.py covers the engine itself
+and the torch fallback)."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 from tests.triton_client_utils import decoupled_texts, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.nano.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
 
 pytestmark = pytest.mark.triton
 
@@ -23,8 +28,10 @@ def reference_nano(test_models):
     return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True)
 
 
-def segment_inputs(pcm, hotwords=None, language=None, itn=None):
+def segment_inputs(pcm, hotwords=None, language=None, itn=None, stream=None):
     inputs = [tensor("AUDIO", pcm.astype(np.int16), "INT16")]
+    if stream is not None:
+        inputs.append(tensor("STREAM", np.array([stream], dtype=bool), "BOOL"))
     if hotwords is not None:
         inputs.append(tensor("HOTWORDS", np.array([hotwords.encode()], dtype=np.object_), "BYTES"))
     if language is not None:
@@ -80,14 +87,33 @@ def test_eight_concurrent_segments_match_funasr(triton_server, reference_nano, s
     assert got == [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, cases)]
 
 
+def server_log(server) -> str:
+    return server.log_path.read_text(errors="replace")
+
+
+def test_shared_server_generates_with_vllm(triton_server):
+    """The default engine (auto) must find vLLM here: the other tests then cover it."""
+    if os.environ.get(ENGINE_ENV, "auto") == "torch":
+        pytest.skip(f"{ENGINE_ENV}=torch")
+    assert "(vLLM generation)" in server_log(triton_server)
+
+
 def test_cancelled_stream_does_not_break_later_requests(triton_server, reference_nano, speech_wav):
     import tritonclient.grpc as grpcclient
 
+    aborted_before = server_log(triton_server).count(CANCELLED_IN_ENGINE)
     segment = speech_wav.pcm[16000:64000]
+    first_delta = threading.Event()
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    client.start_stream(callback=lambda result, error: None)
+    client.start_stream(callback=lambda result, error: first_delta.set())
     for index in range(6):
         client.async_stream_infer("funasr_nano_vllm", segment_inputs(segment), request_id=f"cancel-{index}")
+    # Cancel while generating: the tiny random model never emits EOS, so every request is
+    # still running max_new_tokens when the first delta arrives.
+    assert first_delta.wait(120)
     client.stop_stream(cancel_requests=True)
     got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(segment)] * 2)
     assert got == [reference_text(reference_nano, segment)] * 2
+    if "(vLLM generation)" in server_log(triton_server):
+        # The cancellation reached the model mid-generation and aborted the engine request.
+        assert server_log(triton_server).count(CANCELLED_IN_ENGINE) > aborted_before

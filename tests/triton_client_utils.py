@@ -54,9 +54,10 @@ def text_of(output: np.ndarray) -> str:
     return output.reshape(-1)[0].decode("utf-8")
 
 
-def decoupled_texts(url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 300) -> list[str]:
-    """Send requests on one gRPC stream to a decoupled model; concatenate each request's
-    TEXT deltas until its final response. Raises the first error response."""
+def decoupled_responses(url: str, model: str, requests: list[list[grpcclient.InferInput]],
+                        timeout: float = 300) -> list[list[str]]:
+    """Send requests on one gRPC stream to a decoupled model; each request's TEXT responses
+    in order, until its final response. Raises the first error response."""
     import queue
 
     responses: queue.Queue = queue.Queue()
@@ -65,7 +66,7 @@ def decoupled_texts(url: str, model: str, requests: list[list[grpcclient.InferIn
     try:
         for index, inputs in enumerate(requests):
             client.async_stream_infer(model, inputs, request_id=str(index), enable_empty_final_response=True)
-        texts = {str(i): "" for i in range(len(requests))}
+        texts: dict[str, list[str]] = {str(i): [] for i in range(len(requests))}
         done = set()
         while len(done) < len(requests):
             result, error = responses.get(timeout=timeout)
@@ -74,9 +75,14 @@ def decoupled_texts(url: str, model: str, requests: list[list[grpcclient.InferIn
             response = result.get_response()
             text = result.as_numpy("TEXT")
             if text is not None:
-                texts[response.id] += b"".join(text.reshape(-1)).decode("utf-8")
+                texts[response.id].append(b"".join(text.reshape(-1)).decode("utf-8"))
             if response.parameters["triton_final_response"].bool_param:
                 done.add(response.id)
         return [texts[str(i)] for i in range(len(requests))]
     finally:
         client.stop_stream()
+
+
+def decoupled_texts(url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 300) -> list[str]:
+    """Each request's TEXT deltas concatenated (see decoupled_responses)."""
+    return ["".join(pieces) for pieces in decoupled_responses(url, model, requests, timeout)]

@@ -10,6 +10,7 @@ CTC timestamp alignment (which needs torchaudio, absent here) is never run.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,23 @@ class NanoRequest:
     hotwords: Sequence[str] = field(default_factory=tuple)
     language: str | None = None
     itn: bool = True
+
+
+# Overrides the max_new_tokens model parameter (benchmarks with random models, which never stop).
+MAX_NEW_TOKENS_ENV = "TWOPASS_ASR_NANO_MAX_NEW_TOKENS"
+
+
+def max_new_tokens_setting(parameter: str | None, default: int = 256) -> int:
+    """The generation cap from $TWOPASS_ASR_NANO_MAX_NEW_TOKENS, else the model parameter."""
+    value = os.environ.get(MAX_NEW_TOKENS_ENV) or parameter or str(default)
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise ValueError(f"max_new_tokens (parameter or ${MAX_NEW_TOKENS_ENV}) must be a whole number >= 1, "
+                         f"got {value!r}")
+    return tokens
 
 
 class NanoRecognizer:

@@ -22,6 +22,8 @@ from twopass_asr.nano.recognizer import SILENCE_MARK, NanoRecognizer, clean_resp
 
 ENGINES = ("vllm", "auto", "torch")
 ENGINE_ENV = "TWOPASS_ASR_LLM_ENGINE"
+# Logged by the Triton model when a client's cancellation stops a request mid-generation.
+CANCELLED_IN_ENGINE = "request cancelled by its client while generating: aborted in vLLM"
 log = logging.getLogger(__name__)
 
 # Engine settings per device, overridable by `vllm_<name>` model parameters (like the
@@ -216,5 +218,5 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
         return None
 
 
-__all__ = ["ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable", "ResponseTextStream",
+__all__ = ["CANCELLED_IN_ENGINE", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable", "ResponseTextStream",
            "VllmNanoEngine", "engine_mode", "prepare_process_for_vllm", "start_engine"]

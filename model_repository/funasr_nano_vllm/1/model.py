@@ -3,8 +3,8 @@
 Decoupled: each request gets its text on a response stream whose last response carries
 the final flag (tritonclient's asyncio stream never sees a separate empty final).
 The prompt embeddings are built in torch; the LLM runs on vLLM's async engine (text
-streamed as it is generated) or, with engine=torch or when `auto` finds no vLLM, on torch
-(text in one response)."""
+streamed as it is generated, or in one response when the request sets STREAM=false) or,
+with engine=torch or when `auto` finds no vLLM, on torch (text in one response)."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +15,14 @@ import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
 from twopass_asr.hotwords import parse_hotwords
-from twopass_asr.nano.recognizer import NanoRecognizer, validate_nano_dir
-from twopass_asr.nano.vllm_engine import EngineUnavailable, engine_mode, prepare_process_for_vllm, start_engine
+from twopass_asr.nano.recognizer import NanoRecognizer, max_new_tokens_setting, validate_nano_dir
+from twopass_asr.nano.vllm_engine import (
+    CANCELLED_IN_ENGINE,
+    EngineUnavailable,
+    engine_mode,
+    prepare_process_for_vllm,
+    start_engine,
+)
 from twopass_asr.triton_models import (
     error_response,
     model_parameters,
@@ -75,10 +81,11 @@ class TritonPythonModel:
         try:
             validate_nano_dir(model_dir)
             mode = engine_mode(params.get("engine"))
+            max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         device = resolve_device(params)
-        self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=int(params.get("max_new_tokens", "256")))
+        self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens)
         try:
             self.engine = start_engine(mode, self.recognizer, device, params, warn=pb_utils.Logger.log_warn)
         except (EngineUnavailable, ValueError) as exc:
@@ -103,6 +110,8 @@ class TritonPythonModel:
             language = _optional_text(request, "LANGUAGE")
             itn = optional_scalar(request, "ITN")
             itn = True if itn is None else bool(itn)
+            stream = optional_scalar(request, "STREAM")
+            stream = True if stream is None else bool(stream)
             if request.is_cancelled():
                 sender.send(error_response("request cancelled"), final=True)
                 return
@@ -115,12 +124,19 @@ class TritonPythonModel:
                 sender.send(_text_response(text), final=True)
                 return
             # Leaving the loop early closes the stream, which aborts the request in vLLM.
+            pieces = []
             async with aclosing(self.engine.stream(embeds)) as deltas:
                 async for delta, is_last in deltas:
                     if request.is_cancelled():
+                        pb_utils.Logger.log_info(f"funasr_nano_vllm: {CANCELLED_IN_ENGINE}")
                         sender.send(error_response("request cancelled"), final=True)
                         return
-                    sender.send(_text_response(delta), final=is_last)
+                    if stream:
+                        sender.send(_text_response(delta), final=is_last)
+                    else:
+                        pieces.append(delta)
+            if not stream:
+                sender.send(_text_response("".join(pieces)), final=True)
         except (StreamError, ValueError) as exc:
             sender.send(error_response(str(exc)), final=True)
         except Exception as exc:  # one bad segment must not take the model down
