@@ -32,6 +32,8 @@ from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartErro
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
 SETTLE_S = 2.0  # between steps, so work queued by the previous run cannot delay the next
+# funasr_nano_vllm's max_new_tokens parameter (config.pbtxt), so both servers cap alike by default.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def check_run(run: dict, max_partial_lag_s: float, max_second_pass_s: float) -> str | None:
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
                         help="start the service and then the FunASR baseline on --store and measure both")
     parser.add_argument("--store", type=Path, default=None, help="model store for --compare")
     parser.add_argument("--baseline-threads", type=int, default=2, help="torch threads of the baseline server")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help="second-pass generation cap for both servers with --compare; a random Nano "
                              "never stops by itself, real ones stop after a few dozen tokens per segment")
     parser.add_argument("--max-clients", type=int, default=32)

@@ -33,7 +33,8 @@ def frontend_url(triton_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline_url(test_models, tmp_path_factory):
-    with capacity.baseline(test_models, tmp_path_factory.mktemp("perf-baseline"), threads=1) as url:
+    with capacity.baseline(test_models, tmp_path_factory.mktemp("perf-baseline"), threads=1,
+                            max_new_tokens=capacity.DEFAULT_MAX_NEW_TOKENS) as url:
         yield url
 
 
