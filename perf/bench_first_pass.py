@@ -5,7 +5,9 @@ With the full-size random Paraformer (real shapes, ~220M parameters), B streams 
 process_batch) is timed against FunASR's AutoModel.generate run stream after stream on the
 same chunks (steady state: the first chunk of every stream is a warm-up). Reports wall and
 CPU time, stream-chunks served per CPU-second, and a compute floor: the FLOPs of one
-batched step (counted by torch's FlopCounterMode) divided by a measured matmul rate.
+batched step (counted by torch's FlopCounterMode) divided by a matmul rate measured right
+before each timed forward (the rate of a shared cloud core drifts by +-20% within a minute,
+so a rate measured once at the start makes the floor ratio noise).
 
     .venv/bin/python perf/bench_first_pass.py [--batches 1,2,4,8,16,32] [--rounds 3] [--threads 1]
 
@@ -39,7 +41,9 @@ class Row:
     reference_wall_ms: float  # FunASR, the B streams one after another
     reference_cpu_ms: float
     gflop_per_stream: float
-    floor_ms: float  # FLOPs of the batched step / measured matmul rate
+    roof_gflops: float  # median of the matmul rates measured before each timed forward
+    floor_ms: float  # FLOPs of the batched step / the matmul rate measured before it (median)
+    floor_fraction: float  # median over rounds of floor / batched CPU time
     identical_text: bool
 
     @property
@@ -54,11 +58,6 @@ class Row:
     def reference_streams_per_cpu_s(self) -> float:
         return self.batch / (self.reference_cpu_ms / 1000)
 
-    @property
-    def floor_fraction(self) -> float:
-        # CPU time, not wall time: other processes share this machine's cores.
-        return self.floor_ms / self.batched_cpu_ms
-
 
 def ensure_model(model_dir: Path) -> Path:
     if (model_dir / "model.pt").exists() and (model_dir / "config.yaml").exists():
@@ -68,8 +67,8 @@ def ensure_model(model_dir: Path) -> Path:
     return build_random_paraformer(model_dir, "full", seed=0)
 
 
-def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """Best observed float32 GEMM rate at this thread count (the compute roof)."""
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """Best observed float32 GEMM rate at torch's thread count (the compute roof)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.matmul(a, b)
     best = float("inf")
@@ -86,7 +85,7 @@ def timed(fn) -> tuple[float, float, object]:
     return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000, result
 
 
-def bench_batch(engine, reference, batch: int, rounds: int, gflops: float, rng) -> Row:
+def bench_batch(engine, reference, batch: int, rounds: int, rng) -> Row:
     from torch.utils.flop_counter import FlopCounterMode
 
     from twopass_asr.audio import pcm16_to_float
@@ -110,8 +109,9 @@ def bench_batch(engine, reference, batch: int, rounds: int, gflops: float, rng) 
         return engine.process_batch(streams, [audio[i][r] for i in range(batch)], [False] * batch)
 
     identical = batched_round(0) == reference_round(0)
-    batched, ref = [], []
+    batched, ref, roofs = [], [], []
     for r in range(1, rounds + 1):
+        roofs.append(matmul_gflops())
         wall, cpu, texts = timed(lambda: batched_round(r))
         batched.append((wall, cpu))
         ref_wall, ref_cpu, ref_texts = timed(lambda: reference_round(r))
@@ -124,15 +124,20 @@ def bench_batch(engine, reference, batch: int, rounds: int, gflops: float, rng) 
     def median(values):
         return float(np.median(values))
 
+    floors = [flops / (roof * 1e9) * 1000 for roof in roofs]
+    # CPU time, not wall time: other processes share this machine's cores.
+    fractions = [floor / cpu for floor, (_, cpu) in zip(floors, batched)]
     return Row(batch=batch, batched_wall_ms=median([w for w, _ in batched]),
                batched_cpu_ms=median([c for _, c in batched]), reference_wall_ms=median([w for w, _ in ref]),
                reference_cpu_ms=median([c for _, c in ref]), gflop_per_stream=flops / batch / 1e9,
-               floor_ms=flops / (gflops * 1e9) * 1000, identical_text=identical)
+               roof_gflops=median(roofs), floor_ms=median(floors), floor_fraction=median(fractions),
+               identical_text=identical)
 
 
 HEADER = ["batch", "batched ms / forward", "FunASR ms (B streams in turn)", "speed-up", "batched CPU ms",
           "FunASR CPU ms", "stream-chunks / CPU-s batched", "stream-chunks / CPU-s FunASR", "CPU-s ratio",
-          "GFLOP / stream-chunk", "floor ms", "floor / batched CPU", "same text"]
+          "GFLOP / stream-chunk", "GEMM roof GFLOP/s", "floor ms", "floor / batched CPU", "batched CPU / floor",
+          "same text"]
 
 
 def row_cells(row: Row) -> list[str]:
@@ -140,7 +145,8 @@ def row_cells(row: Row) -> list[str]:
             f"{row.batched_cpu_ms:.1f}", f"{row.reference_cpu_ms:.1f}", f"{row.batched_streams_per_cpu_s:.2f}",
             f"{row.reference_streams_per_cpu_s:.2f}",
             f"{row.batched_streams_per_cpu_s / row.reference_streams_per_cpu_s:.2f}x",
-            f"{row.gflop_per_stream:.2f}", f"{row.floor_ms:.1f}", f"{row.floor_fraction:.0%}",
+            f"{row.gflop_per_stream:.2f}", f"{row.roof_gflops:.0f}", f"{row.floor_ms:.1f}", f"{row.floor_fraction:.0%}",
+            f"{1 / row.floor_fraction:.2f}x",
             "yes" if row.identical_text else "NO"]
 
 
@@ -153,11 +159,11 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
     with open(out_dir / "first_pass.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["batch", "batched_wall_ms", "batched_cpu_ms", "reference_wall_ms", "reference_cpu_ms",
-                         "gflop_per_stream_chunk", "floor_ms", "identical_text"])
+                         "gflop_per_stream_chunk", "roof_gflops", "floor_ms", "floor_fraction", "identical_text"])
         for r in rows:
             writer.writerow([r.batch, f"{r.batched_wall_ms:.3f}", f"{r.batched_cpu_ms:.3f}",
                              f"{r.reference_wall_ms:.3f}", f"{r.reference_cpu_ms:.3f}", f"{r.gflop_per_stream:.4f}",
-                             f"{r.floor_ms:.3f}", r.identical_text])
+                             f"{r.roof_gflops:.1f}", f"{r.floor_ms:.3f}", f"{r.floor_fraction:.4f}", r.identical_text])
 
     import matplotlib
 
@@ -211,15 +217,15 @@ def main(argv=None) -> int:
     engine = BatchedStreamingParaformer(model_dir)
     reference = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
                           ncpu=args.threads)
-    gflops = matmul_gflops(args.threads)
     context = (f"full-size random Paraformer ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.0f}M "
                f"parameters), chunk_size [0,10,5], look-back 4/1, 600 ms chunks, {args.threads} torch thread(s), "
-               f"float32 GEMM roof {gflops:.0f} GFLOP/s (2048^3 matmul), median of {args.rounds} rounds")
+               f"float32 GEMM roof measured (2048^3 matmul, best of 3) before each timed forward, "
+               f"median of {args.rounds} rounds")
     print(context, flush=True)
     rng = np.random.default_rng(0)
     rows = []
     for batch in batches:
-        row = bench_batch(engine, reference, batch, args.rounds, gflops, rng)
+        row = bench_batch(engine, reference, batch, args.rounds, rng)
         rows.append(row)
         print(" | ".join(f"{h}: {c}" for h, c in zip(HEADER, row_cells(row))), flush=True)
     write_results(rows, args.out, context)
