@@ -129,14 +129,19 @@ def _check_configuration_json(model_dir: Path, what: str) -> None:
     walk(metas, [])
 
 
-def _load_config(model_dir: Path, what: str) -> dict:
+def load_config(model_dir: Path, what: str, required_keys: tuple[str, ...] = ("model", "frontend_conf")) -> dict:
+    """A model directory's config.yaml as FunASR reads it (OmegaConf, interpolations resolved)."""
     from omegaconf import OmegaConf
 
+    if not (model_dir / "config.yaml").is_file():
+        raise ModelDirError(f"{what} model directory {model_dir} lacks config.yaml")
     try:
         config = OmegaConf.to_container(OmegaConf.load(model_dir / "config.yaml"), resolve=True)
     except Exception as exc:  # omegaconf raises several unrelated types for bad YAML
         raise ModelDirError(f"{what} model directory {model_dir}: cannot parse config.yaml: {exc}") from exc
-    for key in ("model", "frontend_conf"):
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{what} model directory {model_dir}: config.yaml must hold a mapping")
+    for key in required_keys:
         if key not in config:
             raise ModelDirError(f"{what} model directory {model_dir}: config.yaml has no '{key}'")
     return config
@@ -231,7 +236,7 @@ def validate_vad_dir(path: str | Path) -> None:
     model_dir, what = Path(path), "VAD"
     _require_files(model_dir, VAD_FILES, what)
     _check_configuration_json(model_dir, what)
-    config = _load_config(model_dir, what)
+    config = load_config(model_dir, what)
     feature_dim = _check_cmvn(model_dir, config, what)
     _check_weights(model_dir, config, vocab_size=-1, input_size=feature_dim, what=what)
 
@@ -241,7 +246,7 @@ def validate_paraformer_dir(path: str | Path) -> None:
     model_dir, what = Path(path), "Paraformer"
     _require_files(model_dir, PARAFORMER_FILES, what)
     _check_configuration_json(model_dir, what)
-    config = _load_config(model_dir, what)
+    config = load_config(model_dir, what)
     try:
         tokens = json.loads((model_dir / "tokens.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -18,7 +18,6 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr import model_store
@@ -75,7 +74,8 @@ class NanoRecognizer:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
         # whose configuration.json does not map them still loads without the hub.
-        paths = _component_paths(model_dir, _read_config(model_dir))
+        config = model_store.load_config(model_dir, "Fun-ASR-Nano", required_keys=())
+        paths = _component_paths(model_dir, config)
         overrides = {"llm_conf": {"init_param_path": str(paths["llm"])},
                      "tokenizer_conf": {"init_param_path": str(paths["llm"])}}
         if "ctc_vocab" in paths:
@@ -178,7 +178,7 @@ def validate_nano_dir(path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"Fun-ASR-Nano model directory {path} does not exist")
-    config = _read_config(path)
+    config = model_store.load_config(path, "Fun-ASR-Nano", required_keys=())
     if not (path / "model.pt").is_file():
         raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks model.pt")
     if config.get("model") != "FunASRNano":
@@ -196,19 +196,6 @@ def validate_nano_dir(path) -> None:
         if found[name] != shape:
             raise ModelDirError(f"Fun-ASR-Nano model directory {path}: model.pt tensor {name} has shape "
                                 f"{list(found[name])}, config expects {list(shape)}")
-
-
-def _read_config(path: Path) -> dict:
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise ModelDirError(f"Fun-ASR-Nano model directory {path} lacks config.yaml")
-    try:
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ModelDirError(f"{config_file} is not valid YAML: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelDirError(f"{config_file} must hold a mapping")
-    return config
 
 
 def _component_paths(path: Path, config: dict) -> dict[str, Path]:
