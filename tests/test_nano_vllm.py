@@ -30,6 +30,7 @@ from twopass_asr.nano.vllm_engine import (
     EngineUnavailable,
     ResponseTextStream,
     VllmNanoEngine,
+    cpu_has_native_bf16,
     engine_mode,
     start_engine,
 )
@@ -170,7 +171,23 @@ def test_bad_engine_settings_are_named():
         EngineSettings.from_parameters("cpu", {"vllm_max_num_seqs": "many"}, torch.float32)
     with pytest.raises(ValueError, match="vllm_dtype"):
         EngineSettings.from_parameters("cpu", {"vllm_dtype": "int3"}, torch.float32)
-    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16).dtype == "bfloat16"
+    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16, native_bf16=True).dtype == "bfloat16"
+    # Emulated bf16 on a CPU is slower than float32; an explicit dtype is kept.
+    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16, native_bf16=False).dtype == "float32"
+    assert EngineSettings.from_parameters("cpu", {"vllm_dtype": "bfloat16"}, torch.bfloat16,
+                                          native_bf16=False).dtype == "bfloat16"
+    assert EngineSettings.from_parameters("cuda", {}, torch.bfloat16, native_bf16=False).dtype == "bfloat16"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("Features\t: fp asimd sve bf16 i8mm\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    assert cpu_has_native_bf16(tmp_path / "missing")  # unknown: the model's precision stays
 
 
 def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):

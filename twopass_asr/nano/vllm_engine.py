@@ -11,8 +11,10 @@ from __future__ import annotations
 import locale
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
 import torch
@@ -38,6 +40,17 @@ PRESETS: dict[str, dict[str, str]] = {
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16, AMX, Arm BF16). Without it
+    vLLM's CPU kernels convert every bf16 weight to float32 on the fly: measured on an AVX2
+    machine, 8 concurrent segments ran at 0.19 segments/s in bf16 and 0.34 in float32."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return True  # unknown: keep the model's own precision
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", flags) is not None
+
+
 class EngineUnavailable(RuntimeError):
     """vLLM cannot serve this model here; the message says why."""
 
@@ -61,11 +74,18 @@ class EngineSettings:
     dtype: str
 
     @classmethod
-    def from_parameters(cls, device: str, params: Mapping[str, str], llm_dtype: torch.dtype) -> "EngineSettings":
-        preset = PRESETS["cpu" if device == "cpu" else "cuda"]
+    def from_parameters(cls, device: str, params: Mapping[str, str], llm_dtype: torch.dtype,
+                        native_bf16: bool | None = None) -> "EngineSettings":
+        """dtype auto: the LLM's own precision, but float32 for a half precision on a CPU
+        without native bf16 (native_bf16 None: read from the CPU)."""
+        on_cpu = device == "cpu"
+        preset = PRESETS["cpu" if on_cpu else "cuda"]
         value = {name: (params.get(f"vllm_{name}") or default) for name, default in preset.items()}
         try:
             dtype = DTYPE_NAMES[llm_dtype] if value["dtype"] == "auto" else value["dtype"]
+            if value["dtype"] == "auto" and on_cpu and llm_dtype != torch.float32:
+                if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+                    dtype = "float32"
             settings = cls(
                 max_num_seqs=int(value["max_num_seqs"]),
                 max_model_len=int(value["max_model_len"]),
@@ -219,4 +239,4 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
 
 
 __all__ = ["CANCELLED_IN_ENGINE", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable", "ResponseTextStream",
-           "VllmNanoEngine", "engine_mode", "prepare_process_for_vllm", "start_engine"]
+           "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm", "start_engine"]

@@ -94,7 +94,9 @@ class TritonPythonModel:
         # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
         engine_name = "vLLM" if self.engine else "torch"
-        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation)")
+        dtype = self.engine.settings.dtype if self.engine else str(self.recognizer.dtype).removeprefix("torch.")
+        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation), "
+                                 f"LLM in {dtype}")
 
     async def execute(self, requests):
         await asyncio.gather(*(self._serve(request) for request in requests))
