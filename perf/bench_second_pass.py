@@ -190,7 +190,8 @@ def main() -> None:
             print(f"vllm c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     finally:
         engine.shutdown()
-    note = (f"{SEGMENT_SECONDS:.0f} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype}, "
+    note = (f"{SEGMENT_SECONDS:.0f} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype} "
+            f"(vLLM: {engine.settings.dtype}, its dtype auto), "
             f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "
             f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
     write_results(rows, args.out, note)
