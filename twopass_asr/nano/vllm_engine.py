@@ -238,5 +238,5 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
         return None
 
 
-__all__ = ["CANCELLED_IN_ENGINE", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable", "ResponseTextStream",
+__all__ = ["CANCELLED_IN_ENGINE", "DTYPE_NAMES", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable", "ResponseTextStream",
            "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm", "start_engine"]

@@ -18,6 +18,7 @@ from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.recognizer import NanoRecognizer, max_new_tokens_setting, validate_nano_dir
 from twopass_asr.nano.vllm_engine import (
     CANCELLED_IN_ENGINE,
+    DTYPE_NAMES,
     EngineUnavailable,
     engine_mode,
     prepare_process_for_vllm,
@@ -94,7 +95,7 @@ class TritonPythonModel:
         # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
         engine_name = "vLLM" if self.engine else "torch"
-        dtype = self.engine.settings.dtype if self.engine else str(self.recognizer.dtype).removeprefix("torch.")
+        dtype = self.engine.settings.dtype if self.engine else DTYPE_NAMES[self.recognizer.dtype]
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation), "
                                  f"LLM in {dtype}")
 
