@@ -3,7 +3,9 @@ FunASR's FunASRNano inference one segment at a time.
 
 With the full-size random Nano (`python -m twopass_asr.prepare --store .model_store-full
 --random full`), C clients (C in --concurrency) each send their segments one after another,
-as the Triton model serves them: prompt embeddings on one torch worker thread, then
+as the Triton model serves them: prompt embeddings on one torch worker thread (the audio
+encoder batched over the segments waiting together, as funasr_nano_vllm's EmbeddingBatcher
+does; --embed-max-batch 1 encodes one segment at a time), then
 
   vllm   the AsyncLLM stream (requests of different clients batched by the engine),
   torch  NanoRecognizer.generate on the same single worker (requests queue),
@@ -35,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from twopass_asr.nano.embed_batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, EmbeddingBatcher
+from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
@@ -68,14 +73,14 @@ def make_segments(count: int, seed: int = 0) -> list[np.ndarray]:
     return [(rng.standard_normal(samples) * 4000 * envelope).astype(np.int16) for _ in range(count)]
 
 
-async def run_level(engine_name, concurrency, per_client, recognizer, engine, executor) -> Row:
+async def run_level(engine_name, concurrency, per_client, recognizer, engine, executor, batcher) -> Row:
     segments = make_segments(concurrency * per_client, seed=concurrency)
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
 
     async def one(pcm):
         start = time.perf_counter()
-        embeds = await loop.run_in_executor(executor, recognizer.prompt_embeds, pcm)
+        embeds = await batcher.embed(NanoRequest(pcm))
         if engine_name == "vllm":
             async with aclosing(engine.stream(embeds)) as deltas:
                 async for _delta, _is_last in deltas:
@@ -154,6 +159,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--embed-window-ms", type=float, default=DEFAULT_WINDOW_MS)
+    parser.add_argument("--embed-max-batch", type=int, default=DEFAULT_MAX_BATCH)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if not (args.model_dir / "model.pt").is_file():
@@ -164,19 +171,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
 
-    from twopass_asr.nano.recognizer import NanoRecognizer
     from twopass_asr.nano.vllm_engine import EngineSettings, VllmNanoEngine
 
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
     recognizer.dtype = DTYPES[args.dtype]
     recognizer.model.llm.to(recognizer.dtype)
     executor = ThreadPoolExecutor(max_workers=1)
+    batcher = EmbeddingBatcher(recognizer.prepare, recognizer.embed_prepared, executor,
+                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
     rows: list[Row] = []
     rows.append(run_funasr(recognizer, args.funasr_segments))
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     loop = asyncio.new_event_loop()
     for level in torch_levels:
-        rows.append(loop.run_until_complete(run_level("torch", level, args.segments_per_client, recognizer, None, executor)))
+        level_run = run_level("torch", level, args.segments_per_client, recognizer, None, executor, batcher)
+        rows.append(loop.run_until_complete(level_run))
         print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     started = time.perf_counter()
     engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
@@ -184,15 +193,19 @@ def main() -> None:
     print(f"vLLM engine started in {time.perf_counter() - started:.1f} s", flush=True)
     try:
         # Warm-up: the first request pays for lazy initialisation.
-        loop.run_until_complete(run_level("vllm", 1, 1, recognizer, engine, executor))
+        loop.run_until_complete(run_level("vllm", 1, 1, recognizer, engine, executor, batcher))
         for level in levels:
-            rows.append(loop.run_until_complete(run_level("vllm", level, args.segments_per_client, recognizer, engine, executor)))
+            level_run = run_level("vllm", level, args.segments_per_client, recognizer, engine, executor, batcher)
+            rows.append(loop.run_until_complete(level_run))
             print(f"vllm c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     finally:
         engine.shutdown()
     note = (f"{SEGMENT_SECONDS:.0f} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype} "
             f"(vLLM: {engine.settings.dtype}, its dtype auto), "
             f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "
+            f"audio encoder batched over up to {args.embed_max_batch} waiting segments "
+            f"({args.embed_window_ms:g} ms window; encoder passes by batch size: "
+            f"{dict(sorted(batcher.batch_sizes.items()))}), "
             f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
     write_results(rows, args.out, note)
 

@@ -86,6 +86,30 @@ def test_recognizer_text_equals_funasr_generate(recognizer, reference, case):
         assert got.strip(), "the tiny model must produce text"
 
 
+def test_prompt_embeds_equal_funasr_inference_prepare(recognizer):
+    model = recognizer.model
+    for pcm, case in zip(segments(), CASES[1:]):
+        prompt = model.get_prompt(case.get("hotwords", []), case.get("language"), case.get("itn", True))
+        with torch.no_grad():
+            expected = model.inference_prepare([model.generate_chatml(prompt, pcm16_to_float(pcm))], None,
+                                               ["segment"], **recognizer.kwargs)[0][0]
+        assert torch.equal(recognizer.prompt_embeds(pcm, **case), expected.to(recognizer.dtype))
+
+
+def test_segments_encoded_together_equal_one_by_one(recognizer):
+    # Different lengths and prompts: the encoder pass zero-pads the shorter ones.
+    requests = [NanoRequest(pcm, **case) for pcm, case in zip(segments() * 2, CASES + CASES[:1])]
+    prepared = [recognizer.prepare(request) for request in requests]
+    together = recognizer.embed_prepared(prepared)
+    assert len(together) == len(requests)
+    for request, embeds, alone in zip(requests, together, prepared):
+        single = recognizer.embed_prepared([alone])[0]
+        assert embeds.shape == single.shape
+        torch.testing.assert_close(embeds, single, rtol=1e-4, atol=1e-5)
+        assert recognizer.generate(embeds) == recognizer.recognize(request.pcm, request.hotwords,
+                                                                   request.language, request.itn)
+
+
 def test_prompt_options_and_audio_change_the_text(recognizer):
     pcm = segments()[0]
     assert len({recognizer.recognize(pcm, **case) for case in CASES}) > 1

@@ -1,9 +1,10 @@
 """Segment recognition with FunASR's own FunASRNano, on plain torch generation.
 
 The model is loaded once by funasr.AutoModel; each segment goes through the FunASRNano
-object's own prompt building (get_prompt, generate_chatml), feature extraction and audio
-embedding splice (inference_prepare), then the LLM's greedy `generate` with the arguments
-FunASRNano.inference_llm uses. The text is therefore FunASR's
+object's own prompt building (get_prompt, generate_chatml) and feature extraction
+(data_load_speech), its audio encoder and adaptor (several segments in one padded pass,
+as FunASRNano.forward batches them), the audio embedding splice inference_prepare does,
+then the LLM's greedy `generate` with the arguments FunASRNano.inference_llm uses. The text is therefore FunASR's
 `AutoModel.generate(input=<float tensor>, hotwords=..., language=..., itn=...)` text, while
 CTC timestamp alignment (which needs torchaudio, absent here) is never run.
 """
@@ -37,6 +38,17 @@ class NanoRequest:
     hotwords: Sequence[str] = field(default_factory=tuple)
     language: str | None = None
     itn: bool = True
+
+
+@dataclass(frozen=True)
+class PreparedSegment:
+    """A segment's prompt before its audio is encoded: token ids (zeros where the audio
+    embeddings go) and the audio's fbank features [frames, dim]."""
+
+    source_ids: torch.Tensor
+    fbank: torch.Tensor
+    audio_start: int
+    audio_tokens: int
 
 
 # Overrides the max_new_tokens model parameter (benchmarks with random models, which never stop).
@@ -112,22 +124,59 @@ class NanoRecognizer:
     def prompt_embeds(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
                       itn: bool = True) -> torch.Tensor:
         """The LLM input of one segment, [tokens, hidden] in the LLM's dtype: FunASR's prompt
-        (get_prompt, generate_chatml) with the audio embeddings spliced in (inference_prepare).
-        Both generation engines start from this one tensor."""
-        audio = pcm16_to_float(pcm)
+        (get_prompt, generate_chatml) with the audio embeddings spliced in, as
+        FunASRNano.inference_prepare builds it. Both generation engines start from this."""
+        return self.embed_prepared([self.prepare(NanoRequest(pcm, tuple(hotwords), language, itn))])[0]
+
+    def prepare(self, request: NanoRequest) -> PreparedSegment:
+        """The per-segment half of prompt_embeds: checks the audio and builds the prompt's
+        token ids and fbank features (FunASRNano.data_load_speech). Raises ValueError for
+        audio the model cannot take."""
+        audio = pcm16_to_float(request.pcm)
         if audio.ndim != 1:
             raise ValueError(f"expected mono PCM (one dimension), got shape {tuple(audio.shape)}")
         if audio.numel() < 400:
             raise ValueError(f"segment too short: {audio.numel()} samples; Fun-ASR-Nano needs at "
                              "least 400 (one 25 ms fbank frame)")
-        hotwords = [str(word) for word in hotwords]
-        language = None if language in NO_LANGUAGE else str(language)
+        hotwords = [str(word) for word in request.hotwords]
+        language = None if request.language in NO_LANGUAGE else str(request.language)
         model = self.model
-        chat = model.generate_chatml(model.get_prompt(hotwords, language, bool(itn)), audio)
-        inputs_embeds, _contents, _batch, _source_ids, _meta = model.inference_prepare(
-            [chat], None, ["segment"], **self.kwargs  # carries the tokenizer and frontend
+        chat = model.generate_chatml(model.get_prompt(hotwords, language, bool(request.itn)), audio)
+        kwargs = {k: v for k, v in self.kwargs.items() if k not in ("tokenizer", "frontend")}
+        loaded = model.data_load_speech(model.data_template(chat), self._tokenizer, self.kwargs["frontend"],
+                                        meta_data={}, **kwargs)
+        # One user turn with one audio span: its start in the prompt and its placeholder count.
+        return PreparedSegment(
+            source_ids=loaded["source_ids"][0].clamp(min=0),
+            fbank=loaded["speech"][0],
+            audio_start=int(loaded["fbank_beg"][0, 0].clamp(min=0)),
+            audio_tokens=int(loaded["fake_token_len"][0, 0].clamp(min=0)),
         )
-        return inputs_embeds[0].to(self.dtype)
+
+    @torch.no_grad()
+    def embed_prepared(self, segments: Sequence[PreparedSegment]) -> list[torch.Tensor]:
+        """The batched half of prompt_embeds: one audio encoder + adaptor pass over all the
+        segments' fbank features (zero-padded to the longest; the encoder masks the padding),
+        then each segment's audio embeddings spliced into its own prompt."""
+        if not segments:
+            return []
+        device = self.device
+        fbank = torch.nn.utils.rnn.pad_sequence([s.fbank for s in segments], batch_first=True).to(device)
+        lengths = torch.tensor([len(s.fbank) for s in segments], dtype=torch.int32, device=device)
+        # FunASR runs the encoder in float32 whatever the LLM's dtype (it has fp32-only ops).
+        encoded, encoded_lengths = self.model.encode(fbank, lengths)
+        adapted, adapted_lengths = self.model.audio_adaptor(encoded, encoded_lengths)
+        embed_tokens = self.model.llm.model.get_input_embeddings()
+        prompts = []
+        for index, segment in enumerate(segments):
+            prompt = embed_tokens(segment.source_ids.to(device))
+            if segment.audio_start > 0:
+                # inference_prepare copies audio_tokens rows, or the adaptor's whole output
+                # when it is shorter (its fallback when the slice does not fit).
+                count = min(segment.audio_tokens, int(adapted_lengths[index]))
+                prompt[segment.audio_start:segment.audio_start + count] = adapted[index, :count]
+            prompts.append(prompt.to(self.dtype))
+        return prompts
 
     @torch.no_grad()
     def generate(self, embeds: torch.Tensor) -> str:
@@ -246,4 +295,4 @@ def _expected_shapes(path: Path, config: dict, paths: dict[str, Path]) -> dict[s
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-__all__ = ["NanoRecognizer", "NanoRequest", "clean_response", "validate_nano_dir"]
+__all__ = ["NanoRecognizer", "NanoRequest", "PreparedSegment", "clean_response", "validate_nano_dir"]

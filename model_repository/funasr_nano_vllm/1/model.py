@@ -2,9 +2,10 @@
 
 Decoupled: each request gets its text on a response stream whose last response carries
 the final flag (tritonclient's asyncio stream never sees a separate empty final).
-The prompt embeddings are built in torch; the LLM runs on vLLM's async engine (text
-streamed as it is generated, or in one response when the request sets STREAM=false) or,
-with engine=torch or when `auto` finds no vLLM, on torch (text in one response)."""
+The prompt embeddings are built in torch, with one audio encoder pass over the segments
+that wait together (EmbeddingBatcher). The LLM runs on vLLM's async engine (text streamed
+as it is generated, or in one response when the request sets STREAM=false) or, with
+engine=torch or when `auto` finds no vLLM, on torch (text in one response)."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,8 @@ import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
 from twopass_asr.hotwords import parse_hotwords
-from twopass_asr.nano.recognizer import NanoRecognizer, max_new_tokens_setting, validate_nano_dir
+from twopass_asr.nano.embed_batcher import EmbeddingBatcher, settings_from_parameters
+from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting, validate_nano_dir
 from twopass_asr.nano.vllm_engine import (
     CANCELLED_IN_ENGINE,
     DTYPE_NAMES,
@@ -83,17 +85,41 @@ class TritonPythonModel:
             validate_nano_dir(model_dir)
             mode = engine_mode(params.get("engine"))
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
+            batching = settings_from_parameters(params)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         device = resolve_device(params)
         self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens)
+        # One worker for the torch work (embeddings; generation on the torch path): it uses
+        # every core already, more threads would only contend.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
+        self._encoder_metrics = pb_utils.MetricFamily(
+            name="twopass_asr_nano_encoder_passes_total",
+            description="Audio encoder passes of the second pass (each over one or more segments)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._segment_metrics = pb_utils.MetricFamily(
+            name="twopass_asr_nano_encoded_segments_total",
+            description="Segments through the second pass's audio encoder",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
+        encoder_passes = self._encoder_metrics.Metric(labels=labels)
+        encoded_segments = self._segment_metrics.Metric(labels=labels)
+
+        def count_pass(size: int) -> None:
+            encoder_passes.increment(1)
+            encoded_segments.increment(size)
+
+        try:
+            self.batcher = EmbeddingBatcher(self.recognizer.prepare, self.recognizer.embed_prepared,
+                                            self.executor, on_pass=count_pass, **batching)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
         try:
             self.engine = start_engine(mode, self.recognizer, device, params, warn=pb_utils.Logger.log_warn)
         except (EngineUnavailable, ValueError) as exc:
             raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine=vllm but {exc}") from exc
-        # One worker for the torch work (embeddings; generation on the torch path): it uses
-        # every core already, more threads would only contend.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
         engine_name = "vLLM" if self.engine else "torch"
         dtype = self.engine.settings.dtype if self.engine else DTYPE_NAMES[self.recognizer.dtype]
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation), "
@@ -118,12 +144,10 @@ class TritonPythonModel:
             if request.is_cancelled():
                 sender.send(error_response("request cancelled"), final=True)
                 return
-            loop = asyncio.get_running_loop()
-            embeds = await loop.run_in_executor(
-                self.executor, lambda: self.recognizer.prompt_embeds(audio, hotwords, language, itn)
-            )
+            embeds = await self.batcher.embed(NanoRequest(audio, tuple(hotwords), language, itn))
             if self.engine is None:
-                text = await loop.run_in_executor(self.executor, lambda: self.recognizer.generate(embeds))
+                loop = asyncio.get_running_loop()
+                text = await loop.run_in_executor(self.executor, self.recognizer.generate, embeds)
                 sender.send(_text_response(text), final=True)
                 return
             # Leaving the loop early closes the stream, which aborts the request in vLLM.
