@@ -8,6 +8,14 @@ concurrency is sustained when the p95 chunk latency stays under one chunk (600 m
 answers keep up with the audio.
 
     python -m perf.bench_first_pass_triton --paraformer-dir .cache/bench-models/paraformer-full-seed0
+
+--sweep instead runs the batched engine under sequence-batcher settings (config.pbtxt's
+max_queue_delay_microseconds and preferred_batch_size, and the instance count: --delays-us x
+--preferred x --instances) at fixed
+stream counts (--streams), reporting the chunk latency and the mean batch Triton formed
+(inference count / execution count from its statistics):
+
+    python -m perf.bench_first_pass_triton --paraformer-dir DIR --sweep --streams 1,2,4,8
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -41,9 +51,12 @@ def speech_audio(seconds: float) -> np.ndarray:
     return np.tile(pcm, reps)[: int(seconds * 16000)]
 
 
-def model_repository(engine: str, root: Path) -> Path:
-    """A repository holding only paraformer_streaming, with the given engine."""
-    repo = root / f"repo-{engine}"
+def model_repository(engine: str, root: Path, queue_delay_us: int | None = None,
+                     preferred: list[int] | None = None, instances: int | None = None) -> Path:
+    """A repository holding only paraformer_streaming, with the given engine and, when
+    given, the sequence batcher's queue delay and preferred batch sizes ([] = none), and
+    the instance count (the cores shared out as torch threads between the instances)."""
+    repo = root / f"repo-{engine}-{queue_delay_us}-{'_'.join(map(str, preferred or []))}-{instances}"
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / PARAFORMER, repo / PARAFORMER,
                     ignore=shutil.ignore_patterns("__pycache__"))
     config = repo / PARAFORMER / "config.pbtxt"
@@ -51,7 +64,23 @@ def model_repository(engine: str, root: Path) -> Path:
     marker = '{ key: "engine" value: { string_value: "batched" } }'
     if marker not in text:
         raise SystemExit(f"{config}: engine parameter not found")
-    config.write_text(text.replace(marker, f'{{ key: "engine" value: {{ string_value: "{engine}" }} }}'))
+    text = text.replace(marker, f'{{ key: "engine" value: {{ string_value: "{engine}" }} }}')
+    if queue_delay_us is not None:
+        text, found = re.subn(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {queue_delay_us}",
+                              text)
+        if not found:
+            raise SystemExit(f"{config}: max_queue_delay_microseconds not found")
+    if preferred is not None:
+        replacement = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
+        text, found = re.subn(r"preferred_batch_size: \[[^\]]*\]\n", replacement, text)
+        if not found:
+            raise SystemExit(f"{config}: preferred_batch_size not found")
+    if instances is not None:
+        # The model's threads parameter (empty) shares the cores out between the instances.
+        text, found = re.subn(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {instances}", text)
+        if not found:
+            raise SystemExit(f"{config}: instance_group count not found")
+    config.write_text(text)
     return repo
 
 
@@ -107,6 +136,49 @@ def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, lis
     return good, rows
 
 
+def executions(url: str) -> tuple[int, int]:
+    """Triton's (inference count, execution count) for paraformer_streaming so far."""
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(PARAFORMER).model_stats[0]
+    return stats.inference_count, stats.execution_count
+
+
+def sweep(args, pcm: np.ndarray, tmp: Path, store: Path) -> int:
+    """Chunk latency and Triton's mean batch at fixed loads, per sequence-batcher setting."""
+    delays = [int(v) for v in args.delays_us.split(",")]
+    preferred_sets = [[int(v) for v in group.split()] for group in args.preferred.split(",")]
+    instance_counts = [int(v) for v in args.instances.split(",")]
+    streams = [int(v) for v in args.streams.split(",")]
+    rows = []
+    for instances, delay, preferred in itertools.product(instance_counts, delays, preferred_sets):
+        label = f"{instances} instance(s), delay {delay} us, preferred {preferred or 'none'}"
+        print(f"[{label}] starting tritonserver", flush=True)
+        repo = model_repository("batched", tmp, delay, preferred, instances)
+        with TritonServer(store, repo, log_path=args.out / "first_pass_triton_sweep.log") as server:
+            asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999))  # warm-up
+            for n in streams:
+                before = executions(server.grpc_url)
+                latencies = asyncio.run(load(server.grpc_url, n, pcm, seed=n))
+                inferences, runs = (after - first for after, first in zip(executions(server.grpc_url), before))
+                row = {"instances": instances, "queue_delay_us": delay, "preferred": " ".join(map(str, preferred)) or "none", "streams": n,
+                       "p50_ms": 1000 * float(np.median(latencies)), "p95_ms": 1000 * p95(latencies),
+                       "mean_batch": inferences / runs if runs else 0.0, "chunks": len(latencies)}
+                rows.append(row)
+                print(f"  {n:3d} streams: p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
+                      f"mean batch {row['mean_batch']:.2f}", flush=True)
+    with open(args.out / "first_pass_triton_sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| instances | max_queue_delay_microseconds | preferred_batch_size | streams | p50 ms | p95 ms "
+             "| mean batch |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['instances']} | {r['queue_delay_us']} | {r['preferred']} | {r['streams']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
+              f"| {r['mean_batch']:.2f} |" for r in rows]
+    (args.out / "first_pass_triton_sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paraformer-dir", type=Path, required=True, help="streaming Paraformer model directory")
@@ -114,6 +186,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=12.0, help="audio per stream and trial")
     parser.add_argument("--max-streams", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
+    parser.add_argument("--sweep", action="store_true", help="sequence-batcher settings at fixed loads")
+    parser.add_argument("--delays-us", default="0,2000,50000", help="--sweep: max_queue_delay_microseconds values")
+    parser.add_argument("--preferred", default="8 16,", help="--sweep: preferred_batch_size sets, comma-separated "
+                        "(sizes within a set space-separated; an empty set = none)")
+    parser.add_argument("--streams", default="1,2,4,8", help="--sweep: concurrent stream counts")
+    parser.add_argument("--instances", default="2", help="--sweep: instance counts (the cores split between them)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pcm = speech_audio(args.seconds)
@@ -123,6 +201,8 @@ def main(argv=None) -> int:
         store = Path(tmp) / "store"
         store.mkdir()
         (store / PARAFORMER).symlink_to(args.paraformer_dir.resolve())
+        if args.sweep:
+            return sweep(args, pcm, Path(tmp), store)
         for engine in args.engines.split(","):
             print(f"[{engine}] starting tritonserver", flush=True)
             with TritonServer(store, model_repository(engine, Path(tmp)),

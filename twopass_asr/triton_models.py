@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
@@ -36,12 +37,26 @@ def resolve_device(params: dict[str, str]) -> str:
     """cpu / cuda / auto, from TWOPASS_ASR_DEVICE or the `device` parameter."""
     device = os.environ.get("TWOPASS_ASR_DEVICE") or params.get("device", "cpu")
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise pb_utils.TritonModelException(f"device must be cpu, cuda or auto, got {device!r}")
     return device
+
+
+def set_torch_threads(configured: str, instances: int) -> None:
+    """The `threads` parameter: torch intra-op threads of this instance (its own stub
+    process). Empty: the cores shared out between the model's instances, so that
+    instances running at the same time do not contend for the same cores."""
+    if not configured:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, instances)))
+        return
+    try:
+        threads = int(configured)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise pb_utils.TritonModelException(f"parameter threads must be a whole number >= 1, got {configured!r}")
+    torch.set_num_threads(threads)
 
 
 def use_utf8_locale() -> None:
@@ -97,6 +112,8 @@ class SequenceModel:
             type(self).validate_dir(model_dir)
         except model_store.ModelDirError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+        set_torch_threads(params.get("threads", ""), instances)
         self.load(model_dir, resolve_device(params), params)
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         self.streams: StreamStore = StreamStore(
@@ -111,7 +128,8 @@ class SequenceModel:
         self.active_streams = self._metric_family.Metric(
             labels={"model": args["model_name"], "instance": args["model_instance_name"]}
         )
-        self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {resolve_device(params)}")
+        self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {resolve_device(params)}, "
+                             f"{torch.get_num_threads()} torch thread(s)")
 
     def execute(self, requests):
         """All ready requests of this call are computed together in one batched pass."""
