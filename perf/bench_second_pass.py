@@ -126,7 +126,27 @@ def run_funasr(recognizer, count: int, seconds: float) -> Row:
     return Row("funasr", 1, count, time.perf_counter() - start, latencies)
 
 
-def write_results(rows: list[Row], out: Path, note: str) -> None:
+def encoder_batching(recognizer: NanoRecognizer, batches: list[int], seconds: float) -> list[str]:
+    """Markdown lines: one audio encoder + adaptor pass over B segments against B passes of one
+    (embed_prepared, what EmbeddingBatcher calls), after one warm-up pass."""
+    rows = [f"\nAudio encoder + adaptor alone, {seconds:g} s segments:\n",
+            "| segments | one pass ms | one by one ms | ratio |", "|---|---|---|---|"]
+    prepared = [recognizer.prepare(NanoRequest(pcm)) for pcm in make_segments(max(batches), seconds, seed=7)]
+    recognizer.embed_prepared(prepared[:1])
+    for batch in batches:
+        begin = time.perf_counter()
+        recognizer.embed_prepared(prepared[:batch])
+        together = time.perf_counter() - begin
+        begin = time.perf_counter()
+        for segment in prepared[:batch]:
+            recognizer.embed_prepared([segment])
+        alone = time.perf_counter() - begin
+        rows.append(f"| {batch} | {together * 1000:.0f} | {alone * 1000:.0f} | {alone / together:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_results(rows: list[Row], out: Path, note: str, encoder_rows: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     header = ["engine", "concurrency", "segments", "segments_per_s", "p50_ms", "p95_ms"]
     table = [[r.engine, r.concurrency, r.segments, f"{r.segments_per_s:.3f}", f"{r.percentile(50):.0f}",
@@ -136,6 +156,7 @@ def write_results(rows: list[Row], out: Path, note: str) -> None:
     lines = [f"# Second pass (Fun-ASR-Nano full-size random weights)\n\n{note}\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in table]
+    lines += encoder_rows
     (out / "second_pass.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -173,6 +194,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embed-window-ms", type=float, default=DEFAULT_WINDOW_MS)
     parser.add_argument("--embed-max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--encoder-batches", default="1,8,16",
+                        help="segment counts for the encoder-alone table (one pass vs one by one)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if not (args.model_dir / "model.pt").is_file():
@@ -191,6 +214,8 @@ def main() -> None:
     executor = ThreadPoolExecutor(max_workers=1)
     batcher = EmbeddingBatcher(recognizer.prepare, recognizer.embed_prepared, executor,
                                window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
+    encoder_rows = encoder_batching(recognizer, [int(x) for x in args.encoder_batches.split(",")],
+                                    args.segment_seconds)
     rows: list[Row] = []
     setup = Setup(recognizer, batcher, executor, args.segment_seconds)
     rows.append(run_funasr(recognizer, args.funasr_segments, args.segment_seconds))
@@ -220,7 +245,7 @@ def main() -> None:
             f"({args.embed_window_ms:g} ms window; encoder passes by batch size: "
             f"{dict(sorted(batcher.batch_sizes.items()))}), "
             f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
-    write_results(rows, args.out, note)
+    write_results(rows, args.out, note, encoder_rows)
 
 
 if __name__ == "__main__":
