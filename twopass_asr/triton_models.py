@@ -95,6 +95,22 @@ def error_response(message: str) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
+class InstanceMetric:
+    """A Triton metric labelled with the model instance. It holds its family, which must
+    outlive the metric."""
+
+    def __init__(self, args: dict, name: str, description: str, kind) -> None:
+        self._family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self._metric = self._family.Metric(labels={"model": args["model_name"],
+                                                   "instance": args["model_instance_name"]})
+
+    def set(self, value: float) -> None:
+        self._metric.set(value)
+
+    def increment(self, value: float) -> None:
+        self._metric.increment(value)
+
+
 class SequenceModel:
     """Base of the sequence-batched adapters. Subclasses give the engine and the I/O:
     `load(model_dir, device, params)`, `new_state(request)`, `process_batch(states, audios, finals)`
@@ -119,15 +135,9 @@ class SequenceModel:
         self.streams: StreamStore = StreamStore(
             max_streams=int(params.get("max_streams", "1024")), idle_timeout_s=idle_us / 1e6
         )
-        # The family must outlive its metric, so both are kept.
-        self._metric_family = pb_utils.MetricFamily(
-            name="twopass_asr_active_streams",
-            description="Streams whose state this model instance holds",
-            kind=pb_utils.MetricFamily.GAUGE,
-        )
-        self.active_streams = self._metric_family.Metric(
-            labels={"model": args["model_name"], "instance": args["model_instance_name"]}
-        )
+        self.active_streams = InstanceMetric(args, "twopass_asr_active_streams",
+                                             "Streams whose state this model instance holds",
+                                             pb_utils.MetricFamily.GAUGE)
         self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {resolve_device(params)}, "
                              f"{torch.get_num_threads()} torch thread(s)")
 

@@ -27,6 +27,7 @@ from twopass_asr.nano.vllm_engine import (
     start_engine,
 )
 from twopass_asr.triton_models import (
+    InstanceMetric,
     error_response,
     model_parameters,
     optional_scalar,
@@ -93,19 +94,12 @@ class TritonPythonModel:
         # One worker for the torch work (embeddings; generation on the torch path): it uses
         # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
-        self._encoder_metrics = pb_utils.MetricFamily(
-            name="twopass_asr_nano_encoder_passes_total",
-            description="Audio encoder passes of the second pass (each over one or more segments)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        self._segment_metrics = pb_utils.MetricFamily(
-            name="twopass_asr_nano_encoded_segments_total",
-            description="Segments through the second pass's audio encoder",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
-        encoder_passes = self._encoder_metrics.Metric(labels=labels)
-        encoded_segments = self._segment_metrics.Metric(labels=labels)
+        encoder_passes = InstanceMetric(args, "twopass_asr_nano_encoder_passes_total",
+                                        "Audio encoder passes of the second pass (each over one or more segments)",
+                                        pb_utils.MetricFamily.COUNTER)
+        encoded_segments = InstanceMetric(args, "twopass_asr_nano_encoded_segments_total",
+                                          "Segments through the second pass's audio encoder",
+                                          pb_utils.MetricFamily.COUNTER)
 
         def count_pass(size: int) -> None:
             encoder_passes.increment(1)
