@@ -188,7 +188,7 @@ def test_settings_come_from_the_model_parameters():
         {"window_ms": DEFAULT_WINDOW_MS, "max_batch": DEFAULT_MAX_BATCH}
     assert settings_from_parameters({"embed_batch_window_ms": "2.5", "embed_max_batch": "4"}) == \
         {"window_ms": 2.5, "max_batch": 4}
-    with pytest.raises(ValueError, match="embed_max_batch must be a int, got 'x'"):
-        settings_from_parameters({"embed_max_batch": "x"})
-    with pytest.raises(ValueError, match="embed_batch_window_ms"):
+    with pytest.raises(ValueError, match="embed_max_batch must be a whole number, got '2.5'"):
+        settings_from_parameters({"embed_max_batch": "2.5"})
+    with pytest.raises(ValueError, match="embed_batch_window_ms must be a number of milliseconds, got 'soon'"):
         settings_from_parameters({"embed_batch_window_ms": "soon"})

@@ -25,15 +25,15 @@ DEFAULT_MAX_BATCH = 16
 def settings_from_parameters(params: Mapping[str, str]) -> dict:
     """window_ms and max_batch from the model parameters `embed_batch_window_ms` and
     `embed_max_batch` (empty = the defaults)."""
-    names = {"window_ms": ("embed_batch_window_ms", float, DEFAULT_WINDOW_MS),
-             "max_batch": ("embed_max_batch", int, DEFAULT_MAX_BATCH)}
+    names = {"window_ms": ("embed_batch_window_ms", float, "a number of milliseconds", DEFAULT_WINDOW_MS),
+             "max_batch": ("embed_max_batch", int, "a whole number", DEFAULT_MAX_BATCH)}
     settings = {}
-    for key, (name, kind, default) in names.items():
+    for key, (name, kind, expected, default) in names.items():
         value = params.get(name) or ""
         try:
             settings[key] = kind(value) if value else default
         except ValueError:
-            raise ValueError(f"parameter {name} must be a {kind.__name__}, got {value!r}") from None
+            raise ValueError(f"parameter {name} must be {expected}, got {value!r}") from None
     return settings
 
 
