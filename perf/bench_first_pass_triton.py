@@ -11,9 +11,8 @@ answers keep up with the audio.
 
 --sweep instead runs the batched engine under sequence-batcher settings (config.pbtxt's
 max_queue_delay_microseconds and preferred_batch_size, and the instance count: --delays-us x
---preferred x --instances) at fixed
-stream counts (--streams), reporting the chunk latency and the mean batch Triton formed
-(inference count / execution count from its statistics):
+--preferred x --instances) at fixed stream counts (--streams), reporting the chunk latency
+and the mean batch Triton formed (inference count / execution count from its statistics):
 
     python -m perf.bench_first_pass_triton --paraformer-dir DIR --sweep --streams 1,2,4,8
 """
@@ -160,7 +159,8 @@ def sweep(args, pcm: np.ndarray, tmp: Path, store: Path) -> int:
                 before = executions(server.grpc_url)
                 latencies = asyncio.run(load(server.grpc_url, n, pcm, seed=n))
                 inferences, runs = (after - first for after, first in zip(executions(server.grpc_url), before))
-                row = {"instances": instances, "queue_delay_us": delay, "preferred": " ".join(map(str, preferred)) or "none", "streams": n,
+                row = {"instances": instances, "queue_delay_us": delay,
+                       "preferred": " ".join(map(str, preferred)) or "none", "streams": n,
                        "p50_ms": 1000 * float(np.median(latencies)), "p95_ms": 1000 * p95(latencies),
                        "mean_batch": inferences / runs if runs else 0.0, "chunks": len(latencies)}
                 rows.append(row)
@@ -172,8 +172,8 @@ def sweep(args, pcm: np.ndarray, tmp: Path, store: Path) -> int:
         writer.writerows(rows)
     lines = ["| instances | max_queue_delay_microseconds | preferred_batch_size | streams | p50 ms | p95 ms "
              "| mean batch |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['instances']} | {r['queue_delay_us']} | {r['preferred']} | {r['streams']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-              f"| {r['mean_batch']:.2f} |" for r in rows]
+    lines += [f"| {r['instances']} | {r['queue_delay_us']} | {r['preferred']} | {r['streams']} "
+              f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['mean_batch']:.2f} |" for r in rows]
     (args.out / "first_pass_triton_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -90,7 +90,8 @@ class EngineSettings:
                 max_num_seqs=int(value["max_num_seqs"]),
                 max_model_len=int(value["max_model_len"]),
                 kv_cache_bytes=int(float(value["kv_cache_gib"]) * 2**30) if value["kv_cache_gib"] else None,
-                gpu_memory_utilization=float(value["gpu_memory_utilization"]) if value["gpu_memory_utilization"] else None,
+                gpu_memory_utilization=(float(value["gpu_memory_utilization"])
+                                        if value["gpu_memory_utilization"] else None),
                 enforce_eager=value["enforce_eager"].lower() in ("1", "true", "yes"),
                 dtype=dtype,
             )
@@ -238,5 +239,6 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
         return None
 
 
-__all__ = ["CANCELLED_IN_ENGINE", "DTYPE_NAMES", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable", "ResponseTextStream",
-           "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm", "start_engine"]
+__all__ = ["CANCELLED_IN_ENGINE", "DTYPE_NAMES", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable",
+           "ResponseTextStream", "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm",
+           "start_engine"]
