@@ -4,11 +4,13 @@ FunASR's FunASRNano inference one segment at a time.
 With the full-size random Nano (`python -m twopass_asr.prepare --store .model_store-full
 --random full`), C clients (C in --concurrency) each send their segments one after another,
 as the Triton model serves them: prompt embeddings on one torch worker thread (the audio
-encoder batched over the segments waiting together, as funasr_nano_vllm's EmbeddingBatcher
+encoder batched over the segments waiting together, as funasr_nano_vllm's SegmentBatcher
 does; --embed-max-batch 1 encodes one segment at a time), then
 
   vllm   the AsyncLLM stream (requests of different clients batched by the engine),
-  torch  NanoRecognizer.generate on the same single worker (requests queue),
+  torch  NanoRecognizer.generate_batch on the same single worker, over the segments waiting
+         together (as the model's torch fallback; --torch-max-batch 1: one at a time), in
+         --torch-dtype (auto: as the model resolves it),
   funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only.
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
@@ -17,7 +19,7 @@ model rarely emits EOS: every segment decodes --max-new-tokens tokens.
 
     .venv/bin/python perf/bench_second_pass.py [--concurrency 1,4,8,16] [--dtype bf16]
         [--max-new-tokens 32] [--segments-per-client 1] [--segment-seconds 5] [--threads 2]
-        [--embed-window-ms 10] [--embed-max-batch 16]
+        [--embed-window-ms 10] [--embed-max-batch 16] [--torch-max-batch 16] [--torch-dtype auto]
 
 Writes perf/results/second_pass.{md,csv,png}.
 """
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twopass_asr.nano.embed_batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, EmbeddingBatcher
+from twopass_asr.nano.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,26 +80,24 @@ def make_segments(count: int, seconds: float, seed: int = 0) -> list[np.ndarray]
 @dataclass
 class Setup:
     recognizer: NanoRecognizer
-    batcher: EmbeddingBatcher
-    executor: ThreadPoolExecutor
+    embedder: SegmentBatcher
+    generator: SegmentBatcher
     segment_seconds: float
 
 
 async def run_level(engine_name, concurrency, per_client, setup: Setup, engine=None) -> Row:
-    recognizer, batcher, executor = setup.recognizer, setup.batcher, setup.executor
     segments = make_segments(concurrency * per_client, setup.segment_seconds, seed=concurrency)
-    loop = asyncio.get_running_loop()
     latencies: list[float] = []
 
     async def one(pcm):
         start = time.perf_counter()
-        embeds = await batcher.embed(NanoRequest(pcm))
+        embeds = await setup.embedder.submit(NanoRequest(pcm))
         if engine_name == "vllm":
             async with aclosing(engine.stream(embeds)) as deltas:
                 async for _delta, _is_last in deltas:
                     pass
         else:
-            await loop.run_in_executor(executor, recognizer.generate, embeds)
+            await setup.generator.submit(embeds)
         latencies.append((time.perf_counter() - start) * 1000)
 
     async def client(index):
@@ -128,7 +128,7 @@ def run_funasr(recognizer, count: int, seconds: float) -> Row:
 
 def encoder_batching(recognizer: NanoRecognizer, batches: list[int], seconds: float) -> list[str]:
     """Markdown lines: one audio encoder + adaptor pass over B segments against B passes of one
-    (embed_prepared, what EmbeddingBatcher calls), after one warm-up pass."""
+    (embed_prepared, what the model's SegmentBatcher calls), after one warm-up pass."""
     rows = [f"\nAudio encoder + adaptor alone, {seconds:g} s segments:\n",
             "| segments | one pass ms | one by one ms | ratio |", "|---|---|---|---|"]
     prepared = [recognizer.prepare(NanoRequest(pcm)) for pcm in make_segments(max(batches), seconds, seed=7)]
@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embed-window-ms", type=float, default=DEFAULT_WINDOW_MS)
     parser.add_argument("--embed-max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--torch-max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--torch-dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--encoder-batches", default="1,8,16",
                         help="segment counts for the encoder-alone table (one pass vs one by one)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -206,20 +208,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
 
-    from twopass_asr.nano.vllm_engine import EngineSettings, VllmNanoEngine
+    from twopass_asr.nano.vllm_engine import EngineSettings, VllmNanoEngine, resolve_dtype
 
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
-    recognizer.dtype = DTYPES[args.dtype]
-    recognizer.model.llm.to(recognizer.dtype)
+    model_dtype = DTYPES[args.dtype]
+    recognizer.use_dtype(model_dtype)
+    torch_dtype = resolve_dtype(args.torch_dtype, "cpu", model_dtype, parameter="--torch-dtype")
     executor = ThreadPoolExecutor(max_workers=1)
-    batcher = EmbeddingBatcher(recognizer.prepare, recognizer.embed_prepared, executor,
-                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
+    embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
+                              window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
+    generator = SegmentBatcher(recognizer.generate_batch, executor, max_batch=args.torch_max_batch)
     encoder_rows = encoder_batching(recognizer, [int(x) for x in args.encoder_batches.split(",")],
                                     args.segment_seconds)
     rows: list[Row] = []
-    setup = Setup(recognizer, batcher, executor, args.segment_seconds)
+    setup = Setup(recognizer, embedder, generator, args.segment_seconds)
     rows.append(run_funasr(recognizer, args.funasr_segments, args.segment_seconds))
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
+    recognizer.use_dtype(getattr(torch, torch_dtype))
     loop = asyncio.new_event_loop()
     for level in torch_levels:
         level_run = run_level("torch", level, args.segments_per_client, setup)
@@ -227,7 +232,7 @@ def main() -> None:
         print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     started = time.perf_counter()
     engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
-        "cpu", {"vllm_max_num_seqs": str(max(levels))}, recognizer.dtype))
+        "cpu", {"vllm_max_num_seqs": str(max(levels))}, model_dtype))
     print(f"vLLM engine started in {time.perf_counter() - started:.1f} s", flush=True)
     try:
         # Warm-up: the first request pays for lazy initialisation.
@@ -239,11 +244,12 @@ def main() -> None:
     finally:
         engine.shutdown()
     note = (f"{args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype} "
-            f"(vLLM: {engine.settings.dtype}, its dtype auto), "
+            f"(vLLM: {engine.settings.dtype}, its dtype auto; torch: {torch_dtype}, batches of up to "
+            f"{args.torch_max_batch}: {dict(sorted(generator.batch_sizes.items()))}), "
             f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "
             f"audio encoder batched over up to {args.embed_max_batch} waiting segments "
             f"({args.embed_window_ms:g} ms window; encoder passes by batch size: "
-            f"{dict(sorted(batcher.batch_sizes.items()))}), "
+            f"{dict(sorted(embedder.batch_sizes.items()))}), "
             f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
     write_results(rows, args.out, note, encoder_rows)
 

@@ -21,6 +21,8 @@ from twopass_asr.nano.recognizer import (
     NanoRecognizer,
     NanoRequest,
     max_new_tokens_setting,
+    stop_token_ids,
+    until_stop,
     validate_nano_dir,
 )
 
@@ -124,12 +126,34 @@ def test_auto_language_means_no_language(recognizer, reference):
     assert recognizer.recognize(pcm, language=None) == expected
 
 
-def test_recognize_batch_equals_one_by_one(recognizer):
-    requests = [NanoRequest(pcm, **case) for pcm, case in zip(segments(), CASES)]
+def test_recognize_batch_equals_one_by_one(recognizer, monkeypatch):
+    # Different lengths and prompts: generation left-pads the shorter prompts.
+    requests = [NanoRequest(pcm, **case) for pcm, case in zip(segments() * 2, CASES + CASES[:1])]
     requests.append({"pcm": segments()[0], "hotwords": ["千问"], "language": "en", "itn": False})
     expected = [recognizer.recognize(r.pcm, r.hotwords, r.language, r.itn) for r in requests[:-1]]
     expected.append(recognizer.recognize(segments()[0], ["千问"], "en", False))
+    calls = []
+    generate = recognizer.model.llm.generate
+    monkeypatch.setattr(recognizer.model.llm, "generate",
+                        lambda **kwargs: calls.append(kwargs["inputs_embeds"].shape[0]) or generate(**kwargs))
     assert recognizer.recognize_batch(requests) == expected
+    assert calls == [len(requests)], "one generate call for the whole batch"
+    assert len(set(expected)) > 1
+
+
+def test_recognize_batch_names_the_bad_segment(recognizer):
+    with pytest.raises(ValueError, match="segment too short"):
+        recognizer.recognize_batch([NanoRequest(segments()[0]), NanoRequest(np.zeros(100, np.int16))])
+    assert recognizer.generate_batch([]) == []
+
+
+def test_rows_are_cut_after_their_first_stop_token():
+    stops = stop_token_ids([7, 9], 0)
+    assert stops == {0, 7, 9}
+    assert stop_token_ids(7, None) == {7}
+    assert until_stop([5, 6, 9, 0, 0], stops) == [5, 6, 9]
+    assert until_stop([5, 7, 9], stops) == [5, 7]
+    assert until_stop([5, 6], stops) == [5, 6]
 
 
 def test_generation_respects_max_new_tokens(tiny_nano, recognizer):

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_triton_nano import CASES, reference_text, segment_inputs
-from tests.triton_client_utils import decoupled_responses, decoupled_texts
+from tests.triton_client_utils import decoupled_responses, decoupled_texts, model_counter
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.llm_export import WEIGHTS_FILE, export_llm_dir
 from twopass_asr.nano.recognizer import NanoRecognizer, clean_response
@@ -32,6 +32,7 @@ from twopass_asr.nano.vllm_engine import (
     VllmNanoEngine,
     cpu_has_native_bf16,
     engine_mode,
+    resolve_dtype,
     start_engine,
 )
 from twopass_asr.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
@@ -102,7 +103,7 @@ def test_vllm_equals_torch_and_funasr(engine, run, recognizer, reference_nano, s
     vllm_texts = ["".join(delta for delta, _ in deltas) for deltas in streamed]
     torch_texts = [recognizer.generate(embeds) for embeds in prompts]
     funasr_texts = [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, cases)]
-    assert vllm_texts == torch_texts == funasr_texts
+    assert vllm_texts == torch_texts == recognizer.generate_batch(prompts) == funasr_texts
     assert all(vllm_texts), "the tiny model must produce text"
     for deltas in streamed:
         assert [is_last for _, is_last in deltas] == [False] * (len(deltas) - 1) + [True]
@@ -177,6 +178,16 @@ def test_bad_engine_settings_are_named():
     assert EngineSettings.from_parameters("cpu", {"vllm_dtype": "bfloat16"}, torch.bfloat16,
                                           native_bf16=False).dtype == "bfloat16"
     assert EngineSettings.from_parameters("cuda", {}, torch.bfloat16, native_bf16=False).dtype == "bfloat16"
+
+
+def test_torch_dtype_follows_the_same_rule():
+    assert resolve_dtype("", "cpu", torch.bfloat16, native_bf16=False) == "float32"
+    assert resolve_dtype("auto", "cpu", torch.bfloat16, native_bf16=True) == "bfloat16"
+    assert resolve_dtype(" Auto ", "cuda", torch.bfloat16, native_bf16=False) == "bfloat16"
+    assert resolve_dtype(None, "cpu", torch.float32, native_bf16=True) == "float32"
+    assert resolve_dtype("bfloat16", "cpu", torch.float32, native_bf16=False) == "bfloat16"
+    with pytest.raises(ValueError, match="torch_dtype must be auto, float32, bfloat16 or float16, got 'half'"):
+        resolve_dtype("half", "cpu", torch.float32, parameter="torch_dtype")
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
@@ -263,6 +274,10 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
             segment_inputs(pcm, **case, stream=False) for pcm, case in zip(segments, CASES)])
         assert whole == [[text] for text in expected], "STREAM=false: the whole text in one response"
         assert decoupled_texts(server.grpc_url, "nano_fallback", requests) == expected
+        # The segments sent together were generated together, in fewer generate calls.
+        passes = model_counter(server, "nano_fallback", "twopass_asr_nano_torch_generate_passes_total")
+        assert model_counter(server, "nano_fallback", "twopass_asr_nano_torch_generated_segments_total") == len(requests)
+        assert 1 <= passes < len(requests)
         text = log.read_text(errors="replace")
         assert text.count("vLLM unavailable, falling back to torch generation") == 1
         assert "(vLLM generation)" in text and "(torch generation)" in text

@@ -6,16 +6,14 @@ and the torch fallback)."""
 from __future__ import annotations
 
 import os
-import re
 import threading
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 from tritonclient.utils import InferenceServerException
 
-from tests.triton_client_utils import decoupled_texts, tensor
+from tests.triton_client_utils import decoupled_texts, model_counter, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
@@ -81,26 +79,17 @@ def test_nano_rejects_wrong_audio_type(triton_server):
     assert len(decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", good)) == 1
 
 
-def nano_counter(server, name: str) -> float:
-    """A funasr_nano_vllm counter from tritonserver's Prometheus metrics endpoint."""
-    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = re.findall(rf'^{name}{{[^}}]*model="funasr_nano_vllm"[^}}]*}} (\S+)$', text, re.MULTILINE)
-    assert values, f"{name} missing from the metrics"
-    return sum(float(value) for value in values)
-
-
 def test_eight_concurrent_segments_match_funasr(triton_server, reference_nano, speech_wav):
     cases = CASES + CASES[:3]
     segments = [speech_wav.pcm[i * 9000 : i * 9000 + (2 + i % 4) * 8000] for i in range(len(cases))]
     requests = [segment_inputs(pcm, **case) for pcm, case in zip(segments, cases)]
-    passes_before = nano_counter(triton_server, "twopass_asr_nano_encoder_passes_total")
-    segments_before = nano_counter(triton_server, "twopass_asr_nano_encoded_segments_total")
+    passes_before = model_counter(triton_server, "funasr_nano_vllm", "twopass_asr_nano_encoder_passes_total")
+    segments_before = model_counter(triton_server, "funasr_nano_vllm", "twopass_asr_nano_encoded_segments_total")
     got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", requests)
     assert got == [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, cases)]
     # The segments waited together, so the audio encoder took several of them per pass.
-    passes = nano_counter(triton_server, "twopass_asr_nano_encoder_passes_total") - passes_before
-    assert nano_counter(triton_server, "twopass_asr_nano_encoded_segments_total") - segments_before == 8
+    passes = model_counter(triton_server, "funasr_nano_vllm", "twopass_asr_nano_encoder_passes_total") - passes_before
+    assert model_counter(triton_server, "funasr_nano_vllm", "twopass_asr_nano_encoded_segments_total") - segments_before == 8
     assert 1 <= passes < 8
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import re
+import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -86,3 +88,12 @@ def decoupled_responses(url: str, model: str, requests: list[list[grpcclient.Inf
 def decoupled_texts(url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 300) -> list[str]:
     """Each request's TEXT deltas concatenated (see decoupled_responses)."""
     return ["".join(pieces) for pieces in decoupled_responses(url, model, requests, timeout)]
+
+
+def model_counter(server, model: str, name: str) -> float:
+    """A model's counter (all its instances) from tritonserver's Prometheus metrics endpoint."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+    assert values, f"{name} of {model} missing from the metrics"
+    return sum(float(value) for value in values)

@@ -178,37 +178,69 @@ class NanoRecognizer:
             prompts.append(prompt.to(self.dtype))
         return prompts
 
-    @torch.no_grad()
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Decode (and build prompt embeddings) in `dtype` instead of the model's llm_dtype."""
+        self.dtype = dtype
+        self.model.llm.to(dtype)
+
     def generate(self, embeds: torch.Tensor) -> str:
         """Greedy text for prompt_embeds' output, on torch, as FunASRNano.inference_llm runs it
         (one unpadded segment: data_load_speech's attention mask is all ones)."""
+        return self.generate_batch([embeds])[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[torch.Tensor]) -> list[str]:
+        """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
+        left-padded to the longest and the padding masked out. In float32 each text equals
+        the segment's text alone; in half precision the padded shapes round differently and a
+        near tie between two tokens can go the other way."""
         from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
 
+        if not prompts:
+            return []
         llm = self.model.llm
-        inputs_embeds = embeds.unsqueeze(0)
+        longest = max(len(prompt) for prompt in prompts)
+        inputs_embeds = prompts[0].new_zeros(len(prompts), longest, prompts[0].shape[-1])
+        attention_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int32, device=inputs_embeds.device)
+        for row, prompt in enumerate(prompts):
+            inputs_embeds[row, longest - len(prompt):] = prompt
+            attention_mask[row, longest - len(prompt):] = 1
+        pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
         with torch.autocast(device_type=resolve_autocast_device_type(self.device),
                             enabled=self.dtype != torch.float32, dtype=self.dtype):
             generated = llm.generate(
                 inputs_embeds=inputs_embeds,
-                attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.int32, device=inputs_embeds.device),
+                attention_mask=attention_mask,
                 max_new_tokens=self.max_new_tokens,
-                pad_token_id=llm.config.pad_token_id or llm.config.eos_token_id,
+                pad_token_id=pad_token_id,
                 **self.kwargs.get("llm_kwargs", {}),
             )
-        response = self._tokenizer.batch_decode(
-            generated, skip_special_tokens=self.kwargs.get("skip_special_tokens", True)
-        )[0]
-        return clean_response(response)
+        # A row that finished early is filled up with pad tokens; alone it would have stopped.
+        stops = stop_token_ids(llm.generation_config.eos_token_id, pad_token_id)
+        rows = [until_stop(row.tolist(), stops) for row in generated]
+        responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
+        return [clean_response(response) for response in responses]
 
+    @torch.no_grad()
     def recognize_batch(self, requests: Iterable[NanoRequest | Mapping]) -> list[str]:
-        """Texts of several segments, in order. Segments are decoded one after another:
-        left-padded batched generation is not bit-identical to the single-segment reference."""
-        texts = []
-        for request in requests:
-            if isinstance(request, Mapping):
-                request = NanoRequest(**request)
-            texts.append(self.recognize(request.pcm, request.hotwords, request.language, request.itn))
-        return texts
+        """Texts of several segments, in order: one audio encoder pass and one generate call
+        over all of them. Raises ValueError for any segment the model cannot take."""
+        requests = [NanoRequest(**request) if isinstance(request, Mapping) else request for request in requests]
+        return self.generate_batch(self.embed_prepared([self.prepare(request) for request in requests]))
+
+
+def stop_token_ids(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> set[int]:
+    """The token ids after which generation of a row has stopped."""
+    ids = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
+    return {token for token in ids | {pad_token_id} if token is not None}
+
+
+def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    """The tokens up to and including the first stop token (all of them if none)."""
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:index + 1]
+    return tokens
 
 
 def clean_response(response: str) -> str:
@@ -295,4 +327,5 @@ def _expected_shapes(path: Path, config: dict, paths: dict[str, Path]) -> dict[s
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-__all__ = ["NanoRecognizer", "NanoRequest", "PreparedSegment", "clean_response", "validate_nano_dir"]
+__all__ = ["NanoRecognizer", "NanoRequest", "PreparedSegment", "clean_response", "stop_token_ids", "until_stop",
+           "validate_nano_dir"]

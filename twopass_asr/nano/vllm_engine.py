@@ -76,16 +76,12 @@ class EngineSettings:
     @classmethod
     def from_parameters(cls, device: str, params: Mapping[str, str], llm_dtype: torch.dtype,
                         native_bf16: bool | None = None) -> "EngineSettings":
-        """dtype auto: the LLM's own precision, but float32 for a half precision on a CPU
-        without native bf16 (native_bf16 None: read from the CPU)."""
-        on_cpu = device == "cpu"
-        preset = PRESETS["cpu" if on_cpu else "cuda"]
+        """Each setting from its `vllm_<name>` parameter, else the device's preset (dtype:
+        see resolve_dtype)."""
+        preset = PRESETS["cpu" if device == "cpu" else "cuda"]
         value = {name: (params.get(f"vllm_{name}") or default) for name, default in preset.items()}
+        dtype = resolve_dtype(value["dtype"], device, llm_dtype, native_bf16, parameter="vllm_dtype")
         try:
-            dtype = DTYPE_NAMES[llm_dtype] if value["dtype"] == "auto" else value["dtype"]
-            if value["dtype"] == "auto" and on_cpu and llm_dtype != torch.float32:
-                if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
-                    dtype = "float32"
             settings = cls(
                 max_num_seqs=int(value["max_num_seqs"]),
                 max_model_len=int(value["max_model_len"]),
@@ -99,9 +95,23 @@ class EngineSettings:
             raise ValueError(f"invalid vllm_* model parameter: {exc}") from exc
         if settings.max_num_seqs < 1 or settings.max_model_len < 1:
             raise ValueError("vllm_max_num_seqs and vllm_max_model_len must be positive")
-        if dtype not in DTYPE_NAMES.values():
-            raise ValueError(f"vllm_dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         return settings
+
+
+def resolve_dtype(configured: str, device: str, llm_dtype: torch.dtype, native_bf16: bool | None = None,
+                  parameter: str = "dtype") -> str:
+    """The precision to decode in: `configured`, or for auto the LLM's own precision, except
+    float32 instead of a half precision on a CPU without native bf16 (native_bf16 None: read
+    from the CPU), where the conversions cost more than the halved weight reads save."""
+    configured = (configured or "auto").strip().lower()
+    if configured != "auto":
+        if configured not in DTYPE_NAMES.values():
+            raise ValueError(f"{parameter} must be auto, float32, bfloat16 or float16, got {configured!r}")
+        return configured
+    if device == "cpu" and llm_dtype != torch.float32:
+        if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+            return "float32"
+    return DTYPE_NAMES[llm_dtype]
 
 
 def prepare_process_for_vllm() -> None:
@@ -241,4 +251,4 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
 
 __all__ = ["CANCELLED_IN_ENGINE", "DTYPE_NAMES", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable",
            "ResponseTextStream", "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm",
-           "start_engine"]
+           "resolve_dtype", "start_engine"]

@@ -3,20 +3,22 @@
 Decoupled: each request gets its text on a response stream whose last response carries
 the final flag (tritonclient's asyncio stream never sees a separate empty final).
 The prompt embeddings are built in torch, with one audio encoder pass over the segments
-that wait together (EmbeddingBatcher). The LLM runs on vLLM's async engine (text streamed
+that wait together (SegmentBatcher). The LLM runs on vLLM's async engine (text streamed
 as it is generated, or in one response when the request sets STREAM=false) or, with
-engine=torch or when `auto` finds no vLLM, on torch (text in one response)."""
+engine=torch or when `auto` finds no vLLM, on torch: one generate call over the segments
+that wait together (text in one response)."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
 from twopass_asr.hotwords import parse_hotwords
-from twopass_asr.nano.embed_batcher import EmbeddingBatcher, settings_from_parameters
+from twopass_asr.nano.batcher import SegmentBatcher, settings_from_parameters
 from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting, validate_nano_dir
 from twopass_asr.nano.vllm_engine import (
     CANCELLED_IN_ENGINE,
@@ -24,6 +26,7 @@ from twopass_asr.nano.vllm_engine import (
     EngineUnavailable,
     engine_mode,
     prepare_process_for_vllm,
+    resolve_dtype,
     start_engine,
 )
 from twopass_asr.triton_models import (
@@ -86,7 +89,8 @@ class TritonPythonModel:
             validate_nano_dir(model_dir)
             mode = engine_mode(params.get("engine"))
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
-            batching = settings_from_parameters(params)
+            embed_batching = settings_from_parameters(params, "embed")
+            generate_batching = settings_from_parameters(params, "torch")
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         device = resolve_device(params)
@@ -94,30 +98,43 @@ class TritonPythonModel:
         # One worker for the torch work (embeddings; generation on the torch path): it uses
         # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
-        encoder_passes = InstanceMetric(args, "twopass_asr_nano_encoder_passes_total",
-                                        "Audio encoder passes of the second pass (each over one or more segments)",
-                                        pb_utils.MetricFamily.COUNTER)
-        encoded_segments = InstanceMetric(args, "twopass_asr_nano_encoded_segments_total",
-                                          "Segments through the second pass's audio encoder",
-                                          pb_utils.MetricFamily.COUNTER)
-
-        def count_pass(size: int) -> None:
-            encoder_passes.increment(1)
-            encoded_segments.increment(size)
-
-        try:
-            self.batcher = EmbeddingBatcher(self.recognizer.prepare, self.recognizer.embed_prepared,
-                                            self.executor, on_pass=count_pass, **batching)
-        except ValueError as exc:
-            raise pb_utils.TritonModelException(str(exc)) from exc
+        count_encoded = self._pass_counter(args, "encoder_passes", "encoded_segments", "audio encoder")
+        self.embedder = SegmentBatcher(self.recognizer.embed_prepared, self.executor, prepare=self.recognizer.prepare,
+                                       on_pass=count_encoded, **embed_batching)
         try:
             self.engine = start_engine(mode, self.recognizer, device, params, warn=pb_utils.Logger.log_warn)
         except (EngineUnavailable, ValueError) as exc:
             raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine=vllm but {exc}") from exc
+        self.generator = None
+        if self.engine is None:
+            try:
+                dtype = resolve_dtype(params.get("torch_dtype"), device, self.recognizer.dtype, parameter="torch_dtype")
+            except ValueError as exc:
+                raise pb_utils.TritonModelException(str(exc)) from exc
+            self.recognizer.use_dtype(getattr(torch, dtype))
+            count_generated = self._pass_counter(args, "torch_generate_passes", "torch_generated_segments",
+                                                 "torch generation")
+            self.generator = SegmentBatcher(self.recognizer.generate_batch, self.executor, on_pass=count_generated,
+                                            **generate_batching)
         engine_name = "vLLM" if self.engine else "torch"
         dtype = self.engine.settings.dtype if self.engine else DTYPE_NAMES[self.recognizer.dtype]
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation), "
                                  f"LLM in {dtype}")
+
+    @staticmethod
+    def _pass_counter(args, passes_name, segments_name, what):
+        """on_pass for a SegmentBatcher: counts its passes and the segments through them."""
+        passes = InstanceMetric(args, f"twopass_asr_nano_{passes_name}_total",
+                                f"Passes of the second pass's {what} (each over one or more segments)",
+                                pb_utils.MetricFamily.COUNTER)
+        segments = InstanceMetric(args, f"twopass_asr_nano_{segments_name}_total",
+                                  f"Segments through the second pass's {what}", pb_utils.MetricFamily.COUNTER)
+
+        def count_pass(size: int) -> None:
+            passes.increment(1)
+            segments.increment(size)
+
+        return count_pass
 
     async def execute(self, requests):
         await asyncio.gather(*(self._serve(request) for request in requests))
@@ -138,11 +155,9 @@ class TritonPythonModel:
             if request.is_cancelled():
                 sender.send(error_response("request cancelled"), final=True)
                 return
-            embeds = await self.batcher.embed(NanoRequest(audio, tuple(hotwords), language, itn))
-            if self.engine is None:
-                loop = asyncio.get_running_loop()
-                text = await loop.run_in_executor(self.executor, self.recognizer.generate, embeds)
-                sender.send(_text_response(text), final=True)
+            embeds = await self.embedder.submit(NanoRequest(audio, tuple(hotwords), language, itn))
+            if self.generator is not None:
+                sender.send(_text_response(await self.generator.submit(embeds)), final=True)
                 return
             # Leaving the loop early closes the stream, which aborts the request in vLLM.
             pieces = []

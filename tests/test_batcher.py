@@ -1,5 +1,5 @@
-"""EmbeddingBatcher on its own: which requests share an encode pass, and how failures and
-cancelled callers are kept apart (plain functions stand in for the encoder)."""
+"""SegmentBatcher on its own: which requests share a pass, and how failures and cancelled
+callers are kept apart (plain functions stand in for the encoder)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from twopass_asr.nano.embed_batcher import (
+from twopass_asr.nano.batcher import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WINDOW_MS,
-    EmbeddingBatcher,
+    SegmentBatcher,
     settings_from_parameters,
 )
 
@@ -47,7 +47,7 @@ def executor():
 
 
 def batcher_for(recorder, executor, **settings):
-    return EmbeddingBatcher(recorder.prepare, recorder.encode, executor, **settings)
+    return SegmentBatcher(recorder.encode, executor, prepare=recorder.prepare, **settings)
 
 
 def test_requests_waiting_together_share_one_pass(executor):
@@ -56,7 +56,7 @@ def test_requests_waiting_together_share_one_pass(executor):
     batcher = batcher_for(recorder, executor, window_ms=50, on_pass=reported.append)
 
     async def main():
-        return await asyncio.gather(*(batcher.embed(name) for name in "abcd"))
+        return await asyncio.gather(*(batcher.submit(name) for name in "abcd"))
 
     assert asyncio.run(main()) == [f"encoded {name}" for name in "abcd"]
     assert recorder.passes == [[f"prepared {name}" for name in "abcd"]]
@@ -69,7 +69,7 @@ def test_max_batch_splits_the_queue(executor):
     batcher = batcher_for(recorder, executor, window_ms=20, max_batch=2)
 
     async def main():
-        return await asyncio.gather(*(batcher.embed(name) for name in "abcde"))
+        return await asyncio.gather(*(batcher.submit(name) for name in "abcde"))
 
     assert asyncio.run(main()) == [f"encoded {name}" for name in "abcde"]
     assert [len(batch) for batch in recorder.passes] == [2, 2, 1]
@@ -80,9 +80,9 @@ def test_arrivals_during_a_pass_go_together_into_the_next(executor):
     batcher = batcher_for(recorder, executor, window_ms=0)
 
     async def main():
-        first = asyncio.ensure_future(batcher.embed("a"))
+        first = asyncio.ensure_future(batcher.submit("a"))
         await asyncio.sleep(0.1)  # "a" is being encoded now
-        later = [asyncio.ensure_future(batcher.embed(name)) for name in "bcd"]
+        later = [asyncio.ensure_future(batcher.submit(name)) for name in "bcd"]
         return await asyncio.gather(first, *later)
 
     assert asyncio.run(main()) == [f"encoded {name}" for name in "abcd"]
@@ -94,7 +94,7 @@ def test_without_a_window_one_at_a_time_stays_one_at_a_time(executor):
     batcher = batcher_for(recorder, executor, window_ms=0)
 
     async def main():
-        return [await batcher.embed(name) for name in "abc"]
+        return [await batcher.submit(name) for name in "abc"]
 
     assert asyncio.run(main()) == [f"encoded {name}" for name in "abc"]
     assert batcher.batch_sizes == {1: 3}
@@ -105,7 +105,7 @@ def test_a_bad_request_fails_alone(executor):
     batcher = batcher_for(recorder, executor, window_ms=50)
 
     async def main():
-        return await asyncio.gather(batcher.embed("a"), batcher.embed("bad1"), batcher.embed("c"),
+        return await asyncio.gather(batcher.submit("a"), batcher.submit("bad1"), batcher.submit("c"),
                                     return_exceptions=True)
 
     good_a, bad, good_c = asyncio.run(main())
@@ -120,8 +120,8 @@ def test_a_failed_pass_fails_its_batch_and_the_next_pass_works(executor):
     batcher = batcher_for(recorder, executor, window_ms=20)
 
     async def main():
-        failed = await asyncio.gather(batcher.embed("a"), batcher.embed("b"), return_exceptions=True)
-        return failed, await batcher.embed("c")
+        failed = await asyncio.gather(batcher.submit("a"), batcher.submit("b"), return_exceptions=True)
+        return failed, await batcher.submit("c")
 
     failed, later = asyncio.run(main())
     assert all(isinstance(result, RuntimeError) for result in failed)
@@ -133,8 +133,8 @@ def test_a_cancelled_caller_is_not_encoded(executor):
     batcher = batcher_for(recorder, executor, window_ms=100)
 
     async def main():
-        gone = asyncio.ensure_future(batcher.embed("gone"))
-        kept = asyncio.ensure_future(batcher.embed("kept"))
+        gone = asyncio.ensure_future(batcher.submit("gone"))
+        kept = asyncio.ensure_future(batcher.submit("kept"))
         await asyncio.sleep(0.02)
         gone.cancel()
         return await kept
@@ -150,7 +150,7 @@ def test_a_shut_down_executor_fails_the_callers_instead_of_hanging():
     batcher = batcher_for(recorder, pool, window_ms=0)
 
     async def main():
-        return await asyncio.wait_for(batcher.embed("a"), timeout=5)
+        return await asyncio.wait_for(batcher.submit("a"), timeout=5)
 
     with pytest.raises(RuntimeError, match="shutdown"):
         asyncio.run(main())
@@ -159,9 +159,9 @@ def test_a_shut_down_executor_fails_the_callers_instead_of_hanging():
 def test_each_event_loop_gets_its_own_worker(executor):
     recorder = Recorder()
     batcher = batcher_for(recorder, executor, window_ms=0)
-    assert asyncio.run(batcher.embed("a")) == "encoded a"
+    assert asyncio.run(batcher.submit("a")) == "encoded a"
     # The first loop is closed; a new one must still be served.
-    assert asyncio.run(batcher.embed("b")) == "encoded b"
+    assert asyncio.run(batcher.submit("b")) == "encoded b"
 
 
 def test_encoding_runs_off_the_event_loop(executor):
@@ -171,24 +171,44 @@ def test_encoding_runs_off_the_event_loop(executor):
         threads.append(threading.current_thread())
         return prepared
 
-    batcher = EmbeddingBatcher(lambda request: request, encode, executor, window_ms=0)
-    assert asyncio.run(batcher.embed("a")) == "a"
+    batcher = SegmentBatcher(encode, executor, window_ms=0)
+    assert asyncio.run(batcher.submit("a")) == "a"
     assert threads and threads[0] is not threading.main_thread()
 
 
-@pytest.mark.parametrize("settings", [{"window_ms": -1}, {"max_batch": 0}])
-def test_bad_settings_are_named(executor, settings):
-    with pytest.raises(ValueError, match="embedding batch"):
+@pytest.mark.parametrize("settings, message", [({"window_ms": -1}, "batch window"), ({"max_batch": 0}, "batch size")])
+def test_bad_settings_are_named(executor, settings, message):
+    with pytest.raises(ValueError, match=message):
         batcher_for(Recorder(), executor, **settings)
 
 
-def test_settings_come_from_the_model_parameters():
-    assert settings_from_parameters({}) == {"window_ms": DEFAULT_WINDOW_MS, "max_batch": DEFAULT_MAX_BATCH}
-    assert settings_from_parameters({"embed_batch_window_ms": "", "embed_max_batch": ""}) == \
-        {"window_ms": DEFAULT_WINDOW_MS, "max_batch": DEFAULT_MAX_BATCH}
-    assert settings_from_parameters({"embed_batch_window_ms": "2.5", "embed_max_batch": "4"}) == \
-        {"window_ms": 2.5, "max_batch": 4}
-    with pytest.raises(ValueError, match="embed_max_batch must be a whole number, got '2.5'"):
-        settings_from_parameters({"embed_max_batch": "2.5"})
-    with pytest.raises(ValueError, match="embed_batch_window_ms must be a number of milliseconds, got 'soon'"):
-        settings_from_parameters({"embed_batch_window_ms": "soon"})
+def test_a_batcher_without_prepare_runs_the_requests_themselves(executor):
+    passes = []
+
+    def run_batch(requests):
+        passes.append(list(requests))
+        return [request.upper() for request in requests]
+
+    batcher = SegmentBatcher(run_batch, executor, window_ms=50)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(name) for name in "ab"))
+
+    assert asyncio.run(main()) == ["A", "B"]
+    assert passes == [["a", "b"]]
+
+
+@pytest.mark.parametrize("prefix", ["embed", "torch"])
+def test_settings_come_from_the_model_parameters(prefix):
+    window, size = f"{prefix}_batch_window_ms", f"{prefix}_max_batch"
+    defaults = {"window_ms": DEFAULT_WINDOW_MS, "max_batch": DEFAULT_MAX_BATCH}
+    assert settings_from_parameters({}, prefix) == defaults
+    assert settings_from_parameters({window: "", size: ""}, prefix) == defaults
+    assert settings_from_parameters({window: "2.5", size: "4"}, prefix) == {"window_ms": 2.5, "max_batch": 4}
+    assert settings_from_parameters({window: "0", size: "1"}, prefix) == {"window_ms": 0, "max_batch": 1}
+    for bad in ("2.5", "0", "-3"):
+        with pytest.raises(ValueError, match=f"{size} must be a whole number >= 1, got '{bad}'"):
+            settings_from_parameters({size: bad}, prefix)
+    for bad in ("soon", "-1"):
+        with pytest.raises(ValueError, match=f"{window} must be a number of milliseconds >= 0, got '{bad}'"):
+            settings_from_parameters({window: bad}, prefix)
