@@ -8,6 +8,7 @@ encoder batched over the segments waiting together, as funasr_nano_vllm's Segmen
 does; --embed-max-batch 1 encodes one segment at a time), then
 
   vllm   the AsyncLLM stream (requests of different clients batched by the engine),
+         compiled as the CPU preset has it; vllm-eager the same with vllm_enforce_eager=true,
   torch  NanoRecognizer.generate_batch on the same single worker, over the segments waiting
          together (as the model's torch fallback; --torch-max-batch 1: one at a time), in
          --torch-dtype (auto: as the model resolves it),
@@ -20,6 +21,7 @@ model rarely emits EOS: every segment decodes --max-new-tokens tokens.
     .venv/bin/python perf/bench_second_pass.py [--concurrency 1,4,8,16] [--dtype bf16]
         [--max-new-tokens 32] [--segments-per-client 1] [--segment-seconds 5] [--threads 2]
         [--embed-window-ms 10] [--embed-max-batch 16] [--torch-max-batch 16] [--torch-dtype auto]
+        [--vllm-modes compiled,eager]
 
 Writes perf/results/second_pass.{md,csv,png}.
 """
@@ -92,7 +94,7 @@ async def run_level(engine_name, concurrency, per_client, setup: Setup, engine=N
     async def one(pcm):
         start = time.perf_counter()
         embeds = await setup.embedder.submit(NanoRequest(pcm))
-        if engine_name == "vllm":
+        if engine is not None:
             async with aclosing(engine.stream(embeds)) as deltas:
                 async for _delta, _is_last in deltas:
                     pass
@@ -196,6 +198,9 @@ def main() -> None:
     parser.add_argument("--embed-max-batch", type=int, default=DEFAULT_MAX_BATCH)
     parser.add_argument("--torch-max-batch", type=int, default=DEFAULT_MAX_BATCH)
     parser.add_argument("--torch-dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--vllm-modes", default="compiled,eager",
+                        help="vLLM engines to run, one after the other: compiled (the preset), eager "
+                             "(vllm_enforce_eager=true: faster start, slower decoding)")
     parser.add_argument("--encoder-batches", default="1,8,16",
                         help="segment counts for the encoder-alone table (one pass vs one by one)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -203,6 +208,8 @@ def main() -> None:
     if not (args.model_dir / "model.pt").is_file():
         sys.exit(f"{args.model_dir} has no model.pt; build it with: python -m twopass_asr.prepare "
                  "--store .model_store-full --random full")
+    if not set(args.vllm_modes.split(",")) <= {"compiled", "eager"}:
+        parser.error(f"--vllm-modes takes compiled and/or eager, got {args.vllm_modes!r}")
     levels = [int(x) for x in args.concurrency.split(",")]
     torch_levels = [int(x) for x in (args.torch_concurrency or args.concurrency).split(",")]
     torch.set_num_threads(args.threads)
@@ -230,21 +237,26 @@ def main() -> None:
         level_run = run_level("torch", level, args.segments_per_client, setup)
         rows.append(loop.run_until_complete(level_run))
         print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
-    started = time.perf_counter()
-    engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
-        "cpu", {"vllm_max_num_seqs": str(max(levels))}, model_dtype))
-    print(f"vLLM engine started in {time.perf_counter() - started:.1f} s", flush=True)
-    try:
-        # Warm-up: the first request pays for lazy initialisation.
-        loop.run_until_complete(run_level("vllm", 1, 1, setup, engine))
-        for level in levels:
-            level_run = run_level("vllm", level, args.segments_per_client, setup, engine)
-            rows.append(loop.run_until_complete(level_run))
-            print(f"vllm c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
-    finally:
-        engine.shutdown()
+    # The engine runs in a subprocess of its own; one engine at a time, one after another.
+    for mode in args.vllm_modes.split(","):
+        name = "vllm" if mode == "compiled" else f"vllm-{mode}"
+        started = time.perf_counter()
+        engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
+            "cpu", {"vllm_max_num_seqs": str(max(levels)), "vllm_enforce_eager": str(mode == "eager").lower()},
+            model_dtype))
+        print(f"{name} engine started in {time.perf_counter() - started:.1f} s", flush=True)
+        try:
+            # Warm-up: the first request pays for lazy initialisation.
+            loop.run_until_complete(run_level(name, 1, 1, setup, engine))
+            for level in levels:
+                level_run = run_level(name, level, args.segments_per_client, setup, engine)
+                rows.append(loop.run_until_complete(level_run))
+                print(f"{name} c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
+        finally:
+            engine.shutdown()
     note = (f"{args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype} "
-            f"(vLLM: {engine.settings.dtype}, its dtype auto; torch: {torch_dtype}, batches of up to "
+            f"(vLLM: {engine.settings.dtype}, its dtype auto, vllm = compiled, vllm-eager = "
+            f"vllm_enforce_eager; torch: {torch_dtype}, batches of up to "
             f"{args.torch_max_batch}: {dict(sorted(generator.batch_sizes.items()))}), "
             f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "
             f"audio encoder batched over up to {args.embed_max_batch} waiting segments "

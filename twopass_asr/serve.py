@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
         )
         log.info("starting tritonserver (log: %s)", triton.log_path)
-        triton.start()
+        triton.start(progress=log.info)
         log.info("tritonserver ready: gRPC %s", triton.grpc_url)
         cmd = [sys.executable, "-m", "frontend.server", "--triton-url", triton.grpc_url,
                "--host", args.host, "--port", str(args.port)]

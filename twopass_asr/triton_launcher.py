@@ -6,6 +6,7 @@ Used by the serve command and by the tests, so both run the server the same way.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -22,6 +24,13 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
 class TritonStartError(RuntimeError):
     pass
+
+
+def load_progress(log_text: str) -> tuple[list[str], list[str]]:
+    """(loaded, still loading) model names, from tritonserver's log of its start."""
+    loading = dict.fromkeys(re.findall(r'"loading: ([^:"]+):\d+"', log_text))
+    loaded = dict.fromkeys(re.findall(r"\"successfully loaded '([^']+)'", log_text))
+    return list(loaded), [name for name in loading if name not in loaded]
 
 
 def free_port() -> int:
@@ -85,6 +94,7 @@ class TritonServer:
         self.extra_env = env
         self.process: subprocess.Popen | None = None
         self._log_file = None
+        self._log_start = 0  # where this start's part of an appended log begins
 
     @property
     def grpc_url(self) -> str:
@@ -112,13 +122,18 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
         ]
 
-    def start(self, timeout: float = 300.0) -> "TritonServer":
+    # The full-size models load in minutes on 2 cores, vLLM's compilation included.
+    def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None,
+              progress_every_s: float = 30.0) -> "TritonServer":
+        """Start and wait until ready; `progress` (if given) gets a line on the models loaded
+        so far every progress_every_s while waiting (when the server writes a log file)."""
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")
             out = self._log_file
         else:
             out = None
+        self._log_start = self.log_path.stat().st_size if self.log_path else 0
         self.process = subprocess.Popen(
             self.command(),
             env=server_environment(self.model_store, self.extra_env),
@@ -127,11 +142,21 @@ class TritonServer:
             start_new_session=True,
         )
         try:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, progress, progress_every_s)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def progress_line(self, elapsed_s: float) -> str:
+        line = f"tritonserver starting ({elapsed_s:.0f} s)"
+        if not self.log_path or not self.log_path.exists():
+            return line
+        with open(self.log_path, "rb") as handle:
+            handle.seek(self._log_start)
+            loaded, loading = load_progress(handle.read().decode(errors="replace"))
+        return (f"{line}: loaded {', '.join(loaded) or 'nothing yet'}"
+                + (f"; loading {', '.join(loading)}" if loading else ""))
 
     def is_ready(self) -> bool:
         try:
@@ -140,9 +165,15 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_ready(self, timeout: float, progress: Callable[[str], None] | None = None,
+                   progress_every_s: float = 30.0) -> None:
+        started = time.monotonic()
+        deadline = started + timeout
+        next_progress = started + progress_every_s
         while time.monotonic() < deadline:
+            if progress is not None and time.monotonic() >= next_progress:
+                progress(self.progress_line(time.monotonic() - started))
+                next_progress += progress_every_s
             if self.process.poll() is not None:
                 raise TritonStartError(
                     f"tritonserver exited with code {self.process.returncode} before becoming ready"

@@ -4,7 +4,8 @@ The model is loaded once by funasr.AutoModel; each segment goes through the FunA
 object's own prompt building (get_prompt, generate_chatml) and feature extraction
 (data_load_speech), its audio encoder and adaptor (several segments in one padded pass,
 as FunASRNano.forward batches them), the audio embedding splice inference_prepare does,
-then the LLM's greedy `generate` with the arguments FunASRNano.inference_llm uses. The text is therefore FunASR's
+then the LLM's greedy `generate` with the arguments FunASRNano.inference_llm uses (several
+segments in one left-padded call). The text is therefore FunASR's
 `AutoModel.generate(input=<float tensor>, hotwords=..., language=..., itn=...)` text, while
 CTC timestamp alignment (which needs torchaudio, absent here) is never run.
 """
