@@ -148,12 +148,13 @@ def test_recognize_batch_names_the_bad_segment(recognizer):
 
 
 def test_rows_are_cut_after_their_first_stop_token():
-    stops = stop_token_ids([7, 9], 0)
-    assert stops == {0, 7, 9}
-    assert stop_token_ids(7, None) == {7}
+    stops = stop_token_ids([7, 9])
+    assert stops == {7, 9}
+    assert stop_token_ids(7) == {7} and stop_token_ids(None) == set()
     assert until_stop([5, 6, 9, 0, 0], stops) == [5, 6, 9]
     assert until_stop([5, 7, 9], stops) == [5, 7]
-    assert until_stop([5, 6], stops) == [5, 6]
+    assert until_stop([5, 0, 6], stops) == [5, 0, 6], "a pad token id alone does not stop a row"
+    assert until_stop([5, 6], set()) == [5, 6]
 
 
 def test_generation_respects_max_new_tokens(tiny_nano, recognizer):

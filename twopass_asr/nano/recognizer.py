@@ -216,8 +216,9 @@ class NanoRecognizer:
                 pad_token_id=pad_token_id,
                 **self.kwargs.get("llm_kwargs", {}),
             )
-        # A row that finished early is filled up with pad tokens; alone it would have stopped.
-        stops = stop_token_ids(llm.generation_config.eos_token_id, pad_token_id)
+        # A row that finished early is filled up with pad tokens; alone it would have stopped
+        # at its end token (generation stops at the generation config's end tokens only).
+        stops = stop_token_ids(llm.generation_config.eos_token_id)
         rows = [until_stop(row.tolist(), stops) for row in generated]
         responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
         return [clean_response(response) for response in responses]
@@ -230,10 +231,10 @@ class NanoRecognizer:
         return self.generate_batch(self.embed_prepared([self.prepare(request) for request in requests]))
 
 
-def stop_token_ids(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> set[int]:
-    """The token ids after which generation of a row has stopped."""
-    ids = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])
-    return {token for token in ids | {pad_token_id} if token is not None}
+def stop_token_ids(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    """The token ids at which generation of a row stops (a generation config's eos_token_id)."""
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    return {token for token in ids if token is not None}
 
 
 def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
