@@ -250,8 +250,9 @@ def live_group_members(pgid: int, wait_s: float = 10.0) -> list[str]:
         time.sleep(0.5)
 
 
-# Too small for even one request of vllm_max_model_len tokens: vLLM refuses to start.
-NO_KV_CACHE = {"vllm_kv_cache_gib": "0.00001"}
+# Too small for even one request of vllm_max_model_len tokens: vLLM refuses to start (eager:
+# no point compiling a model that cannot serve).
+NO_KV_CACHE = {"vllm_kv_cache_gib": "0.00001", "vllm_enforce_eager": "true"}
 
 
 @pytest.mark.triton
