@@ -14,6 +14,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
+from twopass_asr.parameters import whole_number
 from twopass_asr.stream_state import StreamError, StreamStore
 
 
@@ -51,12 +52,9 @@ def set_torch_threads(configured: str, instances: int) -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, instances)))
         return
     try:
-        threads = int(configured)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise pb_utils.TritonModelException(f"parameter threads must be a whole number >= 1, got {configured!r}")
-    torch.set_num_threads(threads)
+        torch.set_num_threads(whole_number(configured, "parameter threads"))
+    except ValueError as exc:
+        raise pb_utils.TritonModelException(str(exc)) from exc
 
 
 def use_utf8_locale() -> None:
@@ -130,7 +128,8 @@ class SequenceModel:
             raise pb_utils.TritonModelException(str(exc)) from exc
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
         set_torch_threads(params.get("threads", ""), instances)
-        self.load(model_dir, resolve_device(params), params)
+        device = resolve_device(params)
+        self.load(model_dir, device, params)
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         self.streams: StreamStore = StreamStore(
             max_streams=int(params.get("max_streams", "1024")), idle_timeout_s=idle_us / 1e6
@@ -138,7 +137,7 @@ class SequenceModel:
         self.active_streams = InstanceMetric(args, "twopass_asr_active_streams",
                                              "Streams whose state this model instance holds",
                                              pb_utils.MetricFamily.GAUGE)
-        self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {resolve_device(params)}, "
+        self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {device}, "
                              f"{torch.get_num_threads()} torch thread(s)")
 
     def execute(self, requests):

@@ -14,6 +14,8 @@ from collections import Counter
 from concurrent.futures import Executor
 from typing import Callable, Generic, Mapping, Sequence, TypeVar
 
+from twopass_asr.parameters import whole_number
+
 Request = TypeVar("Request")
 Prepared = TypeVar("Prepared")
 Result = TypeVar("Result")
@@ -25,19 +27,17 @@ DEFAULT_MAX_BATCH = 16
 def settings_from_parameters(params: Mapping[str, str], prefix: str) -> dict:
     """window_ms and max_batch from the model parameters `<prefix>_batch_window_ms` and
     `<prefix>_max_batch` (empty = the defaults)."""
-    names = {"window_ms": (f"{prefix}_batch_window_ms", float, 0, "a number of milliseconds >= 0", DEFAULT_WINDOW_MS),
-             "max_batch": (f"{prefix}_max_batch", int, 1, "a whole number >= 1", DEFAULT_MAX_BATCH)}
-    settings = {}
-    for key, (name, kind, minimum, expected, default) in names.items():
-        value = params.get(name) or ""
-        try:
-            number = kind(value) if value else default
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise ValueError(f"parameter {name} must be {expected}, got {value!r}")
-        settings[key] = number
-    return settings
+    window_name, size_name = f"{prefix}_batch_window_ms", f"{prefix}_max_batch"
+    window, size = params.get(window_name) or "", params.get(size_name) or ""
+    try:
+        window_ms = float(window) if window else DEFAULT_WINDOW_MS
+        valid = window_ms >= 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"parameter {window_name} must be a number of milliseconds >= 0, got {window!r}")
+    max_batch = whole_number(size, f"parameter {size_name}") if size else DEFAULT_MAX_BATCH
+    return {"window_ms": window_ms, "max_batch": max_batch}
 
 
 class SegmentBatcher(Generic[Request, Prepared, Result]):

@@ -25,6 +25,7 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr import model_store
 from twopass_asr.model_store import ModelDirError
 from twopass_asr.nano.random_model import CTC_PREFIXES, CTC_VOCAB_FILE, resolved_model_kwargs
+from twopass_asr.parameters import whole_number
 
 NO_LANGUAGE = (None, "", "auto")
 SILENCE_MARK = "/sil"
@@ -59,14 +60,7 @@ MAX_NEW_TOKENS_ENV = "TWOPASS_ASR_NANO_MAX_NEW_TOKENS"
 def max_new_tokens_setting(parameter: str | None, default: int = 256) -> int:
     """The generation cap from $TWOPASS_ASR_NANO_MAX_NEW_TOKENS, else the model parameter."""
     value = os.environ.get(MAX_NEW_TOKENS_ENV) or parameter or str(default)
-    try:
-        tokens = int(value)
-    except ValueError:
-        tokens = 0
-    if tokens < 1:
-        raise ValueError(f"max_new_tokens (parameter or ${MAX_NEW_TOKENS_ENV}) must be a whole number >= 1, "
-                         f"got {value!r}")
-    return tokens
+    return whole_number(value, f"max_new_tokens (parameter or ${MAX_NEW_TOKENS_ENV})")
 
 
 class NanoRecognizer:
