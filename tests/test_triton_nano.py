@@ -93,21 +93,17 @@ def test_eight_concurrent_segments_match_funasr(triton_server, reference_nano, s
     assert 1 <= passes < 8
 
 
-def server_log(server) -> str:
-    return server.log_path.read_text(errors="replace")
-
-
 def test_shared_server_generates_with_vllm(triton_server):
     """The default engine (auto) must find vLLM here: the other tests then cover it."""
     if os.environ.get(ENGINE_ENV, "auto") == "torch":
         pytest.skip(f"{ENGINE_ENV}=torch")
-    assert "(vLLM generation)" in server_log(triton_server)
+    assert "(vLLM generation)" in triton_server.log_text()
 
 
 def test_cancelled_stream_does_not_break_later_requests(triton_server, reference_nano, speech_wav):
     import tritonclient.grpc as grpcclient
 
-    aborted_before = server_log(triton_server).count(CANCELLED_IN_ENGINE)
+    aborted_before = triton_server.log_text().count(CANCELLED_IN_ENGINE)
     segment = speech_wav.pcm[16000:64000]
     first_delta = threading.Event()
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
@@ -120,6 +116,6 @@ def test_cancelled_stream_does_not_break_later_requests(triton_server, reference
     client.stop_stream(cancel_requests=True)
     got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(segment)] * 2)
     assert got == [reference_text(reference_nano, segment)] * 2
-    if "(vLLM generation)" in server_log(triton_server):
+    if "(vLLM generation)" in triton_server.log_text():
         # The cancellation reached the model mid-generation and aborted the engine request.
-        assert server_log(triton_server).count(CANCELLED_IN_ENGINE) > aborted_before
+        assert triton_server.log_text().count(CANCELLED_IN_ENGINE) > aborted_before

@@ -148,13 +148,19 @@ class TritonServer:
             raise
         return self
 
+    def log_text(self) -> str:
+        """What this start has written to the log file (which may hold earlier starts too)."""
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as handle:
+            handle.seek(self._log_start)
+            return handle.read().decode(errors="replace")
+
     def progress_line(self, elapsed_s: float) -> str:
         line = f"tritonserver starting ({elapsed_s:.0f} s)"
         if not self.log_path or not self.log_path.exists():
             return line
-        with open(self.log_path, "rb") as handle:
-            handle.seek(self._log_start)
-            loaded, loading = load_progress(handle.read().decode(errors="replace"))
+        loaded, loading = load_progress(self.log_text())
         return (f"{line}: loaded {', '.join(loaded) or 'nothing yet'}"
                 + (f"; loading {', '.join(loading)}" if loading else ""))
 
@@ -187,7 +193,7 @@ class TritonServer:
     def _log_hint(self) -> str:
         if not self.log_path or not self.log_path.exists():
             return ""
-        tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
+        tail = self.log_text().splitlines()[-40:]
         return f"; last log lines ({self.log_path}):\n" + "\n".join(tail)
 
     def stop(self, timeout: float = 30.0) -> None:
