@@ -279,7 +279,7 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
         passes = model_counter(server, "nano_fallback", "twopass_asr_nano_torch_generate_passes_total")
         assert model_counter(server, "nano_fallback", "twopass_asr_nano_torch_generated_segments_total") == len(requests)
         assert 1 <= passes < len(requests)
-        text = log.read_text(errors="replace")
+        text = server.log_text()
         assert text.count("vLLM unavailable, falling back to torch generation") == 1
         assert "(vLLM generation)" in text and "(torch generation)" in text
     # EngineCore and Worker subprocesses live in the server's process group: none survives it.
@@ -287,8 +287,10 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
 
 
 @pytest.mark.triton
-def test_server_engine_vllm_fails_to_load_with_the_reason(test_models, tmp_path):
-    repository = nano_repository(tmp_path / "repo", {"nano_vllm": {"engine": "vllm", **NO_KV_CACHE}})
+def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
+    missing = tmp_path / "no-such-nano"
+    repository = nano_repository(tmp_path / "repo", {"nano_vllm": {"engine": "vllm", **NO_KV_CACHE},
+                                                     "nano_missing": {"model_dir": str(missing)}})
     log = tmp_path / "tritonserver.log"
     server = TritonServer(test_models, repository, log_path=log,
                           env={ENGINE_ENV: "", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
@@ -296,6 +298,7 @@ def test_server_engine_vllm_fails_to_load_with_the_reason(test_models, tmp_path)
         server.start()
     message = str(failure.value)
     assert "engine=vllm but vLLM engine failed to start" in message
+    assert f"Fun-ASR-Nano model directory {missing} does not exist" in message
     # vLLM's EngineCore subprocess logs the root cause; its exception only points there.
-    assert "No available memory for the cache blocks" in log.read_text(errors="replace")
+    assert "No available memory for the cache blocks" in server.log_text()
     assert live_group_members(server.process.pid) == []

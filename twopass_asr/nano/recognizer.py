@@ -76,13 +76,11 @@ class NanoRecognizer:
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
-        validate_nano_dir(model_dir)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
         # whose configuration.json does not map them still loads without the hub.
-        config = model_store.load_config(model_dir, "Fun-ASR-Nano", required_keys=())
-        paths = _component_paths(model_dir, config)
+        paths = validate_nano_dir(model_dir)
         overrides = {"llm_conf": {"init_param_path": str(paths["llm"])},
                      "tokenizer_conf": {"init_param_path": str(paths["llm"])}}
         if "ctc_vocab" in paths:
@@ -247,11 +245,12 @@ def clean_response(response: str) -> str:
 # ---------------------------------------------------------------- directory validation
 
 
-def validate_nano_dir(path) -> None:
+def validate_nano_dir(path) -> dict[str, Path]:
     """Check a Fun-ASR-Nano directory before loading it: required files present and every
     model.pt tensor shaped as config.yaml and the LLM's config.json say (FunASR itself
     would silently leave mismatched tensors random). Raises ModelDirError naming the
-    missing file or the mismatched tensor."""
+    missing file or the mismatched tensor; returns the components' paths ("llm", and
+    "ctc_vocab" where config.yaml configures CTC)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelDirError(f"Fun-ASR-Nano model directory {path} does not exist")
@@ -273,6 +272,7 @@ def validate_nano_dir(path) -> None:
         if found[name] != shape:
             raise ModelDirError(f"Fun-ASR-Nano model directory {path}: model.pt tensor {name} has shape "
                                 f"{list(found[name])}, config expects {list(shape)}")
+    return paths
 
 
 def _component_paths(path: Path, config: dict) -> dict[str, Path]:

@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 from twopass_asr import model_store
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.batcher import SegmentBatcher, settings_from_parameters
-from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting, validate_nano_dir
+from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting
 from twopass_asr.nano.vllm_engine import (
     CANCELLED_IN_ENGINE,
     DTYPE_NAMES,
@@ -85,16 +85,15 @@ class TritonPythonModel:
         prepare_process_for_vllm()
         _, params = model_parameters(args)
         model_dir = resolve_model_dir(args, params, model_store.NANO)
+        device = resolve_device(params)
         try:
-            validate_nano_dir(model_dir)
             mode = engine_mode(params.get("engine"))
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
             embed_batching = settings_from_parameters(params, "embed")
             generate_batching = settings_from_parameters(params, "torch")
+            self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        device = resolve_device(params)
-        self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens)
         # One worker for the torch work (embeddings; generation on the torch path): it uses
         # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
