@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--torch-concurrency", default=None,
-                        help="levels for the torch fallback (default: same as --concurrency)")
+                        help="levels for the torch fallback (default: same as --concurrency; empty: skip it)")
     parser.add_argument("--segments-per-client", type=int, default=1)
     parser.add_argument("--segment-seconds", type=float, default=DEFAULT_SEGMENT_SECONDS)
     parser.add_argument("--funasr-segments", type=int, default=3)
@@ -211,7 +211,8 @@ def main() -> None:
     if not set(args.vllm_modes.split(",")) <= {"compiled", "eager"}:
         parser.error(f"--vllm-modes takes compiled and/or eager, got {args.vllm_modes!r}")
     levels = [int(x) for x in args.concurrency.split(",")]
-    torch_levels = [int(x) for x in (args.torch_concurrency or args.concurrency).split(",")]
+    torch_levels = [int(x) for x in (args.concurrency if args.torch_concurrency is None
+                                     else args.torch_concurrency).split(",") if x]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
 
