@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.triton_client_utils import decoupled_texts, model_counter, tensor
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.cpu_priority import DEFAULT_CPU_NICE, MAX_NICE
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
 
@@ -119,3 +121,57 @@ def test_cancelled_stream_does_not_break_later_requests(triton_server, reference
     if "(vLLM generation)" in triton_server.log_text():
         # The cancellation reached the model mid-generation and aborted the engine request.
         assert triton_server.log_text().count(CANCELLED_IN_ENGINE) > aborted_before
+
+
+def group_processes(pgid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of the live processes of a process group."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (int(fields[1]),
+                                                (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # exited while being read
+    return found
+
+
+def thread_nice_values(pid: int) -> set[int]:
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            values.add(os.getpriority(os.PRIO_PROCESS, int(task.name)))
+        except (ProcessLookupError, ValueError):
+            continue
+    return values
+
+
+def test_second_pass_runs_at_lower_cpu_priority(triton_server):
+    """cpu_nice (empty = 10 on CPU): every thread of funasr_nano_vllm's stub, and of the
+    processes it started (vLLM's EngineCore and Worker), runs that many nice levels below
+    the first-pass models."""
+    group = group_processes(triton_server.process.pid)
+    base = os.getpriority(os.PRIO_PROCESS, triton_server.process.pid)
+
+    def stubs(model):
+        return {pid for pid, (_, command) in group.items()
+                if "triton_python_backend_stub" in command and f"/{model}/" in command}
+
+    second_pass = stubs("funasr_nano_vllm")
+    assert len(second_pass) == 1
+    started_by_it = set()
+    while True:
+        more = {pid for pid, (parent, _) in group.items() if parent in second_pass | started_by_it} - started_by_it
+        if not more:
+            break
+        started_by_it |= more
+    if "(vLLM generation)" in triton_server.log_text():
+        assert started_by_it, "vLLM's engine processes run beside the stub"
+    lowered = min(MAX_NICE, base + DEFAULT_CPU_NICE)
+    for pid in second_pass | started_by_it:
+        assert thread_nice_values(pid) == {lowered}, group[pid][1]
+    first_pass = stubs("paraformer_streaming") | stubs("vad")
+    assert len(first_pass) == 3  # two paraformer_streaming instances, one vad
+    for pid in first_pass:
+        assert thread_nice_values(pid) == {base}, group[pid][1]

@@ -17,6 +17,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
+from twopass_asr.cpu_priority import lower_priority, nice_setting
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.batcher import SegmentBatcher, settings_from_parameters
 from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting
@@ -91,6 +92,9 @@ class TritonPythonModel:
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
             embed_batching = settings_from_parameters(params, "embed")
             generate_batching = settings_from_parameters(params, "torch")
+            cpu_nice = nice_setting(params.get("cpu_nice"), device)
+            # Before any torch thread or vLLM process exists: they inherit it.
+            lower_priority(cpu_nice)
             self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
@@ -118,7 +122,7 @@ class TritonPythonModel:
         engine_name = "vLLM" if self.engine else "torch"
         dtype = self.engine.settings.dtype if self.engine else DTYPE_NAMES[self.recognizer.dtype]
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation), "
-                                 f"LLM in {dtype}")
+                                 f"LLM in {dtype}, CPU nice +{cpu_nice}")
 
     @staticmethod
     def _pass_counter(args, passes_name, segments_name, what):
