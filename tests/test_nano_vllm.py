@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_triton_nano import CASES, reference_text, segment_inputs
+from tests.test_triton_nano import CASES, group_processes, reference_text, segment_inputs
 from tests.triton_client_utils import decoupled_responses, decoupled_texts, model_counter
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.llm_export import WEIGHTS_FILE, export_llm_dir
@@ -237,14 +237,7 @@ def live_group_members(pgid: int, wait_s: float = 10.0) -> list[str]:
     already dead but not yet reaped by their new parent, do not count)."""
     deadline = time.monotonic() + wait_s
     while True:
-        members = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    members.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except (OSError, IndexError, ValueError):
-                continue  # exited while being read
+        members = [command for _, command in group_processes(pgid).values()]
         if not members or time.monotonic() > deadline:
             return members
         time.sleep(0.5)
