@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,3 +60,21 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(test_models, speech_wav, tmp_
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_refuses_a_taken_port_at_once(tmp_path):
+    """A port already in use is reported before any model is prepared or loaded."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "twopass_asr.serve", "--store", str(tmp_path / "no-store"), "--random", "tiny",
+             "--host", "127.0.0.1", "--port", str(free_port()), "--triton-http-port", str(free_port()),
+             "--triton-grpc-port", str(port), "--triton-metrics-port", str(free_port()),
+             "--log-dir", str(tmp_path)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"port {port} (--triton-grpc-port) on 127.0.0.1 is already in use" in result.stderr
+    assert not (tmp_path / "no-store").exists(), "nothing is prepared"

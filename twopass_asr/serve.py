@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from twopass_asr import model_store
-from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError
+from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError, port_in_use
 
 log = logging.getLogger("twopass_asr.serve")
 
@@ -54,6 +54,14 @@ def main(argv=None) -> int:
     # Explicit handlers: a shell starting us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    # Found taken now rather than after minutes of model loading.
+    for host, port, option in ((args.host, args.port, "--port"), ("127.0.0.1", args.triton_http_port, "--triton-http-port"),
+                               ("127.0.0.1", args.triton_grpc_port, "--triton-grpc-port"),
+                               ("127.0.0.1", args.triton_metrics_port, "--triton-metrics-port")):
+        if port_in_use(host, port):
+            log.error("port %d (%s) on %s is already in use: stop what holds it or choose another with %s",
+                      port, option, host, option)
+            return 1
     triton = frontend = None
     try:
         store = prepare(args)

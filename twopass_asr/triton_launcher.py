@@ -6,6 +6,7 @@ Used by the serve command and by the tests, so both run the server the same way.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -33,10 +34,50 @@ def load_progress(log_text: str) -> tuple[list[str], list[str]]:
     return list(loaded), [name for name in loading if name not in loaded]
 
 
-def free_port() -> int:
+# Ports free_port has handed out in this process: none twice.
+_handed_out: set[int] = set()
+LOWEST_FREE_PORT = 10000
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not listen on host:port now. With SO_REUSEADDR, as the
+    servers have it: connections of an earlier run left in TIME_WAIT do not count."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server that binds it later.
+
+    Chosen below the kernel's ephemeral range: the ports the kernel hands out meanwhile (to
+    outgoing connections, and to listening sockets bound to port 0, as vLLM's and torch's
+    are) never take it while the server that is to bind it still loads its models."""
+    start = _ephemeral_ports_start()
+    for _ in range(1000):
+        port = random.randrange(LOWEST_FREE_PORT, start) if start > LOWEST_FREE_PORT else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = sock.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 between {LOWEST_FREE_PORT} and {start}")
 
 
 def tritonserver_dir() -> Path:
