@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     # Found taken now rather than after minutes of model loading.
-    for host, port, option in ((args.host, args.port, "--port"), ("127.0.0.1", args.triton_http_port, "--triton-http-port"),
+    for host, port, option in ((args.host, args.port, "--port"),
+                               ("127.0.0.1", args.triton_http_port, "--triton-http-port"),
                                ("127.0.0.1", args.triton_grpc_port, "--triton-grpc-port"),
                                ("127.0.0.1", args.triton_metrics_port, "--triton-metrics-port")):
         if port_in_use(host, port):

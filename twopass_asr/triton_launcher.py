@@ -65,18 +65,15 @@ def free_port() -> int:
     outgoing connections, and to listening sockets bound to port 0, as vLLM's and torch's
     are) never take it while the server that is to bind it still loads its models."""
     start = _ephemeral_ports_start()
-    for _ in range(1000):
-        port = random.randrange(LOWEST_FREE_PORT, start) if start > LOWEST_FREE_PORT else 0
-        if port in _handed_out:
-            continue
+    if start <= LOWEST_FREE_PORT:  # an unusual kernel range: let the kernel choose
         with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = sock.getsockname()[1]
-        _handed_out.add(port)
-        return port
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for _ in range(1000):
+        port = random.randrange(LOWEST_FREE_PORT, start)
+        if port not in _handed_out and not port_in_use("127.0.0.1", port):
+            _handed_out.add(port)
+            return port
     raise RuntimeError(f"no free TCP port on 127.0.0.1 between {LOWEST_FREE_PORT} and {start}")
 
 
