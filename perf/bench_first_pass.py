@@ -2,12 +2,14 @@
 
 With the full-size random Paraformer (real shapes, ~220M parameters), B streams each feed
 600 ms chunks. For B in --batches, one batched forward (BatchedStreamingParaformer.
-process_batch) is timed against FunASR's AutoModel.generate run stream after stream on the
-same chunks (steady state: the first chunk of every stream is a warm-up). Reports wall and
-CPU time, stream-chunks served per CPU-second, and a compute floor: the FLOPs of one
-batched step (counted by torch's FlopCounterMode) divided by a matmul rate measured right
-before each timed forward (the rate of a shared cloud core drifts by +-20% within a minute,
-so a rate measured once at the start makes the floor ratio noise).
+process_batch, linear weights prepacked for oneDNN as served) is timed against FunASR's
+AutoModel.generate run stream after stream on the same chunks (steady state: the first chunk
+of every stream is a warm-up), and against the same batched forward with torch's plain
+nn.Linear. Reports wall and CPU time, stream-chunks served per CPU-second, and a compute
+floor: the FLOPs of one batched step (counted by torch's FlopCounterMode on the plain
+engine: it does not see oneDNN's linear op) divided by a matmul rate measured right before
+each timed forward (the rate of a shared cloud core drifts by +-20% within a minute, so a
+rate measured once at the start makes the floor ratio noise).
 
     .venv/bin/python perf/bench_first_pass.py [--batches 1,2,4,8,16,32] [--rounds 3] [--threads 1]
 
@@ -38,6 +40,7 @@ class Row:
     batch: int
     batched_wall_ms: float  # one batched forward for all B streams
     batched_cpu_ms: float
+    plain_wall_ms: float  # the same batched forward with torch's nn.Linear
     reference_wall_ms: float  # FunASR, the B streams one after another
     reference_cpu_ms: float
     gflop_per_stream: float
@@ -49,6 +52,10 @@ class Row:
     @property
     def speedup(self) -> float:
         return self.reference_wall_ms / self.batched_wall_ms
+
+    @property
+    def prepack_speedup(self) -> float:
+        return self.plain_wall_ms / self.batched_wall_ms
 
     @property
     def batched_streams_per_cpu_s(self) -> float:
@@ -85,7 +92,7 @@ def timed(fn) -> tuple[float, float, object]:
     return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000, result
 
 
-def bench_batch(engine, reference, batch: int, rounds: int, rng) -> Row:
+def bench_batch(engine, plain_engine, reference, batch: int, rounds: int, rng) -> Row:
     from torch.utils.flop_counter import FlopCounterMode
 
     from twopass_asr.audio import pcm16_to_float
@@ -96,6 +103,7 @@ def bench_batch(engine, reference, batch: int, rounds: int, rng) -> Row:
     audio = [[(rng.standard_normal(CHUNK_SAMPLES) * 3000).astype(np.int16) for _ in range(rounds + 2)]
              for _ in range(batch)]
     streams = [engine.new_stream(options) for _ in range(batch)]
+    plain_streams = [plain_engine.new_stream(options) for _ in range(batch)]
     caches = [{} for _ in range(batch)]
 
     def reference_round(r):
@@ -108,17 +116,22 @@ def bench_batch(engine, reference, batch: int, rounds: int, rng) -> Row:
     def batched_round(r):
         return engine.process_batch(streams, [audio[i][r] for i in range(batch)], [False] * batch)
 
-    identical = batched_round(0) == reference_round(0)
-    batched, ref, roofs = [], [], []
+    def plain_round(r):
+        return plain_engine.process_batch(plain_streams, [audio[i][r] for i in range(batch)], [False] * batch)
+
+    identical = batched_round(0) == reference_round(0) == plain_round(0)
+    batched, plain, ref, roofs = [], [], [], []
     for r in range(1, rounds + 1):
         roofs.append(matmul_gflops())
         wall, cpu, texts = timed(lambda: batched_round(r))
         batched.append((wall, cpu))
+        plain_wall, _, plain_texts = timed(lambda: plain_round(r))
+        plain.append(plain_wall)
         ref_wall, ref_cpu, ref_texts = timed(lambda: reference_round(r))
         ref.append((ref_wall, ref_cpu))
-        identical &= texts == ref_texts
+        identical &= texts == ref_texts == plain_texts
     with FlopCounterMode(display=False) as counter:
-        batched_round(rounds + 1)
+        plain_round(rounds + 1)
     flops = counter.get_total_flops()
 
     def median(values):
@@ -128,20 +141,23 @@ def bench_batch(engine, reference, batch: int, rounds: int, rng) -> Row:
     # CPU time, not wall time: other processes share this machine's cores.
     fractions = [floor / cpu for floor, (_, cpu) in zip(floors, batched)]
     return Row(batch=batch, batched_wall_ms=median([w for w, _ in batched]),
-               batched_cpu_ms=median([c for _, c in batched]), reference_wall_ms=median([w for w, _ in ref]),
+               batched_cpu_ms=median([c for _, c in batched]), plain_wall_ms=median(plain),
+               reference_wall_ms=median([w for w, _ in ref]),
                reference_cpu_ms=median([c for _, c in ref]), gflop_per_stream=flops / batch / 1e9,
                roof_gflops=median(roofs), floor_ms=median(floors), floor_fraction=median(fractions),
                identical_text=identical)
 
 
-HEADER = ["batch", "batched ms / forward", "FunASR ms (B streams in turn)", "speed-up", "batched CPU ms",
+HEADER = ["batch", "batched ms / forward", "batched, nn.Linear ms", "prepacking speed-up",
+          "FunASR ms (B streams in turn)", "speed-up", "batched CPU ms",
           "FunASR CPU ms", "stream-chunks / CPU-s batched", "stream-chunks / CPU-s FunASR", "CPU-s ratio",
           "GFLOP / stream-chunk", "GEMM roof GFLOP/s", "floor ms", "floor / batched CPU", "batched CPU / floor",
           "same text"]
 
 
 def row_cells(row: Row) -> list[str]:
-    return [str(row.batch), f"{row.batched_wall_ms:.1f}", f"{row.reference_wall_ms:.1f}", f"{row.speedup:.2f}x",
+    return [str(row.batch), f"{row.batched_wall_ms:.1f}", f"{row.plain_wall_ms:.1f}", f"{row.prepack_speedup:.2f}x",
+            f"{row.reference_wall_ms:.1f}", f"{row.speedup:.2f}x",
             f"{row.batched_cpu_ms:.1f}", f"{row.reference_cpu_ms:.1f}", f"{row.batched_streams_per_cpu_s:.2f}",
             f"{row.reference_streams_per_cpu_s:.2f}",
             f"{row.batched_streams_per_cpu_s / row.reference_streams_per_cpu_s:.2f}x",
@@ -158,10 +174,10 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
                                            + "\n".join(table) + "\n", encoding="utf-8")
     with open(out_dir / "first_pass.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["batch", "batched_wall_ms", "batched_cpu_ms", "reference_wall_ms", "reference_cpu_ms",
+        writer.writerow(["batch", "batched_wall_ms", "batched_cpu_ms", "plain_linear_wall_ms", "reference_wall_ms", "reference_cpu_ms",
                          "gflop_per_stream_chunk", "roof_gflops", "floor_ms", "floor_fraction", "identical_text"])
         for r in rows:
-            writer.writerow([r.batch, f"{r.batched_wall_ms:.3f}", f"{r.batched_cpu_ms:.3f}",
+            writer.writerow([r.batch, f"{r.batched_wall_ms:.3f}", f"{r.batched_cpu_ms:.3f}", f"{r.plain_wall_ms:.3f}",
                              f"{r.reference_wall_ms:.3f}", f"{r.reference_cpu_ms:.3f}", f"{r.gflop_per_stream:.4f}",
                              f"{r.roof_gflops:.1f}", f"{r.floor_ms:.3f}", f"{r.floor_fraction:.4f}", r.identical_text])
 
@@ -173,6 +189,7 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
     batches = [r.batch for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(batches, [r.batched_wall_ms for r in rows], "o-", label="batched (one forward)")
+    left.plot(batches, [r.plain_wall_ms for r in rows], "^-", label="batched, nn.Linear")
     left.plot(batches, [r.reference_wall_ms for r in rows], "s-", label="FunASR, streams in turn")
     left.plot(batches, [r.floor_ms for r in rows], ":", label="compute floor")
     left.axhline(CHUNK_SECONDS * 1000, color="grey", lw=0.8, ls="--", label="600 ms real time")
@@ -215,9 +232,10 @@ def main(argv=None) -> int:
 
     model_dir = ensure_model(args.model_dir)
     engine = BatchedStreamingParaformer(model_dir)
+    plain_engine = BatchedStreamingParaformer(model_dir, prepack=False)
     reference = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
                           ncpu=args.threads)
-    context = (f"full-size random Paraformer ({sum(p.numel() for p in engine.model.parameters()) / 1e6:.0f}M "
+    context = (f"full-size random Paraformer ({sum(p.numel() for p in plain_engine.model.parameters()) / 1e6:.0f}M "
                f"parameters), chunk_size [0,10,5], look-back 4/1, 600 ms chunks, {args.threads} torch thread(s), "
                f"float32 GEMM roof measured (2048^3 matmul, best of 3) before each timed forward, "
                f"median of {args.rounds} rounds")
@@ -225,7 +243,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     for batch in batches:
-        row = bench_batch(engine, reference, batch, args.rounds, rng)
+        row = bench_batch(engine, plain_engine, reference, batch, args.rounds, rng)
         rows.append(row)
         print(" | ".join(f"{h}: {c}" for h, c in zip(HEADER, row_cells(row))), flush=True)
     write_results(rows, args.out, context)

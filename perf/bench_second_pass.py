@@ -12,7 +12,9 @@ does; --embed-max-batch 1 encodes one segment at a time), then
   torch  NanoRecognizer.generate_batch on the same single worker, over the segments waiting
          together (as the model's torch fallback; --torch-max-batch 1: one at a time), in
          --torch-dtype (auto: as the model resolves it),
-  funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only.
+  funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only, on a
+         second copy of the model left as FunASR loads it (torch's own linear layers; the
+         served recognizer prepacks its audio encoder's for oneDNN).
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. In-process (no tritonserver), so the numbers are the engines', not gRPC's. A random
@@ -128,22 +130,29 @@ def run_funasr(recognizer, count: int, seconds: float) -> Row:
     return Row("funasr", 1, count, time.perf_counter() - start, latencies)
 
 
-def encoder_batching(recognizer: NanoRecognizer, batches: list[int], seconds: float) -> list[str]:
+def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches: list[int],
+                     seconds: float) -> list[str]:
     """Markdown lines: one audio encoder + adaptor pass over B segments against B passes of one
-    (embed_prepared, what the model's SegmentBatcher calls), after one warm-up pass."""
+    (embed_prepared, what the model's SegmentBatcher calls), after one warm-up pass; and the
+    one pass with torch's own linear layers (`plain`)."""
     rows = [f"\nAudio encoder + adaptor alone, {seconds:g} s segments:\n",
-            "| segments | one pass ms | one by one ms | ratio |", "|---|---|---|---|"]
+            "| segments | one pass ms | one by one ms | ratio | one pass, nn.Linear ms | prepacking speed-up |",
+            "|---|---|---|---|---|---|"]
     prepared = [recognizer.prepare(NanoRequest(pcm)) for pcm in make_segments(max(batches), seconds, seed=7)]
     recognizer.embed_prepared(prepared[:1])
+    plain.embed_prepared(prepared[:1])
+
+    def timed(recognizer, segments):
+        begin = time.perf_counter()
+        recognizer.embed_prepared(segments)
+        return time.perf_counter() - begin
+
     for batch in batches:
-        begin = time.perf_counter()
-        recognizer.embed_prepared(prepared[:batch])
-        together = time.perf_counter() - begin
-        begin = time.perf_counter()
-        for segment in prepared[:batch]:
-            recognizer.embed_prepared([segment])
-        alone = time.perf_counter() - begin
-        rows.append(f"| {batch} | {together * 1000:.0f} | {alone * 1000:.0f} | {alone / together:.2f}x |")
+        together = timed(recognizer, prepared[:batch])
+        alone = sum(timed(recognizer, [segment]) for segment in prepared[:batch])
+        together_plain = timed(plain, prepared[:batch])
+        rows.append(f"| {batch} | {together * 1000:.0f} | {alone * 1000:.0f} | {alone / together:.2f}x "
+                    f"| {together_plain * 1000:.0f} | {together_plain / together:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
@@ -223,16 +232,19 @@ def main() -> None:
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
     model_dtype = DTYPES[args.dtype]
     recognizer.use_dtype(model_dtype)
+    funasr_model = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens, prepack=False)
+    funasr_model.use_dtype(model_dtype)
     torch_dtype = resolve_dtype(args.torch_dtype, "cpu", model_dtype, parameter="--torch-dtype")
     executor = ThreadPoolExecutor(max_workers=1)
     embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
     generator = SegmentBatcher(recognizer.generate_batch, executor, max_batch=args.torch_max_batch)
-    encoder_rows = encoder_batching(recognizer, [int(x) for x in args.encoder_batches.split(",")],
+    encoder_rows = encoder_batching(recognizer, funasr_model, [int(x) for x in args.encoder_batches.split(",")],
                                     args.segment_seconds)
     rows: list[Row] = []
     setup = Setup(recognizer, embedder, generator, args.segment_seconds)
-    rows.append(run_funasr(recognizer, args.funasr_segments, args.segment_seconds))
+    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds))
+    del funasr_model  # its memory, before vLLM starts its own copy of the LLM
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     recognizer.use_dtype(getattr(torch, torch_dtype))
     loop = asyncio.new_event_loop()

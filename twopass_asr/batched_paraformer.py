@@ -29,6 +29,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.prepacked_linear import prepack_linear_layers
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
 
 # FunASR measures chunk_size in 60 ms units: one unit is 960 samples at 16 kHz.
@@ -158,7 +159,9 @@ class BatchedStreamingParaformer:
     """Streaming Paraformer over FunASR's weights; `process_batch` advances many streams in
     one batched forward pass."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu"):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", prepack: bool = True):
+        """`prepack`: reorder the float32 linear weights once for oneDNN (CPU only; see
+        twopass_asr.prepacked_linear)."""
         from funasr import AutoModel
 
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
@@ -169,6 +172,8 @@ class BatchedStreamingParaformer:
         self.features = StreamingFeatures(automodel.kwargs["frontend"])
         self.token_list = list(automodel.kwargs["tokenizer"].token_list)
         self._check_supported()
+        if prepack:
+            prepack_linear_layers(self.model)
 
         encoder, decoder = self.model.encoder, self.model.decoder
         self.encoder_layers = list(encoder.encoders0) + list(encoder.encoders)

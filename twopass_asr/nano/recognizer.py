@@ -26,6 +26,7 @@ from twopass_asr import model_store
 from twopass_asr.model_store import ModelDirError
 from twopass_asr.nano.random_model import CTC_PREFIXES, CTC_VOCAB_FILE, resolved_model_kwargs
 from twopass_asr.parameters import whole_number
+from twopass_asr.prepacked_linear import prepack_linear_layers
 
 NO_LANGUAGE = (None, "", "auto")
 SILENCE_MARK = "/sil"
@@ -69,9 +70,11 @@ class NanoRecognizer:
 
     max_new_tokens caps generation; the directory's own cap (config.yaml `max_length`,
     FunASR's default 512) still applies, so the text never runs past what FunASR produces.
+    prepack reorders the audio encoder's and adaptor's float32 linear weights once for oneDNN
+    (CPU only; see twopass_asr.prepacked_linear).
     """
 
-    def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None):
+    def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True):
         from funasr import AutoModel
         from funasr.models.fun_asr_nano.model import dtype_map
 
@@ -103,6 +106,9 @@ class NanoRecognizer:
             llm_dtype = "bf16" if self.kwargs.get("bf16", False) else llm_dtype
         self.dtype = dtype_map[llm_dtype]
         self.model.llm = self.model.llm.to(self.dtype)
+        if prepack:
+            prepack_linear_layers(self.model.audio_encoder)
+            prepack_linear_layers(self.model.audio_adaptor)
         self.llm_dir = paths["llm"]
         self.model_dir = model_dir
 
