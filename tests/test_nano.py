@@ -25,6 +25,7 @@ from twopass_asr.nano.recognizer import (
     until_stop,
     validate_nano_dir,
 )
+from twopass_asr.prepacked_linear import PrepackedLinear, prepacking_available
 
 
 def quietly(function, *args, **kwargs):
@@ -141,6 +142,18 @@ def test_recognize_batch_equals_one_by_one(recognizer, monkeypatch):
     assert recognizer.recognize_batch(requests) == expected
     assert calls == [len(requests)], "one generate call for the whole batch"
     assert len(set(expected)) > 1
+
+
+@pytest.mark.skipif(not prepacking_available(), reason="torch built without oneDNN")
+def test_float32_generation_prepacks_the_llm_and_keeps_the_text(tiny_nano, reference):
+    fallback = quietly(NanoRecognizer, tiny_nano)
+    fallback.use_dtype(torch.float32)  # what the Triton model's torch fallback does
+    assert any(isinstance(module, PrepackedLinear) for module in fallback.model.llm.modules())
+    for pcm, case in zip(segments(), CASES):
+        assert fallback.recognize(pcm, **case) == reference_text(reference, pcm, **case)
+    fallback.use_dtype(torch.float32)
+    with pytest.raises(ValueError, match="prepacked in torch.float32"):
+        fallback.use_dtype(torch.bfloat16)
 
 
 def test_recognize_batch_names_the_bad_segment(recognizer):

@@ -71,7 +71,7 @@ class NanoRecognizer:
     max_new_tokens caps generation; the directory's own cap (config.yaml `max_length`,
     FunASR's default 512) still applies, so the text never runs past what FunASR produces.
     prepack reorders the audio encoder's and adaptor's float32 linear weights once for oneDNN
-    (CPU only; see twopass_asr.prepacked_linear).
+    (CPU only; see twopass_asr.prepacked_linear), and the LLM's when use_dtype makes it float32.
     """
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True):
@@ -106,6 +106,8 @@ class NanoRecognizer:
             llm_dtype = "bf16" if self.kwargs.get("bf16", False) else llm_dtype
         self.dtype = dtype_map[llm_dtype]
         self.model.llm = self.model.llm.to(self.dtype)
+        self.prepack = prepack
+        self._llm_prepacked = False
         if prepack:
             prepack_linear_layers(self.model.audio_encoder)
             prepack_linear_layers(self.model.audio_adaptor)
@@ -178,9 +180,18 @@ class NanoRecognizer:
         return prompts
 
     def use_dtype(self, dtype: torch.dtype) -> None:
-        """Decode (and build prompt embeddings) in `dtype` instead of the model's llm_dtype."""
+        """Decode (and build prompt embeddings) in `dtype` instead of the model's llm_dtype.
+        With prepack, a float32 LLM also gets its linear weights prepacked (torch generation's
+        decode steps multiply a few rows); its dtype is fixed from then on."""
+        if self._llm_prepacked:
+            if dtype != self.dtype:
+                raise ValueError(f"the LLM's linear weights are prepacked in {self.dtype}; it cannot change "
+                                 f"to {dtype}")
+            return
         self.dtype = dtype
         self.model.llm.to(dtype)
+        if self.prepack and dtype == torch.float32:
+            self._llm_prepacked = prepack_linear_layers(self.model.llm) > 0
 
     def generate(self, embeds: torch.Tensor) -> str:
         """Greedy text for prompt_embeds' output, on torch, as FunASRNano.inference_llm runs it
