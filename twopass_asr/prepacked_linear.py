@@ -1,10 +1,11 @@
 """Linear layers whose float32 weights are reordered once for oneDNN, for CPU inference.
 
-torch's `nn.Linear` on CPU calls MKL's sgemm, which repacks the weight on every call. With
-the few rows a streaming step has (tens of frames, a handful of streams) that repacking is
-a large part of the product: on our 2-core AVX2 machine the full-size first pass ran
-1.1-1.3x faster with the weights reordered once at load (perf/README.md). Results differ
-from nn.Linear only by float32 summation order (a few ulp), as between any two GEMM kernels.
+torch's `nn.Linear` on CPU calls MKL's sgemm, which packs the weight anew on every call.
+With the few rows a streaming step has (tens of frames, a handful of streams) that packing
+is a large part of the product: on our 2-core AVX2 machine the full-size first pass ran
+1.04-1.19x faster on one thread (1.15-1.38x on two) with the weights reordered once at load
+(perf/README.md). Results differ from nn.Linear only by float32 summation order, as between
+any two GEMM kernels.
 """
 
 from __future__ import annotations
