@@ -174,8 +174,8 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
                                            + "\n".join(table) + "\n", encoding="utf-8")
     with open(out_dir / "first_pass.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["batch", "batched_wall_ms", "batched_cpu_ms", "plain_linear_wall_ms", "reference_wall_ms", "reference_cpu_ms",
-                         "gflop_per_stream_chunk", "roof_gflops", "floor_ms", "floor_fraction", "identical_text"])
+        writer.writerow(["batch", "batched_wall_ms", "batched_cpu_ms", "plain_linear_wall_ms", "reference_wall_ms",
+                         "reference_cpu_ms", "gflop_per_stream_chunk", "roof_gflops", "floor_ms", "floor_fraction", "identical_text"])
         for r in rows:
             writer.writerow([r.batch, f"{r.batched_wall_ms:.3f}", f"{r.batched_cpu_ms:.3f}", f"{r.plain_wall_ms:.3f}",
                              f"{r.reference_wall_ms:.3f}", f"{r.reference_cpu_ms:.3f}", f"{r.gflop_per_stream:.4f}",
