@@ -231,7 +231,6 @@ def main() -> None:
 
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
     model_dtype = DTYPES[args.dtype]
-    recognizer.use_dtype(model_dtype)
     funasr_model = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens, prepack=False)
     funasr_model.use_dtype(model_dtype)
     torch_dtype = resolve_dtype(args.torch_dtype, "cpu", model_dtype, parameter="--torch-dtype")
