@@ -30,6 +30,18 @@ def test_restart_replaces_state():
     assert second is not first and store.get(7) is second and len(store) == 1
 
 
+def test_end_of_a_replaced_state_keeps_the_restarted_stream():
+    """A decoupled model ends a stream when its last chunk is answered; a START for the
+    same CORRID may have come in meanwhile and must survive that."""
+    store = StreamStore(max_streams=4, idle_timeout_s=10, clock=FakeClock())
+    first = store.start(7, dict)
+    second = store.start(7, dict)
+    store.end(7, first)
+    assert store.get(7) is second
+    store.end(7, second)
+    assert 7 not in store
+
+
 def test_bound_is_enforced_with_clear_error():
     store = StreamStore(max_streams=2, idle_timeout_s=10, clock=FakeClock())
     store.start(1, dict)

@@ -1,11 +1,13 @@
 """Per-stream state held by a sequence-batched model, keyed by Triton's CORRID.
 
 Triton does not tell a Python model when it drops an idle sequence, so idle states are
-reclaimed here by age; the number of live streams is bounded so memory is too.
+reclaimed here by age; the number of live streams is bounded so memory is too. Thread-safe:
+a decoupled model ends streams from its worker threads.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
@@ -29,6 +31,7 @@ class StreamStore(Generic[State]):
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._entries: dict[int, _Entry[State]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -39,16 +42,19 @@ class StreamStore(Generic[State]):
     def start(self, corrid: int, factory: Callable[[], State]) -> State:
         """Begin a stream; a START for a live CORRID restarts it from scratch."""
         self.reap_idle()
-        if corrid not in self._entries and len(self._entries) >= self.max_streams:
-            raise StreamError(
-                f"too many active streams ({self.max_streams}); end some streams or raise max_streams"
-            )
+        with self._lock:
+            if corrid not in self._entries and len(self._entries) >= self.max_streams:
+                raise StreamError(
+                    f"too many active streams ({self.max_streams}); end some streams or raise max_streams"
+                )
         entry = _Entry(factory(), self._clock())
-        self._entries[corrid] = entry
+        with self._lock:
+            self._entries[corrid] = entry
         return entry.state
 
     def get(self, corrid: int) -> State:
-        entry = self._entries.get(corrid)
+        with self._lock:
+            entry = self._entries.get(corrid)
         if entry is None:
             raise StreamError(
                 f"unknown stream {corrid}: no START was received for it, or it was idle longer "
@@ -57,12 +63,18 @@ class StreamStore(Generic[State]):
         entry.last_used = self._clock()
         return entry.state
 
-    def end(self, corrid: int) -> None:
-        self._entries.pop(corrid, None)
+    def end(self, corrid: int, state: State | None = None) -> None:
+        """Forget a stream; with `state`, only if the CORRID still holds that state (it may
+        have been restarted since)."""
+        with self._lock:
+            entry = self._entries.get(corrid)
+            if entry is not None and (state is None or entry.state is state):
+                del self._entries[corrid]
 
     def reap_idle(self) -> list[int]:
         now = self._clock()
-        expired = [c for c, e in self._entries.items() if now - e.last_used > self.idle_timeout_s]
-        for corrid in expired:
-            del self._entries[corrid]
+        with self._lock:
+            expired = [c for c, e in self._entries.items() if now - e.last_used > self.idle_timeout_s]
+            for corrid in expired:
+                del self._entries[corrid]
         return expired
