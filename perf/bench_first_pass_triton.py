@@ -9,10 +9,16 @@ answers keep up with the audio.
 
     python -m perf.bench_first_pass_triton --paraformer-dir .cache/bench-models/paraformer-full-seed0
 
+--layouts serves the model in other shapes, INSTANCESxWORKERS each: 1x2 is one decoupled
+instance whose 2 worker threads take any stream's chunk (as config.pbtxt ships it), 2x0 two
+instances that are not decoupled, to which Triton pins each stream (the earlier shape):
+
+    python -m perf.bench_first_pass_triton --paraformer-dir DIR --layouts 1x2,2x0
+
 --sweep instead runs the batched engine under sequence-batcher settings (config.pbtxt's
-max_queue_delay_microseconds and preferred_batch_size, and the instance count: --delays-us x
---preferred x --instances) at fixed stream counts (--streams), reporting the chunk latency
-and the mean batch Triton formed (inference count / execution count from its statistics):
+max_queue_delay_microseconds and preferred_batch_size, and the layouts: --delays-us x
+--preferred x --layouts) at fixed stream counts (--streams), reporting the chunk latency
+and the mean number of chunks per forward pass (from the model's pass counters):
 
     python -m perf.bench_first_pass_triton --paraformer-dir DIR --sweep --streams 1,2,4,8
 """
@@ -34,6 +40,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.grpc as grpcclient
 
+from frontend.triton_client import SequenceStream, TritonGateway
 from perf.metrics import largest_passing
 from twopass_asr.model_store import PARAFORMER
 from twopass_asr.triton_launcher import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonServer
@@ -50,65 +57,92 @@ def speech_audio(seconds: float) -> np.ndarray:
     return np.tile(pcm, reps)[: int(seconds * 16000)]
 
 
+Layout = tuple[int, int]  # (instances, workers per instance; 0 = not decoupled)
+
+
+def parse_layouts(text: str) -> list[Layout | None]:
+    """"1x2,2x0" -> [(1, 2), (2, 0)]; "shipped" -> None (config.pbtxt as it is)."""
+    layouts = []
+    for item in text.split(","):
+        if item == "shipped":
+            layouts.append(None)
+            continue
+        match = re.fullmatch(r"(\d+)x(\d+)", item)
+        if not match or int(match[1]) < 1:
+            raise SystemExit(f"layout {item!r}: expected INSTANCESxWORKERS (e.g. 1x2, 2x0) or 'shipped'")
+        layouts.append((int(match[1]), int(match[2])))
+    return layouts
+
+
+def layout_name(layout: Layout | None) -> str:
+    return "shipped" if layout is None else f"{layout[0]}x{layout[1]}"
+
+
+def substitute(text: str, pattern: str, replacement: str, config: Path) -> str:
+    text, found = re.subn(pattern, replacement, text)
+    if not found:
+        raise SystemExit(f"{config}: {pattern!r} not found")
+    return text
+
+
 def model_repository(engine: str, root: Path, queue_delay_us: int | None = None,
-                     preferred: list[int] | None = None, instances: int | None = None) -> Path:
+                     preferred: list[int] | None = None, layout: Layout | None = None) -> Path:
     """A repository holding only paraformer_streaming, with the given engine and, when
     given, the sequence batcher's queue delay and preferred batch sizes ([] = none), and
-    the instance count (the cores shared out as torch threads between the instances)."""
-    repo = root / f"repo-{engine}-{queue_delay_us}-{'_'.join(map(str, preferred or []))}-{instances}"
+    the layout (the threads parameter, empty, shares the cores out between the passes
+    that can run at once)."""
+    repo = root / f"repo-{engine}-{queue_delay_us}-{'_'.join(map(str, preferred or []))}-{layout_name(layout)}"
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / PARAFORMER, repo / PARAFORMER,
                     ignore=shutil.ignore_patterns("__pycache__"))
     config = repo / PARAFORMER / "config.pbtxt"
-    text = config.read_text()
-    marker = '{ key: "engine" value: { string_value: "batched" } }'
-    if marker not in text:
-        raise SystemExit(f"{config}: engine parameter not found")
-    text = text.replace(marker, f'{{ key: "engine" value: {{ string_value: "{engine}" }} }}')
+    text = substitute(config.read_text(), r'\{ key: "engine" value: \{ string_value: "batched" \} \}',
+                      f'{{ key: "engine" value: {{ string_value: "{engine}" }} }}', config)
     if queue_delay_us is not None:
-        text, found = re.subn(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {queue_delay_us}",
-                              text)
-        if not found:
-            raise SystemExit(f"{config}: max_queue_delay_microseconds not found")
+        text = substitute(text, r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {queue_delay_us}",
+                          config)
     if preferred is not None:
         replacement = f"preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
-        text, found = re.subn(r"preferred_batch_size: \[[^\]]*\]\n", replacement, text)
-        if not found:
-            raise SystemExit(f"{config}: preferred_batch_size not found")
-    if instances is not None:
-        # The model's threads parameter (empty) shares the cores out between the instances.
-        text, found = re.subn(r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {instances}", text)
-        if not found:
-            raise SystemExit(f"{config}: instance_group count not found")
+        text = substitute(text, r"preferred_batch_size: \[[^\]]*\]\n", replacement, config)
+    if layout is not None:
+        instances, workers = layout
+        text = substitute(text, r"instance_group \[ \{ count: \d+", f"instance_group [ {{ count: {instances}", config)
+        text = substitute(text, r"model_transaction_policy \{ decoupled: true \}",
+                          f"model_transaction_policy {{ decoupled: {'true' if workers else 'false'} }}", config)
+        text = substitute(text, r'\{ key: "workers" value: \{ string_value: "" \} \}',
+                          f'{{ key: "workers" value: {{ string_value: "{workers or ""}" }} }}', config)
     config.write_text(text)
     return repo
 
 
-async def run_stream(client, sequence_id: int, pcm: np.ndarray, start_at: float, latencies: list[float]) -> None:
+async def run_stream(stream: SequenceStream, sequence_id: int, pcm: np.ndarray, start_at: float,
+                     latencies: list[float]) -> None:
     chunks = [pcm[i : i + CHUNK_SAMPLES] for i in range(0, len(pcm), CHUNK_SAMPLES)]
     for index, chunk in enumerate(chunks):
         due = start_at + (index + 1) * CHUNK_S  # a chunk exists once its audio has been spoken
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        audio = grpcclient.InferInput("AUDIO", [1, len(chunk)], "INT16")
-        audio.set_data_from_numpy(chunk.reshape(1, -1))
-        await client.infer(PARAFORMER, [audio], sequence_id=sequence_id, sequence_start=index == 0,
-                           sequence_end=index == len(chunks) - 1)
+        await stream.infer(TritonGateway.audio_inputs(chunk), sequence_id, start=index == 0,
+                           end=index == len(chunks) - 1)
         latencies.append(time.monotonic() - due)
 
 
 async def load(url: str, streams: int, pcm: np.ndarray, seed: int) -> list[float]:
+    """`streams` real-time streams, each on its own gRPC stream as the frontend sends them."""
     client = grpcaio.InferenceServerClient(url)
     rng = random.Random(seed)
     latencies: list[float] = []
     now = time.monotonic()
+    channels = [SequenceStream(client, PARAFORMER, url) for _ in range(streams)]
     try:
         await asyncio.gather(*(
-            run_stream(client, 10_000 * seed + i + 1, np.roll(pcm, rng.randrange(len(pcm))),
+            run_stream(channel, 10_000 * seed + i + 1, np.roll(pcm, rng.randrange(len(pcm))),
                        now + rng.uniform(0, CHUNK_S), latencies)
-            for i in range(streams)
+            for i, channel in enumerate(channels)
         ))
     finally:
+        for channel in channels:
+            await channel.close()
         await client.close()
     return latencies
 
@@ -135,34 +169,33 @@ def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, lis
     return good, rows
 
 
-def executions(url: str) -> tuple[int, int]:
-    """Triton's (inference count, execution count) for paraformer_streaming so far."""
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(PARAFORMER).model_stats[0]
-    return stats.inference_count, stats.execution_count
+def pass_counts(server: TritonServer) -> tuple[float, float]:
+    """(chunks, forward passes) paraformer_streaming has computed so far."""
+    return (server.model_counter(PARAFORMER, "twopass_asr_sequence_pass_chunks_total"),
+            server.model_counter(PARAFORMER, "twopass_asr_sequence_passes_total"))
 
 
 def sweep(args, pcm: np.ndarray, tmp: Path, store: Path) -> int:
-    """Chunk latency and Triton's mean batch at fixed loads, per sequence-batcher setting."""
+    """Chunk latency and the mean chunks per forward pass at fixed loads, per
+    sequence-batcher setting and layout."""
     delays = [int(v) for v in args.delays_us.split(",")]
     preferred_sets = [[int(v) for v in group.split()] for group in args.preferred.split(",")]
-    instance_counts = [int(v) for v in args.instances.split(",")]
     streams = [int(v) for v in args.streams.split(",")]
     rows = []
-    for instances, delay, preferred in itertools.product(instance_counts, delays, preferred_sets):
-        label = f"{instances} instance(s), delay {delay} us, preferred {preferred or 'none'}"
+    for layout, delay, preferred in itertools.product(parse_layouts(args.layouts), delays, preferred_sets):
+        label = f"layout {layout_name(layout)}, delay {delay} us, preferred {preferred or 'none'}"
         print(f"[{label}] starting tritonserver", flush=True)
-        repo = model_repository("batched", tmp, delay, preferred, instances)
+        repo = model_repository("batched", tmp, delay, preferred, layout)
         with TritonServer(store, repo, log_path=args.out / "first_pass_triton_sweep.log") as server:
             asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999))  # warm-up
             for n in streams:
-                before = executions(server.grpc_url)
+                before = pass_counts(server)
                 latencies = asyncio.run(load(server.grpc_url, n, pcm, seed=n))
-                inferences, runs = (after - first for after, first in zip(executions(server.grpc_url), before))
-                row = {"instances": instances, "queue_delay_us": delay,
+                chunks, passes = (after - first for after, first in zip(pass_counts(server), before))
+                row = {"layout": layout_name(layout), "queue_delay_us": delay,
                        "preferred": " ".join(map(str, preferred)) or "none", "streams": n,
                        "p50_ms": 1000 * float(np.median(latencies)), "p95_ms": 1000 * p95(latencies),
-                       "mean_batch": inferences / runs if runs else 0.0, "chunks": len(latencies)}
+                       "mean_batch": chunks / passes if passes else 0.0, "chunks": len(latencies)}
                 rows.append(row)
                 print(f"  {n:3d} streams: p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
                       f"mean batch {row['mean_batch']:.2f}", flush=True)
@@ -170,9 +203,9 @@ def sweep(args, pcm: np.ndarray, tmp: Path, store: Path) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| instances | max_queue_delay_microseconds | preferred_batch_size | streams | p50 ms | p95 ms "
-             "| mean batch |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['instances']} | {r['queue_delay_us']} | {r['preferred']} | {r['streams']} "
+    lines = ["| layout | max_queue_delay_microseconds | preferred_batch_size | streams | p50 ms | p95 ms "
+             "| chunks per pass |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['queue_delay_us']} | {r['preferred']} | {r['streams']} "
               f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['mean_batch']:.2f} |" for r in rows]
     (args.out / "first_pass_triton_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -191,7 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preferred", default="8 16,", help="--sweep: preferred_batch_size sets, comma-separated "
                         "(sizes within a set space-separated; an empty set = none)")
     parser.add_argument("--streams", default="1,2,4,8", help="--sweep: concurrent stream counts")
-    parser.add_argument("--instances", default="2", help="--sweep: instance counts (the cores split between them)")
+    parser.add_argument("--layouts", default="shipped", help="INSTANCESxWORKERS (0 workers = not decoupled) or "
+                        "'shipped', comma-separated; each engine is measured in each")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pcm = speech_audio(args.seconds)
@@ -203,22 +237,26 @@ def main(argv=None) -> int:
         (store / PARAFORMER).symlink_to(args.paraformer_dir.resolve())
         if args.sweep:
             return sweep(args, pcm, Path(tmp), store)
-        for engine in args.engines.split(","):
-            print(f"[{engine}] starting tritonserver", flush=True)
-            with TritonServer(store, model_repository(engine, Path(tmp)),
-                              log_path=args.out / f"first_pass_triton_{engine}.log") as server:
+        for engine, layout in itertools.product(args.engines.split(","), parse_layouts(args.layouts)):
+            label = f"{engine} {layout_name(layout)}"
+            print(f"[{label}] starting tritonserver", flush=True)
+            with TritonServer(store, model_repository(engine, Path(tmp), layout=layout),
+                              log_path=args.out / f"first_pass_triton_{engine}_{layout_name(layout)}.log") as server:
                 asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999))  # warm-up
-                results[engine], rows = capacity(server.grpc_url, pcm, args.max_streams, print)
-            all_rows += [{"engine": engine, **row} for row in rows]
-            print(f"[{engine}] sustains {results[engine]} real-time streams", flush=True)
+                results[label], rows = capacity(server.grpc_url, pcm, args.max_streams, print)
+            all_rows += [{"engine": engine, "layout": layout_name(layout), **row} for row in rows]
+            print(f"[{label}] sustains {results[label]} real-time streams", flush=True)
     with open(args.out / "first_pass_triton.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["engine", "streams", "p50_ms", "p95_ms", "chunks", "sustained"])
+        writer = csv.DictWriter(f, fieldnames=["engine", "layout", "streams", "p50_ms", "p95_ms", "chunks",
+                                               "sustained"])
         writer.writeheader()
         writer.writerows(all_rows)
-    lines = ["| engine | sustained real-time streams (p95 chunk latency < 600 ms) |", "|---|---|"]
-    lines += [f"| {engine} | {n} |" for engine, n in results.items()]
-    if results.get("funasr"):
-        lines.append(f"\nbatched / funasr: {results.get('batched', 0) / results['funasr']:.2f}x")
+    lines = ["| engine, layout | sustained real-time streams (p95 chunk latency < 600 ms) |", "|---|---|"]
+    lines += [f"| {label} | {n} |" for label, n in results.items()]
+    for layout in map(layout_name, parse_layouts(args.layouts)):
+        batched, funasr = results.get(f"batched {layout}"), results.get(f"funasr {layout}")
+        if batched is not None and funasr:
+            lines.append(f"\nbatched / funasr, layout {layout}: {batched / funasr:.2f}x")
     (args.out / "first_pass_triton.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

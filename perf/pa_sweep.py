@@ -25,7 +25,6 @@ from twopass_asr.triton_launcher import REPO_ROOT, TritonServer
 
 PERF_ANALYZER = REPO_ROOT / "tools" / "bin" / "perf_analyzer"
 MODELS = ("vad", "paraformer_streaming", "funasr_nano_vllm")
-DECOUPLED = {"funasr_nano_vllm"}
 SUMMARY_COLUMNS = ["model", "concurrency", "infer/s", "p50 ms", "p95 ms", "p99 ms", "server queue ms", "server compute ms"]
 
 
@@ -39,8 +38,17 @@ def perf_analyzer_env() -> dict[str, str]:
     return env
 
 
+def is_decoupled(url: str, model: str) -> bool:
+    """Whether the served model answers on gRPC streams only (perf_analyzer --streaming)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        config = client.get_model_config(model, as_json=True)["config"]
+    return bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
 def perf_analyzer_command(model: str, url: str, input_data: Path, concurrency: int, csv_path: Path,
-                          request_count: int | None) -> list[str]:
+                          request_count: int | None, decoupled: bool) -> list[str]:
     cmd = [str(PERF_ANALYZER), "-i", "grpc", "-u", url, "-m", model, "--input-data", str(input_data),
            "--concurrency-range", f"{concurrency}:{concurrency}", "--percentile", "95", "-f", str(csv_path)]
     if request_count:
@@ -51,7 +59,7 @@ def perf_analyzer_command(model: str, url: str, input_data: Path, concurrency: i
     else:
         cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", "100",
                 "--stability-percentage", "25", "--max-trials", "10"]
-    if model in DECOUPLED:
+    if decoupled:
         cmd.append("--streaming")
     return cmd
 
@@ -85,11 +93,12 @@ def sweep(url: str, models: list[str], inputs: dict[str, Path], concurrencies: l
     env = perf_analyzer_env()
     rows = []
     for model in models:
+        decoupled = is_decoupled(url, model)
         for concurrency in concurrencies:
             csv_path = out / f"{model}_c{concurrency}.csv"
             print(f"[pa_sweep] {model} concurrency {concurrency} ...", flush=True)
             result = subprocess.run(
-                perf_analyzer_command(model, url, inputs[model], concurrency, csv_path, request_count),
+                perf_analyzer_command(model, url, inputs[model], concurrency, csv_path, request_count, decoupled),
                 env=env, capture_output=True, text=True,
             )
             (out / f"{model}_c{concurrency}.log").write_text(result.stdout + result.stderr)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_triton_nano import CASES, group_processes, reference_text, segment_inputs
-from tests.triton_client_utils import decoupled_responses, decoupled_texts, model_counter
+from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.nano.llm_export import WEIGHTS_FILE, export_llm_dir
 from twopass_asr.nano.recognizer import NanoRecognizer, clean_response
@@ -269,8 +269,8 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
         assert whole == [[text] for text in expected], "STREAM=false: the whole text in one response"
         assert decoupled_texts(server.grpc_url, "nano_fallback", requests) == expected
         # The segments sent together were generated together, in fewer generate calls.
-        passes = model_counter(server, "nano_fallback", "twopass_asr_nano_torch_generate_passes_total")
-        assert model_counter(server, "nano_fallback", "twopass_asr_nano_torch_generated_segments_total") == len(requests)
+        passes = server.model_counter("nano_fallback", "twopass_asr_nano_torch_generate_passes_total")
+        assert server.model_counter("nano_fallback", "twopass_asr_nano_torch_generated_segments_total") == len(requests)
         assert 1 <= passes < len(requests)
         text = server.log_text()
         assert text.count("vLLM unavailable, falling back to torch generation") == 1

@@ -89,23 +89,23 @@ def test_concurrent_streams_match_funasr(triton_server, reference_paraformer, sp
         assert got == reference_texts(reference_paraformer, chunks)
 
 
-def test_instances_share_the_cores(triton_server):
-    """Two paraformer_streaming instances (config.pbtxt) with the threads parameter empty:
-    each gets half the cores; vad, one instance, gets them all."""
+def test_workers_share_the_cores(triton_server):
+    """paraformer_streaming (config.pbtxt: one decoupled instance, workers and threads
+    empty) runs one single-threaded worker per core; vad, one instance that is not
+    decoupled, gives its one pass all the cores."""
     log = triton_server.log_text()
-    threads = {model: re.findall(rf"{model}: loaded .* on cpu, (\d+) torch thread", log)
-               for model in ("paraformer_streaming", "vad")}
+    settings = {model: re.findall(rf"{model}: loaded .* on cpu, (\d+) torch thread\(s\) x (\d+) worker", log)
+                for model in ("paraformer_streaming", "vad")}
     cores = len(os.sched_getaffinity(0))
-    assert threads["paraformer_streaming"] == [str(max(1, cores // 2))] * 2
-    assert threads["vad"] == [str(cores)]
+    assert settings["paraformer_streaming"] == [("1", str(cores))]
+    assert settings["vad"] == [(str(cores), "1")]
 
 
 def test_bad_decoding_options_are_rejected(triton_server):
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    audio = tensor("AUDIO", np.zeros((1, 9600), np.int16), "INT16")
     bad = tensor("CHUNK_SIZE", np.array([[0, 0, 5]], np.int32), "INT32")
     with pytest.raises(InferenceServerException, match="chunk_size"):
-        client.infer("paraformer_streaming", [audio, bad], sequence_id=777001, sequence_start=True, sequence_end=False)
+        run_sequence(client, "paraformer_streaming", [np.zeros(9600, np.int16)], [bad], sequence_id=777001)
     # The failed start left no state, and the model keeps serving a good stream.
     assert isinstance(text_of(run_sequence(client, "paraformer_streaming", [np.zeros(9600, np.int16)])[0]), str)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
-import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -34,21 +32,33 @@ def chunks_of(pcm: np.ndarray, sizes: list[int] | int) -> list[np.ndarray]:
 
 
 def run_sequence(client, model: str, chunks: list[np.ndarray], start_inputs=(), sequence_id=None, output="TEXT"):
-    """Send each chunk as one request of a sequence; returns the output of every chunk."""
+    """Send each chunk as one request of a sequence on a gRPC stream (the only way to the
+    decoupled paraformer_streaming), each after the answer to the one before; returns the
+    output of every chunk. Raises the first error answer."""
+    import queue
+
     sequence_id = sequence_id or next_sequence_id()
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
     results = []
-    for index, chunk in enumerate(chunks):
-        inputs = [tensor("AUDIO", chunk.astype(np.int16).reshape(1, -1), "INT16")]
-        if index == 0:
-            inputs += list(start_inputs)
-        response = client.infer(
-            model,
-            inputs,
-            sequence_id=sequence_id,
-            sequence_start=index == 0,
-            sequence_end=index == len(chunks) - 1,
-        )
-        results.append(response.as_numpy(output))
+    try:
+        for index, chunk in enumerate(chunks):
+            inputs = [tensor("AUDIO", chunk.astype(np.int16).reshape(1, -1), "INT16")]
+            if index == 0:
+                inputs += list(start_inputs)
+            client.async_stream_infer(
+                model,
+                inputs,
+                sequence_id=sequence_id,
+                sequence_start=index == 0,
+                sequence_end=index == len(chunks) - 1,
+            )
+            result, error = answers.get(timeout=300)
+            if error is not None:
+                raise error
+            results.append(result.as_numpy(output))
+    finally:
+        client.stop_stream()
     return results
 
 
@@ -88,12 +98,3 @@ def decoupled_responses(url: str, model: str, requests: list[list[grpcclient.Inf
 def decoupled_texts(url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 300) -> list[str]:
     """Each request's TEXT deltas concatenated (see decoupled_responses)."""
     return ["".join(pieces) for pieces in decoupled_responses(url, model, requests, timeout)]
-
-
-def model_counter(server, model: str, name: str) -> float:
-    """A model's counter (all its instances) from tritonserver's Prometheus metrics endpoint."""
-    with urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)
-    assert values, f"{name} of {model} missing from the metrics"
-    return sum(float(value) for value in values)

@@ -202,6 +202,15 @@ class TritonServer:
         return (f"{line}: loaded {', '.join(loaded) or 'nothing yet'}"
                 + (f"; loading {', '.join(loading)}" if loading else ""))
 
+    def model_counter(self, model: str, name: str) -> float:
+        """A model's counter or gauge (summed over its instances) from the metrics endpoint."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+        if not values:
+            raise LookupError(f"{name} of {model} missing from tritonserver's metrics")
+        return sum(float(value) for value in values)
+
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:

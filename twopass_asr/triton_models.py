@@ -14,6 +14,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr import model_store
+from twopass_asr.chunk_scheduler import ChunkScheduler, run_outcomes
 from twopass_asr.parameters import whole_number
 from twopass_asr.stream_state import StreamError, StreamStore
 
@@ -44,17 +45,27 @@ def resolve_device(params: dict[str, str]) -> str:
     return device
 
 
-def set_torch_threads(configured: str, instances: int) -> None:
-    """The `threads` parameter: torch intra-op threads of this instance (its own stub
-    process). Empty: the cores shared out between the model's instances, so that
-    instances running at the same time do not contend for the same cores."""
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def torch_threads(configured: str, sharers: int) -> int:
+    """The `threads` parameter: torch intra-op threads of each forward pass. Empty: the
+    cores shared out between the passes that may run at once (instances x workers), so
+    that they do not contend for the same cores."""
     if not configured:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, instances)))
-        return
-    try:
-        torch.set_num_threads(whole_number(configured, "parameter threads"))
-    except ValueError as exc:
-        raise pb_utils.TritonModelException(str(exc)) from exc
+        return max(1, cores() // max(1, sharers))
+    return whole_number(configured, "parameter threads")
+
+
+def worker_count(configured: str, decoupled: bool) -> int:
+    """The `workers` parameter: forward passes one decoupled instance runs at once.
+    Empty: one per core. A model that is not decoupled answers in execute: one."""
+    if not decoupled:
+        if configured not in ("", "1"):
+            raise ValueError("parameter workers needs model_transaction_policy { decoupled: true }")
+        return 1
+    return cores() if not configured else whole_number(configured, "parameter workers")
 
 
 def use_utf8_locale() -> None:
@@ -112,7 +123,12 @@ class InstanceMetric:
 class SequenceModel:
     """Base of the sequence-batched adapters. Subclasses give the engine and the I/O:
     `load(model_dir, device, params)`, `new_state(request)`, `process_batch(states, audios, finals)`
-    and `outputs(result)`."""
+    and `outputs(result)`.
+
+    Not decoupled, execute computes its requests in one batched pass and returns the
+    answers. Decoupled (model_transaction_policy), execute hands the chunks to a
+    ChunkScheduler whose `workers` threads run batched passes side by side, and each
+    answer is sent when its pass is done."""
 
     store_name: str = ""  # the model's directory name in the model store
     validate_dir: Callable[[Path], None]
@@ -126,8 +142,14 @@ class SequenceModel:
             type(self).validate_dir(model_dir)
         except model_store.ModelDirError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
+        self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
-        set_torch_threads(params.get("threads", ""), instances)
+        try:
+            self.workers = workers = worker_count(params.get("workers", ""), self.decoupled)
+            threads = torch_threads(params.get("threads", ""), instances * workers)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from exc
+        torch.set_num_threads(threads)
         device = resolve_device(params)
         self.load(model_dir, device, params)
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
@@ -137,13 +159,26 @@ class SequenceModel:
         self.active_streams = InstanceMetric(args, "twopass_asr_active_streams",
                                              "Streams whose state this model instance holds",
                                              pb_utils.MetricFamily.GAUGE)
+        self.passes = InstanceMetric(args, "twopass_asr_sequence_passes_total",
+                                     "Batched passes over chunks of sequences", pb_utils.MetricFamily.COUNTER)
+        self.pass_chunks = InstanceMetric(args, "twopass_asr_sequence_pass_chunks_total",
+                                          "Chunks computed in those passes", pb_utils.MetricFamily.COUNTER)
+        self.scheduler = None
+        if self.decoupled:
+            self.scheduler = ChunkScheduler(
+                self._process_chunks, workers=workers, max_batch=max(1, int(config.get("max_batch_size", 1))),
+                # torch's thread count is per thread: each worker sets its own.
+                on_worker_start=lambda: torch.set_num_threads(threads), name=args["model_name"])
         self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {device}, "
-                             f"{torch.get_num_threads()} torch thread(s)")
+                             f"{threads} torch thread(s) x {workers} worker(s)")
+
+    def finalize(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     def execute(self, requests):
-        """All ready requests of this call are computed together in one batched pass."""
         responses: list = [None] * len(requests)
-        batch: list[tuple[int, int, Any, np.ndarray, bool]] = []
+        chunks: list[tuple[int, tuple[int, Any, np.ndarray, bool]]] = []
         for index, request in enumerate(requests):
             try:
                 if not optional_scalar(request, "READY"):
@@ -158,25 +193,45 @@ class SequenceModel:
                     state = self.streams.start(corrid, lambda: self.new_state(request))
                 else:
                     state = self.streams.get(corrid)
-                batch.append((index, corrid, state, audio, bool(optional_scalar(request, "END"))))
+                chunks.append((index, (corrid, state, audio, bool(optional_scalar(request, "END")))))
             except (StreamError, ValueError) as exc:
                 responses[index] = error_response(str(exc))
-        if batch:
-            self._run_batch(batch, responses)
-        self.active_streams.set(len(self.streams))
-        return responses
 
-    def _run_batch(self, batch, responses) -> None:
-        indices, corrids, states, audios, finals = zip(*batch)
-        try:
-            results = self.process_batch(list(states), list(audios), list(finals))
-        except Exception as exc:  # the streams of a failed pass are dropped; the model keeps serving
-            self.logger.log_error(f"{self.store_name}: batch of streams {list(corrids)} failed: {exc!r}")
-            for index, corrid in zip(indices, corrids):
-                self.streams.end(corrid)
-                responses[index] = error_response(f"internal error in {self.store_name}: {exc}")
-            return
-        for index, corrid, result, is_final in zip(indices, corrids, results, finals):
+        if not self.decoupled:
+            if chunks:
+                outcomes = run_outcomes(self._process_chunks, [chunk for _, chunk in chunks])
+                for (index, chunk), (result, error) in zip(chunks, outcomes):
+                    responses[index] = self._answer(chunk, result, error)
+            self.active_streams.set(len(self.streams))
+            return responses
+
+        for request, response in zip(requests, responses):
+            if response is not None:
+                request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        for index, chunk in chunks:
+            sender = requests[index].get_response_sender()
+            self.scheduler.submit(chunk[1], chunk, lambda result, error, chunk=chunk, sender=sender: sender.send(
+                self._answer(chunk, result, error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
+        return None
+
+    def _process_chunks(self, chunks) -> list:
+        _, states, audios, finals = zip(*chunks)
+        results = self.process_batch(list(states), list(audios), list(finals))
+        self.passes.increment(1)
+        self.pass_chunks.increment(len(chunks))
+        return results
+
+    def _answer(self, chunk, result, error) -> "pb_utils.InferenceResponse":
+        """The response to one chunk; a stream whose pass failed is dropped, and the model
+        keeps serving the others."""
+        corrid, state, _, is_final = chunk
+        if error is not None:
+            self.logger.log_error(f"{self.store_name}: a pass with stream {corrid} failed: {error!r}")
+            self.streams.end(corrid, state)
+            response = error_response(f"internal error in {self.store_name}: {error}")
+        else:
             if is_final:
-                self.streams.end(corrid)
-            responses[index] = pb_utils.InferenceResponse(output_tensors=self.outputs(result))
+                self.streams.end(corrid, state)
+            response = pb_utils.InferenceResponse(output_tensors=self.outputs(result))
+        self.active_streams.set(len(self.streams))
+        return response

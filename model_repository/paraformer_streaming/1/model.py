@@ -18,7 +18,9 @@ class TritonPythonModel(SequenceModel):
         engine = params.get("engine", "batched")
         if engine not in ENGINES:
             raise pb_utils.TritonModelException(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
-        self.paraformer = ENGINES[engine](model_dir, device=device)
+        # FunASR's per-stream generate is not thread-safe: one copy of it per worker.
+        copies = {"copies": self.workers} if engine == "funasr" else {}
+        self.paraformer = ENGINES[engine](model_dir, device=device, **copies)
 
     def new_state(self, request):
         chunk_size = optional_vector(request, "CHUNK_SIZE")
