@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import locale
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,7 +107,12 @@ def error_response(message: str) -> "pb_utils.InferenceResponse":
 
 class InstanceMetric:
     """A Triton metric labelled with the model instance. It holds its family, which must
-    outlive the metric."""
+    outlive the metric. Updates are serialised across the process's threads: the Python
+    backend of tritonserver 2.51 corrupts its shared memory when two threads of one stub
+    update metrics at once (SIGSEGV in its metric handling, reproduced in seconds with
+    worker threads answering chunks)."""
+
+    _update_lock = threading.Lock()
 
     def __init__(self, args: dict, name: str, description: str, kind) -> None:
         self._family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
@@ -114,10 +120,12 @@ class InstanceMetric:
                                                    "instance": args["model_instance_name"]})
 
     def set(self, value: float) -> None:
-        self._metric.set(value)
+        with self._update_lock:
+            self._metric.set(value)
 
     def increment(self, value: float) -> None:
-        self._metric.increment(value)
+        with self._update_lock:
+            self._metric.increment(value)
 
 
 class SequenceModel:
