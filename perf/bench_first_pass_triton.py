@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
-import tritonclient.grpc as grpcclient
 
 from frontend.triton_client import SequenceStream, TritonGateway
 from perf.metrics import largest_passing
