@@ -93,3 +93,23 @@ def test_vad_rejects_unknown_stream(triton_server):
         client.infer("vad", [audio], sequence_id=424242, sequence_start=False, sequence_end=False)
     # The model keeps serving others.
     assert run_sequence(client, "vad", [np.zeros(960, np.int16)], output="SEGMENTS")[0].size == 0
+
+
+def test_vad_refuses_overlapping_passes(test_models, tmp_path):
+    """vad made decoupled with two workers fails to load with the reason: FunASR's VAD
+    keeps per-call settings on the shared model, so its passes must not overlap."""
+    import shutil
+
+    from twopass_asr.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "vad", tmp_path / "repo" / "vad",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    config = tmp_path / "repo" / "vad" / "config.pbtxt"
+    text = config.read_text()
+    assert "instance_group [" in text
+    text = text.replace("instance_group [", "model_transaction_policy { decoupled: true }\ninstance_group [", 1)
+    config.write_text(text.replace('{ key: "max_streams"', '{ key: "workers" value: { string_value: "2" } },\n'
+                                   '  { key: "max_streams"', 1))
+    server = TritonServer(test_models, tmp_path / "repo", log_path=tmp_path / "tritonserver.log")
+    with pytest.raises(TritonStartError, match="vad runs one pass at a time: set parameter workers to 1"):
+        server.start(timeout=120)

@@ -1,5 +1,5 @@
 """Streaming Paraformer (first pass): decode options and the serving engine, which advances
-all streams of a Triton execute call in one batched forward pass over FunASR's
+the chunks of many streams (one worker's pass) in one batched forward pass over FunASR's
 ParaformerStreaming weights (twopass_asr.batched_paraformer; output identical to FunASR's
 per-stream generate)."""
 

@@ -140,6 +140,7 @@ class SequenceModel:
 
     store_name: str = ""  # the model's directory name in the model store
     validate_dir: Callable[[Path], None]
+    passes_may_overlap = True  # False: the engine must not run two passes at once (workers 1)
 
     def initialize(self, args: dict) -> None:
         use_utf8_locale()
@@ -154,6 +155,8 @@ class SequenceModel:
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
         try:
             self.workers = workers = worker_count(params.get("workers", ""), self.decoupled)
+            if workers > 1 and not self.passes_may_overlap:
+                raise ValueError(f"{args['model_name']} runs one pass at a time: set parameter workers to 1")
             threads = torch_threads(params.get("threads", ""), instances * workers)
         except ValueError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc

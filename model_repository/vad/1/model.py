@@ -15,6 +15,9 @@ def _positive_or_none(value):
 class TritonPythonModel(SequenceModel):
     store_name = model_store.VAD
     validate_dir = staticmethod(model_store.validate_vad_dir)
+    # FunASR's VAD detection keeps per-call settings on the shared model (vad_opts), so two
+    # passes at once break each other's frame bookkeeping (seen with decoupled workers).
+    passes_may_overlap = False
 
     def load(self, model_dir, device, params):
         self.vad = StreamingVad(model_dir, device=device)
