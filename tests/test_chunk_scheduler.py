@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from twopass_asr.chunk_scheduler import ChunkScheduler
@@ -165,3 +167,38 @@ def test_a_wrong_number_of_results_is_an_error_for_every_chunk():
     scheduler.close()
     [(_, result, error)] = answers.received
     assert result is None and "0 results for 1 chunks" in str(error)
+
+
+@dataclass
+class TensorState:
+    """Like the engines' stream states: a dataclass whose == compares arrays (and so cannot
+    be used as a truth value)."""
+    cache: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+
+def test_a_chunk_is_taken_past_a_busy_streams_queued_chunk_with_array_states():
+    release = threading.Event()
+    batches = []
+
+    def run_batch(payloads):
+        batches.append(list(payloads))
+        if payloads == ["a0"]:
+            assert release.wait(5)
+        return payloads
+
+    answers = Answers()
+    answers.expect(3)
+    scheduler = ChunkScheduler(run_batch, workers=2, max_batch=4)
+    a, b = TensorState(), TensorState()
+    scheduler.submit(a, "a0", answers.done_for("a0"))
+    while scheduler.queued():
+        pass
+    scheduler.submit(a, "a1", answers.done_for("a1"))  # waits: stream a is in a pass
+    scheduler.submit(b, "b0", answers.done_for("b0"))  # the idle worker takes it past a1
+    while len(answers.received) < 1:
+        pass
+    release.set()
+    answers.wait()
+    scheduler.close()
+    assert batches == [["a0"], ["b0"], ["a1"]]
+    assert [tag for tag, _, _ in answers.received] == ["b0", "a0", "a1"]

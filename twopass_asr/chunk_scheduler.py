@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 Done = Callable[[Any, "BaseException | None"], None]
 
 
-@dataclass
+@dataclass(eq=False)  # queued jobs are told apart by identity, never by their streams' contents
 class _Job:
     stream: Any  # its chunks run in order, one at a time
     payload: Any
