@@ -38,6 +38,22 @@ class Answers:
         assert self.all_done.wait(10), f"only {len(self.received)} of {self.expected} answers arrived"
 
 
+class PassBlockedOn:
+    """run_batch that records each pass and holds the pass over exactly `payloads` until
+    `release` is set."""
+
+    def __init__(self, payloads: list):
+        self.blocked = payloads
+        self.release = threading.Event()
+        self.batches: list[list] = []
+
+    def __call__(self, payloads):
+        self.batches.append(list(payloads))
+        if payloads == self.blocked:
+            assert self.release.wait(5)
+        return payloads
+
+
 def test_chunks_of_a_stream_run_in_order_and_never_together():
     batches = []
     lock = threading.Lock()
@@ -90,15 +106,7 @@ def test_two_workers_run_two_streams_at_the_same_time():
 
 
 def test_chunks_queued_while_the_worker_is_busy_go_in_one_pass_up_to_max_batch():
-    release = threading.Event()
-    batches = []
-
-    def run_batch(payloads):
-        batches.append(list(payloads))
-        if payloads == ["first"]:
-            assert release.wait(5)
-        return payloads
-
+    run_batch = PassBlockedOn(["first"])
     answers = Answers()
     answers.expect(6)
     scheduler = ChunkScheduler(run_batch, workers=1, max_batch=3)
@@ -107,10 +115,10 @@ def test_chunks_queued_while_the_worker_is_busy_go_in_one_pass_up_to_max_batch()
         pass
     for i in range(5):
         scheduler.submit(Stream(f"q{i}"), f"q{i}", answers.done_for(f"q{i}"))
-    release.set()
+    run_batch.release.set()
     answers.wait()
     scheduler.close()
-    assert batches == [["first"], ["q0", "q1", "q2"], ["q3", "q4"]]
+    assert run_batch.batches == [["first"], ["q0", "q1", "q2"], ["q3", "q4"]]
 
 
 def test_a_failed_pass_fails_that_streams_queued_and_later_chunks_only():
@@ -177,15 +185,7 @@ class TensorState:
 
 
 def test_a_chunk_is_taken_past_a_busy_streams_queued_chunk_with_array_states():
-    release = threading.Event()
-    batches = []
-
-    def run_batch(payloads):
-        batches.append(list(payloads))
-        if payloads == ["a0"]:
-            assert release.wait(5)
-        return payloads
-
+    run_batch = PassBlockedOn(["a0"])
     answers = Answers()
     answers.expect(3)
     scheduler = ChunkScheduler(run_batch, workers=2, max_batch=4)
@@ -197,8 +197,8 @@ def test_a_chunk_is_taken_past_a_busy_streams_queued_chunk_with_array_states():
     scheduler.submit(b, "b0", answers.done_for("b0"))  # the idle worker takes it past a1
     while len(answers.received) < 1:
         pass
-    release.set()
+    run_batch.release.set()
     answers.wait()
     scheduler.close()
-    assert batches == [["a0"], ["b0"], ["a1"]]
+    assert run_batch.batches == [["a0"], ["b0"], ["a1"]]
     assert [tag for tag, _, _ in answers.received] == ["b0", "a0", "a1"]
