@@ -3,6 +3,7 @@ state bookkeeping and error responses. Imported only inside tritonserver's Pytho
 
 from __future__ import annotations
 
+import functools
 import json
 import locale
 import os
@@ -220,10 +221,16 @@ class SequenceModel:
             if response is not None:
                 request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         for index, chunk in chunks:
-            sender = requests[index].get_response_sender()
-            self.scheduler.submit(chunk[1], chunk, lambda result, error, chunk=chunk, sender=sender: sender.send(
-                self._answer(chunk, result, error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
+            self.scheduler.submit(chunk[1], chunk,
+                                  functools.partial(self._send_answer, requests[index].get_response_sender(), chunk))
+        self.active_streams.set(len(self.streams))
         return None
+
+    def _send_answer(self, sender, chunk, result, error) -> None:
+        response = self._answer(chunk, result, error)
+        if error is not None or chunk[3]:  # the stream ended: the gauge drops before its client hears
+            self.active_streams.set(len(self.streams))
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _process_chunks(self, chunks) -> list:
         _, states, audios, finals = zip(*chunks)
@@ -239,10 +246,7 @@ class SequenceModel:
         if error is not None:
             self.logger.log_error(f"{self.store_name}: a pass with stream {corrid} failed: {error!r}")
             self.streams.end(corrid, state)
-            response = error_response(f"internal error in {self.store_name}: {error}")
-        else:
-            if is_final:
-                self.streams.end(corrid, state)
-            response = pb_utils.InferenceResponse(output_tensors=self.outputs(result))
-        self.active_streams.set(len(self.streams))
-        return response
+            return error_response(f"internal error in {self.store_name}: {error}")
+        if is_final:
+            self.streams.end(corrid, state)
+        return pb_utils.InferenceResponse(output_tensors=self.outputs(result))
