@@ -56,9 +56,8 @@ class ChunkScheduler:
         self._on_worker_start = on_worker_start
         self._pending: deque[_Job] = deque()
         self._busy: set[int] = set()  # id() of the streams in a running pass
-        # id -> stream; entries vanish with their stream, so a reused id is never mistaken.
-        self._failed: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._errors: dict[int, BaseException] = {}
+        # id -> (weak reference to the stream, its error): a reused id is never mistaken.
+        self._failed: dict[int, tuple[weakref.ref, BaseException]] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
@@ -90,17 +89,13 @@ class ChunkScheduler:
             thread.join()
 
     def _error_of(self, stream: Any) -> BaseException | None:
-        key = id(stream)
-        if self._failed.get(key) is stream:
-            return self._errors[key]
-        self._errors.pop(key, None)  # a stale entry of a stream that is gone
-        return None
+        entry = self._failed.get(id(stream))
+        return entry[1] if entry is not None and entry[0]() is stream else None
 
     def _remember_failure(self, stream: Any, error: BaseException) -> None:
-        self._failed[id(stream)] = stream
-        self._errors[id(stream)] = error
-        for key in [k for k in self._errors if k not in self._failed]:
-            del self._errors[key]
+        for key in [k for k, (ref, _) in self._failed.items() if ref() is None]:
+            del self._failed[key]  # streams that are gone
+        self._failed[id(stream)] = (weakref.ref(stream), error)
 
     def _take(self) -> list[_Job]:
         """The oldest chunk of each stream that is not in a running pass, oldest first."""
