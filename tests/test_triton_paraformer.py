@@ -118,44 +118,20 @@ def test_streams_are_freed_on_end(triton_server, speech_wav):
     assert triton_server.model_counter("paraformer_streaming", "twopass_asr_active_streams") == 0
 
 
-def test_busy_vad_and_first_pass_streams_keep_the_server_up(triton_server, speech_wav):
+def test_busy_streams_and_abandoned_segments_keep_the_server_up(triton_server, speech_wav):
     """Twelve clients firing 100 ms chunks at vad and paraformer_streaming as fast as they
-    are answered, for 20 s. Before metric updates were serialised (InstanceMetric), the
-    Python backend crashed tritonserver within seconds of this: the paraformer workers and
+    are answered, for 20 s, while four second-pass clients walk away from every other
+    segment at a random time (as the frontend does when its WebSocket client leaves).
+    Before metric updates were serialised (InstanceMetric), the Python backend crashed
+    tritonserver within seconds of the sequence traffic alone: the paraformer workers and
     the stubs' main threads updated metrics at once."""
     import asyncio
-    import time
 
-    import tritonclient.grpc.aio as grpcaio
-
-    from frontend.triton_client import SequenceStream, TritonGateway
+    from perf.server_stress import run_load
 
     pcm = speech_wav.pcm[: 16000 * 3]
-    chunks = [pcm[i : i + 1600] for i in range(0, len(pcm), 1600)]
-
-    async def client_loop(client, first_id: int, stop_at: float) -> int:
-        first_pass = SequenceStream(client, "paraformer_streaming", triton_server.grpc_url)
-        vad = SequenceStream(client, "vad", triton_server.grpc_url)
-        answered, sequence_id = 0, first_id
-        while time.monotonic() < stop_at:
-            for index, chunk in enumerate(chunks):
-                flags = {"start": index == 0, "end": index == len(chunks) - 1}
-                await first_pass.infer(TritonGateway.audio_inputs(chunk), sequence_id, **flags)
-                await vad.infer(TritonGateway.audio_inputs(chunk), sequence_id, **flags)
-                answered += 1
-            sequence_id += 1000
-        await first_pass.close()
-        await vad.close()
-        return answered
-
-    async def run() -> list[int]:
-        client = grpcaio.InferenceServerClient(triton_server.grpc_url)
-        try:
-            stop_at = time.monotonic() + 20
-            return await asyncio.gather(*(client_loop(client, 888_000 + i, stop_at) for i in range(12)))
-        finally:
-            await client.close()
-
-    answered = asyncio.run(run())
-    assert all(count >= len(chunks) for count in answered), answered
+    counts = asyncio.run(run_load(triton_server.grpc_url, 20, sequence_clients=12, segment_clients=4, pcm=pcm,
+                                  cancel="timer"))
+    assert all(count >= len(pcm) // 1600 for count in counts.chunks_answered), counts
+    assert counts.segments_cancelled >= 1 and counts.responses >= 1, counts
     assert triton_server.process.poll() is None and triton_server.is_ready()
