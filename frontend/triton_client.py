@@ -220,8 +220,8 @@ class TritonGateway:
         """Second pass on one segment: the TEXT of its response stream.
         Cancelling the caller cancels the gRPC stream, which Triton passes on to the model."""
         # STREAM=false: one response per segment. Only the whole text is forwarded, and
-        # tritonserver 2.51 has crashed on streamed deltas while sequence streams were
-        # busy on the same server (see model_repository/funasr_nano_vllm/config.pbtxt).
+        # tritonserver 2.51 can crash when a request is cancelled while deltas stream to it
+        # (README "Known limitations"); cancelling this one response has not.
         inputs = [_tensor("AUDIO", pcm.reshape(-1), "INT16"), _bytes("LANGUAGE", language),
                   _tensor("ITN", np.array([itn], dtype=bool), "BOOL"),
                   _tensor("STREAM", np.array([False], dtype=bool), "BOOL")]
