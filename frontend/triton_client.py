@@ -216,17 +216,24 @@ class TritonGateway:
             return ""
         return b"".join(v if isinstance(v, bytes) else str(v).encode() for v in values.reshape(-1)).decode("utf-8")
 
+    @staticmethod
+    def segment_inputs(pcm: np.ndarray, hotwords: str, language: str, itn: bool,
+                       stream: bool = False) -> list[grpcclient.InferInput]:
+        """A second-pass request; stream=True asks for text deltas instead of one response."""
+        inputs = [_tensor("AUDIO", pcm.reshape(-1), "INT16"), _bytes("LANGUAGE", language),
+                  _tensor("ITN", np.array([itn], dtype=bool), "BOOL"),
+                  _tensor("STREAM", np.array([stream], dtype=bool), "BOOL")]
+        if hotwords:
+            inputs.append(_bytes("HOTWORDS", hotwords))
+        return inputs
+
     async def recognize_segment(self, pcm: np.ndarray, hotwords: str, language: str, itn: bool) -> str:
         """Second pass on one segment: the TEXT of its response stream.
         Cancelling the caller cancels the gRPC stream, which Triton passes on to the model."""
-        # STREAM=false: one response per segment. Only the whole text is forwarded, and
+        # One response per segment (not deltas): only the whole text is forwarded, and
         # tritonserver 2.51 can crash when a request is cancelled while deltas stream to it
         # (README "Known limitations"); cancelling this one response has not.
-        inputs = [_tensor("AUDIO", pcm.reshape(-1), "INT16"), _bytes("LANGUAGE", language),
-                  _tensor("ITN", np.array([itn], dtype=bool), "BOOL"),
-                  _tensor("STREAM", np.array([False], dtype=bool), "BOOL")]
-        if hotwords:
-            inputs.append(_bytes("HOTWORDS", hotwords))
+        inputs = self.segment_inputs(pcm, hotwords, language, itn)
 
         async def one_request():
             yield {"model_name": SECOND_PASS_MODEL, "inputs": inputs}

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 
 from frontend.triton_client import SECOND_PASS_MODEL, InferenceError, SequenceStream, TritonGateway
+from perf.bench_first_pass_triton import speech_audio
 from twopass_asr.triton_launcher import TritonServer
 
 CHUNK_SAMPLES = 1600
@@ -63,9 +63,8 @@ async def sequence_client(client, url: str, pcm: np.ndarray, first_id: int, stop
 
 async def segment_client(client, segment: np.ndarray, stop_at: float, cancel: str, stream_deltas: bool,
                          rng: random.Random, counts: StressCounts) -> None:
-    inputs = [grpcclient.InferInput("AUDIO", [len(segment)], "INT16"), grpcclient.InferInput("STREAM", [1], "BOOL")]
-    inputs[0].set_data_from_numpy(segment.astype(np.int16))
-    inputs[1].set_data_from_numpy(np.array([stream_deltas]))
+    # The frontend's request (its defaults: no hotwords, language auto, itn on).
+    inputs = TritonGateway.segment_inputs(segment, hotwords="", language="auto", itn=True, stream=stream_deltas)
     while time.monotonic() < stop_at:
         walk_away = cancel != "none" and counts.segments_sent % 2 == 1
         counts.segments_sent += 1
@@ -130,8 +129,6 @@ def main(argv=None) -> int:
     parser.add_argument("--stream-deltas", action="store_true", help="ask for text deltas (STREAM=true)")
     parser.add_argument("--log", type=Path, default=Path("perf/results/server_stress-tritonserver.log"))
     args = parser.parse_args(argv)
-    from perf.bench_first_pass_triton import speech_audio
-
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(args.store, log_path=args.log) as server:
         started = time.monotonic()
