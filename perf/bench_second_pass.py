@@ -14,7 +14,7 @@ does; --embed-max-batch 1 encodes one segment at a time), then
          --torch-dtype (auto: as the model resolves it),
   funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only, on a
          second copy of the model left as FunASR loads it (torch's own linear layers; the
-         served recognizer prepacks its audio encoder's for oneDNN).
+         served recognizer packs its audio encoder's once, twopass_asr.prepacked_linear).
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. In-process (no tritonserver), so the numbers are the engines', not gRPC's. A random

@@ -17,6 +17,7 @@ import torch
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.batched_paraformer import SAMPLES_PER_CHUNK_UNIT, BatchedStreamingParaformer
 from twopass_asr.paraformer import DecodeOptions
+from twopass_asr.prepacked_linear import choose_kernel
 from twopass_asr.random_paraformer import build_random_paraformer
 
 torch.set_num_threads(1)
@@ -36,9 +37,13 @@ def tiny_model_dir(tmp_path_factory):
     return build_random_paraformer(tmp_path_factory.mktemp("paraformer") / "tiny", "tiny", seed=7)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return BatchedStreamingParaformer(tiny_model_dir)
+# Every packed linear kernel (the service takes MLAS on its one-thread workers) and torch's own.
+@pytest.fixture(scope="module", params=[
+    pytest.param(kernel, marks=pytest.mark.skipif(kernel is not None and choose_kernel(kernel) is None,
+                                                  reason=f"{kernel} unavailable here"))
+    for kernel in ("mlas", "onednn", None)])
+def engine(tiny_model_dir, request):
+    return BatchedStreamingParaformer(tiny_model_dir, linear_kernel=request.param)
 
 
 class ReferenceDecoder:

@@ -159,9 +159,10 @@ class BatchedStreamingParaformer:
     """Streaming Paraformer over FunASR's weights; `process_batch` advances many streams in
     one batched forward pass."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", prepack: bool = True):
-        """`prepack`: reorder the float32 linear weights once for oneDNN (CPU only; see
-        twopass_asr.prepacked_linear)."""
+    def __init__(self, model_dir: str | Path, device: str = "cpu", linear_kernel: str | None = "auto"):
+        """`linear_kernel`: the kernel whose packed layout the float32 linear weights get once
+        at load (CPU only; twopass_asr.prepacked_linear.choose_kernel); None keeps torch's
+        nn.Linear."""
         from funasr import AutoModel
 
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
@@ -172,8 +173,8 @@ class BatchedStreamingParaformer:
         self.features = StreamingFeatures(automodel.kwargs["frontend"])
         self.token_list = list(automodel.kwargs["tokenizer"].token_list)
         self._check_supported()
-        if prepack:
-            prepack_linear_layers(self.model)
+        if linear_kernel is not None:
+            prepack_linear_layers(self.model, linear_kernel)
 
         encoder, decoder = self.model.encoder, self.model.decoder
         self.encoder_layers = list(encoder.encoders0) + list(encoder.encoders)

@@ -70,8 +70,9 @@ class NanoRecognizer:
 
     max_new_tokens caps generation; the directory's own cap (config.yaml `max_length`,
     FunASR's default 512) still applies, so the text never runs past what FunASR produces.
-    prepack reorders the audio encoder's and adaptor's float32 linear weights once for oneDNN
-    (CPU only; see twopass_asr.prepacked_linear), and the LLM's when use_dtype makes it float32.
+    prepack packs the audio encoder's and adaptor's float32 linear weights once for a faster
+    GEMM kernel (CPU only; see twopass_asr.prepacked_linear), and the LLM's when use_dtype makes
+    it float32.
     """
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True):
