@@ -5,9 +5,10 @@ With the full-size random Paraformer (real shapes, ~220M parameters), B streams 
 process_batch, linear weights packed once for the kernel the service picks: MLAS at one torch
 thread, oneDNN at more) is timed against FunASR's AutoModel.generate run stream after stream
 on the same chunks (steady state: the first chunk of every stream is a warm-up), and against
-the same batched forward with oneDNN's packed weights and with torch's plain nn.Linear. Reports wall and CPU time, stream-chunks served per CPU-second, and a compute
-floor: the FLOPs of one batched step (counted by torch's FlopCounterMode on the plain
-engine: it does not see oneDNN's linear op) divided by a matmul rate measured right before
+the same batched forward with oneDNN's packed weights and with torch's plain nn.Linear.
+Reports wall and CPU time, stream-chunks served per CPU-second, and a compute floor: the
+FLOPs of one batched step (counted by torch's FlopCounterMode on the engine with torch's own
+linear layers: it does not see the packed kernels) divided by a matmul rate measured right before
 each timed forward (the rate of a shared cloud core drifts by +-20% within a minute, so a
 rate measured once at the start makes the floor ratio noise).
 
