@@ -90,7 +90,9 @@ class MlasLinear(PrepackedLinear):
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", self.in_features])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", self.out_features])], initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model.ir_version = 8  # the oldest that opset 13 allows: any onnxruntime >= 1.10 loads it
+        # onnx stamps its own newest IR version (14), which onnxruntime 1.23 refuses; IR 8
+        # loads in every onnxruntime that requirements/base.in allows.
+        model.ir_version = 8
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
