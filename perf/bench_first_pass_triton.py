@@ -223,7 +223,7 @@ def sweep(args, pcm: np.ndarray, tmp: Path, store: Path) -> int:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| layout | max_queue_delay_microseconds | preferred_batch_size | streams | p50 ms | p95 ms "
-             "| chunks per pass |", "|---|---|---|---|---|---|---|"]  # last chunks apart, as in capacity
+             "(last chunks apart) | chunks per pass |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['layout']} | {r['queue_delay_us']} | {r['preferred']} | {r['streams']} "
               f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['mean_batch']:.2f} |" for r in rows]
     (args.out / "first_pass_triton_sweep.md").write_text("\n".join(lines) + "\n")
