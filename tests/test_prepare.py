@@ -168,7 +168,8 @@ def test_random_tiny_store_is_valid_and_idempotent(tmp_path, capsys):
     assert prepare.main(["--store", str(store), "--random", "tiny", "--seed", "3"]) == 0
     assert time.monotonic() - started < 2
     assert model_files(store) == before
-    assert capsys.readouterr().err.count("up to date") == 3
+    err = capsys.readouterr().err
+    assert err.count("up to date") == 2 and "vad: kept as it is" in err
 
     # Offline, --fallback-random asks for exactly what the store holds: loud warning, no rebuild.
     if prepare.probe(*prepare.hub_address("ms")) is not None:
@@ -179,7 +180,8 @@ def test_random_tiny_store_is_valid_and_idempotent(tmp_path, capsys):
     # A different seed rebuilds only the random models.
     assert prepare.main(["--store", str(store), "--random", "tiny", "--seed", "4"]) == 0
     assert model_store.read_manifest(store)[model_store.PARAFORMER]["seed"] == 4
-    assert capsys.readouterr().err.count("up to date") == 1
+    err = capsys.readouterr().err
+    assert "up to date" not in err and "vad: kept as it is" in err
 
 
 def test_local_directories_are_validated_and_linked(tiny_paraformer, tmp_path, capsys):
@@ -196,8 +198,148 @@ def test_local_directories_are_validated_and_linked(tiny_paraformer, tmp_path, c
     linked = store / model_store.PARAFORMER
     assert linked.is_symlink() and linked.resolve() == tiny_paraformer.resolve()
     entry = model_store.read_manifest(store)[model_store.PARAFORMER]
-    assert entry == {"source": "local", "path": str(tiny_paraformer.resolve()), "mode": "symlink"}
+    assert prepare.source_of(entry) == {"source": "local", "path": str(tiny_paraformer.resolve()), "mode": "symlink"}
     np.testing.assert_array_equal(
         model_store.read_cmvn(store / model_store.VAD / "am.mvn")[0],
         model_store.read_cmvn(model_store.bundled_vad_dir() / "am.mvn")[0],
     )
+
+
+# ---------------------------------------------------------------- what a store holds is kept
+
+
+def hub_reachable() -> bool:
+    return prepare.probe(*prepare.hub_address("ms")) is None
+
+
+@pytest.fixture(scope="module")
+def user_models(tmp_path_factory) -> Path:
+    """A user's own Paraformer and Nano directories (seed 7, unlike anything prepare builds
+    by default)."""
+    root = tmp_path_factory.mktemp("user_models")
+    assert prepare.main(["--store", str(root), "--random", "tiny", "--seed", "7"]) == 0
+    return root
+
+
+def store_snapshot(root: Path) -> dict:
+    """Every file (content hash and mtime) and link of a store, and its manifest."""
+    import hashlib
+
+    files = {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+             for p in root.rglob("*") if p.is_file()}
+    links = {str(p.relative_to(root)): str(p.readlink()) for p in root.iterdir() if p.is_symlink()}
+    return {"files": files, "links": links, "manifest": model_store.read_manifest(root)}
+
+
+def serve_prepare_step(store: Path) -> subprocess.CompletedProcess:
+    """What `serve --store STORE` runs before starting tritonserver, with its defaults."""
+    from twopass_asr.serve import prepare_command, parse_args
+
+    return subprocess.run(prepare_command(parse_args(["--store", str(store)])), capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("mode", ["copy", "symlink"])
+def test_serve_keeps_the_models_a_user_prepared(user_models, tmp_path, mode):
+    store = tmp_path / "store"
+    copy = ["--copy"] if mode == "copy" else []
+    assert prepare.main(["--store", str(store), "--paraformer-dir", str(user_models / model_store.PARAFORMER),
+                         "--nano-dir", str(user_models / model_store.NANO), *copy]) == 0
+    before = store_snapshot(store)
+
+    run = serve_prepare_step(store)
+    assert run.returncode == 0, run.stderr
+    assert store_snapshot(store) == before
+    for name in (model_store.PARAFORMER, model_store.NANO):
+        path = (user_models / name).resolve()
+        assert before["manifest"][name]["source"] == "local" and before["manifest"][name]["path"] == str(path)
+        assert f"{name}: local {path} ({mode})" in run.stderr, run.stderr
+        assert ((store / name).resolve() == path) == (mode == "symlink")
+    assert "RANDOM" not in run.stderr
+
+
+def test_serve_keeps_random_full_models(user_models, tmp_path):
+    """A store made with --random full is not rebuilt as serve's default tiny fallback.
+    Stand-in: tiny weights recorded as random-full, as building full-size ones takes minutes."""
+    store = shutil.copytree(user_models, tmp_path / "store", symlinks=True)
+    manifest = model_store.read_manifest(store)
+    for name in (model_store.PARAFORMER, model_store.NANO):
+        manifest[name]["source"] = "random-full"
+    model_store.write_manifest(store, manifest)
+    before = store_snapshot(store)
+
+    run = serve_prepare_step(store)
+    assert run.returncode == 0, run.stderr
+    assert store_snapshot(store) == before
+    assert f"{model_store.PARAFORMER}: random-full seed 7" in run.stderr
+    assert "RANDOM-WEIGHT models for paraformer_streaming, funasr_nano" in run.stderr
+
+
+def test_only_a_missing_entry_is_filled(user_models, tmp_path):
+    if hub_reachable():
+        pytest.skip("the hub is reachable: the missing model would be downloaded, which this test must not do")
+    store = shutil.copytree(user_models, tmp_path / "store", symlinks=True)
+    shutil.rmtree(store / model_store.NANO)
+    kept = {name: store_snapshot(store / name) for name in (model_store.VAD, model_store.PARAFORMER)}
+    manifest = model_store.read_manifest(store)
+
+    run = serve_prepare_step(store)
+    assert run.returncode == 0, run.stderr
+    assert {name: store_snapshot(store / name) for name in kept} == kept
+    after = model_store.read_manifest(store)
+    assert after[model_store.PARAFORMER] == manifest[model_store.PARAFORMER]
+    assert after[model_store.NANO]["source"] == "random-tiny" and after[model_store.NANO]["seed"] == 0
+    assert f"{model_store.NANO}: to be filled (its directory is missing)" in run.stderr
+    assert "building random tiny weights for funasr_nano only" in run.stderr
+    prepare.validate_nano_dir(store / model_store.NANO)
+
+
+def test_a_vanished_or_broken_linked_model_stops_with_the_ways_out(user_models, tmp_path, capsys):
+    mine = shutil.copytree(user_models / model_store.PARAFORMER, tmp_path / "mine")
+    store = tmp_path / "store"
+    assert prepare.main(["--store", str(store), "--paraformer-dir", str(mine), "--random", "tiny"]) == 0
+    capsys.readouterr()
+    before = store_snapshot(store)
+
+    (mine / "am.mvn").unlink()
+    assert prepare.main(["--store", str(store), "--fallback-random", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert f"the store's {model_store.PARAFORMER} (local {mine} (symlink)) no longer validates" in err
+    assert "has no am.mvn" in err and "--paraformer-dir DIR, --random tiny|full" in err and "--force" in err
+
+    shutil.rmtree(mine)
+    assert prepare.main(["--store", str(store), "--fallback-random", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert f"the store's {model_store.PARAFORMER} links {mine}, which no longer exists" in err
+    assert "Traceback" not in err
+    assert store_snapshot(store) == before, "nothing is rebuilt in its place"
+
+
+def test_an_explicit_request_replaces_a_kept_model(user_models, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert prepare.main(["--store", str(store), "--paraformer-dir", str(user_models / model_store.PARAFORMER),
+                         "--nano-dir", str(user_models / model_store.NANO)]) == 0
+    assert prepare.main(["--store", str(store), "--random", "tiny", "--seed", "2"]) == 0
+    manifest = model_store.read_manifest(store)
+    for name in (model_store.PARAFORMER, model_store.NANO):
+        assert manifest[name]["source"] == "random-tiny" and manifest[name]["seed"] == 2
+        assert not (store / name).is_symlink()
+    assert (user_models / model_store.PARAFORMER / "model.pt").is_file(), "the user's directory is untouched"
+
+
+def test_a_model_placed_in_the_store_by_hand_is_kept(user_models, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(user_models / model_store.PARAFORMER, store / model_store.PARAFORMER)
+    broken = shutil.copytree(user_models / model_store.NANO, store / model_store.NANO)
+    (broken / "model.pt").unlink()
+    assert prepare.main(["--store", str(store), "--fallback-random", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert f"{broken} was not made by this command and does not validate" in err
+    assert not (broken / "model.pt").exists() and (broken / "config.yaml").exists(), "left as it was"
+
+    shutil.rmtree(broken)
+    shutil.copytree(user_models / model_store.NANO, broken)
+    assert prepare.main(["--store", str(store), "--fallback-random", "tiny"]) == 0
+    entry = model_store.read_manifest(store)[model_store.PARAFORMER]
+    assert (entry["source"], entry["mode"]) == ("local", "in store")
+    assert "not recorded by an earlier run; keeping it" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from frontend.client import transcribe
+from twopass_asr import model_store
 from twopass_asr.triton_launcher import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.triton
@@ -33,10 +34,17 @@ def wait_for_page(port: int, process: subprocess.Popen, timeout: float = 300) ->
     raise AssertionError("the service did not come up")
 
 
-def test_serve_answers_and_stops_cleanly_on_ctrl_c(test_models, speech_wav, tmp_path):
+def test_serve_answers_from_the_users_models_and_stops_cleanly_on_ctrl_c(test_models, speech_wav, tmp_path):
+    """Served with its defaults from a store linked to a user's directories (here the test
+    models): the models loaded are those directories, not random ones built in their place."""
+    store = tmp_path / "store"
+    mine = {name: (test_models / name).resolve() for name in (model_store.PARAFORMER, model_store.NANO)}
+    subprocess.run([sys.executable, "-m", "twopass_asr.prepare", "--store", str(store),
+                    "--paraformer-dir", str(mine[model_store.PARAFORMER]),
+                    "--nano-dir", str(mine[model_store.NANO])], check=True)
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "twopass_asr.serve", "--store", str(test_models), "--random", "tiny",
+        [sys.executable, "-m", "twopass_asr.serve", "--store", str(store),
          "--host", "127.0.0.1", "--port", str(port), "--triton-http-port", str(free_port()),
          "--triton-grpc-port", str(free_port()), "--triton-metrics-port", str(free_port()),
          "--log-dir", str(tmp_path)],
@@ -47,6 +55,10 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(test_models, speech_wav, tmp_
         descendants = psutil.Process(process.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in descendants)
         assert "tritonserver" in names and "frontend.server" in names
+        triton_log = (tmp_path / "tritonserver.log").read_text(encoding="utf-8", errors="replace")
+        for triton_model, name in (("paraformer_streaming", model_store.PARAFORMER),
+                                   ("funasr_nano_vllm", model_store.NANO)):
+            assert f"{triton_model}: loaded {store / name} -> {mine[name]}" in triton_log
 
         result = asyncio.run(transcribe(f"ws://127.0.0.1:{port}/", speech_wav.pcm, {"mode": "2pass"}))
         finals = [m for m in result.messages if m.get("is_final")]

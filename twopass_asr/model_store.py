@@ -53,6 +53,13 @@ def bundled_vad_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]).resolve() / "asset" / "fsmn-vad"
 
 
+def served_path(model_dir: Path) -> str:
+    """A model directory as configured, and where it leads when it is a link: the log then
+    names the user's own directory behind a store entry."""
+    resolved = Path(model_dir).resolve()
+    return str(model_dir) if resolved == Path(model_dir).absolute() else f"{model_dir} -> {resolved}"
+
+
 def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST_FILE
     if not path.exists():

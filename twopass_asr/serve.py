@@ -22,9 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", type=Path, default=None, help="model store (default $TWOPASS_ASR_MODELS or .model_store)")
     parser.add_argument("--random", choices=["tiny", "full"], default=None,
-                        help="serve random models without trying to download the real ones")
+                        help="serve random models (replacing what the store holds) without trying to download")
     parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
-                        help="random models to build when the real ones cannot be downloaded (default tiny)")
+                        help="random models to build for missing ones that cannot be downloaded (default tiny)")
     parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
     parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
     parser.add_argument("--certfile", default=None)
@@ -36,12 +36,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def prepare_command(args) -> list[str]:
+    """The store keeps every valid model it holds; the fallback fills only missing ones."""
+    cmd = [sys.executable, "-m", "twopass_asr.prepare", "--store", str(args.store or model_store.store_root())]
+    return cmd + (["--random", args.random] if args.random else ["--fallback-random", args.fallback_random])
+
+
 def prepare(args) -> Path:
-    store = args.store or model_store.store_root()
-    cmd = [sys.executable, "-m", "twopass_asr.prepare", "--store", str(store)]
-    cmd += ["--random", args.random] if args.random else ["--fallback-random", args.fallback_random]
-    subprocess.run(cmd, check=True)
-    return store
+    subprocess.run(prepare_command(args), check=True)
+    return args.store or model_store.store_root()
 
 
 def main(argv=None) -> int:

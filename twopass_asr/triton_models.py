@@ -181,7 +181,7 @@ class SequenceModel:
                 self._process_chunks, workers=workers, max_batch=max(1, int(config.get("max_batch_size", 1))),
                 # torch's thread count is per thread: each worker sets its own.
                 on_worker_start=lambda: torch.set_num_threads(threads), name=args["model_name"])
-        self.logger.log_info(f"{args['model_name']}: loaded {model_dir} on {device}, "
+        self.logger.log_info(f"{args['model_name']}: loaded {model_store.served_path(model_dir)} on {device}, "
                              f"{threads} torch thread(s) x {workers} worker(s)")
 
     def finalize(self) -> None:

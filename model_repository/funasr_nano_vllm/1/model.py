@@ -121,8 +121,8 @@ class TritonPythonModel:
                                             **generate_batching)
         engine_name = "vLLM" if self.engine else "torch"
         dtype = self.engine.settings.dtype if self.engine else DTYPE_NAMES[self.recognizer.dtype]
-        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_dir} on {device} ({engine_name} generation), "
-                                 f"LLM in {dtype}, CPU nice +{cpu_nice}")
+        pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_store.served_path(model_dir)} on {device} "
+                                 f"({engine_name} generation), LLM in {dtype}, CPU nice +{cpu_nice}")
 
     @staticmethod
     def _pass_counter(args, passes_name, segments_name, what):
