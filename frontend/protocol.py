@@ -1,4 +1,4 @@
-"""The FunASR 2pass WebSocket protocol (see PROTOCOL.md in the docs): config parsing and
+"""The FunASR 2pass WebSocket protocol (docs/protocol.md): config parsing and
 validation, and the JSON messages the server sends. Pure: no I/O, no inference.
 
 Where the protocol leaves room, this server decides:

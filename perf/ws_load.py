@@ -1,4 +1,4 @@
-"""WebSocket load generator for the 2pass service (or any server speaking PROTOCOL.md):
+"""WebSocket load generator for the 2pass service (or any server speaking docs/protocol.md):
 N concurrent clients each stream a WAV at real-time pace (or --speed x), started evenly
 over --ramp-s, and the tool measures per stream:
 
