@@ -141,10 +141,6 @@ class AudioHistory:
         self._first_sample = 0  # stream position of the first held sample
         self._held = 0
 
-    @property
-    def end_sample(self) -> int:
-        return self._first_sample + self._held
-
     def append(self, pcm: np.ndarray) -> None:
         if len(pcm):
             self._chunks.append(pcm)

@@ -52,13 +52,6 @@ class StreamResult:
         """Second-pass results (the final message too when it carries a segment)."""
         return [m for m in self.messages if "start_time" in m]
 
-    @property
-    def final_latency_s(self) -> float | None:
-        """From sending the end of the stream to receiving the final message."""
-        if self.end_sent_s is None or self.final is None:
-            return None
-        return self.arrival_s[self.messages.index(self.final)] - self.end_sent_s
-
 
 def default_frame_samples(config: dict[str, Any], sample_rate: int) -> int:
     """What FunASR's clients send per frame: chunk_size[1]*60 ms / chunk_interval."""

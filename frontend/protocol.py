@@ -25,11 +25,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from twopass_asr.audio import SAMPLE_RATE
+from twopass_asr.first_pass.options import CHUNK_SIZE_BOUNDS, LOOK_BACK_BOUNDS, SAMPLES_PER_CHUNK_UNIT
 from twopass_asr.hotwords import parse_hotwords
-
-SAMPLE_RATE = 16000
-# One chunk_size unit is 60 ms of audio.
-SAMPLES_PER_CHUNK_UNIT = SAMPLE_RATE * 60 // 1000
 
 MODES = ("online", "offline", "2pass")
 WAV_FORMATS = ("pcm", "wav")
@@ -125,9 +123,7 @@ def _chunk_size(value: Any) -> tuple[int, int, int]:
             raise _type_error("chunk_size", 'three integers, as [a, b, c] or "a,b,c"', value) from None
     if not isinstance(value, list) or len(value) != 3:
         raise _type_error("chunk_size", 'three integers, as [a, b, c] or "a,b,c"', value)
-    a, b, c = (_int(f"chunk_size[{i}]", v, 0, 100) for i, v in enumerate(value))
-    if b < 1:
-        raise ProtocolError("invalid_config", "field 'chunk_size[1]' (the decode chunk, in 60 ms units) must be at least 1")
+    a, b, c = (_int(f"chunk_size[{i}]", v, *bounds) for i, (v, bounds) in enumerate(zip(value, CHUNK_SIZE_BOUNDS)))
     return (a, b, c)
 
 
@@ -183,8 +179,8 @@ _FIELD_PARSERS = {
     "mode": _mode,
     "chunk_size": _chunk_size,
     "chunk_interval": lambda v: _int("chunk_interval", v, 1, 1000),
-    "encoder_chunk_look_back": lambda v: _int("encoder_chunk_look_back", v, 0, 100),
-    "decoder_chunk_look_back": lambda v: _int("decoder_chunk_look_back", v, 0, 100),
+    "encoder_chunk_look_back": lambda v: _int("encoder_chunk_look_back", v, *LOOK_BACK_BOUNDS),
+    "decoder_chunk_look_back": lambda v: _int("decoder_chunk_look_back", v, *LOOK_BACK_BOUNDS),
     "audio_fs": _audio_fs,
     "wav_name": lambda v: _str("wav_name", v),
     "wav_format": _wav_format,

@@ -46,8 +46,8 @@ from frontend.protocol import (
 )
 from frontend.session import HISTORY_KEEP_MS, MAX_STEP_SAMPLES, MIN_STEP_SAMPLES
 from twopass_asr.audio import pcm16_to_float
-from twopass_asr.batched_vad import DEFAULT_VAD_STEP_MS, VadOptions, stream_vad_opts
 from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.vad.batched import DEFAULT_VAD_STEP_MS, VadOptions, stream_vad_opts
 
 log = logging.getLogger("perf.baseline_server")
 
@@ -62,8 +62,8 @@ class Models:
         import torch
         from funasr import AutoModel
 
-        from twopass_asr.model_store import validate_paraformer_dir, validate_vad_dir
-        from twopass_asr.nano.recognizer import validate_nano_dir
+        from twopass_asr.store.model_store import validate_paraformer_dir, validate_vad_dir
+        from twopass_asr.store.nano_dir import validate_nano_dir
 
         torch.set_num_threads(threads)
         dirs = {name: store / name for name in ("vad", "paraformer_streaming", "funasr_nano")}

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from twopass_asr import REPO_ROOT
+from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
+
 DEFAULT_MODEL_DIR = REPO_ROOT / ".cache" / "bench-models" / "paraformer-full-seed0"
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
-CHUNK_SAMPLES = 9600  # 600 ms at 16 kHz: one chunk_size[1]=10 step
 CHUNK_SECONDS = CHUNK_SAMPLES / 16000
 
 
@@ -66,7 +67,7 @@ class Row:
 def ensure_model(model_dir: Path) -> Path:
     if (model_dir / "model.pt").exists() and (model_dir / "config.yaml").exists():
         return model_dir
-    from twopass_asr.random_paraformer import build_random_paraformer
+    from twopass_asr.store.random_paraformer import build_random_paraformer
 
     return build_random_paraformer(model_dir, "full", seed=0)
 
@@ -103,7 +104,7 @@ def bench_batch(engine, variants: dict, reference, batch: int, rounds: int, rng)
     from torch.utils.flop_counter import FlopCounterMode
 
     from twopass_asr.audio import pcm16_to_float
-    from twopass_asr.paraformer import DecodeOptions
+    from twopass_asr.first_pass.options import DecodeOptions
 
     options = DecodeOptions()
     device = engine.device
@@ -255,8 +256,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from funasr import AutoModel
 
-    from twopass_asr.batched_paraformer import BatchedStreamingParaformer
-    from twopass_asr.prepacked_linear import choose_kernel
+    from twopass_asr.first_pass.batched import BatchedStreamingParaformer
+    from twopass_asr.kernels.prepacked_linear import choose_kernel
 
     model_dir = ensure_model(args.model_dir)
     engine = BatchedStreamingParaformer(model_dir, device=args.device)

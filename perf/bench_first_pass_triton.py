@@ -45,11 +45,12 @@ import tritonclient.grpc.aio as grpcaio
 
 from frontend.triton_client import SequenceStream, TritonGateway
 from perf.metrics import largest_passing
-from twopass_asr.model_store import PARAFORMER
-from twopass_asr.triton_launcher import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonServer
+from twopass_asr import REPO_ROOT
+from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
+from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from twopass_asr.store.model_store import PARAFORMER
 
 CHUNK_S = 0.6
-CHUNK_SAMPLES = 9600
 
 
 @dataclass

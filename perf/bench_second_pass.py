@@ -1,7 +1,7 @@
 """Second-pass speed: Fun-ASR-Nano's LLM on vLLM's async engine vs the torch fallback vs
 FunASR's FunASRNano inference one segment at a time.
 
-With the full-size random Nano (`python -m twopass_asr.prepare --store .model_store-full
+With the full-size random Nano (`python -m twopass_asr.store.prepare --store .model_store-full
 --random full`), C clients (C in --concurrency) each send their segments one after another,
 as the Triton model serves them: prompt embeddings on one torch worker thread (the audio
 encoder batched over the segments waiting together, as funasr_nano_vllm's SegmentBatcher
@@ -14,7 +14,7 @@ does; --embed-max-batch 1 encodes one segment at a time), then
          --torch-dtype (auto: as the model resolves it),
   funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only, on a
          second copy of the model left as FunASR loads it (torch's own linear layers; the
-         served recognizer packs its audio encoder's once, twopass_asr.prepacked_linear).
+         served recognizer packs its audio encoder's once, twopass_asr.kernels.prepacked_linear).
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. In-process (no tritonserver), so the numbers are the engines', not gRPC's. A random
@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import csv
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twopass_asr.nano.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
-from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest
+from twopass_asr import REPO_ROOT
+from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
+from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
 # Issue 4's latency target is stated for 5 s segments.
@@ -217,7 +216,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if not (args.model_dir / "model.pt").is_file():
-        sys.exit(f"{args.model_dir} has no model.pt; build it with: python -m twopass_asr.prepare "
+        sys.exit(f"{args.model_dir} has no model.pt; build it with: python -m twopass_asr.store.prepare "
                  "--store .model_store-full --random full")
     if not set(args.vllm_modes.split(",")) <= {"compiled", "eager"}:
         parser.error(f"--vllm-modes takes compiled and/or eager, got {args.vllm_modes!r}")
@@ -227,7 +226,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
 
-    from twopass_asr.nano.vllm_engine import EngineSettings, VllmNanoEngine, resolve_dtype
+    from twopass_asr.second_pass.vllm_engine import EngineSettings, VllmNanoEngine, resolve_dtype
 
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
     model_dtype = DTYPES[args.dtype]

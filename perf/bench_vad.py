@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from twopass_asr import REPO_ROOT
+from twopass_asr.audio import SAMPLE_RATE
+
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
-SAMPLE_RATE = 16000
 
 
 @dataclass
@@ -73,7 +74,7 @@ class FunasrPerStream:
         self.pristine = copy.deepcopy(self.model.model.vad_opts)
 
     def new_stream(self, options) -> dict:
-        from twopass_asr.batched_vad import stream_vad_opts
+        from twopass_asr.vad.batched import stream_vad_opts
 
         return {"options": options, "opts": stream_vad_opts(self.pristine, options), "cache": {}}
 
@@ -96,7 +97,7 @@ def timed(fn) -> tuple[float, float, object]:
 
 
 def bench_batch(engine, reference, audio: list[np.ndarray], batch: int, rounds: int, chunk: int) -> Row:
-    from twopass_asr.batched_vad import VadOptions
+    from twopass_asr.vad.batched import VadOptions
 
     # Half the streams use a fixed end silence, half FunASR's dynamic schedule.
     options = [VadOptions(max_end_silence_ms=500) if i % 2 else VadOptions() for i in range(batch)]
@@ -172,8 +173,8 @@ def main(argv=None) -> int:
     if min(batches) < 1 or args.rounds < 1 or args.chunk_ms < 10:
         parser.error("batches and rounds must be >= 1 and --chunk-ms >= 10")
 
-    from twopass_asr.batched_vad import BatchedStreamingVad
-    from twopass_asr.model_store import bundled_vad_dir
+    from twopass_asr.store.model_store import bundled_vad_dir
+    from twopass_asr.vad.batched import BatchedStreamingVad
 
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or bundled_vad_dir()

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from perf import metrics, ws_load
-from twopass_asr.nano.recognizer import MAX_NEW_TOKENS_ENV
-from twopass_asr.triton_launcher import REPO_ROOT, TritonServer, TritonStartError, free_port
+from twopass_asr import REPO_ROOT
+from twopass_asr.second_pass.recognizer import MAX_NEW_TOKENS_ENV
+from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, free_port
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
 SETTLE_S = 2.0  # between steps, so work queued by the previous run cannot delay the next

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from twopass_asr.model_store import bundled_vad_dir
+from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
 from twopass_asr.speech_synth import read_wav
-
-CHUNK_SAMPLES = 9600  # 600 ms, the first pass's decode chunk for chunk_size [5, 10, 5]
+from twopass_asr.store.model_store import bundled_vad_dir
 
 
 def audio_tensor(pcm: np.ndarray) -> dict:
@@ -31,9 +30,9 @@ def sequence_steps(pcm: np.ndarray, chunk_samples: int) -> list[dict]:
 
 
 def vad_segments(pcm: np.ndarray, max_end_silence_ms: int = 800) -> list[np.ndarray]:
-    from twopass_asr.vad import StreamingVad, VadOptions
+    from twopass_asr.vad.batched import BatchedStreamingVad, VadOptions
 
-    vad = StreamingVad(bundled_vad_dir())
+    vad = BatchedStreamingVad(bundled_vad_dir())
     stream = vad.new_stream(VadOptions(max_end_silence_ms=max_end_silence_ms))
     events = vad.process(stream, pcm, is_final=True)
     segments, start = [], None

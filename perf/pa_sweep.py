@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twopass_asr.triton_launcher import REPO_ROOT, TritonServer
+from twopass_asr import REPO_ROOT
+from twopass_asr.serving.triton_launcher import TritonServer
 
 PERF_ANALYZER = REPO_ROOT / "tools" / "bin" / "perf_analyzer"
 MODELS = ("vad", "paraformer_streaming", "funasr_nano_vllm")

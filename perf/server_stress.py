@@ -28,7 +28,7 @@ import tritonclient.grpc.aio as grpcaio
 
 from frontend.triton_client import SECOND_PASS_MODEL, InferenceError, SequenceStream, TritonGateway
 from perf.bench_first_pass_triton import speech_audio
-from twopass_asr.triton_launcher import TritonServer
+from twopass_asr.serving.triton_launcher import TritonServer
 
 CHUNK_SAMPLES = 1600
 CANCEL_MODES = ("none", "timer", "delta")

@@ -43,8 +43,8 @@ from websockets.exceptions import ConnectionClosed
 from frontend.client import StreamResult, default_frame_samples, read_wav, receive_until_final
 from frontend.session import MAX_STEP_SAMPLES, MIN_STEP_SAMPLES
 from perf import metrics
+from twopass_asr.audio import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ws_load"
 
 
@@ -68,10 +68,6 @@ class AudioPlan:
     @property
     def audio_s(self) -> float:
         return len(self.pcm) / SAMPLE_RATE
-
-    @property
-    def chunk_s(self) -> float:
-        return self.config["chunk_size"][1] * 0.06
 
     def frames(self) -> list[bytes]:
         data = np.asarray(self.pcm, dtype="<i2").tobytes()
@@ -105,11 +101,11 @@ def replay_vad(pieces: list[metrics.Piece], pcm: np.ndarray, vad_dir: Path, conf
     """The VAD events of each piece, from the same FSMN-VAD the server runs."""
     import torch
 
-    from twopass_asr.vad import StreamingVad, VadOptions
+    from twopass_asr.vad.batched import BatchedStreamingVad, VadOptions
 
     torch.set_num_threads(1)  # a few ms per piece; more threads only contend with the server
     with quiet_logging():
-        vad = StreamingVad(vad_dir)
+        vad = BatchedStreamingVad(vad_dir)
     stream = vad.new_stream(VadOptions(max_end_silence_ms=config["vad_tail_sil"],
                                        max_segment_ms=config["vad_max_len"]))
     events, offset = [], 0
@@ -128,7 +124,7 @@ def plan_audio(pcm: np.ndarray, config: dict[str, Any], vad_dir: Path | None) ->
     detection_frames, flush_pieces = {}, []
     if mode != "online":
         if vad_dir is None:
-            from twopass_asr.model_store import bundled_vad_dir
+            from twopass_asr.store.model_store import bundled_vad_dir
 
             vad_dir = bundled_vad_dir()
         closed = metrics.segment_ends(replay_vad(pieces, pcm, vad_dir, config))

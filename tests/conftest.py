@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from twopass_asr import REPO_ROOT
+from twopass_asr.serving.triton_launcher import TritonServer
 from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_silences, write_wav
-from twopass_asr.triton_launcher import REPO_ROOT, TritonServer
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +27,7 @@ ARTIFACTS = REPO_ROOT / ".cache" / "test-artifacts"
 def test_models() -> Path:
     """Tiny random Paraformer and Nano plus the real FSMN-VAD, prepared once (idempotent)."""
     subprocess.run(
-        [sys.executable, "-m", "twopass_asr.prepare", "--store", str(TEST_STORE), "--random", "tiny", "--seed", "0"],
+        [sys.executable, "-m", "twopass_asr.store.prepare", "--store", str(TEST_STORE), "--random", "tiny", "--seed", "0"],
         check=True,
     )
     return TEST_STORE

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from funasr.frontends.wav_frontend import WavFrontendOnline
 from funasr.utils import fbank as funasr_fbank
 

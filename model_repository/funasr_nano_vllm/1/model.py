@@ -1,4 +1,4 @@
-"""Triton adapter for the Fun-ASR-Nano second pass; the logic lives in twopass_asr.nano.
+"""Triton adapter for the Fun-ASR-Nano second pass; the logic lives in twopass_asr.second_pass.
 
 Decoupled: each request gets its text on a response stream whose last response carries
 the final flag (tritonclient's asyncio stream never sees a separate empty final).
@@ -16,12 +16,11 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from twopass_asr import model_store
-from twopass_asr.cpu_priority import lower_priority, nice_setting
 from twopass_asr.hotwords import parse_hotwords
-from twopass_asr.nano.batcher import SegmentBatcher, settings_from_parameters
-from twopass_asr.nano.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting
-from twopass_asr.nano.vllm_engine import (
+from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
+from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
+from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting
+from twopass_asr.second_pass.vllm_engine import (
     CANCELLED_IN_ENGINE,
     DTYPE_NAMES,
     EngineUnavailable,
@@ -30,7 +29,8 @@ from twopass_asr.nano.vllm_engine import (
     resolve_dtype,
     start_engine,
 )
-from twopass_asr.triton_models import (
+from twopass_asr.serving.stream_store import StreamError
+from twopass_asr.serving.triton_models import (
     InstanceMetric,
     error_response,
     model_parameters,
@@ -40,7 +40,7 @@ from twopass_asr.triton_models import (
     resolve_model_dir,
     use_utf8_locale,
 )
-from twopass_asr.stream_state import StreamError
+from twopass_asr.store import model_store
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

@@ -1,11 +1,12 @@
-"""Triton adapter for the streaming Paraformer; the logic lives in twopass_asr.paraformer."""
+"""Triton adapter for the streaming Paraformer; the logic lives in twopass_asr.first_pass.engines."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from twopass_asr import model_store
-from twopass_asr.paraformer import ENGINES, DecodeOptions
-from twopass_asr.triton_models import SequenceModel, optional_scalar, optional_vector
+from twopass_asr.first_pass.engines import ENGINES
+from twopass_asr.first_pass.options import DecodeOptions
+from twopass_asr.serving.triton_models import SequenceModel, optional_scalar, optional_vector
+from twopass_asr.store import model_store
 
 DEFAULTS = DecodeOptions()
 

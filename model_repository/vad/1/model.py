@@ -3,9 +3,9 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from twopass_asr import model_store
-from twopass_asr.triton_models import SequenceModel, optional_scalar
-from twopass_asr.vad import StreamingVad, VadOptions
+from twopass_asr.serving.triton_models import SequenceModel, optional_scalar
+from twopass_asr.store import model_store
+from twopass_asr.vad.batched import BatchedStreamingVad, VadOptions
 
 
 def _positive_or_none(value):
@@ -20,7 +20,7 @@ class TritonPythonModel(SequenceModel):
     passes_may_overlap = False
 
     def load(self, model_dir, device, params):
-        self.vad = StreamingVad(model_dir, device=device)
+        self.vad = BatchedStreamingVad(model_dir, device=device)
 
     def new_state(self, request):
         energy = optional_scalar(request, "ENERGY_DB")

@@ -1,0 +1,245 @@
+"""The batched streaming Paraformer against FunASR 1.4.16 decoding each stream alone.
+
+Random streams (different lengths, start times, chunk lengths and decode options; batches
+of 1..16 with streams joining and ending mid-batch) must give, call for call, the text that
+`AutoModel.generate(..., cache=...)` gives for that stream, and step for step the same
+encoder outputs and CIF weights (float32, rtol 1e-4)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from twopass_asr.audio import pcm16_to_float
+from twopass_asr.first_pass.batched import BatchedStreamingParaformer
+from twopass_asr.first_pass.options import DecodeOptions
+from twopass_asr.kernels.prepacked_linear import choose_kernel
+from twopass_asr.store.random_paraformer import build_random_paraformer
+
+torch.set_num_threads(1)
+
+OPTION_CHOICES = [
+    DecodeOptions(),  # the service default: [0, 10, 5], look-back 4 / 1
+    DecodeOptions(chunk_size=(5, 10, 5), encoder_look_back=2, decoder_look_back=2),
+    DecodeOptions(chunk_size=(0, 8, 4), encoder_look_back=0, decoder_look_back=0),
+    DecodeOptions(chunk_size=(0, 10, 0), encoder_look_back=1, decoder_look_back=1),
+    DecodeOptions(chunk_size=(0, 2, 1), encoder_look_back=3, decoder_look_back=1),  # steps with no token
+    DecodeOptions(chunk_size=(2, 5, 3), encoder_look_back=1, decoder_look_back=3),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_random_paraformer(tmp_path_factory.mktemp("paraformer") / "tiny", "tiny", seed=7)
+
+
+# Every packed linear kernel (the service takes MLAS on its one-thread workers) and torch's own.
+@pytest.fixture(scope="module", params=[
+    pytest.param(kernel, marks=pytest.mark.skipif(kernel is not None and choose_kernel(kernel) is None,
+                                                  reason=f"{kernel} unavailable here"))
+    for kernel in ("mlas", "onednn", None)])
+def engine(tiny_model_dir, request):
+    return BatchedStreamingParaformer(tiny_model_dir, linear_kernel=request.param)
+
+
+class ReferenceDecoder:
+    """FunASR's own per-stream decoding, instrumented to record each step's encoder output
+    and CIF weights (before the chunk mask)."""
+
+    def __init__(self, model_dir):
+        from funasr import AutoModel
+
+        self.automodel = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
+                                   ncpu=1)
+        self.steps: list[dict] = []
+        model = self.automodel.model
+        encode_chunk = model.encode_chunk
+        predictor = model.predictor
+
+        def recording_encode_chunk(*args, **kwargs):
+            encoder_out, lengths = encode_chunk(*args, **kwargs)
+            self.steps.append({"encoder_out": encoder_out[0].clone()})
+            return encoder_out, lengths
+
+        def record_alphas(module, inputs, output):
+            alphas = torch.relu(torch.sigmoid(output) * predictor.smooth_factor - predictor.noise_threshold)
+            self.steps[-1]["alphas"] = alphas[0, :, 0].clone()
+
+        model.encode_chunk = recording_encode_chunk
+        predictor.cif_output.register_forward_hook(record_alphas)
+
+    def generate(self, cache: dict, options: DecodeOptions, pcm: np.ndarray, is_final: bool) -> tuple[str, list]:
+        self.steps = []
+        result = self.automodel.generate(
+            input=pcm16_to_float(pcm), cache=cache, is_final=is_final, chunk_size=list(options.chunk_size),
+            encoder_chunk_look_back=options.encoder_look_back, decoder_chunk_look_back=options.decoder_look_back,
+        )
+        return (result[0]["text"] if result else ""), self.steps
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return ReferenceDecoder(tiny_model_dir)
+
+
+@dataclass(eq=False)
+class ScriptedUtterance:
+    options: DecodeOptions
+    start_round: int
+    chunks: list[np.ndarray]
+    # Index of an earlier, finished utterance whose stream object (and FunASR cache) this
+    # one reuses: both reset after a final chunk.
+    reuses: int | None = None
+    reference_cache: dict = field(default_factory=dict)
+    stream: object = None
+
+    @property
+    def end_round(self) -> int:
+        return self.start_round + len(self.chunks)
+
+
+def random_chunks(rng: random.Random, options: DecodeOptions) -> list[np.ndarray]:
+    step = options.step_samples
+    lengths = [rng.choice([step, step, step, step // 3, step + 4000, 2 * step + 123, 250, 0])
+               for _ in range(rng.randint(1, 9))]
+    # Some streams end with less than 60 ms pending (FunASR's tail step), some with more.
+    lengths[-1] = rng.choice([step, step + 500, step + 2000, 100, 0])
+    if options.chunk_size[0] + options.chunk_size[2] == 0 and sum(lengths) < 960:
+        lengths[-1] = step  # else nothing at all to encode: see test_nothing_to_encode_decodes_nothing
+    noise = np.random.default_rng(rng.randrange(2**32))
+    return [(noise.standard_normal(n) * rng.choice([300, 3000, 8000])).clip(-32768, 32767).astype(np.int16)
+            for n in lengths]
+
+
+def make_script(seed: int, n_utterances: int, max_batch: int) -> list[ScriptedUtterance]:
+    rng = random.Random(seed)
+    script: list[ScriptedUtterance] = []
+    for _ in range(n_utterances):
+        options, start, reuses = rng.choice(OPTION_CHOICES), rng.randint(0, 6), None
+        free = [i for i, u in enumerate(script) if not any(v.reuses == i for v in script)]
+        if free and rng.random() < 0.3:
+            reuses = rng.choice(free)
+            options, start = script[reuses].options, script[reuses].end_round + rng.randint(0, 2)
+        chunks = random_chunks(rng, options)
+        # Start when a batch slot is free for the whole utterance.
+        while any(sum(u.start_round <= r < u.end_round for u in script) >= max_batch
+                  for r in range(start, start + len(chunks))):
+            start += 1
+        script.append(ScriptedUtterance(options, start, chunks, reuses))
+    return script
+
+
+def run_script(engine, reference, script: list[ScriptedUtterance], seed: int) -> dict:
+    rng = random.Random(seed)
+    for s in script:
+        if s.stream is not None:
+            continue
+        if s.reuses is None:
+            s.stream = engine.new_stream(s.options)
+        else:
+            s.stream, s.reference_cache = script[s.reuses].stream, script[s.reuses].reference_cache
+    coverage = {"batch_sizes": set(), "tails": 0, "multi_step_calls": 0, "mixed_token_rounds": 0, "calls": 0}
+    for round_index in range(max(s.end_round for s in script)):
+        batch = [s for s in script if s.start_round <= round_index < s.end_round]
+        if not batch:
+            continue
+        rng.shuffle(batch)
+        chunks = [s.chunks[round_index - s.start_round] for s in batch]
+        finals = [round_index - s.start_round == len(s.chunks) - 1 for s in batch]
+        trace: list[dict] = []
+        texts = engine.process_batch([s.stream for s in batch], chunks, finals, trace=trace)
+        coverage["batch_sizes"].add(len(batch))
+        token_counts = {len(t["tokens"]) > 0 for t in trace}
+        coverage["mixed_token_rounds"] += token_counts == {True, False}
+
+        for s, pcm, is_final, text in zip(batch, chunks, finals, texts):
+            expected_text, expected_steps = reference.generate(s.reference_cache, s.options, pcm, is_final)
+            where = (f"utterance {script.index(s)} ({s.options}), round {round_index}, {len(pcm)} samples, "
+                     f"final={is_final}")
+            assert text == expected_text, where
+            steps = [t for t in trace if t["stream"] is s.stream]
+            assert len(steps) == len(expected_steps), where
+            for k, (got, want) in enumerate(zip(steps, expected_steps)):
+                torch.testing.assert_close(got["encoder_out"], want["encoder_out"], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"encoder output, {where}, step {k}: {m}")
+                torch.testing.assert_close(got["alphas"], want["alphas"], rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"CIF weights, {where}, step {k}: {m}")
+            coverage["calls"] += 1
+            coverage["multi_step_calls"] += len(steps) > 1
+            step_samples = s.options.step_samples
+            pending = sum(len(c) for c in s.chunks[: round_index - s.start_round + 1]) % step_samples
+            coverage["tails"] += is_final and pending < 960
+    return coverage
+
+
+@pytest.mark.parametrize("seed, n_utterances, max_batch", [(1, 24, 16), (2, 12, 4), (3, 6, 1), (4, 30, 16)])
+def test_batched_equals_funasr_per_stream(engine, reference, seed, n_utterances, max_batch):
+    script = make_script(seed, n_utterances, max_batch)
+    assert max_batch == 1 or any(u.reuses is not None for u in script)
+    coverage = run_script(engine, reference, script, seed)
+    assert max(coverage["batch_sizes"]) <= max_batch
+    if max_batch > 1:
+        assert len(coverage["batch_sizes"]) > 2, coverage  # several batch sizes were exercised
+        assert coverage["mixed_token_rounds"] > 0, coverage  # decoder ran for a subset of the batch
+    assert coverage["tails"] > 0 and coverage["multi_step_calls"] > 0, coverage
+
+
+def test_one_call_streams_in_one_batch(engine, reference):
+    """Streams whose only call is final: empty, shorter than 60 ms (FunASR encodes the
+    initial zero overlap frames), just one step, and a step plus a tail."""
+    rng = np.random.default_rng(5)
+    script = [ScriptedUtterance(options, 0, [(rng.standard_normal(n) * 3000).astype(np.int16)])
+              for options in OPTION_CHOICES for n in (0, 100, 959, 960, 2000, 9600 + 300)
+              if n >= 960 or options.chunk_size[0] + options.chunk_size[2] > 0]
+    coverage = run_script(engine, reference, script, seed=5)
+    assert coverage["calls"] == len(script) and coverage["batch_sizes"] == {len(script)}
+
+
+def test_nothing_to_encode_decodes_nothing(engine, reference):
+    """chunk_size [0, n, 0] and a first, final call under 60 ms: there is no frame at all.
+    FunASR fails inside its encoder; the engine returns no text and the stream is reusable."""
+    options = DecodeOptions(chunk_size=(0, 10, 0), encoder_look_back=1, decoder_look_back=1)
+    pcm = np.full(500, 1000, np.int16)
+    with pytest.raises(RuntimeError):
+        reference.generate({}, options, pcm, True)
+    stream, other = engine.new_stream(options), engine.new_stream(DecodeOptions())
+    other_pcm = (np.random.default_rng(6).standard_normal(9600) * 3000).astype(np.int16)
+    texts = engine.process_batch([stream, other], [pcm, other_pcm], [True, True])
+    assert texts == ["", reference.generate({}, DecodeOptions(), other_pcm, True)[0]]
+    run_script(engine, reference, [ScriptedUtterance(options, 0, [other_pcm, pcm], reference_cache={},
+                                                     stream=stream)], seed=6)
+
+
+def test_full_batch_of_sixteen_default_streams(engine, reference):
+    """The serving case: 16 streams, all 600 ms chunks, started together, ending together."""
+    rng = np.random.default_rng(11)
+    pcm = [(rng.standard_normal(9600 * 6 + 700) * 2000).astype(np.int16) for _ in range(16)]
+    streams = [engine.new_stream(DecodeOptions()) for _ in pcm]
+    caches = [{} for _ in pcm]
+    for start in range(0, len(pcm[0]), 9600):
+        final = start + 9600 >= len(pcm[0])
+        chunks = [p[start: start + 9600] for p in pcm]
+        texts = engine.process_batch(streams, chunks, [final] * 16)
+        for cache, chunk, text in zip(caches, chunks, texts):
+            assert text == reference.generate(cache, DecodeOptions(), chunk, final)[0]
+    assert any(texts), "the random model emits text on the last chunk"
+
+
+def test_empty_batch_and_empty_chunk(engine):
+    assert engine.process_batch([], [], []) == []
+    stream = engine.new_stream(DecodeOptions())
+    assert engine.process(stream, np.zeros(0, dtype=np.int16), False) == ""
+
+
+def test_bad_input_is_rejected(engine):
+    stream = engine.new_stream(DecodeOptions())
+    with pytest.raises(ValueError, match="int16"):
+        engine.process(stream, np.zeros(960, dtype=np.float32), False)
+    with pytest.raises(ValueError, match="more than once"):
+        engine.process_batch([stream, stream], [np.zeros(960, np.int16)] * 2, [False, False])
+    with pytest.raises(ValueError, match="2 streams, 1 chunks"):
+        engine.process_batch([stream, engine.new_stream()], [np.zeros(960, np.int16)], [False, False])

@@ -1,0 +1,178 @@
+"""funasr_nano_vllm through a real tritonserver gives FunASR's FunASRNano text for the
+same segments and prompt options (tiny random model, float32; the shared server runs the
+default engine, auto, which is vLLM here; tests/second_pass/test_nano_vllm.py covers the engine itself
+and the torch fallback)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tritonclient.utils import InferenceServerException
+
+from tests.triton_client_utils import decoupled_texts, tensor
+from twopass_asr.audio import pcm16_to_float
+from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.kernels.cpu_priority import DEFAULT_CPU_NICE, MAX_NICE
+from twopass_asr.second_pass.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module")
+def reference_nano(test_models):
+    from funasr import AutoModel
+
+    return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True)
+
+
+def segment_inputs(pcm, hotwords=None, language=None, itn=None, stream=None):
+    inputs = [tensor("AUDIO", pcm.astype(np.int16), "INT16")]
+    if stream is not None:
+        inputs.append(tensor("STREAM", np.array([stream], dtype=bool), "BOOL"))
+    if hotwords is not None:
+        inputs.append(tensor("HOTWORDS", np.array([hotwords.encode()], dtype=np.object_), "BYTES"))
+    if language is not None:
+        inputs.append(tensor("LANGUAGE", np.array([language.encode()], dtype=np.object_), "BYTES"))
+    if itn is not None:
+        inputs.append(tensor("ITN", np.array([itn], dtype=bool), "BOOL"))
+    return inputs
+
+
+def reference_text(model, pcm, hotwords="", language=None, itn=True):
+    kwargs = {"hotwords": parse_hotwords(hotwords), "itn": itn}
+    if language not in (None, "", "auto"):
+        kwargs["language"] = language
+    with torch.no_grad():
+        result = model.generate(input=pcm16_to_float(pcm), **kwargs)
+    return result[0]["text"]
+
+
+CASES = [
+    dict(),
+    dict(hotwords="阿里巴巴 通义"),
+    dict(hotwords='{"魔搭": 20, "千问": 10}', itn=False),
+    dict(language="en"),
+    dict(language="zh", itn=False, hotwords="语音,识别"),
+]
+
+
+def test_nano_matches_funasr(triton_server, reference_nano, speech_wav):
+    segments = [speech_wav.pcm[i * 16000 : i * 16000 + (2 + i) * 8000] for i in range(len(CASES))]
+    requests = [segment_inputs(pcm, **case) for pcm, case in zip(segments, CASES)]
+    got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", requests)
+    expected = [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, CASES)]
+    assert got == expected
+    assert all(got), "the tiny model must produce text"
+    # Prompt options reach the model: the same audio with another prompt decodes differently.
+    assert len(set(decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm",
+                                   [segment_inputs(segments[0], **case) for case in CASES]))) > 1
+
+
+def test_nano_rejects_wrong_audio_type(triton_server):
+    bad = [tensor("AUDIO", np.zeros(1600, np.float32), "FP32")]
+    with pytest.raises(InferenceServerException):
+        decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [bad])
+    good = [segment_inputs(np.zeros(8000, np.int16))]
+    assert len(decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", good)) == 1
+
+
+def test_eight_concurrent_segments_match_funasr(triton_server, reference_nano, speech_wav):
+    cases = CASES + CASES[:3]
+    segments = [speech_wav.pcm[i * 9000 : i * 9000 + (2 + i % 4) * 8000] for i in range(len(cases))]
+    requests = [segment_inputs(pcm, **case) for pcm, case in zip(segments, cases)]
+    passes_before = triton_server.model_counter("funasr_nano_vllm", "twopass_asr_nano_encoder_passes_total")
+    segments_before = triton_server.model_counter("funasr_nano_vllm", "twopass_asr_nano_encoded_segments_total")
+    got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", requests)
+    assert got == [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, cases)]
+    # The segments waited together, so the audio encoder took several of them per pass.
+    passes = triton_server.model_counter("funasr_nano_vllm", "twopass_asr_nano_encoder_passes_total") - passes_before
+    segments = triton_server.model_counter("funasr_nano_vllm", "twopass_asr_nano_encoded_segments_total")
+    assert segments - segments_before == 8
+    assert 1 <= passes < 8
+
+
+def test_shared_server_generates_with_vllm(triton_server):
+    """The default engine (auto) must find vLLM here: the other tests then cover it."""
+    if os.environ.get(ENGINE_ENV, "auto") == "torch":
+        pytest.skip(f"{ENGINE_ENV}=torch")
+    assert "(vLLM generation)" in triton_server.log_text()
+
+
+def test_cancelled_stream_does_not_break_later_requests(triton_server, reference_nano, speech_wav):
+    import tritonclient.grpc as grpcclient
+
+    aborted_before = triton_server.log_text().count(CANCELLED_IN_ENGINE)
+    segment = speech_wav.pcm[16000:64000]
+    first_delta = threading.Event()
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    client.start_stream(callback=lambda result, error: first_delta.set())
+    for index in range(6):
+        client.async_stream_infer("funasr_nano_vllm", segment_inputs(segment), request_id=f"cancel-{index}")
+    # Cancel while generating: the tiny random model never emits EOS, so every request is
+    # still running max_new_tokens when the first delta arrives.
+    assert first_delta.wait(120)
+    client.stop_stream(cancel_requests=True)
+    got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(segment)] * 2)
+    assert got == [reference_text(reference_nano, segment)] * 2
+    if "(vLLM generation)" in triton_server.log_text():
+        # The cancellation reached the model mid-generation and aborted the engine request.
+        assert triton_server.log_text().count(CANCELLED_IN_ENGINE) > aborted_before
+
+
+def group_processes(pgid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of the live processes of a process group."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (int(fields[1]),
+                                                (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # exited while being read
+    return found
+
+
+def thread_nice_values(pid: int) -> set[int]:
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            values.add(os.getpriority(os.PRIO_PROCESS, int(task.name)))
+        except (ProcessLookupError, ValueError):
+            continue
+    return values
+
+
+def test_second_pass_runs_at_lower_cpu_priority(triton_server):
+    """cpu_nice (empty = 10 on CPU): every thread of funasr_nano_vllm's stub, and of the
+    processes it started (vLLM's EngineCore and Worker), runs that many nice levels below
+    the first-pass models."""
+    group = group_processes(triton_server.process.pid)
+    base = os.getpriority(os.PRIO_PROCESS, triton_server.process.pid)
+
+    def stubs(model):
+        return {pid for pid, (_, command) in group.items()
+                if "triton_python_backend_stub" in command and f"/{model}/" in command}
+
+    second_pass = stubs("funasr_nano_vllm")
+    assert len(second_pass) == 1
+    started_by_it = set()
+    while True:
+        more = {pid for pid, (parent, _) in group.items() if parent in second_pass | started_by_it} - started_by_it
+        if not more:
+            break
+        started_by_it |= more
+    if "(vLLM generation)" in triton_server.log_text():
+        assert started_by_it, "vLLM's engine processes run beside the stub"
+    lowered = min(MAX_NICE, base + DEFAULT_CPU_NICE)
+    for pid in second_pass | started_by_it:
+        assert thread_nice_values(pid) == {lowered}, group[pid][1]
+    first_pass = stubs("paraformer_streaming") | stubs("vad")
+    assert len(first_pass) == 2  # one instance each
+    for pid in first_pass:
+        assert thread_nice_values(pid) == {base}, group[pid][1]

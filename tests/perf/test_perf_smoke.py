@@ -1,0 +1,129 @@
+"""Short runs of every measuring tool against real servers on the tiny models: the
+perf_analyzer sweep, the WebSocket load tool, the capacity search, and the FunASR baseline
+server. They check that each tool produces its files and that the numbers add up (one
+final message per client, segments and partials as the probe saw them, no negative
+latencies), not how fast anything is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from perf import capacity, ws_load
+from twopass_asr import REPO_ROOT
+from twopass_asr.serving.triton_launcher import free_port
+
+pytestmark = pytest.mark.triton
+
+LATENCIES = ("first_partial", "partial_lag", "second_pass", "second_pass_after_detection", "end_of_stream")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def frontend_url(triton_server, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("perf-frontend") / "frontend.log"
+    with capacity.python_server(["frontend.server", "--triton-url", triton_server.grpc_url, "--host", "127.0.0.1",
+                                 "--port", str(port)], port, log, "frontend", 60) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def baseline_url(test_models, tmp_path_factory):
+    with capacity.baseline(test_models, tmp_path_factory.mktemp("perf-baseline"), threads=1,
+                            max_new_tokens=capacity.DEFAULT_MAX_NEW_TOKENS) as url:
+        yield url
+
+
+def run_tool(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def check_run(run: dict, clients: int, probe_partials: int, probe_segments: int) -> None:
+    assert run["clients"] == clients
+    assert run["finals"] == clients, run
+    assert run["errors"] == run["failures"] == run["dropped"] == 0
+    # The tiny models give the same partials and segments to every client.
+    assert run["partials"] == clients * probe_partials
+    assert run["segments"] == clients * probe_segments > 0
+    assert run["partial_unmatched_streams"] == 0
+    latency = run["latency_s"]
+    assert latency["partial_lag"]["count"] == clients * probe_partials
+    assert latency["second_pass"]["count"] == clients * probe_segments
+    assert latency["end_of_stream"]["count"] == clients
+    for key in LATENCIES:
+        summary = latency[key]
+        assert summary["count"] > 0, key
+        assert 0 <= summary["p50"] <= summary["p95"] <= summary["max"] < 60, (key, summary)
+    for name, process in run["processes"].items():
+        assert process["cpu_percent"] >= 0 and process["peak_rss_mb"] > 10, (name, process)
+
+
+def check_files(out, clients: list[int]) -> dict:
+    data = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    for n in clients:
+        assert f"\n| {n} | {n}/{n} |" in table
+    assert (out / "latency.png").read_bytes().startswith(PNG_MAGIC)
+    return data
+
+
+def test_pa_sweep_quick_run(triton_server, speech_wav, tmp_path):
+    inputs = tmp_path / "inputs"
+    run_tool("perf.pa_inputs", "--out", str(inputs), str(speech_wav.path))
+    out = tmp_path / "pa"
+    run_tool("perf.pa_sweep", "--triton-url", triton_server.grpc_url, "--inputs", str(inputs), "--concurrency", "1",
+             "--request-count", "10", "--out", str(out))
+    rows = (out / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per model
+    for row in rows[1:]:
+        model, concurrency, throughput, p50, p95 = row.split(",")[:5]
+        assert concurrency == "1" and float(throughput) > 0 and 0 < float(p50) <= float(p95), row
+
+
+def test_ws_load_two_clients(frontend_url, triton_server, speech_wav, test_models, tmp_path):
+    out = tmp_path / "ws"
+    run_tool("perf.ws_load", "--url", frontend_url, "--clients", "2", "--wav", str(speech_wav.path),
+             "--vad-dir", str(test_models / "vad"), "--ramp-s", "0.5", "--speed", "3", "--out", str(out))
+    data = check_files(out, [2])
+    check_run(data["runs"][0], 2, data["probe_partials"], data["probe_segments"])
+    # The service's processes were found: the frontend and tritonserver with its model stubs.
+    processes = data["runs"][0]["processes"]
+    assert set(processes) == {"frontend", "tritonserver"}
+    assert {"stub:vad", "stub:paraformer_streaming"} <= set(processes["tritonserver"]["cpu_percent_by_process"])
+
+
+def test_capacity_with_a_tiny_bound(frontend_url, speech_wav, test_models, tmp_path):
+    out = tmp_path / "cap"
+    run_tool("perf.capacity", "--url", frontend_url, "--max-clients", "2", "--wav", str(speech_wav.path),
+             "--vad-dir", str(test_models / "vad"), "--ramp-s", "0.5", "--speed", "3", "--out", str(out))
+    result = json.loads((out / "capacity.json").read_text())
+    steps = result["steps"]
+    assert [s["clients"] for s in steps] in ([1], [1, 2])
+    passed = [s["clients"] for s in steps if s["failed_because"] is None]
+    # The capacity is the largest passing N, and the search only stops early on a failure.
+    assert result["capacity"] == max(passed, default=0)
+    assert result["bounded_by_max_clients"] == (result["capacity"] == 2)
+    check_files(out, [s["clients"] for s in steps])
+
+
+def test_baseline_server_matches_the_service_and_carries_load(baseline_url, frontend_url, speech_wav, test_models,
+                                                              tmp_path):
+    """Same models, same audio: the FunASR baseline gives the same first-pass partials
+    and segment times as the service (so both are measured on the same work), and
+    serves two concurrent clients."""
+    vad_dir = test_models / "vad"
+    service_plan = ws_load.prepare_plan(frontend_url, speech_wav.pcm, "2pass", vad_dir, 5.0)
+    baseline_plan = ws_load.prepare_plan(baseline_url, speech_wav.pcm, "2pass", vad_dir, 5.0)
+    assert baseline_plan.partial_texts == service_plan.partial_texts
+    assert baseline_plan.partial_frames == service_plan.partial_frames
+    run = asyncio.run(ws_load.run_load(baseline_url, baseline_plan, 2, speed=3.0, ramp_s=0.5, progress=False))
+    check_run(run, 2, len(baseline_plan.partial_frames), len(baseline_plan.detection_frames))
+    assert set(run["processes"]) == {"server"}

@@ -1,0 +1,250 @@
+"""twopass_asr.second_pass: the random Fun-ASR-Nano builder and NanoRecognizer, checked against
+FunASR's own AutoModel on the tiny model (float32, CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from twopass_asr.audio import pcm16_to_float
+from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
+from twopass_asr.second_pass.recognizer import (
+    MAX_NEW_TOKENS_ENV,
+    NanoRecognizer,
+    NanoRequest,
+    max_new_tokens_setting,
+    stop_token_ids,
+    until_stop,
+)
+from twopass_asr.store.random_nano import LLM_SUBDIR, build_random_nano
+
+
+def quietly(function, *args, **kwargs):
+    # FunASR prints a line per CTC tensor the checkpoint (like the real one) lacks.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return function(*args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_nano(tmp_path_factory):
+    torch.set_num_threads(2)
+    return quietly(build_random_nano, tmp_path_factory.mktemp("nano") / "funasr_nano", "tiny", 0)
+
+
+@pytest.fixture(scope="module")
+def recognizer(tiny_nano):
+    return quietly(NanoRecognizer, tiny_nano)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_nano):
+    from funasr import AutoModel
+
+    return quietly(AutoModel, model=str(tiny_nano), disable_update=True, disable_pbar=True,
+                   disable_log=True, ncpu=2)
+
+
+def reference_text(reference, pcm, hotwords=(), language=None, itn=True):
+    kwargs = {"hotwords": list(hotwords), "itn": itn}
+    if language not in (None, "", "auto"):
+        kwargs["language"] = language
+    with torch.no_grad():
+        return quietly(reference.generate, input=pcm16_to_float(pcm), **kwargs)[0]["text"]
+
+
+def segments():
+    """Deterministic audio of different lengths: noise, a tone, a chirp-like buzz."""
+    rng = np.random.default_rng(7)
+    t = np.arange(48000) / 16000
+    return [
+        (rng.standard_normal(8000) * 3000).astype(np.int16),
+        (np.sin(2 * np.pi * 440 * t[:24000]) * 8000).astype(np.int16),
+        (np.sign(np.sin(2 * np.pi * (200 + 300 * t[:40000]) * t[:40000])) * 4000).astype(np.int16),
+    ]
+
+
+CASES = [
+    dict(),
+    dict(hotwords=["阿里巴巴", "通义"]),
+    dict(itn=False),
+    dict(language="en"),
+    dict(language="zh", itn=False, hotwords=["语音", "识别"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: ",".join(f"{k}={v}" for k, v in case.items()) or "plain")
+def test_recognizer_text_equals_funasr_generate(recognizer, reference, case):
+    for pcm in segments():
+        got = recognizer.recognize(pcm, **case)
+        assert got == reference_text(reference, pcm, **case)
+        assert got.strip(), "the tiny model must produce text"
+
+
+def test_prompt_embeds_equal_funasr_inference_prepare(recognizer, reference):
+    # FunASR's own model: its encoder's linear layers are torch's, the recognizer's prepacked.
+    model = reference.model
+    for pcm, case in zip(segments(), CASES[1:]):
+        prompt = model.get_prompt(case.get("hotwords", []), case.get("language"), case.get("itn", True))
+        with torch.no_grad():
+            expected = model.inference_prepare([model.generate_chatml(prompt, pcm16_to_float(pcm))], None,
+                                               ["segment"], **recognizer.kwargs)[0][0]
+        torch.testing.assert_close(recognizer.prompt_embeds(pcm, **case), expected.to(recognizer.dtype),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_segments_encoded_together_equal_one_by_one(recognizer):
+    # Different lengths and prompts: the encoder pass zero-pads the shorter ones.
+    requests = [NanoRequest(pcm, **case) for pcm, case in zip(segments() * 2, CASES + CASES[:1])]
+    prepared = [recognizer.prepare(request) for request in requests]
+    together = recognizer.embed_prepared(prepared)
+    assert len(together) == len(requests)
+    for request, embeds, alone in zip(requests, together, prepared):
+        single = recognizer.embed_prepared([alone])[0]
+        assert embeds.shape == single.shape
+        torch.testing.assert_close(embeds, single, rtol=1e-4, atol=1e-5)
+        assert recognizer.generate(embeds) == recognizer.recognize(request.pcm, request.hotwords,
+                                                                   request.language, request.itn)
+
+
+def test_prompt_options_and_audio_change_the_text(recognizer):
+    pcm = segments()[0]
+    assert len({recognizer.recognize(pcm, **case) for case in CASES}) > 1
+    assert len({recognizer.recognize(pcm) for pcm in segments()}) > 1
+
+
+def test_auto_language_means_no_language(recognizer, reference):
+    pcm = segments()[1]
+    expected = reference_text(reference, pcm)
+    assert recognizer.recognize(pcm, language="auto") == expected
+    assert recognizer.recognize(pcm, language="") == expected
+    assert recognizer.recognize(pcm, language=None) == expected
+
+
+@torch.no_grad()
+def recognize_batch(recognizer, requests: list[NanoRequest]) -> list[str]:
+    """Texts of several segments: one audio encoder pass and one generate call over all, as
+    the Triton model's batchers run them."""
+    return recognizer.generate_batch(recognizer.embed_prepared([recognizer.prepare(request) for request in requests]))
+
+
+def test_recognize_batch_equals_one_by_one(recognizer, monkeypatch):
+    # Different lengths and prompts: generation left-pads the shorter prompts.
+    requests = [NanoRequest(pcm, **case) for pcm, case in zip(segments() * 2, CASES + CASES[:1])]
+    requests.append(NanoRequest(segments()[0], hotwords=["千问"], language="en", itn=False))
+    expected = [recognizer.recognize(r.pcm, r.hotwords, r.language, r.itn) for r in requests[:-1]]
+    expected.append(recognizer.recognize(segments()[0], ["千问"], "en", False))
+    calls = []
+    generate = recognizer.model.llm.generate
+    monkeypatch.setattr(recognizer.model.llm, "generate",
+                        lambda **kwargs: calls.append(kwargs["inputs_embeds"].shape[0]) or generate(**kwargs))
+    assert recognize_batch(recognizer, requests) == expected
+    assert calls == [len(requests)], "one generate call for the whole batch"
+    assert len(set(expected)) > 1
+
+
+@pytest.mark.skipif(choose_kernel() is None, reason="no packed linear kernel here")
+def test_float32_generation_prepacks_the_llm_and_keeps_the_text(tiny_nano, reference):
+    fallback = quietly(NanoRecognizer, tiny_nano)
+    fallback.use_dtype(torch.float32)  # what the Triton model's torch fallback does
+    assert any(isinstance(module, PrepackedLinear) for module in fallback.model.llm.modules())
+    for pcm, case in zip(segments(), CASES):
+        assert fallback.recognize(pcm, **case) == reference_text(reference, pcm, **case)
+    fallback.use_dtype(torch.float32)
+    with pytest.raises(ValueError, match="prepacked in torch.float32"):
+        fallback.use_dtype(torch.bfloat16)
+
+
+def test_recognize_batch_names_the_bad_segment(recognizer):
+    with pytest.raises(ValueError, match="segment too short"):
+        recognize_batch(recognizer, [NanoRequest(segments()[0]), NanoRequest(np.zeros(100, np.int16))])
+    assert recognizer.generate_batch([]) == []
+
+
+def test_rows_are_cut_after_their_first_stop_token():
+    stops = stop_token_ids([7, 9])
+    assert stops == {7, 9}
+    assert stop_token_ids(7) == {7} and stop_token_ids(None) == set()
+    assert until_stop([5, 6, 9, 0, 0], stops) == [5, 6, 9]
+    assert until_stop([5, 7, 9], stops) == [5, 7]
+    assert until_stop([5, 0, 6], stops) == [5, 0, 6], "a pad token id alone does not stop a row"
+    assert until_stop([5, 6], set()) == [5, 6]
+
+
+def test_generation_respects_max_new_tokens(tiny_nano, recognizer):
+    capped = quietly(NanoRecognizer, tiny_nano, max_new_tokens=2)
+    pcm = segments()[2]
+    short = capped.recognize(pcm)
+    assert short and recognizer.recognize(pcm).startswith(short)
+    assert len(capped._tokenizer.encode(short)) <= 2
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        NanoRecognizer(tiny_nano, max_new_tokens=0)
+
+
+def test_max_new_tokens_setting_from_environment_or_parameter(monkeypatch):
+    monkeypatch.delenv(MAX_NEW_TOKENS_ENV, raising=False)
+    assert max_new_tokens_setting(None) == 256
+    assert max_new_tokens_setting("40") == 40
+    monkeypatch.setenv(MAX_NEW_TOKENS_ENV, "32")
+    assert max_new_tokens_setting("40") == 32
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv(MAX_NEW_TOKENS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{MAX_NEW_TOKENS_ENV}.*{bad!r}"):
+            max_new_tokens_setting("40")
+
+
+def test_bad_audio_is_rejected_with_a_clear_error(recognizer):
+    with pytest.raises(ValueError, match="int16"):
+        recognizer.recognize(np.zeros(8000, np.float32))
+    with pytest.raises(ValueError, match="too short"):
+        recognizer.recognize(np.zeros(100, np.int16))
+
+
+def state_dict(model_dir):
+    return torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
+
+
+def test_builder_is_deterministic_per_seed(tiny_nano, tmp_path):
+    again = quietly(build_random_nano, tmp_path / "same", "tiny", 0)
+    other = quietly(build_random_nano, tmp_path / "other", "tiny", 1)
+    first, second, third = state_dict(tiny_nano), state_dict(again), state_dict(other)
+    assert first.keys() == second.keys() == third.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not all(torch.equal(first[name], third[name]) for name in first)
+    for name in ("config.yaml", "multilingual.tiktoken", f"{LLM_SUBDIR}/tokenizer.json", f"{LLM_SUBDIR}/config.json"):
+        assert (tiny_nano / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_built_directory_has_the_real_layout(tiny_nano):
+    config = yaml.safe_load((tiny_nano / "config.yaml").read_text(encoding="utf-8"))
+    assert (config["model"], config["audio_encoder"], config["audio_adaptor"]) == (
+        "FunASRNano", "SenseVoiceEncoderSmall", "Transformer")
+    assert config["llm_conf"]["init_param_path"] == LLM_SUBDIR
+    metas = json.loads((tiny_nano / "configuration.json").read_text(encoding="utf-8"))["file_path_metas"]
+    assert metas["init_param"] == "model.pt" and metas["llm_conf"]["init_param_path"] == LLM_SUBDIR
+    state = state_dict(tiny_nano)
+    assert {name.split(".")[0] for name in state} == {"audio_encoder", "audio_adaptor", "llm"}
+    assert all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point())
+    qwen = json.loads((tiny_nano / LLM_SUBDIR / "config.json").read_text(encoding="utf-8"))
+    assert qwen["model_type"] == "qwen3" and qwen["head_dim"] in (32, 64, 80, 96, 112, 128)
+    assert state["llm.model.embed_tokens.weight"].shape == (qwen["vocab_size"], qwen["hidden_size"])
+
+
+def test_tokenizer_loads_in_transformers_with_chatml(tiny_nano):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_nano / LLM_SUBDIR)
+    qwen = json.loads((tiny_nano / LLM_SUBDIR / "config.json").read_text(encoding="utf-8"))
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == qwen["eos_token_id"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "语音转写：hello"}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\n语音转写：hello<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer.encode(prompt)
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert tokenizer.decode(ids) == prompt
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "user\n语音转写：hello\nassistant\n"

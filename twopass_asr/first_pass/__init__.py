@@ -1,0 +1,1 @@
+"""First pass: the streaming Paraformer, batched over streams."""

@@ -1,0 +1,1 @@
+"""CPU helpers: linear layers packed once at load, process priority."""

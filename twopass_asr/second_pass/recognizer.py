@@ -1,0 +1,253 @@
+"""Segment recognition with FunASR's own FunASRNano, on plain torch generation.
+
+The model is loaded once by funasr.AutoModel; each segment goes through the FunASRNano
+object's own prompt building (get_prompt, generate_chatml) and feature extraction
+(data_load_speech), its audio encoder and adaptor (several segments in one padded pass,
+as FunASRNano.forward batches them), the audio embedding splice inference_prepare does,
+then the LLM's greedy `generate` with the arguments FunASRNano.inference_llm uses (several
+segments in one left-padded call). The text is therefore FunASR's
+`AutoModel.generate(input=<float tensor>, hotwords=..., language=..., itn=...)` text, while
+CTC timestamp alignment (which needs torchaudio, absent here) is never run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from twopass_asr.audio import pcm16_to_float
+from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
+from twopass_asr.parameters import whole_number
+from twopass_asr.store.nano_dir import validate_nano_dir
+
+NO_LANGUAGE = (None, "", "auto")
+SILENCE_MARK = "/sil"
+
+
+@dataclass(frozen=True)
+class NanoRequest:
+    """One segment to recognise: 16 kHz mono int16 PCM and the prompt options."""
+
+    pcm: np.ndarray
+    hotwords: Sequence[str] = field(default_factory=tuple)
+    language: str | None = None
+    itn: bool = True
+
+
+@dataclass(frozen=True)
+class PreparedSegment:
+    """A segment's prompt before its audio is encoded: token ids (zeros where the audio
+    embeddings go) and the audio's fbank features [frames, dim]."""
+
+    source_ids: torch.Tensor
+    fbank: torch.Tensor
+    audio_start: int
+    audio_tokens: int
+
+
+# Overrides the max_new_tokens model parameter (benchmarks with random models, which never stop).
+MAX_NEW_TOKENS_ENV = "TWOPASS_ASR_NANO_MAX_NEW_TOKENS"
+
+
+def max_new_tokens_setting(parameter: str | None, default: int = 256) -> int:
+    """The generation cap from $TWOPASS_ASR_NANO_MAX_NEW_TOKENS, else the model parameter."""
+    value = os.environ.get(MAX_NEW_TOKENS_ENV) or parameter or str(default)
+    return whole_number(value, f"max_new_tokens (parameter or ${MAX_NEW_TOKENS_ENV})")
+
+
+class NanoRecognizer:
+    """Fun-ASR-Nano on plain torch: `recognize` gives, for one segment, the text FunASR's
+    AutoModel.generate gives for the same audio and prompt options.
+
+    max_new_tokens caps generation; the directory's own cap (config.yaml `max_length`,
+    FunASR's default 512) still applies, so the text never runs past what FunASR produces.
+    prepack packs the audio encoder's and adaptor's float32 linear weights once for a faster
+    GEMM kernel (CPU only; see twopass_asr.kernels.prepacked_linear), and the LLM's when use_dtype makes
+    it float32.
+    """
+
+    def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True):
+        from funasr import AutoModel
+        from funasr.models.fun_asr_nano.model import dtype_map
+
+        model_dir = Path(model_dir)
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
+        # whose configuration.json does not map them still loads without the hub.
+        paths = validate_nano_dir(model_dir)
+        overrides = {"llm_conf": {"init_param_path": str(paths["llm"])},
+                     "tokenizer_conf": {"init_param_path": str(paths["llm"])}}
+        if "ctc_vocab" in paths:
+            overrides["dataset_conf"] = {"ctc_tokenizer_conf": {"vocab_path": str(paths["ctc_vocab"])}}
+        auto = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
+                         disable_log=True, ncpu=torch.get_num_threads(), **overrides)
+        self.model = auto.model
+        self.kwargs = dict(auto.kwargs)
+        self.device = self.kwargs["device"]
+        self._tokenizer = self.kwargs["tokenizer"]
+        # FunASR's WavFrontend dithers by default (random noise per call): a training-time
+        # augmentation that makes the same segment decode differently from call to call.
+        self.kwargs["frontend"].dither = 0.0
+        configured = int(self.kwargs.get("max_length", 512))
+        self.max_new_tokens = configured if max_new_tokens is None else min(max_new_tokens, configured)
+        # The precision FunASRNano.inference_llm decodes in (runtime kwargs, not llm_conf).
+        llm_dtype = self.kwargs.get("llm_dtype", "fp32")
+        if llm_dtype == "fp32":
+            llm_dtype = "fp16" if self.kwargs.get("fp16", False) else llm_dtype
+            llm_dtype = "bf16" if self.kwargs.get("bf16", False) else llm_dtype
+        self.dtype = dtype_map[llm_dtype]
+        self.model.llm = self.model.llm.to(self.dtype)
+        self.prepack = prepack
+        self._llm_prepacked = False
+        if prepack:
+            prepack_linear_layers(self.model.audio_encoder)
+            prepack_linear_layers(self.model.audio_adaptor)
+        self.llm_dir = paths["llm"]
+        self.model_dir = model_dir
+
+    @torch.no_grad()
+    def recognize(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
+                  itn: bool = True) -> str:
+        """Text of one segment (16 kHz mono int16). language None/""/"auto" = no language
+        in the prompt; hotwords are plain words (see twopass_asr.hotwords)."""
+        return self.generate(self.prompt_embeds(pcm, hotwords, language, itn))
+
+    @torch.no_grad()
+    def prompt_embeds(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
+                      itn: bool = True) -> torch.Tensor:
+        """The LLM input of one segment, [tokens, hidden] in the LLM's dtype: FunASR's prompt
+        (get_prompt, generate_chatml) with the audio embeddings spliced in, as
+        FunASRNano.inference_prepare builds it. Both generation engines start from this."""
+        return self.embed_prepared([self.prepare(NanoRequest(pcm, tuple(hotwords), language, itn))])[0]
+
+    def prepare(self, request: NanoRequest) -> PreparedSegment:
+        """The per-segment half of prompt_embeds: checks the audio and builds the prompt's
+        token ids and fbank features (FunASRNano.data_load_speech). Raises ValueError for
+        audio the model cannot take."""
+        audio = pcm16_to_float(request.pcm)
+        if audio.ndim != 1:
+            raise ValueError(f"expected mono PCM (one dimension), got shape {tuple(audio.shape)}")
+        if audio.numel() < 400:
+            raise ValueError(f"segment too short: {audio.numel()} samples; Fun-ASR-Nano needs at "
+                             "least 400 (one 25 ms fbank frame)")
+        hotwords = [str(word) for word in request.hotwords]
+        language = None if request.language in NO_LANGUAGE else str(request.language)
+        model = self.model
+        chat = model.generate_chatml(model.get_prompt(hotwords, language, bool(request.itn)), audio)
+        kwargs = {k: v for k, v in self.kwargs.items() if k not in ("tokenizer", "frontend")}
+        loaded = model.data_load_speech(model.data_template(chat), self._tokenizer, self.kwargs["frontend"],
+                                        meta_data={}, **kwargs)
+        # One user turn with one audio span: its start in the prompt and its placeholder count.
+        return PreparedSegment(
+            source_ids=loaded["source_ids"][0].clamp(min=0),
+            fbank=loaded["speech"][0],
+            audio_start=int(loaded["fbank_beg"][0, 0].clamp(min=0)),
+            audio_tokens=int(loaded["fake_token_len"][0, 0].clamp(min=0)),
+        )
+
+    @torch.no_grad()
+    def embed_prepared(self, segments: Sequence[PreparedSegment]) -> list[torch.Tensor]:
+        """The batched half of prompt_embeds: one audio encoder + adaptor pass over all the
+        segments' fbank features (zero-padded to the longest; the encoder masks the padding),
+        then each segment's audio embeddings spliced into its own prompt."""
+        if not segments:
+            return []
+        device = self.device
+        fbank = torch.nn.utils.rnn.pad_sequence([s.fbank for s in segments], batch_first=True).to(device)
+        lengths = torch.tensor([len(s.fbank) for s in segments], dtype=torch.int32, device=device)
+        # FunASR runs the encoder in float32 whatever the LLM's dtype (it has fp32-only ops).
+        encoded, encoded_lengths = self.model.encode(fbank, lengths)
+        adapted, adapted_lengths = self.model.audio_adaptor(encoded, encoded_lengths)
+        embed_tokens = self.model.llm.model.get_input_embeddings()
+        prompts = []
+        for index, segment in enumerate(segments):
+            prompt = embed_tokens(segment.source_ids.to(device))
+            if segment.audio_start > 0:
+                # inference_prepare copies audio_tokens rows, or the adaptor's whole output
+                # when it is shorter (its fallback when the slice does not fit).
+                count = min(segment.audio_tokens, int(adapted_lengths[index]))
+                prompt[segment.audio_start:segment.audio_start + count] = adapted[index, :count]
+            prompts.append(prompt.to(self.dtype))
+        return prompts
+
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Decode (and build prompt embeddings) in `dtype` instead of the model's llm_dtype.
+        With prepack, a float32 LLM also gets its linear weights prepacked (torch generation's
+        decode steps multiply a few rows); its dtype is fixed from then on."""
+        if self._llm_prepacked:
+            if dtype != self.dtype:
+                raise ValueError(f"the LLM's linear weights are prepacked in {self.dtype}; it cannot change "
+                                 f"to {dtype}")
+            return
+        self.dtype = dtype
+        self.model.llm.to(dtype)
+        if self.prepack and dtype == torch.float32:
+            self._llm_prepacked = prepack_linear_layers(self.model.llm) > 0
+
+    def generate(self, embeds: torch.Tensor) -> str:
+        """Greedy text for prompt_embeds' output, on torch, as FunASRNano.inference_llm runs it
+        (one unpadded segment: data_load_speech's attention mask is all ones)."""
+        return self.generate_batch([embeds])[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[torch.Tensor]) -> list[str]:
+        """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
+        left-padded to the longest and the padding masked out. In float32 each text equals
+        the segment's text alone; in half precision the padded shapes round differently and a
+        near tie between two tokens can go the other way."""
+        from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
+
+        if not prompts:
+            return []
+        llm = self.model.llm
+        longest = max(len(prompt) for prompt in prompts)
+        inputs_embeds = prompts[0].new_zeros(len(prompts), longest, prompts[0].shape[-1])
+        attention_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int32, device=inputs_embeds.device)
+        for row, prompt in enumerate(prompts):
+            inputs_embeds[row, longest - len(prompt):] = prompt
+            attention_mask[row, longest - len(prompt):] = 1
+        pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
+        with torch.autocast(device_type=resolve_autocast_device_type(self.device),
+                            enabled=self.dtype != torch.float32, dtype=self.dtype):
+            generated = llm.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad_token_id,
+                **self.kwargs.get("llm_kwargs", {}),
+            )
+        # A row that finished early is filled up with pad tokens; alone it would have stopped
+        # at its end token (generation stops at the generation config's end tokens only).
+        stops = stop_token_ids(llm.generation_config.eos_token_id)
+        rows = [until_stop(row.tolist(), stops) for row in generated]
+        responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
+        return [clean_response(response) for response in responses]
+
+
+def stop_token_ids(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    """The token ids at which generation of a row stops (a generation config's eos_token_id)."""
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    return {token for token in ids if token is not None}
+
+
+def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    """The tokens up to and including the first stop token (all of them if none)."""
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:index + 1]
+    return tokens
+
+
+def clean_response(response: str) -> str:
+    """FunASRNano.inference_llm's post-processing of the decoded response."""
+    return re.sub(r"\s+", " ", response.replace(SILENCE_MARK, " "))
+
+
+__all__ = ["NanoRecognizer", "NanoRequest", "PreparedSegment", "clean_response", "stop_token_ids", "until_stop"]

@@ -1,0 +1,257 @@
+"""Fun-ASR-Nano's LLM on vLLM's async engine, fed with the prompt embeddings NanoRecognizer
+builds (FunASR's own prompt and audio splice), and the choice between vLLM and torch.
+
+Greedy decoding on the same weights in float32 gives the torch path's tokens; vLLM's
+incremental detokenizer gives the text in deltas, cleaned as FunASRNano.inference_llm
+cleans the whole response (see ResponseTextStream).
+"""
+
+from __future__ import annotations
+
+import locale
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable, Mapping
+
+import torch
+
+from twopass_asr.second_pass.llm_export import export_llm_dir
+from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
+
+ENGINES = ("vllm", "auto", "torch")
+ENGINE_ENV = "TWOPASS_ASR_LLM_ENGINE"
+# Logged by the Triton model when a client's cancellation stops a request mid-generation.
+CANCELLED_IN_ENGINE = "request cancelled by its client while generating: aborted in vLLM"
+log = logging.getLogger(__name__)
+
+# Engine settings per device, overridable by `vllm_<name>` model parameters (like the
+# model.json of Triton's vllm_backend). On CPU the KV cache is a fixed size; on a GPU vLLM
+# sizes it from a memory share. Both compile the model (torch.compile; CUDA graphs on a
+# GPU): on 2 AVX2 cores the compiled full-size LLM generated 1.22x faster alone and 1.16x
+# eight at a time (perf/README.md), for about 2 minutes more engine start
+# (vllm_enforce_eager=true starts fast).
+PRESETS: dict[str, dict[str, str]] = {
+    "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "1",
+            "gpu_memory_utilization": "", "enforce_eager": "false", "dtype": "auto"},
+    "cuda": {"max_num_seqs": "64", "max_model_len": "4096", "kv_cache_gib": "",
+             "gpu_memory_utilization": "0.35", "enforce_eager": "false", "dtype": "auto"},
+}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16, AMX, Arm BF16). Without it
+    vLLM's CPU kernels convert every bf16 weight to float32 on the fly: measured on an AVX2
+    machine, 8 concurrent segments ran at 0.19 segments/s in bf16 and 0.34 in float32."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return True  # unknown: keep the model's own precision
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", flags) is not None
+
+
+class EngineUnavailable(RuntimeError):
+    """vLLM cannot serve this model here; the message says why."""
+
+
+def engine_mode(configured: str | None) -> str:
+    """vllm / auto / torch, from TWOPASS_ASR_LLM_ENGINE or the `engine` parameter."""
+    mode = (os.environ.get(ENGINE_ENV) or configured or "auto").strip().lower()
+    if mode not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)} (parameter `engine` or "
+                         f"${ENGINE_ENV}), got {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_num_seqs: int
+    max_model_len: int
+    kv_cache_bytes: int | None
+    gpu_memory_utilization: float | None
+    enforce_eager: bool
+    dtype: str
+
+    @classmethod
+    def from_parameters(cls, device: str, params: Mapping[str, str], llm_dtype: torch.dtype,
+                        native_bf16: bool | None = None) -> "EngineSettings":
+        """Each setting from its `vllm_<name>` parameter, else the device's preset (dtype:
+        see resolve_dtype)."""
+        preset = PRESETS["cpu" if device == "cpu" else "cuda"]
+        value = {name: (params.get(f"vllm_{name}") or default) for name, default in preset.items()}
+        dtype = resolve_dtype(value["dtype"], device, llm_dtype, native_bf16, parameter="vllm_dtype")
+        try:
+            settings = cls(
+                max_num_seqs=int(value["max_num_seqs"]),
+                max_model_len=int(value["max_model_len"]),
+                kv_cache_bytes=int(float(value["kv_cache_gib"]) * 2**30) if value["kv_cache_gib"] else None,
+                gpu_memory_utilization=(float(value["gpu_memory_utilization"])
+                                        if value["gpu_memory_utilization"] else None),
+                enforce_eager=value["enforce_eager"].lower() in ("1", "true", "yes"),
+                dtype=dtype,
+            )
+        except ValueError as exc:
+            raise ValueError(f"invalid vllm_* model parameter: {exc}") from exc
+        if settings.max_num_seqs < 1 or settings.max_model_len < 1:
+            raise ValueError("vllm_max_num_seqs and vllm_max_model_len must be positive")
+        return settings
+
+
+def resolve_dtype(configured: str, device: str, llm_dtype: torch.dtype, native_bf16: bool | None = None,
+                  parameter: str = "dtype") -> str:
+    """The precision to decode in: `configured`, or for auto the LLM's own precision, except
+    float32 instead of a half precision on a CPU without native bf16 (native_bf16 None: read
+    from the CPU), where the conversions cost more than the halved weight reads save."""
+    configured = (configured or "auto").strip().lower()
+    if configured != "auto":
+        if configured not in DTYPE_NAMES.values():
+            raise ValueError(f"{parameter} must be auto, float32, bfloat16 or float16, got {configured!r}")
+        return configured
+    if device == "cpu" and llm_dtype != torch.float32:
+        if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+            return "float32"
+    return DTYPE_NAMES[llm_dtype]
+
+
+def prepare_process_for_vllm() -> None:
+    """What vLLM needs from the hosting process before it is imported."""
+    # Triton's Python stub runs with the ASCII C locale; torch._inductor (imported by vLLM)
+    # then fails to read its UTF-8 sources.
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+    except locale.Error:
+        pass
+    # Bind vLLM's threads to every core instead of keeping one back for its own bookkeeping.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ResponseTextStream:
+    """Cleans streamed response text exactly as clean_response cleans the whole of it.
+
+    Text that a later delta could still change (a trailing partial silence mark) is held
+    back; everything emitted is a prefix of clean_response(whole response)."""
+
+    def __init__(self):
+        self._raw = ""
+        self._sent = 0
+
+    def feed(self, delta: str) -> str:
+        self._raw += delta
+        stable = self._raw
+        for keep in range(len(SILENCE_MARK) - 1, 0, -1):
+            if stable.endswith(SILENCE_MARK[:keep]):
+                stable = stable[:-keep]
+                break
+        return self._emit(clean_response(stable))
+
+    def finish(self) -> str:
+        return self._emit(clean_response(self._raw))
+
+    def _emit(self, cleaned: str) -> str:
+        new = cleaned[self._sent:]
+        self._sent = len(cleaned)
+        return new
+
+
+class VllmNanoEngine:
+    """An AsyncLLM on the Nano's LLM (exported once into a vLLM directory). Its output
+    handler starts on the event loop of the first `stream` call; later calls must come from
+    that same loop (tritonserver's stub runs every async execute on one loop)."""
+
+    def __init__(self, recognizer: NanoRecognizer, settings: EngineSettings):
+        prepare_process_for_vllm()
+        if recognizer.kwargs.get("llm_kwargs"):
+            raise EngineUnavailable("the model's llm_kwargs (extra generation arguments) have no vLLM "
+                                    f"equivalent here: {recognizer.kwargs['llm_kwargs']!r}")
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.sampling_params import RequestOutputKind, SamplingParams
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except Exception as exc:  # ImportError, or a broken install failing inside its imports
+            raise EngineUnavailable(f"vLLM cannot be imported: {type(exc).__name__}: {exc}") from exc
+        self.settings = settings
+        self.max_new_tokens = recognizer.max_new_tokens
+        try:
+            self.llm_dir = export_llm_dir(recognizer.model_dir, recognizer.llm_dir)
+        except OSError as exc:
+            raise EngineUnavailable(f"cannot export the LLM into a vLLM directory: {exc}") from exc
+        args = AsyncEngineArgs(
+            model=str(self.llm_dir),
+            tokenizer=str(self.llm_dir),
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            enable_prompt_embeds=True,
+            seed=0,
+            **({"kv_cache_memory_bytes": settings.kv_cache_bytes} if settings.kv_cache_bytes else {}),
+            **({"gpu_memory_utilization": settings.gpu_memory_utilization}
+               if settings.gpu_memory_utilization else {}),
+        )
+        try:
+            self.engine = AsyncLLM.from_engine_args(args)
+        except Exception as exc:
+            raise EngineUnavailable(f"vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
+        self._sampling = SamplingParams(
+            temperature=0.0, max_tokens=self.max_new_tokens, skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        self._dtype = getattr(torch, settings.dtype)
+
+    async def stream(self, embeds: torch.Tensor, request_id: str | None = None) -> AsyncIterator[tuple[str, bool]]:
+        """(cleaned text delta, is_last) for one prompt ([tokens, hidden]); the last delta may
+        be empty. Closing the iterator before the last delta aborts the request in the engine."""
+        request_id = request_id or uuid.uuid4().hex
+        cleaner = ResponseTextStream()
+        prompt = {"prompt_embeds": embeds.detach().to("cpu", self._dtype).contiguous()}
+        finished = False
+        try:
+            async for output in self.engine.generate(prompt, self._sampling, request_id):
+                finished = output.finished
+                delta = cleaner.feed(output.outputs[0].text if output.outputs else "")
+                if finished:
+                    yield delta + cleaner.finish(), True
+                elif delta:
+                    yield delta, False
+        finally:
+            if not finished:
+                await self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        # Cancel the output handler first: shutting the core down under it logs EngineDeadError.
+        from vllm.utils.async_utils import cancel_task_threadsafe
+
+        handler = getattr(self.engine, "output_handler", None)
+        if handler is not None:
+            cancel_task_threadsafe(handler)
+            self.engine.output_handler = None
+        self.engine.shutdown()
+        # Dropped now: collected at interpreter exit, AsyncLLM.__del__ shuts down again with
+        # its module globals already gone and prints a TypeError.
+        del self.engine
+
+
+def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Mapping[str, str],
+                 warn: Callable[[str], None] = log.warning) -> VllmNanoEngine | None:
+    """The vLLM engine for mode vllm (EngineUnavailable if it cannot start) or auto (None
+    after one warning if it cannot start); None for torch."""
+    if mode == "torch":
+        return None
+    settings = EngineSettings.from_parameters(device, params, recognizer.dtype)
+    try:
+        return VllmNanoEngine(recognizer, settings)
+    except EngineUnavailable as exc:
+        if mode == "vllm":
+            raise
+        warn(f"vLLM unavailable, falling back to torch generation: {exc}")
+        return None
+
+
+__all__ = ["CANCELLED_IN_ENGINE", "DTYPE_NAMES", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable",
+           "ResponseTextStream", "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm",
+           "resolve_dtype", "start_engine"]

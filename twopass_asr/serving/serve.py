@@ -1,0 +1,110 @@
+"""Run the whole service: prepare models, start tritonserver, then the WebSocket frontend.
+
+Ctrl-C (or SIGTERM) stops both and every process they started."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twopass_asr import REPO_ROOT
+from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, port_in_use
+from twopass_asr.store import model_store
+
+log = logging.getLogger("twopass_asr.serving.serve")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", type=Path, default=None, help="model store (default $TWOPASS_ASR_MODELS or .model_store)")
+    parser.add_argument("--random", choices=["tiny", "full"], default=None,
+                        help="serve random models (replacing what the store holds) without trying to download")
+    parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
+                        help="random models to build for missing ones that cannot be downloaded (default tiny)")
+    parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
+    parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
+    parser.add_argument("--certfile", default=None)
+    parser.add_argument("--keyfile", default=None)
+    parser.add_argument("--triton-http-port", type=int, default=8000)
+    parser.add_argument("--triton-grpc-port", type=int, default=8001)
+    parser.add_argument("--triton-metrics-port", type=int, default=8002)
+    parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / ".cache" / "logs")
+    return parser.parse_args(argv)
+
+
+def prepare_command(args) -> list[str]:
+    """The store keeps every valid model it holds; the fallback fills only missing ones."""
+    cmd = [sys.executable, "-m", "twopass_asr.store.prepare", "--store", str(args.store or model_store.store_root())]
+    return cmd + (["--random", args.random] if args.random else ["--fallback-random", args.fallback_random])
+
+
+def prepare(args) -> Path:
+    subprocess.run(prepare_command(args), check=True)
+    return args.store or model_store.store_root()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [serve] %(message)s")
+    args = parse_args(argv)
+
+    def request_stop(signum, _frame):
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a shell starting us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    # Found taken now rather than after minutes of model loading.
+    for host, port, option in ((args.host, args.port, "--port"),
+                               ("127.0.0.1", args.triton_http_port, "--triton-http-port"),
+                               ("127.0.0.1", args.triton_grpc_port, "--triton-grpc-port"),
+                               ("127.0.0.1", args.triton_metrics_port, "--triton-metrics-port")):
+        if port_in_use(host, port):
+            log.error("port %d (%s) on %s is already in use: stop what holds it or choose another with %s",
+                      port, option, host, option)
+            return 1
+    triton = frontend = None
+    try:
+        store = prepare(args)
+        triton = TritonServer(
+            store, host="127.0.0.1", http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
+            metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
+        )
+        log.info("starting tritonserver (log: %s)", triton.log_path)
+        triton.start(progress=log.info)
+        log.info("tritonserver ready: gRPC %s", triton.grpc_url)
+        cmd = [sys.executable, "-m", "frontend.server", "--triton-url", triton.grpc_url,
+               "--host", args.host, "--port", str(args.port)]
+        if args.certfile:
+            cmd += ["--certfile", args.certfile, "--keyfile", args.keyfile]
+        frontend = subprocess.Popen(cmd, start_new_session=True)
+        scheme = "https" if args.certfile else "http"
+        log.info("frontend starting: %s://%s:%d/ (web page) — Ctrl-C stops everything", scheme, args.host, args.port)
+        while frontend.poll() is None and triton.process.poll() is None:
+            time.sleep(0.5)
+        failed = "frontend" if frontend.poll() is not None else "tritonserver"
+        log.error("%s exited unexpectedly; stopping", failed)
+        return 1
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    except (TritonStartError, subprocess.CalledProcessError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if frontend is not None and frontend.poll() is None:
+            frontend.send_signal(signal.SIGINT)
+            try:
+                frontend.wait(10)
+            except subprocess.TimeoutExpired:
+                frontend.kill()
+        if triton is not None:
+            triton.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Start and stop the tritonserver bundled in nvidia-pytriton, configured for this project.
+
+Used by the serve command and by the tests, so both run the server the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from twopass_asr import REPO_ROOT
+
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+def load_progress(log_text: str) -> tuple[list[str], list[str]]:
+    """(loaded, still loading) model names, from tritonserver's log of its start."""
+    loading = dict.fromkeys(re.findall(r'"loading: ([^:"]+):\d+"', log_text))
+    loaded = dict.fromkeys(re.findall(r"\"successfully loaded '([^']+)'", log_text))
+    return list(loaded), [name for name in loading if name not in loaded]
+
+
+# Ports free_port has handed out in this process: none twice.
+_handed_out: set[int] = set()
+LOWEST_FREE_PORT = 10000
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not listen on host:port now. With SO_REUSEADDR, as the
+    servers have it: connections of an earlier run left in TIME_WAIT do not count."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server that binds it later.
+
+    Chosen below the kernel's ephemeral range: the ports the kernel hands out meanwhile (to
+    outgoing connections, and to listening sockets bound to port 0, as vLLM's and torch's
+    are) never take it while the server that is to bind it still loads its models."""
+    start = _ephemeral_ports_start()
+    if start <= LOWEST_FREE_PORT:  # an unusual kernel range: let the kernel choose
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for _ in range(1000):
+        port = random.randrange(LOWEST_FREE_PORT, start)
+        if port not in _handed_out and not port_in_use("127.0.0.1", port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 between {LOWEST_FREE_PORT} and {start}")
+
+
+def tritonserver_dir() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def server_environment(model_store: Path | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment in which the Python-backend stub finds this venv's packages."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    # The stub ignores PYTHONPATH; it picks up the venv only when its bin/ leads PATH.
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
+    # Load the same libpython as the venv's interpreter, not Debian's copy.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    # vad, paraformer_streaming and vLLM's worker each run OpenMP teams as wide as the machine;
+    # spinning idle threads starve the others (2 cores, one 2pass stream: second pass p50
+    # 44.8 s spinning, 22.9 s passive; partial lag p95 34.0 s vs 10.4 s).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
+    if model_store is not None:
+        env["TWOPASS_ASR_MODELS"] = str(Path(model_store).resolve())
+    env.update(extra or {})
+    return env
+
+
+class TritonServer:
+    """A tritonserver process in its own process group (so model subprocesses die with it)."""
+
+    def __init__(
+        self,
+        model_store: Path | None,
+        model_repository: Path = DEFAULT_MODEL_REPOSITORY,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: Path | None = None,
+        log_verbose: int = 0,
+        env: dict[str, str] | None = None,
+    ):
+        self.model_store = model_store
+        self.model_repository = Path(model_repository)
+        self.host = host
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = Path(log_path) if log_path else None
+        self.log_verbose = log_verbose
+        self.extra_env = env
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+        self._log_start = 0  # where this start's part of an appended log begins
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        root = tritonserver_dir()
+        return [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={root / 'backends'}",
+            f"--cache-directory={root / 'caches'}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--pinned-memory-pool-byte-size=0",
+            f"--log-verbose={self.log_verbose}",
+        ]
+
+    # The full-size models load in minutes on 2 cores, vLLM's compilation included.
+    def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None,
+              progress_every_s: float = 30.0) -> "TritonServer":
+        """Start and wait until ready; `progress` (if given) gets a line on the models loaded
+        so far every progress_every_s while waiting (when the server writes a log file)."""
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")
+            out = self._log_file
+        else:
+            out = None
+        self._log_start = self.log_path.stat().st_size if self.log_path else 0
+        self.process = subprocess.Popen(
+            self.command(),
+            env=server_environment(self.model_store, self.extra_env),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(timeout, progress, progress_every_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_text(self) -> str:
+        """What this start has written to the log file (which may hold earlier starts too)."""
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as handle:
+            handle.seek(self._log_start)
+            return handle.read().decode(errors="replace")
+
+    def progress_line(self, elapsed_s: float) -> str:
+        line = f"tritonserver starting ({elapsed_s:.0f} s)"
+        if not self.log_path or not self.log_path.exists():
+            return line
+        loaded, loading = load_progress(self.log_text())
+        return (f"{line}: loaded {', '.join(loaded) or 'nothing yet'}"
+                + (f"; loading {', '.join(loading)}" if loading else ""))
+
+    def model_counter(self, model: str, name: str) -> float:
+        """A model's counter or gauge (summed over its instances) from the metrics endpoint."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+        if not values:
+            raise LookupError(f"{name} of {model} missing from tritonserver's metrics")
+        return sum(float(value) for value in values)
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float, progress: Callable[[str], None] | None = None,
+                   progress_every_s: float = 30.0) -> None:
+        started = time.monotonic()
+        deadline = started + timeout
+        next_progress = started + progress_every_s
+        while time.monotonic() < deadline:
+            if progress is not None and time.monotonic() >= next_progress:
+                progress(self.progress_line(time.monotonic() - started))
+                next_progress += progress_every_s
+            if self.process.poll() is not None:
+                raise TritonStartError(
+                    f"tritonserver exited with code {self.process.returncode} before becoming ready"
+                    + self._log_hint()
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise TritonStartError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        tail = self.log_text().splitlines()[-40:]
+        return f"; last log lines ({self.log_path}):\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left (vLLM's
+        EngineCore ignores SIGTERM while loading)."""
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        if self.process.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(pgid, signal.SIGKILL)
+        self.process.wait()
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,1 @@
+"""The model store: directory layouts and validators, preparation, random-weight builders."""

@@ -1,0 +1,1 @@
+"""Streaming FSMN-VAD, batched over streams."""
