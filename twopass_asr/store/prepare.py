@@ -231,7 +231,7 @@ def keep_local(root: Path, name: str, manifest: dict) -> None:
             remove(target)
             target.symlink_to(source, target_is_directory=True)
     elif not target.is_dir():
-        raise PrepareError(f"the store's {name} (copied from {entry['path']}) is gone: {ways_out(name)}")
+        raise PrepareError(f"the store's {name} ({describe(entry)}) is gone: {ways_out(name)}")
     try:
         check(root, name, manifest)
     except ModelDirError as exc:
