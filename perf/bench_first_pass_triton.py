@@ -44,7 +44,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 
 from frontend.triton_client import SequenceStream, TritonGateway
-from perf.metrics import largest_passing
+from perf.metrics import largest_passing, percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
 from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
@@ -62,9 +62,10 @@ class Latencies:
     final: list[float] = field(default_factory=list)
 
     def row(self) -> dict:
-        return {"p50_ms": 1000 * float(np.median(self.steady)), "p95_ms": 1000 * p95(self.steady),
-                "final_p50_ms": 1000 * float(np.median(self.final)), "final_max_ms": 1000 * max(self.final),
-                "all_p95_ms": 1000 * p95(self.steady + self.final), "chunks": len(self.steady) + len(self.final)}
+        return {"p50_ms": 1000 * percentile(self.steady, 50), "p95_ms": 1000 * percentile(self.steady, 95),
+                "final_p50_ms": 1000 * percentile(self.final, 50), "final_max_ms": 1000 * max(self.final),
+                "all_p95_ms": 1000 * percentile(self.steady + self.final, 95),
+                "chunks": len(self.steady) + len(self.final)}
 
     @staticmethod
     def describe(row: dict) -> str:
@@ -169,10 +170,6 @@ async def load(url: str, streams: int, pcm: np.ndarray, seed: int) -> Latencies:
             await channel.close()
         await client.close()
     return latencies
-
-
-def p95(values: list[float]) -> float:
-    return float(np.percentile(values, 95))
 
 
 def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, list[dict]]:

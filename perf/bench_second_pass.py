@@ -48,6 +48,10 @@ from twopass_asr import REPO_ROOT
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest
 
+if not __package__:  # run as a file (python perf/bench_second_pass.py): perf/ is not a package then
+    sys.path.insert(0, str(REPO_ROOT))
+from perf.metrics import percentile  # noqa: E402
+
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
 # Issue 4's latency target is stated for 5 s segments.
@@ -66,9 +70,6 @@ class Row:
     @property
     def segments_per_s(self) -> float:
         return self.segments / self.wall_s
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q))
 
 
 def make_segments(count: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
@@ -159,8 +160,8 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
 def write_results(rows: list[Row], out: Path, note: str, encoder_rows: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     header = ["engine", "concurrency", "segments", "segments_per_s", "p50_ms", "p95_ms"]
-    table = [[r.engine, r.concurrency, r.segments, f"{r.segments_per_s:.3f}", f"{r.percentile(50):.0f}",
-              f"{r.percentile(95):.0f}"] for r in rows]
+    table = [[r.engine, r.concurrency, r.segments, f"{r.segments_per_s:.3f}", f"{percentile(r.latencies_ms, 50):.0f}",
+              f"{percentile(r.latencies_ms, 95):.0f}"] for r in rows]
     with open(out / "second_pass.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([header] + table)
     lines = [f"# Second pass (Fun-ASR-Nano full-size random weights)\n\n{note}\n",
@@ -180,8 +181,8 @@ def write_results(rows: list[Row], out: Path, note: str, encoder_rows: list[str]
         mine = [r for r in rows if r.engine == name]
         xs = [r.concurrency for r in mine]
         left.plot(xs, [r.segments_per_s for r in mine], "o-", label=name)
-        right.plot(xs, [r.percentile(50) for r in mine], "o-", label=f"{name} p50")
-        right.plot(xs, [r.percentile(95) for r in mine], "x--", label=f"{name} p95")
+        right.plot(xs, [percentile(r.latencies_ms, 50) for r in mine], "o-", label=f"{name} p50")
+        right.plot(xs, [percentile(r.latencies_ms, 95) for r in mine], "x--", label=f"{name} p95")
     left.set(xlabel="concurrent clients", ylabel="segments / s", title="throughput")
     right.set(xlabel="concurrent clients", ylabel="latency (ms)", title="segment latency")
     left.legend()
