@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--torch-concurrency", default=None,
                         help="levels for the torch fallback (default: same as --concurrency; empty: skip it)")
     # Several per client: the clients fall out of step as a service's would; with one each,
-    # the C segments arrive, encode and decode as one burst (perf/README.md).
+    # the C segments arrive, encode and decode as one burst (perf/RESULTS.md, 2026-11-29 evening,
+    # second pass in steady state).
     parser.add_argument("--segments-per-client", type=int, default=3)
     parser.add_argument("--segment-seconds", type=float, default=DEFAULT_SEGMENT_SECONDS)
     parser.add_argument("--funasr-segments", type=int, default=3)

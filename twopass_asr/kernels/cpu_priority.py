@@ -14,8 +14,8 @@ from pathlib import Path
 from twopass_asr.parameters import whole_number
 
 MAX_NICE = 19
-# 2 cores, one 2pass stream (perf/README.md): partial lag p95 2.3-2.5 s at 10 against
-# 8.9-9.4 s at 0, and the second pass no slower.
+# Far enough below the first pass to keep its partials coming, not so far that other work on a
+# shared machine starves the second pass (perf/RESULTS.md, 2026-11-29 evening, lower CPU priority).
 DEFAULT_CPU_NICE = 10
 
 

@@ -5,10 +5,10 @@ With the few rows a streaming step has (tens of frames, a handful of streams) th
 is a large part of the product. Two kernels keep the weight packed instead:
 
 - `MlasLinear`: onnxruntime's MLAS GEMM, over a weight packed when its one-node session is
-  built. On our 2-core AVX2 machine it ran the linear layers of the full-size first pass
-  1.2-1.4x faster than oneDNN at 15-30 rows (perf/README.md). A session runs on the
-  calling thread, so it is used only where torch runs single-threaded (the served layout:
-  one torch thread per worker); a pool of its own would fight torch's OpenMP threads.
+  built. It runs the first pass's few-row products faster than oneDNN (perf/RESULTS.md,
+  2026-11-29 evening, MLAS). A session runs on the calling thread, so it is used only where
+  torch runs single-threaded (the served layout: one torch thread per worker); a pool of its
+  own would fight torch's OpenMP threads.
 - `OneDnnLinear`: oneDNN's blocked layout (`torch.ops.mkldnn`), which uses torch's threads.
 
 Results differ from nn.Linear only by float32 summation order, as between any two GEMM

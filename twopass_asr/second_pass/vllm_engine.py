@@ -31,9 +31,8 @@ log = logging.getLogger(__name__)
 # Engine settings per device, overridable by `vllm_<name>` model parameters (like the
 # model.json of Triton's vllm_backend). On CPU the KV cache is a fixed size; on a GPU vLLM
 # sizes it from a memory share. Both compile the model (torch.compile; CUDA graphs on a
-# GPU): on 2 AVX2 cores the compiled full-size LLM generated 1.22x faster alone and 1.16x
-# eight at a time (perf/README.md), for about 2 minutes more engine start
-# (vllm_enforce_eager=true starts fast).
+# GPU), which generates faster for a slower engine start (vllm_enforce_eager=true starts fast;
+# perf/RESULTS.md, 2026-11-29 later).
 PRESETS: dict[str, dict[str, str]] = {
     "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "1",
             "gpu_memory_utilization": "", "enforce_eager": "false", "dtype": "auto"},
@@ -45,8 +44,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX512-BF16, AMX, Arm BF16). Without it
-    vLLM's CPU kernels convert every bf16 weight to float32 on the fly: measured on an AVX2
-    machine, 8 concurrent segments ran at 0.19 segments/s in bf16 and 0.34 in float32."""
+    vLLM's CPU kernels convert every bf16 weight to float32 on the fly, slower than float32
+    throughout (perf/RESULTS.md, 2026-11-28, vLLM in float32 vs bf16)."""
     try:
         flags = cpuinfo.read_text()
     except OSError:

@@ -96,8 +96,7 @@ def server_environment(model_store: Path | None, extra: dict[str, str] | None = 
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     # vad, paraformer_streaming and vLLM's worker each run OpenMP teams as wide as the machine;
-    # spinning idle threads starve the others (2 cores, one 2pass stream: second pass p50
-    # 44.8 s spinning, 22.9 s passive; partial lag p95 34.0 s vs 10.4 s).
+    # spinning idle threads starve the others (perf/RESULTS.md, 2026-11-28, whole service).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
     if model_store is not None:
