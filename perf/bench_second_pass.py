@@ -20,7 +20,7 @@ Latency is segment submitted -> last text delta; throughput is segments / wall t
 level. In-process (no tritonserver), so the numbers are the engines', not gRPC's. A random
 model rarely emits EOS: every segment decodes --max-new-tokens tokens.
 
-    .venv/bin/python perf/bench_second_pass.py [--concurrency 1,4,8,16] [--dtype bf16]
+    .venv/bin/python -m perf.bench_second_pass [--concurrency 1,4,8,16] [--dtype bf16]
         [--max-new-tokens 32] [--segments-per-client 3] [--segment-seconds 5] [--threads 2]
         [--embed-window-ms 10] [--embed-max-batch 16] [--torch-max-batch 16] [--torch-dtype auto]
         [--vllm-modes compiled,eager]
@@ -44,13 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest
-
-if not __package__:  # run as a file (python perf/bench_second_pass.py): perf/ is not a package then
-    sys.path.insert(0, str(REPO_ROOT))
-from perf.metrics import percentile  # noqa: E402
 
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
