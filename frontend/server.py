@@ -1,5 +1,6 @@
 """WebSocket server speaking FunASR's 2pass protocol, backed by Triton over gRPC; it also
-serves the web page (frontend/static/) over plain HTTP(S) on the same port.
+serves the web page (frontend/static/) over plain HTTP(S) on the same port. The capacity
+baseline (perf/baseline_server.py) is this server with FunASR models in-process instead.
 
     python -m frontend.server --triton-url 127.0.0.1:8001 --port 10095
 """
@@ -16,6 +17,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -25,6 +27,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from frontend.backend import Backend, InferenceError
 from frontend.protocol import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
@@ -37,7 +40,7 @@ from frontend.protocol import (
     update_config,
 )
 from frontend.session import StreamSession
-from frontend.triton_client import InferenceError, SequenceIds, TritonGateway, TritonUnavailable
+from frontend.triton_client import TritonBackend, TritonGateway, TritonUnavailable
 
 log = logging.getLogger("frontend.server")
 
@@ -47,19 +50,17 @@ DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 
 @dataclass
 class ServerSettings:
-    triton_url: str
     max_connections: int = 0  # 0: no limit
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     static_dir: Path | None = DEFAULT_STATIC_DIR
 
 
 class FrontendServer:
-    """State shared by all connections: the Triton channel, sequence ids, the count."""
+    """State shared by all connections: the backend, the count."""
 
-    def __init__(self, settings: ServerSettings):
+    def __init__(self, settings: ServerSettings, backend: Backend):
         self.settings = settings
-        self.gateway = TritonGateway(settings.triton_url)
-        self.sequence_ids = SequenceIds()
+        self.backend = backend
         self.active_connections = 0
         self._connection_numbers = itertools.count(1)
 
@@ -96,7 +97,7 @@ class FrontendServer:
         )
 
     async def close(self) -> None:
-        await self.gateway.close()
+        await self.backend.close()
 
 
 def static_response(static_dir: Path | None, request_path: str) -> Response:
@@ -192,7 +193,7 @@ class Connection:
         fields = decode_text_frame(text)
         if self.session is None or self.session.completed:
             self.config = start_config(fields, self.config)
-            self.session = StreamSession(self.config, self.server.gateway, self.server.sequence_ids, self._send,
+            self.session = StreamSession(self.config, self.server.backend.open_stream(), self._send,
                                          self._session_failed)
             self.streams += 1
         else:
@@ -295,14 +296,14 @@ def ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | N
     return context
 
 
-async def run_server(args: argparse.Namespace) -> None:
-    frontend = FrontendServer(ServerSettings(
-        triton_url=args.triton_url, max_connections=args.max_connections,
-        max_frame_bytes=args.max_frame_bytes, static_dir=args.static_dir,
-    ))
-    server = await frontend.start(args.host, args.port, ssl_context(args.certfile, args.keyfile))
-    scheme = "wss" if args.certfile else "ws"
-    log.info("listening on %s://%s:%d/ (Triton gRPC %s)", scheme, args.host, args.port, args.triton_url)
+async def run_server(make_backend: Callable[[], Backend], settings: ServerSettings, host: str, port: int,
+                     certfile: str | None = None, keyfile: str | None = None) -> None:
+    """Serve until SIGINT or SIGTERM. The backend is made here, in the event loop, because it
+    may bind to it (a gRPC channel does)."""
+    frontend = FrontendServer(settings, make_backend())
+    server = await frontend.start(host, port, ssl_context(certfile, keyfile))
+    scheme = "wss" if certfile else "ws"
+    log.info("listening on %s://%s:%d/ (%s)", scheme, host, port, frontend.backend.description)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -314,17 +315,26 @@ async def run_server(args: argparse.Namespace) -> None:
     await frontend.close()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run(make_backend: Callable[[], Backend], settings: ServerSettings, host: str, port: int,
+        certfile: str | None = None, keyfile: str | None = None) -> int:
+    """run_server in a new event loop; returns the exit status (1: the server could not start)."""
     # The handshake-level chatter of websockets (e.g. plain HTTP page requests) is noise.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
-        asyncio.run(run_server(args))
+        asyncio.run(run_server(make_backend, settings, host, port, certfile, keyfile))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(max_connections=args.max_connections, max_frame_bytes=args.max_frame_bytes,
+                              static_dir=args.static_dir)
+    return run(lambda: TritonBackend(TritonGateway(args.triton_url)), settings, args.host, args.port,
+               args.certfile, args.keyfile)
 
 
 if __name__ == "__main__":

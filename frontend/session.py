@@ -1,12 +1,13 @@
-"""One stream of one WebSocket connection: audio in, protocol messages out, via Triton.
+"""One stream of one WebSocket connection: audio in, protocol messages out.
 
 The pipeline follows FunASR's own 2pass server: every piece of audio goes to the streaming
-VAD (one Triton sequence for the whole stream, so its times count from the stream start)
-and to the streaming Paraformer (first pass, decoded every chunk_size[1]*60 ms). In 2pass
-mode the first pass is restarted per VAD segment (a segment end ends its Triton sequence,
-flushing the tail; the next audio starts a new one), as FunASR resets its online cache
-there. Each finished segment is cut from the recent audio and sent to Fun-ASR-Nano while
-the first pass carries on; the results go out in segment order.
+VAD (one sequence for the whole stream, so its times count from the stream start) and to
+the streaming Paraformer (first pass, decoded every chunk_size[1]*60 ms). In 2pass mode the
+first pass is restarted per VAD segment (a segment end ends its sequence, flushing the
+tail; the next audio starts a new one), as FunASR resets its online cache there. Each
+finished segment is cut from the recent audio and sent to Fun-ASR-Nano while the first
+pass carries on; the results go out in segment order. The models are reached through a
+backend (backend.py): Triton for the service, FunASR in-process for the baseline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from frontend.audio import AudioHistory, AudioInput
+from frontend.backend import StreamModels
 from frontend.delivery import OrderedDelivery
 from frontend.protocol import (
     SAMPLE_RATE,
@@ -26,7 +28,6 @@ from frontend.protocol import (
     partial_message,
     segment_message,
 )
-from frontend.triton_client import FIRST_PASS_MODEL, VAD_MODEL, SequenceIds, SequenceStream, TritonGateway
 
 log = logging.getLogger("frontend.session")
 
@@ -40,9 +41,6 @@ HISTORY_KEEP_MS = 10_000
 # Audio/config items queued for the worker before the connection stops reading (so a fast
 # sender is slowed down by TCP instead of filling memory).
 INBOX_LIMIT = 64
-# Closing a sequence for a client that vanished: a little silence with sequence_end.
-_CLOSING_SILENCE = np.zeros(SAMPLE_RATE // 100, dtype=np.int16)
-_CLOSE_TIMEOUT_S = 5.0
 
 
 class _Samples:
@@ -71,14 +69,12 @@ class StreamSession:
     def __init__(
         self,
         config: StreamConfig,
-        gateway: TritonGateway,
-        sequence_ids: SequenceIds,
+        models: StreamModels,
         emit: Callable[[dict[str, Any]], Awaitable[None]],
         on_failure: Callable[[BaseException], None],
     ):
         self.config = config
-        self._gateway = gateway
-        self._ids = sequence_ids
+        self._models = models
         self._emit = emit
         self._on_failure = on_failure
         self._audio = AudioInput(config.audio_fs, config.wav_format)
@@ -88,11 +84,7 @@ class StreamSession:
         self._uses_vad = config.mode != "online"
         self._uses_first_pass = config.mode != "offline"
         self._history = AudioHistory() if self._uses_vad else None
-        self._vad_stream: SequenceStream | None = None
-        self._vad_sequence: int | None = None
         self._open_segment_start: int | None = None
-        self._first_pass_stream: SequenceStream | None = None
-        self._first_pass_sequence: int | None = None
         self._first_pass_chunk = config.first_pass_chunk_samples
         self._first_pass_buffer = _Samples()
         self._finishing = False
@@ -121,18 +113,13 @@ class StreamSession:
 
     async def abort(self) -> None:
         """The connection is going away: stop work, cancel second-pass requests and end
-        the open Triton sequences so the models free their state."""
+        the open sequences so the models free their state."""
         self._worker.cancel()
         self._delivery.cancel()
         for task in self._flush_jobs:
             task.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
-        closing = []
-        for stream, sequence in ((self._vad_stream, self._vad_sequence),
-                                 (self._first_pass_stream, self._first_pass_sequence)):
-            if stream is not None:
-                closing.append(self._close_stream(stream, sequence))
-        await asyncio.gather(*closing)
+        await self._models.abort()
 
     # -- worker --------------------------------------------------------------------------
 
@@ -164,7 +151,7 @@ class StreamSession:
         events = []
         if self._uses_vad:
             self._history.append(pcm)
-            events = await self._vad(pcm, final)
+            events = await self._models.vad.step(pcm, self.config, end=final)
         if self._uses_first_pass:
             self._first_pass_buffer.push(pcm)
             await self._decode_first_pass(end=False)
@@ -187,7 +174,7 @@ class StreamSession:
     async def _finish(self) -> None:
         self._finishing = True
         tail = self._pending.take(self._pending.size)
-        if self._vad_sequence is not None or self._first_pass_sequence is not None or len(tail):
+        if self._models.vad.is_open or self._models.first_pass.is_open or len(tail):
             await self._step(tail, final=True)
         final_result = None
         if self._uses_first_pass:
@@ -203,38 +190,30 @@ class StreamSession:
             final_result = await self._flush_jobs[-1]
         await self._emit(final_message(self.config, final_result))
         self.completed = True
-        await self._close_streams()
+        await self._models.close()
 
-    # -- VAD -----------------------------------------------------------------------------
-
-    async def _vad(self, pcm: np.ndarray, final: bool) -> list[tuple[int, int]]:
-        if self._vad_stream is None:
-            self._vad_stream = self._gateway.open_stream(VAD_MODEL)
-        start = self._vad_sequence is None
-        if start:
-            self._vad_sequence = self._ids.next()
-            cfg = self.config
-            inputs = self._gateway.vad_inputs(pcm, cfg.vad_tail_sil, cfg.vad_max_len, cfg.vad_energy)
-        else:
-            inputs = self._gateway.audio_inputs(pcm)
-        result = await self._vad_stream.infer(inputs, self._vad_sequence, start=start, end=final)
-        if final:
-            self._vad_sequence = None
-        return self._gateway.segments(result)
+    # -- segments ------------------------------------------------------------------------
 
     async def _close_segment(self, start_ms: int, end_ms: int) -> None:
         if self.config.mode == "2pass":
             await self._decode_first_pass(end=True)
-        job = asyncio.create_task(self._recognize(self.config, start_ms, end_ms, self._history.slice_ms(start_ms, end_ms)))
+        pcm = self._history.slice_ms(start_ms, end_ms)
+        # Started here, not in the job, so the backend has the segment before the stream's
+        # next audio (the baseline runs it first, as FunASR's servers do).
+        recognition = self._models.start_recognition(pcm, self.config) if len(pcm) else None
+        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, recognition))
+        if recognition is not None:
+            # A job cancelled before it ran must still cancel its request.
+            job.add_done_callback(lambda _: recognition.cancel())
         if self._finishing:
             self._flush_jobs.append(job)
         else:
             self._delivery.submit(job)
 
-    async def _recognize(self, config: StreamConfig, start_ms: int, end_ms: int, pcm: np.ndarray) -> dict[str, Any]:
-        text = ""
-        if len(pcm):
-            text = await self._gateway.recognize_segment(pcm, config.hotwords, config.svs_lang, config.itn)
+    @staticmethod
+    async def _segment_result(config: StreamConfig, start_ms: int, end_ms: int,
+                              recognition: asyncio.Future[str] | None) -> dict[str, Any]:
+        text = await recognition if recognition is not None else ""
         return segment_message(config, text, start_ms, end_ms)
 
     # -- first pass ----------------------------------------------------------------------
@@ -243,31 +222,19 @@ class StreamSession:
         """Decode every whole chunk buffered; with `end`, also the rest, ending the
         sequence. Returns the text recognised by this call."""
         texts = []
-        chunk = self._first_pass_chunk if self._first_pass_sequence is not None else self.config.first_pass_chunk_samples
+        chunk = self._first_pass_chunk if self._models.first_pass.is_open else self.config.first_pass_chunk_samples
         while self._first_pass_buffer.size >= chunk:
             texts.append(await self._first_pass(self._first_pass_buffer.take(chunk), end=False, emit=emit))
             chunk = self._first_pass_chunk
-        if end and (self._first_pass_sequence is not None or self._first_pass_buffer.size):
+        if end and (self._models.first_pass.is_open or self._first_pass_buffer.size):
             rest = self._first_pass_buffer.take(self._first_pass_buffer.size)
             texts.append(await self._first_pass(rest, end=True, emit=emit))
         return "".join(texts)
 
     async def _first_pass(self, pcm: np.ndarray, end: bool, emit: bool) -> str:
-        if self._first_pass_stream is None:
-            self._first_pass_stream = self._gateway.open_stream(FIRST_PASS_MODEL)
-        start = self._first_pass_sequence is None
-        if start:
-            cfg = self.config
-            self._first_pass_sequence = self._ids.next()
-            self._first_pass_chunk = cfg.first_pass_chunk_samples
-            inputs = self._gateway.first_pass_inputs(pcm, cfg.chunk_size, cfg.encoder_chunk_look_back,
-                                                     cfg.decoder_chunk_look_back)
-        else:
-            inputs = self._gateway.audio_inputs(pcm)
-        result = await self._first_pass_stream.infer(inputs, self._first_pass_sequence, start=start, end=end)
-        if end:
-            self._first_pass_sequence = None
-        text = self._gateway.text(result)
+        if not self._models.first_pass.is_open:
+            self._first_pass_chunk = self.config.first_pass_chunk_samples
+        text = await self._models.first_pass.step(pcm, self.config, end=end)
         if text and emit:
             await self._emit(partial_message(self.config, text))
         return text
@@ -278,18 +245,3 @@ class StreamSession:
         if not self._failed:
             self._failed = True
             self._on_failure(exc)
-
-    async def _close_streams(self) -> None:
-        for stream in (self._vad_stream, self._first_pass_stream):
-            if stream is not None:
-                await stream.close()
-        self._vad_stream = self._first_pass_stream = None
-
-    async def _close_stream(self, stream: SequenceStream, open_sequence: int | None) -> None:
-        if open_sequence is not None and not stream.failed:
-            try:
-                await stream.infer(self._gateway.audio_inputs(_CLOSING_SILENCE), open_sequence, end=True,
-                                   timeout=_CLOSE_TIMEOUT_S)
-            except Exception as exc:  # Triton down: its state is gone anyway
-                log.info("could not end %s sequence %d: %s", stream.model, open_sequence, exc)
-        await stream.close()

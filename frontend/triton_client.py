@@ -3,7 +3,8 @@
 Sequence models (vad, paraformer_streaming) get one bidirectional stream per WebSocket
 stream, carrying the requests of successive Triton sequences; the decoupled second pass
 (funasr_nano_vllm) gets one stream per segment, so cancelling it cancels just that request.
-The input/output names follow model_repository/*/config.pbtxt.
+The input/output names follow model_repository/*/config.pbtxt. TritonBackend is the
+service's backend (backend.py) on top of these.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
 from typing import AsyncIterator
 
 import grpc
@@ -20,11 +22,18 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 
+from frontend.backend import Backend, InferenceError, Result, StreamingModel, StreamModels
+from frontend.protocol import SAMPLE_RATE, StreamConfig
+
 log = logging.getLogger("frontend.triton")
 
 VAD_MODEL = "vad"
 FIRST_PASS_MODEL = "paraformer_streaming"
 SECOND_PASS_MODEL = "funasr_nano_vllm"
+
+# Ending a sequence for a client that vanished: a little silence with sequence_end.
+_CLOSING_SILENCE = np.zeros(SAMPLE_RATE // 100, dtype=np.int16)
+_CLOSE_TIMEOUT_S = 5.0
 
 # Retry a lost channel quickly so service resumes within seconds once Triton is back
 # (gRPC's default backoff grows to two minutes).
@@ -35,10 +44,6 @@ _CHANNEL_ARGS = [
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-
-
-class InferenceError(Exception):
-    """Triton answered with an error, or the call failed in another way."""
 
 
 class TritonUnavailable(InferenceError):
@@ -259,3 +264,79 @@ class TritonGateway:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+class TritonStreamingModel(StreamingModel[Result]):
+    """One stream's Triton sequences on one sequence-batched model, all over one gRPC
+    stream opened at the first step."""
+
+    def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds, model: str,
+                 start_inputs: Callable[[np.ndarray, StreamConfig], list[grpcclient.InferInput]],
+                 read: Callable[[grpcclient.InferResult], Result]):
+        super().__init__()
+        self._gateway = gateway
+        self._ids = sequence_ids
+        self._model = model
+        self._start_inputs = start_inputs
+        self._read = read
+        self._stream: SequenceStream | None = None
+        self._sequence_id = 0
+
+    async def _run(self, pcm: np.ndarray, sequence_config: StreamConfig, start: bool, end: bool) -> Result:
+        if self._stream is None:
+            self._stream = self._gateway.open_stream(self._model)
+        if start:
+            self._sequence_id = self._ids.next()
+            inputs = self._start_inputs(pcm, sequence_config)
+        else:
+            inputs = self._gateway.audio_inputs(pcm)
+        return self._read(await self._stream.infer(inputs, self._sequence_id, start=start, end=end))
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+
+    async def abort(self) -> None:
+        if self._stream is None:
+            return
+        if self.is_open and not self._stream.failed:
+            try:
+                await self._stream.infer(self._gateway.audio_inputs(_CLOSING_SILENCE), self._sequence_id, end=True,
+                                         timeout=_CLOSE_TIMEOUT_S)
+            except Exception as exc:  # Triton down: its state is gone anyway
+                log.info("could not end %s sequence %d: %s", self._model, self._sequence_id, exc)
+        await self._stream.close()
+
+
+class TritonStreamModels(StreamModels):
+    def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds):
+        self._gateway = gateway
+        self.vad = TritonStreamingModel(
+            gateway, sequence_ids, VAD_MODEL,
+            lambda pcm, cfg: gateway.vad_inputs(pcm, cfg.vad_tail_sil, cfg.vad_max_len, cfg.vad_energy),
+            gateway.segments)
+        self.first_pass = TritonStreamingModel(
+            gateway, sequence_ids, FIRST_PASS_MODEL,
+            lambda pcm, cfg: gateway.first_pass_inputs(pcm, cfg.chunk_size, cfg.encoder_chunk_look_back,
+                                                       cfg.decoder_chunk_look_back),
+            gateway.text)
+
+    def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:
+        return asyncio.ensure_future(self._gateway.recognize_segment(pcm, config.hotwords, config.svs_lang,
+                                                                     config.itn))
+
+
+class TritonBackend(Backend):
+    """The service: every model call is a request to Triton over the gateway's channel."""
+
+    def __init__(self, gateway: TritonGateway):
+        self._gateway = gateway
+        self._sequence_ids = SequenceIds()
+        self.description = f"Triton gRPC {gateway.url}"
+
+    def open_stream(self) -> TritonStreamModels:
+        return TritonStreamModels(self._gateway, self._sequence_ids)
+
+    async def close(self) -> None:
+        await self._gateway.close()

@@ -30,7 +30,7 @@ from frontend.protocol import (
 )
 from frontend.server import FrontendServer, static_response
 from frontend.session import StreamSession
-from frontend.triton_client import SequenceIds
+from frontend.triton_client import SequenceIds, TritonStreamModels
 from twopass_asr.hotwords import parse_hotwords
 
 # -- hotwords ------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def _run_session(config, gateway, pcm, frame=960):
         async def emit(message):
             messages.append(message)
 
-        session = StreamSession(config, gateway, SequenceIds(), emit, failures.append)
+        session = StreamSession(config, TritonStreamModels(gateway, SequenceIds()), emit, failures.append)
         raw = pcm.tobytes()
         for offset in range(0, len(raw), 2 * frame):
             await session.push_audio(raw[offset:offset + 2 * frame])

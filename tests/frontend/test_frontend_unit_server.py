@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from frontend.client import transcribe
 from frontend.server import FrontendServer, ServerSettings, ssl_context
+from frontend.triton_client import TritonBackend, TritonGateway
 from twopass_asr.serving.triton_launcher import free_port
 
 
@@ -49,7 +50,8 @@ def run_with_server(scenario, certificate, static_dir):
     certfile, keyfile, _ = certificate
 
     async def main():
-        frontend = FrontendServer(ServerSettings(triton_url=f"127.0.0.1:{free_port()}", static_dir=static_dir))
+        frontend = FrontendServer(ServerSettings(static_dir=static_dir),
+                                  TritonBackend(TritonGateway(f"127.0.0.1:{free_port()}")))
         port = free_port()
         server = await frontend.start("127.0.0.1", port, ssl_context(str(certfile), str(keyfile)))
         try:
