@@ -1,9 +1,13 @@
-"""The first pass's engines, by the name the Triton model's `engine` parameter gives: the
-batched engine (twopass_asr.first_pass.batched), and FunASR's own per-stream generate, kept
-so that benchmarks can compare the two."""
+"""The first pass's engines: the batched engine (twopass_asr.first_pass.batched) and, so that
+benchmarks and tests can compare with them, FunASR's own per-stream runtimes: its torch
+generate and its ONNX runtime (float32 or int8). ENGINES names those the Triton model's
+`engine` parameter takes."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import queue
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +18,7 @@ import torch
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import DecodeOptions
+from twopass_asr.store.funasr_onnx_export import require_export
 
 
 @dataclass
@@ -54,6 +59,51 @@ class ReferenceStreamingParaformer:
             return texts
         finally:
             self._idle.put(automodel)
+
+
+@dataclass
+class OnnxReferenceStream:
+    options: DecodeOptions
+    runtime: object  # this stream's funasr_onnx Paraformer: its frontend keeps the stream's audio state
+    cache: dict = field(default_factory=dict)
+
+
+class FunasrOnnxStreamingParaformer:
+    """FunASR's ONNX runtime (funasr-onnx's online Paraformer), one stream at a time, on
+    FunASR's own export (twopass_asr.store.funasr_onnx_export): the reference for the int8
+    first pass (`quantized`) and its float32 twin. That runtime has no encoder or decoder
+    look-back, so its streams take both as 0."""
+
+    def __init__(self, export_dir: str | Path, quantized: bool, threads: int = 1):
+        from funasr_onnx.paraformer_online_bin import Paraformer
+        from funasr_onnx.utils.frontend import WavFrontendOnline
+        from funasr_onnx.utils.utils import read_yaml
+
+        export_dir = require_export(export_dir, quantized)
+        with contextlib.redirect_stdout(io.StringIO()):  # funasr-onnx prints its setup
+            self._template = Paraformer(str(export_dir), quantize=quantized, intra_op_num_threads=threads)
+        frontend_conf = read_yaml(str(export_dir / "config.yaml"))["frontend_conf"]
+        # The audio frontend holds a stream's samples: each stream gets its own.
+        self._new_frontend = lambda: WavFrontendOnline(cmvn_file=str(export_dir / "am.mvn"), **frontend_conf)
+
+    def new_stream(self, options: DecodeOptions = DecodeOptions(encoder_look_back=0, decoder_look_back=0)
+                   ) -> OnnxReferenceStream:
+        if options.encoder_look_back or options.decoder_look_back:
+            raise ValueError("FunASR's ONNX runtime has no encoder or decoder look-back: both must be 0, got "
+                             f"{options.encoder_look_back} and {options.decoder_look_back}")
+        runtime = copy.copy(self._template)  # shares the ONNX sessions
+        runtime.chunk_size = list(options.chunk_size)
+        runtime.frontend = self._new_frontend()
+        return OnnxReferenceStream(options, runtime)
+
+    def process_batch(self, streams: list[OnnxReferenceStream], chunks: list[np.ndarray],
+                      finals: list[bool]) -> list[str]:
+        texts = []
+        for stream, chunk, is_final in zip(streams, chunks, finals):
+            results = stream.runtime(pcm16_to_float(chunk).numpy(),
+                                     param_dict={"cache": stream.cache, "is_final": is_final})
+            texts.append("".join(result["preds"][0] for result in results))
+        return texts
 
 
 ENGINES = {"batched": BatchedStreamingParaformer, "funasr": ReferenceStreamingParaformer}

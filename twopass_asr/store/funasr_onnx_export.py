@@ -1,0 +1,74 @@
+"""FunASR's own ONNX export of a streaming Paraformer, float32 and int8: the files FunASR's
+ONNX runtime (funasr-onnx) decodes, which is the reference for the int8 first pass.
+
+FunASR's export quantizes with onnxruntime's dynamic quantization: every MatMul with a
+constant weight, weights per output channel as QUInt8, reduce_range off, activations
+quantized per call; MatMuls whose node name contains "output", "bias_encoder" or
+"bias_decoder" stay in float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import shutil
+from pathlib import Path
+
+from twopass_asr.store.model_store import ModelDirError, validate_paraformer_dir
+
+FLOAT_FILES = ("model.onnx", "decoder.onnx")
+INT8_FILES = ("model_quant.onnx", "decoder_quant.onnx")
+# What funasr-onnx reads beside the ONNX files.
+RUNTIME_FILES = ("config.yaml", "am.mvn", "tokens.json")
+
+
+@contextlib.contextmanager
+def torchscript_onnx_exporter():
+    """FunASR 1.4.16 calls torch.onnx.export with the defaults of the torch releases it was
+    written for, whose exporter was the TorchScript one. torch 2.13 defaults to the dynamo
+    exporter, which needs onnxscript and names nodes differently, so FunASR's choice of
+    float layers by node name would not hold."""
+    import torch
+
+    original = torch.onnx.export
+    torch.onnx.export = functools.partial(original, dynamo=False)
+    try:
+        yield
+    finally:
+        torch.onnx.export = original
+
+
+def export_paraformer_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Export a streaming Paraformer directory with FunASR's own export (quantize=True) into
+    `out_dir`, with the files funasr-onnx reads beside them. Returns `out_dir`."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    validate_paraformer_dir(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from funasr import AutoModel
+
+    # FunASR and onnxruntime's quantizer print a line per node; the result is checked below.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
+                          device="cpu")
+        with torchscript_onnx_exporter():
+            model.export(type="onnx", quantize=True, output_dir=str(out_dir))
+    for name in RUNTIME_FILES:
+        shutil.copy2(model_dir / name, out_dir / name)
+    missing = [name for name in FLOAT_FILES + INT8_FILES if not (out_dir / name).is_file()]
+    if missing:
+        raise ModelDirError(f"FunASR's ONNX export of {model_dir} wrote no {', '.join(missing)} in {out_dir}")
+    return out_dir
+
+
+def require_export(export_dir: str | Path, quantized: bool) -> Path:
+    """`export_dir` if it holds what funasr-onnx needs, else a ModelDirError saying how to make it."""
+    export_dir = Path(export_dir)
+    needed = (INT8_FILES if quantized else FLOAT_FILES) + RUNTIME_FILES
+    missing = [name for name in needed if not (export_dir / name).is_file()]
+    if missing:
+        raise ModelDirError(
+            f"{export_dir} lacks {', '.join(missing)} of FunASR's ONNX export; make it with "
+            "twopass_asr.store.funasr_onnx_export.export_paraformer_onnx(MODEL_DIR, EXPORT_DIR)"
+        )
+    return export_dir
