@@ -11,7 +11,6 @@ from __future__ import annotations
 import locale
 import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import AsyncIterator, Callable, Mapping
 
 import torch
 
+from twopass_asr.kernels.cpu_features import CPUINFO, cpu_flags
 from twopass_asr.second_pass.llm_export import export_llm_dir
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
 
@@ -42,15 +42,14 @@ PRESETS: dict[str, dict[str, str]] = {
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
     """Whether the CPU computes in bfloat16 natively (AVX512-BF16, AMX, Arm BF16). Without it
     vLLM's CPU kernels convert every bf16 weight to float32 on the fly, slower than float32
     throughout (perf/RESULTS.md, 2026-11-28, vLLM in float32 vs bf16)."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
         return True  # unknown: keep the model's own precision
-    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", flags) is not None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 class EngineUnavailable(RuntimeError):

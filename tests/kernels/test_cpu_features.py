@@ -1,0 +1,23 @@
+"""The CPU flags that decide precisions, and the summary every benchmark prints."""
+
+from __future__ import annotations
+
+from twopass_asr.kernels.cpu_features import cpu_flags, cpu_summary
+
+
+def test_flags_and_summary_come_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni\n\n"
+                       "processor\t: 1\nmodel name\t: Example CPU\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512f", "avx512_vnni"}
+    assert cpu_summary(cpuinfo).startswith("Example CPU, ")
+    assert cpu_summary(cpuinfo).endswith("cores: avx2 avx512f avx512_vnni")
+
+
+def test_an_unreadable_cpuinfo_is_unknown_not_an_error(tmp_path):
+    assert cpu_flags(tmp_path / "missing") is None
+    assert cpu_summary(tmp_path / "missing").startswith("unknown CPU, ")
+    arm = tmp_path / "arm"
+    arm.write_text("Features\t: fp asimd bf16 i8mm\n")
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
+    assert "none of avx2" in cpu_summary(arm)

@@ -1,0 +1,33 @@
+"""What this CPU can compute fast: the flags that decide precision and kernel choices, and a
+one-line summary every benchmark prints (our machines differ from session to session)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+# The flags that change which precision is fastest: int8 dot products, bf16 arithmetic, AMX tiles.
+RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
+    """The first processor's flags; None where /proc/cpuinfo cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)
+    return set(found.group(1).split()) if found else set()
+
+
+def cpu_summary(cpuinfo: Path = CPUINFO) -> str:
+    """e.g. 'Intel(R) Xeon(R) Platinum 8481C, 2 cores: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16'."""
+    try:
+        model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo.read_text(), re.MULTILINE)
+    except OSError:
+        model = None
+    flags = cpu_flags(cpuinfo) or set()
+    present = " ".join(flag for flag in RELEVANT_FLAGS if flag in flags) or "none of " + " ".join(RELEVANT_FLAGS)
+    return f"{model.group(1) if model else 'unknown CPU'}, {os.cpu_count()} cores: {present}"
