@@ -33,6 +33,14 @@ def test_models() -> Path:
     return TEST_STORE
 
 
+@pytest.fixture(scope="session")
+def paraformer_export(test_models, tmp_path_factory) -> Path:
+    """FunASR's own ONNX export (float32 and int8) of the tiny test Paraformer."""
+    from twopass_asr.store.funasr_onnx_export import export_paraformer_onnx
+
+    return export_paraformer_onnx(test_models / "paraformer_streaming", tmp_path_factory.mktemp("paraformer_onnx"))
+
+
 @dataclass
 class SpeechWav:
     path: Path

@@ -30,7 +30,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
+from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
+from twopass_asr.store.funasr_onnx_export import INT8_FILES, require_export
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
 
 # FunASR encodes a final step shorter than one chunk unit from the cached overlap frames only.
@@ -158,10 +160,13 @@ class BatchedStreamingParaformer:
     """Streaming Paraformer over FunASR's weights; `process_batch` advances many streams in
     one batched forward pass."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", linear_kernel: str | None = "auto"):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", linear_kernel: str | None = "auto",
+                 int8_export: str | Path | None = None):
         """`linear_kernel`: the kernel whose packed layout the float32 linear weights get once
         at load (CPU only; twopass_asr.kernels.prepacked_linear.choose_kernel); None keeps torch's
-        nn.Linear."""
+        nn.Linear. `int8_export`: a directory holding FunASR's int8 export of these weights
+        (twopass_asr.store.funasr_onnx_export): the layers it quantized run in int8 as it
+        does them (twopass_asr.kernels.int8_linear), the others in float32."""
         from funasr import AutoModel
 
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
@@ -172,6 +177,9 @@ class BatchedStreamingParaformer:
         self.features = StreamingFeatures(automodel.kwargs["frontend"])
         self.token_list = list(automodel.kwargs["tokenizer"].token_list)
         self._check_supported()
+        if int8_export is not None:
+            export = require_export(int8_export, quantized=True)
+            load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
         if linear_kernel is not None:
             prepack_linear_layers(self.model, linear_kernel)
 
@@ -185,6 +193,12 @@ class BatchedStreamingParaformer:
         self.decoder_heads, self.decoder_d_k = cross.h, cross.d_k
         self.decoder_fsmn_memory = decoder.decoders[0].self_attn.kernel_size - 1
         self.skip_token_ids = {self.model.sos, self.model.eos, self.model.blank_id}
+
+    @staticmethod
+    def _rows_read_by(layer: str) -> str:
+        """Which rows an int8 layer reads: encoder frames (the decoder's cross-attention
+        projects them too) or decoder tokens."""
+        return "frames" if layer.startswith("encoder.") or layer.endswith("src_attn.linear_k_v") else "tokens"
 
     def _check_supported(self) -> None:
         """The re-implemented streaming path covers the layer configuration of the released
@@ -294,7 +308,8 @@ class BatchedStreamingParaformer:
         x = pad_sequence(inputs, batch_first=True)
         valid = torch.arange(x.shape[1], device=self.device)[None, :] < lengths[:, None]
 
-        encoder_out = self._encode(x, valid, lengths, steps)
+        with stream_rows(frames=lengths.tolist()):
+            encoder_out = self._encode(x, valid, lengths, steps)
         alphas, embeds = self._cif(encoder_out, valid, lengths, steps)
         token_ids = self._decode(encoder_out, valid, lengths, embeds, steps)
 
@@ -430,6 +445,26 @@ class BatchedStreamingParaformer:
         look_back = _LookBackBuffer([None if d.keys is None else (d.keys, d.values) for d in dec_states],
                                     len(layers), self.decoder_heads, self.decoder_d_k, memory_valid)
 
+        with stream_rows(frames=lengths[active].tolist(), tokens=n_tokens):
+            best, fsmn_inputs = self._decoder_layers(x, memory, memory_valid_f, fsmn_state, look_back)
+        for j, (i, s) in enumerate(zip(active, active_steps)):
+            count = n_tokens[j]
+            token_ids[i] = best[j, :count].tolist()
+            dec = s.stream.state.decoder
+            dec.fsmn = fsmn_inputs[:, j, :, count: count + self.decoder_fsmn_memory].contiguous()
+            history = s.stream.options.decoder_look_back
+            if history > 0:
+                keep = history * s.stream.options.chunk_size[1]
+                (old_k, old_v), (fresh_k, fresh_v) = look_back.history_of(j), look_back.current_of(j, int(lengths[i]))
+                dec.keys = _concat_last(old_k, fresh_k, keep, 2)
+                dec.values = _concat_last(old_v, fresh_v, keep, 2)
+        return token_ids
+
+    def _decoder_layers(self, x, memory, memory_valid_f, fsmn_state, look_back) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's layers over a batch of tokens: the best token ids and each layer's
+        FSMN input (layers, batch, d, memory + max tokens)."""
+        decoder = self.model.decoder
+        layers = list(decoder.decoders)
         fsmn_inputs = []
         for index, layer in enumerate(layers):
             residual = x
@@ -450,18 +485,4 @@ class BatchedStreamingParaformer:
         for layer in decoder.decoders3:
             x = layer.feed_forward(layer.norm1(x))
         log_probs = torch.log_softmax(decoder.output_layer(decoder.after_norm(x)), dim=-1)
-        best = log_probs.argmax(dim=-1)
-
-        fsmn_inputs = torch.stack(fsmn_inputs)  # (layers, batch, d, memory + max tokens)
-        for j, (i, s) in enumerate(zip(active, active_steps)):
-            count = n_tokens[j]
-            token_ids[i] = best[j, :count].tolist()
-            dec = s.stream.state.decoder
-            dec.fsmn = fsmn_inputs[:, j, :, count: count + self.decoder_fsmn_memory].contiguous()
-            history = s.stream.options.decoder_look_back
-            if history > 0:
-                keep = history * s.stream.options.chunk_size[1]
-                (old_k, old_v), (fresh_k, fresh_v) = look_back.history_of(j), look_back.current_of(j, int(lengths[i]))
-                dec.keys = _concat_last(old_k, fresh_k, keep, 2)
-                dec.values = _concat_last(old_v, fresh_v, keep, 2)
-        return token_ids
+        return log_probs.argmax(dim=-1), torch.stack(fsmn_inputs)

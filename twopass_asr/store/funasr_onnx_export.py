@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import shutil
 from pathlib import Path
 
@@ -47,12 +48,18 @@ def export_paraformer_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     from funasr import AutoModel
 
-    # FunASR and onnxruntime's quantizer print a line per node; the result is checked below.
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
-                          device="cpu")
-        with torchscript_onnx_exporter():
-            model.export(type="onnx", quantize=True, output_dir=str(out_dir))
+    # FunASR prints and onnxruntime's quantizer logs a line per node; the result is checked below.
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
+                              device="cpu")
+            root_logger.setLevel(logging.WARNING)
+            with torchscript_onnx_exporter():
+                model.export(type="onnx", quantize=True, output_dir=str(out_dir))
+    finally:
+        root_logger.setLevel(level)
     for name in RUNTIME_FILES:
         shutil.copy2(model_dir / name, out_dir / name)
     missing = [name for name in FLOAT_FILES + INT8_FILES if not (out_dir / name).is_file()]

@@ -1,0 +1,162 @@
+"""Linear layers in int8 exactly as FunASR's int8 export quantizes them.
+
+FunASR's export (twopass_asr.store.funasr_onnx_export) replaces each quantized MatMul by
+a small subgraph: the activations quantized to uint8 per call (DynamicQuantizeLinear), an
+integer product with the per-channel uint8 weights (MatMulInteger), scaled back to float32
+and the bias added. Each `ExportedInt8Linear` runs its layer's own subgraph, cut out of that
+export, on onnxruntime's int8 kernels: the same weights, the same arithmetic.
+
+FunASR's runtime quantizes a call's activations together, and a call is one stream's
+chunk. A batched pass holds several streams (and padding), so a layer runs once per stream
+over that stream's rows only, as the runtime would. The engine names each stream's rows
+with `stream_rows` around its pass (thread-local: workers run passes at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from twopass_asr.store.model_store import ModelDirError
+
+_rows = threading.local()
+
+
+@contextlib.contextmanager
+def stream_rows(**counts: Sequence[int]) -> Iterator[None]:
+    """Within: per batch entry, how many leading rows are that stream's, for each kind of
+    row a layer reads (the engine's "frames", "tokens")."""
+    previous = getattr(_rows, "counts", None)
+    _rows.counts = {kind: [int(n) for n in values] for kind, values in counts.items()}
+    try:
+        yield
+    finally:
+        _rows.counts = previous
+
+
+class ExportedInt8Linear(torch.nn.Module):
+    """One layer of FunASR's int8 export, on [batch, rows, features] float32 inputs."""
+
+    def __init__(self, session, out_features: int, rows: str):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.out_features = out_features
+        self.rows = rows  # which of stream_rows' counts says where each stream's rows end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        counts = getattr(_rows, "counts", None)
+        if counts is None or self.rows not in counts:
+            raise RuntimeError(f"an int8 layer reading {self.rows} ran outside stream_rows({self.rows}=...)")
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        for entry, count in enumerate(counts[self.rows]):
+            if count:
+                (y,) = self.session.run(None, {self.input_name: x[entry:entry + 1, :count].detach().contiguous().numpy()})
+                out[entry, :count] = torch.from_numpy(y[0])
+        return out
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.out_features}, rows={self.rows}"
+
+
+def module_path(node_name: str) -> str:
+    """The torch module an exported node came from: '/encoder/encoders/encoders.0/
+    self_attn/linear_out/MatMul_quant' -> 'encoder.encoders.0.self_attn.linear_out' (the
+    exporter names a list item's scope with the list's name in front)."""
+    parts: list[str] = []
+    for scope in node_name.strip("/").split("/")[:-1]:
+        if parts and scope.startswith(parts[-1] + "."):
+            parts[-1] = scope
+        else:
+            parts.append(scope)
+    return ".".join(parts)
+
+
+def _layer_ends(model) -> dict[str, tuple[str, str, str]]:
+    """module path -> (float input, float output, weight initializer) of each quantized
+    MatMul's subgraph: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> bias Add)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    ends = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger":
+            continue
+        quantize = producers[node.input[0]]
+        cast = consumers[node.output[0]][0]
+        scale = consumers[cast.output[0]][0]
+        if quantize.op_type != "DynamicQuantizeLinear" or (cast.op_type, scale.op_type) != ("Cast", "Mul"):
+            raise ModelDirError(f"unexpected int8 subgraph around {node.name}: {quantize.op_type} -> MatMulInteger "
+                                f"-> {cast.op_type} -> {scale.op_type}")
+        end = scale.output[0]
+        after = consumers.get(end, [])
+        if len(after) == 1 and after[0].op_type == "Add" and any(name in initializers for name in after[0].input):
+            end = after[0].output[0]  # the layer's bias
+        ends[module_path(node.name)] = (quantize.input[0], end, node.input[1])
+    return ends
+
+
+def _session(model_proto):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3
+    # The optimisation level FunASR's runtime uses, so the same kernels (fused) run.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "layer.onnx"
+        path.write_bytes(model_proto.SerializeToString())
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check_weight(name: str, linear: torch.nn.Linear, model, weight_name: str, export: Path) -> None:
+    """The export's int8 weight must be this layer's weight quantized: a stale export (of
+    other weights) is refused rather than served."""
+    from onnx import numpy_helper
+
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+    quantized = numpy_helper.to_array(tensors[weight_name]).astype("float32")
+    scale = numpy_helper.to_array(tensors[weight_name.replace("_quantized", "_scale")])
+    zero = numpy_helper.to_array(tensors[weight_name.replace("_quantized", "_zero_point")]).astype("float32")
+    restored = torch.from_numpy((quantized - zero) * scale).T
+    if restored.shape != linear.weight.shape or not torch.all(
+            (restored - linear.weight.detach()).abs() <= torch.from_numpy(scale)[:, None] * 0.5 + 1e-6):
+        raise ModelDirError(f"{export}: the int8 weight of {name} is not this model's weight quantized; the export "
+                            "is stale: export the model directory again")
+
+
+def load_exported_int8_layers(module: torch.nn.Module, export_files: Sequence[Path],
+                              rows_of: Callable[[str], str]) -> int:
+    """Replace, in place, every linear layer under `module` that FunASR's int8 export (its
+    ONNX files `export_files`) quantized, by that layer of the export; `rows_of(path)` names
+    the rows each layer reads. Returns how many were replaced."""
+    import onnx
+    from onnx.utils import Extractor
+
+    modules = dict(module.named_modules())
+    replaced = 0
+    for path in export_files:
+        model = onnx.load(str(path))
+        extractor = Extractor(model)
+        for name, (source, end, weight) in _layer_ends(model).items():
+            linear = modules.get(name)
+            if not isinstance(linear, torch.nn.Linear):
+                raise ModelDirError(f"{path}: quantized layer {name} is not a linear layer of this model")
+            _check_weight(name, linear, model, weight, path)
+            parent, _, attribute = name.rpartition(".")
+            setattr(modules[parent], attribute,
+                    ExportedInt8Linear(_session(extractor.extract_model([source], [end])), linear.out_features,
+                                       rows_of(name)))
+            replaced += 1
+    return replaced
