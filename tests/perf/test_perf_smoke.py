@@ -127,3 +127,17 @@ def test_baseline_server_matches_the_service_and_carries_load(baseline_url, fron
     run = asyncio.run(ws_load.run_load(baseline_url, baseline_plan, 2, speed=3.0, ramp_s=0.5, progress=False))
     check_run(run, 2, len(baseline_plan.partial_frames), len(baseline_plan.detection_frames))
     assert set(run["processes"]) == {"server"}
+
+
+def test_first_pass_precision_bench_quick_run(test_models, paraformer_export, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "perf.bench_first_pass_precision", "--model-dir",
+                          str(test_models / "paraformer_streaming"), "--export-dir", str(paraformer_export),
+                          "--batches", "1,2", "--rounds", "1", "--out", str(tmp_path)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("CPU: ")
+    table = (tmp_path / "first_pass_precision.md").read_text(encoding="utf-8")
+    assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1
+    assert (tmp_path / "first_pass_precision.png").read_bytes().startswith(PNG_MAGIC)
+    rows = (tmp_path / "first_pass_precision.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and all(float(value) > 0 for value in rows[1].split(",")[1:9])
