@@ -12,7 +12,7 @@ linear layers: it does not see the packed kernels) divided by a matmul rate meas
 each timed forward (the rate of a shared cloud core drifts by +-20% within a minute, so a
 rate measured once at the start makes the floor ratio noise).
 
-    .venv/bin/python perf/bench_first_pass.py [--batches 1,2,4,8,16,32] [--rounds 3] [--threads 1]
+    .venv/bin/python -m perf.bench_first_pass [--batches 1,2,4,8,16,32] [--rounds 3] [--threads 1]
 
 Writes perf/results/first_pass.{md,csv,png}.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perf.bench_args import add_batch_arguments, batch_counts
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
 
@@ -234,8 +235,7 @@ def write_results(rows: list[Row], variants: list[str], out_dir: Path, context: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="1,2,4,8,16,32", help="comma-separated stream counts")
-    parser.add_argument("--rounds", type=int, default=3, help="timed chunks per stream (median reported)")
+    add_batch_arguments(parser, batches="1,2,4,8,16,32", rounds=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device of both engines (cuda: GPU timings; the "
                         "CPU linear kernels are then not compared)")
@@ -243,12 +243,9 @@ def main(argv=None) -> int:
                         help="full-size random Paraformer (built here if missing)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if any(b < 1 for b in batches) or args.rounds < 1 or args.threads < 1:
-        parser.error("batches, --rounds and --threads must be positive")
+    batches = batch_counts(parser, args)
+    if args.threads < 1:
+        parser.error("--threads must be positive")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perf.bench_args import add_batch_arguments, batch_counts
 from perf.bench_first_pass import DEFAULT_MODEL_DIR, ensure_model
 from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
@@ -152,8 +153,7 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="1,2,4,8,16", help="comma-separated stream counts")
-    parser.add_argument("--rounds", type=int, default=3, help="timed chunks per stream (median reported)")
+    add_batch_arguments(parser, batches="1,2,4,8,16", rounds=3)
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
                         help="full-size random Paraformer (built here if missing)")
@@ -161,12 +161,9 @@ def main(argv=None) -> int:
                         help="FunASR's ONNX export of it (default: beside it, made here if missing)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if min(batches) < 1 or args.rounds < 1 or args.threads < 1:
-        parser.error("batches, --rounds and --threads must be positive")
+    batches = batch_counts(parser, args)
+    if args.threads < 1:
+        parser.error("--threads must be positive")
 
     cpu = cpu_summary()
     print(f"CPU: {cpu}", flush=True)

@@ -6,7 +6,7 @@ streams is timed against FunASR's AutoModel.generate(chunk_size=60) run stream a
 stream on the same chunks (steady state: every stream's first chunk is a warm-up; medians
 over --rounds chunks). Also checks the two give identical segment events.
 
-    .venv/bin/python perf/bench_vad.py [--batches 1,2,4,8,16,32] [--rounds 5] [--chunk-ms 600]
+    .venv/bin/python -m perf.bench_vad [--batches 1,2,4,8,16,32] [--rounds 5] [--chunk-ms 600]
 
 Writes perf/results/vad_<chunk-ms>ms.{md,csv}.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perf.bench_args import add_batch_arguments, batch_counts
 from twopass_asr import REPO_ROOT
 from twopass_asr.audio import SAMPLE_RATE
 
@@ -159,19 +160,15 @@ def write_results(rows: list[Row], out_dir: Path, name: str, context: str) -> st
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="1,2,4,8,16,32", help="comma-separated stream counts")
-    parser.add_argument("--rounds", type=int, default=5, help="timed chunks per stream (median reported)")
+    add_batch_arguments(parser, batches="1,2,4,8,16,32", rounds=5)
     parser.add_argument("--chunk-ms", type=int, default=600, help="chunk length the streams send")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--model-dir", type=Path, default=None, help="FSMN-VAD dir (default: the bundled real one)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-    if min(batches) < 1 or args.rounds < 1 or args.chunk_ms < 10:
-        parser.error("batches and rounds must be >= 1 and --chunk-ms >= 10")
+    batches = batch_counts(parser, args)
+    if args.chunk_ms < 10:
+        parser.error("--chunk-ms must be >= 10")
 
     from twopass_asr.store.model_store import bundled_vad_dir
     from twopass_asr.vad.batched import BatchedStreamingVad
