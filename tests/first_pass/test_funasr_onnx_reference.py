@@ -1,7 +1,13 @@
 """FunASR's ONNX runtime (funasr-onnx) on FunASR's own export, the reference for the int8
-first pass: the export quantizes FunASR's layers, and the runtime's text equals the batched
-engine's chunk for chunk, streams batched at different positions, in float32 and in int8
-(the engine running the export's int8 layers)."""
+first pass: the export quantizes FunASR's layers, and the runtime and the batched engine
+(streams batched at different positions) agree within measured bounds, in float32 and in
+int8 (the engine running the export's int8 layers).
+
+The two compute the float32 operations with different kernels (onnxruntime's, torch's),
+results a few ulps apart. In float32 that flips a token only where this random model's best
+two tokens are all but tied (one chunk in ~60, in some runs of the synthesised speech,
+which differs a little from run to run); in int8 it moves activations across rounding steps
+and spreads. So the tests bound the encoder's output and the share of equal chunk texts."""
 
 from __future__ import annotations
 
@@ -90,58 +96,70 @@ def comparable(texts: list[list[str]], options: DecodeOptions) -> list[list[str]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.chunk_size)))
-def test_float32_runtime_equals_the_batched_engine_for_streams_at_different_positions(
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def share_equal(ours: list[list[str]], theirs: list[list[str]]) -> float:
+    pairs = [(a, b) for mine, reference in zip(ours, theirs) for a, b in zip(mine, reference)]
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
+def encoder_errors(engine, export_dir, pcm: np.ndarray, options: DecodeOptions, export_file: str) -> np.ndarray:
+    """Per chunk: the relative error of `engine`'s encoder output from the export's, run
+    whole by onnxruntime on the same input frames (those the float32 feature path makes)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(export_dir / export_file), providers=["CPUExecutionProvider"])
+    stream = engine.new_stream(options)
+    errors = []
+    for chunk in step_chunks(pcm, options.step_samples)[:-1]:
+        for step in engine._plan_steps(stream, torch.from_numpy(chunk / 32768.0).float(), False):
+            frames = engine._encoder_input(step)[None]
+            count = frames.shape[1]
+            theirs = session.run(None, {"speech": frames.numpy(), "speech_lengths": np.array([count], np.int32)})[0]
+            with torch.no_grad(), stream_rows(frames=[count]):
+                mine = engine._encode(frames, torch.ones(1, count, dtype=torch.bool), torch.tensor([count]), [step])
+            errors.append(relative_error(mine.numpy(), theirs))
+    return np.array(errors)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.chunk_size)))
+def test_float32_runtime_and_batched_engine_agree_for_streams_at_different_positions(
         paraformer_export, float32_engine, speech_wav, options):
     reference = FunasrOnnxStreamingParaformer(paraformer_export, quantized=False)
     # Three streams of the same speech starting at different offsets, so every batched
     # step mixes streams at different positions (and, near the end, different lengths).
     streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
     expected = reference_texts(reference, streams, options)
-    assert comparable(batched_texts(float32_engine, streams, options), options) == comparable(expected, options)
     assert sum(bool(text) for texts in expected for text in texts) > len(expected[0]), "too little text to compare"
+    # Measured: all equal in most runs, one chunk in ~60 in others.
+    assert share_equal(comparable(batched_texts(float32_engine, streams, options), options),
+                       comparable(expected, options)) >= 0.9
 
 
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+def test_float32_encoder_output_is_the_runtimes(paraformer_export, float32_engine, speech_wav):
+    errors = encoder_errors(float32_engine, paraformer_export, speech_wav.pcm, OPTIONS[0], "model.onnx")
+    assert errors.max() < 1e-3  # measured: median 2e-5, max 1.5e-4
 
 
 def test_int8_engine_stays_within_the_measured_bound_of_funasrs_int8_runtime(
         paraformer_export, paraformer_dir, float32_engine, speech_wav):
     """Each int8 layer equals the runtime's bit for bit on the same input
-    (tests/kernels/test_int8_linear.py), but the float32 operations between them (layer
-    norms, attention) are torch's, not onnxruntime's: results a few ulps apart round some
-    activations to the next int8 step, and that spreads through the layers. So the two
+    (tests/kernels/test_int8_linear.py); the float32 operations between them move some
+    activations across a rounding step, and that spreads through the layers. So the two
     int8 runtimes differ about as much as int8 differs from float32, and no more: the
     bounds below are about twice the ones measured (perf/RESULTS.md, 2026-12-02)."""
-    import onnxruntime
-
     options = OPTIONS[0]
     int8 = BatchedStreamingParaformer(paraformer_dir, int8_export=paraformer_export)
     streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
     ours = comparable(batched_texts(int8, streams, options), options)
     theirs = comparable(reference_texts(FunasrOnnxStreamingParaformer(paraformer_export, quantized=True), streams,
                                         options), options)
-    pairs = [(a, b) for mine, reference in zip(ours, theirs) for a, b in zip(mine, reference)]
-    assert sum(a == b for a, b in pairs) >= 0.8 * len(pairs), f"chunk texts agreeing: {pairs}"
+    assert share_equal(ours, theirs) >= 0.8
 
-    # The encoder's output for the same input frames, chunk by chunk, against the export run
-    # whole by onnxruntime.
-    sessions = {name: onnxruntime.InferenceSession(str(paraformer_export / name), providers=["CPUExecutionProvider"])
-                for name in ("model.onnx", "model_quant.onnx")}
-    errors = []
-    stream = float32_engine.new_stream(options)
-    for chunk in step_chunks(speech_wav.pcm, options.step_samples)[:-1]:
-        for step in float32_engine._plan_steps(stream, torch.from_numpy(chunk / 32768.0).float(), False):
-            frames = float32_engine._encoder_input(step)[None]
-            count = frames.shape[1]
-            inputs = {"speech": frames.numpy(), "speech_lengths": np.array([count], np.int32)}
-            runtime = {name: session.run(None, inputs)[0] for name, session in sessions.items()}
-            with torch.no_grad(), stream_rows(frames=[count]):
-                mine = int8._encode(frames, torch.ones(1, count, dtype=torch.bool), torch.tensor([count]),
-                                    [step]).numpy()
-            errors.append((relative_error(mine, runtime["model_quant.onnx"]),
-                           relative_error(runtime["model_quant.onnx"], runtime["model.onnx"])))
-    ours_to_theirs, int8_to_float32 = np.array(errors).T
+    ours_to_theirs = encoder_errors(int8, paraformer_export, speech_wav.pcm, options, "model_quant.onnx")
+    int8_to_float32 = encoder_errors(float32_engine, paraformer_export, speech_wav.pcm, options, "model_quant.onnx")
     assert ours_to_theirs.max() < 0.03 and np.median(ours_to_theirs) < 0.015
     assert np.median(ours_to_theirs) <= np.median(int8_to_float32)
 
