@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     export_dir = ensure_export(model_dir, args.export_dir or model_dir.with_name(model_dir.name + "-onnx"))
     engines = {
         "float32 batched": BatchedStreamingParaformer(model_dir),
-        "int8 batched": BatchedStreamingParaformer(model_dir, int8_export=export_dir),
+        "int8 batched": BatchedStreamingParaformer(model_dir, precision="int8", int8_export=export_dir),
         "FunASR ONNX float32": FunasrOnnxStreamingParaformer(export_dir, quantized=False, threads=args.threads),
         "FunASR ONNX int8": FunasrOnnxStreamingParaformer(export_dir, quantized=True, threads=args.threads),
     }

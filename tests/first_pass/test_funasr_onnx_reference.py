@@ -151,7 +151,7 @@ def test_int8_engine_stays_within_the_measured_bound_of_funasrs_int8_runtime(
     int8 runtimes differ about as much as int8 differs from float32, and no more: the
     bounds below are about twice the ones measured (perf/RESULTS.md, 2026-12-02)."""
     options = OPTIONS[0]
-    int8 = BatchedStreamingParaformer(paraformer_dir, int8_export=paraformer_export)
+    int8 = BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_export=paraformer_export)
     streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
     ours = comparable(batched_texts(int8, streams, options), options)
     theirs = comparable(reference_texts(FunasrOnnxStreamingParaformer(paraformer_export, quantized=True), streams,
@@ -169,8 +169,18 @@ def test_int8_is_not_float32(paraformer_export, paraformer_dir, float32_engine, 
     above would not tell the two apart)."""
     options = OPTIONS[0]
     streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
-    int8 = BatchedStreamingParaformer(paraformer_dir, int8_export=paraformer_export)
+    int8 = BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_export=paraformer_export)
     assert batched_texts(int8, streams, options) != batched_texts(float32_engine, streams, options)
+
+
+def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, paraformer_dir, speech_wav):
+    options = OPTIONS[0]
+    streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000)]
+    at_load = BatchedStreamingParaformer(paraformer_dir, precision="int8")
+    stored = BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_export=paraformer_export)
+    assert batched_texts(at_load, streams, options) == batched_texts(stored, streams, options)
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8, got 'int4'"):
+        BatchedStreamingParaformer(paraformer_dir, precision="int4")
 
 
 def test_an_export_of_other_weights_is_refused(paraformer_export, tmp_path):
@@ -178,7 +188,7 @@ def test_an_export_of_other_weights_is_refused(paraformer_export, tmp_path):
 
     other = build_random_paraformer(tmp_path / "other", "tiny", seed=1)
     with pytest.raises(ModelDirError, match=r"is not this model's weight quantized; the export is stale"):
-        BatchedStreamingParaformer(other, int8_export=paraformer_export)
+        BatchedStreamingParaformer(other, precision="int8", int8_export=paraformer_export)
 
 
 def test_runtime_refuses_look_back_and_a_missing_export(paraformer_export, tmp_path):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from tritonclient.utils import InferenceServerException
 
 from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.first_pass.batched import BatchedStreamingParaformer
+from twopass_asr.first_pass.options import PRECISION_ENV
+from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
 
 pytestmark = pytest.mark.triton
 
@@ -135,3 +140,31 @@ def test_busy_streams_and_abandoned_segments_keep_the_server_up(triton_server, s
     assert all(count >= len(pcm) // CHUNK_SAMPLES for count in counts.chunks_answered), counts
     assert counts.segments_cancelled >= 1 and counts.responses >= 1, counts
     assert triton_server.process.poll() is None and triton_server.is_ready()
+
+
+def paraformer_only_repository(root: Path) -> Path:
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "paraformer_streaming", root / "paraformer_streaming",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_int8_precision_serves_the_int8_engines_text_and_a_wrong_one_is_named(test_models, speech_wav, tmp_path):
+    repository = paraformer_only_repository(tmp_path / "repo")
+    wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env={PRECISION_ENV: "int4"})
+    with pytest.raises(TritonStartError, match=r"parameter precision \(environment TWOPASS_ASR_FIRST_PASS_PRECISION\) "
+                                               r"must be one of fp32, int8, got 'int4'"):
+        wrong.start()
+
+    chunks = chunks_of(speech_wav.pcm, 9600)
+    engine = BatchedStreamingParaformer(test_models / "paraformer_streaming", precision="int8")
+    stream = engine.new_stream()
+    expected = [engine.process(stream, chunk, index == len(chunks) - 1) for index, chunk in enumerate(chunks)]
+    server = TritonServer(test_models, repository, log_path=tmp_path / "int8.log", env={PRECISION_ENV: "int8"})
+    server.start()
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert [text_of(result) for result in run_sequence(client, "paraformer_streaming", chunks)] == expected
+        assert "paraformer_streaming: batched engine in int8" in server.log_text()
+    finally:
+        server.stop()
+    assert any(expected), "too little text to compare"

@@ -21,6 +21,7 @@ together:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
-from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
+from twopass_asr.first_pass.options import PRECISIONS, SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
-from twopass_asr.store.funasr_onnx_export import INT8_FILES, require_export
+from twopass_asr.store.funasr_onnx_export import INT8_FILES, export_paraformer_onnx, require_export
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
 
 # FunASR encodes a final step shorter than one chunk unit from the cached overlap frames only.
@@ -161,12 +162,14 @@ class BatchedStreamingParaformer:
     one batched forward pass."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", linear_kernel: str | None = "auto",
-                 int8_export: str | Path | None = None):
+                 precision: str = "fp32", int8_export: str | Path | None = None):
         """`linear_kernel`: the kernel whose packed layout the float32 linear weights get once
         at load (CPU only; twopass_asr.kernels.prepacked_linear.choose_kernel); None keeps torch's
-        nn.Linear. `int8_export`: a directory holding FunASR's int8 export of these weights
-        (twopass_asr.store.funasr_onnx_export): the layers it quantized run in int8 as it
-        does them (twopass_asr.kernels.int8_linear), the others in float32."""
+        nn.Linear. `precision` "int8": the layers FunASR's int8 export quantizes run in int8 as
+        it does them (twopass_asr.kernels.int8_linear), the others in float32; the export is
+        read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at load."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         from funasr import AutoModel
 
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
@@ -177,9 +180,8 @@ class BatchedStreamingParaformer:
         self.features = StreamingFeatures(automodel.kwargs["frontend"])
         self.token_list = list(automodel.kwargs["tokenizer"].token_list)
         self._check_supported()
-        if int8_export is not None:
-            export = require_export(int8_export, quantized=True)
-            load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
+        if precision == "int8":
+            self._load_int8_layers(model_dir, int8_export)
         if linear_kernel is not None:
             prepack_linear_layers(self.model, linear_kernel)
 
@@ -193,6 +195,16 @@ class BatchedStreamingParaformer:
         self.decoder_heads, self.decoder_d_k = cross.h, cross.d_k
         self.decoder_fsmn_memory = decoder.decoders[0].self_attn.kernel_size - 1
         self.skip_token_ids = {self.model.sos, self.model.eos, self.model.blank_id}
+
+    def _load_int8_layers(self, model_dir: str | Path, export_dir: str | Path | None) -> None:
+        if export_dir is not None:
+            export = require_export(export_dir, quantized=True)
+            load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
+            return
+        # The layers keep what they need: the export is made for this load and dropped.
+        with tempfile.TemporaryDirectory(prefix="paraformer-int8-") as directory:
+            export = export_paraformer_onnx(model_dir, directory)
+            load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
 
     @staticmethod
     def _rows_read_by(layer: str) -> str:

@@ -13,6 +13,10 @@ SAMPLES_PER_CHUNK_UNIT = SAMPLE_RATE * 60 // 1000
 # the look-backs, all in chunks.
 CHUNK_SIZE_BOUNDS = ((0, 100), (1, 100), (0, 100))
 LOOK_BACK_BOUNDS = (0, 100)
+# How the batched engine computes: float32, or int8 on FunASR's own int8 recipe. The
+# environment variable, when set, overrides the Triton model's `precision` parameter.
+PRECISIONS = ("fp32", "int8")
+PRECISION_ENV = "TWOPASS_ASR_FIRST_PASS_PRECISION"
 
 
 @dataclass(frozen=True)

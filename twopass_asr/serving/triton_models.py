@@ -9,7 +9,7 @@ import locale
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,15 @@ def resolve_device(params: dict[str, str]) -> str:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise pb_utils.TritonModelException(f"device must be cpu, cuda or auto, got {device!r}")
     return device
+
+
+def choice(params: dict[str, str], key: str, env: str, allowed: Sequence[str], default: str) -> str:
+    """A parameter whose environment variable, when set, wins; checked against `allowed`."""
+    value = os.environ.get(env) or params.get(key, "") or default
+    if value not in allowed:
+        raise pb_utils.TritonModelException(
+            f"parameter {key} (environment {env}) must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def cores() -> int:

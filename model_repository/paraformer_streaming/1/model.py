@@ -4,8 +4,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr.first_pass.engines import ENGINES
-from twopass_asr.first_pass.options import DecodeOptions
-from twopass_asr.serving.triton_models import SequenceModel, optional_scalar, optional_vector
+from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOptions
+from twopass_asr.serving.triton_models import SequenceModel, choice, optional_scalar, optional_vector
 from twopass_asr.store import model_store
 
 DEFAULTS = DecodeOptions()
@@ -19,9 +19,15 @@ class TritonPythonModel(SequenceModel):
         engine = params.get("engine", "batched")
         if engine not in ENGINES:
             raise pb_utils.TritonModelException(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
-        # FunASR's per-stream generate is not thread-safe: one copy of it per worker.
-        copies = {"copies": self.workers} if engine == "funasr" else {}
-        self.paraformer = ENGINES[engine](model_dir, device=device, **copies)
+        precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "fp32")
+        if engine == "funasr":
+            if precision != "fp32":
+                raise pb_utils.TritonModelException(f"engine funasr runs in fp32 only, got precision {precision!r}")
+            # FunASR's per-stream generate is not thread-safe: one copy of it per worker.
+            self.paraformer = ENGINES[engine](model_dir, device=device, copies=self.workers)
+        else:
+            self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
+        self.logger.log_info(f"paraformer_streaming: {engine} engine in {precision}")
 
     def new_state(self, request):
         chunk_size = optional_vector(request, "CHUNK_SIZE")
