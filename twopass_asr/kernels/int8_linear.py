@@ -15,13 +15,13 @@ with `stream_rows` around its pass (thread-local: workers run passes at once).
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from twopass_asr.kernels.prepacked_linear import layer_session
 from twopass_asr.store.model_store import ModelDirError
 
 _rows = threading.local()
@@ -104,22 +104,6 @@ def _layer_ends(model) -> dict[str, tuple[str, str, str]]:
     return ends
 
 
-def _session(model_proto):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3
-    # The optimisation level FunASR's runtime uses, so the same kernels (fused) run.
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "layer.onnx"
-        path.write_bytes(model_proto.SerializeToString())
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _check_weight(name: str, linear: torch.nn.Linear, model, weight_name: str, export: Path) -> None:
     """The export's int8 weight must be this layer's weight quantized: a stale export (of
     other weights) is refused rather than served."""
@@ -156,7 +140,7 @@ def load_exported_int8_layers(module: torch.nn.Module, export_files: Sequence[Pa
             _check_weight(name, linear, model, weight, path)
             parent, _, attribute = name.rpartition(".")
             setattr(modules[parent], attribute,
-                    ExportedInt8Linear(_session(extractor.extract_model([source], [end])), linear.out_features,
+                    ExportedInt8Linear(layer_session(extractor.extract_model([source], [end])), linear.out_features,
                                        rows_of(name)))
             replaced += 1
     return replaced

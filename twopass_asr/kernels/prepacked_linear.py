@@ -20,8 +20,12 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 # oneDNN picks the reordered layout for a typical row count; any other count still works.
 DEFAULT_ROWS_HINT = 32
@@ -48,6 +52,26 @@ def choose_kernel(kernel: str = "auto") -> str | None:
         return "onednn" if onednn_available() else None
     available = mlas_available() if kernel == "mlas" else onednn_available()
     return kernel if available else None
+
+
+def layer_session(model) -> onnxruntime.InferenceSession:
+    """An onnxruntime session for one layer's ONNX model, run on the calling thread, at
+    onnxruntime's default (and FunASR's runtime's) optimisation level, so int8 layers fuse
+    as in that runtime."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    # Outputs are handed to torch; an arena per layer would only hold memory.
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3
+    # From a file: a session built from bytes keeps them (a second copy of the weight)
+    # for as long as it lives.
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "layer.onnx"
+        path.write_bytes(model.SerializeToString())
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class PrepackedLinear(torch.nn.Module):
@@ -77,7 +101,6 @@ class MlasLinear(PrepackedLinear):
     is built and frees the unpacked copy."""
 
     def __init__(self, linear: torch.nn.Linear):
-        import onnxruntime
         from onnx import TensorProto, helper, numpy_helper
 
         super().__init__(linear)
@@ -93,18 +116,7 @@ class MlasLinear(PrepackedLinear):
         # onnx stamps its own newest IR version (14), which onnxruntime 1.23 refuses; IR 8
         # loads in every onnxruntime that requirements/base.in allows.
         model.ir_version = 8
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        # Outputs are handed to torch; an arena per layer would only hold memory.
-        options.enable_cpu_mem_arena = False
-        options.log_severity_level = 3
-        # From a file: a session built from bytes keeps them (a second copy of the weight)
-        # for as long as it lives.
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / "linear.onnx"
-            path.write_bytes(model.SerializeToString())
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = layer_session(model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], self.out_features)
