@@ -21,6 +21,7 @@ together:
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,13 +198,12 @@ class BatchedStreamingParaformer:
         self.skip_token_ids = {self.model.sos, self.model.eos, self.model.blank_id}
 
     def _load_int8_layers(self, model_dir: str | Path, export_dir: str | Path | None) -> None:
-        if export_dir is not None:
+        with contextlib.ExitStack() as scope:
+            if export_dir is None:
+                # The layers keep what they need: the export is made for this load and dropped.
+                export_dir = export_paraformer_onnx(
+                    model_dir, scope.enter_context(tempfile.TemporaryDirectory(prefix="paraformer-int8-")))
             export = require_export(export_dir, quantized=True)
-            load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
-            return
-        # The layers keep what they need: the export is made for this load and dropped.
-        with tempfile.TemporaryDirectory(prefix="paraformer-int8-") as directory:
-            export = export_paraformer_onnx(model_dir, directory)
             load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
 
     @staticmethod
