@@ -51,10 +51,13 @@ class Row:
 
 
 def ensure_export(model_dir: Path, export_dir: Path) -> Path:
-    from twopass_asr.store.funasr_onnx_export import INT8_FILES, export_paraformer_onnx
+    from twopass_asr.store.funasr_onnx_export import export_paraformer_onnx, require_export
+    from twopass_asr.store.model_store import ModelDirError
 
-    if all((export_dir / name).is_file() for name in INT8_FILES):
-        return export_dir
+    try:  # both runtimes run here: the float32 files and the int8 ones
+        return require_export(require_export(export_dir, quantized=False), quantized=True)
+    except ModelDirError:
+        pass
     print(f"exporting {model_dir} with FunASR's export to {export_dir} (a few minutes)", flush=True)
     return export_paraformer_onnx(model_dir, export_dir)
 
