@@ -6,20 +6,19 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from perf.bench_first_pass_triton import model_repository
 from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import PRECISION_ENV
-from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError
 
 pytestmark = pytest.mark.triton
 
@@ -142,14 +141,8 @@ def test_busy_streams_and_abandoned_segments_keep_the_server_up(triton_server, s
     assert triton_server.process.poll() is None and triton_server.is_ready()
 
 
-def paraformer_only_repository(root: Path) -> Path:
-    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "paraformer_streaming", root / "paraformer_streaming",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return root
-
-
 def test_int8_precision_serves_the_int8_engines_text_and_a_wrong_one_is_named(test_models, speech_wav, tmp_path):
-    repository = paraformer_only_repository(tmp_path / "repo")
+    repository = model_repository("batched", tmp_path)  # paraformer_streaming alone, as shipped
     wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env={PRECISION_ENV: "int4"})
     with pytest.raises(TritonStartError, match=r"parameter precision \(environment TWOPASS_ASR_FIRST_PASS_PRECISION\) "
                                                r"must be one of fp32, int8, got 'int4'"):
