@@ -62,10 +62,41 @@ def speech_wav(tmp_path_factory) -> SpeechWav:
     return SpeechWav(path=path, pcm=pcm)
 
 
+# How the shared tritonserver ended, when it ended before the session did: printed at the end
+# of the run, where CI's excerpt of the output shows it.
+_shared_server_death: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def triton_server(test_models):
     server = TritonServer(test_models, log_path=ARTIFACTS / "tritonserver.log",
                           log_verbose=int(os.environ.get("TWOPASS_ASR_TRITON_LOG_VERBOSE", "0")))
     server.start()
     yield server
+    if (report := server.exit_report(" during the tests")) is not None:
+        _shared_server_death.append(report)
     server.stop()
+    # Every process of the server shuts down cleanly: a model whose stub crashed on the way
+    # out (Python backend stubs print this) fails the run.
+    crashes = server.log_text().count("Segfault encountered")
+    if crashes:
+        pytest.fail(f"{crashes} process(es) of the shared tritonserver crashed while it shut down; "
+                    f"see {server.log_path}")
+
+
+@pytest.fixture(autouse=True)
+def _shared_server_is_up(request):
+    """A test of the shared server fails first of all if the server is gone, naming how it
+    ended, rather than with whatever a client makes of a closed port."""
+    if "triton_server" in request.fixturenames:
+        status = request.getfixturevalue("triton_server").exit_status()
+        if status is not None:
+            pytest.fail(f"the shared tritonserver {status} before this test (its last log lines are printed "
+                        "after the test summary)", pytrace=False)
+    yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    for report in _shared_server_death:
+        terminalreporter.section("shared tritonserver")
+        terminalreporter.write_line(report)

@@ -1,9 +1,12 @@
 """The launcher without a server: start-up progress read from a scripted tritonserver log,
-and the ports it picks."""
+the report of a process that ended, and the ports it picks."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 
 from twopass_asr.serving.triton_launcher import LOWEST_FREE_PORT, TritonServer, free_port, load_progress, port_in_use
 
@@ -46,3 +49,23 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
         sock.bind(("127.0.0.1", ports[0]))
         sock.listen()
         assert port_in_use("127.0.0.1", ports[0])
+
+
+def test_exit_report_names_the_signal_or_code_and_ends_with_the_log(tmp_path):
+    log = tmp_path / "tritonserver.log"
+    log.write_text(EARLIER_RUN)
+    server = TritonServer(None, log_path=log)
+    server._log_start = log.stat().st_size
+    log.write_text(EARLIER_RUN + THIS_RUN)
+    assert server.exit_status() is None and server.exit_report() is None  # never started
+    server.process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    assert server.exit_status() is None  # running
+    server.process.send_signal(signal.SIGSEGV)
+    server.process.wait()
+    assert server.exit_status() == "killed by SIGSEGV"
+    report = server.exit_report(" during the tests")
+    assert report.startswith(f"tritonserver killed by SIGSEGV during the tests; last log lines ({log}):\n")
+    assert report.endswith(THIS_RUN.rstrip("\n")) and "old_model" not in report
+    server.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    server.process.wait()
+    assert server.exit_status() == "exited with code 3"

@@ -228,14 +228,24 @@ class TritonServer:
                 progress(self.progress_line(time.monotonic() - started))
                 next_progress += progress_every_s
             if self.process.poll() is not None:
-                raise TritonStartError(
-                    f"tritonserver exited with code {self.process.returncode} before becoming ready"
-                    + self._log_hint()
-                )
+                raise TritonStartError(self.exit_report(" before becoming ready"))
             if self.is_ready():
                 return
             time.sleep(0.5)
         raise TritonStartError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+
+    def exit_status(self) -> str | None:
+        """None while the server runs; else how it ended: its exit code, or the signal that
+        killed it."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+    def exit_report(self, when: str = "") -> str | None:
+        """exit_status, `when`, and the last lines of the log."""
+        status = self.exit_status()
+        return None if status is None else f"tritonserver {status}{when}{self._log_hint()}"
 
     def _log_hint(self) -> str:
         if not self.log_path or not self.log_path.exists():

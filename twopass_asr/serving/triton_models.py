@@ -120,22 +120,39 @@ class InstanceMetric:
     outlive the metric. Updates are serialised across the process's threads: the Python
     backend of tritonserver 2.51 corrupts its shared memory when two threads of one stub
     update metrics at once (SIGSEGV in its metric handling, reproduced in seconds with
-    worker threads answering chunks)."""
+    worker threads answering chunks).
+
+    A model's finalize calls release_all: a metric still referenced when the stub's
+    interpreter shuts down (from a leftover frame, say) is freed after the stub has let go of
+    its shared memory, and the stub dies of SIGSEGV on the way out."""
 
     _update_lock = threading.Lock()
+    _live: list["InstanceMetric"] = []  # a stub process runs one model instance
 
     def __init__(self, args: dict, name: str, description: str, kind) -> None:
         self._family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         self._metric = self._family.Metric(labels={"model": args["model_name"],
                                                    "instance": args["model_instance_name"]})
+        with self._update_lock:
+            self._live.append(self)
 
     def set(self, value: float) -> None:
         with self._update_lock:
-            self._metric.set(value)
+            if self._metric is not None:
+                self._metric.set(value)
 
     def increment(self, value: float) -> None:
         with self._update_lock:
-            self._metric.increment(value)
+            if self._metric is not None:
+                self._metric.increment(value)
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Free every metric of this process now; later updates are dropped."""
+        with cls._update_lock:
+            for metric in cls._live:
+                metric._metric = metric._family = None
+            cls._live.clear()
 
 
 class SequenceModel:
@@ -196,6 +213,7 @@ class SequenceModel:
     def finalize(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()
+        InstanceMetric.release_all()
 
     def execute(self, requests):
         responses: list = [None] * len(requests)

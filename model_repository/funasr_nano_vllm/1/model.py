@@ -190,3 +190,4 @@ class TritonPythonModel:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        InstanceMetric.release_all()
