@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twopass_asr.kernels.cpu_features import cpu_flags, cpu_summary
+from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_native_bf16, cpu_summary
 
 
 def test_flags_and_summary_come_from_cpuinfo(tmp_path):
@@ -21,3 +21,14 @@ def test_an_unreadable_cpuinfo_is_unknown_not_an_error(tmp_path):
     arm.write_text("Features\t: fp asimd bf16 i8mm\n")
     assert cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
     assert "none of avx2" in cpu_summary(arm)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    cpuinfo.write_text("Features\t: fp asimd sve bf16 i8mm\n")
+    assert cpu_has_native_bf16(cpuinfo)
+    assert not cpu_has_native_bf16(tmp_path / "missing")  # unknown: the exact float32 path

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from tests.model_repository.test_triton_nano import CASES, group_processes, reference_text, segment_inputs
 from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
 from twopass_asr.second_pass.llm_export import WEIGHTS_FILE, export_llm_dir
+from twopass_asr.second_pass.precision import PRECISION_ENV, resolve_precision, vllm_dtype
 from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response
 from twopass_asr.second_pass.vllm_engine import (
     ENGINE_ENV,
@@ -29,9 +31,7 @@ from twopass_asr.second_pass.vllm_engine import (
     EngineUnavailable,
     ResponseTextStream,
     VllmNanoEngine,
-    cpu_has_native_bf16,
     engine_mode,
-    resolve_dtype,
     start_engine,
 )
 from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
@@ -56,7 +56,7 @@ def run():
 @pytest.fixture(scope="module")
 def engine(recognizer, tmp_path_factory, run):
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
-    engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters("cpu", {}, recognizer.dtype))
+    engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters("cpu", {}, "fp32"))
     yield engine
 
     async def shutdown():
@@ -168,46 +168,36 @@ def test_engine_mode_from_parameter_and_environment(monkeypatch):
 
 def test_bad_engine_settings_are_named():
     with pytest.raises(ValueError, match="vllm_"):
-        EngineSettings.from_parameters("cpu", {"vllm_max_num_seqs": "many"}, torch.float32)
-    with pytest.raises(ValueError, match="vllm_dtype"):
-        EngineSettings.from_parameters("cpu", {"vllm_dtype": "int3"}, torch.float32)
-    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16, native_bf16=True).dtype == "bfloat16"
-    # Emulated bf16 on a CPU is slower than float32; an explicit dtype is kept.
-    assert EngineSettings.from_parameters("cpu", {}, torch.bfloat16, native_bf16=False).dtype == "float32"
-    assert EngineSettings.from_parameters("cpu", {"vllm_dtype": "bfloat16"}, torch.bfloat16,
-                                          native_bf16=False).dtype == "bfloat16"
-    assert EngineSettings.from_parameters("cuda", {}, torch.bfloat16, native_bf16=False).dtype == "bfloat16"
+        EngineSettings.from_parameters("cpu", {"vllm_max_num_seqs": "many"}, "fp32")
+    settings = EngineSettings.from_parameters("cuda", {"vllm_enforce_eager": "true"}, "bf16")
+    assert settings.enforce_eager and settings.precision == "bf16" and settings.gpu_memory_utilization == 0.35
 
 
-def test_torch_dtype_follows_the_same_rule():
-    assert resolve_dtype("", "cpu", torch.bfloat16, native_bf16=False) == "float32"
-    assert resolve_dtype("auto", "cpu", torch.bfloat16, native_bf16=True) == "bfloat16"
-    assert resolve_dtype(" Auto ", "cuda", torch.bfloat16, native_bf16=False) == "bfloat16"
-    assert resolve_dtype(None, "cpu", torch.float32, native_bf16=True) == "float32"
-    assert resolve_dtype("bfloat16", "cpu", torch.float32, native_bf16=False) == "bfloat16"
-    with pytest.raises(ValueError, match="torch_dtype must be auto, float32, bfloat16 or float16, got 'half'"):
-        resolve_dtype("half", "cpu", torch.float32, parameter="torch_dtype")
-
-
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not cpu_has_native_bf16(cpuinfo)
-    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
-    assert cpu_has_native_bf16(cpuinfo)
-    cpuinfo.write_text("Features\t: fp asimd sve bf16 i8mm\n")
-    assert cpu_has_native_bf16(cpuinfo)
-    assert cpu_has_native_bf16(tmp_path / "missing")  # unknown: the model's precision stays
+def test_auto_precision_is_bf16_where_it_is_native_and_fp32_elsewhere():
+    assert resolve_precision("auto", "cpu", native_bf16=True) == "bf16"
+    # Emulated bf16 on a CPU is slower than float32.
+    assert resolve_precision("auto", "cpu", native_bf16=False) == "fp32"
+    assert resolve_precision("auto", "cuda", native_bf16=False) == "bf16"
+    assert resolve_precision("auto", "cuda:1") == "bf16"
+    # What is asked for explicitly is kept, even where it is slow.
+    assert resolve_precision("bf16", "cpu", native_bf16=False) == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    assert resolve_precision("fp16", "cuda") == "fp16"
+    with pytest.raises(ValueError, match="precision fp16 runs on a GPU only"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, got 'int3'"):
+        resolve_precision("int3", "cpu")
+    assert [vllm_dtype(p) for p in ("fp32", "bf16", "fp16")] == ["float32", "bfloat16", "float16"]
 
 
 def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm.v1.engine.async_llm", None)  # import now raises ImportError
     warnings = []
-    assert start_engine("auto", recognizer, "cpu", {}, warn=warnings.append) is None
+    assert start_engine("auto", recognizer, "cpu", {}, "fp32", warn=warnings.append) is None
     assert len(warnings) == 1 and "falling back to torch" in warnings[0] and "import" in warnings[0]
     with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):
-        start_engine("vllm", recognizer, "cpu", {}, warn=warnings.append)
-    assert start_engine("torch", recognizer, "cpu", {}, warn=warnings.append) is None
+        start_engine("vllm", recognizer, "cpu", {}, "fp32", warn=warnings.append)
+    assert start_engine("torch", recognizer, "cpu", {}, "fp32", warn=warnings.append) is None
     assert len(warnings) == 1
 
 
@@ -282,15 +272,25 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
 def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
     missing = tmp_path / "no-such-nano"
     repository = nano_repository(tmp_path / "repo", {"nano_vllm": {"engine": "vllm", **NO_KV_CACHE},
-                                                     "nano_missing": {"model_dir": str(missing)}})
+                                                     "nano_missing": {"model_dir": str(missing)},
+                                                     "nano_int3": {"precision": "int3"},
+                                                     "nano_fp16": {"precision": "fp16"},
+                                                     "nano_auto": {"engine": "torch", "precision": "auto"}})
     log = tmp_path / "tritonserver.log"
+    # The suite's fp32 (conftest) off: each model's own precision parameter counts.
     server = TritonServer(test_models, repository, log_path=log,
-                          env={ENGINE_ENV: "", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
-    with pytest.raises(TritonStartError) as failure:
+                          env={ENGINE_ENV: "", PRECISION_ENV: "", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
+    with pytest.raises(TritonStartError, match="failed to load all models"):
         server.start()
-    message = str(failure.value)
+    message = server.log_text()  # the start error holds its last lines only
     assert "engine=vllm but vLLM engine failed to start" in message
     assert f"Fun-ASR-Nano model directory {missing} does not exist" in message
+    assert (f"parameter precision (environment {PRECISION_ENV}) must be one of auto, fp32, bf16, fp16, "
+            "got 'int3'") in message
+    assert "precision fp16 runs on a GPU only" in message
+    # auto: bf16 on a CPU that computes it natively, fp32 on others.
+    chosen = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert f"on cpu (torch generation), LLM in {chosen} (auto)" in message
     # vLLM's EngineCore subprocess logs the root cause; its exception only points there.
     assert "No available memory for the cache blocks" in server.log_text()
     assert live_group_members(server.process.pid) == []

@@ -16,6 +16,9 @@ import pytest
 
 from frontend.client import transcribe
 from twopass_asr import REPO_ROOT
+from twopass_asr.first_pass import options as first_pass_options
+from twopass_asr.second_pass import precision as second_pass_precision
+from twopass_asr.serving.serve import parse_args, precision_environment
 from twopass_asr.serving.triton_launcher import free_port
 from twopass_asr.store import model_store
 
@@ -91,3 +94,14 @@ def test_serve_refuses_a_taken_port_at_once(tmp_path):
     assert result.returncode == 1
     assert f"port {port} (--triton-grpc-port) on 127.0.0.1 is already in use" in result.stderr
     assert not (tmp_path / "no-store").exists(), "nothing is prepared"
+
+
+def test_precision_options_reach_the_models_as_their_environment():
+    assert precision_environment(parse_args([])) == {}
+    args = parse_args(["--first-pass-precision", "int8", "--second-pass-precision", "bf16"])
+    assert precision_environment(args) == {first_pass_options.PRECISION_ENV: "int8",
+                                           second_pass_precision.PRECISION_ENV: "bf16"}
+    assert precision_environment(parse_args(["--second-pass-precision", "fp32"])) == {
+        second_pass_precision.PRECISION_ENV: "fp32"}
+    with pytest.raises(SystemExit):
+        parse_args(["--second-pass-precision", "int3"])

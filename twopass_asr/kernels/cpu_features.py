@@ -22,6 +22,15 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str] | None:
     return set(found.group(1).split()) if found else set()
 
 
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16, AMX, Arm BF16). Without it
+    vLLM's CPU kernels convert every bf16 weight to float32 on the fly, slower than float32
+    throughout (perf/RESULTS.md, 2026-11-28, vLLM in float32 vs bf16). False where the flags
+    cannot be read."""
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def cpu_summary(cpuinfo: Path = CPUINFO) -> str:
     """e.g. 'Intel(R) Xeon(R) Platinum 8481C, 2 cores: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16'."""
     try:

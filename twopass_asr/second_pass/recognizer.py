@@ -196,14 +196,20 @@ class NanoRecognizer:
         (one unpadded segment: data_load_speech's attention mask is all ones)."""
         return self.generate_batch([embeds])[0]
 
-    @torch.no_grad()
     def generate_batch(self, prompts: Sequence[torch.Tensor]) -> list[str]:
         """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
         left-padded to the longest and the padding masked out. In float32 each text equals
         the segment's text alone; in half precision the padded shapes round differently and a
         near tie between two tokens can go the other way."""
-        from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
+        rows = self.generate_tokens(prompts)
+        if not rows:
+            return []  # batch_decode([]) gives one empty text
+        responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
+        return [clean_response(response) for response in responses]
 
+    @torch.no_grad()
+    def generate_tokens(self, prompts: Sequence[torch.Tensor]) -> list[list[int]]:
+        """generate_batch's greedy token ids, each row up to and including its stop token."""
         if not prompts:
             return []
         llm = self.model.llm
@@ -214,8 +220,7 @@ class NanoRecognizer:
             inputs_embeds[row, longest - len(prompt):] = prompt
             attention_mask[row, longest - len(prompt):] = 1
         pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
-        with torch.autocast(device_type=resolve_autocast_device_type(self.device),
-                            enabled=self.dtype != torch.float32, dtype=self.dtype):
+        with self._autocast():
             generated = llm.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -226,9 +231,28 @@ class NanoRecognizer:
         # A row that finished early is filled up with pad tokens; alone it would have stopped
         # at its end token (generation stops at the generation config's end tokens only).
         stops = stop_token_ids(llm.generation_config.eos_token_id)
-        rows = [until_stop(row.tolist(), stops) for row in generated]
-        responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
-        return [clean_response(response) for response in responses]
+        return [until_stop(row.tolist(), stops) for row in generated]
+
+    @torch.no_grad()
+    def teacher_forced_tokens(self, prompt: torch.Tensor, tokens: Sequence[int]) -> list[int]:
+        """The LLM's top-1 token at each position of `tokens`, fed the prompt and the given
+        tokens before that position (one forward pass, in this recognizer's dtype). Against
+        another precision's greedy tokens this counts every position where the two disagree,
+        not only up to the first difference, as comparing greedy texts does."""
+        if not tokens:
+            return []
+        llm = self.model.llm
+        given = llm.model.get_input_embeddings()(torch.tensor(list(tokens[:-1]), device=prompt.device))
+        inputs_embeds = torch.cat([prompt.to(self.dtype), given.to(self.dtype)])[None]
+        with self._autocast():
+            logits = llm(inputs_embeds=inputs_embeds).logits[0]
+        return logits[len(prompt) - 1:].argmax(-1).tolist()
+
+    def _autocast(self):
+        from funasr.models.fun_asr_nano.device_utils import resolve_autocast_device_type
+
+        return torch.autocast(device_type=resolve_autocast_device_type(self.device),
+                              enabled=self.dtype != torch.float32, dtype=self.dtype)
 
 
 def stop_token_ids(eos_token_id: int | Sequence[int] | None) -> set[int]:

@@ -13,13 +13,12 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
 import torch
 
-from twopass_asr.kernels.cpu_features import CPUINFO, cpu_flags
 from twopass_asr.second_pass.llm_export import export_llm_dir
+from twopass_asr.second_pass.precision import TORCH_DTYPES, vllm_dtype
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
 
 ENGINES = ("vllm", "auto", "torch")
@@ -32,24 +31,13 @@ log = logging.getLogger(__name__)
 # model.json of Triton's vllm_backend). On CPU the KV cache is a fixed size; on a GPU vLLM
 # sizes it from a memory share. Both compile the model (torch.compile; CUDA graphs on a
 # GPU), which generates faster for a slower engine start (vllm_enforce_eager=true starts fast;
-# perf/RESULTS.md, 2026-11-29 later).
+# perf/RESULTS.md, 2026-11-29 later). The precision is the model's own setting (precision.py).
 PRESETS: dict[str, dict[str, str]] = {
     "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "1",
-            "gpu_memory_utilization": "", "enforce_eager": "false", "dtype": "auto"},
+            "gpu_memory_utilization": "", "enforce_eager": "false"},
     "cuda": {"max_num_seqs": "64", "max_model_len": "4096", "kv_cache_gib": "",
-             "gpu_memory_utilization": "0.35", "enforce_eager": "false", "dtype": "auto"},
+             "gpu_memory_utilization": "0.35", "enforce_eager": "false"},
 }
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
-    """Whether the CPU computes in bfloat16 natively (AVX512-BF16, AMX, Arm BF16). Without it
-    vLLM's CPU kernels convert every bf16 weight to float32 on the fly, slower than float32
-    throughout (perf/RESULTS.md, 2026-11-28, vLLM in float32 vs bf16)."""
-    flags = cpu_flags(cpuinfo)
-    if flags is None:
-        return True  # unknown: keep the model's own precision
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 class EngineUnavailable(RuntimeError):
@@ -72,16 +60,13 @@ class EngineSettings:
     kv_cache_bytes: int | None
     gpu_memory_utilization: float | None
     enforce_eager: bool
-    dtype: str
+    precision: str  # resolved: fp32, bf16 or fp16
 
     @classmethod
-    def from_parameters(cls, device: str, params: Mapping[str, str], llm_dtype: torch.dtype,
-                        native_bf16: bool | None = None) -> "EngineSettings":
-        """Each setting from its `vllm_<name>` parameter, else the device's preset (dtype:
-        see resolve_dtype)."""
+    def from_parameters(cls, device: str, params: Mapping[str, str], precision: str) -> "EngineSettings":
+        """Each setting from its `vllm_<name>` parameter, else the device's preset."""
         preset = PRESETS["cpu" if device == "cpu" else "cuda"]
         value = {name: (params.get(f"vllm_{name}") or default) for name, default in preset.items()}
-        dtype = resolve_dtype(value["dtype"], device, llm_dtype, native_bf16, parameter="vllm_dtype")
         try:
             settings = cls(
                 max_num_seqs=int(value["max_num_seqs"]),
@@ -90,29 +75,13 @@ class EngineSettings:
                 gpu_memory_utilization=(float(value["gpu_memory_utilization"])
                                         if value["gpu_memory_utilization"] else None),
                 enforce_eager=value["enforce_eager"].lower() in ("1", "true", "yes"),
-                dtype=dtype,
+                precision=precision,
             )
         except ValueError as exc:
             raise ValueError(f"invalid vllm_* model parameter: {exc}") from exc
         if settings.max_num_seqs < 1 or settings.max_model_len < 1:
             raise ValueError("vllm_max_num_seqs and vllm_max_model_len must be positive")
         return settings
-
-
-def resolve_dtype(configured: str, device: str, llm_dtype: torch.dtype, native_bf16: bool | None = None,
-                  parameter: str = "dtype") -> str:
-    """The precision to decode in: `configured`, or for auto the LLM's own precision, except
-    float32 instead of a half precision on a CPU without native bf16 (native_bf16 None: read
-    from the CPU), where the conversions cost more than the halved weight reads save."""
-    configured = (configured or "auto").strip().lower()
-    if configured != "auto":
-        if configured not in DTYPE_NAMES.values():
-            raise ValueError(f"{parameter} must be auto, float32, bfloat16 or float16, got {configured!r}")
-        return configured
-    if device == "cpu" and llm_dtype != torch.float32:
-        if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
-            return "float32"
-    return DTYPE_NAMES[llm_dtype]
 
 
 def prepare_process_for_vllm() -> None:
@@ -181,7 +150,7 @@ class VllmNanoEngine:
         args = AsyncEngineArgs(
             model=str(self.llm_dir),
             tokenizer=str(self.llm_dir),
-            dtype=settings.dtype,
+            dtype=vllm_dtype(settings.precision),
             max_model_len=settings.max_model_len,
             max_num_seqs=settings.max_num_seqs,
             enforce_eager=settings.enforce_eager,
@@ -199,7 +168,7 @@ class VllmNanoEngine:
             temperature=0.0, max_tokens=self.max_new_tokens, skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,
         )
-        self._dtype = getattr(torch, settings.dtype)
+        self._dtype = TORCH_DTYPES[settings.precision]
 
     async def stream(self, embeds: torch.Tensor, request_id: str | None = None) -> AsyncIterator[tuple[str, bool]]:
         """(cleaned text delta, is_last) for one prompt ([tokens, hidden]); the last delta may
@@ -234,13 +203,13 @@ class VllmNanoEngine:
         del self.engine
 
 
-def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Mapping[str, str],
+def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Mapping[str, str], precision: str,
                  warn: Callable[[str], None] = log.warning) -> VllmNanoEngine | None:
-    """The vLLM engine for mode vllm (EngineUnavailable if it cannot start) or auto (None
-    after one warning if it cannot start); None for torch."""
+    """The vLLM engine, in `precision` (resolved), for mode vllm (EngineUnavailable if it
+    cannot start) or auto (None after one warning if it cannot start); None for torch."""
     if mode == "torch":
         return None
-    settings = EngineSettings.from_parameters(device, params, recognizer.dtype)
+    settings = EngineSettings.from_parameters(device, params, precision)
     try:
         return VllmNanoEngine(recognizer, settings)
     except EngineUnavailable as exc:
@@ -250,6 +219,5 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
         return None
 
 
-__all__ = ["CANCELLED_IN_ENGINE", "DTYPE_NAMES", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable",
-           "ResponseTextStream", "VllmNanoEngine", "cpu_has_native_bf16", "engine_mode", "prepare_process_for_vllm",
-           "resolve_dtype", "start_engine"]
+__all__ = ["CANCELLED_IN_ENGINE", "ENGINES", "ENGINE_ENV", "EngineSettings", "EngineUnavailable",
+           "ResponseTextStream", "VllmNanoEngine", "engine_mode", "prepare_process_for_vllm", "start_engine"]

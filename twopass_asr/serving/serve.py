@@ -13,11 +13,19 @@ import time
 from pathlib import Path
 
 from twopass_asr import REPO_ROOT
-from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS
+from twopass_asr.first_pass import options as first_pass_options
+from twopass_asr.second_pass import precision as second_pass_precision
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, port_in_use
 from twopass_asr.store import model_store
 
 log = logging.getLogger("twopass_asr.serving.serve")
+
+
+def precision_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment overrides for the precisions given on the command line."""
+    chosen = {first_pass_options.PRECISION_ENV: args.first_pass_precision,
+              second_pass_precision.PRECISION_ENV: args.second_pass_precision}
+    return {env: value for env, value in chosen.items() if value}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,8 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="serve random models (replacing what the store holds) without trying to download")
     parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
                         help="random models to build for missing ones that cannot be downloaded (default tiny)")
-    parser.add_argument("--first-pass-precision", choices=PRECISIONS, default=None,
+    parser.add_argument("--first-pass-precision", choices=first_pass_options.PRECISIONS, default=None,
                         help="the first pass in fp32 or int8 (default: paraformer_streaming's config.pbtxt)")
+    parser.add_argument("--second-pass-precision", choices=second_pass_precision.PRECISIONS, default=None,
+                        help="the second pass's LLM in fp32, bf16, fp16 (GPU) or auto: bf16 where the "
+                             "hardware computes it natively (default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
     parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
     parser.add_argument("--certfile", default=None)
@@ -76,7 +87,7 @@ def main(argv=None) -> int:
         triton = TritonServer(
             store, host="127.0.0.1", http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
             metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
-            env={PRECISION_ENV: args.first_pass_precision} if args.first_pass_precision else None,
+            env=precision_environment(args),
         )
         log.info("starting tritonserver (log: %s)", triton.log_path)
         triton.start(progress=log.info)

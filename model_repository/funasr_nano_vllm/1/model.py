@@ -13,25 +13,24 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
+from twopass_asr.second_pass.precision import PRECISION_ENV, PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting
 from twopass_asr.second_pass.vllm_engine import (
     CANCELLED_IN_ENGINE,
-    DTYPE_NAMES,
     EngineUnavailable,
     engine_mode,
     prepare_process_for_vllm,
-    resolve_dtype,
     start_engine,
 )
 from twopass_asr.serving.stream_store import StreamError
 from twopass_asr.serving.triton_models import (
     InstanceMetric,
+    choice,
     error_response,
     model_parameters,
     optional_scalar,
@@ -89,6 +88,8 @@ class TritonPythonModel:
         device = resolve_device(params)
         try:
             mode = engine_mode(params.get("engine"))
+            configured_precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "auto")
+            precision = resolve_precision(configured_precision, device)
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
             embed_batching = settings_from_parameters(params, "embed")
             generate_batching = settings_from_parameters(params, "torch")
@@ -105,24 +106,20 @@ class TritonPythonModel:
         self.embedder = SegmentBatcher(self.recognizer.embed_prepared, self.executor, prepare=self.recognizer.prepare,
                                        on_pass=count_encoded, **embed_batching)
         try:
-            self.engine = start_engine(mode, self.recognizer, device, params, warn=pb_utils.Logger.log_warn)
+            self.engine = start_engine(mode, self.recognizer, device, params, precision, warn=pb_utils.Logger.log_warn)
         except (EngineUnavailable, ValueError) as exc:
             raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine=vllm but {exc}") from exc
         self.generator = None
         if self.engine is None:
-            try:
-                dtype = resolve_dtype(params.get("torch_dtype"), device, self.recognizer.dtype, parameter="torch_dtype")
-            except ValueError as exc:
-                raise pb_utils.TritonModelException(str(exc)) from exc
-            self.recognizer.use_dtype(getattr(torch, dtype))
+            self.recognizer.use_dtype(TORCH_DTYPES[precision])
             count_generated = self._pass_counter(args, "torch_generate_passes", "torch_generated_segments",
                                                  "torch generation")
             self.generator = SegmentBatcher(self.recognizer.generate_batch, self.executor, on_pass=count_generated,
                                             **generate_batching)
         engine_name = "vLLM" if self.engine else "torch"
-        dtype = self.engine.settings.dtype if self.engine else DTYPE_NAMES[self.recognizer.dtype]
+        chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_store.served_path(model_dir)} on {device} "
-                                 f"({engine_name} generation), LLM in {dtype}, CPU nice +{cpu_nice}")
+                                 f"({engine_name} generation), LLM in {chosen}, CPU nice +{cpu_nice}")
 
     @staticmethod
     def _pass_counter(args, passes_name, segments_name, what):

@@ -1,0 +1,41 @@
+"""The second pass's precision: one setting for the LLM whichever engine runs it (vLLM, or
+the torch fallback) and for the prompt embeddings fed to it.
+
+fp32 is FunASR's own runtime default and what the equivalence tests pin. auto is what a user
+wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and what
+FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16), else fp32. The audio
+encoder and adaptor stay float32 as in FunASR (they have float32-only ops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(configured: str, device: str, native_bf16: bool | None = None) -> str:
+    """fp32, bf16 or fp16 for `configured` (one of PRECISIONS) on `device`. auto: bf16 on a
+    GPU and on a CPU with native bf16 (native_bf16 None: read from this CPU), fp32 on other
+    CPUs. fp16 is refused on a CPU, where neither engine has fast half-precision kernels."""
+    if configured not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {configured!r}")
+    on_cpu = device == "cpu"
+    if configured == "auto":
+        fast_bf16 = not on_cpu or (cpu_has_native_bf16() if native_bf16 is None else native_bf16)
+        return "bf16" if fast_bf16 else "fp32"
+    if configured == "fp16" and on_cpu:
+        raise ValueError("precision fp16 runs on a GPU only; on a CPU use bf16 or fp32")
+    return configured
+
+
+def vllm_dtype(precision: str) -> str:
+    """vLLM's name for a resolved precision (its `dtype` engine argument)."""
+    return str(TORCH_DTYPES[precision]).removeprefix("torch.")
+
+
+__all__ = ["PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "resolve_precision", "vllm_dtype"]
