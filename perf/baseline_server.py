@@ -30,6 +30,7 @@ from frontend.protocol import StreamConfig
 from frontend.server import ServerSettings, run
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.second_pass.recognizer import generation_cap
 from twopass_asr.vad.batched import DEFAULT_VAD_STEP_MS, VadOptions, stream_vad_opts
 
 log = logging.getLogger("perf.baseline_server")
@@ -41,7 +42,7 @@ MIN_SEGMENT_SAMPLES = 400
 class Models:
     """The three FunASR AutoModels and the single thread every call runs on."""
 
-    def __init__(self, store: Path, threads: int, max_new_tokens: int):
+    def __init__(self, store: Path, threads: int, max_new_tokens: int, tokens_per_second: float | None = None):
         import torch
         from funasr import AutoModel
 
@@ -62,6 +63,7 @@ class Models:
         self._vad_defaults = self.vad.model.vad_opts
         # As the service's recognizer: the directory's own cap (config.yaml max_length) still applies.
         self.max_new_tokens = min(max_new_tokens, int(self.offline.kwargs.get("max_length", 512)))
+        self.tokens_per_second = tokens_per_second
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funasr")
 
     def submit(self, function: Callable[..., Result], *args: Any) -> asyncio.Future[Result]:
@@ -88,7 +90,7 @@ class Models:
         language = None if config.svs_lang in ("", "auto") else config.svs_lang
         result = self.offline.generate(input=[pcm16_to_float(pcm)], cache={}, batch_size=1,
                                        hotwords=parse_hotwords(config.hotwords), language=language, itn=config.itn,
-                                       max_length=self.max_new_tokens)
+                                       max_length=generation_cap(len(pcm), self.max_new_tokens, self.tokens_per_second))
         return result[0]["text"] if result else ""
 
 
@@ -151,12 +153,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="cap on second-pass tokens per segment (FunASR's max_length; the service's "
                              "funasr_nano_vllm caps at its max_new_tokens parameter, 256)")
+    parser.add_argument("--max-new-tokens-per-second", type=float, default=None,
+                        help="also cap each segment at this many tokens per second of its audio, as the "
+                             "service's max_new_tokens_per_second does (default: no cap by length)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads < 1 or args.max_new_tokens < 1:
         parser.error("--threads and --max-new-tokens must be at least 1")
+    if args.max_new_tokens_per_second is not None and not args.max_new_tokens_per_second > 0:
+        parser.error("--max-new-tokens-per-second must be positive")
     try:
-        models = Models(args.store, args.threads, args.max_new_tokens)
+        models = Models(args.store, args.threads, args.max_new_tokens, args.max_new_tokens_per_second)
     except Exception as exc:
         log.error("cannot load the models from %s: %s", args.store, exc)
         return 1

@@ -1,4 +1,5 @@
-"""Command-line options the in-process benchmarks share: stream counts and timed rounds."""
+"""What the benchmarks share: stream counts and timed rounds on the command line, and the
+length of a real transcript."""
 
 from __future__ import annotations
 
@@ -19,3 +20,12 @@ def batch_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     if min(batches) < 1 or args.rounds < 1:
         parser.error("--batches and --rounds must be positive")
     return batches
+
+
+# Fun-ASR-Nano's output for real Mandarin speech, in Qwen tokens per second of audio (silence
+# included), punctuation and the end token counted: AISHELL-1's test set (7176 utterances,
+# 10.03 h, from FunASR's runtime/triton_gpu/client/aishell_test.txt) gives 2.12 with one
+# punctuation token per utterance, Fun-ASR's own punctuated example targets 2.16 (tokens
+# counted with Qwen's BPE vocabulary). A random Nano never ends on its own: benchmarks cut it
+# there (twopass_asr.second_pass.recognizer.generation_cap).
+REAL_SPEECH_TOKENS_PER_S = 2.2

@@ -10,19 +10,21 @@ does; --embed-max-batch 1 encodes one segment at a time), then
   vllm   the AsyncLLM stream (requests of different clients batched by the engine),
          compiled as the CPU preset has it; vllm-eager the same with vllm_enforce_eager=true,
   torch  NanoRecognizer.generate_batch on the same single worker, over the segments waiting
-         together (as the model's torch fallback; --torch-max-batch 1: one at a time), in
-         --torch-dtype (auto: as the model resolves it),
+         together (as the model's torch fallback; --torch-max-batch 1: one at a time),
   funasr FunASRNano.inference (what AutoModel.generate runs), one at a time, C=1 only, on a
          second copy of the model left as FunASR loads it (torch's own linear layers; the
          served recognizer packs its audio encoder's once, twopass_asr.kernels.prepacked_linear).
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
-level. In-process (no tritonserver), so the numbers are the engines', not gRPC's. A random
-model rarely emits EOS: every segment decodes --max-new-tokens tokens.
+level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
+CPU); with another than fp32 it is also compared with fp32 (torch, greedy texts and
+teacher-forced tokens). In-process (no tritonserver), so the numbers are the engines', not
+gRPC's. A random model rarely emits EOS: every segment decodes --max-new-tokens tokens, by
+default what a real transcript of that length has (perf.bench_args.REAL_SPEECH_TOKENS_PER_S).
 
-    .venv/bin/python -m perf.bench_second_pass [--concurrency 1,4,8,16] [--dtype bf16]
-        [--max-new-tokens 32] [--segments-per-client 3] [--segment-seconds 5] [--threads 2]
-        [--embed-window-ms 10] [--embed-max-batch 16] [--torch-max-batch 16] [--torch-dtype auto]
+    .venv/bin/python -m perf.bench_second_pass [--concurrency 1,4,8,16] [--precision auto]
+        [--max-new-tokens N] [--segments-per-client 3] [--segment-seconds 5] [--threads 2]
+        [--embed-window-ms 10] [--embed-max-batch 16] [--torch-max-batch 16]
         [--vllm-modes compiled,eager]
 
 Writes perf/results/second_pass.{md,csv,png}.
@@ -44,16 +46,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
 from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
+from twopass_asr.audio import SAMPLE_RATE
+from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
-from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest
+from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
+from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
 
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
 # Issue 4's latency target is stated for 5 s segments.
 DEFAULT_SEGMENT_SECONDS = 5.0
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -110,13 +115,13 @@ async def run_level(engine_name, concurrency, per_client, setup: Setup, engine=N
     return Row(engine_name, concurrency, len(segments), time.perf_counter() - start, latencies)
 
 
-def run_funasr(recognizer, count: int, seconds: float) -> Row:
+def run_funasr(recognizer, count: int, seconds: float, precision: str) -> Row:
     """FunASRNano.inference, the call AutoModel.generate makes, one segment at a time."""
     from twopass_asr.audio import pcm16_to_float
 
-    # FunASR casts the LLM to kwargs' llm_dtype on every call: the same precision as the others.
-    kwargs = dict(recognizer.kwargs, max_length=recognizer.max_new_tokens,
-                  llm_dtype={v: k for k, v in DTYPES.items()}[recognizer.dtype])
+    # FunASR casts the LLM to kwargs' llm_dtype (named as our precisions) on every call: the
+    # same precision as the others.
+    kwargs = dict(recognizer.kwargs, max_length=recognizer.max_new_tokens, llm_dtype=precision)
     latencies = []
     start = time.perf_counter()
     for index, pcm in enumerate(make_segments(count, seconds, seed=99)):
@@ -154,7 +159,29 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
     return rows
 
 
-def write_results(rows: list[Row], out: Path, note: str, encoder_rows: list[str]) -> None:
+def precision_agreement(reference: NanoRecognizer, other: NanoRecognizer, precision: str, count: int,
+                        seconds: float) -> list[str]:
+    """Markdown lines: `other` (in `precision`) against `reference` (float32) on the same
+    segments: how many greedy texts are equal, and how many of the reference's greedy tokens
+    `other` also ranks first when fed the reference's tokens (teacher forcing), which counts
+    every position rather than stopping at the first difference. The random weights make both
+    a lower bound of what trained ones give."""
+    prompts = [reference.prompt_embeds(pcm) for pcm in make_segments(count, seconds, seed=11)]
+    rows = reference.generate_tokens(prompts)
+    texts = reference.generate_batch(prompts)
+    same_text = sum(other.generate(prompt) == text for prompt, text in zip(prompts, texts))
+    pairs = [(got, want) for prompt, row in zip(prompts, rows)
+             for got, want in zip(other.teacher_forced_tokens(prompt, row), row)]
+    same_token = sum(got == want for got, want in pairs)
+    lines = [f"\nAgreement of {precision} with fp32 (torch, {count} segments of {seconds:g} s):\n",
+             "| greedy texts equal | teacher-forced top-1 tokens equal |", "|---|---|",
+             f"| {same_text}/{count} ({same_text / count:.0%}) | {same_token}/{len(pairs)} "
+             f"({same_token / len(pairs):.1%}) |"]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def write_results(rows: list[Row], out: Path, note: str, sections: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     header = ["engine", "concurrency", "segments", "segments_per_s", "p50_ms", "p95_ms"]
     table = [[r.engine, r.concurrency, r.segments, f"{r.segments_per_s:.3f}", f"{percentile(r.latencies_ms, 50):.0f}",
@@ -164,7 +191,7 @@ def write_results(rows: list[Row], out: Path, note: str, encoder_rows: list[str]
     lines = [f"# Second pass (Fun-ASR-Nano full-size random weights)\n\n{note}\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in table]
-    lines += encoder_rows
+    lines += sections
     (out / "second_pass.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -200,13 +227,16 @@ def main() -> None:
     parser.add_argument("--segments-per-client", type=int, default=3)
     parser.add_argument("--segment-seconds", type=float, default=DEFAULT_SEGMENT_SECONDS)
     parser.add_argument("--funasr-segments", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--agreement-segments", type=int, default=16,
+                        help="segments on which a precision other than fp32 is compared with fp32")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens per segment (default: a real transcript's for --segment-seconds, "
+                             f"{REAL_SPEECH_TOKENS_PER_S} per second of audio)")
+    parser.add_argument("--precision", choices=[p for p in PRECISIONS if p != "fp16"], default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embed-window-ms", type=float, default=DEFAULT_WINDOW_MS)
     parser.add_argument("--embed-max-batch", type=int, default=DEFAULT_MAX_BATCH)
     parser.add_argument("--torch-max-batch", type=int, default=DEFAULT_MAX_BATCH)
-    parser.add_argument("--torch-dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--vllm-modes", default="compiled,eager",
                         help="vLLM engines to run, one after the other: compiled (the preset), eager "
                              "(vllm_enforce_eager=true: faster start, slower decoding)")
@@ -220,30 +250,36 @@ def main() -> None:
     if not set(args.vllm_modes.split(",")) <= {"compiled", "eager"}:
         parser.error(f"--vllm-modes takes compiled and/or eager, got {args.vllm_modes!r}")
     levels = [int(x) for x in args.concurrency.split(",")]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = generation_cap(int(args.segment_seconds * SAMPLE_RATE), DEFAULT_MAX_NEW_TOKENS,
+                                             REAL_SPEECH_TOKENS_PER_S)
     torch_levels = [int(x) for x in (args.concurrency if args.torch_concurrency is None
                                      else args.torch_concurrency).split(",") if x]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO_ROOT / ".cache" / "vllm"))
 
-    from twopass_asr.second_pass.vllm_engine import EngineSettings, VllmNanoEngine, resolve_dtype
+    from twopass_asr.second_pass.vllm_engine import EngineSettings, VllmNanoEngine
 
+    precision = resolve_precision(args.precision, "cpu")
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
-    model_dtype = DTYPES[args.dtype]
     funasr_model = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens, prepack=False)
-    funasr_model.use_dtype(model_dtype)
-    torch_dtype = resolve_dtype(args.torch_dtype, "cpu", model_dtype, parameter="--torch-dtype")
+    funasr_model.use_dtype(TORCH_DTYPES[precision])
     executor = ThreadPoolExecutor(max_workers=1)
     embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
     generator = SegmentBatcher(recognizer.generate_batch, executor, max_batch=args.torch_max_batch)
-    encoder_rows = encoder_batching(recognizer, funasr_model, [int(x) for x in args.encoder_batches.split(",")],
-                                    args.segment_seconds)
+    sections = encoder_batching(recognizer, funasr_model, [int(x) for x in args.encoder_batches.split(",")],
+                                args.segment_seconds)
     rows: list[Row] = []
     setup = Setup(recognizer, embedder, generator, args.segment_seconds)
-    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds))
+    if precision != "fp32":
+        # The served recognizer is still float32 here (FunASR's runtime default).
+        sections += precision_agreement(recognizer, funasr_model, precision, args.agreement_segments,
+                                        args.segment_seconds)
+    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds, precision))
     del funasr_model  # its memory, before vLLM starts its own copy of the LLM
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
-    recognizer.use_dtype(getattr(torch, torch_dtype))
+    recognizer.use_dtype(TORCH_DTYPES[precision])
     loop = asyncio.new_event_loop()
     for level in torch_levels:
         level_run = run_level("torch", level, args.segments_per_client, setup)
@@ -255,7 +291,7 @@ def main() -> None:
         started = time.perf_counter()
         engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
             "cpu", {"vllm_max_num_seqs": str(max(levels)), "vllm_enforce_eager": str(mode == "eager").lower()},
-            model_dtype))
+            precision))
         print(f"{name} engine started in {time.perf_counter() - started:.1f} s", flush=True)
         try:
             # Warm-up: the first request pays for lazy initialisation.
@@ -266,16 +302,16 @@ def main() -> None:
                 print(f"{name} c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
         finally:
             engine.shutdown()
-    note = (f"{args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, LLM in {args.dtype} "
-            f"(vLLM: {engine.settings.dtype}, its dtype auto, vllm = compiled, vllm-eager = "
-            f"vllm_enforce_eager; torch: {torch_dtype}, batches of up to "
+    note = (f"{cpu_summary()}. {args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, "
+            f"LLM in {precision} (precision {args.precision}) on every engine (vllm = compiled, vllm-eager = "
+            f"vllm_enforce_eager; torch batches of up to "
             f"{args.torch_max_batch}: {dict(sorted(generator.batch_sizes.items()))}), "
             f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "
             f"audio encoder batched over up to {args.embed_max_batch} waiting segments "
             f"({args.embed_window_ms:g} ms window; encoder passes by batch size: "
             f"{dict(sorted(embedder.batch_sizes.items()))}), "
             f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
-    write_results(rows, args.out, note, encoder_rows)
+    write_results(rows, args.out, note, sections)
 
 
 if __name__ == "__main__":

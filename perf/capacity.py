@@ -8,7 +8,7 @@ first failure; each step is one perf.ws_load run.
     python -m perf.capacity --url ws://127.0.0.1:10095 --max-clients 32
     # the service (tritonserver + frontend) and the FunASR baseline, one after the other,
     # on the same model store and audio; prints the capacity ratio
-    python -m perf.capacity --compare --store .model_store-full --max-clients 16 --max-new-tokens 32
+    python -m perf.capacity --compare --store .model_store-full --max-clients 16
 
 Writes capacity.json, a Markdown table and latency plots under --out.
 """
@@ -27,14 +27,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from perf import metrics, ws_load
+from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
 from twopass_asr import REPO_ROOT
-from twopass_asr.second_pass.recognizer import MAX_NEW_TOKENS_ENV
+from twopass_asr.kernels.cpu_features import cpu_summary
+from twopass_asr.second_pass.recognizer import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_NEW_TOKENS_ENV,
+    MAX_NEW_TOKENS_PER_SECOND_ENV,
+)
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, free_port
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
 SETTLE_S = 2.0  # between steps, so work queued by the previous run cannot delay the next
-# funasr_nano_vllm's max_new_tokens parameter (config.pbtxt), so both servers cap alike by default.
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def check_run(run: dict, max_partial_lag_s: float, max_second_pass_s: float) -> str | None:
@@ -128,10 +132,11 @@ def python_server(module_args: list[str], port: int, log_path: Path, what: str, 
             stop_process(process)
 
 
-def start_triton(store: Path, log_dir: Path, max_new_tokens: int, attempts: int = 3) -> TritonServer:
+def start_triton(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: float,
+                 attempts: int = 3) -> TritonServer:
     """tritonserver on free ports. Another program can take a port between choosing it and
     tritonserver binding it (loading the models takes a minute): then try new ports."""
-    env = {MAX_NEW_TOKENS_ENV: str(max_new_tokens)}
+    env = {MAX_NEW_TOKENS_ENV: str(max_new_tokens), MAX_NEW_TOKENS_PER_SECOND_ENV: str(tokens_per_second)}
     for attempt in range(1, attempts + 1):
         try:
             return TritonServer(store, log_path=log_dir / "tritonserver.log", env=env).start()
@@ -143,9 +148,9 @@ def start_triton(store: Path, log_dir: Path, max_new_tokens: int, attempts: int 
 
 
 @contextlib.contextmanager
-def service(store: Path, log_dir: Path, max_new_tokens: int) -> Iterator[str]:
+def service(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: float) -> Iterator[str]:
     """tritonserver on the store, and the WebSocket frontend in front of it."""
-    with start_triton(store, log_dir, max_new_tokens) as triton:
+    with start_triton(store, log_dir, max_new_tokens, tokens_per_second) as triton:
         port = free_port()
         with python_server(["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1",
                             "--port", str(port)], port, log_dir / "frontend.log", "frontend", 60) as url:
@@ -153,10 +158,12 @@ def service(store: Path, log_dir: Path, max_new_tokens: int) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def baseline(store: Path, log_dir: Path, threads: int, max_new_tokens: int) -> Iterator[str]:
+def baseline(store: Path, log_dir: Path, threads: int, max_new_tokens: int,
+             tokens_per_second: float | None = None) -> Iterator[str]:
     port = free_port()
+    length_cap = [] if tokens_per_second is None else ["--max-new-tokens-per-second", str(tokens_per_second)]
     with python_server(["perf.baseline_server", "--store", str(store), "--port", str(port),
-                        "--threads", str(threads), "--max-new-tokens", str(max_new_tokens)],
+                        "--threads", str(threads), "--max-new-tokens", str(max_new_tokens), *length_cap],
                        port, log_dir / "baseline.log", "baseline server", 600) as url:
         yield url
 
@@ -189,8 +196,11 @@ def main(argv=None) -> int:
     parser.add_argument("--store", type=Path, default=None, help="model store for --compare")
     parser.add_argument("--baseline-threads", type=int, default=2, help="torch threads of the baseline server")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help="second-pass generation cap for both servers with --compare; a random Nano "
-                             "never stops by itself, real ones stop after a few dozen tokens per segment")
+                        help="second-pass generation cap per segment for both servers with --compare")
+    parser.add_argument("--max-new-tokens-per-second", type=float, default=REAL_SPEECH_TOKENS_PER_S,
+                        help="and per second of the segment's audio: a random Nano never stops by itself, "
+                             "so both servers cut it where a real transcript of that length ends "
+                             "(default %(default)s, perf/README.md)")
     parser.add_argument("--max-clients", type=int, default=32)
     parser.add_argument("--max-partial-lag", type=float, default=0.6, help="p95 partial lag limit, s (one chunk)")
     parser.add_argument("--max-second-pass", type=float, default=2.0, help="p95 second-pass latency limit, s")
@@ -199,6 +209,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_clients < 1 or args.max_new_tokens < 1:
         parser.error("--max-clients and --max-new-tokens must be at least 1")
+    if not args.max_new_tokens_per_second > 0:
+        parser.error("--max-new-tokens-per-second must be positive")
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):
@@ -223,20 +235,23 @@ def main(argv=None) -> int:
     store = args.store.resolve()
     logs = args.out / "logs"
     results = {
-        "service": measure("service", service(store, logs, args.max_new_tokens), args, pcm, args.out),
-        "baseline": measure("baseline", baseline(store, logs, args.baseline_threads, args.max_new_tokens),
-                            args, pcm, args.out),
+        "service": measure("service", service(store, logs, args.max_new_tokens, args.max_new_tokens_per_second),
+                           args, pcm, args.out),
+        "baseline": measure("baseline", baseline(store, logs, args.baseline_threads, args.max_new_tokens,
+                                                 args.max_new_tokens_per_second), args, pcm, args.out),
     }
     service_cap, baseline_cap = results["service"]["capacity"], results["baseline"]["capacity"]
     ratio = service_cap / baseline_cap if baseline_cap else None
-    summary = {"store": str(store), "audio_s": results["service"]["audio_s"], "max_new_tokens": args.max_new_tokens,
+    summary = {"cpu": cpu_summary(), "store": str(store), "audio_s": results["service"]["audio_s"],
+               "max_new_tokens": args.max_new_tokens, "max_new_tokens_per_second": args.max_new_tokens_per_second,
                "capacity": {name: r["capacity"] for name, r in results.items()},
                "bounded_by_max_clients": {name: r["bounded_by_max_clients"] for name, r in results.items()},
                "ratio_service_to_baseline": ratio}
     (args.out / "compare.json").write_text(json.dumps(summary, indent=2))
     table = comparison_table(results)
     ratio_text = f"{ratio:.2f}x" if ratio is not None else "undefined (baseline capacity 0)"
-    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baseline\n\n{table}\n\nratio {ratio_text}\n")
+    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baseline\n\n{cpu_summary()}\n\n{table}\n\n"
+                                         f"ratio {ratio_text}\n")
     print(table)
     print(f"capacity ratio service/baseline: {ratio_text}")
     return 0

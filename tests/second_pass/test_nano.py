@@ -16,10 +16,13 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
+    MAX_NEW_TOKENS_PER_SECOND_ENV,
     NanoRecognizer,
     NanoRequest,
+    generation_cap,
     max_new_tokens_setting,
     stop_token_ids,
+    tokens_per_second_setting,
     until_stop,
 )
 from twopass_asr.store.random_nano import LLM_SUBDIR, build_random_nano
@@ -184,6 +187,36 @@ def test_generation_respects_max_new_tokens(tiny_nano, recognizer):
     assert len(capped._tokenizer.encode(short)) <= 2
     with pytest.raises(ValueError, match="max_new_tokens"):
         NanoRecognizer(tiny_nano, max_new_tokens=0)
+
+
+def test_segments_are_capped_by_their_length(tiny_nano, recognizer):
+    pcms = segments()  # 0.5 s, 1.5 s, 2.5 s
+    prompts = [recognizer.prompt_embeds(pcm) for pcm in pcms]
+    full = recognizer.generate_tokens(prompts)
+    caps = [generation_cap(len(pcm), recognizer.max_new_tokens, 2.0) for pcm in pcms]
+    assert caps == [1, 3, 5] and all(len(row) > 5 for row in full)
+    # One generate call for all, each row cut at its own cap: what it alone would generate.
+    assert recognizer.generate_tokens(prompts, caps) == [row[:cap] for row, cap in zip(full, caps)]
+    by_length = quietly(NanoRecognizer, tiny_nano, tokens_per_second=2.0)
+    texts = [by_length.recognize(pcm) for pcm in pcms]
+    assert texts == recognizer.generate_batch(prompts, caps)
+    assert all(recognizer.recognize(pcm).startswith(text) for pcm, text in zip(pcms, texts))
+    assert generation_cap(16000 * 600, 256, 2.0) == 256  # max_new_tokens still holds
+    assert generation_cap(10, 256, 2.0) == 1
+    assert generation_cap(10, 256, None) == 256
+
+
+def test_tokens_per_second_setting_from_environment_or_parameter(monkeypatch):
+    monkeypatch.delenv(MAX_NEW_TOKENS_PER_SECOND_ENV, raising=False)
+    assert tokens_per_second_setting(None) is None
+    assert tokens_per_second_setting(" ") is None
+    assert tokens_per_second_setting("2.2") == 2.2
+    monkeypatch.setenv(MAX_NEW_TOKENS_PER_SECOND_ENV, "3")
+    assert tokens_per_second_setting("2.2") == 3.0
+    for bad in ("0", "-1", "fast", "nan", "inf"):
+        monkeypatch.setenv(MAX_NEW_TOKENS_PER_SECOND_ENV, bad)
+        with pytest.raises(ValueError, match=f"max_new_tokens_per_second .*{bad!r}"):
+            tokens_per_second_setting(None)
 
 
 def test_max_new_tokens_setting_from_environment_or_parameter(monkeypatch):

@@ -24,7 +24,7 @@ from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
 from twopass_asr.second_pass.llm_export import WEIGHTS_FILE, export_llm_dir
 from twopass_asr.second_pass.precision import PRECISION_ENV, resolve_precision, vllm_dtype
-from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response
+from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response, generation_cap
 from twopass_asr.second_pass.vllm_engine import (
     ENGINE_ENV,
     EngineSettings,
@@ -107,6 +107,22 @@ def test_vllm_equals_torch_and_funasr(engine, run, recognizer, reference_nano, s
     for deltas in streamed:
         assert [is_last for _, is_last in deltas] == [False] * (len(deltas) - 1) + [True]
     assert max(len(deltas) for deltas in streamed) > 1, "text must arrive in several deltas"
+
+
+def test_a_request_stops_at_its_own_token_cap(engine, run, recognizer, speech_wav):
+    prompts = [recognizer.prompt_embeds(pcm) for pcm in segments_of(speech_wav, 3)]
+    caps = [1, 3, recognizer.max_new_tokens]
+
+    async def capped():
+        async def one(embeds, cap):
+            async with aclosing(engine.stream(embeds, max_tokens=cap)) as stream:
+                return "".join([delta async for delta, _ in stream])
+
+        return await asyncio.gather(*(one(embeds, cap) for embeds, cap in zip(prompts, caps)))
+
+    texts = run(capped())
+    assert texts == recognizer.generate_batch(prompts, caps)
+    assert len(set(len(text) for text in texts)) == 3
 
 
 def test_closing_a_stream_aborts_it_in_the_engine(engine, run, recognizer, speech_wav):
@@ -238,10 +254,12 @@ NO_KV_CACHE = {"vllm_kv_cache_gib": "0.00001", "vllm_enforce_eager": "true"}
 
 
 @pytest.mark.triton
-def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_path, reference_nano, speech_wav):
+def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_path, reference_nano, recognizer,
+                                                            speech_wav):
     repository = nano_repository(tmp_path / "repo", {
         "nano_auto": {"engine": "auto"},
         "nano_fallback": {"engine": "auto", **NO_KV_CACHE},
+        "nano_by_length": {"engine": "torch", "max_new_tokens_per_second": "2"},
     })
     log = tmp_path / "tritonserver.log"
     server = TritonServer(test_models, repository, log_path=log,
@@ -257,6 +275,11 @@ def test_server_auto_falls_back_once_and_leaves_no_processes(test_models, tmp_pa
             segment_inputs(pcm, **case, stream=False) for pcm, case in zip(segments, CASES)])
         assert whole == [[text] for text in expected], "STREAM=false: the whole text in one response"
         assert decoupled_texts(server.grpc_url, "nano_fallback", requests) == expected
+        # Each segment cut at 2 tokens per second of its audio.
+        prompts = [recognizer.prompt_embeds(pcm, **prompt_options(case)) for pcm, case in zip(segments, CASES)]
+        caps = [generation_cap(len(pcm), recognizer.max_new_tokens, 2.0) for pcm in segments]
+        assert caps == [2, 3, 4]
+        assert decoupled_texts(server.grpc_url, "nano_by_length", requests) == recognizer.generate_batch(prompts, caps)
         # The segments sent together were generated together, in fewer generate calls.
         passes = server.model_counter("nano_fallback", "twopass_asr_nano_torch_generate_passes_total")
         assert server.model_counter("nano_fallback", "twopass_asr_nano_torch_generated_segments_total") == len(requests)

@@ -12,6 +12,7 @@ CTC timestamp alignment (which needs torchaudio, absent here) is never run.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from twopass_asr.audio import pcm16_to_float
+from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.store.nano_dir import validate_nano_dir
@@ -55,10 +56,43 @@ class PreparedSegment:
 MAX_NEW_TOKENS_ENV = "TWOPASS_ASR_NANO_MAX_NEW_TOKENS"
 
 
-def max_new_tokens_setting(parameter: str | None, default: int = 256) -> int:
+# As funasr_nano_vllm's config.pbtxt sets it.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def max_new_tokens_setting(parameter: str | None, default: int = DEFAULT_MAX_NEW_TOKENS) -> int:
     """The generation cap from $TWOPASS_ASR_NANO_MAX_NEW_TOKENS, else the model parameter."""
     value = os.environ.get(MAX_NEW_TOKENS_ENV) or parameter or str(default)
     return whole_number(value, f"max_new_tokens (parameter or ${MAX_NEW_TOKENS_ENV})")
+
+
+# Overrides the max_new_tokens_per_second model parameter (benchmarks: a random model never
+# stops, so it is cut where a real transcript of the segment's length would end).
+MAX_NEW_TOKENS_PER_SECOND_ENV = "TWOPASS_ASR_NANO_MAX_NEW_TOKENS_PER_SECOND"
+
+
+def tokens_per_second_setting(parameter: str | None) -> float | None:
+    """The cap per second of audio from $TWOPASS_ASR_NANO_MAX_NEW_TOKENS_PER_SECOND, else the
+    model parameter; None (empty) for no cap by length."""
+    value = (os.environ.get(MAX_NEW_TOKENS_PER_SECOND_ENV) or parameter or "").strip()
+    if not value:
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"max_new_tokens_per_second (parameter or ${MAX_NEW_TOKENS_PER_SECOND_ENV}) must be a "
+                         f"positive number, got {value!r}")
+    return rate
+
+
+def generation_cap(samples: int, max_new_tokens: int, tokens_per_second: float | None) -> int:
+    """The tokens a segment of `samples` (16 kHz) may generate: max_new_tokens, and with
+    tokens_per_second no more than that many per second of its audio (at least one)."""
+    if tokens_per_second is None:
+        return max_new_tokens
+    return min(max_new_tokens, max(1, math.ceil(tokens_per_second * samples / SAMPLE_RATE)))
 
 
 class NanoRecognizer:
@@ -67,12 +101,14 @@ class NanoRecognizer:
 
     max_new_tokens caps generation; the directory's own cap (config.yaml `max_length`,
     FunASR's default 512) still applies, so the text never runs past what FunASR produces.
+    tokens_per_second also caps each segment by its length (generation_cap).
     prepack packs the audio encoder's and adaptor's float32 linear weights once for a faster
     GEMM kernel (CPU only; see twopass_asr.kernels.prepacked_linear), and the LLM's when use_dtype makes
     it float32.
     """
 
-    def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True):
+    def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
+                 tokens_per_second: float | None = None):
         from funasr import AutoModel
         from funasr.models.fun_asr_nano.model import dtype_map
 
@@ -97,6 +133,7 @@ class NanoRecognizer:
         self.kwargs["frontend"].dither = 0.0
         configured = int(self.kwargs.get("max_length", 512))
         self.max_new_tokens = configured if max_new_tokens is None else min(max_new_tokens, configured)
+        self.tokens_per_second = tokens_per_second
         # The precision FunASRNano.inference_llm decodes in (runtime kwargs, not llm_conf).
         llm_dtype = self.kwargs.get("llm_dtype", "fp32")
         if llm_dtype == "fp32":
@@ -117,7 +154,11 @@ class NanoRecognizer:
                   itn: bool = True) -> str:
         """Text of one segment (16 kHz mono int16). language None/""/"auto" = no language
         in the prompt; hotwords are plain words (see twopass_asr.hotwords)."""
-        return self.generate(self.prompt_embeds(pcm, hotwords, language, itn))
+        return self.generate_batch([self.prompt_embeds(pcm, hotwords, language, itn)], [self.generation_cap(len(pcm))])[0]
+
+    def generation_cap(self, samples: int) -> int:
+        """The tokens a segment of `samples` may generate here (see generation_cap)."""
+        return generation_cap(samples, self.max_new_tokens, self.tokens_per_second)
 
     @torch.no_grad()
     def prompt_embeds(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
@@ -196,22 +237,26 @@ class NanoRecognizer:
         (one unpadded segment: data_load_speech's attention mask is all ones)."""
         return self.generate_batch([embeds])[0]
 
-    def generate_batch(self, prompts: Sequence[torch.Tensor]) -> list[str]:
+    def generate_batch(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None) -> list[str]:
         """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
         left-padded to the longest and the padding masked out. In float32 each text equals
         the segment's text alone; in half precision the padded shapes round differently and a
-        near tie between two tokens can go the other way."""
-        rows = self.generate_tokens(prompts)
+        near tie between two tokens can go the other way. caps: each prompt's token cap
+        (default max_new_tokens)."""
+        rows = self.generate_tokens(prompts, caps)
         if not rows:
             return []  # batch_decode([]) gives one empty text
         responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
         return [clean_response(response) for response in responses]
 
     @torch.no_grad()
-    def generate_tokens(self, prompts: Sequence[torch.Tensor]) -> list[list[int]]:
-        """generate_batch's greedy token ids, each row up to and including its stop token."""
+    def generate_tokens(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None) -> list[list[int]]:
+        """generate_batch's greedy token ids, each row up to and including its stop token, and
+        no longer than its cap (greedy decoding: the first tokens of a longer run are those of
+        a shorter one)."""
         if not prompts:
             return []
+        caps = [self.max_new_tokens] * len(prompts) if caps is None else caps
         llm = self.model.llm
         longest = max(len(prompt) for prompt in prompts)
         inputs_embeds = prompts[0].new_zeros(len(prompts), longest, prompts[0].shape[-1])
@@ -224,14 +269,14 @@ class NanoRecognizer:
             generated = llm.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max(caps),
                 pad_token_id=pad_token_id,
                 **self.kwargs.get("llm_kwargs", {}),
             )
         # A row that finished early is filled up with pad tokens; alone it would have stopped
         # at its end token (generation stops at the generation config's end tokens only).
         stops = stop_token_ids(llm.generation_config.eos_token_id)
-        return [until_stop(row.tolist(), stops) for row in generated]
+        return [until_stop(row.tolist(), stops)[:cap] for row, cap in zip(generated, caps, strict=True)]
 
     @torch.no_grad()
     def teacher_forced_tokens(self, prompt: torch.Tensor, tokens: Sequence[int]) -> list[int]:
@@ -274,4 +319,6 @@ def clean_response(response: str) -> str:
     return re.sub(r"\s+", " ", response.replace(SILENCE_MARK, " "))
 
 
-__all__ = ["NanoRecognizer", "NanoRequest", "PreparedSegment", "clean_response", "stop_token_ids", "until_stop"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "MAX_NEW_TOKENS_ENV", "MAX_NEW_TOKENS_PER_SECOND_ENV", "NanoRecognizer", "NanoRequest", "PreparedSegment",
+           "clean_response", "generation_cap", "max_new_tokens_setting", "stop_token_ids", "tokens_per_second_setting",
+           "until_stop"]

@@ -170,15 +170,21 @@ class VllmNanoEngine:
         )
         self._dtype = TORCH_DTYPES[settings.precision]
 
-    async def stream(self, embeds: torch.Tensor, request_id: str | None = None) -> AsyncIterator[tuple[str, bool]]:
-        """(cleaned text delta, is_last) for one prompt ([tokens, hidden]); the last delta may
-        be empty. Closing the iterator before the last delta aborts the request in the engine."""
+    async def stream(self, embeds: torch.Tensor, request_id: str | None = None,
+                     max_tokens: int | None = None) -> AsyncIterator[tuple[str, bool]]:
+        """(cleaned text delta, is_last) for one prompt ([tokens, hidden]), at most max_tokens
+        (default: the recognizer's max_new_tokens); the last delta may be empty. Closing the
+        iterator before the last delta aborts the request in the engine."""
         request_id = request_id or uuid.uuid4().hex
+        sampling = self._sampling
+        if max_tokens is not None and max_tokens != sampling.max_tokens:
+            sampling = sampling.clone()
+            sampling.max_tokens = max_tokens
         cleaner = ResponseTextStream()
         prompt = {"prompt_embeds": embeds.detach().to("cpu", self._dtype).contiguous()}
         finished = False
         try:
-            async for output in self.engine.generate(prompt, self._sampling, request_id):
+            async for output in self.engine.generate(prompt, sampling, request_id):
                 finished = output.finished
                 delta = cleaner.feed(output.outputs[0].text if output.outputs else "")
                 if finished:

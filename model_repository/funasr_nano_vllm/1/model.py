@@ -19,7 +19,12 @@ from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
 from twopass_asr.second_pass.precision import PRECISION_ENV, PRECISIONS, TORCH_DTYPES, resolve_precision
-from twopass_asr.second_pass.recognizer import NanoRecognizer, NanoRequest, max_new_tokens_setting
+from twopass_asr.second_pass.recognizer import (
+    NanoRecognizer,
+    NanoRequest,
+    max_new_tokens_setting,
+    tokens_per_second_setting,
+)
 from twopass_asr.second_pass.vllm_engine import (
     CANCELLED_IN_ENGINE,
     EngineUnavailable,
@@ -91,12 +96,14 @@ class TritonPythonModel:
             configured_precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "auto")
             precision = resolve_precision(configured_precision, device)
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
+            tokens_per_second = tokens_per_second_setting(params.get("max_new_tokens_per_second"))
             embed_batching = settings_from_parameters(params, "embed")
             generate_batching = settings_from_parameters(params, "torch")
             cpu_nice = nice_setting(params.get("cpu_nice"), device)
             # Before any torch thread or vLLM process exists: they inherit it.
             lower_priority(cpu_nice)
-            self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens)
+            self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens,
+                                             tokens_per_second=tokens_per_second)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         # One worker for the torch work (embeddings; generation on the torch path): it uses
@@ -114,12 +121,19 @@ class TritonPythonModel:
             self.recognizer.use_dtype(TORCH_DTYPES[precision])
             count_generated = self._pass_counter(args, "torch_generate_passes", "torch_generated_segments",
                                                  "torch generation")
-            self.generator = SegmentBatcher(self.recognizer.generate_batch, self.executor, on_pass=count_generated,
+            self.generator = SegmentBatcher(self._generate_batch, self.executor, on_pass=count_generated,
                                             **generate_batching)
         engine_name = "vLLM" if self.engine else "torch"
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
+        length_cap = "" if tokens_per_second is None else f" or {tokens_per_second:g} per second of audio"
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_store.served_path(model_dir)} on {device} "
-                                 f"({engine_name} generation), LLM in {chosen}, CPU nice +{cpu_nice}")
+                                 f"({engine_name} generation), LLM in {chosen}, CPU nice +{cpu_nice}, "
+                                 f"at most {self.recognizer.max_new_tokens} new tokens{length_cap}")
+
+    def _generate_batch(self, items):
+        """Torch generation of (prompt embeddings, token cap) pairs in one call."""
+        prompts, caps = zip(*items) if items else ((), ())
+        return self.recognizer.generate_batch(prompts, caps)
 
     @staticmethod
     def _pass_counter(args, passes_name, segments_name, what):
@@ -156,12 +170,13 @@ class TritonPythonModel:
                 sender.send(error_response("request cancelled"), final=True)
                 return
             embeds = await self.embedder.submit(NanoRequest(audio, tuple(hotwords), language, itn))
+            cap = self.recognizer.generation_cap(len(audio))
             if self.generator is not None:
-                sender.send(_text_response(await self.generator.submit(embeds)), final=True)
+                sender.send(_text_response(await self.generator.submit((embeds, cap))), final=True)
                 return
             # Leaving the loop early closes the stream, which aborts the request in vLLM.
             pieces = []
-            async with aclosing(self.engine.stream(embeds)) as deltas:
+            async with aclosing(self.engine.stream(embeds, max_tokens=cap)) as deltas:
                 async for delta, is_last in deltas:
                     if request.is_cancelled():
                         pb_utils.Logger.log_info(f"funasr_nano_vllm: {CANCELLED_IN_ENGINE}")
