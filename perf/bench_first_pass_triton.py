@@ -12,6 +12,9 @@ is reported apart: no chunk is due after it, and its answer also carries FunASR'
 
     python -m perf.bench_first_pass_triton --paraformer-dir .cache/bench-models/paraformer-full-seed0
 
+An engine may name its precision, ENGINE:PRECISION (paraformer_streaming's precision
+parameter: fp32, int8 or auto, the default): --engines funasr,batched:fp32,batched:int8.
+
 --layouts serves the model in other shapes, INSTANCESxWORKERS each: 1x2 is one decoupled
 instance whose 2 worker threads take any stream's chunk (as config.pbtxt ships it), 2x0 two
 instances that are not decoupled, to which Triton pins each stream (the earlier shape):
@@ -47,6 +50,8 @@ from frontend.triton_client import SequenceStream, TritonGateway
 from perf.metrics import largest_passing, percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
+from twopass_asr.first_pass.options import PRECISION_ENV
+from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 from twopass_asr.store.model_store import PARAFORMER
 
@@ -112,16 +117,22 @@ def substitute(text: str, pattern: str, replacement: str, config: Path) -> str:
 
 def model_repository(engine: str, root: Path, queue_delay_us: int | None = None,
                      preferred: list[int] | None = None, layout: Layout | None = None) -> Path:
-    """A repository holding only paraformer_streaming, with the given engine and, when
+    """A repository holding only paraformer_streaming, with the given engine (ENGINE or
+    ENGINE:PRECISION) and, when
     given, the sequence batcher's queue delay and preferred batch sizes ([] = none), and
     the layout (the threads parameter, empty, shares the cores out between the passes
     that can run at once)."""
-    repo = root / f"repo-{engine}-{queue_delay_us}-{'_'.join(map(str, preferred or []))}-{layout_name(layout)}"
+    engine, _, precision = engine.partition(":")
+    repo = root / (f"repo-{engine}-{precision or 'default'}-{queue_delay_us}-{'_'.join(map(str, preferred or []))}"
+                   f"-{layout_name(layout)}")
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / PARAFORMER, repo / PARAFORMER,
                     ignore=shutil.ignore_patterns("__pycache__"))
     config = repo / PARAFORMER / "config.pbtxt"
     text = substitute(config.read_text(), r'\{ key: "engine" value: \{ string_value: "batched" \} \}',
                       f'{{ key: "engine" value: {{ string_value: "{engine}" }} }}', config)
+    if precision:
+        text = substitute(text, r'\{ key: "precision" value: \{ string_value: "\w*" \} \}',
+                          f'{{ key: "precision" value: {{ string_value: "{precision}" }} }}', config)
     if queue_delay_us is not None:
         text = substitute(text, r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {queue_delay_us}",
                           config)
@@ -277,8 +288,10 @@ def main(argv=None) -> int:
         for engine, layout in itertools.product(args.engines.split(","), parse_layouts(args.layouts)):
             label = f"{engine} {layout_name(layout)}"
             print(f"[{label}] starting tritonserver", flush=True)
-            with TritonServer(store, model_repository(engine, Path(tmp), layout=layout),
-                              log_path=args.out / f"first_pass_triton_{engine}_{layout_name(layout)}.log") as server:
+            log_name = f"first_pass_triton_{engine.replace(':', '-')}_{layout_name(layout)}.log"
+            # The repository's precision parameter counts, not one left in this shell's environment.
+            with TritonServer(store, model_repository(engine, Path(tmp), layout=layout), log_path=args.out / log_name,
+                              env={PRECISION_ENV: ""}) as server:
                 asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999))  # warm-up
                 results[label], rows = capacity(server.grpc_url, pcm, args.max_streams, print)
             all_rows += [{"engine": engine, "layout": layout_name(layout), **row} for row in rows]
@@ -287,7 +300,8 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
         writer.writeheader()
         writer.writerows(all_rows)
-    lines = ["| engine, layout | sustained real-time streams (p95 chunk latency < 600 ms) |", "|---|---|"]
+    lines = [cpu_summary(), "", "| engine, layout | sustained real-time streams (p95 chunk latency < 600 ms) |",
+             "|---|---|"]
     lines += [f"| {label} | {n} |" for label, n in results.items()]
     for layout in map(layout_name, parse_layouts(args.layouts)):
         batched, funasr = results.get(f"batched {layout}"), results.get(f"funasr {layout}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_native_bf16, cpu_summary
+from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_int8_dot_products, cpu_has_native_bf16, cpu_summary
 
 
 def test_flags_and_summary_come_from_cpuinfo(tmp_path):
@@ -32,3 +32,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     cpuinfo.write_text("Features\t: fp asimd sve bf16 i8mm\n")
     assert cpu_has_native_bf16(cpuinfo)
     assert not cpu_has_native_bf16(tmp_path / "missing")  # unknown: the exact float32 path
+
+
+def test_int8_dot_products_are_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_has_int8_dot_products(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 amx_int8 amx_tile\n")
+    assert cpu_has_int8_dot_products(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx_vnni\n")  # AVX-VNNI alone: not measured yet
+    assert not cpu_has_int8_dot_products(cpuinfo)
+    assert not cpu_has_int8_dot_products(tmp_path / "missing")

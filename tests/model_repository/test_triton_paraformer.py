@@ -18,6 +18,7 @@ from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import PRECISION_ENV
+from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError
 
 pytestmark = pytest.mark.triton
@@ -145,7 +146,7 @@ def test_int8_precision_serves_the_int8_engines_text_and_a_wrong_one_is_named(te
     repository = model_repository("batched", tmp_path)  # paraformer_streaming alone, as shipped
     wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env={PRECISION_ENV: "int4"})
     with pytest.raises(TritonStartError, match=r"parameter precision \(environment TWOPASS_ASR_FIRST_PASS_PRECISION\) "
-                                               r"must be one of fp32, int8, got 'int4'"):
+                                               r"must be one of auto, fp32, int8, got 'int4'"):
         wrong.start()
 
     chunks = chunks_of(speech_wav.pcm, 9600)
@@ -161,3 +162,11 @@ def test_int8_precision_serves_the_int8_engines_text_and_a_wrong_one_is_named(te
     finally:
         server.stop()
     assert any(expected), "too little text to compare"
+
+
+def test_auto_precision_is_chosen_by_the_cpu_and_logged(test_models, tmp_path):
+    repository = model_repository("batched", tmp_path)  # precision auto, as shipped
+    # The suite's fp32 (conftest) off: the shipped default counts.
+    with TritonServer(test_models, repository, log_path=tmp_path / "auto.log", env={PRECISION_ENV: ""}) as server:
+        chosen = "int8" if cpu_has_int8_dot_products() else "fp32"
+        assert f"paraformer_streaming: batched engine in {chosen} (auto)" in server.log_text()

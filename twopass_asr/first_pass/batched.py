@@ -31,7 +31,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
-from twopass_asr.first_pass.options import PRECISIONS, SAMPLES_PER_CHUNK_UNIT, DecodeOptions
+from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions, resolve_precision
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.store.funasr_onnx_export import INT8_FILES, export_paraformer_onnx, require_export
@@ -168,9 +168,9 @@ class BatchedStreamingParaformer:
         at load (CPU only; twopass_asr.kernels.prepacked_linear.choose_kernel); None keeps torch's
         nn.Linear. `precision` "int8": the layers FunASR's int8 export quantizes run in int8 as
         it does them (twopass_asr.kernels.int8_linear), the others in float32; the export is
-        read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at load."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at load. "auto":
+        as resolve_precision chooses for this device and CPU (self.precision says which)."""
+        self.precision = precision = resolve_precision(precision, device)
         from funasr import AutoModel
 
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.

@@ -31,6 +31,14 @@ def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool:
     return flags is not None and bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_has_int8_dot_products(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU has the AVX-512 VNNI or AMX int8 instructions onnxruntime's int8 matrix
+    kernels use for their fast path (AVX-VNNI alone, on AVX2 cores, is not counted: not
+    measured). False where the flags cannot be read."""
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and bool(flags & {"avx512_vnni", "amx_int8"})
+
+
 def cpu_summary(cpuinfo: Path = CPUINFO) -> str:
     """e.g. 'Intel(R) Xeon(R) Platinum 8481C, 2 cores: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16'."""
     try:

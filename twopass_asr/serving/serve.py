@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
                         help="random models to build for missing ones that cannot be downloaded (default tiny)")
     parser.add_argument("--first-pass-precision", choices=first_pass_options.PRECISIONS, default=None,
-                        help="the first pass in fp32 or int8 (default: paraformer_streaming's config.pbtxt)")
+                        help="the first pass in fp32, int8 or auto: int8 where the CPU has fast int8 dot products "
+                             "(default: paraformer_streaming's config.pbtxt)")
     parser.add_argument("--second-pass-precision", choices=second_pass_precision.PRECISIONS, default=None,
                         help="the second pass's LLM in fp32, bf16, fp16 (GPU) or auto: bf16 where the "
                              "hardware computes it natively (default: funasr_nano_vllm's config.pbtxt)")

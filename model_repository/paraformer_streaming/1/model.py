@@ -4,7 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr.first_pass.engines import ENGINES
-from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOptions
+from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOptions, resolve_precision
 from twopass_asr.serving.triton_models import SequenceModel, choice, optional_scalar, optional_vector
 from twopass_asr.store import model_store
 
@@ -19,15 +19,25 @@ class TritonPythonModel(SequenceModel):
         engine = params.get("engine", "batched")
         if engine not in ENGINES:
             raise pb_utils.TritonModelException(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
-        precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "fp32")
+        configured = choice(params, "precision", PRECISION_ENV, PRECISIONS, "auto")
         if engine == "funasr":
-            if precision != "fp32":
-                raise pb_utils.TritonModelException(f"engine funasr runs in fp32 only, got precision {precision!r}")
+            if configured not in ("fp32", "auto"):
+                raise pb_utils.TritonModelException(f"engine funasr runs in fp32 only, got precision {configured!r}")
+            precision = "fp32"
             # FunASR's per-stream generate is not thread-safe: one copy of it per worker.
             self.paraformer = ENGINES[engine](model_dir, device=device, copies=self.workers)
         else:
-            self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
-        self.logger.log_info(f"paraformer_streaming: {engine} engine in {precision}")
+            precision = resolve_precision(configured, device)
+            try:
+                self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
+            except Exception as exc:  # the int8 export or its sessions; fp32 needs neither
+                if configured != "auto" or precision == "fp32":
+                    raise
+                self.logger.log_warn(f"paraformer_streaming: int8 unavailable ({exc!r}); auto takes fp32")
+                precision = "fp32"
+                self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
+        chosen = f"{precision} (auto)" if configured == "auto" else precision
+        self.logger.log_info(f"paraformer_streaming: {engine} engine in {chosen}")
 
     def new_state(self, request):
         chunk_size = optional_vector(request, "CHUNK_SIZE")
