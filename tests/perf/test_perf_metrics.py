@@ -142,6 +142,16 @@ def test_stream_without_final_is_dropped_and_error_is_counted():
     assert capacity.check_run(runs, 0.6, 2.0).startswith("1 of 1 streams without a final message")
 
 
+def test_second_pass_limit_counts_from_the_vad_end_unless_asked_otherwise():
+    latency = {key: metrics.summarise([0.1]) for key in ("first_partial", "partial_lag", "end_of_stream")}
+    latency["second_pass"] = metrics.summarise([2.5])  # includes the VAD's end-silence wait
+    latency["second_pass_after_detection"] = metrics.summarise([1.5])
+    run = {"clients": 1, "finals": 1, "errors": 0, "failures": 0, "dropped": 0, "mode": "2pass", "latency_s": latency}
+    assert capacity.check_run(run, 0.6, 2.0) is None
+    assert capacity.check_run(run, 0.6, 2.0, "speech") == "p95 second-pass latency from the speech end 2500 ms >= 2000 ms"
+    assert capacity.check_run(run, 0.6, 1.0, "vad") == "p95 second-pass latency from the vad end 1500 ms >= 1000 ms"
+
+
 def test_capacity_search_finds_the_largest_passing_load(monkeypatch):
     """A fake server whose p95 partial lag is 0.1 s per stream: 5 streams pass (0.5 s),
     6 do not; the search must land on 5 via 1, 2, 4, 8 and a binary search."""
