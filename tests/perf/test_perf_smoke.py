@@ -1,6 +1,6 @@
 """Short runs of every measuring tool against real servers on the tiny models: the
-perf_analyzer sweep, the WebSocket load tool, the capacity search, and the FunASR baseline
-server. They check that each tool produces its files and that the numbers add up (one
+perf_analyzer sweep, the WebSocket load tool, the capacity search, the FunASR baseline
+server, and the memory reading of tritonserver's processes. They check that each tool produces its files and that the numbers add up (one
 final message per client, segments and partials as the probe saw them, no negative
 latencies), not how fast anything is."""
 
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from perf import capacity, ws_load
+from perf import capacity, memory, ws_load
 from twopass_asr import REPO_ROOT
 from twopass_asr.serving.triton_launcher import free_port
 
@@ -141,3 +141,12 @@ def test_first_pass_precision_bench_quick_run(test_models, paraformer_export, tm
     assert (tmp_path / "first_pass_precision.png").read_bytes().startswith(PNG_MAGIC)
     rows = (tmp_path / "first_pass_precision.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3 and all(float(value) > 0 for value in rows[1].split(",")[1:9])
+
+
+def test_memory_names_every_process_of_the_server(triton_server):
+    usage = memory.tree_rss_mb(triton_server.process.pid)
+    stubs = {"stub:vad", "stub:paraformer_streaming", "stub:funasr_nano_vllm"}
+    assert stubs | {"tritonserver"} <= set(usage)
+    assert all(usage[name] > 50 for name in stubs), usage  # each holds torch and its model
+    table = memory.markdown({"fp32": usage})
+    assert "| stub:vad | " in table and table.splitlines()[-1].startswith("| total | ")

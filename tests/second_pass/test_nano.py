@@ -311,3 +311,18 @@ def test_bf16_agrees_with_fp32_above_a_floor(tiny_nano, recognizer):
     with torch.no_grad():
         head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)).to(head.dtype) * head.std())
     assert top1_agreement(bf16, prompts, reference_rows) < BF16_AGREEMENT_FLOOR
+
+
+def test_released_generation_layers_leave_the_prompts_as_they_were(tiny_nano, recognizer):
+    released = quietly(NanoRecognizer, tiny_nano)
+    before = sum(p.numel() for p in released.model.llm.parameters())
+    released.release_generation_layers()
+    embedding = released.model.llm.model.get_input_embeddings().weight.numel()
+    assert sum(p.numel() for p in released.model.llm.parameters()) == embedding < before
+    for pcm, case in zip(segments(), CASES):
+        assert torch.equal(released.prompt_embeds(pcm, **case), recognizer.prompt_embeds(pcm, **case))
+    prompt = recognizer.prompt_embeds(segments()[0])
+    with pytest.raises(RuntimeError, match="released"):
+        released.generate(prompt)
+    with pytest.raises(RuntimeError, match="released"):
+        released.teacher_forced_tokens(prompt, [1, 2])

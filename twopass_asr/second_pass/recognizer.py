@@ -142,6 +142,7 @@ class NanoRecognizer:
         self.dtype = dtype_map[llm_dtype]
         self.model.llm = self.model.llm.to(self.dtype)
         self.prepack = prepack
+        self._generation_released = False
         self._llm_prepacked = False
         if prepack:
             prepack_linear_layers(self.model.audio_encoder)
@@ -154,7 +155,8 @@ class NanoRecognizer:
                   itn: bool = True) -> str:
         """Text of one segment (16 kHz mono int16). language None/""/"auto" = no language
         in the prompt; hotwords are plain words (see twopass_asr.hotwords)."""
-        return self.generate_batch([self.prompt_embeds(pcm, hotwords, language, itn)], [self.generation_cap(len(pcm))])[0]
+        embeds = self.prompt_embeds(pcm, hotwords, language, itn)
+        return self.generate_batch([embeds], [self.generation_cap(len(pcm))])[0]
 
     def generation_cap(self, samples: int) -> int:
         """The tokens a segment of `samples` may generate here (see generation_cap)."""
@@ -232,6 +234,22 @@ class NanoRecognizer:
         if self.prepack and dtype == torch.float32:
             self._llm_prepacked = prepack_linear_layers(self.model.llm) > 0
 
+    def release_generation_layers(self) -> None:
+        """Free the LLM's decoder layers and output head, keeping the token embeddings the
+        prompts are built from: for when another engine with its own copy of the LLM (vLLM)
+        generates (perf/RESULTS.md, 2026-12-02, memory). Generating here afterwards raises
+        RuntimeError."""
+        llm = self.model.llm
+        llm.model.layers = torch.nn.ModuleList()
+        llm.model.norm = torch.nn.Identity()
+        llm.lm_head = None
+        self._generation_released = True
+
+    def _require_generation_layers(self) -> None:
+        if self._generation_released:
+            raise RuntimeError("this recognizer's LLM layers were released (release_generation_layers): "
+                               "the engine that holds them generates")
+
     def generate(self, embeds: torch.Tensor) -> str:
         """Greedy text for prompt_embeds' output, on torch, as FunASRNano.inference_llm runs it
         (one unpadded segment: data_load_speech's attention mask is all ones)."""
@@ -256,6 +274,7 @@ class NanoRecognizer:
         a shorter one)."""
         if not prompts:
             return []
+        self._require_generation_layers()
         caps = [self.max_new_tokens] * len(prompts) if caps is None else caps
         llm = self.model.llm
         longest = max(len(prompt) for prompt in prompts)
@@ -286,6 +305,7 @@ class NanoRecognizer:
         not only up to the first difference, as comparing greedy texts does."""
         if not tokens:
             return []
+        self._require_generation_layers()
         llm = self.model.llm
         given = llm.model.get_input_embeddings()(torch.tensor(list(tokens[:-1]), device=prompt.device))
         inputs_embeds = torch.cat([prompt.to(self.dtype), given.to(self.dtype)])[None]
@@ -319,6 +339,6 @@ def clean_response(response: str) -> str:
     return re.sub(r"\s+", " ", response.replace(SILENCE_MARK, " "))
 
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "MAX_NEW_TOKENS_ENV", "MAX_NEW_TOKENS_PER_SECOND_ENV", "NanoRecognizer", "NanoRequest", "PreparedSegment",
-           "clean_response", "generation_cap", "max_new_tokens_setting", "stop_token_ids", "tokens_per_second_setting",
-           "until_stop"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "MAX_NEW_TOKENS_ENV", "MAX_NEW_TOKENS_PER_SECOND_ENV", "NanoRecognizer",
+           "NanoRequest", "PreparedSegment", "clean_response", "generation_cap", "max_new_tokens_setting",
+           "stop_token_ids", "tokens_per_second_setting", "until_stop"]

@@ -42,6 +42,7 @@ from twopass_asr.serving.triton_models import (
     required_audio,
     resolve_device,
     resolve_model_dir,
+    return_freed_memory,
     use_utf8_locale,
 )
 from twopass_asr.store import model_store
@@ -117,12 +118,15 @@ class TritonPythonModel:
         except (EngineUnavailable, ValueError) as exc:
             raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine=vllm but {exc}") from exc
         self.generator = None
-        if self.engine is None:
+        if self.engine is not None:
+            self.recognizer.release_generation_layers()  # vLLM holds its own copy
+        else:
             self.recognizer.use_dtype(TORCH_DTYPES[precision])
             count_generated = self._pass_counter(args, "torch_generate_passes", "torch_generated_segments",
                                                  "torch generation")
             self.generator = SegmentBatcher(self._generate_batch, self.executor, on_pass=count_generated,
                                             **generate_batching)
+        return_freed_memory()
         engine_name = "vLLM" if self.engine else "torch"
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
         length_cap = "" if tokens_per_second is None else f" or {tokens_per_second:g} per second of audio"

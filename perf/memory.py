@@ -1,0 +1,95 @@
+"""Memory of the service: the resident memory (RSS) of every process of tritonserver's tree,
+once the models have loaded, for each precision profile.
+
+    python -m perf.memory --store .model_store-full [--profiles auto,fp32]
+
+Each profile starts its own tritonserver on the store (both passes in that precision: auto
+as each chooses on this machine, or fp32), waits until it is ready and a few seconds more,
+reads every process's RSS (psutil; shared pages count once per process) and stops it.
+Writes perf/results/memory.{md,json}; the first line printed names the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import psutil
+
+from twopass_asr import REPO_ROOT
+from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
+from twopass_asr.kernels.cpu_features import cpu_summary
+from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECISION_ENV
+from twopass_asr.serving.triton_launcher import TritonServer
+
+PROFILES = ("auto", "fp32")
+SETTLE_S = 5.0  # after ready: vLLM's processes finish warming up
+
+
+def process_name(process: psutil.Process) -> str:
+    """tritonserver, stub:<model> for a Python-backend stub, else the process's own name."""
+    command = process.cmdline()
+    if command and command[0].endswith("triton_python_backend_stub") and len(command) > 1:
+        return f"stub:{Path(command[1]).parent.parent.name}"
+    return process.name()
+
+
+def tree_rss_mb(root_pid: int) -> dict[str, float]:
+    """RSS in MiB by process name over a process and all its descendants."""
+    root = psutil.Process(root_pid)
+    usage: dict[str, float] = {}
+    for process in [root] + root.children(recursive=True):
+        try:
+            name, rss = process_name(process), process.memory_info().rss
+        except psutil.Error:
+            continue  # exited meanwhile
+        usage[name] = usage.get(name, 0.0) + rss / 2**20
+    return usage
+
+
+def measure(store: Path, profile: str, log_dir: Path) -> dict[str, float]:
+    env = {FIRST_PASS_PRECISION_ENV: profile, SECOND_PASS_PRECISION_ENV: profile}
+    with TritonServer(store, log_path=log_dir / f"memory-{profile}.log", env=env) as server:
+        time.sleep(SETTLE_S)
+        return tree_rss_mb(server.process.pid)
+
+
+def markdown(results: dict[str, dict[str, float]]) -> str:
+    names = sorted({name for usage in results.values() for name in usage})
+    lines = ["| process | " + " | ".join(f"{profile} MB" for profile in results) + " |",
+             "|---|" + "---|" * len(results)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{usage.get(name, 0):.0f}" for usage in results.values()) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(usage.values()):.0f}" for usage in results.values()) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, required=True, help="model store the service serves")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: auto and/or fp32")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
+    args = parser.parse_args(argv)
+    profiles = args.profiles.split(",")
+    if not set(profiles) <= set(PROFILES):
+        parser.error(f"--profiles takes {' and/or '.join(PROFILES)}, got {args.profiles!r}")
+    if not args.store.is_dir():
+        parser.error(f"--store {args.store} is not a directory")
+    cpu = cpu_summary()
+    print(cpu, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for profile in profiles:
+        print(f"[memory] {profile}: starting tritonserver", flush=True)
+        results[profile] = measure(args.store.resolve(), profile, args.out)
+    table = markdown(results)
+    (args.out / "memory.md").write_text(f"# Service memory after load (RSS)\n\n{cpu}\n\n{table}\n")
+    (args.out / "memory.json").write_text(json.dumps({"cpu": cpu, "rss_mb": results}, indent=2))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
