@@ -22,6 +22,7 @@ from twopass_asr.first_pass.options import DecodeOptions, resolve_precision
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import module_path, stream_rows
 from twopass_asr.store import model_store
+from twopass_asr.store.export_cache import CACHE_ENV
 from twopass_asr.store.funasr_onnx_export import require_export
 from twopass_asr.store.model_store import ModelDirError
 
@@ -174,12 +175,20 @@ def test_int8_is_not_float32(paraformer_export, paraformer_dir, float32_engine, 
     assert batched_texts(int8, streams, options) != batched_texts(float32_engine, streams, options)
 
 
-def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, paraformer_dir, speech_wav):
+def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, paraformer_dir, speech_wav,
+                                                          tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
     options = OPTIONS[0]
     streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000)]
     at_load = BatchedStreamingParaformer(paraformer_dir, precision="int8")
     stored = BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_export=paraformer_export)
     assert batched_texts(at_load, streams, options) == batched_texts(stored, streams, options)
+    # The export made at the first load is cached and reused by the next.
+    [cached] = (tmp_path / "exports" / "paraformer_onnx").iterdir()
+    made = cached.stat().st_mtime_ns
+    BatchedStreamingParaformer(paraformer_dir, precision="int8")
+    assert [p.name for p in (tmp_path / "exports" / "paraformer_onnx").iterdir()] == [cached.name]
+    assert cached.stat().st_mtime_ns == made
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, int8, got 'int4'"):
         BatchedStreamingParaformer(paraformer_dir, precision="int4")
     assert at_load.precision == "int8"

@@ -21,8 +21,6 @@ together:
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions, resolve_precision
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
-from twopass_asr.store.funasr_onnx_export import INT8_FILES, export_paraformer_onnx, require_export
+from twopass_asr.store.funasr_onnx_export import INT8_FILES, cached_paraformer_export, require_export
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
 
 # FunASR encodes a final step shorter than one chunk unit from the cached overlap frames only.
@@ -168,7 +166,8 @@ class BatchedStreamingParaformer:
         at load (CPU only; twopass_asr.kernels.prepacked_linear.choose_kernel); None keeps torch's
         nn.Linear. `precision` "int8": the layers FunASR's int8 export quantizes run in int8 as
         it does them (twopass_asr.kernels.int8_linear), the others in float32; the export is
-        read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at load. "auto":
+        read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the first
+        load into the export cache and reused by later ones (cached_paraformer_export). "auto":
         as resolve_precision chooses for this device and CPU (self.precision says which)."""
         self.precision = precision = resolve_precision(precision, device)
         from funasr import AutoModel
@@ -198,13 +197,8 @@ class BatchedStreamingParaformer:
         self.skip_token_ids = {self.model.sos, self.model.eos, self.model.blank_id}
 
     def _load_int8_layers(self, model_dir: str | Path, export_dir: str | Path | None) -> None:
-        with contextlib.ExitStack() as scope:
-            if export_dir is None:
-                # The layers keep what they need: the export is made for this load and dropped.
-                export_dir = export_paraformer_onnx(
-                    model_dir, scope.enter_context(tempfile.TemporaryDirectory(prefix="paraformer-int8-")))
-            export = require_export(export_dir, quantized=True)
-            load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
+        export = require_export(export_dir or cached_paraformer_export(model_dir), quantized=True)
+        load_exported_int8_layers(self.model, [export / name for name in INT8_FILES], self._rows_read_by)
 
     @staticmethod
     def _rows_read_by(layer: str) -> str:

@@ -5,22 +5,18 @@ loads a Hugging Face directory. The export takes the `llm.`-prefixed tensors unc
 (same dtype, same values, tied lm_head kept as its own copy) into model.safetensors next to
 the LLM sub-directory's config and tokenizer files.
 
-It runs lazily when the model loads, into a cache directory keyed by the checkpoint's path,
-size and modification time: the model store stays as the user prepared it (it may be
-read-only), and a replaced model.pt gets a fresh export instead of a stale one.
+It runs lazily when the model loads, once per checkpoint, into the export cache
+(twopass_asr.store.export_cache).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from twopass_asr.store.export_cache import cached_export, default_cache_root
 from twopass_asr.store.model_store import ModelDirError
 
 LLM_PREFIX = "llm."
@@ -28,9 +24,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def default_export_root() -> Path:
-    """Next to vLLM's own cache (the launcher points VLLM_CACHE_ROOT into the project)."""
-    vllm_cache = os.environ.get("VLLM_CACHE_ROOT") or str(Path.home() / ".cache" / "vllm")
-    return Path(vllm_cache) / "funasr_nano_llm"
+    return default_cache_root() / "funasr_nano_llm"
 
 
 def llm_state_dict(model_pt: Path) -> dict[str, torch.Tensor]:
@@ -50,28 +44,15 @@ def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None) -> Path:
     """The vLLM-loadable directory of this Nano's LLM, exported on first use."""
     model_pt = Path(model_dir) / "model.pt"
     llm_dir = Path(llm_dir)
-    stat = model_pt.stat()
-    key = json.dumps([str(model_pt.resolve()), stat.st_size, stat.st_mtime_ns,
-                      (llm_dir / "config.json").read_text(encoding="utf-8")])
-    target = (export_root or default_export_root()) / hashlib.sha256(key.encode()).hexdigest()[:20]
-    if (target / WEIGHTS_FILE).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place, so a crash never leaves half a directory.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
-    try:
+
+    def build(directory: Path) -> None:
         for item in llm_dir.iterdir():
             if item.is_file():
-                shutil.copy2(item, staging / item.name)
-        _save_safetensors(llm_state_dict(model_pt), staging / WEIGHTS_FILE)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / WEIGHTS_FILE).is_file():  # not a concurrent exporter winning the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+                shutil.copy2(item, directory / item.name)
+        _save_safetensors(llm_state_dict(model_pt), directory / WEIGHTS_FILE)
+
+    return cached_export(model_pt, (llm_dir / "config.json").read_text(encoding="utf-8"),
+                         export_root or default_export_root(), lambda d: (d / WEIGHTS_FILE).is_file(), build)
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:

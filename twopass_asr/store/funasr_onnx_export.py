@@ -16,6 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from twopass_asr.store.export_cache import cached_export, default_cache_root
 from twopass_asr.store.model_store import ModelDirError, validate_paraformer_dir
 
 FLOAT_FILES = ("model.onnx", "decoder.onnx")
@@ -62,17 +63,31 @@ def export_paraformer_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
         root_logger.setLevel(level)
     for name in RUNTIME_FILES:
         shutil.copy2(model_dir / name, out_dir / name)
-    missing = [name for name in FLOAT_FILES + INT8_FILES if not (out_dir / name).is_file()]
+    missing = _missing(out_dir, FLOAT_FILES + INT8_FILES)
     if missing:
         raise ModelDirError(f"FunASR's ONNX export of {model_dir} wrote no {', '.join(missing)} in {out_dir}")
     return out_dir
 
 
+def cached_paraformer_export(model_dir: str | Path) -> Path:
+    """export_paraformer_onnx of `model_dir`, made on first use into the export cache
+    (twopass_asr.store.export_cache) and reused while model.pt, config.yaml and am.mvn stay as
+    they are."""
+    model_dir = Path(model_dir)
+    depends_on = "".join((model_dir / name).read_text(encoding="utf-8") for name in ("config.yaml", "am.mvn"))
+    return cached_export(model_dir / "model.pt", depends_on, default_cache_root() / "paraformer_onnx",
+                         lambda directory: not _missing(directory, FLOAT_FILES + INT8_FILES + RUNTIME_FILES),
+                         lambda directory: export_paraformer_onnx(model_dir, directory))
+
+
+def _missing(export_dir: Path, names: tuple[str, ...]) -> list[str]:
+    return [name for name in names if not (export_dir / name).is_file()]
+
+
 def require_export(export_dir: str | Path, quantized: bool) -> Path:
     """`export_dir` if it holds what funasr-onnx needs, else a ModelDirError saying how to make it."""
     export_dir = Path(export_dir)
-    needed = (INT8_FILES if quantized else FLOAT_FILES) + RUNTIME_FILES
-    missing = [name for name in needed if not (export_dir / name).is_file()]
+    missing = _missing(export_dir, (INT8_FILES if quantized else FLOAT_FILES) + RUNTIME_FILES)
     if missing:
         raise ModelDirError(
             f"{export_dir} lacks {', '.join(missing)} of FunASR's ONNX export; make it with "
