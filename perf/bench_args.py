@@ -1,9 +1,11 @@
-"""What the benchmarks share: stream counts and timed rounds on the command line, and the
-length of a real transcript."""
+"""What the benchmarks share: stream counts and timed rounds on the command line, the
+service's precision profiles, and the length of a real transcript."""
 
 from __future__ import annotations
 
 import argparse
+
+from twopass_asr.serving.serve import precision_environment
 
 
 def add_batch_arguments(parser: argparse.ArgumentParser, batches: str, rounds: int) -> None:
@@ -29,3 +31,21 @@ def batch_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
 # counted with Qwen's BPE vocabulary). A random Nano never ends on its own: benchmarks cut it
 # there (twopass_asr.second_pass.recognizer.generation_cap).
 REAL_SPEECH_TOKENS_PER_S = 2.2
+
+
+# The service's precision profiles: both passes auto (as each chooses on the machine) or both
+# fp32 (FunASR's own precision).
+PROFILES = ("auto", "fp32")
+
+
+def profile_list(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """A comma-separated --profiles value; a usage error for anything but PROFILES."""
+    profiles = text.split(",")
+    if not set(profiles) <= set(PROFILES):
+        parser.error(f"--profiles takes {' and/or '.join(PROFILES)}, got {text!r}")
+    return profiles
+
+
+def profile_environment(profile: str) -> dict[str, str]:
+    """The environment a tritonserver runs a profile in."""
+    return precision_environment(profile, profile)

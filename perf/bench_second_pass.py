@@ -49,7 +49,7 @@ import torch
 from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
 from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
-from twopass_asr.audio import SAMPLE_RATE
+from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
@@ -117,8 +117,6 @@ async def run_level(engine_name, concurrency, per_client, setup: Setup, engine=N
 
 def run_funasr(recognizer, count: int, seconds: float, precision: str) -> Row:
     """FunASRNano.inference, the call AutoModel.generate makes, one segment at a time."""
-    from twopass_asr.audio import pcm16_to_float
-
     # FunASR casts the LLM to kwargs' llm_dtype (named as our precisions) on every call: the
     # same precision as the others.
     kwargs = dict(recognizer.kwargs, max_length=recognizer.max_new_tokens, llm_dtype=precision)

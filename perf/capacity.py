@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from perf import metrics, ws_load
-from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
+from perf.bench_args import REAL_SPEECH_TOKENS_PER_S, profile_environment, profile_list
 from twopass_asr import REPO_ROOT
-from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
 from twopass_asr.kernels.cpu_features import cpu_summary
-from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECISION_ENV
 from twopass_asr.second_pass.recognizer import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_NEW_TOKENS_ENV,
@@ -154,7 +152,7 @@ def start_triton(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_sec
     program can take a port between choosing it and tritonserver binding it (loading the
     models takes a minute): then try new ports."""
     env = {MAX_NEW_TOKENS_ENV: str(max_new_tokens), MAX_NEW_TOKENS_PER_SECOND_ENV: str(tokens_per_second),
-           FIRST_PASS_PRECISION_ENV: profile, SECOND_PASS_PRECISION_ENV: profile}
+           **profile_environment(profile)}
     for attempt in range(1, attempts + 1):
         try:
             return TritonServer(store, log_path=log_dir / "tritonserver.log", env=env).start()
@@ -236,9 +234,7 @@ def main(argv=None) -> int:
         parser.error("--max-clients and --max-new-tokens must be at least 1")
     if not args.max_new_tokens_per_second > 0:
         parser.error("--max-new-tokens-per-second must be positive")
-    profiles = args.profiles.split(",")
-    if not profiles or not set(profiles) <= {"auto", "fp32"}:
-        parser.error(f"--profiles takes auto and/or fp32, got {args.profiles!r}")
+    profiles = profile_list(parser, args.profiles)
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):

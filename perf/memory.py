@@ -18,13 +18,11 @@ from pathlib import Path
 
 import psutil
 
+from perf.bench_args import PROFILES, profile_environment, profile_list
 from twopass_asr import REPO_ROOT
-from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
 from twopass_asr.kernels.cpu_features import cpu_summary
-from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECISION_ENV
 from twopass_asr.serving.triton_launcher import TritonServer
 
-PROFILES = ("auto", "fp32")
 SETTLE_S = 5.0  # after ready: vLLM's processes finish warming up
 
 
@@ -50,8 +48,7 @@ def tree_rss_mb(root_pid: int) -> dict[str, float]:
 
 
 def measure(store: Path, profile: str, log_dir: Path) -> dict[str, float]:
-    env = {FIRST_PASS_PRECISION_ENV: profile, SECOND_PASS_PRECISION_ENV: profile}
-    with TritonServer(store, log_path=log_dir / f"memory-{profile}.log", env=env) as server:
+    with TritonServer(store, log_path=log_dir / f"memory-{profile}.log", env=profile_environment(profile)) as server:
         time.sleep(SETTLE_S)
         return tree_rss_mb(server.process.pid)
 
@@ -72,9 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: auto and/or fp32")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
     args = parser.parse_args(argv)
-    profiles = args.profiles.split(",")
-    if not set(profiles) <= set(PROFILES):
-        parser.error(f"--profiles takes {' and/or '.join(PROFILES)}, got {args.profiles!r}")
+    profiles = profile_list(parser, args.profiles)
     if not args.store.is_dir():
         parser.error(f"--store {args.store} is not a directory")
     cpu = cpu_summary()

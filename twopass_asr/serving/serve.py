@@ -21,10 +21,9 @@ from twopass_asr.store import model_store
 log = logging.getLogger("twopass_asr.serving.serve")
 
 
-def precision_environment(args: argparse.Namespace) -> dict[str, str]:
-    """The environment overrides for the precisions given on the command line."""
-    chosen = {first_pass_options.PRECISION_ENV: args.first_pass_precision,
-              second_pass_precision.PRECISION_ENV: args.second_pass_precision}
+def precision_environment(first_pass: str | None, second_pass: str | None) -> dict[str, str]:
+    """The environment that overrides the models' precision parameters with those given."""
+    chosen = {first_pass_options.PRECISION_ENV: first_pass, second_pass_precision.PRECISION_ENV: second_pass}
     return {env: value for env, value in chosen.items() if value}
 
 
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
         triton = TritonServer(
             store, host="127.0.0.1", http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
             metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
-            env=precision_environment(args),
+            env=precision_environment(args.first_pass_precision, args.second_pass_precision),
         )
         log.info("starting tritonserver (log: %s)", triton.log_path)
         triton.start(progress=log.info)
