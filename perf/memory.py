@@ -1,11 +1,14 @@
-"""Memory of the service: the resident memory (RSS) of every process of tritonserver's tree,
-once the models have loaded, for each precision profile.
+"""Memory of the service: the memory of every process of tritonserver's tree once the models
+have loaded, for each precision profile, as RSS (resident pages, counting a page shared by
+several processes, such as torch's libraries, in each of them) and PSS (each shared page
+split between the processes that map it: the sum over processes is the physical memory the
+service holds).
 
     python -m perf.memory --store .model_store-full [--profiles auto,fp32]
 
 Each profile starts its own tritonserver on the store (both passes in that precision: auto
 as each chooses on this machine, or fp32), waits until it is ready and a few seconds more,
-reads every process's RSS (psutil; shared pages count once per process) and stops it.
+reads every process's RSS and PSS (psutil) and stops it.
 Writes perf/results/memory.{md,json}; the first line printed names the CPU.
 """
 
@@ -34,32 +37,40 @@ def process_name(process: psutil.Process) -> str:
     return process.name()
 
 
-def tree_rss_mb(root_pid: int) -> dict[str, float]:
-    """RSS in MiB by process name over a process and all its descendants."""
+KINDS = ("rss", "pss")
+
+
+def tree_memory_mb(root_pid: int) -> dict[str, dict[str, float]]:
+    """RSS and PSS in MiB by process name over a process and all its descendants."""
     root = psutil.Process(root_pid)
-    usage: dict[str, float] = {}
+    usage: dict[str, dict[str, float]] = {}
     for process in [root] + root.children(recursive=True):
         try:
-            name, rss = process_name(process), process.memory_info().rss
+            name, info = process_name(process), process.memory_full_info()
         except psutil.Error:
             continue  # exited meanwhile
-        usage[name] = usage.get(name, 0.0) + rss / 2**20
+        totals = usage.setdefault(name, dict.fromkeys(KINDS, 0.0))
+        for kind in KINDS:
+            totals[kind] += getattr(info, kind) / 2**20
     return usage
 
 
-def measure(store: Path, profile: str, log_dir: Path) -> dict[str, float]:
+def measure(store: Path, profile: str, log_dir: Path) -> dict[str, dict[str, float]]:
     with TritonServer(store, log_path=log_dir / f"memory-{profile}.log", env=profile_environment(profile)) as server:
         time.sleep(SETTLE_S)
-        return tree_rss_mb(server.process.pid)
+        return tree_memory_mb(server.process.pid)
 
 
-def markdown(results: dict[str, dict[str, float]]) -> str:
+def markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
     names = sorted({name for usage in results.values() for name in usage})
-    lines = ["| process | " + " | ".join(f"{profile} MB" for profile in results) + " |",
-             "|---|" + "---|" * len(results)]
+    columns = [(profile, kind) for profile in results for kind in KINDS]
+    lines = ["| process | " + " | ".join(f"{profile} {kind.upper()} MB" for profile, kind in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{usage.get(name, 0):.0f}" for usage in results.values()) + " |")
-    lines.append("| total | " + " | ".join(f"{sum(usage.values()):.0f}" for usage in results.values()) + " |")
+        cells = (results[profile].get(name, {}).get(kind, 0.0) for profile, kind in columns)
+        lines.append(f"| {name} | " + " | ".join(f"{value:.0f}" for value in cells) + " |")
+    totals = (sum(usage[kind] for usage in results[profile].values()) for profile, kind in columns)
+    lines.append("| total | " + " | ".join(f"{value:.0f}" for value in totals) + " |")
     return "\n".join(lines)
 
 
@@ -80,8 +91,8 @@ def main(argv=None) -> int:
         print(f"[memory] {profile}: starting tritonserver", flush=True)
         results[profile] = measure(args.store.resolve(), profile, args.out)
     table = markdown(results)
-    (args.out / "memory.md").write_text(f"# Service memory after load (RSS)\n\n{cpu}\n\n{table}\n")
-    (args.out / "memory.json").write_text(json.dumps({"cpu": cpu, "rss_mb": results}, indent=2))
+    (args.out / "memory.md").write_text(f"# Service memory after load (RSS and PSS)\n\n{cpu}\n\n{table}\n")
+    (args.out / "memory.json").write_text(json.dumps({"cpu": cpu, "memory_mb": results}, indent=2))
     print(table)
     return 0
 

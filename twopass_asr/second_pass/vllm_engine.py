@@ -28,12 +28,14 @@ CANCELLED_IN_ENGINE = "request cancelled by its client while generating: aborted
 log = logging.getLogger(__name__)
 
 # Engine settings per device, overridable by `vllm_<name>` model parameters (like the
-# model.json of Triton's vllm_backend). On CPU the KV cache is a fixed size; on a GPU vLLM
-# sizes it from a memory share. Both compile the model (torch.compile; CUDA graphs on a
+# model.json of Triton's vllm_backend). On CPU the KV cache is a fixed size: 0.5 GiB holds
+# one max_model_len sequence in fp32 and, in bf16, 11 sequences of a 60 s segment generating
+# the full 256-token cap (~410 tokens each; a 10 s segment of real speech takes ~80); on a GPU
+# vLLM sizes it from a memory share. Both compile the model (torch.compile; CUDA graphs on a
 # GPU), which generates faster for a slower engine start (vllm_enforce_eager=true starts fast;
 # perf/RESULTS.md, 2026-11-29 later). The precision is the model's own setting (precision.py).
 PRESETS: dict[str, dict[str, str]] = {
-    "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "1",
+    "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "0.5",
             "gpu_memory_utilization": "", "enforce_eager": "false"},
     "cuda": {"max_num_seqs": "64", "max_model_len": "4096", "kv_cache_gib": "",
              "gpu_memory_utilization": "0.35", "enforce_eager": "false"},

@@ -120,8 +120,10 @@ class TritonPythonModel:
         self.generator = None
         if self.engine is not None:
             self.recognizer.release_generation_layers()  # vLLM holds its own copy
-        else:
-            self.recognizer.use_dtype(TORCH_DTYPES[precision])
+        # Prompts are built in the precision the LLM decodes in (with vLLM: the embedding
+        # table only, the same values vLLM's cast would give).
+        self.recognizer.use_dtype(TORCH_DTYPES[precision])
+        if self.engine is None:
             count_generated = self._pass_counter(args, "torch_generate_passes", "torch_generated_segments",
                                                  "torch generation")
             self.generator = SegmentBatcher(self._generate_batch, self.executor, on_pass=count_generated,
