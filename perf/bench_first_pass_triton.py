@@ -1,6 +1,7 @@
 """How many concurrent real-time streams the first pass sustains through tritonserver:
-the batched engine vs FunASR's per-stream generate (engine parameter of
-paraformer_streaming), same model, same audio, same machine, in one run.
+the batched engine vs FunASR's per-stream runtimes (engine parameter of
+paraformer_streaming: `funasr`, its torch generate; `funasr_onnx`, its ONNX runtime on its
+own export), same model, same audio, same machine, in one run.
 
 Each stream sends a 600 ms chunk every 600 ms (staggered starts) over gRPC and waits for
 its answer; a chunk's latency runs from when it was due to when its text arrived. A
@@ -14,6 +15,11 @@ is reported apart: no chunk is due after it, and its answer also carries FunASR'
 
 An engine may name its precision, ENGINE:PRECISION (paraformer_streaming's precision
 parameter: fp32, int8 or auto, the default): --engines funasr,batched:fp32,batched:int8.
+FunASR's int8 runtime has no encoder or decoder look-back, so against it every engine runs
+without (--look-back 0; otherwise each stream takes its engine's default):
+
+    python -m perf.bench_first_pass_triton --paraformer-dir DIR --look-back 0 \
+        --engines funasr_onnx:int8,batched:fp32,batched:int8
 
 --layouts serves the model in other shapes, INSTANCESxWORKERS each: 1x2 is one decoupled
 instance whose 2 worker threads take any stream's chunk (as config.pbtxt ships it), 2x0 two
@@ -151,7 +157,7 @@ def model_repository(engine: str, root: Path, queue_delay_us: int | None = None,
 
 
 async def run_stream(stream: SequenceStream, sequence_id: int, pcm: np.ndarray, start_at: float,
-                     latencies: Latencies) -> None:
+                     latencies: Latencies, look_back: int | None = None) -> None:
     chunks = [pcm[i : i + CHUNK_SAMPLES] for i in range(0, len(pcm), CHUNK_SAMPLES)]
     for index, chunk in enumerate(chunks):
         due = start_at + (index + 1) * CHUNK_S  # a chunk exists once its audio has been spoken
@@ -159,12 +165,15 @@ async def run_stream(stream: SequenceStream, sequence_id: int, pcm: np.ndarray, 
         if delay > 0:
             await asyncio.sleep(delay)
         last = index == len(chunks) - 1
-        await stream.infer(TritonGateway.audio_inputs(chunk), sequence_id, start=index == 0, end=last)
+        inputs = (TritonGateway.first_pass_inputs(chunk, encoder_look_back=look_back, decoder_look_back=look_back)
+                  if index == 0 else TritonGateway.audio_inputs(chunk))
+        await stream.infer(inputs, sequence_id, start=index == 0, end=last)
         (latencies.final if last else latencies.steady).append(time.monotonic() - due)
 
 
-async def load(url: str, streams: int, pcm: np.ndarray, seed: int) -> Latencies:
-    """`streams` real-time streams, each on its own gRPC stream as the frontend sends them."""
+async def load(url: str, streams: int, pcm: np.ndarray, seed: int, look_back: int | None = None) -> Latencies:
+    """`streams` real-time streams, each on its own gRPC stream as the frontend sends them,
+    with encoder and decoder look-back `look_back` (None: the engine's default)."""
     client = grpcaio.InferenceServerClient(url)
     rng = random.Random(seed)
     latencies = Latencies()
@@ -173,7 +182,7 @@ async def load(url: str, streams: int, pcm: np.ndarray, seed: int) -> Latencies:
     try:
         await asyncio.gather(*(
             run_stream(channel, 10_000 * seed + i + 1, np.roll(pcm, rng.randrange(len(pcm))),
-                       now + rng.uniform(0, CHUNK_S), latencies)
+                       now + rng.uniform(0, CHUNK_S), latencies, look_back)
             for i, channel in enumerate(channels)
         ))
     finally:
@@ -183,12 +192,13 @@ async def load(url: str, streams: int, pcm: np.ndarray, seed: int) -> Latencies:
     return latencies
 
 
-def capacity(url: str, pcm: np.ndarray, max_streams: int, log) -> tuple[int, list[dict]]:
+def capacity(url: str, pcm: np.ndarray, max_streams: int, log, look_back: int | None = None
+             ) -> tuple[int, list[dict]]:
     """Largest sustained concurrency (doubling, then bisection) and every trial."""
     rows: list[dict] = []
 
     def trial(n: int) -> bool:
-        row = {"streams": n, **asyncio.run(load(url, n, pcm, seed=len(rows) + 1)).row()}
+        row = {"streams": n, **asyncio.run(load(url, n, pcm, seed=len(rows) + 1, look_back=look_back)).row()}
         row["sustained"] = row["p95_ms"] < 1000 * CHUNK_S
         rows.append(row)
         log(f"  {n:3d} streams: {Latencies.describe(row)}  {'ok' if row['sustained'] else 'falls behind'}")
@@ -260,6 +270,21 @@ def plot_trials(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def ratio_lines(results: dict[str, int]) -> list[str]:
+    """Each batched engine's streams over each of FunASR's per-stream runtimes', per layout
+    ("ENGINE[:PRECISION] LAYOUT" labels)."""
+    lines = []
+    for label, streams in results.items():
+        engine, layout = label.rsplit(" ", 1)
+        if not engine.startswith("batched"):
+            continue
+        for peer, peer_streams in results.items():
+            peer_engine, peer_layout = peer.rsplit(" ", 1)
+            if peer_engine.startswith("funasr") and peer_layout == layout and peer_streams:
+                lines.append(f"{engine} / {peer_engine}, layout {layout}: {streams / peer_streams:.2f}x")
+    return [""] + lines if lines else []
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paraformer-dir", type=Path, required=True, help="streaming Paraformer model directory")
@@ -272,6 +297,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preferred", default="8 16,", help="--sweep: preferred_batch_size sets, comma-separated "
                         "(sizes within a set space-separated; an empty set = none)")
     parser.add_argument("--streams", default="1,2,4,8", help="--sweep: concurrent stream counts")
+    parser.add_argument("--look-back", type=int, default=None,
+                        help="encoder and decoder look-back of every stream (default: each engine's own)")
     parser.add_argument("--layouts", default="shipped", help="INSTANCESxWORKERS (0 workers = not decoupled) or "
                         "'shipped', comma-separated; each engine is measured in each")
     args = parser.parse_args(argv)
@@ -292,21 +319,19 @@ def main(argv=None) -> int:
             # The repository's precision parameter counts, not one left in this shell's environment.
             with TritonServer(store, model_repository(engine, Path(tmp), layout=layout), log_path=args.out / log_name,
                               env={PRECISION_ENV: ""}) as server:
-                asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999))  # warm-up
-                results[label], rows = capacity(server.grpc_url, pcm, args.max_streams, print)
+                asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999, look_back=args.look_back))
+                results[label], rows = capacity(server.grpc_url, pcm, args.max_streams, print, args.look_back)
             all_rows += [{"engine": engine, "layout": layout_name(layout), **row} for row in rows]
             print(f"[{label}] sustains {results[label]} real-time streams", flush=True)
     with open(args.out / "first_pass_triton.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
         writer.writeheader()
         writer.writerows(all_rows)
-    lines = [cpu_summary(), "", "| engine, layout | sustained real-time streams (p95 chunk latency < 600 ms) |",
-             "|---|---|"]
+    look_back = "each engine's default" if args.look_back is None else args.look_back
+    lines = [cpu_summary(), "", f"look-back: {look_back}", "",
+             "| engine, layout | sustained real-time streams (p95 chunk latency < 600 ms) |", "|---|---|"]
     lines += [f"| {label} | {n} |" for label, n in results.items()]
-    for layout in map(layout_name, parse_layouts(args.layouts)):
-        batched, funasr = results.get(f"batched {layout}"), results.get(f"funasr {layout}")
-        if batched is not None and funasr:
-            lines.append(f"\nbatched / funasr, layout {layout}: {batched / funasr:.2f}x")
+    lines += ratio_lines(results)
     lines += ["", "| engine, layout | streams | p50 ms | p95 ms | last chunk p50 / max ms | p95 with last chunks ms |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['engine']} {r['layout']} | {r['streams']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "

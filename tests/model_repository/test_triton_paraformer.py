@@ -17,9 +17,11 @@ from perf.bench_first_pass_triton import model_repository
 from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
+from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
 from twopass_asr.first_pass.options import PRECISION_ENV
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError
+from twopass_asr.store.export_cache import CACHE_ENV
 
 pytestmark = pytest.mark.triton
 
@@ -170,3 +172,33 @@ def test_auto_precision_is_chosen_by_the_cpu_and_logged(test_models, tmp_path):
     with TritonServer(test_models, repository, log_path=tmp_path / "auto.log", env={PRECISION_ENV: ""}) as server:
         chosen = "int8" if cpu_has_int8_dot_products() else "fp32"
         assert f"paraformer_streaming: batched engine in {chosen} (auto)" in server.log_text()
+
+
+def test_funasr_onnx_engine_serves_funasrs_own_int8_runtime(test_models, speech_wav, tmp_path, monkeypatch):
+    """The engine perf compares with (FunASR's ONNX runtime per stream, int8) serves through
+    tritonserver exactly that runtime's text, for streams in flight together."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))  # the server reuses this export
+    runtime = FunasrOnnxStreamingParaformer.for_model_dir(test_models / "paraformer_streaming", precision="int8")
+    assert runtime.precision == "int8"
+    sequences = [chunks_of(speech_wav.pcm[offset:], 9600) for offset in (0, 7000, 15000)]
+    expected = []
+    for chunks in sequences:
+        stream = runtime.new_stream()
+        expected.append(runtime.process_batch([stream] * len(chunks), chunks,
+                                              [index == len(chunks) - 1 for index in range(len(chunks))]))
+    repository = model_repository("funasr_onnx:int8", tmp_path)
+    env = {PRECISION_ENV: "", CACHE_ENV: str(tmp_path / "exports")}
+    with TritonServer(test_models, repository, log_path=tmp_path / "onnx.log", env=env) as server:
+        assert "paraformer_streaming: funasr_onnx engine in int8" in server.log_text()
+
+        def serve(chunks):  # one client per stream: a client holds one gRPC stream
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            return [text_of(result) for result in run_sequence(client, "paraformer_streaming", chunks)]
+
+        with ThreadPoolExecutor(len(sequences)) as pool:
+            assert list(pool.map(serve, sequences)) == expected
+        # That runtime has no look-back: a stream asking for it is refused, and named why.
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException, match="no encoder or decoder look-back"):
+            run_sequence(client, "paraformer_streaming", sequences[0][:1], option_inputs((0, 10, 5), 4, 1))
+    assert all(any(texts) for texts in expected), "too little text to compare"

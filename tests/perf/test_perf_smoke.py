@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +17,9 @@ import pytest
 
 from perf import capacity, memory, ws_load
 from twopass_asr import REPO_ROOT
+from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.serving.triton_launcher import free_port
+from twopass_asr.store.export_cache import CACHE_ENV
 
 pytestmark = pytest.mark.triton
 
@@ -141,6 +145,25 @@ def test_first_pass_precision_bench_quick_run(test_models, paraformer_export, tm
     assert (tmp_path / "first_pass_precision.png").read_bytes().startswith(PNG_MAGIC)
     rows = (tmp_path / "first_pass_precision.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3 and all(float(value) > 0 for value in rows[1].split(",")[1:9])
+
+
+def test_first_pass_triton_bench_against_funasrs_int8_runtime(test_models, tmp_path):
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "exports")}
+    run = subprocess.run([sys.executable, "-m", "perf.bench_first_pass_triton", "--paraformer-dir",
+                          str(test_models / "paraformer_streaming"), "--engines", "funasr_onnx:int8,batched:int8",
+                          "--look-back", "0", "--seconds", "2.4", "--max-streams", "2", "--out", str(tmp_path)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = (tmp_path / "first_pass_triton.md").read_text(encoding="utf-8")
+    assert table.startswith(cpu_summary()) and "look-back: 0" in table
+    sustained = dict(re.findall(r"^\| (\S+) shipped \| (\d+) \|$", table, re.MULTILINE))
+    assert set(sustained) == {"funasr_onnx:int8", "batched:int8"}, table
+    ratio = re.search(r"^batched:int8 / funasr_onnx:int8, layout shipped: ([\d.]+)x$", table, re.MULTILINE)
+    if int(sustained["funasr_onnx:int8"]):
+        assert ratio and float(ratio[1]) == pytest.approx(int(sustained["batched:int8"]) /
+                                                          int(sustained["funasr_onnx:int8"]), abs=0.01), table
+    rows = (tmp_path / "first_pass_triton.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("engine,layout,streams,") and len(rows) >= 3
 
 
 def test_memory_names_every_process_of_the_server(triton_server):

@@ -160,6 +160,8 @@ class BatchedStreamingParaformer:
     """Streaming Paraformer over FunASR's weights; `process_batch` advances many streams in
     one batched forward pass."""
 
+    default_options = DecodeOptions()
+
     def __init__(self, model_dir: str | Path, device: str = "cpu", linear_kernel: str | None = "auto",
                  precision: str = "fp32", int8_export: str | Path | None = None):
         """`linear_kernel`: the kernel whose packed layout the float32 linear weights get once

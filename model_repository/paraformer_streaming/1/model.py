@@ -8,8 +8,6 @@ from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOpti
 from twopass_asr.serving.triton_models import SequenceModel, choice, optional_scalar, optional_vector
 from twopass_asr.store import model_store
 
-DEFAULTS = DecodeOptions()
-
 
 class TritonPythonModel(SequenceModel):
     store_name = model_store.PARAFORMER
@@ -30,6 +28,8 @@ class TritonPythonModel(SequenceModel):
             precision = resolve_precision(configured, device)
             try:
                 self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
+            except ValueError:
+                raise  # a setting this engine cannot take (says which)
             except Exception as exc:  # the int8 export or its sessions; fp32 needs neither
                 if configured != "auto" or precision == "fp32":
                     raise
@@ -40,14 +40,15 @@ class TritonPythonModel(SequenceModel):
         self.logger.log_info(f"paraformer_streaming: {engine} engine in {chosen}")
 
     def new_state(self, request):
+        defaults = self.paraformer.default_options
         chunk_size = optional_vector(request, "CHUNK_SIZE")
         encoder_look_back = optional_scalar(request, "ENCODER_LOOK_BACK")
         decoder_look_back = optional_scalar(request, "DECODER_LOOK_BACK")
         return self.paraformer.new_stream(
             DecodeOptions(
-                chunk_size=DEFAULTS.chunk_size if chunk_size is None else tuple(int(v) for v in chunk_size),
-                encoder_look_back=DEFAULTS.encoder_look_back if encoder_look_back is None else encoder_look_back,
-                decoder_look_back=DEFAULTS.decoder_look_back if decoder_look_back is None else decoder_look_back,
+                chunk_size=defaults.chunk_size if chunk_size is None else tuple(int(v) for v in chunk_size),
+                encoder_look_back=defaults.encoder_look_back if encoder_look_back is None else encoder_look_back,
+                decoder_look_back=defaults.decoder_look_back if decoder_look_back is None else decoder_look_back,
             )
         )
 
