@@ -5,7 +5,12 @@ streaming FSMN-VAD, an online Paraformer, an offline Fun-ASR-Nano) and every mod
 for every stream and segment, made one at a time with AutoModel.generate on one thread.
 No batching, no Triton.
 
-    python -m perf.baseline_server --store .model_store-full --port 10096
+    python -m perf.baseline_server --store .model_store-full --port 10096 [--first-pass-precision int8]
+
+--first-pass-precision int8 runs the online Paraformer as FunASR's CPU runtime does by default:
+its ONNX runtime (funasr-onnx) on its own int8 export (made at the first start and cached).
+That runtime has no encoder or decoder look-back, so a client's look-back is not applied.
+No FunASR runtime quantizes the VAD or Fun-ASR-Nano; they stay as above.
 
 Only the backend differs from the service (FunasrBackend here, TritonBackend there), so
 the load tool's decode-grid accounting holds for both servers by construction. As in
@@ -29,6 +34,7 @@ from frontend.backend import Backend, InferenceError, Result, StreamingModel, St
 from frontend.protocol import StreamConfig
 from frontend.server import ServerSettings, run
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.second_pass.recognizer import generation_cap
 from twopass_asr.vad.batched import DEFAULT_VAD_STEP_MS, VadOptions, stream_vad_opts
@@ -42,7 +48,8 @@ MIN_SEGMENT_SAMPLES = 400
 class Models:
     """The three FunASR AutoModels and the single thread every call runs on."""
 
-    def __init__(self, store: Path, threads: int, max_new_tokens: int, tokens_per_second: float | None = None):
+    def __init__(self, store: Path, threads: int, max_new_tokens: int, tokens_per_second: float | None = None,
+                 first_pass_precision: str = "fp32"):
         import torch
         from funasr import AutoModel
 
@@ -58,6 +65,12 @@ class Models:
                   "ncpu": threads}
         self.vad = AutoModel(model=str(dirs["vad"]), **common)
         self.online = AutoModel(model=str(dirs["paraformer_streaming"]), **common)
+        self.online_onnx = None
+        if first_pass_precision == "int8":
+            from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
+
+            self.online_onnx = FunasrOnnxStreamingParaformer.for_model_dir(dirs["paraformer_streaming"],
+                                                                           precision="int8")
         self.offline = AutoModel(model=str(dirs["funasr_nano"]), **common)
         # FunASR keeps VAD options on the model object; each call installs its stream's.
         self._vad_defaults = self.vad.model.vad_opts
@@ -78,6 +91,11 @@ class Models:
         return [(int(start), int(end)) for start, end in result[0]["value"]] if result else []
 
     def online_step(self, cache: dict, pcm: np.ndarray, final: bool, config: StreamConfig) -> str:
+        if self.online_onnx is not None:
+            if "onnx_stream" not in cache:  # a new stream: FunASR's ONNX runtime keeps it in its own object
+                options = DecodeOptions(chunk_size=tuple(config.chunk_size), encoder_look_back=0, decoder_look_back=0)
+                cache["onnx_stream"] = self.online_onnx.new_stream(options)
+            return self.online_onnx.process_batch([cache["onnx_stream"]], [pcm], [final])[0]
         result = self.online.generate(input=pcm16_to_float(pcm), cache=cache, is_final=final,
                                       chunk_size=list(config.chunk_size),
                                       encoder_chunk_look_back=config.encoder_chunk_look_back,
@@ -138,7 +156,8 @@ class FunasrStreamModels(StreamModels):
 class FunasrBackend(Backend):
     def __init__(self, models: Models, store: Path):
         self._models = models
-        self.description = f"FunASR in-process, models from {store}"
+        first_pass = ", first pass on FunASR's ONNX runtime in int8" if models.online_onnx is not None else ""
+        self.description = f"FunASR in-process, models from {store}{first_pass}"
 
     def open_stream(self) -> FunasrStreamModels:
         return FunasrStreamModels(self._models)
@@ -156,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens-per-second", type=float, default=None,
                         help="also cap each segment at this many tokens per second of its audio, as the "
                              "service's max_new_tokens_per_second does (default: no cap by length)")
+    parser.add_argument("--first-pass-precision", choices=("fp32", "int8"), default="fp32",
+                        help="fp32: FunASR's torch AutoModel; int8: FunASR's ONNX runtime on its int8 export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads < 1 or args.max_new_tokens < 1:
@@ -163,7 +184,8 @@ def main(argv=None) -> int:
     if args.max_new_tokens_per_second is not None and not args.max_new_tokens_per_second > 0:
         parser.error("--max-new-tokens-per-second must be positive")
     try:
-        models = Models(args.store, args.threads, args.max_new_tokens, args.max_new_tokens_per_second)
+        models = Models(args.store, args.threads, args.max_new_tokens, args.max_new_tokens_per_second,
+                        args.first_pass_precision)
     except Exception as exc:
         log.error("cannot load the models from %s: %s", args.store, exc)
         return 1

@@ -8,9 +8,11 @@ first failure; each step is one perf.ws_load run.
 
     # a running server
     python -m perf.capacity --url ws://127.0.0.1:10095 --max-clients 32
-    # the service (tritonserver + frontend) and the FunASR baseline, one after the other,
+    # the service (tritonserver + frontend) and the FunASR baselines, one after the other,
     # on the same model store and audio; prints the capacity ratios (--profiles auto,fp32:
-    # the service in its default precisions and in FunASR's float32)
+    # the service in its default precisions and in FunASR's float32; --baselines fp32,int8:
+    # FunASR per stream with its online Paraformer in torch float32, and on its ONNX runtime
+    # in int8, as FunASR's CPU runtime runs it by default)
     python -m perf.capacity --compare --store .model_store-full --max-clients 16 --profiles auto,fp32
 
 Writes capacity.json, a Markdown table and latency plots under --out.
@@ -42,6 +44,8 @@ from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, 
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "capacity"
 SETTLE_S = 2.0  # between steps, so work queued by the previous run cannot delay the next
+# The FunASR baselines, by the precision of their online Paraformer (perf.baseline_server).
+BASELINES = ("fp32", "int8")
 
 
 # Where the second-pass latency limit counts from: the frame with which the VAD reported the
@@ -176,12 +180,13 @@ def service(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: 
 
 @contextlib.contextmanager
 def baseline(store: Path, log_dir: Path, threads: int, max_new_tokens: int,
-             tokens_per_second: float | None = None) -> Iterator[str]:
+             tokens_per_second: float | None = None, first_pass_precision: str = "fp32") -> Iterator[str]:
     port = free_port()
     length_cap = [] if tokens_per_second is None else ["--max-new-tokens-per-second", str(tokens_per_second)]
     with python_server(["perf.baseline_server", "--store", str(store), "--port", str(port),
-                        "--threads", str(threads), "--max-new-tokens", str(max_new_tokens), *length_cap],
-                       port, log_dir / "baseline.log", "baseline server", 600) as url:
+                        "--threads", str(threads), "--max-new-tokens", str(max_new_tokens), *length_cap,
+                        "--first-pass-precision", first_pass_precision],
+                       port, log_dir / f"baseline-{first_pass_precision}.log", "baseline server", 600) as url:
         yield url
 
 
@@ -215,6 +220,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profiles", default="auto",
                         help="with --compare: the service's precision profiles to measure, comma-separated: auto "
                              "(both passes as they choose on this machine) and/or fp32 (FunASR's own precision)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="with --compare: the FunASR baselines to measure, comma-separated: fp32 (its online "
+                             "Paraformer in torch) and/or int8 (on FunASR's ONNX runtime, its int8 export)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help="second-pass generation cap per segment for both servers with --compare")
     parser.add_argument("--max-new-tokens-per-second", type=float, default=REAL_SPEECH_TOKENS_PER_S,
@@ -235,6 +243,9 @@ def main(argv=None) -> int:
     if not args.max_new_tokens_per_second > 0:
         parser.error("--max-new-tokens-per-second must be positive")
     profiles = profile_list(parser, args.profiles)
+    baselines = args.baselines.split(",")
+    if not set(baselines) <= set(BASELINES):
+        parser.error(f"--baselines takes {' and/or '.join(BASELINES)}, got {args.baselines!r}")
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):
@@ -263,23 +274,25 @@ def main(argv=None) -> int:
         name = f"service-{profile}"
         results[name] = measure(name, service(store, logs / name, args.max_new_tokens, args.max_new_tokens_per_second,
                                               profile), args, pcm, args.out)
-    results["baseline"] = measure("baseline", baseline(store, logs, args.baseline_threads, args.max_new_tokens,
-                                                       args.max_new_tokens_per_second), args, pcm, args.out)
-    baseline_cap = results["baseline"]["capacity"]
-    ratios = {name: (r["capacity"] / baseline_cap if baseline_cap else None)
-              for name, r in results.items() if name != "baseline"}
-    summary = {"cpu": cpu_summary(), "store": str(store), "audio_s": results["baseline"]["audio_s"],
+    for precision in baselines:
+        name = f"baseline-{precision}"
+        results[name] = measure(name, baseline(store, logs, args.baseline_threads, args.max_new_tokens,
+                                               args.max_new_tokens_per_second, precision), args, pcm, args.out)
+    # Each service profile's capacity over each baseline's (None where that baseline's is 0).
+    ratios = {f"{service_name} / {baseline_name}": (served["capacity"] / peer["capacity"] if peer["capacity"] else None)
+              for service_name, served in results.items() if service_name.startswith("service-")
+              for baseline_name, peer in results.items() if baseline_name.startswith("baseline-")}
+    summary = {"cpu": cpu_summary(), "store": str(store), "audio_s": next(iter(results.values()))["audio_s"],
                "max_new_tokens": args.max_new_tokens, "max_new_tokens_per_second": args.max_new_tokens_per_second,
                "second_pass_from": args.second_pass_from,
                "capacity": {name: r["capacity"] for name, r in results.items()},
                "bounded_by_max_clients": {name: r["bounded_by_max_clients"] for name, r in results.items()},
-               "ratio_to_baseline": ratios}
+               "ratios": ratios}
     (args.out / "compare.json").write_text(json.dumps(summary, indent=2))
     table = comparison_table(results)
-    ratio_lines = "\n".join(f"{name} / baseline: " + (f"{ratio:.2f}x" if ratio is not None
-                                                      else "undefined (baseline capacity 0)")
-                            for name, ratio in ratios.items())
-    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baseline\n\n{cpu_summary()}\n\n{table}\n\n"
+    ratio_lines = "\n".join(f"{pair}: " + (f"{ratio:.2f}x" if ratio is not None else "undefined (baseline capacity 0)")
+                            for pair, ratio in ratios.items())
+    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baselines\n\n{cpu_summary()}\n\n{table}\n\n"
                                          f"{ratio_lines}\n")
     print(table)
     print(ratio_lines)

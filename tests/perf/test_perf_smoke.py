@@ -133,6 +133,28 @@ def test_baseline_server_matches_the_service_and_carries_load(baseline_url, fron
     assert set(run["processes"]) == {"server"}
 
 
+def test_int8_baseline_serves_funasrs_int8_runtime(test_models, speech_wav, tmp_path, monkeypatch):
+    """The int8 FunASR baseline's partials are FunASR's ONNX runtime's on its int8 export,
+    chunk after chunk as the server cuts the stream (online mode: every decode but the
+    final flush is a partial)."""
+    from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
+    from twopass_asr.first_pass.options import DecodeOptions
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))  # the server reuses this export
+    runtime = FunasrOnnxStreamingParaformer.for_model_dir(test_models / "paraformer_streaming", precision="int8")
+    config = ws_load.stream_config("online")
+    stream = runtime.new_stream(DecodeOptions(chunk_size=tuple(config["chunk_size"]), encoder_look_back=0,
+                                              decoder_look_back=0))
+    step = config["chunk_size"][1] * 960
+    steps = [speech_wav.pcm[i:i + step] for i in range(0, len(speech_wav.pcm), step)]
+    whole = [runtime.process_batch([stream], [chunk], [False])[0] for chunk in steps if len(chunk) == step]
+    with capacity.baseline(test_models, tmp_path, threads=1, max_new_tokens=capacity.DEFAULT_MAX_NEW_TOKENS,
+                           first_pass_precision="int8") as url:
+        plan = ws_load.prepare_plan(url, speech_wav.pcm, "online", None, 5.0)
+    assert "".join(plan.partial_texts) == "".join(whole) != ""
+    assert "first pass on FunASR's ONNX runtime in int8" in (tmp_path / "baseline-int8.log").read_text()
+
+
 def test_first_pass_precision_bench_quick_run(test_models, paraformer_export, tmp_path):
     run = subprocess.run([sys.executable, "-m", "perf.bench_first_pass_precision", "--model-dir",
                           str(test_models / "paraformer_streaming"), "--export-dir", str(paraformer_export),
