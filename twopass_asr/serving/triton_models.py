@@ -83,14 +83,17 @@ def torch_threads(configured: str, sharers: int) -> int:
     return whole_number(configured, "parameter threads")
 
 
-def worker_count(configured: str, decoupled: bool) -> int:
+def worker_count(configured: str, decoupled: bool, instances: int = 1) -> int:
     """The `workers` parameter: forward passes one decoupled instance runs at once.
-    Empty: one per core. A model that is not decoupled answers in execute: one."""
+    Empty: the cores shared out between the instances, at least one each. A model that is
+    not decoupled answers in execute: one."""
     if not decoupled:
         if configured not in ("", "1"):
             raise ValueError("parameter workers needs model_transaction_policy { decoupled: true }")
         return 1
-    return cores() if not configured else whole_number(configured, "parameter workers")
+    if not configured:
+        return max(1, cores() // max(1, instances))
+    return whole_number(configured, "parameter workers")
 
 
 def use_utf8_locale() -> None:
@@ -195,7 +198,7 @@ class SequenceModel:
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
         try:
-            self.workers = workers = worker_count(params.get("workers", ""), self.decoupled)
+            self.workers = workers = worker_count(params.get("workers", ""), self.decoupled, instances)
             if workers > 1 and not self.passes_may_overlap:
                 raise ValueError(f"{args['model_name']} runs one pass at a time: set parameter workers to 1")
             threads = torch_threads(params.get("threads", ""), instances * workers)
