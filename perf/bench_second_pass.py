@@ -17,8 +17,9 @@ does; --embed-max-batch 1 encodes one segment at a time), then
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
-CPU); with another than fp32 it is also compared with fp32 (torch, greedy texts and
-teacher-forced tokens). In-process (no tritonserver), so the numbers are the engines', not
+CPU; int8, vLLM's W8A8, runs on vLLM only, and torch and FunASR then run in bf16); with
+another than fp32 it is also compared with fp32 (greedy texts and teacher-forced tokens:
+of the torch path in that precision, or of vLLM's compiled engine for int8). In-process (no tritonserver), so the numbers are the engines', not
 gRPC's. A random model rarely emits EOS: every segment decodes --max-new-tokens tokens, by
 default what a real transcript of that length has (perf.bench_args.REAL_SPEECH_TOKENS_PER_S).
 
@@ -52,7 +53,7 @@ from twopass_asr import REPO_ROOT
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
-from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
+from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, VLLM_ONLY, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
 
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
@@ -157,21 +158,45 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
     return rows
 
 
-def precision_agreement(reference: NanoRecognizer, other: NanoRecognizer, precision: str, count: int,
-                        seconds: float) -> list[str]:
-    """Markdown lines: `other` (in `precision`) against `reference` (float32) on the same
-    segments: how many greedy texts are equal, and how many of the reference's greedy tokens
-    `other` also ranks first when fed the reference's tokens (teacher forcing), which counts
-    every position rather than stopping at the first difference. The random weights make both
-    a lower bound of what trained ones give."""
+def teacher_forced_pairs(reference: NanoRecognizer, engine, run, prompts: list[torch.Tensor]
+                         ) -> list[tuple[int, int]]:
+    """(engine's top token, reference's greedy token) at every position of the reference's
+    greedy rows, the engine fed the reference's tokens before it (VllmNanoEngine.next_tokens,
+    awaited by `run`, on the engine's event loop)."""
+    embed = reference.model.llm.model.get_input_embeddings()
+    forced = [(torch.cat([prompt, embed(torch.tensor(row[:i], dtype=torch.long)).to(prompt.dtype)]), row[i])
+              for prompt, row in zip(prompts, reference.generate_tokens(prompts)) for i in range(len(row))]
+    chosen = run(engine.next_tokens([prompt for prompt, _ in forced]))
+    return [(got, want) for got, (_, want) in zip(chosen, forced)]
+
+
+async def engine_text(engine, embeds: torch.Tensor) -> str:
+    async with aclosing(engine.stream(embeds)) as deltas:
+        return "".join([delta async for delta, _is_last in deltas])
+
+
+def precision_agreement(reference: NanoRecognizer, other, precision: str, count: int, seconds: float,
+                        loop: asyncio.AbstractEventLoop | None = None) -> list[str]:
+    """Markdown lines: `other` in `precision` (a NanoRecognizer, or with `loop` a vLLM engine)
+    against `reference` (float32 torch) on the same segments: how many greedy texts are
+    equal, and how many of the reference's greedy tokens `other` also ranks first when fed the
+    reference's tokens (teacher forcing), which counts every position rather than stopping at
+    the first difference. The random weights make both a lower bound of what trained ones give."""
     prompts = [reference.prompt_embeds(pcm) for pcm in make_segments(count, seconds, seed=11)]
-    rows = reference.generate_tokens(prompts)
     texts = reference.generate_batch(prompts)
-    same_text = sum(other.generate(prompt) == text for prompt, text in zip(prompts, texts))
-    pairs = [(got, want) for prompt, row in zip(prompts, rows)
-             for got, want in zip(other.teacher_forced_tokens(prompt, row), row)]
+    if loop is None:
+        rows = reference.generate_tokens(prompts)
+        same_text = sum(other.generate(prompt) == text for prompt, text in zip(prompts, texts))
+        pairs = [(got, want) for prompt, row in zip(prompts, rows)
+                 for got, want in zip(other.teacher_forced_tokens(prompt, row), row)]
+        where = "torch"
+    else:
+        same_text = sum(loop.run_until_complete(engine_text(other, prompt)) == text
+                        for prompt, text in zip(prompts, texts))
+        pairs = teacher_forced_pairs(reference, other, loop.run_until_complete, prompts)
+        where = "vLLM"
     same_token = sum(got == want for got, want in pairs)
-    lines = [f"\nAgreement of {precision} with fp32 (torch, {count} segments of {seconds:g} s):\n",
+    lines = [f"\nAgreement of {precision} ({where}) with fp32 (torch, {count} segments of {seconds:g} s):\n",
              "| greedy texts equal | teacher-forced top-1 tokens equal |", "|---|---|",
              f"| {same_text}/{count} ({same_text / count:.0%}) | {same_token}/{len(pairs)} "
              f"({same_token / len(pairs):.1%}) |"]
@@ -259,9 +284,11 @@ def main() -> None:
     from twopass_asr.second_pass.vllm_engine import EngineSettings, VllmNanoEngine
 
     precision = resolve_precision(args.precision, "cpu")
+    # What torch and FunASR decode in: int8 is vLLM's only, bf16 around its int8 products.
+    torch_precision = "bf16" if precision in VLLM_ONLY else precision
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
     funasr_model = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens, prepack=False)
-    funasr_model.use_dtype(TORCH_DTYPES[precision])
+    funasr_model.use_dtype(TORCH_DTYPES[torch_precision])
     executor = ThreadPoolExecutor(max_workers=1)
     embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
@@ -270,14 +297,17 @@ def main() -> None:
                                 args.segment_seconds)
     rows: list[Row] = []
     setup = Setup(recognizer, embedder, generator, args.segment_seconds)
-    if precision != "fp32":
+    if torch_precision != "fp32":
         # The served recognizer is still float32 here (FunASR's runtime default).
-        sections += precision_agreement(recognizer, funasr_model, precision, args.agreement_segments,
+        sections += precision_agreement(recognizer, funasr_model, torch_precision, args.agreement_segments,
                                         args.segment_seconds)
-    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds, precision))
+    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds, torch_precision))
     del funasr_model  # its memory, before vLLM starts its own copy of the LLM
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
-    recognizer.use_dtype(TORCH_DTYPES[precision])
+    if precision in VLLM_ONLY:
+        # The float32 reference for vLLM's agreement below, before the recognizer changes dtype.
+        reference = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
+    recognizer.use_dtype(TORCH_DTYPES[torch_precision])
     loop = asyncio.new_event_loop()
     for level in torch_levels:
         level_run = run_level("torch", level, args.segments_per_client, setup)
@@ -294,6 +324,9 @@ def main() -> None:
         try:
             # Warm-up: the first request pays for lazy initialisation.
             loop.run_until_complete(run_level(name, 1, 1, setup, engine))
+            if precision in VLLM_ONLY and mode == "compiled":
+                sections += precision_agreement(reference, engine, precision, args.agreement_segments,
+                                                args.segment_seconds, loop)
             for level in levels:
                 level_run = run_level(name, level, args.segments_per_client, setup, engine)
                 rows.append(loop.run_until_complete(level_run))
@@ -301,7 +334,8 @@ def main() -> None:
         finally:
             engine.shutdown()
     note = (f"{cpu_summary()}. {args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, "
-            f"LLM in {precision} (precision {args.precision}) on every engine (vllm = compiled, vllm-eager = "
+            f"LLM in {precision} (precision {args.precision}; torch and FunASR in {torch_precision}) "
+            f"(vllm = compiled, vllm-eager = "
             f"vllm_enforce_eager; torch batches of up to "
             f"{args.torch_max_batch}: {dict(sorted(generator.batch_sizes.items()))}), "
             f"{args.segments_per_client} segment(s) per client, torch threads {args.threads}, "

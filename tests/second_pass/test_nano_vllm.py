@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -18,11 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from perf.bench_second_pass import teacher_forced_pairs
 from tests.model_repository.test_triton_nano import CASES, group_processes, reference_text, segment_inputs
 from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
-from twopass_asr.second_pass.llm_export import WEIGHTS_FILE, export_llm_dir
+from twopass_asr.second_pass import llm_export
+from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
 from twopass_asr.second_pass.precision import PRECISION_ENV, resolve_precision, vllm_dtype
 from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response, generation_cap
 from twopass_asr.second_pass.vllm_engine import (
@@ -35,6 +38,7 @@ from twopass_asr.second_pass.vllm_engine import (
     start_engine,
 )
 from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+from twopass_asr.store.export_cache import CACHE_ENV
 
 NANO_MODEL = "funasr_nano_vllm"
 
@@ -162,6 +166,66 @@ def test_llm_export_is_lossless(test_models, tmp_path):
     assert export_llm_dir(copy, copy / "Qwen3-0.6B", export_root=tmp_path) != exported
 
 
+def test_int8_export_quantizes_each_linear_weight_per_channel(test_models, tmp_path):
+    nano = test_models / "funasr_nano"
+    llm_dir = nano / "Qwen3-0.6B"
+    exported = export_llm_dir(nano, llm_dir, export_root=tmp_path, int8=True)
+    assert exported != export_llm_dir(nano, llm_dir, export_root=tmp_path)  # its own cache entry
+    state = torch.load(nano / "model.pt", map_location="cpu", weights_only=True)
+    original = {name[len("llm."):]: tensor for name, tensor in state.items() if name.startswith("llm.")}
+    got = load_file(str(exported / WEIGHTS_FILE))
+    quantized = [name for name in original if name.split(".")[-2] in INT8_LINEARS and name.endswith(".weight")]
+    assert len(quantized) == 7 * json.loads((llm_dir / "config.json").read_text())["num_hidden_layers"]
+    assert sorted(got) == sorted([*original, *(name + SCALE_SUFFIX for name in quantized)])
+    for name, tensor in original.items():
+        if name in quantized:
+            scale = got[name + SCALE_SUFFIX]
+            assert got[name].dtype == torch.int8 and scale.shape == (tensor.shape[0], 1)
+            assert got[name].abs().amax(dim=1).eq(127).all(), name  # each row's largest weight sets its scale
+            assert ((got[name].float() * scale - tensor).abs() <= scale / 2 + 1e-7).all(), name
+        else:  # embeddings, norms, head
+            assert torch.equal(got[name], tensor), name
+    config = json.loads((exported / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+
+
+def teacher_forced_agreement(run, engine, recognizer, prompts) -> float:
+    """Of the fp32 torch path's greedy tokens, the share the engine ranks first when fed the
+    tokens before it (as bench_second_pass measures it)."""
+    pairs = teacher_forced_pairs(recognizer, engine, run, prompts)
+    return sum(got == want for got, want in pairs) / len(pairs)
+
+
+def test_int8_agrees_with_fp32_and_a_broken_quantization_does_not(recognizer, engine, run, speech_wav, tmp_path,
+                                                                   monkeypatch):
+    """vLLM's W8A8 on the int8 export against the fp32 torch path, teacher-forced over every
+    position of 8 segments (measured 0.98 on the tiny model, pinned >= 0.85); the fp32 engine
+    scores 1.0, and an export with every scale doubled falls below the floor."""
+    prompts = [recognizer.prompt_embeds(pcm) for pcm in segments_of(speech_wav, 8)]
+    assert teacher_forced_agreement(run, engine, recognizer, prompts) == 1.0
+    settings = EngineSettings.from_parameters("cpu", {"vllm_enforce_eager": "true", "vllm_kv_cache_gib": "0.25"},
+                                              "int8")
+
+    def agreement() -> float:
+        int8 = VllmNanoEngine(recognizer, settings)
+        try:
+            return teacher_forced_agreement(run, int8, recognizer, prompts)
+        finally:
+            int8.shutdown()
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
+    assert agreement() >= 0.85
+    quantize = llm_export.quantize_linear_weights
+
+    def doubled_scales(state):
+        return {name: tensor * 2 if name.endswith(SCALE_SUFFIX) else tensor for name, tensor in quantize(state).items()}
+
+    monkeypatch.setattr(llm_export, "quantize_linear_weights", doubled_scales)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "broken-exports"))
+    assert agreement() < 0.85
+
+
 @pytest.mark.parametrize("raw", ["ab/sil cd", "x /sil/sil  y", "/si/sil/s", "  a\t\nb/sil", "你/sil好 /"])
 def test_streamed_cleaning_equals_whole_cleaning(raw):
     for cut_a, cut_b in itertools.combinations(range(len(raw) + 1), 2):
@@ -201,9 +265,11 @@ def test_auto_precision_is_bf16_where_it_is_native_and_fp32_elsewhere():
     assert resolve_precision("fp16", "cuda") == "fp16"
     with pytest.raises(ValueError, match="precision fp16 runs on a GPU only"):
         resolve_precision("fp16", "cpu")
-    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, got 'int3'"):
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, int8, got 'int3'"):
         resolve_precision("int3", "cpu")
-    assert [vllm_dtype(p) for p in ("fp32", "bf16", "fp16")] == ["float32", "bfloat16", "float16"]
+    assert resolve_precision("int8", "cpu") == "int8"  # never chosen by auto
+    # int8: W8A8 in the linear layers, bf16 around them.
+    assert [vllm_dtype(p) for p in ("fp32", "bf16", "fp16", "int8")] == ["float32", "bfloat16", "float16", "bfloat16"]
 
 
 def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
@@ -214,6 +280,12 @@ def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
     with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):
         start_engine("vllm", recognizer, "cpu", {}, "fp32", warn=warnings.append)
     assert start_engine("torch", recognizer, "cpu", {}, "fp32", warn=warnings.append) is None
+    assert len(warnings) == 1
+    # int8 has no torch fallback: without vLLM it fails, whatever the engine mode.
+    with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):
+        start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append)
+    with pytest.raises(ValueError, match="precision int8 runs on vLLM only: set engine vllm or auto"):
+        start_engine("torch", recognizer, "cpu", {}, "int8", warn=warnings.append)
     assert len(warnings) == 1
 
 
@@ -298,6 +370,7 @@ def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
                                                      "nano_missing": {"model_dir": str(missing)},
                                                      "nano_int3": {"precision": "int3"},
                                                      "nano_fp16": {"precision": "fp16"},
+                                                     "nano_int8_torch": {"engine": "torch", "precision": "int8"},
                                                      "nano_auto": {"engine": "torch", "precision": "auto"}})
     log = tmp_path / "tritonserver.log"
     # The suite's fp32 (conftest) off: each model's own precision parameter counts.
@@ -306,10 +379,11 @@ def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
     with pytest.raises(TritonStartError, match="failed to load all models"):
         server.start()
     message = server.log_text()  # the start error holds its last lines only
-    assert "engine=vllm but vLLM engine failed to start" in message
+    assert re.search(r"engine=vllm, precision (bf16|fp32), but vLLM engine failed to start", message)
     assert f"Fun-ASR-Nano model directory {missing} does not exist" in message
-    assert (f"parameter precision (environment {PRECISION_ENV}) must be one of auto, fp32, bf16, fp16, "
+    assert (f"parameter precision (environment {PRECISION_ENV}) must be one of auto, fp32, bf16, fp16, int8, "
             "got 'int3'") in message
+    assert "engine=torch, precision int8, but precision int8 runs on vLLM only" in message
     assert "precision fp16 runs on a GPU only" in message
     # auto: bf16 on a CPU that computes it natively, fp32 on others.
     chosen = "bf16" if cpu_has_native_bf16() else "fp32"

@@ -5,12 +5,18 @@ loads a Hugging Face directory. The export takes the `llm.`-prefixed tensors unc
 (same dtype, same values, tied lm_head kept as its own copy) into model.safetensors next to
 the LLM sub-directory's config and tokenizer files.
 
-It runs lazily when the model loads, once per checkpoint, into the export cache
+With `int8`, the decoder layers' linear weights (attention and MLP projections) are
+quantized for vLLM's W8A8 path instead, in the compressed-tensors format vLLM reads: each
+output channel's weights as int8, symmetric, scaled by its largest magnitude over 127, with
+activations quantized per token at run time; embeddings, norms and the head stay as they are.
+
+It runs lazily when the model loads, once per checkpoint (and form), into the export cache
 (twopass_asr.store.export_cache).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,10 +27,14 @@ from twopass_asr.store.model_store import ModelDirError
 
 LLM_PREFIX = "llm."
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# The decoder layers' linear projections (Qwen3's names) that the int8 form quantizes.
+INT8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCALE_SUFFIX = "_scale"
 
 
-def default_export_root() -> Path:
-    return default_cache_root() / "funasr_nano_llm"
+def default_export_root(int8: bool = False) -> Path:
+    return default_cache_root() / ("funasr_nano_llm_int8" if int8 else "funasr_nano_llm")
 
 
 def llm_state_dict(model_pt: Path) -> dict[str, torch.Tensor]:
@@ -40,8 +50,9 @@ def llm_state_dict(model_pt: Path) -> dict[str, torch.Tensor]:
     return llm
 
 
-def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None) -> Path:
-    """The vLLM-loadable directory of this Nano's LLM, exported on first use."""
+def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None, int8: bool = False) -> Path:
+    """The vLLM-loadable directory of this Nano's LLM (with `int8`, in vLLM's W8A8 form),
+    exported on first use."""
     model_pt = Path(model_dir) / "model.pt"
     llm_dir = Path(llm_dir)
 
@@ -49,10 +60,49 @@ def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None) -> Path:
         for item in llm_dir.iterdir():
             if item.is_file():
                 shutil.copy2(item, directory / item.name)
-        _save_safetensors(llm_state_dict(model_pt), directory / WEIGHTS_FILE)
+        state = llm_state_dict(model_pt)
+        if int8:
+            state = quantize_linear_weights(state)
+            config = json.loads((llm_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+            config["quantization_config"] = W8A8_CONFIG
+            (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        _save_safetensors(state, directory / WEIGHTS_FILE)
 
-    return cached_export(model_pt, (llm_dir / "config.json").read_text(encoding="utf-8"),
-                         export_root or default_export_root(), lambda d: (d / WEIGHTS_FILE).is_file(), build)
+    form = "int8 w8a8 per-channel symmetric\n" if int8 else ""
+    return cached_export(model_pt, form + (llm_dir / CONFIG_FILE).read_text(encoding="utf-8"),
+                         export_root or default_export_root(int8), lambda d: (d / WEIGHTS_FILE).is_file(), build)
+
+
+def quantize_linear_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each INT8_LINEARS weight as int8 per output channel (symmetric: scale =
+    the row's largest magnitude / 127) and its scale beside it as `<name>_scale` [rows, 1]."""
+    quantized = {}
+    for name, tensor in state.items():
+        if name.endswith(".weight") and name.split(".")[-2] in INT8_LINEARS:
+            weight = tensor.detach().float()
+            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+            quantized[name] = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+            quantized[name + SCALE_SUFFIX] = scale
+        else:
+            quantized[name] = tensor
+    return quantized
+
+
+# compressed-tensors' description of that form: int8 weights, static per channel; int8
+# activations, dynamic per token; both symmetric; every Linear but the head.
+_INT8_SYMMETRIC = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "block_structure": None,
+                   "actorder": None, "observer": None, "observer_kwargs": {}}
+W8A8_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {"group_0": {"targets": ["Linear"],
+                                  "weights": {**_INT8_SYMMETRIC, "strategy": "channel", "dynamic": False},
+                                  "input_activations": {**_INT8_SYMMETRIC, "strategy": "token", "dynamic": True},
+                                  "output_activations": None}},
+    "ignore": ["lm_head"],
+    "kv_cache_scheme": None,
+}
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -68,4 +118,5 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(owned, str(path), metadata={"format": "pt"})
 
 
-__all__ = ["default_export_root", "export_llm_dir", "llm_state_dict"]
+__all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir", "llm_state_dict",
+           "quantize_linear_weights"]

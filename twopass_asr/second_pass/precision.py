@@ -3,8 +3,11 @@ the torch fallback) and for the prompt embeddings fed to it.
 
 fp32 is FunASR's own runtime default and what the equivalence tests pin. auto is what a user
 wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and what
-FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16), else fp32. The audio
-encoder and adaptor stay float32 as in FunASR (they have float32-only ops).
+FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16), else fp32. int8 (asked for
+explicitly) is vLLM's W8A8: the LLM's linear layers with int8 weights (the project's own
+export, llm_export) and int8 activations per token, everything else in bf16; the torch
+fallback has no int8. The audio encoder and adaptor stay float32 as in FunASR (they have
+float32-only ops).
 """
 
 from __future__ import annotations
@@ -13,15 +16,19 @@ import torch
 
 from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype of the LLM's activations and of the prompt embeddings (int8: of all but its
+# linear layers' products).
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
+# Precisions only vLLM decodes in.
+VLLM_ONLY = ("int8",)
 
 
 def resolve_precision(configured: str, device: str, native_bf16: bool | None = None) -> str:
-    """fp32, bf16 or fp16 for `configured` (one of PRECISIONS) on `device`. auto: bf16 on a
-    GPU and on a CPU with native bf16 (native_bf16 None: read from this CPU), fp32 on other
-    CPUs. fp16 is refused on a CPU, where neither engine has fast half-precision kernels."""
+    """fp32, bf16, fp16 or int8 for `configured` (one of PRECISIONS) on `device`. auto: bf16
+    on a GPU and on a CPU with native bf16 (native_bf16 None: read from this CPU), fp32 on
+    other CPUs. fp16 is refused on a CPU, where neither engine has fast half-precision kernels."""
     if configured not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {configured!r}")
     on_cpu = device == "cpu"
@@ -38,4 +45,4 @@ def vllm_dtype(precision: str) -> str:
     return str(TORCH_DTYPES[precision]).removeprefix("torch.")
 
 
-__all__ = ["PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "resolve_precision", "vllm_dtype"]
+__all__ = ["PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "VLLM_ONLY", "resolve_precision", "vllm_dtype"]

@@ -8,6 +8,7 @@ cleans the whole response (see ResponseTextStream).
 
 from __future__ import annotations
 
+import asyncio
 import locale
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import AsyncIterator, Callable, Mapping
 import torch
 
 from twopass_asr.second_pass.llm_export import export_llm_dir
-from twopass_asr.second_pass.precision import TORCH_DTYPES, vllm_dtype
+from twopass_asr.second_pass.precision import TORCH_DTYPES, VLLM_ONLY, vllm_dtype
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
 
 ENGINES = ("vllm", "auto", "torch")
@@ -146,7 +147,7 @@ class VllmNanoEngine:
         self.settings = settings
         self.max_new_tokens = recognizer.max_new_tokens
         try:
-            self.llm_dir = export_llm_dir(recognizer.model_dir, recognizer.llm_dir)
+            self.llm_dir = export_llm_dir(recognizer.model_dir, recognizer.llm_dir, int8=settings.precision == "int8")
         except OSError as exc:
             raise EngineUnavailable(f"cannot export the LLM into a vLLM directory: {exc}") from exc
         args = AsyncEngineArgs(
@@ -197,6 +198,22 @@ class VllmNanoEngine:
             if not finished:
                 await self.engine.abort(request_id)
 
+    async def next_tokens(self, prompts: list[torch.Tensor]) -> list[int]:
+        """The greedy next token of each prompt, all in flight together: teacher forcing, to
+        compare a precision's choices with another's at every position."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        sampling = SamplingParams(temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def one(embeds: torch.Tensor) -> int:
+            prompt = {"prompt_embeds": embeds.detach().to("cpu", self._dtype).contiguous()}
+            async for output in self.engine.generate(prompt, sampling, uuid.uuid4().hex):
+                if output.finished:
+                    return output.outputs[0].token_ids[0]
+            raise RuntimeError("vLLM finished no request")
+
+        return list(await asyncio.gather(*(one(embeds) for embeds in prompts)))
+
     def shutdown(self) -> None:
         # Cancel the output handler first: shutting the core down under it logs EngineDeadError.
         from vllm.utils.async_utils import cancel_task_threadsafe
@@ -214,14 +231,18 @@ class VllmNanoEngine:
 def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Mapping[str, str], precision: str,
                  warn: Callable[[str], None] = log.warning) -> VllmNanoEngine | None:
     """The vLLM engine, in `precision` (resolved), for mode vllm (EngineUnavailable if it
-    cannot start) or auto (None after one warning if it cannot start); None for torch."""
+    cannot start) or auto (None after one warning if it cannot start); None for torch. A
+    precision only vLLM decodes in needs it: ValueError with mode torch, EngineUnavailable
+    when it cannot start."""
     if mode == "torch":
+        if precision in VLLM_ONLY:
+            raise ValueError(f"precision {precision} runs on vLLM only: set engine vllm or auto")
         return None
     settings = EngineSettings.from_parameters(device, params, precision)
     try:
         return VllmNanoEngine(recognizer, settings)
     except EngineUnavailable as exc:
-        if mode == "vllm":
+        if mode == "vllm" or precision in VLLM_ONLY:
             raise
         warn(f"vLLM unavailable, falling back to torch generation: {exc}")
         return None

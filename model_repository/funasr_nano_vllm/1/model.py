@@ -116,7 +116,8 @@ class TritonPythonModel:
         try:
             self.engine = start_engine(mode, self.recognizer, device, params, precision, warn=pb_utils.Logger.log_warn)
         except (EngineUnavailable, ValueError) as exc:
-            raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine=vllm but {exc}") from exc
+            raise pb_utils.TritonModelException(f"funasr_nano_vllm: engine={mode}, precision {precision}, but {exc}"
+                                                ) from exc
         self.generator = None
         if self.engine is not None:
             self.recognizer.release_generation_layers()  # vLLM holds its own copy
