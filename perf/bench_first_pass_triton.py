@@ -22,9 +22,9 @@ without (--look-back 0; otherwise each stream takes its engine's default):
         --engines funasr_onnx:int8,batched:fp32,batched:int8
 
 --layouts serves the model in other shapes, INSTANCESxWORKERS each: 1x2 is one decoupled
-instance whose 2 worker threads take any stream's chunk, 2x1 two decoupled instances (two
-processes; as config.pbtxt ships it on 2 cores), 2x0 two instances that are not decoupled,
-to which Triton pins each stream:
+instance whose 2 worker threads take any stream's chunk (as config.pbtxt ships it on 2
+cores), 2x1 two decoupled instances (two processes, Triton pinning each stream to one), 2x0
+two instances that are not decoupled:
 
     python -m perf.bench_first_pass_triton --paraformer-dir DIR --layouts 1x2,2x0
 

@@ -97,15 +97,14 @@ def test_concurrent_streams_match_funasr(triton_server, reference_paraformer, sp
 
 
 def test_workers_share_the_cores(triton_server):
-    """paraformer_streaming (config.pbtxt: two decoupled instances, workers and threads
-    empty) shares the cores out between its instances' single-threaded workers; vad, one
-    instance that is not decoupled, gives its one pass all the cores."""
+    """paraformer_streaming (config.pbtxt: one decoupled instance, workers and threads
+    empty) runs one single-threaded worker per core; vad, one instance that is not
+    decoupled, gives its one pass all the cores."""
     log = triton_server.log_text()
     settings = {model: re.findall(rf"{model}: loaded .* on cpu, (\d+) torch thread\(s\) x (\d+) worker", log)
                 for model in ("paraformer_streaming", "vad")}
     cores = len(os.sched_getaffinity(0))
-    per_instance = max(1, cores // 2)
-    assert settings["paraformer_streaming"] == [(str(max(1, cores // (2 * per_instance))), str(per_instance))] * 2
+    assert settings["paraformer_streaming"] == [("1", str(cores))]
     assert settings["vad"] == [(str(cores), "1")]
 
 
