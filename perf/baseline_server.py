@@ -64,13 +64,15 @@ class Models:
         common = {"disable_update": True, "disable_pbar": True, "disable_log": True, "device": "cpu",
                   "ncpu": threads}
         self.vad = AutoModel(model=str(dirs["vad"]), **common)
-        self.online = AutoModel(model=str(dirs["paraformer_streaming"]), **common)
-        self.online_onnx = None
+        # The online Paraformer on one of FunASR's runtimes: its torch AutoModel, or its ONNX runtime.
+        self.online = self.online_onnx = None
         if first_pass_precision == "int8":
             from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
 
             self.online_onnx = FunasrOnnxStreamingParaformer.for_model_dir(dirs["paraformer_streaming"],
                                                                            precision="int8")
+        else:
+            self.online = AutoModel(model=str(dirs["paraformer_streaming"]), **common)
         self.offline = AutoModel(model=str(dirs["funasr_nano"]), **common)
         # FunASR keeps VAD options on the model object; each call installs its stream's.
         self._vad_defaults = self.vad.model.vad_opts
