@@ -184,7 +184,7 @@ class VllmNanoEngine:
             sampling = sampling.clone()
             sampling.max_tokens = max_tokens
         cleaner = ResponseTextStream()
-        prompt = {"prompt_embeds": embeds.detach().to("cpu", self._dtype).contiguous()}
+        prompt = self._prompt(embeds)
         finished = False
         try:
             async for output in self.engine.generate(prompt, sampling, request_id):
@@ -198,6 +198,10 @@ class VllmNanoEngine:
             if not finished:
                 await self.engine.abort(request_id)
 
+    def _prompt(self, embeds: torch.Tensor) -> dict:
+        """vLLM's prompt for prompt embeddings [tokens, hidden], in the engine's dtype."""
+        return {"prompt_embeds": embeds.detach().to("cpu", self._dtype).contiguous()}
+
     async def next_tokens(self, prompts: list[torch.Tensor]) -> list[int]:
         """The greedy next token of each prompt, all in flight together: teacher forcing, to
         compare a precision's choices with another's at every position."""
@@ -206,8 +210,7 @@ class VllmNanoEngine:
         sampling = SamplingParams(temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
 
         async def one(embeds: torch.Tensor) -> int:
-            prompt = {"prompt_embeds": embeds.detach().to("cpu", self._dtype).contiguous()}
-            async for output in self.engine.generate(prompt, sampling, uuid.uuid4().hex):
+            async for output in self.engine.generate(self._prompt(embeds), sampling, uuid.uuid4().hex):
                 if output.finished:
                     return output.outputs[0].token_ids[0]
             raise RuntimeError("vLLM finished no request")
