@@ -38,12 +38,13 @@ REAL_SPEECH_TOKENS_PER_S = 2.2
 PROFILES = ("auto", "fp32")
 
 
-def profile_list(parser: argparse.ArgumentParser, text: str) -> list[str]:
-    """A comma-separated --profiles value; a usage error for anything but PROFILES."""
-    profiles = text.split(",")
-    if not set(profiles) <= set(PROFILES):
-        parser.error(f"--profiles takes {' and/or '.join(PROFILES)}, got {text!r}")
-    return profiles
+def comma_choices(parser: argparse.ArgumentParser, option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated option value (--profiles: PROFILES); a usage error for anything
+    but `allowed`."""
+    chosen = text.split(",")
+    if not set(chosen) <= set(allowed):
+        parser.error(f"{option} takes {' and/or '.join(allowed)}, got {text!r}")
+    return chosen
 
 
 def profile_environment(profile: str) -> dict[str, str]:

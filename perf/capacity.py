@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from perf import metrics, ws_load
-from perf.bench_args import REAL_SPEECH_TOKENS_PER_S, profile_environment, profile_list
+from perf.bench_args import PROFILES, REAL_SPEECH_TOKENS_PER_S, comma_choices, profile_environment
 from twopass_asr import REPO_ROOT
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.recognizer import (
@@ -242,10 +242,8 @@ def main(argv=None) -> int:
         parser.error("--max-clients and --max-new-tokens must be at least 1")
     if not args.max_new_tokens_per_second > 0:
         parser.error("--max-new-tokens-per-second must be positive")
-    profiles = profile_list(parser, args.profiles)
-    baselines = args.baselines.split(",")
-    if not set(baselines) <= set(BASELINES):
-        parser.error(f"--baselines takes {' and/or '.join(BASELINES)}, got {args.baselines!r}")
+    profiles = comma_choices(parser, "--profiles", args.profiles, PROFILES)
+    baselines = comma_choices(parser, "--baselines", args.baselines, BASELINES)
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):

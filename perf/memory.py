@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from perf.bench_args import PROFILES, profile_environment, profile_list
+from perf.bench_args import PROFILES, comma_choices, profile_environment
 from twopass_asr import REPO_ROOT
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.serving.triton_launcher import TritonServer
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: auto and/or fp32")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
     args = parser.parse_args(argv)
-    profiles = profile_list(parser, args.profiles)
+    profiles = comma_choices(parser, "--profiles", args.profiles, PROFILES)
     if not args.store.is_dir():
         parser.error(f"--store {args.store} is not a directory")
     cpu = cpu_summary()
