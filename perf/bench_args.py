@@ -49,4 +49,4 @@ def comma_choices(parser: argparse.ArgumentParser, option: str, text: str, allow
 
 def profile_environment(profile: str) -> dict[str, str]:
     """The environment a tritonserver runs a profile in."""
-    return precision_environment(profile, profile)
+    return precision_environment(profile, profile, profile)

@@ -19,11 +19,13 @@ Latency is segment submitted -> last text delta; throughput is segments / wall t
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
 CPU; int8, vLLM's W8A8, runs on vLLM only, and torch and FunASR then run in bf16); with
 another than fp32 it is also compared with fp32 (greedy texts and teacher-forced tokens:
-of the torch path in that precision, or of vLLM's compiled engine for int8). In-process (no tritonserver), so the numbers are the engines', not
+of the torch path in that precision, or of vLLM's compiled engine for int8). The served audio
+encoder runs in --encoder-precision (auto: int8 where funasr_nano_vllm would take it), compared
+the same way with FunASR's float32 encoder. In-process (no tritonserver), so the numbers are the engines', not
 gRPC's. A random model rarely emits EOS: every segment decodes --max-new-tokens tokens, by
 default what a real transcript of that length has (perf.bench_args.REAL_SPEECH_TOKENS_PER_S).
 
-    .venv/bin/python -m perf.bench_second_pass [--concurrency 1,4,8,16] [--precision auto]
+    .venv/bin/python -m perf.bench_second_pass [--concurrency 1,4,8,16] [--precision auto] [--encoder-precision auto]
         [--max-new-tokens N] [--segments-per-client 3] [--segment-seconds 5] [--threads 2]
         [--embed-window-ms 10] [--embed-max-batch 16] [--torch-max-batch 16]
         [--vllm-modes compiled,eager]
@@ -52,6 +54,7 @@ from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.cpu_features import cpu_summary
+from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, VLLM_ONLY, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
@@ -135,9 +138,9 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
                      seconds: float) -> list[str]:
     """Markdown lines: one audio encoder + adaptor pass over B segments against B passes of one
     (embed_prepared, what the model's SegmentBatcher calls), after one warm-up pass; and the
-    one pass with torch's own linear layers (`plain`)."""
-    rows = [f"\nAudio encoder + adaptor alone, {seconds:g} s segments:\n",
-            "| segments | one pass ms | one by one ms | ratio | one pass, nn.Linear ms | prepacking speed-up |",
+    one pass as FunASR runs it (`plain`: float32, torch's own linear layers)."""
+    rows = [f"\nAudio encoder + adaptor alone ({recognizer.encoder_precision}), {seconds:g} s segments:\n",
+            "| segments | one pass ms | one by one ms | ratio | one pass as FunASR runs it ms | speed-up |",
             "|---|---|---|---|---|---|"]
     prepared = [recognizer.prepare(NanoRequest(pcm)) for pcm in make_segments(max(batches), seconds, seed=7)]
     recognizer.embed_prepared(prepared[:1])
@@ -156,6 +159,31 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
                     f"| {together_plain * 1000:.0f} | {together_plain / together:.2f}x |")
         print(rows[-1], flush=True)
     return rows
+
+
+def agreement_lines(what: str, same_text: int, count: int, pairs: list[tuple[int, int]]) -> list[str]:
+    same_token = sum(got == want for got, want in pairs)
+    lines = [f"\nAgreement of {what}:\n",
+             "| greedy texts equal | teacher-forced top-1 tokens equal |", "|---|---|",
+             f"| {same_text}/{count} ({same_text / count:.0%}) | {same_token}/{len(pairs)} "
+             f"({same_token / len(pairs):.1%}) |"]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def encoder_agreement(reference: NanoRecognizer, other: NanoRecognizer, count: int, seconds: float) -> list[str]:
+    """Markdown lines: prompts from `other`'s audio encoder (int8) against `reference`'s (float32),
+    both decoded by `reference`'s LLM: greedy texts equal, and the reference's greedy tokens
+    ranked first when fed `other`'s prompt and the reference's tokens before each position."""
+    pcms = make_segments(count, seconds, seed=13)
+    prompts = [reference.prompt_embeds(pcm) for pcm in pcms]
+    others = [other.prompt_embeds(pcm) for pcm in pcms]
+    rows = reference.generate_tokens(prompts)
+    same_text = sum(a == b for a, b in zip(reference.generate_batch(prompts), reference.generate_batch(others)))
+    pairs = [(got, want) for prompt, row in zip(others, rows)
+             for got, want in zip(reference.teacher_forced_tokens(prompt, row), row)]
+    return agreement_lines(f"the {other.encoder_precision} audio encoder with the fp32 one ({count} segments of "
+                           f"{seconds:g} s, the same LLM)", same_text, count, pairs)
 
 
 def teacher_forced_pairs(reference: NanoRecognizer, engine, run, prompts: list[torch.Tensor]
@@ -195,13 +223,8 @@ def precision_agreement(reference: NanoRecognizer, other, precision: str, count:
                         for prompt, text in zip(prompts, texts))
         pairs = teacher_forced_pairs(reference, other, loop.run_until_complete, prompts)
         where = "vLLM"
-    same_token = sum(got == want for got, want in pairs)
-    lines = [f"\nAgreement of {precision} ({where}) with fp32 (torch, {count} segments of {seconds:g} s):\n",
-             "| greedy texts equal | teacher-forced top-1 tokens equal |", "|---|---|",
-             f"| {same_text}/{count} ({same_text / count:.0%}) | {same_token}/{len(pairs)} "
-             f"({same_token / len(pairs):.1%}) |"]
-    print("\n".join(lines), flush=True)
-    return lines
+    return agreement_lines(f"{precision} ({where}) with fp32 (torch, {count} segments of {seconds:g} s)", same_text,
+                           count, pairs)
 
 
 def write_results(rows: list[Row], out: Path, note: str, sections: list[str]) -> None:
@@ -256,6 +279,8 @@ def main() -> None:
                         help="tokens per segment (default: a real transcript's for --segment-seconds, "
                              f"{REAL_SPEECH_TOKENS_PER_S} per second of audio)")
     parser.add_argument("--precision", choices=[p for p in PRECISIONS if p != "fp16"], default="auto")
+    parser.add_argument("--encoder-precision", choices=INT8_RECIPE_PRECISIONS, default="auto",
+                        help="the audio encoder and adaptor (auto: as funasr_nano_vllm resolves it on this CPU)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embed-window-ms", type=float, default=DEFAULT_WINDOW_MS)
     parser.add_argument("--embed-max-batch", type=int, default=DEFAULT_MAX_BATCH)
@@ -286,15 +311,22 @@ def main() -> None:
     precision = resolve_precision(args.precision, "cpu")
     # What torch and FunASR decode in: int8 is vLLM's only, bf16 around its int8 products.
     torch_precision = "bf16" if precision in VLLM_ONLY else precision
-    recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
+    recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens,
+                                encoder_precision=args.encoder_precision)
     funasr_model = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens, prepack=False)
+    if recognizer.encoder_precision != "fp32":
+        # Both LLMs float32 still: the encoders' difference alone.
+        encoder_sections = encoder_agreement(funasr_model, recognizer, args.agreement_segments, args.segment_seconds)
+    else:
+        encoder_sections = []
     funasr_model.use_dtype(TORCH_DTYPES[torch_precision])
     executor = ThreadPoolExecutor(max_workers=1)
     embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
     generator = SegmentBatcher(recognizer.generate_batch, executor, max_batch=args.torch_max_batch)
-    sections = encoder_batching(recognizer, funasr_model, [int(x) for x in args.encoder_batches.split(",")],
-                                args.segment_seconds)
+    sections = encoder_sections + encoder_batching(recognizer, funasr_model,
+                                                  [int(x) for x in args.encoder_batches.split(",")],
+                                                  args.segment_seconds)
     rows: list[Row] = []
     setup = Setup(recognizer, embedder, generator, args.segment_seconds)
     if torch_precision != "fp32":
@@ -334,7 +366,9 @@ def main() -> None:
         finally:
             engine.shutdown()
     note = (f"{cpu_summary()}. {args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, "
-            f"LLM in {precision} (precision {args.precision}; torch and FunASR in {torch_precision}) "
+            f"LLM in {precision} (precision {args.precision}; torch and FunASR in {torch_precision}), "
+            f"audio encoder in {recognizer.encoder_precision} (encoder precision {args.encoder_precision}; "
+            f"FunASR's in fp32) "
             f"(vllm = compiled, vllm-eager = "
             f"vllm_enforce_eager; torch batches of up to "
             f"{args.torch_max_batch}: {dict(sorted(generator.batch_sizes.items()))}), "

@@ -14,6 +14,7 @@ import torch
 
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
+from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV as NANO_ENCODER_PRECISION_ENV
 from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECISION_ENV
 from twopass_asr.serving.triton_launcher import TritonServer
 from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_silences, write_wav
@@ -21,10 +22,10 @@ from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The equivalence tests compare with FunASR's float32 runtime: every server and engine of the
-# suite decodes both passes in fp32, whatever auto would choose on this CPU, unless a test asks
-# for another precision.
-os.environ[FIRST_PASS_PRECISION_ENV] = "fp32"
-os.environ[SECOND_PASS_PRECISION_ENV] = "fp32"
+# suite decodes both passes (the Nano's audio encoder too) in fp32, whatever auto would choose on
+# this CPU, unless a test asks for another precision.
+os.environ.update(dict.fromkeys((FIRST_PASS_PRECISION_ENV, SECOND_PASS_PRECISION_ENV, NANO_ENCODER_PRECISION_ENV),
+                                "fp32"))
 
 TEST_STORE = Path(os.environ.get("TWOPASS_ASR_TEST_MODELS", REPO_ROOT / ".test_models"))
 ARTIFACTS = REPO_ROOT / ".cache" / "test-artifacts"

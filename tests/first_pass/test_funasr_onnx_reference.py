@@ -18,7 +18,7 @@ import torch
 
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
-from twopass_asr.first_pass.options import DecodeOptions, resolve_precision
+from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import module_path, stream_rows
 from twopass_asr.store import model_store
@@ -194,15 +194,6 @@ def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, par
     assert at_load.precision == "int8"
     assert BatchedStreamingParaformer(paraformer_dir, precision="auto").precision == (
         "int8" if cpu_has_int8_dot_products() else "fp32")
-
-
-def test_auto_precision_is_int8_where_int8_dot_products_are_measured_fast():
-    assert resolve_precision("auto", "cpu", int8_dot_products=True) == "int8"
-    assert resolve_precision("auto", "cpu", int8_dot_products=False) == "fp32"
-    assert resolve_precision("auto", "cuda", int8_dot_products=True) == "fp32"  # the int8 layers run on the CPU
-    assert resolve_precision("int8", "cpu", int8_dot_products=False) == "int8"  # asked for: kept
-    assert resolve_precision("fp32", "cpu", int8_dot_products=True) == "fp32"
-
 
 def test_an_export_of_other_weights_is_refused(paraformer_export, tmp_path):
     from twopass_asr.store.random_paraformer import build_random_paraformer

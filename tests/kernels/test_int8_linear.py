@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
-from twopass_asr.kernels.int8_linear import ExportedInt8Linear, _layer_ends, module_path, stream_rows
+from twopass_asr.kernels.int8_linear import Int8Linear, _layer_ends, module_path, stream_rows
 from twopass_asr.store import model_store
 
 
@@ -19,8 +19,8 @@ def int8_engine(test_models, paraformer_export):
     return BatchedStreamingParaformer(test_models / model_store.PARAFORMER, precision="int8", int8_export=paraformer_export)
 
 
-def int8_layers(engine) -> dict[str, ExportedInt8Linear]:
-    return {name: module for name, module in engine.model.named_modules() if isinstance(module, ExportedInt8Linear)}
+def int8_layers(engine) -> dict[str, Int8Linear]:
+    return {name: module for name, module in engine.model.named_modules() if isinstance(module, Int8Linear)}
 
 
 def test_module_path_follows_the_exporters_scopes():

@@ -6,6 +6,7 @@ and the torch fallback)."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from tests.triton_client_utils import decoupled_texts, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_priority import DEFAULT_CPU_NICE, MAX_NICE
+from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV
+from twopass_asr.second_pass.recognizer import NanoRecognizer
 from twopass_asr.second_pass.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
+from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
 
 pytestmark = pytest.mark.triton
 
@@ -176,3 +180,26 @@ def test_second_pass_runs_at_lower_cpu_priority(triton_server):
     assert len(first_pass) == 2  # one instance each
     for pid in first_pass:
         assert thread_nice_values(pid) == {base}, group[pid][1]
+
+
+def test_int8_audio_encoder_serves_its_text_and_a_wrong_precision_is_named(test_models, speech_wav, tmp_path):
+    repository = tmp_path / "repository"
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "funasr_nano_vllm", repository / "funasr_nano_vllm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    torch_engine = {ENGINE_ENV: "torch"}  # starts in seconds; the encoder is the same for vLLM
+    wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log",
+                         env={**torch_engine, ENCODER_PRECISION_ENV: "bf16"})
+    with pytest.raises(TritonStartError, match=r"parameter encoder_precision \(environment "
+                                               r"TWOPASS_ASR_NANO_ENCODER_PRECISION\) must be one of auto, fp32, "
+                                               r"int8, got 'bf16'"):
+        wrong.start()
+
+    segments = [speech_wav.pcm[i * 16000:i * 16000 + (2 + i) * 8000] for i in range(3)]
+    recognizer = NanoRecognizer(test_models / "funasr_nano", encoder_precision="int8")
+    expected = [recognizer.recognize(pcm) for pcm in segments]
+    with TritonServer(test_models, repository, log_path=tmp_path / "int8.log",
+                      env={**torch_engine, ENCODER_PRECISION_ENV: "int8"}) as server:
+        requests = [segment_inputs(pcm) for pcm in segments]
+        assert decoupled_texts(server.grpc_url, "funasr_nano_vllm", requests) == expected
+        assert "LLM in fp32, audio encoder in int8," in server.log_text()
+    assert all(expected), "the tiny model must produce text"

@@ -99,11 +99,16 @@ def test_serve_refuses_a_taken_port_at_once(tmp_path):
 def test_precision_options_reach_the_models_as_their_environment():
     def environment(argv):
         args = parse_args(argv)
-        return precision_environment(args.first_pass_precision, args.second_pass_precision)
+        return precision_environment(args.first_pass_precision, args.second_pass_precision,
+                                     args.second_pass_encoder_precision)
 
     assert environment([]) == {}
     assert environment(["--first-pass-precision", "int8", "--second-pass-precision", "bf16"]) == {
         first_pass_options.PRECISION_ENV: "int8", second_pass_precision.PRECISION_ENV: "bf16"}
     assert environment(["--second-pass-precision", "fp32"]) == {second_pass_precision.PRECISION_ENV: "fp32"}
+    assert environment(["--second-pass-encoder-precision", "int8"]) == {
+        second_pass_precision.ENCODER_PRECISION_ENV: "int8"}
     with pytest.raises(SystemExit):
         parse_args(["--second-pass-precision", "int3"])
+    with pytest.raises(SystemExit):
+        parse_args(["--second-pass-encoder-precision", "bf16"])

@@ -29,8 +29,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
-from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions, resolve_precision
+from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
+from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.store.funasr_onnx_export import INT8_FILES, cached_paraformer_export, require_export
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
@@ -170,8 +171,8 @@ class BatchedStreamingParaformer:
         it does them (twopass_asr.kernels.int8_linear), the others in float32; the export is
         read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the first
         load into the export cache and reused by later ones (cached_paraformer_export). "auto":
-        as resolve_precision chooses for this device and CPU (self.precision says which)."""
-        self.precision = precision = resolve_precision(precision, device)
+        as resolve_int8_recipe_precision chooses for this device and CPU (self.precision says which)."""
+        self.precision = precision = resolve_int8_recipe_precision(precision, device)
         from funasr import AutoModel
 
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.

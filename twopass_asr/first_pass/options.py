@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twopass_asr.audio import SAMPLE_RATE
-from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
+from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
 
 # FunASR measures chunk_size in 60 ms units.
 SAMPLES_PER_CHUNK_UNIT = SAMPLE_RATE * 60 // 1000
@@ -15,24 +15,10 @@ SAMPLES_PER_CHUNK_UNIT = SAMPLE_RATE * 60 // 1000
 CHUNK_SIZE_BOUNDS = ((0, 100), (1, 100), (0, 100))
 LOOK_BACK_BOUNDS = (0, 100)
 # How the batched engine computes: float32, int8 on FunASR's own int8 recipe, or auto
-# (resolve_precision). The environment variable, when set, overrides the Triton model's
-# `precision` parameter.
-PRECISIONS = ("auto", "fp32", "int8")
+# (twopass_asr.kernels.int8_recipe.resolve_int8_recipe_precision). The environment variable,
+# when set, overrides the Triton model's `precision` parameter.
+PRECISIONS = INT8_RECIPE_PRECISIONS
 PRECISION_ENV = "TWOPASS_ASR_FIRST_PASS_PRECISION"
-
-
-def resolve_precision(configured: str, device: str, int8_dot_products: bool | None = None) -> str:
-    """fp32 or int8 for `configured` (one of PRECISIONS). auto: int8 on a CPU with AVX-512
-    VNNI or AMX int8 dot products (int8_dot_products None: read from this CPU), where it ran
-    1.6-1.95x the float32 engine (perf/RESULTS.md, 2026-12-02); fp32 elsewhere: the int8 layers
-    run on onnxruntime's CPU kernels, and on AVX2 alone they are not measured yet."""
-    if configured not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {configured!r}")
-    if configured != "auto":
-        return configured
-    if device != "cpu":
-        return "fp32"
-    return "int8" if (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products) else "fp32"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""Linear layers in int8 exactly as FunASR's int8 export quantizes them.
+"""Linear layers in int8 exactly as FunASR's int8 recipe (twopass_asr.kernels.int8_recipe)
+quantizes them.
 
-FunASR's export (twopass_asr.store.funasr_onnx_export) replaces each quantized MatMul by
-a small subgraph: the activations quantized to uint8 per call (DynamicQuantizeLinear), an
-integer product with the per-channel uint8 weights (MatMulInteger), scaled back to float32
-and the bias added. Each `ExportedInt8Linear` runs its layer's own subgraph, cut out of that
-export, on onnxruntime's int8 kernels: the same weights, the same arithmetic.
+The recipe replaces each quantized MatMul by a small subgraph: the activations quantized to
+uint8 per call (DynamicQuantizeLinear), an integer product with the per-channel uint8 weights
+(MatMulInteger), scaled back to float32 and the bias added. Each `Int8Linear` runs its
+layer's own subgraph on onnxruntime's int8 kernels: cut out of FunASR's own export where
+there is one (the Paraformer, twopass_asr.store.funasr_onnx_export), or made here by the same
+quantizer (`quantize_linear_layers`, for the Nano's audio encoder, which FunASR does not
+export): the same weights, the same arithmetic.
 
 FunASR's runtime quantizes a call's activations together, and a call is one stream's
 chunk. A batched pass holds several streams (and padding), so a layer runs once per stream
@@ -15,12 +18,14 @@ with `stream_rows` around its pass (thread-local: workers run passes at once).
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from twopass_asr.kernels.int8_recipe import quantize_dynamic_arguments, stays_float
 from twopass_asr.kernels.prepacked_linear import layer_session
 from twopass_asr.store.model_store import ModelDirError
 
@@ -39,8 +44,8 @@ def stream_rows(**counts: Sequence[int]) -> Iterator[None]:
         _rows.counts = previous
 
 
-class ExportedInt8Linear(torch.nn.Module):
-    """One layer of FunASR's int8 export, on [batch, rows, features] float32 inputs."""
+class Int8Linear(torch.nn.Module):
+    """One int8 layer of the recipe, on [batch, rows, features] float32 inputs."""
 
     def __init__(self, session, out_features: int, rows: str):
         super().__init__()
@@ -140,7 +145,62 @@ def load_exported_int8_layers(module: torch.nn.Module, export_files: Sequence[Pa
             _check_weight(name, linear, model, weight, path)
             parent, _, attribute = name.rpartition(".")
             setattr(modules[parent], attribute,
-                    ExportedInt8Linear(layer_session(extractor.extract_model([source], [end])), linear.out_features,
+                    Int8Linear(layer_session(extractor.extract_model([source], [end])), linear.out_features,
                                        rows_of(name)))
+            replaced += 1
+    return replaced
+
+
+def _float_layer_model(linear: torch.nn.Linear):
+    """One linear layer as the float ONNX graph FunASR's export gives it: MatMul by the
+    transposed weight, then the bias added."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [numpy_helper.from_array(linear.weight.detach().T.contiguous().numpy(), "weight")]
+    nodes = [helper.make_node("MatMul", ["x", "weight"], ["product" if linear.bias is not None else "y"])]
+    if linear.bias is not None:
+        initializers.append(numpy_helper.from_array(linear.bias.detach().contiguous().numpy(), "bias"))
+        nodes.append(helper.make_node("Add", ["product", "bias"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "rows", linear.in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "rows", linear.out_features])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # see prepacked_linear.MlasLinear
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime's quantizer logs lines per call on the root logger (advice to pre-process
+    the model, parameters it derives); the result is what matters here."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_linear_layers(module: torch.nn.Module, rows: str) -> int:
+    """Replace, in place, every float32 nn.Linear under `module` that FunASR's recipe quantizes
+    by its int8 layer, quantized here by onnxruntime's quantizer with the recipe's settings;
+    every layer reads the rows `rows` names in stream_rows. Returns how many were replaced."""
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    replaced = 0
+    with tempfile.TemporaryDirectory() as directory, _quiet_quantizer():
+        float_path, int8_path = Path(directory) / "float.onnx", Path(directory) / "int8.onnx"
+        for name, linear in list(module.named_modules()):
+            if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32 or stays_float(name):
+                continue
+            onnx.save(_float_layer_model(linear), str(float_path))
+            quantize_dynamic(float_path, int8_path, **quantize_dynamic_arguments())
+            parent, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent), attribute,
+                    Int8Linear(layer_session(onnx.load(str(int8_path))), linear.out_features, rows))
             replaced += 1
     return replaced

@@ -6,8 +6,12 @@ wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and
 FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16), else fp32. int8 (asked for
 explicitly) is vLLM's W8A8: the LLM's linear layers with int8 weights (the project's own
 export, llm_export) and int8 activations per token, everything else in bf16; the torch
-fallback has no int8. The audio encoder and adaptor stay float32 as in FunASR (they have
-float32-only ops).
+fallback has no int8.
+
+The audio encoder and adaptor have a setting of their own, on FunASR's int8 recipe as the first
+pass (twopass_asr.kernels.int8_recipe): fp32 as FunASR runs them, int8, or auto (int8 where the
+CPU has fast int8 dot products). bf16 is not offered: it ran them 1.08x float32 where int8 ran
+2.4x (perf/RESULTS.md, 2026-12-02, session 4).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
+ENCODER_PRECISION_ENV = "TWOPASS_ASR_NANO_ENCODER_PRECISION"
 # The dtype of the LLM's activations and of the prompt embeddings (int8: of all but its
 # linear layers' products).
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
@@ -45,4 +50,5 @@ def vllm_dtype(precision: str) -> str:
     return str(TORCH_DTYPES[precision]).removeprefix("torch.")
 
 
-__all__ = ["PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "VLLM_ONLY", "resolve_precision", "vllm_dtype"]
+__all__ = ["ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "VLLM_ONLY", "resolve_precision",
+           "vllm_dtype"]

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
+from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
+from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.store.nano_dir import validate_nano_dir
@@ -105,14 +107,19 @@ class NanoRecognizer:
     prepack packs the audio encoder's and adaptor's float32 linear weights once for a faster
     GEMM kernel (CPU only; see twopass_asr.kernels.prepacked_linear), and the LLM's when use_dtype makes
     it float32.
+    encoder_precision: the audio encoder and adaptor in fp32 (as FunASR runs them), int8 (their
+    linear layers quantized at load by FunASR's int8 recipe, each segment's activations on their
+    own: twopass_asr.kernels.int8_linear) or auto (resolve_int8_recipe_precision);
+    self.encoder_precision says which.
     """
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
-                 tokens_per_second: float | None = None):
+                 tokens_per_second: float | None = None, encoder_precision: str = "fp32"):
         from funasr import AutoModel
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
+        self.encoder_precision = resolve_int8_recipe_precision(encoder_precision, str(device))
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
@@ -144,11 +151,24 @@ class NanoRecognizer:
         self.prepack = prepack
         self._generation_released = False
         self._llm_prepacked = False
-        if prepack:
+        if self.encoder_precision == "int8":
+            self._quantize_audio_layers()
+        if prepack:  # what int8 left in float32
             prepack_linear_layers(self.model.audio_encoder)
             prepack_linear_layers(self.model.audio_adaptor)
         self.llm_dir = paths["llm"]
         self.model_dir = model_dir
+
+    def _quantize_audio_layers(self) -> None:
+        """The audio encoder's and adaptor's linear layers in int8. Every one reads the
+        encoder's frames: the adaptor's frame stacking must be 1 (Fun-ASR-Nano's), or its
+        layers would read a row count of their own."""
+        stacking = getattr(self.model.audio_adaptor, "k", 1)
+        if stacking != 1:
+            raise ValueError(f"encoder precision int8 needs an adaptor without frame stacking (downsample_rate 1), "
+                             f"this one stacks {stacking}")
+        quantize_linear_layers(self.model.audio_encoder, "frames")
+        quantize_linear_layers(self.model.audio_adaptor, "frames")
 
     @torch.no_grad()
     def recognize(self, pcm: np.ndarray, hotwords: Iterable[str] = (), language: str | None = None,
@@ -206,8 +226,9 @@ class NanoRecognizer:
         fbank = torch.nn.utils.rnn.pad_sequence([s.fbank for s in segments], batch_first=True).to(device)
         lengths = torch.tensor([len(s.fbank) for s in segments], dtype=torch.int32, device=device)
         # FunASR runs the encoder in float32 whatever the LLM's dtype (it has fp32-only ops).
-        encoded, encoded_lengths = self.model.encode(fbank, lengths)
-        adapted, adapted_lengths = self.model.audio_adaptor(encoded, encoded_lengths)
+        with stream_rows(frames=lengths.tolist()):
+            encoded, encoded_lengths = self.model.encode(fbank, lengths)
+            adapted, adapted_lengths = self.model.audio_adaptor(encoded, encoded_lengths)
         embed_tokens = self.model.llm.model.get_input_embeddings()
         prompts = []
         for index, segment in enumerate(segments):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass import options as first_pass_options
+from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
 from twopass_asr.second_pass import precision as second_pass_precision
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, port_in_use
 from twopass_asr.store import model_store
@@ -21,9 +22,11 @@ from twopass_asr.store import model_store
 log = logging.getLogger("twopass_asr.serving.serve")
 
 
-def precision_environment(first_pass: str | None, second_pass: str | None) -> dict[str, str]:
+def precision_environment(first_pass: str | None, second_pass: str | None,
+                          second_pass_encoder: str | None) -> dict[str, str]:
     """The environment that overrides the models' precision parameters with those given."""
-    chosen = {first_pass_options.PRECISION_ENV: first_pass, second_pass_precision.PRECISION_ENV: second_pass}
+    chosen = {first_pass_options.PRECISION_ENV: first_pass, second_pass_precision.PRECISION_ENV: second_pass,
+              second_pass_precision.ENCODER_PRECISION_ENV: second_pass_encoder}
     return {env: value for env, value in chosen.items() if value}
 
 
@@ -40,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--second-pass-precision", choices=second_pass_precision.PRECISIONS, default=None,
                         help="the second pass's LLM in fp32, bf16, fp16 (GPU) or auto: bf16 where the "
                              "hardware computes it natively (default: funasr_nano_vllm's config.pbtxt)")
+    parser.add_argument("--second-pass-encoder-precision", choices=INT8_RECIPE_PRECISIONS, default=None,
+                        help="the second pass's audio encoder in fp32, int8 or auto: int8 where the CPU has fast "
+                             "int8 dot products (default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
     parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
     parser.add_argument("--certfile", default=None)
@@ -87,7 +93,8 @@ def main(argv=None) -> int:
         triton = TritonServer(
             store, host="127.0.0.1", http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
             metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
-            env=precision_environment(args.first_pass_precision, args.second_pass_precision),
+            env=precision_environment(args.first_pass_precision, args.second_pass_precision,
+                                      args.second_pass_encoder_precision),
         )
         log.info("starting tritonserver (log: %s)", triton.log_path)
         triton.start(progress=log.info)

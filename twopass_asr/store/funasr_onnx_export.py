@@ -1,10 +1,7 @@
 """FunASR's own ONNX export of a streaming Paraformer, float32 and int8: the files FunASR's
 ONNX runtime (funasr-onnx) decodes, which is the reference for the int8 first pass.
 
-FunASR's export quantizes with onnxruntime's dynamic quantization: every MatMul with a
-constant weight, weights per output channel as QUInt8, reduce_range off, activations
-quantized per call; MatMuls whose node name contains "output", "bias_encoder" or
-"bias_decoder" stay in float.
+FunASR's export quantizes by its int8 recipe, stated in twopass_asr.kernels.int8_recipe.
 """
 
 from __future__ import annotations

@@ -17,8 +17,15 @@ import triton_python_backend_utils as pb_utils
 
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
+from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
 from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
-from twopass_asr.second_pass.precision import PRECISION_ENV, PRECISIONS, TORCH_DTYPES, resolve_precision
+from twopass_asr.second_pass.precision import (
+    ENCODER_PRECISION_ENV,
+    PRECISION_ENV,
+    PRECISIONS,
+    TORCH_DTYPES,
+    resolve_precision,
+)
 from twopass_asr.second_pass.recognizer import (
     NanoRecognizer,
     NanoRequest,
@@ -96,6 +103,8 @@ class TritonPythonModel:
             mode = engine_mode(params.get("engine"))
             configured_precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "auto")
             precision = resolve_precision(configured_precision, device)
+            configured_encoder = choice(params, "encoder_precision", ENCODER_PRECISION_ENV, INT8_RECIPE_PRECISIONS,
+                                        "auto")
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
             tokens_per_second = tokens_per_second_setting(params.get("max_new_tokens_per_second"))
             embed_batching = settings_from_parameters(params, "embed")
@@ -104,7 +113,7 @@ class TritonPythonModel:
             # Before any torch thread or vLLM process exists: they inherit it.
             lower_priority(cpu_nice)
             self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens,
-                                             tokens_per_second=tokens_per_second)
+                                             tokens_per_second=tokens_per_second, encoder_precision=configured_encoder)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         # One worker for the torch work (embeddings; generation on the torch path): it uses
@@ -132,10 +141,13 @@ class TritonPythonModel:
         return_freed_memory()
         engine_name = "vLLM" if self.engine else "torch"
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
+        encoder = self.recognizer.encoder_precision
+        encoder_chosen = f"{encoder} (auto)" if configured_encoder == "auto" else encoder
         length_cap = "" if tokens_per_second is None else f" or {tokens_per_second:g} per second of audio"
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_store.served_path(model_dir)} on {device} "
-                                 f"({engine_name} generation), LLM in {chosen}, CPU nice +{cpu_nice}, "
-                                 f"at most {self.recognizer.max_new_tokens} new tokens{length_cap}")
+                                 f"({engine_name} generation), LLM in {chosen}, audio encoder in {encoder_chosen}, "
+                                 f"CPU nice +{cpu_nice}, at most {self.recognizer.max_new_tokens} new tokens"
+                                 f"{length_cap}")
 
     def _generate_batch(self, items):
         """Torch generation of (prompt embeddings, token cap) pairs in one call."""

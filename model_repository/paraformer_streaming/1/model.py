@@ -4,7 +4,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr.first_pass.engines import ENGINES
-from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOptions, resolve_precision
+from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOptions
+from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.serving.triton_models import SequenceModel, choice, optional_scalar, optional_vector
 from twopass_asr.store import model_store
 
@@ -25,7 +26,7 @@ class TritonPythonModel(SequenceModel):
             # FunASR's per-stream generate is not thread-safe: one copy of it per worker.
             self.paraformer = ENGINES[engine](model_dir, device=device, copies=self.workers)
         else:
-            precision = resolve_precision(configured, device)
+            precision = resolve_int8_recipe_precision(configured, device)
             try:
                 self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
             except ValueError:
