@@ -151,12 +151,12 @@ def python_server(module_args: list[str], port: int, log_path: Path, what: str, 
 
 
 def start_triton(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: float, profile: str = "auto",
-                 attempts: int = 3) -> TritonServer:
-    """tritonserver on free ports, both passes in precision `profile` (auto or fp32). Another
-    program can take a port between choosing it and tritonserver binding it (loading the
-    models takes a minute): then try new ports."""
+                 extra_env: dict[str, str] | None = None, attempts: int = 3) -> TritonServer:
+    """tritonserver on free ports, both passes in precision `profile` (auto or fp32), then
+    `extra_env` on top. Another program can take a port between choosing it and tritonserver
+    binding it (loading the models takes a minute): then try new ports."""
     env = {MAX_NEW_TOKENS_ENV: str(max_new_tokens), MAX_NEW_TOKENS_PER_SECOND_ENV: str(tokens_per_second),
-           **profile_environment(profile)}
+           **profile_environment(profile), **(extra_env or {})}
     for attempt in range(1, attempts + 1):
         try:
             return TritonServer(store, log_path=log_dir / "tritonserver.log", env=env).start()
@@ -169,9 +169,9 @@ def start_triton(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_sec
 
 @contextlib.contextmanager
 def service(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: float,
-            profile: str = "auto") -> Iterator[str]:
+            profile: str = "auto", extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """tritonserver on the store, and the WebSocket frontend in front of it."""
-    with start_triton(store, log_dir, max_new_tokens, tokens_per_second, profile) as triton:
+    with start_triton(store, log_dir, max_new_tokens, tokens_per_second, profile, extra_env) as triton:
         port = free_port()
         with python_server(["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1",
                             "--port", str(port)], port, log_dir / "frontend.log", "frontend", 60) as url:
@@ -222,7 +222,12 @@ def main(argv=None) -> int:
                              "(both passes as they choose on this machine) and/or fp32 (FunASR's own precision)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="with --compare: the FunASR baselines to measure, comma-separated: fp32 (its online "
-                             "Paraformer in torch) and/or int8 (on FunASR's ONNX runtime, its int8 export)")
+                             "Paraformer in torch) and/or int8 (on FunASR's ONNX runtime, its int8 export); "
+                             "empty: none")
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="with --compare: an environment setting of the service's tritonserver, over its "
+                             "profile's (an A/B run of one setting: TWOPASS_ASR_NANO_ENCODER_PRECISION=fp32); "
+                             "repeatable")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help="second-pass generation cap per segment for both servers with --compare")
     parser.add_argument("--max-new-tokens-per-second", type=float, default=REAL_SPEECH_TOKENS_PER_S,
@@ -243,7 +248,10 @@ def main(argv=None) -> int:
     if not args.max_new_tokens_per_second > 0:
         parser.error("--max-new-tokens-per-second must be positive")
     profiles = comma_choices(parser, "--profiles", args.profiles, PROFILES)
-    baselines = comma_choices(parser, "--baselines", args.baselines, BASELINES)
+    baselines = comma_choices(parser, "--baselines", args.baselines, BASELINES) if args.baselines else []
+    if not all("=" in setting for setting in args.service_env):
+        parser.error(f"--service-env takes NAME=VALUE, got {args.service_env!r}")
+    service_env = dict(setting.split("=", 1) for setting in args.service_env)
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
     for profile in profiles:
         name = f"service-{profile}"
         results[name] = measure(name, service(store, logs / name, args.max_new_tokens, args.max_new_tokens_per_second,
-                                              profile), args, pcm, args.out)
+                                              profile, service_env), args, pcm, args.out)
     for precision in baselines:
         name = f"baseline-{precision}"
         results[name] = measure(name, baseline(store, logs, args.baseline_threads, args.max_new_tokens,
@@ -282,7 +290,7 @@ def main(argv=None) -> int:
               for baseline_name, peer in results.items() if baseline_name.startswith("baseline-")}
     summary = {"cpu": cpu_summary(), "store": str(store), "audio_s": next(iter(results.values()))["audio_s"],
                "max_new_tokens": args.max_new_tokens, "max_new_tokens_per_second": args.max_new_tokens_per_second,
-               "second_pass_from": args.second_pass_from,
+               "second_pass_from": args.second_pass_from, "service_env": service_env,
                "capacity": {name: r["capacity"] for name, r in results.items()},
                "bounded_by_max_clients": {name: r["bounded_by_max_clients"] for name, r in results.items()},
                "ratios": ratios}
@@ -290,8 +298,9 @@ def main(argv=None) -> int:
     table = comparison_table(results)
     ratio_lines = "\n".join(f"{pair}: " + (f"{ratio:.2f}x" if ratio is not None else "undefined (baseline capacity 0)")
                             for pair, ratio in ratios.items())
-    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baselines\n\n{cpu_summary()}\n\n{table}\n\n"
-                                         f"{ratio_lines}\n")
+    settings = f"Service environment over its profile: {service_env}\n\n" if service_env else ""
+    (args.out / "compare.md").write_text(f"# Capacity: service vs FunASR baselines\n\n{cpu_summary()}\n\n{settings}"
+                                         f"{table}\n\n{ratio_lines}\n")
     print(table)
     print(ratio_lines)
     return 0
