@@ -84,5 +84,10 @@ class Backend(ABC):
     def open_stream(self) -> StreamModels:
         """The models for one new stream; nothing is asked of them before its first audio."""
 
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each inference server behind this backend is ready to serve all the
+        models, by name. In-process models are ready once loaded."""
+        return {"in-process": True}
+
     async def close(self) -> None:
         """The server stopped: release what reaches the models."""

@@ -1,6 +1,10 @@
 """WebSocket server speaking FunASR's 2pass protocol, backed by Triton over gRPC; it also
-serves the web page (frontend/static/) over plain HTTP(S) on the same port. The capacity
-baseline (perf/baseline_server.py) is this server with FunASR models in-process instead.
+serves the web page (frontend/static/), Prometheus metrics (/metrics) and health checks
+(/healthz: the process answers; /readyz: ready while an inference server is and no drain is
+under way) over plain HTTP(S) on the same port. SIGTERM or SIGINT drains: new connections are
+refused, open streams get up to --drain-timeout-s to finish, then end with 1001; a second
+signal ends them at once. The capacity baseline (perf/baseline_server.py) is this server with
+FunASR models in-process instead.
 
     python -m frontend.server --triton-url 127.0.0.1:8001 --port 10095
 """
@@ -28,7 +32,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from frontend.backend import Backend, InferenceError
+from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from frontend.metrics import FrontendMetrics
 from frontend.protocol import (
+    CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
@@ -46,6 +53,9 @@ log = logging.getLogger("frontend.server")
 
 DEFAULT_STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_READINESS_INTERVAL_S = 2.0
+SHUTTING_DOWN = "server shutting down"
 
 
 @dataclass
@@ -53,16 +63,29 @@ class ServerSettings:
     max_connections: int = 0  # 0: no limit
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     static_dir: Path | None = DEFAULT_STATIC_DIR
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    readiness_interval_s: float = DEFAULT_READINESS_INTERVAL_S
+
+
+class ServerShuttingDown(Exception):
+    """The drain deadline passed with this connection's stream still open."""
 
 
 class FrontendServer:
-    """State shared by all connections: the backend, the count."""
+    """State shared by all connections: the backend, the open connections, the metrics, the
+    backend's readiness and whether a drain is under way."""
 
     def __init__(self, settings: ServerSettings, backend: Backend):
         self.settings = settings
         self.backend = backend
-        self.active_connections = 0
+        self.metrics = FrontendMetrics()
+        self.connections: set[Connection] = set()
+        self.readiness: dict[str, bool] = {}  # per inference server, as last checked
+        self.draining = False
         self._connection_numbers = itertools.count(1)
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
+        self._hurry = asyncio.Event()
 
     def next_connection_number(self) -> int:
         return next(self._connection_numbers)
@@ -70,11 +93,77 @@ class FrontendServer:
     async def handle(self, websocket: ServerConnection) -> None:
         await Connection(self, websocket).run()
 
+    def opened(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        self._no_connections.clear()
+        self.metrics.connections_open.set(len(self.connections))
+
+    def closed(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        self.metrics.connections_open.set(len(self.connections))
+        if not self.connections:
+            self._no_connections.set()
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and any(self.readiness.values())
+
+    async def check_readiness(self) -> None:
+        self.readiness = await self.backend.readiness()
+        for name, ready in self.readiness.items():
+            self.metrics.backend_ready.labels(name).set(1 if ready else 0)
+
+    async def watch_readiness(self) -> None:
+        while True:
+            try:
+                await self.check_readiness()
+            except Exception:  # a probe bug must not stop the probing (nor the server)
+                log.exception("readiness check failed")
+                self.readiness = {}
+            await asyncio.sleep(self.settings.readiness_interval_s)
+
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Plain HTTP GETs (no Upgrade header) get the web page's files."""
+        """WebSocket handshakes go on (refused while draining); plain HTTP GETs get the
+        metrics, the health checks or the web page's files."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if self.draining:
+                return _text_response(503, "Service Unavailable", f"{SHUTTING_DOWN}; connect again elsewhere\n")
             return None
+        path = urlsplit(request.path).path
+        if path == "/metrics":
+            body = self.metrics.exposition()
+            return Response(200, "OK", Headers([("Content-Type", METRICS_CONTENT_TYPE),
+                                                ("Content-Length", str(len(body)))]), body)
+        if path == "/healthz":
+            return _text_response(200, "OK", "ok\n")
+        if path == "/readyz":
+            if self.ready:
+                return _text_response(200, "OK", "ready\n")
+            reason = ("draining" if self.draining
+                      else f"no inference server ready ({self.readiness or 'not checked yet'})")
+            return _text_response(503, "Service Unavailable", f"not ready: {reason}\n")
         return static_response(self.settings.static_dir, request.path)
+
+    async def drain(self) -> None:
+        """Refuse new connections; close those with no stream open; let open streams finish
+        (each connection closes with 1001 after its final message) until the drain timeout or
+        hurry(); then end the rest with a server_shutdown error and 1001."""
+        self.draining = True
+        log.info("draining: %d connection(s) open, up to %g s", len(self.connections), self.settings.drain_timeout_s)
+        for connection in list(self.connections):
+            connection.drain()
+        waits = [asyncio.ensure_future(self._no_connections.wait()), asyncio.ensure_future(self._hurry.wait())]
+        await asyncio.wait(waits, timeout=self.settings.drain_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if self.connections:
+            log.info("drain over: ending %d connection(s) with 1001", len(self.connections))
+        for connection in list(self.connections):
+            connection.shut_down()
+
+    def hurry(self) -> None:
+        """End a drain under way now."""
+        self._hurry.set()
 
     @staticmethod
     def select_subprotocol(connection: ServerConnection, offered) -> str | None:
@@ -136,6 +225,7 @@ class Connection:
         self.streams = 0
         self._failure: BaseException | None = None
         self._receiver: asyncio.Task | None = None
+        self._closing: asyncio.Future | None = None  # a close begun outside the receive loop
 
     async def run(self) -> None:
         opened = time.monotonic()
@@ -143,14 +233,17 @@ class Connection:
         peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
         log.info("conn %d open from %s subprotocol=%s", self.number, peer_text, self.websocket.subprotocol)
         settings = self.server.settings
-        if settings.max_connections and self.server.active_connections >= settings.max_connections:
+        if settings.max_connections and len(self.server.connections) >= settings.max_connections:
             await self._send_error(
                 "server_busy", f"server at capacity ({settings.max_connections} connections); retry later",
                 CLOSE_TRY_AGAIN_LATER,
             )
             log.info("conn %d refused: at capacity (%d connections)", self.number, settings.max_connections)
             return
-        self.server.active_connections += 1
+        if self.server.draining:  # the handshake began just before the drain did
+            await self.websocket.close(CLOSE_GOING_AWAY, SHUTTING_DOWN)
+            return
+        self.server.opened(self)
         try:
             self._receiver = asyncio.create_task(self._receive())
             try:
@@ -163,7 +256,7 @@ class Connection:
         finally:
             if self.session is not None and not self.session.completed:
                 await self.session.abort()
-            self.server.active_connections -= 1
+            self.server.closed(self)
             log.info(
                 "conn %d closed after %.1f s: %d stream(s), close code %s%s",
                 self.number, time.monotonic() - opened, self.streams, self.websocket.close_code,
@@ -194,13 +287,15 @@ class Connection:
         if self.session is None or self.session.completed:
             self.config = start_config(fields, self.config)
             self.session = StreamSession(self.config, self.server.backend.open_stream(), self._send,
-                                         self._session_failed)
+                                         self._session_failed, self.server.metrics)
             self.streams += 1
         else:
             self.config = update_config(self.config, fields)
             await self.session.push_config(self.config)
         if self.config.ends_stream:
             await self.session.end()
+            if self.server.draining:
+                await self.websocket.close(CLOSE_GOING_AWAY, SHUTTING_DOWN)
 
     async def _on_audio(self, data: bytes) -> None:
         if self.session is None or self.session.completed:
@@ -214,6 +309,23 @@ class Connection:
 
     async def _send(self, message: dict) -> None:
         await self.websocket.send(json.dumps(message, ensure_ascii=False))
+        self.server.metrics.messages.labels(message.get("mode", "")).inc()
+
+    def drain(self) -> None:
+        """The server drains: with no stream open, close now; else after its final message."""
+        if self.session is None or self.session.completed:
+            self._close_soon()
+
+    def shut_down(self) -> None:
+        """The drain deadline passed: end the open stream with an error, or just close."""
+        if self.session is None or self.session.completed:
+            self._close_soon()
+        else:
+            self._session_failed(ServerShuttingDown(f"{SHUTTING_DOWN}: the stream did not end within the drain "
+                                                    f"time ({self.server.settings.drain_timeout_s:g} s)"))
+
+    def _close_soon(self) -> None:
+        self._closing = asyncio.ensure_future(self.websocket.close(CLOSE_GOING_AWAY, SHUTTING_DOWN))
 
     def _session_failed(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -224,7 +336,10 @@ class Connection:
     async def _report(self, failure: BaseException) -> None:
         if isinstance(failure, ConnectionClosed):
             return
-        if isinstance(failure, ProtocolError):
+        if isinstance(failure, ServerShuttingDown):
+            log.info("conn %d: %s", self.number, failure)
+            await self._send_error("server_shutdown", str(failure), CLOSE_GOING_AWAY)
+        elif isinstance(failure, ProtocolError):
             log.info("conn %d bad input (%s): %s", self.number, failure.code, failure.message)
             await self._send_error(failure.code, failure.message, failure.close_code)
         elif isinstance(failure, TritonUnavailable):
@@ -238,6 +353,7 @@ class Connection:
             await self._send_error("internal_error", f"internal server error: {failure!r}", CLOSE_INTERNAL_ERROR)
 
     async def _send_error(self, code: str, reason: str, close_code: int) -> None:
+        self.server.metrics.errors.labels(code).inc()
         config = self.session.config if self.session is not None else self.config
         mode = config.mode if config else ""
         wav_name = config.wav_name if config else ""
@@ -279,12 +395,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES,
                         help="largest accepted WebSocket frame")
     parser.add_argument("--static-dir", type=Path, default=DEFAULT_STATIC_DIR, help="web page files served over HTTP")
+    parser.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM/SIGINT, how long open streams may go on before they end with 1001")
+    parser.add_argument("--readiness-interval-s", type=float, default=DEFAULT_READINESS_INTERVAL_S,
+                        help="how often the inference server's readiness is checked (for /readyz and metrics)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
     if args.max_connections < 0 or args.max_frame_bytes < 1024:
         parser.error("--max-connections must be >= 0 and --max-frame-bytes >= 1024")
+    if args.drain_timeout_s < 0 or not args.readiness_interval_s > 0:
+        parser.error("--drain-timeout-s must be >= 0 and --readiness-interval-s > 0")
     return args
 
 
@@ -298,18 +420,27 @@ def ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | N
 
 async def run_server(make_backend: Callable[[], Backend], settings: ServerSettings, host: str, port: int,
                      certfile: str | None = None, keyfile: str | None = None) -> None:
-    """Serve until SIGINT or SIGTERM. The backend is made here, in the event loop, because it
-    may bind to it (a gRPC channel does)."""
+    """Serve until SIGINT or SIGTERM, then drain (a second signal hurries it). The backend is
+    made here, in the event loop, because it may bind to it (a gRPC channel does)."""
     frontend = FrontendServer(settings, make_backend())
     server = await frontend.start(host, port, ssl_context(certfile, keyfile))
+    readiness = asyncio.create_task(frontend.watch_readiness())
     scheme = "wss" if certfile else "ws"
     log.info("listening on %s://%s:%d/ (%s)", scheme, host, port, frontend.backend.description)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            frontend.hurry()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
+    await frontend.drain()
     log.info("shutting down")
+    readiness.cancel()
     server.close()
     await server.wait_closed()
     await frontend.close()
@@ -332,7 +463,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(max_connections=args.max_connections, max_frame_bytes=args.max_frame_bytes,
-                              static_dir=args.static_dir)
+                              static_dir=args.static_dir, drain_timeout_s=args.drain_timeout_s,
+                              readiness_interval_s=args.readiness_interval_s)
     return run(lambda: TritonBackend(TritonGateway(args.triton_url)), settings, args.host, args.port,
                args.certfile, args.keyfile)
 

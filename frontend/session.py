@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -21,6 +23,7 @@ import numpy as np
 from frontend.audio import AudioHistory, AudioInput
 from frontend.backend import StreamModels
 from frontend.delivery import OrderedDelivery
+from frontend.metrics import FrontendMetrics
 from frontend.protocol import (
     SAMPLE_RATE,
     StreamConfig,
@@ -72,7 +75,9 @@ class StreamSession:
         models: StreamModels,
         emit: Callable[[dict[str, Any]], Awaitable[None]],
         on_failure: Callable[[BaseException], None],
+        metrics: FrontendMetrics | None = None,
     ):
+        """`metrics`: where the stream is counted and its latencies observed (None: nowhere)."""
         self.config = config
         self._models = models
         self._emit = emit
@@ -89,10 +94,21 @@ class StreamSession:
         self._first_pass_buffer = _Samples()
         self._finishing = False
         self._flush_jobs: list[asyncio.Task] = []
-        self._delivery = OrderedDelivery(self._emit, self._fail)
+        self._delivery = OrderedDelivery(self._emit_segment, self._fail)
         self.completed = False  # the final message went out
         self._failed = False
+        self._metrics = metrics
+        # (16 kHz samples received so far, when) per audio frame, until the first pass has
+        # decoded past it: when the audio that completes a chunk arrived, for the partial lag.
+        self._arrivals: deque[tuple[int, float]] = deque()
+        self._arrived_samples = 0
         self._worker = asyncio.create_task(self._run())
+        if metrics is not None:
+            metrics.streams.labels(config.mode).inc()
+            metrics.streams_open.inc()
+            # A callback, not the worker's own code: it runs even when the worker is cancelled
+            # before it ever started.
+            self._worker.add_done_callback(lambda _: metrics.streams_open.dec())
 
     # -- called by the connection, in frame order --------------------------------------
 
@@ -100,6 +116,7 @@ class StreamSession:
         """Raises ProtocolError for audio that cannot be decoded (e.g. a bad WAV header)."""
         pcm = self._audio.feed(data)
         if len(pcm):
+            self._note_arrival(len(pcm))
             await self._inbox.put(("audio", pcm))
 
     async def push_config(self, config: StreamConfig) -> None:
@@ -107,7 +124,9 @@ class StreamSession:
 
     async def end(self) -> None:
         """No more audio: flush every pass; returns once the final message went out."""
-        await self._inbox.put(("audio", self._audio.finish()))
+        tail = self._audio.finish()
+        self._note_arrival(len(tail))
+        await self._inbox.put(("audio", tail))
         await self._inbox.put(("end", None))
         await asyncio.shield(self._worker)
 
@@ -186,9 +205,11 @@ class StreamSession:
         for task in self._flush_jobs[:-1]:
             self._delivery.submit(task)
         await self._delivery.drain()
+        reported_at = None
         if self._flush_jobs:
-            final_result = await self._flush_jobs[-1]
+            final_result, reported_at = await self._flush_jobs[-1]
         await self._emit(final_message(self.config, final_result))
+        self._observe_second_pass(reported_at)
         self.completed = True
         await self._models.close()
 
@@ -201,7 +222,7 @@ class StreamSession:
         # Started here, not in the job, so the backend has the segment before the stream's
         # next audio (the baseline runs it first, as FunASR's servers do).
         recognition = self._models.start_recognition(pcm, self.config) if len(pcm) else None
-        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, recognition))
+        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, recognition, time.monotonic()))
         if recognition is not None:
             # A job cancelled before it ran must still cancel its request.
             job.add_done_callback(lambda _: recognition.cancel())
@@ -212,9 +233,20 @@ class StreamSession:
 
     @staticmethod
     async def _segment_result(config: StreamConfig, start_ms: int, end_ms: int,
-                              recognition: asyncio.Future[str] | None) -> dict[str, Any]:
+                              recognition: asyncio.Future[str] | None, reported_at: float
+                              ) -> tuple[dict[str, Any], float]:
+        """The segment's message, and when the VAD reported its end."""
         text = await recognition if recognition is not None else ""
-        return segment_message(config, text, start_ms, end_ms)
+        return segment_message(config, text, start_ms, end_ms), reported_at
+
+    async def _emit_segment(self, result: tuple[dict[str, Any], float]) -> None:
+        message, reported_at = result
+        await self._emit(message)
+        self._observe_second_pass(reported_at)
+
+    def _observe_second_pass(self, reported_at: float | None) -> None:
+        if self._metrics is not None and reported_at is not None:
+            self._metrics.second_pass_latency.observe(time.monotonic() - reported_at)
 
     # -- first pass ----------------------------------------------------------------------
 
@@ -235,9 +267,24 @@ class StreamSession:
         if not self._models.first_pass.is_open:
             self._first_pass_chunk = self.config.first_pass_chunk_samples
         text = await self._models.first_pass.step(pcm, self.config, end=end)
+        completed_at = self._arrival_of(self._received_samples - self._first_pass_buffer.size)
         if text and emit:
             await self._emit(partial_message(self.config, text))
+            if self._metrics is not None and completed_at is not None:
+                self._metrics.partial_lag.observe(time.monotonic() - completed_at)
         return text
+
+    def _note_arrival(self, samples: int) -> None:
+        self._arrived_samples += samples
+        if self._metrics is not None and self._uses_first_pass and samples:
+            self._arrivals.append((self._arrived_samples, time.monotonic()))
+
+    def _arrival_of(self, position: int) -> float | None:
+        """When the audio up to sample `position` had arrived; forgets the frames before it
+        (the first pass decodes forward only)."""
+        while self._arrivals and self._arrivals[0][0] < position:
+            self._arrivals.popleft()
+        return self._arrivals[0][1] if self._arrivals else None
 
     # -- teardown ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import InferenceServerException
 
 from frontend.backend import Backend, InferenceError, Result, StreamingModel, StreamModels
 from frontend.protocol import SAMPLE_RATE, StreamConfig
@@ -34,6 +35,8 @@ SECOND_PASS_MODEL = "funasr_nano_vllm"
 # Ending a sequence for a client that vanished: a little silence with sequence_end.
 _CLOSING_SILENCE = np.zeros(SAMPLE_RATE // 100, dtype=np.int16)
 _CLOSE_TIMEOUT_S = 5.0
+# A readiness probe that gets no answer in this time counts as not ready.
+READY_TIMEOUT_S = 2.0
 
 # Retry a lost channel quickly so service resumes within seconds once Triton is back
 # (gRPC's default backoff grows to two minutes).
@@ -262,6 +265,18 @@ class TritonGateway:
                 responses.cancel()
         return "".join(pieces)
 
+    async def ready(self, timeout_s: float) -> bool:
+        """Triton answers that it and every model the frontend uses are ready."""
+        try:
+            if not await self.client.is_server_ready(client_timeout=timeout_s):
+                return False
+            for model in (VAD_MODEL, FIRST_PASS_MODEL, SECOND_PASS_MODEL):
+                if not await self.client.is_model_ready(model, client_timeout=timeout_s):
+                    return False
+        except InferenceServerException:
+            return False  # unreachable, or no answer in time
+        return True
+
     async def close(self) -> None:
         await self.client.close()
 
@@ -337,6 +352,9 @@ class TritonBackend(Backend):
 
     def open_stream(self) -> TritonStreamModels:
         return TritonStreamModels(self._gateway, self._sequence_ids)
+
+    async def readiness(self) -> dict[str, bool]:
+        return {self._gateway.url: await self._gateway.ready(READY_TIMEOUT_S)}
 
     async def close(self) -> None:
         await self._gateway.close()

@@ -1,6 +1,7 @@
 """Run the whole service: prepare models, start tritonserver, then the WebSocket frontend.
 
-Ctrl-C (or SIGTERM) stops both and every process they started."""
+Ctrl-C (or SIGTERM) drains the frontend (open streams finish; Ctrl-C again ends them), then
+stops both and every process they started."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, 
 from twopass_asr.store import model_store
 
 log = logging.getLogger("twopass_asr.serving.serve")
+# After its drain, the frontend closes connections and its gRPC channel.
+FRONTEND_EXIT_GRACE_S = 15.0
 
 
 def precision_environment(first_pass: str | None, second_pass: str | None,
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--triton-grpc-port", type=int, default=8001)
     parser.add_argument("--triton-metrics-port", type=int, default=8002)
     parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / ".cache" / "logs")
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
+                        help="on Ctrl-C/SIGTERM, how long the frontend lets open streams finish before ending them")
     return parser.parse_args(argv)
 
 
@@ -66,6 +71,24 @@ def prepare_command(args) -> list[str]:
 def prepare(args) -> Path:
     subprocess.run(prepare_command(args), check=True)
     return args.store or model_store.store_root()
+
+
+def stop_frontend(frontend: subprocess.Popen, drain_timeout_s: float) -> None:
+    """SIGTERM: the frontend drains (open streams finish, up to drain_timeout_s); another
+    Ctrl-C meanwhile passes on a second signal, which ends the drain at once."""
+    frontend.send_signal(signal.SIGTERM)
+    log.info("frontend draining (up to %g s; Ctrl-C again to end open streams now)", drain_timeout_s)
+    deadline = time.monotonic() + drain_timeout_s + FRONTEND_EXIT_GRACE_S
+    while True:
+        try:
+            frontend.wait(max(0.1, deadline - time.monotonic()))
+            return
+        except subprocess.TimeoutExpired:
+            frontend.kill()
+            frontend.wait()
+            return
+        except KeyboardInterrupt:
+            frontend.send_signal(signal.SIGTERM)
 
 
 def main(argv=None) -> int:
@@ -100,7 +123,7 @@ def main(argv=None) -> int:
         triton.start(progress=log.info)
         log.info("tritonserver ready: gRPC %s", triton.grpc_url)
         cmd = [sys.executable, "-m", "frontend.server", "--triton-url", triton.grpc_url,
-               "--host", args.host, "--port", str(args.port)]
+               "--host", args.host, "--port", str(args.port), "--drain-timeout-s", str(args.drain_timeout_s)]
         if args.certfile:
             cmd += ["--certfile", args.certfile, "--keyfile", args.keyfile]
         frontend = subprocess.Popen(cmd, start_new_session=True)
@@ -119,11 +142,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         if frontend is not None and frontend.poll() is None:
-            frontend.send_signal(signal.SIGINT)
-            try:
-                frontend.wait(10)
-            except subprocess.TimeoutExpired:
-                frontend.kill()
+            stop_frontend(frontend, args.drain_timeout_s)
         if triton is not None:
             triton.stop()
 
