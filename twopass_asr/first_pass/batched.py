@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
+from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
@@ -173,11 +174,9 @@ class BatchedStreamingParaformer:
         load into the export cache and reused by later ones (cached_paraformer_export). "auto":
         as resolve_int8_recipe_precision chooses for this device and CPU (self.precision says which)."""
         self.precision = precision = resolve_int8_recipe_precision(precision, device)
-        from funasr import AutoModel
-
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
-        automodel = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
-                              disable_log=True, ncpu=torch.get_num_threads())
+        automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
+                                     disable_log=True, ncpu=torch.get_num_threads())
         self.model = automodel.model.eval()
         self.device = torch.device(device)
         self.features = StreamingFeatures(automodel.kwargs["frontend"])

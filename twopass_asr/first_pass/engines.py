@@ -19,6 +19,7 @@ import torch
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import DecodeOptions
+from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.store.funasr_onnx_export import cached_paraformer_export, require_export
 
@@ -38,12 +39,10 @@ class ReferenceStreamingParaformer:
     default_options = DecodeOptions()
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", copies: int = 1):
-        from funasr import AutoModel
-
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(copies):
-            self._idle.put(AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
-                                     disable_log=True, ncpu=torch.get_num_threads()))
+            self._idle.put(funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
+                                            disable_log=True, ncpu=torch.get_num_threads()))
 
     def new_stream(self, options: DecodeOptions = DecodeOptions()) -> ReferenceStream:
         return ReferenceStream(options)

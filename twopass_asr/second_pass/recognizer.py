@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
+from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
@@ -115,7 +116,6 @@ class NanoRecognizer:
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
                  tokens_per_second: float | None = None, encoder_precision: str = "fp32"):
-        from funasr import AutoModel
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
@@ -129,8 +129,8 @@ class NanoRecognizer:
                      "tokenizer_conf": {"init_param_path": str(paths["llm"])}}
         if "ctc_vocab" in paths:
             overrides["dataset_conf"] = {"ctc_tokenizer_conf": {"vocab_path": str(paths["ctc_vocab"])}}
-        auto = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
-                         disable_log=True, ncpu=torch.get_num_threads(), **overrides)
+        auto = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
+                                disable_log=True, ncpu=torch.get_num_threads(), **overrides)
         self.model = auto.model
         self.kwargs = dict(auto.kwargs)
         self.device = self.kwargs["device"]

@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.store.export_cache import cached_export, default_cache_root
 from twopass_asr.store.model_store import ModelDirError, validate_paraformer_dir
 
@@ -44,15 +45,14 @@ def export_paraformer_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     validate_paraformer_dir(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from funasr import AutoModel
 
     # FunASR prints and onnxruntime's quantizer logs a line per node; the result is checked below.
     root_logger = logging.getLogger()
     level = root_logger.level
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            model = AutoModel(model=str(model_dir), disable_update=True, disable_pbar=True, disable_log=True,
-                              device="cpu")
+            model = funasr_automodel(model_dir, disable_update=True, disable_pbar=True, disable_log=True,
+                                     device="cpu")
             root_logger.setLevel(logging.WARNING)
             with torchscript_onnx_exporter():
                 model.export(type="onnx", quantize=True, output_dir=str(out_dir))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from twopass_asr import REPO_ROOT
+from twopass_asr.funasr_classes import register_classes_of
 
 VAD = "vad"
 PARAFORMER = "paraformer_streaming"
@@ -154,12 +155,12 @@ def load_config(model_dir: Path, what: str, required_keys: tuple[str, ...] = ("m
     return config
 
 
-def funasr_registry():
-    """FunASR's registry tables, filled the way AutoModel sees them: importing the package
-    registers every model class (later registrations of a name win)."""
+def funasr_registry(config: dict):
+    """FunASR's registry tables, holding every class `config` names as AutoModel would find
+    it (twopass_asr.funasr_classes)."""
     # The import prints an ffmpeg notice on stdout that has nothing to do with model files.
     with contextlib.redirect_stdout(io.StringIO()):
-        import funasr  # noqa: F401
+        register_classes_of(config)
     from funasr.register import tables
 
     return tables
@@ -168,7 +169,7 @@ def funasr_registry():
 def instantiate_model(config: dict, vocab_size: int, input_size: int):
     """The model config.yaml describes, built as funasr.AutoModel builds it (model_conf
     merged with the whole config; sizes from the tokenizer and the frontend)."""
-    model_class = funasr_registry().model_classes.get(config["model"])
+    model_class = funasr_registry(config).model_classes.get(config["model"])
     return model_class(**{**config.get("model_conf", {}), **config, "input_size": input_size,
                           "vocab_size": vocab_size})
 
@@ -178,7 +179,7 @@ def _expected_shapes(config: dict, vocab_size: int, input_size: int, model_dir: 
     the way AutoModel builds it, on the meta device (no memory, no initialisation)."""
     import torch
 
-    if funasr_registry().model_classes.get(config["model"]) is None:
+    if funasr_registry(config).model_classes.get(config["model"]) is None:
         raise ModelDirError(f"{what} model directory {model_dir}: config.yaml names model "
                             f"{config['model']!r}, which FunASR does not register")
     try:

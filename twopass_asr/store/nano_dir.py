@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from twopass_asr.funasr_classes import register_classes_of
 from twopass_asr.store import model_store
 from twopass_asr.store.model_store import ModelDirError
 
@@ -90,9 +91,10 @@ def _component_paths(path: Path, config: dict) -> dict[str, Path]:
 def _expected_shapes(path: Path, config: dict, paths: dict[str, Path]) -> dict[str, tuple]:
     """State-dict shapes of the FunASRNano config.yaml describes, built with FunASR's own
     class on the meta device (no memory, no initialisation)."""
-    import funasr.models.fun_asr_nano.model  # noqa: F401  (registers FunASRNano)
     import torch
     from funasr.register import tables
+
+    register_classes_of(config)
 
     kwargs = resolved_model_kwargs(config, path)
     kwargs["llm_conf"]["init_param_path"] = str(paths["llm"])

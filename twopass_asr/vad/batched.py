@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.streaming_fbank import StreamingFeatures
 
 # FunASR's websocket server feeds its VAD in 60 ms steps; segment times are this granular.
@@ -90,7 +91,6 @@ class BatchedStreamingVad:
     """Streaming VAD for many streams; not thread-safe (one call at a time)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", step_ms: int = DEFAULT_VAD_STEP_MS):
-        from funasr import AutoModel
         from funasr.frontends.wav_frontend import WavFrontendOnline
         from funasr.models.fsmn_vad_streaming.model import FsmnVADStreaming
 
@@ -98,8 +98,8 @@ class BatchedStreamingVad:
             # FunASR treats chunk_size >= 15000 ms as offline input, with other outputs.
             raise ValueError(f"step_ms must be between 1 and 14999, got {step_ms}")
         # AutoModel sets torch's process-wide thread count to its ncpu (default 4); keep the caller's.
-        automodel = AutoModel(model=str(model_dir), device=device, disable_update=True, disable_pbar=True,
-                              disable_log=True, ncpu=torch.get_num_threads())
+        automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
+                                     disable_log=True, ncpu=torch.get_num_threads())
         model = automodel.model
         if not isinstance(model, FsmnVADStreaming):
             raise ValueError(f"{model_dir} holds a {type(model).__name__}, not an FsmnVADStreaming VAD model")

@@ -8,6 +8,11 @@ as it is generated, or in one response when the request sets STREAM=false) or, w
 engine=torch or when `auto` finds no vLLM, on torch: one generate call over the segments
 that wait together (text in one response)."""
 
+# First of all: FunASR without its import-everything __init__ (twopass_asr.funasr_classes).
+from twopass_asr.funasr_classes import use_light_funasr
+
+use_light_funasr()
+
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing

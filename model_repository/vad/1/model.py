@@ -1,5 +1,10 @@
 """Triton adapter for the streaming FSMN-VAD; the logic lives in twopass_asr.vad."""
 
+# First of all: FunASR without its import-everything __init__ (twopass_asr.funasr_classes).
+from twopass_asr.funasr_classes import use_light_funasr
+
+use_light_funasr()
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 

@@ -1,0 +1,75 @@
+"""twopass_asr.funasr_classes: the served processes' FunASR, without its import-everything
+__init__, finds every class a model directory names exactly as the whole package does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from twopass_asr import REPO_ROOT
+
+MODELS = ("vad", "paraformer_streaming", "funasr_nano")
+
+# Prints, for each model directory given, the class behind every name its config.yaml
+# mentions in every FunASR registry table, and how many funasr modules the process imported.
+RESOLVE = """
+import json, sys, yaml
+light = sys.argv[1] == "light"
+if light:
+    from twopass_asr.funasr_classes import register_classes_of, use_light_funasr
+    assert use_light_funasr()
+else:
+    import funasr
+from funasr.register import tables
+
+def names(value):
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*map(names, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(names, value))
+    return set()
+
+resolved = {}
+for directory in sys.argv[2:]:
+    config = yaml.safe_load(open(directory + "/config.yaml"))
+    if light:
+        register_classes_of(config)
+    for table in dir(tables):
+        if not table.endswith("_classes"):
+            continue
+        classes = getattr(tables, table)
+        for name in names(config) & set(classes):
+            resolved[f"{table}:{name}"] = f"{classes[name].__module__}.{classes[name].__qualname__}"
+print(json.dumps({"resolved": resolved, "modules": sum(m.startswith("funasr.") for m in sys.modules)}))
+"""
+
+
+def resolve(mode: str, directories: list[str]) -> dict:
+    result = subprocess.run([sys.executable, "-c", RESOLVE, mode, *directories], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def both(test_models):
+    directories = [str(test_models / name) for name in MODELS]
+    return resolve("light", directories), resolve("full", directories)
+
+
+def test_every_named_class_resolves_as_with_the_whole_package(both):
+    light, full = both
+    assert light["resolved"] == full["resolved"]
+    for key in ("model_classes:FsmnVADStreaming", "model_classes:ParaformerStreaming", "model_classes:FunASRNano",
+                "encoder_classes:SANMEncoderChunkOpt", "predictor_classes:CifPredictorV2"):
+        assert key in full["resolved"], key
+
+
+def test_the_light_package_imports_a_fraction_of_funasr(both):
+    light, full = both
+    assert light["modules"] < full["modules"] / 2, (light["modules"], full["modules"])
