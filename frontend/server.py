@@ -383,9 +383,18 @@ def _close_reason(text: str) -> str:
     return encoded.decode("utf-8", errors="ignore")
 
 
+def triton_urls(text: str) -> list[str]:
+    urls = [url.strip() for url in text.split(",")]
+    if not all(urls) or len(set(urls)) != len(urls):
+        raise argparse.ArgumentTypeError(f"expected host:port[,host:port...] without repeats, got {text!r}")
+    return urls
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC address host:port")
+    parser.add_argument("--triton-url", default="127.0.0.1:8001", type=triton_urls,
+                        help="Triton gRPC address host:port, or several, comma-separated (replicas: each stream "
+                             "goes to the ready one with the fewest open streams)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=10095)
     parser.add_argument("--certfile", help="TLS certificate (PEM): serve wss:// and https://")
@@ -465,7 +474,7 @@ def main(argv=None) -> int:
     settings = ServerSettings(max_connections=args.max_connections, max_frame_bytes=args.max_frame_bytes,
                               static_dir=args.static_dir, drain_timeout_s=args.drain_timeout_s,
                               readiness_interval_s=args.readiness_interval_s)
-    return run(lambda: TritonBackend(TritonGateway(args.triton_url)), settings, args.host, args.port,
+    return run(lambda: TritonBackend([TritonGateway(url) for url in args.triton_url]), settings, args.host, args.port,
                args.certfile, args.keyfile)
 
 

@@ -325,8 +325,12 @@ class TritonStreamingModel(StreamingModel[Result]):
 
 
 class TritonStreamModels(StreamModels):
-    def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds):
+    """One stream's models, all on one Triton server; `released` runs once when the stream
+    closes or aborts."""
+
+    def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds, released: Callable[[], None]):
         self._gateway = gateway
+        self._released = released
         self.vad = TritonStreamingModel(
             gateway, sequence_ids, VAD_MODEL,
             lambda pcm, cfg: gateway.vad_inputs(pcm, cfg.vad_tail_sil, cfg.vad_max_len, cfg.vad_energy),
@@ -341,20 +345,53 @@ class TritonStreamModels(StreamModels):
         return asyncio.ensure_future(self._gateway.recognize_segment(pcm, config.hotwords, config.svs_lang,
                                                                      config.itn))
 
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            self._release()
+
+    async def abort(self) -> None:
+        try:
+            await super().abort()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        released, self._released = self._released, None
+        if released is not None:
+            released()
+
 
 class TritonBackend(Backend):
-    """The service: every model call is a request to Triton over the gateway's channel."""
+    """The service: every model call is a request to a Triton server over its gateway's
+    channel. With several servers (replicas of one model repository) each new stream goes to
+    the ready one holding the fewest open streams, and stays there; readiness is as last
+    checked (all count as ready before the first check, and when none is)."""
 
-    def __init__(self, gateway: TritonGateway):
-        self._gateway = gateway
+    def __init__(self, gateways: list[TritonGateway]):
+        if not gateways:
+            raise ValueError("at least one Triton server is needed")
+        self._gateways = gateways
         self._sequence_ids = SequenceIds()
-        self.description = f"Triton gRPC {gateway.url}"
+        self._ready = {gateway.url: True for gateway in gateways}
+        self.open_streams = {gateway.url: 0 for gateway in gateways}
+        self.description = "Triton gRPC " + ", ".join(gateway.url for gateway in gateways)
 
     def open_stream(self) -> TritonStreamModels:
-        return TritonStreamModels(self._gateway, self._sequence_ids)
+        ready = [gateway for gateway in self._gateways if self._ready[gateway.url]] or self._gateways
+        gateway = min(ready, key=lambda candidate: self.open_streams[candidate.url])
+        self.open_streams[gateway.url] += 1
+
+        def released() -> None:
+            self.open_streams[gateway.url] -= 1
+
+        return TritonStreamModels(gateway, self._sequence_ids, released)
 
     async def readiness(self) -> dict[str, bool]:
-        return {self._gateway.url: await self._gateway.ready(READY_TIMEOUT_S)}
+        answers = await asyncio.gather(*(gateway.ready(READY_TIMEOUT_S) for gateway in self._gateways))
+        self._ready = {gateway.url: answer for gateway, answer in zip(self._gateways, answers)}
+        return dict(self._ready)
 
     async def close(self) -> None:
-        await self._gateway.close()
+        await asyncio.gather(*(gateway.close() for gateway in self._gateways))

@@ -449,7 +449,8 @@ def _run_session(config, gateway, pcm, frame=960):
         async def emit(message):
             messages.append(message)
 
-        session = StreamSession(config, TritonStreamModels(gateway, SequenceIds()), emit, failures.append)
+        models = TritonStreamModels(gateway, SequenceIds(), lambda: None)
+        session = StreamSession(config, models, emit, failures.append)
         raw = pcm.tobytes()
         for offset in range(0, len(raw), 2 * frame):
             await session.push_audio(raw[offset:offset + 2 * frame])

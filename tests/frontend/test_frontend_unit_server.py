@@ -51,7 +51,7 @@ def run_with_server(scenario, certificate, static_dir):
 
     async def main():
         frontend = FrontendServer(ServerSettings(static_dir=static_dir),
-                                  TritonBackend(TritonGateway(f"127.0.0.1:{free_port()}")))
+                                  TritonBackend([TritonGateway(f"127.0.0.1:{free_port()}")]))
         port = free_port()
         server = await frontend.start("127.0.0.1", port, ssl_context(str(certfile), str(keyfile)))
         try:

@@ -23,6 +23,7 @@ from twopass_asr.store import model_store
 log = logging.getLogger("twopass_asr.serving.serve")
 # After its drain, the frontend closes connections and its gRPC channel.
 FRONTEND_EXIT_GRACE_S = 15.0
+REPLICA_PORT_STEP = 100
 
 
 def precision_environment(first_pass: str | None, second_pass: str | None,
@@ -55,11 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keyfile", default=None)
     parser.add_argument("--triton-http-port", type=int, default=8000)
     parser.add_argument("--triton-grpc-port", type=int, default=8001)
+    parser.add_argument("--triton-replicas", type=int, default=1,
+                        help="tritonservers to run, each with every model (replica i takes the --triton-*-port "
+                             f"values plus {REPLICA_PORT_STEP} x i); the frontend spreads streams over them")
     parser.add_argument("--triton-metrics-port", type=int, default=8002)
     parser.add_argument("--log-dir", type=Path, default=REPO_ROOT / ".cache" / "logs")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on Ctrl-C/SIGTERM, how long the frontend lets open streams finish before ending them")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.triton_replicas < 1:
+        parser.error("--triton-replicas must be at least 1")
+    return args
 
 
 def prepare_command(args) -> list[str]:
@@ -102,36 +109,51 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     # Found taken now rather than after minutes of model loading.
-    for host, port, option in ((args.host, args.port, "--port"),
-                               ("127.0.0.1", args.triton_http_port, "--triton-http-port"),
-                               ("127.0.0.1", args.triton_grpc_port, "--triton-grpc-port"),
-                               ("127.0.0.1", args.triton_metrics_port, "--triton-metrics-port")):
+    ports = [(args.host, args.port, "--port")]
+    for replica in range(args.triton_replicas):
+        shift = REPLICA_PORT_STEP * replica
+        ports += [("127.0.0.1", args.triton_http_port + shift, "--triton-http-port"),
+                  ("127.0.0.1", args.triton_grpc_port + shift, "--triton-grpc-port"),
+                  ("127.0.0.1", args.triton_metrics_port + shift, "--triton-metrics-port")]
+    for host, port, option in ports:
         if port_in_use(host, port):
             log.error("port %d (%s) on %s is already in use: stop what holds it or choose another with %s",
                       port, option, host, option)
             return 1
-    triton = frontend = None
+    tritons: list[TritonServer] = []
+    frontend = None
     try:
         store = prepare(args)
-        triton = TritonServer(
-            store, host="127.0.0.1", http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
-            metrics_port=args.triton_metrics_port, log_path=args.log_dir / "tritonserver.log",
-            env=precision_environment(args.first_pass_precision, args.second_pass_precision,
-                                      args.second_pass_encoder_precision),
-        )
-        log.info("starting tritonserver (log: %s)", triton.log_path)
-        triton.start(progress=log.info)
-        log.info("tritonserver ready: gRPC %s", triton.grpc_url)
-        cmd = [sys.executable, "-m", "frontend.server", "--triton-url", triton.grpc_url,
+        for replica in range(args.triton_replicas):
+            shift = REPLICA_PORT_STEP * replica
+            triton = TritonServer(
+                store, host="127.0.0.1", http_port=args.triton_http_port + shift,
+                grpc_port=args.triton_grpc_port + shift, metrics_port=args.triton_metrics_port + shift,
+                log_path=args.log_dir / ("tritonserver.log" if replica == 0 else f"tritonserver-{replica}.log"),
+                env=precision_environment(args.first_pass_precision, args.second_pass_precision,
+                                          args.second_pass_encoder_precision),
+            )
+            tritons.append(triton)
+            log.info("starting tritonserver %d of %d (log: %s)", replica + 1, args.triton_replicas, triton.log_path)
+            triton.start(progress=log.info)
+            log.info("tritonserver ready: gRPC %s", triton.grpc_url)
+        cmd = [sys.executable, "-m", "frontend.server", "--triton-url", ",".join(t.grpc_url for t in tritons),
                "--host", args.host, "--port", str(args.port), "--drain-timeout-s", str(args.drain_timeout_s)]
         if args.certfile:
             cmd += ["--certfile", args.certfile, "--keyfile", args.keyfile]
         frontend = subprocess.Popen(cmd, start_new_session=True)
         scheme = "https" if args.certfile else "http"
         log.info("frontend starting: %s://%s:%d/ (web page) — Ctrl-C stops everything", scheme, args.host, args.port)
-        while frontend.poll() is None and triton.process.poll() is None:
+        # A replica that dies leaves the others serving (the frontend sends new streams there).
+        reported = set()
+        while frontend.poll() is None and any(t.process.poll() is None for t in tritons):
+            for triton in tritons:
+                if triton.process.poll() is not None and triton.grpc_url not in reported:
+                    reported.add(triton.grpc_url)
+                    log.error("tritonserver %s exited (code %s); see %s", triton.grpc_url, triton.process.returncode,
+                              triton.log_path)
             time.sleep(0.5)
-        failed = "frontend" if frontend.poll() is not None else "tritonserver"
+        failed = "frontend" if frontend.poll() is not None else "every tritonserver"
         log.error("%s exited unexpectedly; stopping", failed)
         return 1
     except KeyboardInterrupt:
@@ -143,7 +165,7 @@ def main(argv=None) -> int:
     finally:
         if frontend is not None and frontend.poll() is None:
             stop_frontend(frontend, args.drain_timeout_s)
-        if triton is not None:
+        for triton in tritons:
             triton.stop()
 
 
