@@ -225,7 +225,8 @@ class Connection:
         self.streams = 0
         self._failure: BaseException | None = None
         self._receiver: asyncio.Task | None = None
-        self._closing: asyncio.Future | None = None  # a close begun outside the receive loop
+        # A close begun outside the receive loop, held so that the task is not collected early.
+        self._closing: asyncio.Future | None = None
 
     async def run(self) -> None:
         opened = time.monotonic()

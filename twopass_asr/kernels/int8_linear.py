@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from twopass_asr.kernels.int8_recipe import quantize_dynamic_arguments, stays_float
+from twopass_asr.kernels.int8_recipe import quantize_dynamic_arguments, quiet_quantizer, stays_float
 from twopass_asr.kernels.prepacked_linear import layer_session
 from twopass_asr.store.model_store import ModelDirError
 
@@ -169,21 +169,6 @@ def _float_layer_model(linear: torch.nn.Linear):
     return model
 
 
-@contextlib.contextmanager
-def _quiet_quantizer() -> Iterator[None]:
-    """onnxruntime's quantizer logs lines per call on the root logger (advice to pre-process
-    the model, parameters it derives); the result is what matters here."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def quantize_linear_layers(module: torch.nn.Module, rows: str) -> int:
     """Replace, in place, every float32 nn.Linear under `module` that FunASR's recipe quantizes
     by its int8 layer, quantized here by onnxruntime's quantizer with the recipe's settings;
@@ -192,7 +177,7 @@ def quantize_linear_layers(module: torch.nn.Module, rows: str) -> int:
     from onnxruntime.quantization import quantize_dynamic
 
     replaced = 0
-    with tempfile.TemporaryDirectory() as directory, _quiet_quantizer():
+    with tempfile.TemporaryDirectory() as directory, quiet_quantizer():
         float_path, int8_path = Path(directory) / "float.onnx", Path(directory) / "int8.onnx"
         for name, linear in list(module.named_modules()):
             if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32 or stays_float(name):

@@ -9,6 +9,10 @@ reduce_range off, activations quantized per call; MatMuls whose node name contai
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Iterator
+
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 
 # Layers whose name contains one of these stay in float.
@@ -23,6 +27,19 @@ def quantize_dynamic_arguments() -> dict:
 
     return {"op_types_to_quantize": ["MatMul"], "per_channel": True, "reduce_range": False,
             "weight_type": QuantType.QUInt8}
+
+
+@contextlib.contextmanager
+def quiet_quantizer(level: int = logging.ERROR) -> Iterator[None]:
+    """Within: the root logger at `level` at least. onnxruntime's quantizer logs lines per node
+    on it (advice to pre-process, the parameters it derives); the result is checked instead."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
 
 
 def stays_float(layer_name: str) -> bool:
@@ -47,5 +64,5 @@ def resolve_int8_recipe_precision(configured: str, device: str, int8_dot_product
     return "int8" if (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products) else "fp32"
 
 
-__all__ = ["FLOAT_LAYER_MARKS", "INT8_RECIPE_PRECISIONS", "quantize_dynamic_arguments", "resolve_int8_recipe_precision",
-           "stays_float"]
+__all__ = ["FLOAT_LAYER_MARKS", "INT8_RECIPE_PRECISIONS", "quantize_dynamic_arguments", "quiet_quantizer",
+           "resolve_int8_recipe_precision", "stays_float"]

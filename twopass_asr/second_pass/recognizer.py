@@ -12,6 +12,7 @@ CTC timestamp alignment (which needs torchaudio, absent here) is never run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -29,6 +30,8 @@ from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.store.nano_dir import validate_nano_dir
+
+log = logging.getLogger("twopass_asr.second_pass")
 
 NO_LANGUAGE = (None, "", "auto")
 SILENCE_MARK = "/sil"
@@ -152,7 +155,16 @@ class NanoRecognizer:
         self._generation_released = False
         self._llm_prepacked = False
         if self.encoder_precision == "int8":
-            self._quantize_audio_layers()
+            stacking = getattr(self.model.audio_adaptor, "k", 1)
+            if stacking == 1:
+                self._quantize_audio_layers()
+            elif encoder_precision == "auto":
+                log.warning("the audio adaptor stacks %d frames: its int8 layers are not supported, auto takes fp32",
+                            stacking)
+                self.encoder_precision = "fp32"
+            else:
+                raise ValueError(f"encoder precision int8 needs an adaptor without frame stacking "
+                                 f"(downsample_rate 1), this one stacks {stacking}")
         if prepack:  # what int8 left in float32
             prepack_linear_layers(self.model.audio_encoder)
             prepack_linear_layers(self.model.audio_adaptor)
@@ -161,12 +173,7 @@ class NanoRecognizer:
 
     def _quantize_audio_layers(self) -> None:
         """The audio encoder's and adaptor's linear layers in int8. Every one reads the
-        encoder's frames: the adaptor's frame stacking must be 1 (Fun-ASR-Nano's), or its
-        layers would read a row count of their own."""
-        stacking = getattr(self.model.audio_adaptor, "k", 1)
-        if stacking != 1:
-            raise ValueError(f"encoder precision int8 needs an adaptor without frame stacking (downsample_rate 1), "
-                             f"this one stacks {stacking}")
+        encoder's frames (so the adaptor must not stack frames, as Fun-ASR-Nano's does not)."""
         quantize_linear_layers(self.model.audio_encoder, "frames")
         quantize_linear_layers(self.model.audio_adaptor, "frames")
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from twopass_asr.funasr_classes import funasr_automodel
+from twopass_asr.kernels.int8_recipe import quiet_quantizer
 from twopass_asr.store.export_cache import cached_export, default_cache_root
 from twopass_asr.store.model_store import ModelDirError, validate_paraformer_dir
 
@@ -46,18 +47,11 @@ def export_paraformer_onnx(model_dir: str | Path, out_dir: str | Path) -> Path:
     validate_paraformer_dir(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # FunASR prints and onnxruntime's quantizer logs a line per node; the result is checked below.
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            model = funasr_automodel(model_dir, disable_update=True, disable_pbar=True, disable_log=True,
-                                     device="cpu")
-            root_logger.setLevel(logging.WARNING)
-            with torchscript_onnx_exporter():
-                model.export(type="onnx", quantize=True, output_dir=str(out_dir))
-    finally:
-        root_logger.setLevel(level)
+    # FunASR prints a line per node; the result is checked below.
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = funasr_automodel(model_dir, disable_update=True, disable_pbar=True, disable_log=True, device="cpu")
+        with quiet_quantizer(logging.WARNING), torchscript_onnx_exporter():
+            model.export(type="onnx", quantize=True, output_dir=str(out_dir))
     for name in RUNTIME_FILES:
         shutil.copy2(model_dir / name, out_dir / name)
     missing = _missing(out_dir, FLOAT_FILES + INT8_FILES)
