@@ -375,16 +375,16 @@ class TritonBackend(Backend):
         self._gateways = gateways
         self._sequence_ids = SequenceIds()
         self._ready = {gateway.url: True for gateway in gateways}
-        self.open_streams = {gateway.url: 0 for gateway in gateways}
+        self._open_streams = {gateway.url: 0 for gateway in gateways}
         self.description = "Triton gRPC " + ", ".join(gateway.url for gateway in gateways)
 
     def open_stream(self) -> TritonStreamModels:
         ready = [gateway for gateway in self._gateways if self._ready[gateway.url]] or self._gateways
-        gateway = min(ready, key=lambda candidate: self.open_streams[candidate.url])
-        self.open_streams[gateway.url] += 1
+        gateway = min(ready, key=lambda candidate: self._open_streams[candidate.url])
+        self._open_streams[gateway.url] += 1
 
         def released() -> None:
-            self.open_streams[gateway.url] -= 1
+            self._open_streams[gateway.url] -= 1
 
         return TritonStreamModels(gateway, self._sequence_ids, released)
 
