@@ -14,7 +14,8 @@ from twopass_asr import REPO_ROOT
 MODELS = ("vad", "paraformer_streaming", "funasr_nano")
 
 # Prints, for each model directory given, the class behind every name its config.yaml
-# mentions in every FunASR registry table, and how many funasr modules the process imported.
+# mentions (or FunASR derives from one) in every registry table, and how many funasr modules
+# the process imported.
 RESOLVE = """
 import json, sys, yaml
 light = sys.argv[1] == "light"
@@ -24,6 +25,9 @@ if light:
 else:
     import funasr
 from funasr.register import tables
+from twopass_asr.funasr_classes import whole_registry
+
+registered = {name for classes in whole_registry().values() for name in classes}
 
 def names(value):
     if isinstance(value, str):
@@ -43,7 +47,8 @@ for directory in sys.argv[2:]:
         if not table.endswith("_classes"):
             continue
         classes = getattr(tables, table)
-        for name in names(config) & set(classes):
+        # The names the config gives, and those FunASR derives from them (its export's "...Export").
+        for name in (name for name in classes if name.startswith(tuple(names(config) & registered))):
             resolved[f"{table}:{name}"] = f"{classes[name].__module__}.{classes[name].__qualname__}"
 print(json.dumps({"resolved": resolved, "modules": sum(m.startswith("funasr.") for m in sys.modules)}))
 """
@@ -66,7 +71,8 @@ def test_every_named_class_resolves_as_with_the_whole_package(both):
     light, full = both
     assert light["resolved"] == full["resolved"]
     for key in ("model_classes:FsmnVADStreaming", "model_classes:ParaformerStreaming", "model_classes:FunASRNano",
-                "encoder_classes:SANMEncoderChunkOpt", "predictor_classes:CifPredictorV2"):
+                "encoder_classes:SANMEncoderChunkOpt", "predictor_classes:CifPredictorV2",
+                "encoder_classes:SANMEncoderChunkOptExport", "decoder_classes:ParaformerSANMDecoderOnlineExport"):
         assert key in full["resolved"], key
 
 

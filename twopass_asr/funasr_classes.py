@@ -115,13 +115,15 @@ def _names(value: Any) -> set[str]:
 
 def register_classes_of(config: dict) -> None:
     """Put in FunASR's registry, under every name `config` (a parsed config.yaml) mentions,
-    the class the whole-package import registers under it."""
+    the class the whole-package import registers under it; and under the names FunASR derives
+    from those by a suffix (its export looks up "<encoder>Export", "<decoder>OnlineExport")."""
     from funasr.register import tables
 
-    names = _names(config)
+    registry = whole_registry()
+    named = _names(config) & {name for classes in registry.values() for name in classes}
     chosen = []
-    for table, classes in whole_registry().items():
-        for name in names & set(classes):
+    for table, classes in registry.items():
+        for name in (name for name in classes if name.startswith(tuple(named))):
             module, qualified = classes[name]
             target: Any = importlib.import_module(module)
             for part in qualified.split("."):
