@@ -12,7 +12,7 @@ several modules goes to the one registered last, and that order follows the pack
 dependencies, not file names. So the registry of the whole import is read once, in a
 subprocess, kept in the export cache (per FunASR version and installation), and the classes a
 config names are put in the registry exactly as it has them. Elsewhere (tests, tools) FunASR is
-imported whole and registering again changes nothing.
+imported whole, which registers everything itself.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def use_light_funasr() -> bool:
         return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
 
     package.__getattr__ = lazy_export
+    package.twopass_light = True
     sys.modules["funasr"] = package
     return True
 
@@ -116,9 +117,13 @@ def _names(value: Any) -> set[str]:
 def register_classes_of(config: dict) -> None:
     """Put in FunASR's registry, under every name `config` (a parsed config.yaml) mentions,
     the class the whole-package import registers under it; and under the names FunASR derives
-    from those by a suffix (its export looks up "<encoder>Export", "<decoder>OnlineExport")."""
+    from those by a suffix (its export looks up "<encoder>Export", "<decoder>OnlineExport").
+    Where FunASR is (or now gets) imported whole, its registry is complete already."""
+    import funasr
     from funasr.register import tables
 
+    if not getattr(funasr, "twopass_light", False):
+        return
     registry = whole_registry()
     named = _names(config) & {name for classes in registry.values() for name in classes}
     chosen = []
