@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
@@ -172,13 +173,15 @@ def test_sigterm_lets_the_open_stream_finish_and_refuses_new_connections(triton_
     assert "draining: 2 connection(s) open" in frontend.log()
 
 
-def test_a_stream_still_open_at_the_drain_deadline_ends_with_an_error_and_1001(triton_server, speech_wav):
+def test_a_stream_still_open_at_the_drain_deadline_ends_with_an_error_and_1001(triton_server):
     frontend = FrontendProcess(triton_server.grpc_url, "--drain-timeout-s", "1", name="drain-deadline")
 
     async def scenario():
         async with connect(frontend.url) as websocket:
             await websocket.send(json.dumps({"mode": "2pass", "is_speaking": True}))
-            await websocket.send(speech_wav.pcm[:16000].astype("<i2").tobytes())
+            # Silence: no segment, so no second-pass request is cancelled when the stream is
+            # ended (tritonserver 2.51 can crash on such cancellations, README "Known limitations").
+            await websocket.send(np.zeros(16000, dtype="<i2").tobytes())
             await asyncio.sleep(0.5)
             frontend.process.send_signal(signal.SIGTERM)
             result = StreamResult()
