@@ -146,15 +146,24 @@ class AudioHistory:
             self._chunks.append(pcm)
             self._held += len(pcm)
 
+    @property
+    def first_sample(self) -> int:
+        """The stream position of the oldest sample held."""
+        return self._first_sample
+
     def slice_ms(self, start_ms: int, end_ms: int) -> np.ndarray:
         """Samples in [start_ms, end_ms), clipped to what is still held."""
+        return self.slice_samples(ms_to_samples(start_ms), ms_to_samples(end_ms))
+
+    def slice_samples(self, start: int, end: int) -> np.ndarray:
+        """Samples from stream position `start` to `end`, clipped to what is still held."""
         held = np.concatenate(self._chunks) if self._chunks else _EMPTY
-        start = max(_ms_to_samples(start_ms) - self._first_sample, 0)
-        end = max(_ms_to_samples(end_ms) - self._first_sample, start)
+        start = max(start - self._first_sample, 0)
+        end = max(end - self._first_sample, start)
         return held[start:end].copy()
 
     def discard_before_ms(self, ms: int) -> None:
-        cut = _ms_to_samples(ms) - self._first_sample
+        cut = ms_to_samples(ms) - self._first_sample
         while self._chunks and cut > 0:
             first = self._chunks[0]
             if len(first) <= cut:
@@ -168,5 +177,5 @@ class AudioHistory:
             self._held -= dropped
 
 
-def _ms_to_samples(ms: int) -> int:
+def ms_to_samples(ms: int) -> int:
     return ms * SAMPLE_RATE // 1000

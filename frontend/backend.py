@@ -23,6 +23,11 @@ class InferenceError(Exception):
     """A model call failed (the models answered with an error, or could not be asked)."""
 
 
+class BackendLost(InferenceError):
+    """The inference server under a stream is gone: unreachable, shutting down, or silent for
+    longer than a step may take. Another server may take the stream over (StreamModels.move)."""
+
+
 class StreamingModel(ABC, Generic[Result]):
     """One streaming model (VAD, first pass) as one stream uses it: successive sequences,
     one open at a time, each keeping the model's state from one step to the next."""
@@ -66,6 +71,11 @@ class StreamModels(ABC):
     @abstractmethod
     def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:
         """Start the second pass of one segment now; cancelling the future cancels it."""
+
+    async def move(self) -> bool:
+        """After BackendLost: go on on another inference server. Later calls go there, and
+        every sequence starts afresh (none is open). False when no other server is ready."""
+        return False
 
     async def close(self) -> None:
         await self.vad.close()

@@ -36,6 +36,8 @@ class FrontendMetrics:
             f"{PREFIX}_second_pass_seconds",
             "From the VAD's report of a segment's end to its second-pass text going out",
             buckets=SECOND_PASS_BUCKETS, registry=registry)
+        self.failovers = Counter(f"{PREFIX}_failovers", "Streams moved to another inference server after theirs "
+                                 "was lost", registry=registry)
         self.backend_ready = Gauge(f"{PREFIX}_backend_ready", "1 while the backend answers ready, else 0",
                                    ["backend"], registry=registry)
 

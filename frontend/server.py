@@ -1,10 +1,11 @@
 """WebSocket server speaking FunASR's 2pass protocol, backed by Triton over gRPC; it also
 serves the web page (frontend/static/), Prometheus metrics (/metrics) and health checks
 (/healthz: the process answers; /readyz: ready while an inference server is and no drain is
-under way) over plain HTTP(S) on the same port. SIGTERM or SIGINT drains: new connections are
-refused, open streams get up to --drain-timeout-s to finish, then end with 1001; a second
-signal ends them at once. The capacity baseline (perf/baseline_server.py) is this server with
-FunASR models in-process instead.
+under way) over plain HTTP(S) on the same port. With several Triton servers each stream goes
+to the least loaded ready one and moves to another if its own is lost (session.py). SIGTERM
+or SIGINT drains: new connections are refused, open streams get up to --drain-timeout-s to
+finish, then end with 1001; a second signal ends them at once. The capacity baseline
+(perf/baseline_server.py) is this server with FunASR models in-process instead.
 
     python -m frontend.server --triton-url 127.0.0.1:8001 --port 10095
 """
@@ -47,7 +48,7 @@ from frontend.protocol import (
     update_config,
 )
 from frontend.session import StreamSession
-from frontend.triton_client import TritonBackend, TritonGateway, TritonUnavailable
+from frontend.triton_client import DEFAULT_STEP_TIMEOUT_S, TritonBackend, TritonGateway, TritonUnavailable
 
 log = logging.getLogger("frontend.server")
 
@@ -409,14 +410,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="on SIGTERM/SIGINT, how long open streams may go on before they end with 1001")
     parser.add_argument("--readiness-interval-s", type=float, default=DEFAULT_READINESS_INTERVAL_S,
                         help="how often the inference server's readiness is checked (for /readyz and metrics)")
+    parser.add_argument("--step-timeout-s", type=float, default=DEFAULT_STEP_TIMEOUT_S,
+                        help="a VAD or first-pass step unanswered this long counts as its server lost: the "
+                             "stream moves to another server")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
     if args.max_connections < 0 or args.max_frame_bytes < 1024:
         parser.error("--max-connections must be >= 0 and --max-frame-bytes >= 1024")
-    if args.drain_timeout_s < 0 or not args.readiness_interval_s > 0:
-        parser.error("--drain-timeout-s must be >= 0 and --readiness-interval-s > 0")
+    if args.drain_timeout_s < 0 or not args.readiness_interval_s > 0 or not args.step_timeout_s > 0:
+        parser.error("--drain-timeout-s must be >= 0, --readiness-interval-s and --step-timeout-s > 0")
     return args
 
 
@@ -475,8 +479,8 @@ def main(argv=None) -> int:
     settings = ServerSettings(max_connections=args.max_connections, max_frame_bytes=args.max_frame_bytes,
                               static_dir=args.static_dir, drain_timeout_s=args.drain_timeout_s,
                               readiness_interval_s=args.readiness_interval_s)
-    return run(lambda: TritonBackend([TritonGateway(url) for url in args.triton_url]), settings, args.host, args.port,
-               args.certfile, args.keyfile)
+    return run(lambda: TritonBackend([TritonGateway(url) for url in args.triton_url], args.step_timeout_s), settings,
+               args.host, args.port, args.certfile, args.keyfile)
 
 
 if __name__ == "__main__":

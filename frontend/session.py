@@ -8,6 +8,12 @@ tail; the next audio starts a new one), as FunASR resets its online cache there.
 finished segment is cut from the recent audio and sent to Fun-ASR-Nano while the first
 pass carries on; the results go out in segment order. The models are reached through a
 backend (backend.py): Triton for the service, FunASR in-process for the baseline.
+
+When the server under a stream is lost, the stream moves to another one (StreamModels.move)
+and replays what the fresh sequences need from the audio it keeps: the VAD from a little
+before the open segment (no earlier than the last segment's end; its times are shifted back
+to the stream's), the first pass from a few chunks before the audio it had not decoded yet,
+whose earlier texts are not sent again; unanswered second-pass requests are asked again.
 """
 
 from __future__ import annotations
@@ -16,12 +22,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
-from frontend.audio import AudioHistory, AudioInput
-from frontend.backend import StreamModels
+from frontend.audio import AudioHistory, AudioInput, ms_to_samples
+from frontend.backend import BackendLost, StreamModels
 from frontend.delivery import OrderedDelivery
 from frontend.metrics import FrontendMetrics
 from frontend.protocol import (
@@ -41,9 +47,24 @@ MAX_STEP_SAMPLES = SAMPLE_RATE * 600 // 1000
 # While no segment is open, keep this much audio: the VAD dates a segment's start back to
 # before the moment it reports it.
 HISTORY_KEEP_MS = 10_000
+# After a move to another server, a fresh VAD sequence starts this long before the open
+# segment (or now, with none open): past the FSMN's memory (~0.8 s) and its decision windows,
+# in audio the old sequence heard as silence, so it takes the same decisions from there.
+VAD_REPLAY_LEAD_MS = 2_000
+# ... and a fresh first-pass sequence this many chunks before the audio not yet decoded: the
+# encoder's default look-back, so the chunks after it see the context they had.
+FIRST_PASS_REPLAY_CHUNKS = 4
 # Audio/config items queued for the worker before the connection stops reading (so a fast
 # sender is slowed down by TCP instead of filling memory).
 INBOX_LIMIT = 64
+# The VAD's frame shift: a fresh VAD sequence starts on this grid, so its frames are the old one's.
+VAD_FRAME_SAMPLES = SAMPLE_RATE // 100
+
+T = TypeVar("T")
+
+
+class _StreamMoved(Exception):
+    """The stream moved to another server while a step was under way: replay, then go on."""
 
 
 class _Samples:
@@ -85,11 +106,26 @@ class StreamSession:
         self._audio = AudioInput(config.audio_fs, config.wav_format)
         self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(INBOX_LIMIT)
         self._pending = _Samples()
-        self._received_samples = 0  # 16 kHz samples given to the models so far
+        self._received_samples = 0  # 16 kHz samples taken from the inbox so far (and kept in _history)
+        self._fed_samples = 0  # of those, how many the models have had (a replay rewinds it)
         self._uses_vad = config.mode != "online"
         self._uses_first_pass = config.mode != "offline"
-        self._history = AudioHistory() if self._uses_vad else None
+        self._history = AudioHistory()
         self._open_segment_start: int | None = None
+        self._last_segment_end_ms = 0
+        # Stream samples where the models' current sequences take their audio from: 0 until a
+        # replay (VAD times count from _vad_from).
+        self._vad_from = 0
+        self._first_pass_from = 0
+        self._vad_heard_to = 0  # stream sample up to which a VAD sequence judged the audio
+        self._vad_ended = False  # the final step ended the VAD sequence
+        self._first_pass_sequence_from = 0  # where the open (or next) first-pass sequence began
+        self._first_pass_decoded_to = 0
+        self._partials_sent_to = 0  # stream sample up to which first-pass texts went out
+        self._moves = 0  # moves to another server so far
+        self._moved: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set at the next move
+        self._move_lock = asyncio.Lock()
+        self._replay_due = False
         self._first_pass_chunk = config.first_pass_chunk_samples
         self._first_pass_buffer = _Samples()
         self._finishing = False
@@ -164,40 +200,58 @@ class StreamSession:
             await self._step(self._pending.take(MAX_STEP_SAMPLES), final=False)
 
     async def _step(self, pcm: np.ndarray, final: bool) -> None:
-        """One piece of audio through VAD and the first pass; segment ends found by the VAD
-        in this piece close the first-pass sequence after the piece was decoded."""
+        """One piece of audio through VAD and the first pass (or, after a move, the replay
+        that covers it)."""
+        self._history.append(pcm)
         self._received_samples += len(pcm)
+        await self._with_failover(lambda: self._feed(self._unfed(pcm), final))
+        now_ms = self._received_samples * 1000 // SAMPLE_RATE
+        keep_from = now_ms - HISTORY_KEEP_MS
+        if self._open_segment_start is not None:
+            keep_from = min(keep_from, self._open_segment_start - VAD_REPLAY_LEAD_MS)
+        self._history.discard_before_ms(keep_from)
+
+    def _unfed(self, pcm: np.ndarray) -> np.ndarray:
+        """The audio received that the models have not had: `pcm`, or nothing after a replay."""
+        if self._received_samples - self._fed_samples == len(pcm):
+            return pcm
+        return self._history.slice_samples(self._fed_samples, self._received_samples)
+
+    async def _feed(self, pcm: np.ndarray, final: bool) -> None:
+        """Audio through VAD and the first pass; segment ends found by the VAD in it close
+        the first-pass sequence after the audio was decoded. `final` ends the VAD sequence."""
+        start = self._fed_samples
+        self._fed_samples += len(pcm)
         events = []
         if self._uses_vad:
-            self._history.append(pcm)
-            events = await self._models.vad.step(pcm, self.config, end=final)
+            vad_audio = pcm[max(self._vad_from - start, 0):]
+            if len(vad_audio) or (final and self._current_models().vad.is_open):
+                events = await self._current_models().vad.step(vad_audio, self.config, end=final)
+                self._vad_heard_to = max(self._vad_heard_to, self._fed_samples)
+                self._vad_ended = final
         if self._uses_first_pass:
-            self._first_pass_buffer.push(pcm)
+            self._first_pass_buffer.push(pcm[max(self._first_pass_from - start, 0):])
             await self._decode_first_pass(end=False)
+        offset_ms = self._vad_from * 1000 // SAMPLE_RATE
         for start_ms, end_ms in events:
             if start_ms >= 0:
-                self._open_segment_start = start_ms
+                self._open_segment_start = start_ms + offset_ms
             if end_ms >= 0:
                 if self._open_segment_start is None:
-                    log.warning("VAD reported a segment end (%d ms) without a start; ignored", end_ms)
+                    log.warning("VAD reported a segment end (%d ms) without a start; ignored", end_ms + offset_ms)
                     continue
-                await self._close_segment(self._open_segment_start, end_ms)
+                await self._close_segment(self._open_segment_start, end_ms + offset_ms)
                 self._open_segment_start = None
-        if self._uses_vad:
-            now_ms = self._received_samples * 1000 // SAMPLE_RATE
-            keep_from = now_ms - HISTORY_KEEP_MS
-            if self._open_segment_start is not None:
-                keep_from = min(keep_from, self._open_segment_start)
-            self._history.discard_before_ms(keep_from)
 
     async def _finish(self) -> None:
         self._finishing = True
         tail = self._pending.take(self._pending.size)
-        if self._models.vad.is_open or self._models.first_pass.is_open or len(tail):
+        if self._models.vad.is_open or self._models.first_pass.is_open or len(tail) or self._replay_due:
             await self._step(tail, final=True)
         final_result = None
         if self._uses_first_pass:
-            text = await self._decode_first_pass(end=True, emit=self.config.mode != "online")
+            emit = self.config.mode != "online"
+            text = await self._with_failover(lambda: self._decode_first_pass(end=True, emit=emit))
             if self.config.mode == "online":
                 final_result = partial_message(self.config, text)
         # The last segment closed by the flush becomes the final message; earlier ones are
@@ -213,6 +267,73 @@ class StreamSession:
         self.completed = True
         await self._models.close()
 
+    # -- moving to another server ---------------------------------------------------------
+
+    async def _with_failover(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` (model steps); when the server under the stream is lost, the stream moves,
+        the fresh sequences get the replay, and `call` runs again (it feeds what is left)."""
+        while True:
+            moves = self._moves
+            try:
+                if self._replay_due:
+                    await self._replay()
+                return await call()
+            except _StreamMoved:
+                continue
+            except BackendLost as lost:
+                await self._move(moves, lost)
+
+    async def _move(self, moves: int, lost: BackendLost) -> None:
+        """Move the stream after `lost` (of a call made after `moves` moves) unless it moved
+        since; raises `lost` when no server is left."""
+        async with self._move_lock:
+            if moves != self._moves:
+                return
+            log.warning("stream %r: %s; moving it to another server", self.config.wav_name, lost)
+            if not await self._models.move():
+                raise lost
+            self._moves += 1
+            self._replay_due = True
+            self._moved.set_result(None)
+            self._moved = asyncio.get_running_loop().create_future()
+            if self._metrics is not None:
+                self._metrics.failovers.inc()
+
+    def _current_models(self) -> StreamModels:
+        """The models to call now; raises _StreamMoved when their sequences await a replay."""
+        if self._replay_due:
+            raise _StreamMoved()
+        return self._models
+
+    async def _replay(self) -> None:
+        """Feed the fresh sequences of a new server the audio they need again (module doc)."""
+        self._replay_due = False
+        held_from = self._history.first_sample
+        replay_from = self._received_samples
+        if self._uses_vad:
+            anchor_ms = self._open_segment_start
+            if anchor_ms is None:
+                anchor_ms = self._vad_heard_to * 1000 // SAMPLE_RATE
+            vad_from = max(ms_to_samples(max(self._last_segment_end_ms, anchor_ms - VAD_REPLAY_LEAD_MS)), held_from)
+            self._vad_from = -(-vad_from // VAD_FRAME_SAMPLES) * VAD_FRAME_SAMPLES
+            replay_from = min(replay_from, self._vad_from)
+        if self._uses_first_pass:
+            # Whole chunks before the audio not decoded yet, so the replayed chunks end where the
+            # sent ones did.
+            chunk = self._first_pass_chunk
+            lead = min(self._first_pass_decoded_to - max(self._first_pass_sequence_from, held_from),
+                       FIRST_PASS_REPLAY_CHUNKS * chunk)
+            self._first_pass_from = self._first_pass_decoded_to - max(lead, 0) // chunk * chunk
+            self._first_pass_sequence_from = self._first_pass_from
+            self._first_pass_buffer = _Samples()
+            replay_from = min(replay_from, self._first_pass_from)
+        self._fed_samples = replay_from
+        audio = self._history.slice_samples(replay_from, self._received_samples)
+        pieces = [audio[offset:offset + MAX_STEP_SAMPLES] for offset in range(0, len(audio), MAX_STEP_SAMPLES)]
+        log.info("stream %r: replaying %.2f s on the new server", self.config.wav_name, len(audio) / SAMPLE_RATE)
+        for index, piece in enumerate(pieces):
+            await self._feed(piece, final=self._vad_ended and index == len(pieces) - 1)
+
     # -- segments ------------------------------------------------------------------------
 
     async def _close_segment(self, start_ms: int, end_ms: int) -> None:
@@ -222,7 +343,9 @@ class StreamSession:
         # Started here, not in the job, so the backend has the segment before the stream's
         # next audio (the baseline runs it first, as FunASR's servers do).
         recognition = self._models.start_recognition(pcm, self.config) if len(pcm) else None
-        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, recognition, time.monotonic()))
+        self._last_segment_end_ms = end_ms
+        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, pcm, recognition,
+                                                       self._moves, time.monotonic()))
         if recognition is not None:
             # A job cancelled before it ran must still cancel its request.
             job.add_done_callback(lambda _: recognition.cancel())
@@ -231,13 +354,32 @@ class StreamSession:
         else:
             self._delivery.submit(job)
 
-    @staticmethod
-    async def _segment_result(config: StreamConfig, start_ms: int, end_ms: int,
-                              recognition: asyncio.Future[str] | None, reported_at: float
+    async def _segment_result(self, config: StreamConfig, start_ms: int, end_ms: int, pcm: np.ndarray,
+                              recognition: asyncio.Future[str] | None, moves: int, reported_at: float
                               ) -> tuple[dict[str, Any], float]:
         """The segment's message, and when the VAD reported its end."""
-        text = await recognition if recognition is not None else ""
+        text = await self._recognize(pcm, config, recognition, moves) if recognition is not None else ""
         return segment_message(config, text, start_ms, end_ms), reported_at
+
+    async def _recognize(self, pcm: np.ndarray, config: StreamConfig, recognition: asyncio.Future[str],
+                         moves: int) -> str:
+        """The text of `recognition` (asked after `moves` moves); asked again on the stream's
+        new server when the stream moves while it waits, or when its server was lost."""
+        try:
+            while True:
+                if moves == self._moves:
+                    await asyncio.wait((recognition, self._moved), return_when=asyncio.FIRST_COMPLETED)
+                if recognition.done():
+                    try:
+                        return recognition.result()
+                    except BackendLost as lost:
+                        await self._move(moves, lost)
+                else:
+                    recognition.cancel()  # asked of a server the stream has left
+                moves = self._moves
+                recognition = self._models.start_recognition(pcm, config)
+        finally:
+            recognition.cancel()
 
     async def _emit_segment(self, result: tuple[dict[str, Any], float]) -> None:
         message, reported_at = result
@@ -254,20 +396,32 @@ class StreamSession:
         """Decode every whole chunk buffered; with `end`, also the rest, ending the
         sequence. Returns the text recognised by this call."""
         texts = []
-        chunk = self._first_pass_chunk if self._models.first_pass.is_open else self.config.first_pass_chunk_samples
+        chunk = self._first_pass_chunk if self._current_models().first_pass.is_open \
+            else self.config.first_pass_chunk_samples
         while self._first_pass_buffer.size >= chunk:
             texts.append(await self._first_pass(self._first_pass_buffer.take(chunk), end=False, emit=emit))
             chunk = self._first_pass_chunk
-        if end and (self._models.first_pass.is_open or self._first_pass_buffer.size):
+        if end and (self._current_models().first_pass.is_open or self._first_pass_buffer.size):
             rest = self._first_pass_buffer.take(self._first_pass_buffer.size)
             texts.append(await self._first_pass(rest, end=True, emit=emit))
         return "".join(texts)
 
     async def _first_pass(self, pcm: np.ndarray, end: bool, emit: bool) -> str:
-        if not self._models.first_pass.is_open:
+        """The text of one step; "" for a replayed chunk whose text went out before the move."""
+        models = self._current_models()
+        if not models.first_pass.is_open:
             self._first_pass_chunk = self.config.first_pass_chunk_samples
-        text = await self._models.first_pass.step(pcm, self.config, end=end)
-        completed_at = self._arrival_of(self._received_samples - self._first_pass_buffer.size)
+        text = await models.first_pass.step(pcm, self.config, end=end)
+        decoded_to = self._fed_samples - self._first_pass_buffer.size
+        self._first_pass_decoded_to = decoded_to
+        if end:
+            self._first_pass_sequence_from = decoded_to
+        # A sequence's end flushes text of audio it had before: never sent.
+        replayed = not end and decoded_to <= self._partials_sent_to
+        self._partials_sent_to = max(self._partials_sent_to, decoded_to)
+        if replayed:
+            return ""
+        completed_at = self._arrival_of(decoded_to)
         if text and emit:
             await self._emit(partial_message(self.config, text))
             if self._metrics is not None and completed_at is not None:

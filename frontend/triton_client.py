@@ -14,7 +14,7 @@ import itertools
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import AsyncIterator
 
 import grpc
@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
-from frontend.backend import Backend, InferenceError, Result, StreamingModel, StreamModels
+from frontend.backend import Backend, BackendLost, InferenceError, Result, StreamingModel, StreamModels
 from frontend.protocol import SAMPLE_RATE, StreamConfig
 
 log = logging.getLogger("frontend.triton")
@@ -37,6 +37,9 @@ _CLOSING_SILENCE = np.zeros(SAMPLE_RATE // 100, dtype=np.int16)
 _CLOSE_TIMEOUT_S = 5.0
 # A readiness probe that gets no answer in this time counts as not ready.
 READY_TIMEOUT_S = 2.0
+# A VAD or first-pass step unanswered for this long means the server stopped answering (a
+# step takes milliseconds; seconds only on a server far past its capacity).
+DEFAULT_STEP_TIMEOUT_S = 30.0
 
 # Retry a lost channel quickly so service resumes within seconds once Triton is back
 # (gRPC's default backoff grows to two minutes).
@@ -49,8 +52,8 @@ _CHANNEL_ARGS = [
 ]
 
 
-class TritonUnavailable(InferenceError):
-    """Triton cannot be reached (stopped, restarting, wrong address)."""
+class TritonUnavailable(BackendLost):
+    """Triton cannot be reached (stopped, restarting, wrong address) or stopped answering."""
 
 
 def _classify(exc: grpc.RpcError, model: str, url: str) -> InferenceError:
@@ -131,6 +134,11 @@ class SequenceStream:
     def failed(self) -> bool:
         return self._failure is not None
 
+    def cancel(self) -> None:
+        """Drop the stream at once (its server is gone or no longer used)."""
+        self._responses.cancel()
+        self._reader.cancel()
+
     async def close(self) -> None:
         """Finish the stream after the answers already asked for."""
         self._requests.put_nowait(None)
@@ -160,7 +168,7 @@ class SequenceStream:
             self._fail(InferenceError(f"{self.model}: stream closed"))
             raise
         else:
-            self._fail(InferenceError(f"{self.model}: the inference server ended the stream"))
+            self._fail(TritonUnavailable(f"{self.model}: the inference server at {self._url} ended the stream"))
 
     def _fail(self, failure: InferenceError) -> None:
         self._failure = failure
@@ -287,9 +295,10 @@ class TritonStreamingModel(StreamingModel[Result]):
 
     def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds, model: str,
                  start_inputs: Callable[[np.ndarray, StreamConfig], list[grpcclient.InferInput]],
-                 read: Callable[[grpcclient.InferResult], Result]):
+                 read: Callable[[grpcclient.InferResult], Result], step_timeout_s: float):
         super().__init__()
         self._gateway = gateway
+        self._step_timeout_s = step_timeout_s
         self._ids = sequence_ids
         self._model = model
         self._start_inputs = start_inputs
@@ -305,7 +314,19 @@ class TritonStreamingModel(StreamingModel[Result]):
             inputs = self._start_inputs(pcm, sequence_config)
         else:
             inputs = self._gateway.audio_inputs(pcm)
-        return self._read(await self._stream.infer(inputs, self._sequence_id, start=start, end=end))
+        try:
+            answer = await self._stream.infer(inputs, self._sequence_id, start=start, end=end,
+                                              timeout=self._step_timeout_s)
+        except asyncio.TimeoutError:
+            raise TritonUnavailable(f"{self._model}: no answer from {self._gateway.url} in "
+                                    f"{self._step_timeout_s:g} s") from None
+        return self._read(answer)
+
+    def drop(self) -> None:
+        """The stream left this server: forget the sequence without asking anything of it."""
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -325,21 +346,40 @@ class TritonStreamingModel(StreamingModel[Result]):
 
 
 class TritonStreamModels(StreamModels):
-    """One stream's models, all on one Triton server; `released` runs once when the stream
-    closes or aborts."""
+    """One stream's models, all on one Triton server at a time. `relocate(gateway)` is the
+    backend's choice of another server when that one is lost (None: none is left);
+    `released(gateway)` runs once when the stream closes or aborts."""
 
-    def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds, released: Callable[[], None]):
-        self._gateway = gateway
+    def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds, step_timeout_s: float,
+                 relocate: Callable[[TritonGateway], Awaitable[TritonGateway | None]],
+                 released: Callable[[TritonGateway], None]):
+        self._sequence_ids = sequence_ids
+        self._step_timeout_s = step_timeout_s
+        self._relocate = relocate
         self._released = released
+        self._use(gateway)
+
+    def _use(self, gateway: TritonGateway) -> None:
+        self._gateway = gateway
         self.vad = TritonStreamingModel(
-            gateway, sequence_ids, VAD_MODEL,
+            gateway, self._sequence_ids, VAD_MODEL,
             lambda pcm, cfg: gateway.vad_inputs(pcm, cfg.vad_tail_sil, cfg.vad_max_len, cfg.vad_energy),
-            gateway.segments)
+            gateway.segments, self._step_timeout_s)
         self.first_pass = TritonStreamingModel(
-            gateway, sequence_ids, FIRST_PASS_MODEL,
+            gateway, self._sequence_ids, FIRST_PASS_MODEL,
             lambda pcm, cfg: gateway.first_pass_inputs(pcm, cfg.chunk_size, cfg.encoder_chunk_look_back,
                                                        cfg.decoder_chunk_look_back),
-            gateway.text)
+            gateway.text, self._step_timeout_s)
+
+    async def move(self) -> bool:
+        gateway = await self._relocate(self._gateway)
+        if gateway is None:
+            return False
+        log.warning("stream moves from %s to %s", self._gateway.url, gateway.url)
+        self.vad.drop()
+        self.first_pass.drop()
+        self._use(gateway)
+        return True
 
     def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:
         return asyncio.ensure_future(self._gateway.recognize_segment(pcm, config.hotwords, config.svs_lang,
@@ -360,19 +400,21 @@ class TritonStreamModels(StreamModels):
     def _release(self) -> None:
         released, self._released = self._released, None
         if released is not None:
-            released()
+            released(self._gateway)
 
 
 class TritonBackend(Backend):
     """The service: every model call is a request to a Triton server over its gateway's
     channel. With several servers (replicas of one model repository) each new stream goes to
     the ready one holding the fewest open streams, and stays there; readiness is as last
-    checked (all count as ready before the first check, and when none is)."""
+    checked (all count as ready before the first check, and when none is). A stream whose server
+    is lost moves to the ready one holding the fewest, once it answers ready."""
 
-    def __init__(self, gateways: list[TritonGateway]):
+    def __init__(self, gateways: list[TritonGateway], step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         if not gateways:
             raise ValueError("at least one Triton server is needed")
         self._gateways = gateways
+        self._step_timeout_s = step_timeout_s
         self._sequence_ids = SequenceIds()
         self._ready = {gateway.url: True for gateway in gateways}
         self._open_streams = {gateway.url: 0 for gateway in gateways}
@@ -382,11 +424,23 @@ class TritonBackend(Backend):
         ready = [gateway for gateway in self._gateways if self._ready[gateway.url]] or self._gateways
         gateway = min(ready, key=lambda candidate: self._open_streams[candidate.url])
         self._open_streams[gateway.url] += 1
+        return TritonStreamModels(gateway, self._sequence_ids, self._step_timeout_s, self._relocate, self._release)
 
-        def released() -> None:
-            self._open_streams[gateway.url] -= 1
+    async def _relocate(self, lost: TritonGateway) -> TritonGateway | None:
+        """Another server for a stream whose server was lost: the ready one with the fewest open
+        streams that answers ready now; None when none does."""
+        self._ready[lost.url] = False
+        candidates = [gateway for gateway in self._gateways if gateway is not lost and self._ready[gateway.url]]
+        for gateway in sorted(candidates, key=lambda candidate: self._open_streams[candidate.url]):
+            if await gateway.ready(READY_TIMEOUT_S):
+                self._open_streams[lost.url] -= 1
+                self._open_streams[gateway.url] += 1
+                return gateway
+            self._ready[gateway.url] = False
+        return None
 
-        return TritonStreamModels(gateway, self._sequence_ids, released)
+    def _release(self, gateway: TritonGateway) -> None:
+        self._open_streams[gateway.url] -= 1
 
     async def readiness(self) -> dict[str, bool]:
         answers = await asyncio.gather(*(gateway.ready(READY_TIMEOUT_S) for gateway in self._gateways))

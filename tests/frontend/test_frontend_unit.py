@@ -30,7 +30,7 @@ from frontend.protocol import (
 )
 from frontend.server import FrontendServer, static_response
 from frontend.session import StreamSession
-from frontend.triton_client import SequenceIds, TritonStreamModels
+from frontend.triton_client import SequenceIds, TritonStreamModels, TritonUnavailable
 from twopass_asr.hotwords import parse_hotwords
 
 # -- hotwords ------------------------------------------------------------------------------
@@ -384,11 +384,23 @@ class ScriptedStream:
     async def close(self):
         self.gateway.closed.append(self.model)
 
+    def cancel(self):
+        self.gateway.closed.append(self.model)
+
+
+class LosingStream(ScriptedStream):
+    async def infer(self, inputs, sequence_id, start=False, end=False, timeout=None):
+        if len(self.gateway.requests) >= self.gateway.lose_after:
+            raise TritonUnavailable("inference server unreachable (scripted)")
+        return await super().infer(inputs, sequence_id, start, end, timeout)
+
 
 class ScriptedGateway:
     """VAD events at fixed sample positions; first pass answers with the chunk length;
     the second pass answers with the segment length after a delay that makes earlier
     segments finish last (so ordering is really exercised)."""
+
+    url = "scripted:1"
 
     def __init__(self, segments_ms):
         self.segments_ms = segments_ms
@@ -442,14 +454,29 @@ class ScriptedGateway:
         return f"seg{len(pcm)}"
 
 
-def _run_session(config, gateway, pcm, frame=960):
+class LosingGateway(ScriptedGateway):
+    """A ScriptedGateway that is lost (unreachable) from its `lose_after`-th request on."""
+
+    def __init__(self, segments_ms, lose_after):
+        super().__init__(segments_ms)
+        self.lose_after = lose_after
+
+    def open_stream(self, model):
+        return LosingStream(self, model)
+
+
+def _run_session(config, gateway, pcm, frame=960, spare=None):
+    """The session's messages; when `gateway` is lost, the stream may move to `spare`."""
     async def scenario():
         messages, failures = [], []
 
         async def emit(message):
             messages.append(message)
 
-        models = TritonStreamModels(gateway, SequenceIds(), lambda: None)
+        async def relocate(lost):
+            return spare
+
+        models = TritonStreamModels(gateway, SequenceIds(), 30.0, relocate, lambda gateway: None)
         session = StreamSession(config, models, emit, failures.append)
         raw = pcm.tobytes()
         for offset in range(0, len(raw), 2 * frame):
@@ -510,6 +537,42 @@ def test_online_mode_single_sequence_final_carries_tail():
     assert [m["text"] for m in messages] == ["<4800>", "<4800>", "<4800>", "<2100>"]
     assert messages[-1]["is_final"] and messages[-1]["is_end"] and messages[-1]["mode"] == "online"
     assert not any(m["is_final"] for m in messages[:-1])
+
+
+def test_online_stream_moves_when_its_server_is_lost_and_sends_each_partial_once():
+    config = StreamConfig(mode="online", chunk_size=(0, 5, 5))
+    pcm = np.zeros(16 * 4000 + 500, dtype=np.int16)
+    expected = _run_session(config, ScriptedGateway([]), pcm, frame=333)
+    # Lost at its 6th request: five 300 ms chunks were decoded and their partials sent.
+    spare = ScriptedGateway([])
+    moved = _run_session(config, LosingGateway([], lose_after=5), pcm, frame=333, spare=spare)
+    assert moved == expected
+    # The spare's fresh sequence began four chunks before the first one not yet decoded; the
+    # texts of those four were not sent again.
+    requests = [(r[2], r[3], r[4]) for r in spare.requests]
+    assert requests[0] == (True, False, 4800) and len(spare.requests) == len(expected) - 5 + 4
+    assert sum(r[2] for r in requests) == len(pcm) - 5 * 4800 + 4 * 4800
+
+
+def test_a_stream_whose_server_is_lost_with_no_other_ends_with_the_error():
+    async def scenario():
+        failures = []
+
+        async def emit(message):
+            pass
+
+        async def relocate(lost):
+            return None
+
+        models = TritonStreamModels(LosingGateway([], lose_after=2), SequenceIds(), 30.0, relocate, lambda g: None)
+        session = StreamSession(StreamConfig(mode="online"), models, emit, failures.append)
+        for _ in range(10):
+            await session.push_audio(np.zeros(9600, dtype=np.int16).tobytes())
+        await asyncio.wait_for(session.end(), 10)
+        return failures
+
+    failures = asyncio.run(scenario())
+    assert len(failures) == 1 and isinstance(failures[0], TritonUnavailable)
 
 
 def test_stream_without_audio_gets_one_empty_final():

@@ -1,16 +1,19 @@
 """One frontend over two tritonservers (replicas of the model repository): streams are spread
-over both and give what one server gives; a replica that is down gets no new streams."""
+over both and give what one server gives; a replica that is down gets no new streams; streams
+on a replica that dies move to the other and lose nothing, and end with 1011 when none is left."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
 from frontend.client import transcribe
 from frontend.server import parse_args
-from tests.frontend.test_protocol_e2e import FrontendProcess
 from tests.frontend.test_operations import http_get, metric, samples, wait_for
+from tests.frontend.test_protocol_e2e import FrontendProcess
 from twopass_asr.second_pass.vllm_engine import ENGINE_ENV
 from twopass_asr.serving.triton_launcher import TritonServer
 
@@ -89,3 +92,88 @@ def test_replica_addresses_are_checked():
     for bad in ("a:1,,b:2", "a:1,a:1", ""):
         with pytest.raises(SystemExit):
             parse_args(["--triton-url", bad])
+
+
+def kill(server: TritonServer) -> None:
+    """SIGKILL tritonserver and its model processes, as a crashed host would lose them."""
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait(30)
+
+
+@pytest.mark.parametrize("fault, after_s", [
+    # The first utterance's segment closed (its second pass maybe under way), the second open.
+    (signal.SIGKILL, 4.0),
+    # In the silence after the second utterance, its second pass under way.
+    (signal.SIGKILL, 6.3),
+    # A server that stops answering (its connections stay up): found by the step timeout.
+    (signal.SIGSTOP, 4.0),
+], ids=["killed-in-segment", "killed-in-silence", "stopped"])
+def test_streams_on_a_lost_replica_move_to_the_other_and_lose_nothing(triton_server, test_models, speech_wav,
+                                                                     tmp_path, fault, after_s):
+    """Ten real-time 2pass streams over two servers; one server is lost mid-stream. Each
+    stream ends with one final message and exactly the segments of a run without the fault."""
+    alone = FrontendProcess(triton_server.grpc_url, name="failover-expected")
+    try:
+        expected = asyncio.run(transcribe(alone.url, speech_wav.pcm, {"mode": "2pass"}))
+    finally:
+        alone.stop()
+    assert expected.error is None and len(expected.segments) >= 2
+
+    with TritonServer(test_models, log_path=tmp_path / "victim.log", env={ENGINE_ENV: "torch"}) as victim:
+        # The victim is listed first, so it takes the first of each pair of streams.
+        frontend = FrontendProcess(f"{victim.grpc_url},{triton_server.grpc_url}", "--readiness-interval-s", "0.5",
+                                   "--step-timeout-s", "2", name="failover")
+        try:
+            async def streams_with_a_fault():
+                clients = [asyncio.create_task(transcribe(frontend.url, speech_wav.pcm, {"mode": "2pass"},
+                                                          realtime=True)) for _ in range(STREAMS)]
+                await asyncio.sleep(after_s)
+                os.killpg(victim.process.pid, fault)
+                return await asyncio.gather(*clients)
+
+            results = asyncio.run(streams_with_a_fault())
+            moved = metric(samples(frontend), "failovers_total")
+        finally:
+            frontend.stop()
+            kill(victim)
+    assert moved == STREAMS // 2, frontend.log()[-3000:]
+    for result in results:
+        assert result.error is None, result.error
+        assert [m.get("is_final") for m in result.messages].count(True) == 1
+        assert segments_of(result) == segments_of(expected)
+
+
+def test_streams_end_with_1011_when_no_server_is_left_and_service_resumes_when_one_is_back(test_models, speech_wav,
+                                                                                         tmp_path):
+    """The one live server of two is killed: its streams cannot move (the other address is
+    down), so they get inference_unavailable and 1011; /readyz turns 503, and 200 again once a
+    server is back on that address, which then serves new streams."""
+    from twopass_asr.serving.triton_launcher import free_port
+
+    down = f"127.0.0.1:{free_port()}"
+    server = TritonServer(test_models, log_path=tmp_path / "only.log", env={ENGINE_ENV: "torch"}).start()
+    frontend = FrontendProcess(f"{server.grpc_url},{down}", "--readiness-interval-s", "0.2", name="none-left")
+    try:
+        wait_for(lambda: http_get(frontend, "/readyz")[0] == 200, 30, "ready")
+
+        async def streams_with_a_kill():
+            clients = [asyncio.create_task(transcribe(frontend.url, speech_wav.pcm, {"mode": "2pass"}, realtime=True))
+                       for _ in range(3)]
+            await asyncio.sleep(2.0)
+            kill(server)
+            return await asyncio.gather(*clients)
+
+        for result in asyncio.run(streams_with_a_kill()):
+            assert result.error is not None and result.error["code"] == "inference_unavailable", result.messages
+            assert result.close_code == 1011
+        wait_for(lambda: http_get(frontend, "/readyz")[0] == 503, 30, "not ready with no server")
+        assert metric(samples(frontend), "failovers_total") == 0
+
+        with TritonServer(test_models, grpc_port=server.grpc_port, log_path=tmp_path / "back.log",
+                          env={ENGINE_ENV: "torch"}):
+            wait_for(lambda: http_get(frontend, "/readyz")[0] == 200, 60, "ready once a server is back")
+            result = asyncio.run(transcribe(frontend.url, speech_wav.pcm, {"mode": "2pass"}))
+            assert result.error is None and result.segments
+    finally:
+        frontend.stop()
+        server.stop()

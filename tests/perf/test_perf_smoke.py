@@ -199,3 +199,18 @@ def test_memory_names_every_process_of_the_server(triton_server):
     table = memory.markdown({"fp32": usage})
     assert "| process | fp32 RSS MB | fp32 PSS MB |" in table and "| stub:vad | " in table
     assert table.splitlines()[-1].startswith("| total | ")
+
+
+def test_failover_tool_kills_a_replica_and_reports_the_moved_streams(test_models, speech_wav, tmp_path):
+    out = tmp_path / "failover"
+    result = run_tool("perf.failover", "--store", str(test_models), "--clients", "4", "--kill-at-s", "3",
+                      "--server-env", "TWOPASS_ASR_LLM_ENGINE=torch", "--wav", str(speech_wav.path),
+                      "--vad-dir", str(test_models / "vad"), "--ramp-s", "0.5", "--out", str(out), timeout=600)
+    data = json.loads((out / "failover.json").read_text())
+    assert result.stdout.startswith("CPU ")
+    # The first replica held every other stream; each moved, and every stream ended as without the fault.
+    assert len(data["moved_streams"]) == 2 and data["moves_before_fault"] == 0
+    assert data["finals"] == 4 and not data["errors"] and data["streams_with_the_calm_runs_segments"] == 4
+    assert data["extra_delay_s"]["moved streams"]["count"] > 0
+    assert "| moved streams |" in (out / "failover.md").read_text()
+    assert (out / "failover.png").read_bytes().startswith(PNG_MAGIC)
