@@ -21,6 +21,7 @@ import torch
 from twopass_asr.second_pass.llm_export import export_llm_dir
 from twopass_asr.second_pass.precision import TORCH_DTYPES, VLLM_ONLY, vllm_dtype
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
+from twopass_asr.serving.placement import physical_gpu
 
 ENGINES = ("vllm", "auto", "torch")
 ENGINE_ENV = "TWOPASS_ASR_LLM_ENGINE"
@@ -98,6 +99,14 @@ def prepare_process_for_vllm() -> None:
     # Bind vLLM's threads to every core instead of keeping one back for its own bookkeeping.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def use_gpu_in_engine_processes(device: str) -> None:
+    """vLLM computes on the first GPU its processes see: make that `device` (cuda:N of this
+    process, e.g. the GPU Triton placed the instance on) for the processes it starts. CUDA
+    starts here first, so this process keeps seeing the GPUs it saw."""
+    torch.cuda.init()
+    os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(device, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 class ResponseTextStream:
@@ -242,6 +251,8 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
             raise ValueError(f"precision {precision} runs on vLLM only: set engine vllm or auto")
         return None
     settings = EngineSettings.from_parameters(device, params, precision)
+    if device != "cpu":
+        use_gpu_in_engine_processes(device)
     try:
         return VllmNanoEngine(recognizer, settings)
     except EngineUnavailable as exc:

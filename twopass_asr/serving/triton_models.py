@@ -19,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from twopass_asr.parameters import whole_number
 from twopass_asr.serving.chunk_scheduler import ChunkScheduler, run_outcomes
+from twopass_asr.serving.placement import instance_device
 from twopass_asr.serving.stream_store import StreamError, StreamStore
 from twopass_asr.store import model_store
 
@@ -51,14 +52,15 @@ def resolve_model_dir(args: dict, params: dict[str, str], store_name: str) -> Pa
     return model_store.store_root() / store_name
 
 
-def resolve_device(params: dict[str, str]) -> str:
-    """cpu / cuda / auto, from TWOPASS_ASR_DEVICE or the `device` parameter."""
-    device = os.environ.get("TWOPASS_ASR_DEVICE") or params.get("device", "cpu")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise pb_utils.TritonModelException(f"device must be cpu, cuda or auto, got {device!r}")
-    return device
+def resolve_device(params: dict[str, str], args: dict) -> str:
+    """This instance's torch device (placement.instance_device): the GPU Triton gave a
+    KIND_GPU instance, else TWOPASS_ASR_DEVICE or the `device` parameter."""
+    configured = os.environ.get("TWOPASS_ASR_DEVICE") or params.get("device", "cpu")
+    try:
+        return instance_device(configured, args.get("model_instance_kind", "CPU"),
+                               args.get("model_instance_device_id", 0), torch.cuda.is_available)
+    except ValueError as exc:
+        raise pb_utils.TritonModelException(f"{args['model_name']}: {exc}") from exc
 
 
 def choice(params: dict[str, str], key: str, env: str, allowed: Sequence[str], default: str) -> str:
@@ -205,7 +207,7 @@ class SequenceModel:
         except ValueError as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         torch.set_num_threads(threads)
-        device = resolve_device(params)
+        device = resolve_device(params, args)
         self.load(model_dir, device, params)
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 60_000_000))
         self.streams: StreamStore = StreamStore(

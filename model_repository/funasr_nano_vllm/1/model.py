@@ -103,7 +103,7 @@ class TritonPythonModel:
         prepare_process_for_vllm()
         _, params = model_parameters(args)
         model_dir = resolve_model_dir(args, params, model_store.NANO)
-        device = resolve_device(params)
+        device = resolve_device(params, args)
         try:
             mode = engine_mode(params.get("engine"))
             configured_precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "auto")
