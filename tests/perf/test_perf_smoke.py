@@ -214,3 +214,31 @@ def test_failover_tool_kills_a_replica_and_reports_the_moved_streams(test_models
     assert data["extra_delay_s"]["moved streams"]["count"] > 0
     assert "| moved streams |" in (out / "failover.md").read_text()
     assert (out / "failover.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_fuzz_short_run_every_hostile_session_ends_as_the_protocol_says(test_models, speech_wav, tmp_path):
+    out = tmp_path / "fuzz"
+    run_tool("perf.fuzz", "--store", str(test_models), "--sessions", "300", "--parallel", "16",
+             "--session-timeout-s", "30", "--server-env", "TWOPASS_ASR_LLM_ENGINE=torch", "--wav",
+             str(speech_wav.path), "--out", str(out), timeout=900)
+    data = json.loads((out / "fuzz.json").read_text())
+    assert data["sessions"] == 300 and data["hangs"] == 0 and not data["unexpected"]
+    assert data["normal_stream_after"]["ok"]
+    # The seeded choice covers every kind, vanishing clients too.
+    assert len(data["by_kind"]) == 11 and all(counts.get("ok") for counts in data["by_kind"].values())
+
+
+def test_soak_short_run_samples_every_process(test_models, speech_wav, tmp_path):
+    out = tmp_path / "soak"
+    run_tool("perf.soak", "--store", str(test_models), "--clients", "2", "--duration-s", "20", "--sample-s", "2",
+             "--server-env", "TWOPASS_ASR_LLM_ENGINE=torch", "--wav", str(speech_wav.path), "--vad-dir",
+             str(test_models / "vad"), "--out", str(out), timeout=600)
+    data = json.loads((out / "soak.json").read_text())
+    assert data["streams"] >= 2 and data["normal_streams"] == data["streams"] and not data["abnormal_streams"]
+    processes = {row["process"] for row in data["rss"]}
+    assert {"tritonserver/tritonserver", "tritonserver/stub:vad",
+            "tritonserver/stub:paraformer_streaming", "tritonserver/stub:funasr_nano_vllm"} <= processes, processes
+    assert any(process.startswith("frontend/") for process in processes)
+    assert all(row["start_mb"] > 10 and row["end_mb"] > 10 for row in data["rss"])
+    assert len(data["samples"]) >= 5
+    assert (out / "soak.png").read_bytes().startswith(PNG_MAGIC)
