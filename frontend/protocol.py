@@ -27,7 +27,7 @@ from typing import Any
 
 from twopass_asr.audio import SAMPLE_RATE
 from twopass_asr.first_pass.options import CHUNK_SIZE_BOUNDS, LOOK_BACK_BOUNDS, SAMPLES_PER_CHUNK_UNIT
-from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.hotwords import check_language, parse_hotwords
 
 MODES = ("online", "offline", "2pass")
 WAV_FORMATS = ("pcm", "wav")
@@ -176,6 +176,14 @@ def _vad_energy(value: Any) -> float:
     return float(value)
 
 
+def _svs_lang(value: Any) -> str:
+    value = _str("svs_lang", value)
+    try:
+        return check_language(value)
+    except ValueError as exc:
+        raise ProtocolError("invalid_config", f"field 'svs_lang': {exc}") from None
+
+
 _FIELD_PARSERS = {
     "mode": _mode,
     "chunk_size": _chunk_size,
@@ -189,7 +197,7 @@ _FIELD_PARSERS = {
     "is_end": lambda v: _bool("is_end", v),
     "hotwords": _hotwords,
     "itn": lambda v: _bool("itn", v),
-    "svs_lang": lambda v: _str("svs_lang", v),
+    "svs_lang": _svs_lang,
     "vad_tail_sil": lambda v: _int("vad_tail_sil", v, 1, 3_600_000),
     "vad_max_len": lambda v: _int("vad_max_len", v, 1, 3_600_000),
     "vad_energy": _vad_energy,

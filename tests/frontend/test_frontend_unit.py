@@ -57,6 +57,15 @@ def test_parse_hotwords_rejects_broken_json_with_reason():
         parse_hotwords('{"word": 20')
 
 
+def test_hotwords_are_bounded_by_what_the_prompt_takes():
+    # 200 words of 4 characters and 199 separators: 999 characters, the most allowed.
+    words = [f"w{i:03d}" for i in range(200)]
+    assert parse_hotwords(" ".join(words)) == words
+    assert parse_hotwords(",".join(words + words)) == words  # duplicates do not count
+    with pytest.raises(ValueError, match=r"hotwords take 1004 characters \(201 words\).* at most 1000"):
+        parse_hotwords(" ".join(words + ["w200"]))
+
+
 # -- config parsing ------------------------------------------------------------------------
 
 def test_defaults_match_protocol():
@@ -112,6 +121,8 @@ def test_chunk_size_as_list_or_string(value):
         ({"hotwords": '{"a": 1'}, "hotwords"),
         ({"itn": "yes"}, "itn"),
         ({"svs_lang": ["zh"]}, "svs_lang"),
+        ({"svs_lang": "x" * 33}, "svs_lang"),
+        ({"hotwords": " ".join(f"w{i:03d}" for i in range(201))}, "hotwords"),
         ({"vad_tail_sil": 0}, "vad_tail_sil"),
         ({"vad_max_len": "60000"}, "vad_max_len"),
         ({"vad_energy": "loud"}, "vad_energy"),

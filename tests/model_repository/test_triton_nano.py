@@ -85,6 +85,14 @@ def test_nano_rejects_wrong_audio_type(triton_server):
     assert len(decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", good)) == 1
 
 
+def test_nano_refuses_prompt_options_beyond_their_bounds(triton_server):
+    pcm = np.zeros(8000, np.int16)
+    for options, reason in ((dict(hotwords=" ".join(f"word{i}" for i in range(5000))), "hotwords take"),
+                            (dict(language="x" * 10_000), "language must be at most")):
+        with pytest.raises(InferenceServerException, match=reason):
+            decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(pcm, **options)])
+
+
 def test_eight_concurrent_segments_match_funasr(triton_server, reference_nano, speech_wav):
     cases = CASES + CASES[:3]
     segments = [speech_wav.pcm[i * 9000 : i * 9000 + (2 + i % 4) * 8000] for i in range(len(cases))]

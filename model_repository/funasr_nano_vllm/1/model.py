@@ -20,7 +20,7 @@ from contextlib import aclosing
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from twopass_asr.hotwords import parse_hotwords
+from twopass_asr.hotwords import check_language, parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
 from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
@@ -185,7 +185,7 @@ class TritonPythonModel:
             if audio.dtype != np.int16:
                 raise StreamError(f"AUDIO must be int16 PCM, got {audio.dtype}")
             hotwords = parse_hotwords(_optional_text(request, "HOTWORDS") or "")
-            language = _optional_text(request, "LANGUAGE")
+            language = check_language(_optional_text(request, "LANGUAGE"))
             itn = optional_scalar(request, "ITN")
             itn = True if itn is None else bool(itn)
             stream = optional_scalar(request, "STREAM")
