@@ -49,10 +49,10 @@ def stays_float(layer_name: str) -> bool:
 def resolve_int8_recipe_precision(configured: str, device: str, int8_dot_products: bool | None = None) -> str:
     """fp32 or int8 for `configured` (one of INT8_RECIPE_PRECISIONS). auto: int8 on a CPU with
     AVX-512 VNNI or AMX int8 dot products (int8_dot_products None: read from this CPU), where the
-    first pass ran 1.6-1.95x its float32 engine and the Nano's audio encoder 2.4x (perf/RESULTS.md,
-    2026-12-02); fp32 elsewhere: the int8 layers run on onnxruntime's CPU kernels, and on AVX2
-    alone they are not measured yet. int8 asked for on a GPU is refused: those kernels are CPU
-    ones."""
+    first pass ran 1.6-1.95x its float32 engine and the Nano's audio encoder 2.4x; fp32 elsewhere:
+    on AVX2 alone the int8 layers lose as soon as work is batched (first pass 0.69-0.86x float32
+    at 4-16 streams, audio encoder 0.69-0.84x at 4-8 segments; perf/RESULTS.md, 2026-12-02).
+    int8 asked for on a GPU is refused: those kernels are CPU ones."""
     if configured not in INT8_RECIPE_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(INT8_RECIPE_PRECISIONS)}, got {configured!r}")
     if device != "cpu":
