@@ -8,6 +8,19 @@ import argparse
 from twopass_asr.serving.serve import precision_environment
 
 
+def add_server_env_argument(parser: argparse.ArgumentParser, flag: str = "--server-env") -> None:
+    parser.add_argument(flag, action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment setting of the tritonserver started, over the service's defaults "
+                             "(e.g. TWOPASS_ASR_LLM_ENGINE=torch; an A/B run of one setting); repeatable")
+
+
+def server_environment(parser: argparse.ArgumentParser, flag: str, settings: list[str]) -> dict[str, str]:
+    """The NAME=VALUE settings of a repeatable flag; a malformed one is a usage error."""
+    if not all("=" in setting for setting in settings):
+        parser.error(f"{flag} takes NAME=VALUE, got {settings!r}")
+    return dict(setting.split("=", 1) for setting in settings)
+
+
 def add_batch_arguments(parser: argparse.ArgumentParser, batches: str, rounds: int) -> None:
     parser.add_argument("--batches", default=batches, help="comma-separated stream counts")
     parser.add_argument("--rounds", type=int, default=rounds, help="timed chunks per stream (median reported)")

@@ -29,10 +29,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from perf import metrics, ws_load
-from perf.bench_args import PROFILES, REAL_SPEECH_TOKENS_PER_S, comma_choices, profile_environment
+from perf.bench_args import (
+    PROFILES,
+    REAL_SPEECH_TOKENS_PER_S,
+    add_server_env_argument,
+    comma_choices,
+    profile_environment,
+    server_environment,
+)
 from twopass_asr import REPO_ROOT
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.recognizer import (
@@ -169,12 +176,14 @@ def start_triton(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_sec
 
 @contextlib.contextmanager
 def service(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: float,
-            profile: str = "auto", extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """tritonserver on the store, and the WebSocket frontend in front of it."""
+            profile: str = "auto", extra_env: dict[str, str] | None = None,
+            frontend_args: Sequence[str] = ()) -> Iterator[str]:
+    """tritonserver on the store, and the WebSocket frontend (with `frontend_args`) in front of it."""
     with start_triton(store, log_dir, max_new_tokens, tokens_per_second, profile, extra_env) as triton:
         port = free_port()
         with python_server(["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1",
-                            "--port", str(port)], port, log_dir / "frontend.log", "frontend", 60) as url:
+                            "--port", str(port), *frontend_args], port, log_dir / "frontend.log", "frontend",
+                           60) as url:
             yield url
 
 
@@ -224,10 +233,7 @@ def main(argv=None) -> int:
                         help="with --compare: the FunASR baselines to measure, comma-separated: fp32 (its online "
                              "Paraformer in torch) and/or int8 (on FunASR's ONNX runtime, its int8 export); "
                              "empty: none")
-    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="with --compare: an environment setting of the service's tritonserver, over its "
-                             "profile's (an A/B run of one setting: TWOPASS_ASR_NANO_ENCODER_PRECISION=fp32); "
-                             "repeatable")
+    add_server_env_argument(parser, "--service-env")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help="second-pass generation cap per segment for both servers with --compare")
     parser.add_argument("--max-new-tokens-per-second", type=float, default=REAL_SPEECH_TOKENS_PER_S,
@@ -249,9 +255,7 @@ def main(argv=None) -> int:
         parser.error("--max-new-tokens-per-second must be positive")
     profiles = comma_choices(parser, "--profiles", args.profiles, PROFILES)
     baselines = comma_choices(parser, "--baselines", args.baselines, BASELINES) if args.baselines else []
-    if not all("=" in setting for setting in args.service_env):
-        parser.error(f"--service-env takes NAME=VALUE, got {args.service_env!r}")
-    service_env = dict(setting.split("=", 1) for setting in args.service_env)
+    service_env = server_environment(parser, "--service-env", args.service_env)
     if args.compare == bool(args.url):
         parser.error("give either --url (a running server) or --compare --store DIR")
     if args.compare and (args.store is None or not args.store.is_dir()):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from perf import metrics, ws_load
-from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
+from perf.bench_args import REAL_SPEECH_TOKENS_PER_S, add_server_env_argument, server_environment
 from perf.capacity import python_server, start_triton
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS
@@ -112,17 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--kill-at-s", type=float, default=5.0,
                         help="kill the first replica this long after the first client started")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment of both tritonservers over the service's defaults (repeatable)")
+    add_server_env_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ws_load.add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if not all("=" in setting for setting in args.server_env):
-        parser.error(f"--server-env takes NAME=VALUE, got {args.server_env!r}")
+    server_env = server_environment(parser, "--server-env", args.server_env)
     if args.clients < 2 or args.kill_at_s <= 0:
         parser.error("--clients must be at least 2 (one per replica) and --kill-at-s positive")
-    server_env = dict(setting.split("=", 1) for setting in args.server_env)
     cpu = cpu_summary()
     print(f"CPU {cpu}", flush=True)
     pcm = ws_load.load_pcm(args.wav)

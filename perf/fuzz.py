@@ -37,11 +37,10 @@ from websockets.exceptions import ConnectionClosed
 
 from frontend.client import transcribe
 from perf import ws_load
-from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
-from perf.capacity import python_server, start_triton
+from perf.bench_args import REAL_SPEECH_TOKENS_PER_S, add_server_env_argument, server_environment
+from perf.capacity import service
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS
-from twopass_asr.serving.triton_launcher import free_port
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "fuzz"
 OWN_FRONTEND_MAX_FRAME_BYTES = 65536
@@ -252,13 +251,11 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--session-timeout-s", type=float, default=60.0)
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="tritonserver's environment over the service's defaults, with --store (repeatable)")
+    add_server_env_argument(parser)
     parser.add_argument("--wav", type=Path, default=None, help="speech for the normal stream (default: synthesised)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if not all("=" in setting for setting in args.server_env):
-        parser.error(f"--server-env takes NAME=VALUE, got {args.server_env!r}")
+    server_env = server_environment(parser, "--server-env", args.server_env)
     if args.sessions < 1 or args.parallel < 1:
         parser.error("--sessions and --parallel must be positive")
     from frontend.server import DEFAULT_MAX_FRAME_BYTES
@@ -271,13 +268,9 @@ def main(argv=None) -> int:
             url, max_frame_bytes = args.url, args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES
         else:
             max_frame_bytes = OWN_FRONTEND_MAX_FRAME_BYTES
-            triton = stack.enter_context(start_triton(args.store, args.out / "logs", DEFAULT_MAX_NEW_TOKENS,
-                                                      REAL_SPEECH_TOKENS_PER_S,
-                                                      extra_env=dict(s.split("=", 1) for s in args.server_env)))
-            port = free_port()
-            url = stack.enter_context(python_server(
-                ["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1", "--port", str(port),
-                 "--max-frame-bytes", str(max_frame_bytes)], port, args.out / "logs" / "frontend.log", "frontend", 60))
+            url = stack.enter_context(service(args.store, args.out / "logs", DEFAULT_MAX_NEW_TOKENS,
+                                              REAL_SPEECH_TOKENS_PER_S, extra_env=server_env,
+                                              frontend_args=["--max-frame-bytes", str(max_frame_bytes)]))
         started = time.monotonic()
         results = asyncio.run(run_all(url, args.sessions, args.parallel, args.seed, kinds(max_frame_bytes),
                                       args.session_timeout_s))

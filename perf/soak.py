@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 from perf import ws_load
-from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
-from perf.capacity import python_server, start_triton
+from perf.bench_args import REAL_SPEECH_TOKENS_PER_S, add_server_env_argument, server_environment
+from perf.capacity import service
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS
-from twopass_asr.serving.triton_launcher import free_port
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "soak"
 
@@ -143,15 +142,13 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--duration-s", type=float, default=3600.0)
     parser.add_argument("--sample-s", type=float, default=10.0)
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="tritonserver's environment over the service's defaults, with --store (repeatable)")
+    add_server_env_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--wav", type=Path, default=None, help="16 kHz mono WAV (default: synthesised speech)")
     parser.add_argument("--vad-dir", type=Path, default=None, help="the server's FSMN-VAD dir (default: bundled)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if not all("=" in setting for setting in args.server_env):
-        parser.error(f"--server-env takes NAME=VALUE, got {args.server_env!r}")
+    server_env = server_environment(parser, "--server-env", args.server_env)
     if args.clients < 1 or args.duration_s <= 0 or args.sample_s <= 0:
         parser.error("--clients, --duration-s and --sample-s must be positive")
     cpu = cpu_summary()
@@ -161,13 +158,8 @@ def main(argv=None) -> int:
         if args.url:
             url = args.url
         else:
-            triton = stack.enter_context(start_triton(args.store, args.out / "logs", args.max_new_tokens,
-                                                      REAL_SPEECH_TOKENS_PER_S,
-                                                      extra_env=dict(s.split("=", 1) for s in args.server_env)))
-            port = free_port()
-            url = stack.enter_context(python_server(
-                ["frontend.server", "--triton-url", triton.grpc_url, "--host", "127.0.0.1", "--port", str(port)],
-                port, args.out / "logs" / "frontend.log", "frontend", 60))
+            url = stack.enter_context(service(args.store, args.out / "logs", args.max_new_tokens,
+                                              REAL_SPEECH_TOKENS_PER_S, extra_env=server_env))
         plan = ws_load.plan_audio(pcm, ws_load.stream_config("2pass"), args.vad_dir)
         groups = ws_load.discover_server_processes(url)
         if not groups:
