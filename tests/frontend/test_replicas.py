@@ -143,37 +143,39 @@ def test_streams_on_a_lost_replica_move_to_the_other_and_lose_nothing(triton_ser
         assert segments_of(result) == segments_of(expected)
 
 
-def test_streams_end_with_1011_when_no_server_is_left_and_service_resumes_when_one_is_back(test_models, speech_wav,
-                                                                                         tmp_path):
-    """The one live server of two is killed: its streams cannot move (the other address is
-    down), so they get inference_unavailable and 1011; /readyz turns 503, and 200 again once a
-    server is back on that address, which then serves new streams."""
-    from twopass_asr.serving.triton_launcher import free_port
-
-    down = f"127.0.0.1:{free_port()}"
-    server = TritonServer(test_models, log_path=tmp_path / "only.log", env={ENGINE_ENV: "torch"}).start()
-    frontend = FrontendProcess(f"{server.grpc_url},{down}", "--readiness-interval-s", "0.2", name="none-left")
+def test_streams_end_with_1011_when_both_servers_die_and_service_resumes_when_one_is_back(test_models, speech_wav,
+                                                                                        tmp_path):
+    """Two servers killed one after the other: the first one's streams move to the second;
+    when it dies too, every stream gets inference_unavailable and 1011. /readyz turns 503, and
+    200 again once a server is back on an address, which then serves new streams."""
+    servers = [TritonServer(test_models, log_path=tmp_path / f"server{index}.log", env={ENGINE_ENV: "torch"}).start()
+               for index in range(2)]
+    frontend = FrontendProcess(",".join(server.grpc_url for server in servers), "--readiness-interval-s", "0.2",
+                               name="both-die")
     try:
         wait_for(lambda: http_get(frontend, "/readyz")[0] == 200, 30, "ready")
 
-        async def streams_with_a_kill():
+        async def streams_with_two_kills():
             clients = [asyncio.create_task(transcribe(frontend.url, speech_wav.pcm, {"mode": "2pass"}, realtime=True))
-                       for _ in range(3)]
+                       for _ in range(4)]
             await asyncio.sleep(2.0)
-            kill(server)
+            kill(servers[0])
+            await asyncio.sleep(1.5)
+            kill(servers[1])
             return await asyncio.gather(*clients)
 
-        for result in asyncio.run(streams_with_a_kill()):
+        for result in asyncio.run(streams_with_two_kills()):
             assert result.error is not None and result.error["code"] == "inference_unavailable", result.messages
             assert result.close_code == 1011
+        assert metric(samples(frontend), "failovers_total") == 2
         wait_for(lambda: http_get(frontend, "/readyz")[0] == 503, 30, "not ready with no server")
-        assert metric(samples(frontend), "failovers_total") == 0
 
-        with TritonServer(test_models, grpc_port=server.grpc_port, log_path=tmp_path / "back.log",
+        with TritonServer(test_models, grpc_port=servers[1].grpc_port, log_path=tmp_path / "back.log",
                           env={ENGINE_ENV: "torch"}):
             wait_for(lambda: http_get(frontend, "/readyz")[0] == 200, 60, "ready once a server is back")
             result = asyncio.run(transcribe(frontend.url, speech_wav.pcm, {"mode": "2pass"}))
             assert result.error is None and result.segments
     finally:
         frontend.stop()
-        server.stop()
+        for server in servers:
+            server.stop()
