@@ -186,6 +186,6 @@ def quantize_linear_layers(module: torch.nn.Module, rows: str) -> int:
             quantize_dynamic(float_path, int8_path, **quantize_dynamic_arguments())
             parent, _, attribute = name.rpartition(".")
             setattr(module.get_submodule(parent), attribute,
-                    Int8Linear(layer_session(onnx.load(str(int8_path))), linear.out_features, rows))
+                    Int8Linear(layer_session(int8_path), linear.out_features, rows))
             replaced += 1
     return replaced

@@ -55,9 +55,9 @@ def choose_kernel(kernel: str = "auto") -> str | None:
 
 
 def layer_session(model) -> onnxruntime.InferenceSession:
-    """An onnxruntime session for one layer's ONNX model, run on the calling thread, at
-    onnxruntime's default (and FunASR's runtime's) optimisation level, so int8 layers fuse
-    as in that runtime."""
+    """An onnxruntime session for one layer's ONNX model (a ModelProto, or the Path of a file
+    holding one), run on the calling thread, at onnxruntime's default (and FunASR's runtime's)
+    optimisation level, so int8 layers fuse as in that runtime."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -68,6 +68,8 @@ def layer_session(model) -> onnxruntime.InferenceSession:
     options.log_severity_level = 3
     # From a file: a session built from bytes keeps them (a second copy of the weight)
     # for as long as it lives.
+    if isinstance(model, Path):
+        return onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "layer.onnx"
         path.write_bytes(model.SerializeToString())
