@@ -98,14 +98,14 @@ class SequenceStream:
     awaits each answer), so answers match requests first-in first-out; an answer to a
     request whose caller was cancelled is dropped."""
 
-    def __init__(self, client: grpcclient_aio.InferenceServerClient, model: str, url: str):
+    def __init__(self, gateway: TritonGateway, model: str):
         self.model = model
-        self._url = url
+        self._gateway = gateway
         self._requests: asyncio.Queue[dict | None] = asyncio.Queue()
         self._waiting: deque[asyncio.Future] = deque()
         self._lock = asyncio.Lock()
         self._failure: InferenceError | None = None
-        self._responses = client.stream_infer(self._request_iterator())
+        self._responses = gateway.client.stream_infer(self._request_iterator())
         self._reader = asyncio.create_task(self._read())
 
     async def infer(
@@ -154,6 +154,13 @@ class SequenceStream:
 
     async def _read(self) -> None:
         try:
+            await self._deliver_answers()
+        except asyncio.CancelledError:
+            self._fail(InferenceError(f"{self.model}: stream closed"))
+            raise
+
+    async def _deliver_answers(self) -> None:
+        try:
             async for result, error in self._responses:
                 answer = self._waiting.popleft() if self._waiting else None
                 if answer is None or answer.done():
@@ -163,12 +170,9 @@ class SequenceStream:
                 else:
                     answer.set_result(result)
         except grpc.RpcError as exc:
-            self._fail(_classify(exc, self.model, self._url))
-        except asyncio.CancelledError:
-            self._fail(InferenceError(f"{self.model}: stream closed"))
-            raise
+            self._fail(await self._gateway.rpc_failure(exc, self.model))
         else:
-            self._fail(TritonUnavailable(f"{self.model}: the inference server at {self._url} ended the stream"))
+            self._fail(TritonUnavailable(f"{self.model}: the inference server at {self._gateway.url} ended the stream"))
 
     def _fail(self, failure: InferenceError) -> None:
         self._failure = failure
@@ -186,7 +190,16 @@ class TritonGateway:
         self.client = grpcclient_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
     def open_stream(self, model: str) -> SequenceStream:
-        return SequenceStream(self.client, model, self.url)
+        return SequenceStream(self, model)
+
+    async def rpc_failure(self, exc: grpc.RpcError, model: str) -> InferenceError:
+        """The error for a gRPC call that failed. A server killed mid-stream can end its streams
+        with INTERNAL rather than UNAVAILABLE, so any other failure counts as the server lost
+        when the server no longer answers ready."""
+        failure = _classify(exc, model, self.url)
+        if not isinstance(failure, BackendLost) and not await self.ready(READY_TIMEOUT_S):
+            return TritonUnavailable(f"{failure}; the inference server at {self.url} no longer answers")
+        return failure
 
     @staticmethod
     def audio_inputs(pcm: np.ndarray) -> list[grpcclient.InferInput]:
@@ -266,7 +279,7 @@ class TritonGateway:
                 pieces.append(self.text(result))
             completed = True
         except grpc.RpcError as exc:
-            raise _classify(exc, SECOND_PASS_MODEL, self.url) from None
+            raise await self.rpc_failure(exc, SECOND_PASS_MODEL) from None
         finally:
             if not completed:
                 # Cancelled or failed: Triton passes the cancellation on to the model.

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 
+import grpc
 import pytest
 
+from frontend.backend import InferenceError
 from frontend.client import transcribe
 from frontend.server import parse_args
+from frontend.triton_client import TritonGateway, TritonUnavailable
 from tests.frontend.test_operations import http_get, metric, samples, wait_for
 from tests.frontend.test_protocol_e2e import FrontendProcess
 from twopass_asr.second_pass.vllm_engine import ENGINE_ENV
@@ -92,6 +96,27 @@ def test_replica_addresses_are_checked():
     for bad in ("a:1,,b:2", "a:1,a:1", ""):
         with pytest.raises(SystemExit):
             parse_args(["--triton-url", bad])
+
+
+def test_a_broken_stream_counts_as_a_lost_server_only_when_the_server_no_longer_answers(triton_server):
+    """A server killed mid-stream can end its gRPC streams with INTERNAL, not UNAVAILABLE."""
+    broken = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                  details="Internal error from Core")
+
+    async def failure_at(url: str):
+        gateway = TritonGateway(url)
+        try:
+            return await gateway.rpc_failure(broken, "vad")
+        finally:
+            await gateway.close()
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_url = f"127.0.0.1:{unused.getsockname()[1]}"
+    on_a_live_server = asyncio.run(failure_at(triton_server.grpc_url))
+    on_a_dead_server = asyncio.run(failure_at(dead_url))
+    assert type(on_a_live_server) is InferenceError and "INTERNAL" in str(on_a_live_server)
+    assert isinstance(on_a_dead_server, TritonUnavailable) and "no longer answers" in str(on_a_dead_server)
 
 
 def kill(server: TritonServer) -> None:
