@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc.aio as grpcaio
 
 from frontend.triton_client import SequenceStream, TritonGateway
 from perf.metrics import largest_passing, percentile
@@ -175,11 +174,11 @@ async def run_stream(stream: SequenceStream, sequence_id: int, pcm: np.ndarray, 
 async def load(url: str, streams: int, pcm: np.ndarray, seed: int, look_back: int | None = None) -> Latencies:
     """`streams` real-time streams, each on its own gRPC stream as the frontend sends them,
     with encoder and decoder look-back `look_back` (None: the engine's default)."""
-    client = grpcaio.InferenceServerClient(url)
+    gateway = TritonGateway(url)
     rng = random.Random(seed)
     latencies = Latencies()
     now = time.monotonic()
-    channels = [SequenceStream(client, PARAFORMER, url) for _ in range(streams)]
+    channels = [gateway.open_stream(PARAFORMER) for _ in range(streams)]
     try:
         await asyncio.gather(*(
             run_stream(channel, 10_000 * seed + i + 1, np.roll(pcm, rng.randrange(len(pcm))),
@@ -189,7 +188,7 @@ async def load(url: str, streams: int, pcm: np.ndarray, seed: int, look_back: in
     finally:
         for channel in channels:
             await channel.close()
-        await client.close()
+        await gateway.close()
     return latencies
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import tritonclient.grpc.aio as grpcaio
 
-from frontend.triton_client import SECOND_PASS_MODEL, InferenceError, SequenceStream, TritonGateway
+from frontend.triton_client import SECOND_PASS_MODEL, InferenceError, TritonGateway
 from perf.bench_first_pass_triton import speech_audio
 from twopass_asr.serving.triton_launcher import TritonServer
 
@@ -42,12 +41,12 @@ class StressCounts:
     responses: int = 0
 
 
-async def sequence_client(client, url: str, pcm: np.ndarray, first_id: int, stop_at: float) -> int:
+async def sequence_client(gateway: TritonGateway, pcm: np.ndarray, first_id: int, stop_at: float) -> int:
     """Sequences of pcm's 100 ms chunks on vad and paraformer_streaming, each chunk sent
     once the one before is answered; returns the chunks answered by both."""
     chunks = [pcm[i : i + CHUNK_SAMPLES] for i in range(0, len(pcm), CHUNK_SAMPLES)]
-    first_pass = SequenceStream(client, "paraformer_streaming", url)
-    vad = SequenceStream(client, "vad", url)
+    first_pass = gateway.open_stream("paraformer_streaming")
+    vad = gateway.open_stream("vad")
     answered, sequence_id = 0, first_id
     while time.monotonic() < stop_at:
         for index, chunk in enumerate(chunks):
@@ -105,17 +104,17 @@ async def run_load(url: str, seconds: float, sequence_clients: int, segment_clie
     """The load above for `seconds`, counted into `counts`; raises the first client's
     failure (a dead server shows as an unavailable stream)."""
     counts = counts if counts is not None else StressCounts()
-    client = grpcaio.InferenceServerClient(url)
+    gateway = TritonGateway(url)
     try:
         stop_at = time.monotonic() + seconds
         segment = pcm[: 2 * 16000]
         counts.chunks_answered = list(await asyncio.gather(
-            *(sequence_client(client, url, pcm, 900_000 + index, stop_at) for index in range(sequence_clients)),
-            *(segment_client(client, segment, stop_at, cancel, stream_deltas, random.Random(seed + index), counts)
+            *(sequence_client(gateway, pcm, 900_000 + index, stop_at) for index in range(sequence_clients)),
+            *(segment_client(gateway.client, segment, stop_at, cancel, stream_deltas, random.Random(seed + index), counts)
               for index in range(segment_clients)),
         ))[:sequence_clients]
     finally:
-        await client.close()
+        await gateway.close()
     return counts
 
 
