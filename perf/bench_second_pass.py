@@ -17,9 +17,10 @@ does; --embed-max-batch 1 encodes one segment at a time), then
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
-CPU; int8, vLLM's W8A8, runs on vLLM only, and torch and FunASR then run in bf16); with
+CPU; int8 is vLLM's W8A8 on vLLM and torch's dynamic int8 layers on torch,
+twopass_asr.second_pass.llm_int8, while FunASR, which has no int8, runs in fp32); with
 another than fp32 it is also compared with fp32 (greedy texts and teacher-forced tokens:
-of the torch path in that precision, or of vLLM's compiled engine for int8). The served audio
+of the torch path in that precision, and of vLLM's compiled engine for int8). The served audio
 encoder runs in --encoder-precision (auto: int8 where funasr_nano_vllm would take it), compared
 the same way with FunASR's float32 encoder. In-process (no tritonserver), so the numbers are the engines', not
 gRPC's. A random model rarely emits EOS: every segment decodes --max-new-tokens tokens, by
@@ -56,7 +57,7 @@ from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
-from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, VLLM_ONLY, resolve_precision
+from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
 
 DEFAULT_MODEL_DIR = REPO_ROOT / ".model_store-full" / "funasr_nano"
@@ -295,8 +296,9 @@ def main() -> None:
     if not (args.model_dir / "model.pt").is_file():
         sys.exit(f"{args.model_dir} has no model.pt; build it with: python -m twopass_asr.store.prepare "
                  "--store .model_store-full --random full")
-    if not set(args.vllm_modes.split(",")) <= {"compiled", "eager"}:
-        parser.error(f"--vllm-modes takes compiled and/or eager, got {args.vllm_modes!r}")
+    args.vllm_modes = [mode for mode in args.vllm_modes.split(",") if mode]
+    if not set(args.vllm_modes) <= {"compiled", "eager"}:
+        parser.error(f"--vllm-modes takes compiled and/or eager (none: '', torch only), got {args.vllm_modes!r}")
     levels = [int(x) for x in args.concurrency.split(",")]
     if args.max_new_tokens is None:
         args.max_new_tokens = generation_cap(int(args.segment_seconds * SAMPLE_RATE), DEFAULT_MAX_NEW_TOKENS,
@@ -309,8 +311,8 @@ def main() -> None:
     from twopass_asr.second_pass.vllm_engine import EngineSettings, VllmNanoEngine
 
     precision = resolve_precision(args.precision, "cpu")
-    # What torch and FunASR decode in: int8 is vLLM's only, bf16 around its int8 products.
-    torch_precision = "bf16" if precision in VLLM_ONLY else precision
+    # FunASR has no int8: with int8 it runs in its default, fp32.
+    funasr_precision = "fp32" if precision == "int8" else precision
     recognizer = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens,
                                 encoder_precision=args.encoder_precision)
     funasr_model = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens, prepack=False)
@@ -319,7 +321,7 @@ def main() -> None:
         encoder_sections = encoder_agreement(funasr_model, recognizer, args.agreement_segments, args.segment_seconds)
     else:
         encoder_sections = []
-    funasr_model.use_dtype(TORCH_DTYPES[torch_precision])
+    funasr_model.use_dtype(TORCH_DTYPES[funasr_precision])
     executor = ThreadPoolExecutor(max_workers=1)
     embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
@@ -329,24 +331,30 @@ def main() -> None:
                                                   args.segment_seconds)
     rows: list[Row] = []
     setup = Setup(recognizer, embedder, generator, args.segment_seconds)
-    if torch_precision != "fp32":
+    if funasr_precision != "fp32":
         # The served recognizer is still float32 here (FunASR's runtime default).
-        sections += precision_agreement(recognizer, funasr_model, torch_precision, args.agreement_segments,
+        sections += precision_agreement(recognizer, funasr_model, funasr_precision, args.agreement_segments,
                                         args.segment_seconds)
-    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds, torch_precision))
+    rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds, funasr_precision))
     del funasr_model  # its memory, before vLLM starts its own copy of the LLM
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
-    if precision in VLLM_ONLY:
-        # The float32 reference for vLLM's agreement below, before the recognizer changes dtype.
+    if precision == "int8":
+        # The float32 reference for the int8 agreements below, before the recognizer changes.
         reference = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
-    recognizer.use_dtype(TORCH_DTYPES[torch_precision])
+        # torch's int8 layers (llm_int8); vLLM casts the float32 prompts to its own dtype.
+        recognizer.use_int8_generation()
+        if torch_levels:
+            sections += precision_agreement(reference, recognizer, precision, args.agreement_segments,
+                                            args.segment_seconds)
+    else:
+        recognizer.use_dtype(TORCH_DTYPES[precision])
     loop = asyncio.new_event_loop()
     for level in torch_levels:
         level_run = run_level("torch", level, args.segments_per_client, setup)
         rows.append(loop.run_until_complete(level_run))
         print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     # The engine runs in a subprocess of its own; one engine at a time, one after another.
-    for mode in args.vllm_modes.split(","):
+    for mode in args.vllm_modes:
         name = "vllm" if mode == "compiled" else f"vllm-{mode}"
         started = time.perf_counter()
         engine = VllmNanoEngine(recognizer, EngineSettings.from_parameters(
@@ -356,7 +364,7 @@ def main() -> None:
         try:
             # Warm-up: the first request pays for lazy initialisation.
             loop.run_until_complete(run_level(name, 1, 1, setup, engine))
-            if precision in VLLM_ONLY and mode == "compiled":
+            if precision == "int8" and mode == "compiled":
                 sections += precision_agreement(reference, engine, precision, args.agreement_segments,
                                                 args.segment_seconds, loop)
             for level in levels:
@@ -366,7 +374,7 @@ def main() -> None:
         finally:
             engine.shutdown()
     note = (f"{cpu_summary()}. {args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, "
-            f"LLM in {precision} (precision {args.precision}; torch and FunASR in {torch_precision}), "
+            f"LLM in {precision} (precision {args.precision}; FunASR in {funasr_precision}), "
             f"audio encoder in {recognizer.encoder_precision} (encoder precision {args.encoder_precision}; "
             f"FunASR's in fp32) "
             f"(vllm = compiled, vllm-eager = "

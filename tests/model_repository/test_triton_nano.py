@@ -19,7 +19,7 @@ from tests.triton_client_utils import decoupled_texts, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_priority import DEFAULT_CPU_NICE, MAX_NICE
-from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV
+from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV, PRECISION_ENV
 from twopass_asr.second_pass.recognizer import NanoRecognizer
 from twopass_asr.second_pass.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
 from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
@@ -211,3 +211,20 @@ def test_int8_audio_encoder_serves_its_text_and_a_wrong_precision_is_named(test_
         assert decoupled_texts(server.grpc_url, "funasr_nano_vllm", requests) == expected
         assert "LLM in fp32, audio encoder in int8," in server.log_text()
     assert all(expected), "the tiny model must produce text"
+
+
+def test_int8_on_the_torch_engine_serves_its_text(test_models, speech_wav, tmp_path):
+    """precision int8 with engine torch: torch's int8 layers (llm_int8), on the same segments
+    one at a time (segments decoded together share their activations' scale)."""
+    repository = tmp_path / "repository"
+    shutil.copytree(DEFAULT_MODEL_REPOSITORY / "funasr_nano_vllm", repository / "funasr_nano_vllm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    segments = [speech_wav.pcm[i * 16000:i * 16000 + (2 + i) * 8000] for i in range(3)]
+    recognizer = NanoRecognizer(test_models / "funasr_nano")
+    recognizer.use_int8_generation()
+    expected = [recognizer.recognize(pcm) for pcm in segments]
+    with TritonServer(test_models, repository, log_path=tmp_path / "int8.log",
+                      env={ENGINE_ENV: "torch", PRECISION_ENV: "int8", ENCODER_PRECISION_ENV: "fp32"}) as server:
+        got = [decoupled_texts(server.grpc_url, "funasr_nano_vllm", [segment_inputs(pcm)])[0] for pcm in segments]
+        assert "(torch generation), LLM in int8, audio encoder in fp32," in server.log_text()
+    assert got == expected and all(expected)

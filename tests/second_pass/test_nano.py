@@ -16,6 +16,8 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.kernels import int8_linear
 from twopass_asr.kernels.int8_linear import Int8Linear
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
+from twopass_asr.second_pass import llm_int8
+from twopass_asr.second_pass.llm_export import INT8_LINEARS, int8_per_output_channel
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
     MAX_NEW_TOKENS_PER_SECOND_ENV,
@@ -161,7 +163,7 @@ def test_float32_generation_prepacks_the_llm_and_keeps_the_text(tiny_nano, refer
     for pcm, case in zip(segments(), CASES):
         assert fallback.recognize(pcm, **case) == reference_text(reference, pcm, **case)
     fallback.use_dtype(torch.float32)
-    with pytest.raises(ValueError, match="prepacked in torch.float32"):
+    with pytest.raises(ValueError, match="replaced in torch.float32"):
         fallback.use_dtype(torch.bfloat16)
 
 
@@ -397,3 +399,75 @@ def test_int8_encoder_agrees_with_fp32_and_a_broken_quantization_does_not(tiny_n
 def test_int8_encoder_is_refused_on_a_gpu_by_name(tiny_nano):
     with pytest.raises(ValueError, match="int8 runs on onnxruntime's CPU kernels, not on cuda"):
         NanoRecognizer(tiny_nano, device="cuda", encoder_precision="int8")
+
+
+@pytest.fixture(scope="module")
+def int8_generation(tiny_nano):
+    int8 = quietly(NanoRecognizer, tiny_nano)
+    int8.use_int8_generation()
+    return int8
+
+
+def test_int8_generation_quantizes_the_projections_and_head_by_the_exports_rule(tiny_nano, recognizer,
+                                                                                 int8_generation):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    plain = dict(recognizer.model.llm.named_modules())
+    quantized = {name: module for name, module in int8_generation.model.llm.named_modules()
+                 if type(module) is DynamicInt8Linear}
+    expected = {name for name, module in plain.items() if type(module) in (torch.nn.Linear, PrepackedLinear)
+                and (name.rpartition(".")[2] in INT8_LINEARS or name == "lm_head")}
+    assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
+    float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
+    for name, layer in quantized.items():
+        weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight)
+        packed, _ = layer._weight_bias()
+        assert torch.equal(packed.int_repr(), weights), name
+        torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())
+    assert int8_generation.dtype == torch.float32
+    assert type(int8_generation.model.llm.model.embed_tokens.weight) is torch.nn.Parameter  # prompts in float32
+
+
+# Measured on the tiny model: torch's int8 generation 0.95, with every scale doubled 0.24.
+LLM_INT8_AGREEMENT_FLOOR = 0.8
+
+
+def llm_agreement(reference: NanoRecognizer, other: NanoRecognizer) -> float:
+    """Teacher-forced top-1 agreement of other's LLM with the reference's greedy tokens, both
+    fed the reference's prompts, over every CASE of every segment."""
+    agree = total = 0
+    for pcm in segments():
+        for case in CASES:
+            prompt = reference.prompt_embeds(pcm, **case)
+            (row,) = reference.generate_tokens([prompt])
+            agree += sum(a == b for a, b in zip(other.teacher_forced_tokens(prompt, row), row))
+            total += len(row)
+    return agree / total
+
+
+def test_int8_generation_agrees_with_fp32_and_a_broken_quantization_does_not(tiny_nano, recognizer, int8_generation,
+                                                                            monkeypatch):
+    agreement = llm_agreement(recognizer, int8_generation)
+    assert agreement >= LLM_INT8_AGREEMENT_FLOOR, agreement
+    assert int8_generation.generate(recognizer.prompt_embeds(segments()[0]))  # greedy text too
+
+    def doubled(weight):
+        weights, scales = int8_per_output_channel(weight)
+        return weights, scales * 2
+
+    monkeypatch.setattr(llm_int8, "int8_per_output_channel", doubled)
+    broken = quietly(NanoRecognizer, tiny_nano)
+    broken.use_int8_generation()
+    assert llm_agreement(recognizer, broken) < LLM_INT8_AGREEMENT_FLOOR
+
+
+def test_int8_generation_fixes_the_llms_layers(tiny_nano, int8_generation):
+    with pytest.raises(ValueError, match="replaced in torch.float32"):
+        int8_generation.use_dtype(torch.bfloat16)
+    int8_generation.use_dtype(torch.float32)  # what it is already
+    with pytest.raises(ValueError, match="already replaced"):
+        int8_generation.use_int8_generation()
+    prepacked = quietly(NanoRecognizer, tiny_nano)
+    prepacked.use_dtype(torch.float32)
+    with pytest.raises(ValueError, match="already replaced"):
+        prepacked.use_int8_generation()

@@ -73,16 +73,21 @@ def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None, int8: bo
                          export_root or default_export_root(int8), lambda d: (d / WEIGHTS_FILE).is_file(), build)
 
 
+def int8_per_output_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear weight [rows, columns] as int8 per output channel, symmetric: (int8 weights,
+    scales [rows, 1] in float32, each the row's largest magnitude / 127)."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
+
+
 def quantize_linear_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with each INT8_LINEARS weight as int8 per output channel (symmetric: scale =
-    the row's largest magnitude / 127) and its scale beside it as `<name>_scale` [rows, 1]."""
+    """`state` with each INT8_LINEARS weight as int8 per output channel (int8_per_output_channel)
+    and its scale beside it as `<name>_scale` [rows, 1]."""
     quantized = {}
     for name, tensor in state.items():
         if name.endswith(".weight") and name.split(".")[-2] in INT8_LINEARS:
-            weight = tensor.detach().float()
-            scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-            quantized[name] = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
-            quantized[name + SCALE_SUFFIX] = scale
+            quantized[name], quantized[name + SCALE_SUFFIX] = int8_per_output_channel(tensor)
         else:
             quantized[name] = tensor
     return quantized
@@ -118,5 +123,5 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(owned, str(path), metadata={"format": "pt"})
 
 
-__all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir", "llm_state_dict",
+__all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir", "int8_per_output_channel", "llm_state_dict",
            "quantize_linear_weights"]

@@ -4,9 +4,10 @@ the torch fallback) and for the prompt embeddings fed to it.
 fp32 is FunASR's own runtime default and what the equivalence tests pin. auto is what a user
 wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and what
 FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16), else fp32. int8 (asked for
-explicitly) is vLLM's W8A8: the LLM's linear layers with int8 weights (the project's own
-export, llm_export) and int8 activations per token, everything else in bf16; the torch
-fallback has no int8.
+explicitly) gives the LLM's decoder projections int8 weights per output channel (one rule,
+llm_export.int8_per_output_channel) and quantizes their inputs at run time. On vLLM it is
+W8A8 (the project's own export, activations per token, everything else in bf16); on the
+torch fallback, CPU only, torch's dynamic int8 layers, the output head too (llm_int8).
 
 The audio encoder and adaptor have a setting of their own, on FunASR's int8 recipe as the first
 pass (twopass_asr.kernels.int8_recipe): fp32 as FunASR runs them, int8, or auto (int8 where the
@@ -26,8 +27,6 @@ ENCODER_PRECISION_ENV = "TWOPASS_ASR_NANO_ENCODER_PRECISION"
 # The dtype of the LLM's activations and of the prompt embeddings (int8: of all but its
 # linear layers' products).
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
-# Precisions only vLLM decodes in.
-VLLM_ONLY = ("int8",)
 
 
 def resolve_precision(configured: str, device: str, native_bf16: bool | None = None) -> str:
@@ -45,10 +44,17 @@ def resolve_precision(configured: str, device: str, native_bf16: bool | None = N
     return configured
 
 
+def torch_generation_runs(precision: str, device: str) -> bool:
+    """Whether the torch fallback decodes in `precision` (resolved) on `device`: int8 on a CPU
+    only (its kernels are fbgemm's)."""
+    return precision != "int8" or device == "cpu"
+
+
 def vllm_dtype(precision: str) -> str:
     """vLLM's name for a resolved precision (its `dtype` engine argument)."""
     return str(TORCH_DTYPES[precision]).removeprefix("torch.")
 
 
-__all__ = ["ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "VLLM_ONLY", "resolve_precision",
+__all__ = ["ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "resolve_precision",
+           "torch_generation_runs",
            "vllm_dtype"]

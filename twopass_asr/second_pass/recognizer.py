@@ -28,6 +28,7 @@ from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
+from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 from twopass_asr.parameters import whole_number
 from twopass_asr.store.nano_dir import validate_nano_dir
 
@@ -153,7 +154,8 @@ class NanoRecognizer:
         self.model.llm = self.model.llm.to(self.dtype)
         self.prepack = prepack
         self._generation_released = False
-        self._llm_prepacked = False
+        # Prepacked or int8 linear layers fix the LLM's dtype from then on.
+        self._llm_layers_replaced = False
         if self.encoder_precision == "int8":
             stacking = getattr(self.model.audio_adaptor, "k", 1)
             if stacking == 1:
@@ -252,15 +254,30 @@ class NanoRecognizer:
         """Decode (and build prompt embeddings) in `dtype` instead of the model's llm_dtype.
         With prepack, a float32 LLM also gets its linear weights prepacked (torch generation's
         decode steps multiply a few rows); its dtype is fixed from then on."""
-        if self._llm_prepacked:
+        if self._llm_layers_replaced:
             if dtype != self.dtype:
-                raise ValueError(f"the LLM's linear weights are prepacked in {self.dtype}; it cannot change "
-                                 f"to {dtype}")
+                raise ValueError(f"the LLM's linear layers were replaced in {self.dtype} (prepacked or int8); it "
+                                 f"cannot change to {dtype}")
             return
         self.dtype = dtype
         self.model.llm.to(dtype)
         if self.prepack and dtype == torch.float32:
-            self._llm_prepacked = prepack_linear_layers(self.model.llm) > 0
+            self._llm_layers_replaced = prepack_linear_layers(self.model.llm) > 0
+
+    def use_int8_generation(self) -> None:
+        """Generate on torch with the LLM's decoder projections and output head in int8
+        (twopass_asr.second_pass.llm_int8), float32 elsewhere and for the prompts. CPU only;
+        before use_dtype replaces the layers."""
+        if str(self.device) != "cpu":
+            raise ValueError(f"int8 generation on torch runs on a CPU (fbgemm), not on {self.device}; on a GPU int8 "
+                             f"runs on vLLM")
+        if self._llm_layers_replaced:
+            raise ValueError(f"the LLM's linear layers were already replaced in {self.dtype}")
+        self._require_generation_layers()
+        self.dtype = torch.float32
+        self.model.llm.to(torch.float32)
+        quantize_llm_for_torch(self.model.llm)
+        self._llm_layers_replaced = True
 
     def release_generation_layers(self) -> None:
         """Free the LLM's decoder layers and output head, keeping the token embeddings the

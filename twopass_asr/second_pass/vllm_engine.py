@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable, Mapping
 import torch
 
 from twopass_asr.second_pass.llm_export import export_llm_dir
-from twopass_asr.second_pass.precision import TORCH_DTYPES, VLLM_ONLY, vllm_dtype
+from twopass_asr.second_pass.precision import TORCH_DTYPES, torch_generation_runs, vllm_dtype
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
 from twopass_asr.serving.placement import physical_gpu
 
@@ -244,11 +244,11 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
                  warn: Callable[[str], None] = log.warning) -> VllmNanoEngine | None:
     """The vLLM engine, in `precision` (resolved), for mode vllm (EngineUnavailable if it
     cannot start) or auto (None after one warning if it cannot start); None for torch. A
-    precision only vLLM decodes in needs it: ValueError with mode torch, EngineUnavailable
-    when it cannot start."""
+    precision only vLLM decodes in on `device` needs it: ValueError with mode torch,
+    EngineUnavailable when it cannot start."""
     if mode == "torch":
-        if precision in VLLM_ONLY:
-            raise ValueError(f"precision {precision} runs on vLLM only: set engine vllm or auto")
+        if not torch_generation_runs(precision, device):
+            raise ValueError(f"precision {precision} on {device} runs on vLLM only: set engine vllm or auto")
         return None
     settings = EngineSettings.from_parameters(device, params, precision)
     if device != "cpu":
@@ -256,7 +256,7 @@ def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Map
     try:
         return VllmNanoEngine(recognizer, settings)
     except EngineUnavailable as exc:
-        if mode == "vllm" or precision in VLLM_ONLY:
+        if mode == "vllm" or not torch_generation_runs(precision, device):
             raise
         warn(f"vLLM unavailable, falling back to torch generation: {exc}")
         return None
