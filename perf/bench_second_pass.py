@@ -386,6 +386,12 @@ def main() -> None:
             f"{dict(sorted(embedder.batch_sizes.items()))}), "
             f"{os.cpu_count()} CPUs shared with other jobs. In-process (no tritonserver).")
     write_results(rows, args.out, note, sections)
+    # The batchers' serving tasks wait for more segments: end them before the loop goes.
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
 
 
 if __name__ == "__main__":

@@ -242,3 +242,18 @@ def test_soak_short_run_samples_every_process(test_models, speech_wav, tmp_path)
     assert all(row["start_mb"] > 10 and row["end_mb"] > 10 for row in data["rss"])
     assert len(data["samples"]) >= 5
     assert (out / "soak.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_second_pass_bench_in_int8_on_torch(test_models, tmp_path):
+    """bench_second_pass on the tiny Nano, int8 on torch only (no vLLM): its rows, the agreement
+    with float32 and the CPU line."""
+    run_tool("perf.bench_second_pass", "--model-dir", str(test_models / "funasr_nano"), "--precision", "int8",
+             "--encoder-precision", "fp32", "--vllm-modes=", "--torch-concurrency", "1,2", "--funasr-segments", "1",
+             "--agreement-segments", "2", "--segments-per-client", "1", "--encoder-batches", "1",
+             "--out", str(tmp_path))
+    report = (tmp_path / "second_pass.md").read_text()
+    rows = [line.split(" | ")[:3] for line in report.splitlines() if line.startswith(("| funasr", "| torch"))]
+    assert rows == [["| funasr", "1", "1"], ["| torch", "1", "1"], ["| torch", "2", "2"]], report
+    assert "LLM in int8 (precision int8; FunASR in fp32)" in report and cpu_summary() in report
+    assert re.search(r"Agreement of int8 \(torch\) with fp32 .*\n\n.*\n.*\n\| \d/2 \(\d+%\) \| \d+/\d+ ", report), report
+    assert (tmp_path / "second_pass.png").read_bytes().startswith(PNG_MAGIC)
