@@ -26,7 +26,7 @@ from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
 from twopass_asr.second_pass import llm_export
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
-from twopass_asr.second_pass.precision import PRECISION_ENV, resolve_precision, vllm_dtype
+from twopass_asr.second_pass.precision import PRECISION_ENV, resolve_precision, torch_generation_runs, vllm_dtype
 from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response, generation_cap
 from twopass_asr.second_pass.vllm_engine import (
     ENGINE_ENV,
@@ -271,6 +271,14 @@ def test_auto_precision_is_bf16_where_it_is_native_and_fp32_elsewhere():
     assert resolve_precision("int8", "cpu") == "int8"  # never chosen by auto
     # int8: W8A8 in the linear layers, bf16 around them.
     assert [vllm_dtype(p) for p in ("fp32", "bf16", "fp16", "int8")] == ["float32", "bfloat16", "float16", "bfloat16"]
+
+
+def test_int8_on_the_torch_engine_is_a_cpu_precision():
+    assert torch_generation_runs("int8", "cpu") and torch_generation_runs("bf16", "cuda:0")
+    assert not torch_generation_runs("int8", "cuda:0")
+    assert start_engine("torch", None, "cpu", {}, "int8") is None  # torch generation, nothing started
+    with pytest.raises(ValueError, match="precision int8 on cuda:0 runs on vLLM only: set engine vllm or auto"):
+        start_engine("torch", None, "cuda:0", {}, "int8")
 
 
 def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):

@@ -123,5 +123,5 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(owned, str(path), metadata={"format": "pt"})
 
 
-__all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir", "int8_per_output_channel", "llm_state_dict",
-           "quantize_linear_weights"]
+__all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir",
+           "int8_per_output_channel", "llm_state_dict", "quantize_linear_weights"]

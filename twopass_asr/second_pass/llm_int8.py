@@ -6,8 +6,9 @@ its input at every call. The weights follow the rule of vLLM's int8 export
 (llm_export.int8_per_output_channel: per output channel, symmetric, the row's largest
 magnitude / 127), for the same decoder projections (INT8_LINEARS), plus the output head,
 whose 151,936 rows are a quarter of the LLM's weights and, in float32, half of a decode
-step's memory traffic. Activations are quantized per call, to 7-bit uint8 (fbgemm's range on
-CPUs without VNNI), so rows decoded together share one scale; everything else runs in float32.
+step's memory traffic. Activations are quantized per call, to 7-bit uint8 (torch's layer
+reduces the range so that AVX2's 16-bit pairwise products cannot saturate), so rows decoded
+together share one scale; everything else runs in float32.
 
 torch marks its quantized tensors deprecated (2.13, the pinned version, still has them, and
 no other int8 matrix product in torch is fast on a CPU); the tests load this path, so a torch

@@ -24,8 +24,8 @@ from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
 ENCODER_PRECISION_ENV = "TWOPASS_ASR_NANO_ENCODER_PRECISION"
-# The dtype of the LLM's activations and of the prompt embeddings (int8: of all but its
-# linear layers' products).
+# The dtype of the LLM's activations and of the prompt embeddings (int8 on vLLM: of all but
+# its linear layers' products; int8 on torch runs in float32 around them, llm_int8).
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 
 
@@ -56,5 +56,4 @@ def vllm_dtype(precision: str) -> str:
 
 
 __all__ = ["ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "resolve_precision",
-           "torch_generation_runs",
-           "vllm_dtype"]
+           "torch_generation_runs", "vllm_dtype"]

@@ -28,8 +28,8 @@ from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
-from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 from twopass_asr.parameters import whole_number
+from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 from twopass_asr.store.nano_dir import validate_nano_dir
 
 log = logging.getLogger("twopass_asr.second_pass")
