@@ -341,12 +341,13 @@ def main() -> None:
     if precision == "int8":
         # The float32 reference for the int8 agreements below, before the recognizer changes.
         reference = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
-        # torch's int8 layers (llm_int8); vLLM casts the float32 prompts to its own dtype.
+    if precision == "int8" and torch_levels:
+        # torch's int8 layers (llm_int8); vLLM after them gets float32 prompts, cast to its dtype.
         recognizer.use_int8_generation()
-        if torch_levels:
-            sections += precision_agreement(reference, recognizer, precision, args.agreement_segments,
-                                            args.segment_seconds)
+        sections += precision_agreement(reference, recognizer, precision, args.agreement_segments,
+                                        args.segment_seconds)
     else:
+        # As served: vLLM's int8 takes prompts built in bf16.
         recognizer.use_dtype(TORCH_DTYPES[precision])
     loop = asyncio.new_event_loop()
     for level in torch_levels:
