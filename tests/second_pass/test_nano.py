@@ -433,16 +433,10 @@ LLM_INT8_AGREEMENT_FLOOR = 0.8
 
 
 def llm_agreement(reference: NanoRecognizer, other: NanoRecognizer) -> float:
-    """Teacher-forced top-1 agreement of other's LLM with the reference's greedy tokens, both
-    fed the reference's prompts, over every CASE of every segment."""
-    agree = total = 0
-    for pcm in segments():
-        for case in CASES:
-            prompt = reference.prompt_embeds(pcm, **case)
-            (row,) = reference.generate_tokens([prompt])
-            agree += sum(a == b for a, b in zip(other.teacher_forced_tokens(prompt, row), row))
-            total += len(row)
-    return agree / total
+    """top1_agreement of other's LLM with the reference's greedy tokens, both fed the
+    reference's prompts, over every CASE of every segment."""
+    prompts = [reference.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
+    return top1_agreement(other, prompts, reference.generate_tokens(prompts))
 
 
 def test_int8_generation_agrees_with_fp32_and_a_broken_quantization_does_not(tiny_nano, recognizer, int8_generation,
