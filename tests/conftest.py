@@ -16,7 +16,7 @@ from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
 from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV as NANO_ENCODER_PRECISION_ENV
 from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECISION_ENV
-from twopass_asr.serving.triton_launcher import TritonServer
+from twopass_asr.serving.triton_launcher import TritonServer, TritonStartTimeout
 from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_silences, write_wav
 
 torch.set_num_threads(1)
@@ -75,11 +75,27 @@ def speech_wav(tmp_path_factory) -> SpeechWav:
 _shared_server_death: list[str] = []
 
 
+# A start that hung (once in many CI runs: the Nano's stub had logged its load, Triton never
+# marked it loaded), with the stacks of its processes: printed at the end of the run.
+_shared_server_hung_start: list[str] = []
+# The tiny models load in about a minute even with cold caches.
+SHARED_SERVER_START_S = 300.0
+
+
 @pytest.fixture(scope="session")
 def triton_server(test_models):
-    server = TritonServer(test_models, log_path=ARTIFACTS / "tritonserver.log",
-                          log_verbose=int(os.environ.get("TWOPASS_ASR_TRITON_LOG_VERBOSE", "0")))
-    server.start()
+    def new_server() -> TritonServer:
+        return TritonServer(test_models, log_path=ARTIFACTS / "tritonserver.log",
+                            log_verbose=int(os.environ.get("TWOPASS_ASR_TRITON_LOG_VERBOSE", "0")))
+
+    server = new_server()
+    try:
+        server.start(SHARED_SERVER_START_S)
+    except TritonStartTimeout as hang:
+        # Reported at the end of the run, not hidden; the tests then run on a second start.
+        _shared_server_hung_start.append(f"{hang}\n{hang.stacks}")
+        server = new_server()
+        server.start(SHARED_SERVER_START_S)
     yield server
     if (report := server.exit_report(" during the tests")) is not None:
         _shared_server_death.append(report)
@@ -105,6 +121,9 @@ def _shared_server_is_up(request):
 
 
 def pytest_terminal_summary(terminalreporter):
+    for report in _shared_server_hung_start:
+        terminalreporter.section("shared tritonserver: a start that hung, retried once")
+        terminalreporter.write_line(report)
     for report in _shared_server_death:
         terminalreporter.section("shared tritonserver")
         terminalreporter.write_line(report)

@@ -22,7 +22,8 @@ from twopass_asr.kernels.cpu_priority import DEFAULT_CPU_NICE, MAX_NICE
 from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV, PRECISION_ENV
 from twopass_asr.second_pass.recognizer import NanoRecognizer
 from twopass_asr.second_pass.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
-from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+from twopass_asr.serving.triton_launcher import (DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError,
+                                                group_processes)
 
 pytestmark = pytest.mark.triton
 
@@ -134,20 +135,6 @@ def test_cancelled_stream_does_not_break_later_requests(triton_server, reference
     if "(vLLM generation)" in triton_server.log_text():
         # The cancellation reached the model mid-generation and aborted the engine request.
         assert triton_server.log_text().count(CANCELLED_IN_ENGINE) > aborted_before
-
-
-def group_processes(pgid: int) -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of the live processes of a process group."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found[int(stat.parent.name)] = (int(fields[1]),
-                                                (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except (OSError, IndexError, ValueError):
-            continue  # exited while being read
-    return found
 
 
 def thread_nice_values(pid: int) -> set[int]:

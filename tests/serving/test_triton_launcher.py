@@ -1,5 +1,6 @@
 """The launcher without a server: start-up progress read from a scripted tritonserver log,
-the report of a process that ended, and the ports it picks."""
+the report of a process that ended, the stacks of one that never became ready, and the ports
+it picks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
-from twopass_asr.serving.triton_launcher import LOWEST_FREE_PORT, TritonServer, free_port, load_progress, port_in_use
+import pytest
+
+from twopass_asr.serving.triton_launcher import (LOWEST_FREE_PORT, TritonServer, TritonStartTimeout, free_port,
+                                                load_progress, port_in_use)
 
 EARLIER_RUN = '''I1129 05:00:00.000001 1 model_lifecycle.cc:472] "loading: old_model:1"
 I1129 05:00:09.000001 1 model_lifecycle.cc:839] "successfully loaded 'old_model'"
@@ -69,3 +74,36 @@ def test_exit_report_names_the_signal_or_code_and_ends_with_the_log(tmp_path):
     server.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     server.process.wait()
     assert server.exit_status() == "exited with code 3"
+
+
+# A stand-in for a server that hangs at start: a process (and a child of it, in its process
+# group) waiting in functions whose names its stacks must show.
+HANGING_SERVER = """
+import subprocess, sys, time
+
+def waiting_for_the_model_to_load():
+    child = subprocess.Popen([sys.executable, "-c", "def child_waiting():\\n    import time; time.sleep(600)\\nchild_waiting()"])
+    time.sleep(600)
+
+waiting_for_the_model_to_load()
+"""
+
+
+def test_a_server_that_never_becomes_ready_reports_its_processes_stacks(tmp_path):
+    log = tmp_path / "tritonserver.log"
+    log.write_text(THIS_RUN)
+    server = TritonServer(None, log_path=log)
+    server._log_start = 0
+    server.process = subprocess.Popen([sys.executable, "-c", HANGING_SERVER], start_new_session=True)
+    try:
+        time.sleep(2)  # the child started
+        with pytest.raises(TritonStartTimeout, match="tritonserver not ready after 1 s; the Python stacks of its "
+                                                     "processes are in .*tritonserver.log.stacks") as hang:
+            server.wait_ready(1)
+    finally:
+        server.stop()
+    stacks = (tmp_path / "tritonserver.log.stacks").read_text()
+    assert stacks.strip() == hang.value.stacks.strip()
+    assert stacks.count("=== pid ") == 2, stacks
+    assert "waiting_for_the_model_to_load" in stacks and "child_waiting" in stacks
+    assert "successfully loaded 'paraformer_streaming'" in str(hang.value)  # the log's tail follows

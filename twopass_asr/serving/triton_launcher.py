@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,11 +29,51 @@ class TritonStartError(RuntimeError):
     pass
 
 
+class TritonStartTimeout(TritonStartError):
+    """The server ran but did not become ready in time; `stacks`: its processes' Python stacks."""
+
+    def __init__(self, message: str, stacks: str):
+        super().__init__(message)
+        self.stacks = stacks
+
+
 def load_progress(log_text: str) -> tuple[list[str], list[str]]:
     """(loaded, still loading) model names, from tritonserver's log of its start."""
     loading = dict.fromkeys(re.findall(r'"loading: ([^:"]+):\d+"', log_text))
     loaded = dict.fromkeys(re.findall(r"\"successfully loaded '([^']+)'", log_text))
     return list(loaded), [name for name in loading if name not in loaded]
+
+
+def group_processes(pgid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of the live processes of a process group."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (int(fields[1]),
+                                                (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # exited while being read
+    return found
+
+
+def python_stacks(pgid: int, timeout_s: float = 10.0) -> str:
+    """The Python stacks of every process of a process group (py-spy, where installed): what a
+    server that hangs is waiting for. Processes without Python say why they have none."""
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        return "py-spy is not installed: no stacks"
+    parts = []
+    for pid, (_, command) in sorted(group_processes(pgid).items()):
+        try:
+            dump = subprocess.run([py_spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                  timeout=timeout_s)
+            stacks = dump.stdout or dump.stderr
+        except subprocess.TimeoutExpired:
+            stacks = f"py-spy gave no stacks within {timeout_s:.0f} s"
+        parts.append(f"=== pid {pid}: {command[:200]}\n{stacks.strip()}")
+    return "\n".join(parts)
 
 
 # Ports free_port has handed out in this process: none twice.
@@ -232,7 +273,14 @@ class TritonServer:
             if self.is_ready():
                 return
             time.sleep(0.5)
-        raise TritonStartError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+        stacks = python_stacks(self.process.pid)
+        if self.log_path:
+            where = self.log_path.with_name(self.log_path.name + ".stacks")
+            where.write_text(stacks + "\n")
+            hint = f"; the Python stacks of its processes are in {where}"
+        else:
+            hint = f"; the Python stacks of its processes:\n{stacks}\n"
+        raise TritonStartTimeout(f"tritonserver not ready after {timeout:.0f} s{hint}" + self._log_hint(), stacks)
 
     def exit_status(self) -> str | None:
         """None while the server runs; else how it ended: its exit code, or the signal that
