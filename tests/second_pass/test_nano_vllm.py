@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from perf.bench_second_pass import teacher_forced_pairs
-from tests.model_repository.test_triton_nano import CASES, group_processes, reference_text, segment_inputs
+from tests.model_repository.test_triton_nano import CASES, reference_text, segment_inputs
 from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
-from twopass_asr.second_pass import llm_export
+from twopass_asr.second_pass import llm_export, precision
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
-from twopass_asr.second_pass.precision import PRECISION_ENV, resolve_precision, torch_generation_runs, vllm_dtype
+from twopass_asr.second_pass.precision import (PRECISION_ENV, resolve_precision, torch_generation_is_faster,
+                                                torch_generation_runs, vllm_dtype)
 from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response, generation_cap
 from twopass_asr.second_pass.vllm_engine import (
     ENGINE_ENV,
@@ -37,7 +38,8 @@ from twopass_asr.second_pass.vllm_engine import (
     engine_mode,
     start_engine,
 )
-from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError
+from twopass_asr.serving.triton_launcher import (DEFAULT_MODEL_REPOSITORY, TritonServer, TritonStartError,
+                                                group_processes)
 from twopass_asr.store.export_cache import CACHE_ENV
 
 NANO_MODEL = "funasr_nano_vllm"
@@ -254,10 +256,10 @@ def test_bad_engine_settings_are_named():
     assert settings.enforce_eager and settings.precision == "bf16" and settings.gpu_memory_utilization == 0.35
 
 
-def test_auto_precision_is_bf16_where_it_is_native_and_fp32_elsewhere():
+def test_auto_precision_is_bf16_where_it_is_native_and_int8_on_other_cpus():
     assert resolve_precision("auto", "cpu", native_bf16=True) == "bf16"
-    # Emulated bf16 on a CPU is slower than float32.
-    assert resolve_precision("auto", "cpu", native_bf16=False) == "fp32"
+    # Emulated bf16 on a CPU is slower than float32, and float32 too slow for real time.
+    assert resolve_precision("auto", "cpu", native_bf16=False) == "int8"
     assert resolve_precision("auto", "cuda", native_bf16=False) == "bf16"
     assert resolve_precision("auto", "cuda:1") == "bf16"
     # What is asked for explicitly is kept, even where it is slow.
@@ -268,7 +270,7 @@ def test_auto_precision_is_bf16_where_it_is_native_and_fp32_elsewhere():
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, int8, got 'int3'"):
         resolve_precision("int3", "cpu")
-    assert resolve_precision("int8", "cpu") == "int8"  # never chosen by auto
+    assert resolve_precision("int8", "cpu") == "int8"
     # int8: W8A8 in the linear layers, bf16 around them.
     assert [vllm_dtype(p) for p in ("fp32", "bf16", "fp16", "int8")] == ["float32", "bfloat16", "float16", "bfloat16"]
 
@@ -276,6 +278,11 @@ def test_auto_precision_is_bf16_where_it_is_native_and_fp32_elsewhere():
 def test_int8_on_the_torch_engine_is_a_cpu_precision():
     assert torch_generation_runs("int8", "cpu") and torch_generation_runs("bf16", "cuda:0")
     assert not torch_generation_runs("int8", "cuda:0")
+    # engine auto: torch's int8 layers where the CPU lacks the int8 dot products vLLM's W8A8 needs.
+    assert torch_generation_is_faster("int8", "cpu", int8_dot_products=False)
+    assert not torch_generation_is_faster("int8", "cpu", int8_dot_products=True)
+    assert not torch_generation_is_faster("fp32", "cpu", int8_dot_products=False)
+    assert not torch_generation_is_faster("int8", "cuda:0", int8_dot_products=False)
     assert start_engine("torch", None, "cpu", {}, "int8") is None  # torch generation, nothing started
     with pytest.raises(ValueError, match="precision int8 on cuda:0 runs on vLLM only: set engine vllm or auto"):
         start_engine("torch", None, "cuda:0", {}, "int8")
@@ -290,9 +297,14 @@ def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
         start_engine("vllm", recognizer, "cpu", {}, "fp32", warn=warnings.append)
     assert start_engine("torch", recognizer, "cpu", {}, "fp32", warn=warnings.append) is None
     assert len(warnings) == 1
-    # int8 on a CPU falls back to torch's int8 layers (on a GPU it has none: the test below).
+    # int8 on a CPU with int8 dot products falls back to torch's int8 layers (on a GPU it has
+    # none: the test below); without them auto goes to torch before trying vLLM, no warning.
+    monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     assert len(warnings) == 2 and "falling back to torch" in warnings[1]
+    monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: False)
+    assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
+    assert len(warnings) == 2
     with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):
         start_engine("vllm", recognizer, "cpu", {}, "int8", warn=warnings.append)
     assert start_engine("torch", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
@@ -389,15 +401,15 @@ def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
     with pytest.raises(TritonStartError, match="failed to load all models"):
         server.start()
     message = server.log_text()  # the start error holds its last lines only
-    assert re.search(r"engine=vllm, precision (bf16|fp32), but vLLM engine failed to start", message)
+    assert re.search(r"engine=vllm, precision (bf16|int8), but vLLM engine failed to start", message)
     assert f"Fun-ASR-Nano model directory {missing} does not exist" in message
     assert (f"parameter precision (environment {PRECISION_ENV}) must be one of auto, fp32, bf16, fp16, int8, "
             "got 'int3'") in message
-    # int8 on the torch engine loads (torch's int8 layers), the only model here in int8.
+    # int8 on the torch engine loads (torch's int8 layers); asked for, it is logged without "(auto)".
     assert re.search(r"on cpu \(torch generation\), LLM in int8, ", message)
     assert "precision fp16 runs on a GPU only" in message
-    # auto: bf16 on a CPU that computes it natively, fp32 on others.
-    chosen = "bf16" if cpu_has_native_bf16() else "fp32"
+    # auto: bf16 on a CPU that computes it natively, int8 on others.
+    chosen = "bf16" if cpu_has_native_bf16() else "int8"
     assert f"on cpu (torch generation), LLM in {chosen} (auto)" in message
     # vLLM's EngineCore subprocess logs the root cause; its exception only points there.
     assert "No available memory for the cache blocks" in server.log_text()

@@ -3,8 +3,9 @@ the torch fallback) and for the prompt embeddings fed to it.
 
 fp32 is FunASR's own runtime default and what the equivalence tests pin. auto is what a user
 wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and what
-FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16), else fp32. int8 (asked for
-explicitly) gives the LLM's decoder projections int8 weights per output channel (one rule,
+FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16); on other CPUs int8, the one
+precision there that keeps up with speech (float32 serves no real-time 2pass stream on 2 such
+cores). int8 gives the LLM's decoder projections int8 weights per output channel (one rule,
 llm_export.int8_per_output_channel) and quantizes their inputs at run time. On vLLM it is
 W8A8 (the project's own export, activations per token, everything else in bf16); on the
 torch fallback, CPU only, torch's dynamic int8 layers, the output head too (llm_int8).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
+from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products, cpu_has_native_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
@@ -31,14 +32,15 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 def resolve_precision(configured: str, device: str, native_bf16: bool | None = None) -> str:
     """fp32, bf16, fp16 or int8 for `configured` (one of PRECISIONS) on `device`. auto: bf16
-    on a GPU and on a CPU with native bf16 (native_bf16 None: read from this CPU), fp32 on
-    other CPUs. fp16 is refused on a CPU, where neither engine has fast half-precision kernels."""
+    on a GPU and on a CPU with native bf16 (native_bf16 None: read from this CPU), int8 on
+    other CPUs, where bf16 is emulated (slower than float32) and float32 too slow for real
+    time. fp16 is refused on a CPU, where neither engine has fast half-precision kernels."""
     if configured not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {configured!r}")
     on_cpu = device == "cpu"
     if configured == "auto":
         fast_bf16 = not on_cpu or (cpu_has_native_bf16() if native_bf16 is None else native_bf16)
-        return "bf16" if fast_bf16 else "fp32"
+        return "bf16" if fast_bf16 else "int8"
     if configured == "fp16" and on_cpu:
         raise ValueError("precision fp16 runs on a GPU only; on a CPU use bf16 or fp32")
     return configured
@@ -50,10 +52,19 @@ def torch_generation_runs(precision: str, device: str) -> bool:
     return precision != "int8" or device == "cpu"
 
 
+def torch_generation_is_faster(precision: str, device: str, int8_dot_products: bool | None = None) -> bool:
+    """Whether engine auto should generate on torch rather than vLLM: int8 on a CPU without
+    int8 dot products (int8_dot_products None: read from this CPU), where vLLM's W8A8 kernels
+    are slower than its float32 and torch's int8 layers (fbgemm) faster."""
+    if precision != "int8" or device != "cpu":
+        return False
+    return not (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products)
+
+
 def vllm_dtype(precision: str) -> str:
     """vLLM's name for a resolved precision (its `dtype` engine argument)."""
     return str(TORCH_DTYPES[precision]).removeprefix("torch.")
 
 
 __all__ = ["ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES", "resolve_precision",
-           "torch_generation_runs", "vllm_dtype"]
+           "torch_generation_is_faster", "torch_generation_runs", "vllm_dtype"]

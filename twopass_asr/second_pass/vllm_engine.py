@@ -19,7 +19,8 @@ from typing import AsyncIterator, Callable, Mapping
 import torch
 
 from twopass_asr.second_pass.llm_export import export_llm_dir
-from twopass_asr.second_pass.precision import TORCH_DTYPES, torch_generation_runs, vllm_dtype
+from twopass_asr.second_pass.precision import (TORCH_DTYPES, torch_generation_is_faster, torch_generation_runs,
+                                                vllm_dtype)
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
 from twopass_asr.serving.placement import physical_gpu
 
@@ -243,12 +244,14 @@ class VllmNanoEngine:
 def start_engine(mode: str, recognizer: NanoRecognizer, device: str, params: Mapping[str, str], precision: str,
                  warn: Callable[[str], None] = log.warning) -> VllmNanoEngine | None:
     """The vLLM engine, in `precision` (resolved), for mode vllm (EngineUnavailable if it
-    cannot start) or auto (None after one warning if it cannot start); None for torch. A
-    precision only vLLM decodes in on `device` needs it: ValueError with mode torch,
-    EngineUnavailable when it cannot start."""
+    cannot start) or auto (None after one warning if it cannot start); None for torch, and for
+    auto where torch generates faster in `precision`. A precision only vLLM decodes in on
+    `device` needs it: ValueError with mode torch, EngineUnavailable when it cannot start."""
     if mode == "torch":
         if not torch_generation_runs(precision, device):
             raise ValueError(f"precision {precision} on {device} runs on vLLM only: set engine vllm or auto")
+        return None
+    if mode == "auto" and torch_generation_is_faster(precision, device):
         return None
     settings = EngineSettings.from_parameters(device, params, precision)
     if device != "cpu":

@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the first pass in fp32, int8 or auto: int8 where the CPU has fast int8 dot products "
                              "(default: paraformer_streaming's config.pbtxt)")
     parser.add_argument("--second-pass-precision", choices=second_pass_precision.PRECISIONS, default=None,
-                        help="the second pass's LLM in fp32, bf16, fp16 (GPU) or auto: bf16 where the "
-                             "hardware computes it natively (default: funasr_nano_vllm's config.pbtxt)")
+                        help="the second pass's LLM in fp32, bf16, fp16 (GPU), int8 or auto: bf16 where the "
+                             "hardware computes it natively, else int8 (default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--second-pass-encoder-precision", choices=INT8_RECIPE_PRECISIONS, default=None,
                         help="the second pass's audio encoder in fp32, int8 or auto: int8 where the CPU has fast "
                              "int8 dot products (default: funasr_nano_vllm's config.pbtxt)")
