@@ -119,22 +119,28 @@ def test_shared_server_generates_with_vllm(triton_server):
 def test_cancelled_stream_does_not_break_later_requests(triton_server, reference_nano, speech_wav):
     import tritonclient.grpc as grpcclient
 
-    aborted_before = triton_server.log_text().count(CANCELLED_IN_ENGINE)
     segment = speech_wav.pcm[16000:64000]
-    first_delta = threading.Event()
-    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
-    client.start_stream(callback=lambda result, error: first_delta.set())
-    for index in range(6):
-        client.async_stream_infer("funasr_nano_vllm", segment_inputs(segment), request_id=f"cancel-{index}")
-    # Cancel while generating: the tiny random model never emits EOS, so every request is
-    # still running max_new_tokens when the first delta arrives.
-    assert first_delta.wait(120)
-    client.stop_stream(cancel_requests=True)
-    got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(segment)] * 2)
-    assert got == [reference_text(reference_nano, segment)] * 2
-    if "(vLLM generation)" in triton_server.log_text():
+    on_vllm = "(vLLM generation)" in triton_server.log_text()
+    # The tiny random model never emits EOS, so the requests are usually still generating
+    # when the first delta arrives; on a loaded machine all six can finish (a few ms of
+    # tokens) before the cancellation lands, so it is tried up to three times.
+    for attempt in range(3):
+        aborted_before = triton_server.log_text().count(CANCELLED_IN_ENGINE)
+        first_delta = threading.Event()
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        client.start_stream(callback=lambda result, error, delta=first_delta: delta.set())
+        for index in range(6):
+            client.async_stream_infer("funasr_nano_vllm", segment_inputs(segment),
+                                      request_id=f"cancel-{attempt}-{index}")
+        assert first_delta.wait(120)
+        client.stop_stream(cancel_requests=True)
+        got = decoupled_texts(triton_server.grpc_url, "funasr_nano_vllm", [segment_inputs(segment)] * 2)
+        assert got == [reference_text(reference_nano, segment)] * 2
         # The cancellation reached the model mid-generation and aborted the engine request.
-        assert triton_server.log_text().count(CANCELLED_IN_ENGINE) > aborted_before
+        if not on_vllm or triton_server.log_text().count(CANCELLED_IN_ENGINE) > aborted_before:
+            break
+    else:
+        pytest.fail("in three tries no cancellation aborted a request in vLLM's engine")
 
 
 def thread_nice_values(pid: int) -> set[int]:
