@@ -410,18 +410,16 @@ def int8_generation(tiny_nano):
 
 def test_int8_generation_quantizes_the_projections_and_head_by_the_exports_rule(tiny_nano, recognizer,
                                                                                  int8_generation):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
     plain = dict(recognizer.model.llm.named_modules())
     quantized = {name: module for name, module in int8_generation.model.llm.named_modules()
-                 if type(module) is DynamicInt8Linear}
+                 if type(module) is llm_int8.TokenwiseInt8Linear}
     expected = {name for name, module in plain.items() if type(module) in (torch.nn.Linear, PrepackedLinear)
                 and (name.rpartition(".")[2] in INT8_LINEARS or name == "lm_head")}
     assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
     float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
     for name, layer in quantized.items():
         weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight)
-        packed, _ = layer._weight_bias()
+        packed = layer.weight()
         assert torch.equal(packed.int_repr(), weights), name
         torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())
     assert int8_generation.dtype == torch.float32

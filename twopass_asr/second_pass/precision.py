@@ -8,7 +8,8 @@ precision there that keeps up with speech (float32 serves no real-time 2pass str
 cores). int8 gives the LLM's decoder projections int8 weights per output channel (one rule,
 llm_export.int8_per_output_channel) and quantizes their inputs at run time. On vLLM it is
 W8A8 (the project's own export, activations per token, everything else in bf16); on the
-torch fallback, CPU only, torch's dynamic int8 layers, the output head too (llm_int8).
+torch fallback, CPU only, fbgemm's dynamic int8 product with activations per token, the output
+head too (llm_int8).
 
 The audio encoder and adaptor have a setting of their own, on FunASR's int8 recipe as the first
 pass (twopass_asr.kernels.int8_recipe): fp32 as FunASR runs them, int8, or auto (int8 where the

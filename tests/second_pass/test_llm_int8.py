@@ -1,0 +1,78 @@
+"""TokenwiseInt8Linear, the torch fallback's int8 layer: each input row quantized on its own
+range, so a row's output never depends on the rows it is computed with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twopass_asr.second_pass.llm_export import int8_per_output_channel
+from twopass_asr.second_pass.llm_int8 import TokenwiseInt8Linear
+
+IN_FEATURES, OUT_FEATURES = 256, 192
+
+
+@pytest.fixture(params=[False, True], ids=["no-bias", "bias"])
+def linear(request):
+    torch.manual_seed(7)
+    return torch.nn.Linear(IN_FEATURES, OUT_FEATURES, bias=request.param)
+
+
+def rows(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, IN_FEATURES, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(approximate: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approximate - exact).norm() / exact.norm())
+
+
+@torch.no_grad()
+def test_weights_follow_the_int8_export_rule(linear):
+    weights, scales = int8_per_output_channel(linear.weight)
+    packed = TokenwiseInt8Linear(linear).weight()
+    assert torch.equal(packed.int_repr(), weights)
+    torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())
+
+
+@torch.no_grad()
+def test_a_row_gives_the_same_output_whatever_rows_come_with_it(linear):
+    layer = TokenwiseInt8Linear(linear)
+    batch = rows(6)
+    together = layer(batch)
+    for start in range(0, 6, 2):
+        assert torch.equal(layer(batch[start:start + 2]), together[start:start + 2])
+    for row in range(6):  # one segment decoding alone
+        assert torch.equal(layer(batch[row:row + 1]), together[row:row + 1])
+    assert torch.equal(layer(batch.view(2, 3, IN_FEATURES)), together.view(2, 3, OUT_FEATURES))
+
+
+@torch.no_grad()
+def test_one_token_with_large_activations_leaves_the_others_exact(linear):
+    """What per-token quantization is for: fbgemm's own layer takes one range for all the rows
+    of a call, so one row 1000x larger costs the others their precision there."""
+    layer = TokenwiseInt8Linear(linear)
+    batch = rows(8)
+    with_outlier = batch.clone()
+    with_outlier[0] *= 1000
+    assert torch.equal(layer(with_outlier)[1:], layer(batch)[1:])
+    assert relative_error(layer(with_outlier)[1:], linear(batch[1:])) < 0.03
+
+    per_call = torch.ao.nn.quantized.dynamic.Linear(IN_FEATURES, OUT_FEATURES, bias_=linear.bias is not None)
+    per_call.set_weight_bias(layer.weight(), linear.bias)
+    assert relative_error(per_call(with_outlier)[1:], linear(batch[1:])) > 0.3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("count", [1, 2, 16])
+def test_output_is_close_to_the_float_layer(linear, count):
+    batch = rows(count, seed=count)
+    assert relative_error(TokenwiseInt8Linear(linear)(batch), linear(batch)) < 0.03
+
+
+@torch.no_grad()
+def test_an_all_zero_row_gives_the_bias(linear):
+    """Left padding: a row of zeros must not become 0/0."""
+    layer = TokenwiseInt8Linear(linear)
+    out = layer(torch.cat([torch.zeros(1, IN_FEATURES), rows(1)]))
+    expected = torch.zeros(OUT_FEATURES) if linear.bias is None else linear.bias
+    torch.testing.assert_close(out[0], expected)
