@@ -21,7 +21,7 @@ CPU; int8 is vLLM's W8A8 on vLLM and torch's dynamic int8 layers on torch,
 twopass_asr.second_pass.llm_int8, while FunASR, which has no int8, runs in fp32); with
 another than fp32 it is also compared with fp32 (greedy texts and teacher-forced tokens:
 of the torch path in that precision, and of vLLM's compiled engine for int8). The served audio
-encoder runs in --encoder-precision (auto: int8 where funasr_nano_vllm would take it), compared
+encoder runs in --encoder-precision (auto: as funasr_nano_vllm resolves it, int8 on a CPU), compared
 the same way with FunASR's float32 encoder. In-process (no tritonserver), so the numbers are the engines', not
 gRPC's. A random model rarely emits EOS: every segment decodes --max-new-tokens tokens, by
 default what a real transcript of that length has (perf.bench_args.REAL_SPEECH_TOKENS_PER_S).
@@ -140,7 +140,7 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
     """Markdown lines: one audio encoder + adaptor pass over B segments against B passes of one
     (embed_prepared, what the model's SegmentBatcher calls), after one warm-up pass; and the
     one pass as FunASR runs it (`plain`: float32, torch's own linear layers)."""
-    rows = [f"\nAudio encoder + adaptor alone ({recognizer.encoder_precision}), {seconds:g} s segments:\n",
+    rows = [f"\nAudio encoder + adaptor alone ({recognizer.encoder_description}), {seconds:g} s segments:\n",
             "| segments | one pass ms | one by one ms | ratio | one pass as FunASR runs it ms | speed-up |",
             "|---|---|---|---|---|---|"]
     prepared = [recognizer.prepare(NanoRequest(pcm)) for pcm in make_segments(max(batches), seconds, seed=7)]
@@ -183,7 +183,7 @@ def encoder_agreement(reference: NanoRecognizer, other: NanoRecognizer, count: i
     same_text = sum(a == b for a, b in zip(reference.generate_batch(prompts), reference.generate_batch(others)))
     pairs = [(got, want) for prompt, row in zip(others, rows)
              for got, want in zip(reference.teacher_forced_tokens(prompt, row), row)]
-    return agreement_lines(f"the {other.encoder_precision} audio encoder with the fp32 one ({count} segments of "
+    return agreement_lines(f"the {other.encoder_description} audio encoder with the fp32 one ({count} segments of "
                            f"{seconds:g} s, the same LLM)", same_text, count, pairs)
 
 
@@ -376,7 +376,7 @@ def main() -> None:
             engine.shutdown()
     note = (f"{cpu_summary()}. {args.segment_seconds:g} s segments, {args.max_new_tokens} new tokens each, "
             f"LLM in {precision} (precision {args.precision}; FunASR in {funasr_precision}), "
-            f"audio encoder in {recognizer.encoder_precision} (encoder precision {args.encoder_precision}; "
+            f"audio encoder in {recognizer.encoder_description} (encoder precision {args.encoder_precision}; "
             f"FunASR's in fp32) "
             f"(vllm = compiled, vllm-eager = "
             f"vllm_enforce_eager; torch batches of up to "

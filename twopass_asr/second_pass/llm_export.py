@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from twopass_asr.kernels.tokenwise_int8 import int8_per_output_channel
 from twopass_asr.store.export_cache import cached_export, default_cache_root
 from twopass_asr.store.model_store import ModelDirError
 
@@ -73,14 +74,6 @@ def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None, int8: bo
                          export_root or default_export_root(int8), lambda d: (d / WEIGHTS_FILE).is_file(), build)
 
 
-def int8_per_output_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear weight [rows, columns] as int8 per output channel, symmetric: (int8 weights,
-    scales [rows, 1] in float32, each the row's largest magnitude / 127)."""
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
-
-
 def quantize_linear_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` with each INT8_LINEARS weight as int8 per output channel (int8_per_output_channel)
     and its scale beside it as `<name>_scale` [rows, 1]."""
@@ -124,4 +117,4 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 __all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir",
-           "int8_per_output_channel", "llm_state_dict", "quantize_linear_weights"]
+           "llm_state_dict", "quantize_linear_weights"]

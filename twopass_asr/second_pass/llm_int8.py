@@ -1,108 +1,28 @@
 """The Nano's LLM in int8 for torch generation (the fallback engine, on a CPU).
 
-Where vLLM's int8 kernels are slow (a CPU without VNNI: perf/RESULTS.md, 2026-12-03), torch's
-own dynamic int8 linear product (fbgemm) is fast: each layer keeps int8 weights and quantizes
-its input at every call. The weights follow the rule of vLLM's int8 export
-(llm_export.int8_per_output_channel: per output channel, symmetric, the row's largest
-magnitude / 127), for the same decoder projections (INT8_LINEARS), plus the output head,
-whose 151,936 rows are a quarter of the LLM's weights and, in float32, half of a decode
-step's memory traffic. Everything else runs in float32.
-
-Activations are quantized per token, as vLLM's W8A8 does: fbgemm takes one range for all the
-rows of a call, so one token with large activations (LLMs put some at the prompt's first
-token and at delimiters) would coarsen every other row of the prompt, or of the other
-segments decoded in the same step. TokenwiseInt8Linear divides each row by its own largest
-magnitude and adds one row holding -1 and 1 (its product is dropped), so every call's range
-is [-1, 1] and a row's integers depend on that row alone; the product is scaled back row by
-row. A segment's rows therefore give the same outputs alone or decoded with others. fbgemm
-keeps 7 bits of uint8 (it reduces the range so that AVX2's 16-bit pairwise products cannot
-saturate).
-
-torch marks its quantized tensors deprecated (2.13, the pinned version, still has them, and
-no other int8 matrix product in torch is fast on a CPU); the tests load this path, so a torch
-without it fails them rather than the service.
+Where vLLM's int8 kernels are slow (a CPU without VNNI: perf/RESULTS.md, 2026-12-03), fbgemm's
+int8 product is fast (twopass_asr.kernels.tokenwise_int8: int8 weights by the rule of vLLM's
+int8 export, activations quantized per token as vLLM's W8A8 does). It takes the same decoder
+projections as that export (INT8_LINEARS), plus the output head, whose 151,936 rows are a
+quarter of the LLM's weights and, in float32, half of a decode step's memory traffic.
+Everything else runs in float32.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-from typing import Optional
-
 import torch
 
-from twopass_asr.second_pass.llm_export import INT8_LINEARS, int8_per_output_channel
+from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
+from twopass_asr.second_pass.llm_export import INT8_LINEARS
 
 OUTPUT_HEAD = "lm_head"
 
 
-class TokenwiseInt8Linear(torch.nn.Module):
-    """A float32 linear layer as int8 weights (int8_per_output_channel) and fbgemm's dynamic
-    int8 product, each input row quantized on its own range."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        weights, scales = int8_per_output_channel(linear.weight)
-        rows = weights.shape[0]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            quantized = torch._make_per_channel_quantized_tensor(weights, scales.reshape(rows).double(),
-                                                                 torch.zeros(rows, dtype=torch.long), 0)
-        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # Added below the rows scaled into [-1, 1]: fbgemm's range for the call is then [-1, 1]
-        # whatever the rows. (Two extra weight columns would do it too, but fbgemm pads the
-        # packed weights to a block: +50 % for 1024 inputs.)
-        self.range_row = torch.zeros(1, linear.in_features)
-        self.range_row[0, :2] = torch.tensor([-1.0, 1.0])
-        self._product = _scripted_tokenwise_product()
-
-    def weight(self) -> torch.Tensor:
-        """The int8 weights (a per-channel quantized tensor)."""
-        return torch.ops.quantized.linear_unpack(self.packed)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(x, self.packed, self.bias, self.range_row, self.in_features, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def _tokenwise_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
-                       bias: Optional[torch.Tensor], range_row: torch.Tensor, in_features: int,
-                       out_features: int) -> torch.Tensor:
-    rows = x.reshape(-1, in_features)
-    # At least float32's smallest normal number: an all-zero row (left padding) stays zero, not 0/0.
-    scale = rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, True)[:-1]
-    y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
-    return y.view(x.shape[:-1] + [out_features])
-
-
-@functools.cache
-def _scripted_tokenwise_product():
-    """_tokenwise_product compiled by TorchScript (deprecated, as the quantized tensors): its ten
-    small operations per layer cost a decode step 15-20 % more from Python."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
-        return torch.jit.script(_tokenwise_product)
-
-
 def quantize_llm_for_torch(llm: torch.nn.Module) -> int:
     """Replace, in place, the decoder projections and the output head of a float32 Qwen3
-    causal LM by TokenwiseInt8Linear layers; the input embeddings (tied to the head in Qwen3)
-    stay float32 for building prompts. Returns how many layers were replaced."""
-    replaced = 0
-    for name, module in list(llm.named_modules()):
-        if type(module) is not torch.nn.Linear or not (name.rpartition(".")[2] in INT8_LINEARS or name == OUTPUT_HEAD):
-            continue
-        if module.weight.dtype != torch.float32:
-            raise ValueError(f"int8 generation quantizes a float32 LLM; {name} is {module.weight.dtype}")
-        parent, _, attribute = name.rpartition(".")
-        setattr(llm.get_submodule(parent) if parent else llm, attribute, TokenwiseInt8Linear(module))
-        replaced += 1
-    return replaced
+    causal LM by int8 layers (TokenwiseInt8Linear); the input embeddings (tied to the head in
+    Qwen3) stay float32 for building prompts. Returns how many layers were replaced."""
+    return replace_linear_layers(llm, lambda name: name.rpartition(".")[2] in INT8_LINEARS or name == OUTPUT_HEAD)
 
 
-__all__ = ["OUTPUT_HEAD", "TokenwiseInt8Linear", "quantize_llm_for_torch"]
+__all__ = ["OUTPUT_HEAD", "quantize_llm_for_torch"]

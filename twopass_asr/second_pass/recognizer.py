@@ -26,9 +26,10 @@ import torch
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
-from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
+from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
 from twopass_asr.parameters import whole_number
+from twopass_asr.second_pass import precision
 from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 from twopass_asr.store.nano_dir import validate_nano_dir
 
@@ -113,17 +114,25 @@ class NanoRecognizer:
     GEMM kernel (CPU only; see twopass_asr.kernels.prepacked_linear), and the LLM's when use_dtype makes
     it float32.
     encoder_precision: the audio encoder and adaptor in fp32 (as FunASR runs them), int8 (their
-    linear layers quantized at load by FunASR's int8 recipe, each segment's activations on their
-    own: twopass_asr.kernels.int8_linear) or auto (resolve_int8_recipe_precision);
-    self.encoder_precision says which.
+    linear layers quantized at load, each segment's activations on their own) or auto
+    (precision.resolve_encoder_precision); self.encoder_precision says which. encoder_int8_kernel:
+    int8's kernel, onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear) or fbgemm
+    (per token, twopass_asr.kernels.tokenwise_int8); None: the one this CPU is fast with
+    (precision.encoder_int8_kernel). self.encoder_int8_kernel says which (None in fp32).
     """
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
-                 tokens_per_second: float | None = None, encoder_precision: str = "fp32"):
+                 tokens_per_second: float | None = None, encoder_precision: str = "fp32",
+                 encoder_int8_kernel: str | None = None):
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
-        self.encoder_precision = resolve_int8_recipe_precision(encoder_precision, str(device))
+        self.encoder_precision = precision.resolve_encoder_precision(encoder_precision, str(device))
+        if encoder_int8_kernel not in (None, *precision.ENCODER_INT8_KERNELS):
+            raise ValueError(f"encoder_int8_kernel must be one of {', '.join(precision.ENCODER_INT8_KERNELS)} or "
+                             f"None, got {encoder_int8_kernel!r}")
+        self.encoder_int8_kernel = (encoder_int8_kernel or precision.encoder_int8_kernel()) \
+            if self.encoder_precision == "int8" else None
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
@@ -156,16 +165,19 @@ class NanoRecognizer:
         self._generation_released = False
         # Prepacked or int8 linear layers fix the LLM's dtype from then on.
         self._llm_layers_replaced = False
-        if self.encoder_precision == "int8":
+        if self.encoder_int8_kernel == "fbgemm":
+            replace_linear_layers(self.model.audio_encoder, lambda name: True)
+            replace_linear_layers(self.model.audio_adaptor, lambda name: True)
+        elif self.encoder_int8_kernel == "onnxruntime":
             stacking = getattr(self.model.audio_adaptor, "k", 1)
             if stacking == 1:
                 self._quantize_audio_layers()
             elif encoder_precision == "auto":
                 log.warning("the audio adaptor stacks %d frames: its int8 layers are not supported, auto takes fp32",
                             stacking)
-                self.encoder_precision = "fp32"
+                self.encoder_precision, self.encoder_int8_kernel = "fp32", None
             else:
-                raise ValueError(f"encoder precision int8 needs an adaptor without frame stacking "
+                raise ValueError(f"encoder precision int8 on onnxruntime needs an adaptor without frame stacking "
                                  f"(downsample_rate 1), this one stacks {stacking}")
         if prepack:  # what int8 left in float32
             prepack_linear_layers(self.model.audio_encoder)
@@ -173,9 +185,15 @@ class NanoRecognizer:
         self.llm_dir = paths["llm"]
         self.model_dir = model_dir
 
+    @property
+    def encoder_description(self) -> str:
+        """The audio encoder's precision, and its kernel in int8: "fp32", "int8 on fbgemm"."""
+        return self.encoder_precision + (f" on {self.encoder_int8_kernel}" if self.encoder_int8_kernel else "")
+
     def _quantize_audio_layers(self) -> None:
-        """The audio encoder's and adaptor's linear layers in int8. Every one reads the
-        encoder's frames (so the adaptor must not stack frames, as Fun-ASR-Nano's does not)."""
+        """The audio encoder's and adaptor's linear layers in int8 on FunASR's recipe. Every one
+        reads the encoder's frames (so the adaptor must not stack frames, as Fun-ASR-Nano's does
+        not)."""
         quantize_linear_layers(self.model.audio_encoder, "frames")
         quantize_linear_layers(self.model.audio_adaptor, "frames")
 

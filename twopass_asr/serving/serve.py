@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the second pass's LLM in fp32, bf16, fp16 (GPU), int8 or auto: bf16 where the "
                              "hardware computes it natively, else int8 (default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--second-pass-encoder-precision", choices=INT8_RECIPE_PRECISIONS, default=None,
-                        help="the second pass's audio encoder in fp32, int8 or auto: int8 where the CPU has fast "
-                             "int8 dot products (default: funasr_nano_vllm's config.pbtxt)")
+                        help="the second pass's audio encoder in fp32, int8 or auto: int8 on a CPU (on onnxruntime "
+                             "with int8 dot products, else fbgemm; default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
     parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
     parser.add_argument("--certfile", default=None)

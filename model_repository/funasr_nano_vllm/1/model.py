@@ -150,7 +150,7 @@ class TritonPythonModel:
         return_freed_memory()
         engine_name = "vLLM" if self.engine else "torch"
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
-        encoder = self.recognizer.encoder_precision
+        encoder = self.recognizer.encoder_description
         encoder_chosen = f"{encoder} (auto)" if configured_encoder == "auto" else encoder
         length_cap = "" if tokens_per_second is None else f" or {tokens_per_second:g} per second of audio"
         pb_utils.Logger.log_info(f"funasr_nano_vllm: loaded {model_store.served_path(model_dir)} on {device} "

@@ -1,13 +1,12 @@
-"""TokenwiseInt8Linear, the torch fallback's int8 layer: each input row quantized on its own
-range, so a row's output never depends on the rows it is computed with."""
+"""TokenwiseInt8Linear, the int8 layer on fbgemm: each input row quantized on its own range, so a
+row's output never depends on the rows it is computed with."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from twopass_asr.second_pass.llm_export import int8_per_output_channel
-from twopass_asr.second_pass.llm_int8 import TokenwiseInt8Linear
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, int8_per_output_channel, replace_linear_layers
 
 IN_FEATURES, OUT_FEATURES = 256, 192
 
@@ -76,3 +75,12 @@ def test_an_all_zero_row_gives_the_bias(linear):
     out = layer(torch.cat([torch.zeros(1, IN_FEATURES), rows(1)]))
     expected = torch.zeros(OUT_FEATURES) if linear.bias is None else linear.bias
     torch.testing.assert_close(out[0], expected)
+
+
+def test_replace_linear_layers_takes_the_chosen_float32_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    assert replace_linear_layers(model, lambda name: name == "2") == 1
+    assert type(model[0]) is torch.nn.Linear and type(model[2]) is TokenwiseInt8Linear
+    half = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="0 is torch.bfloat16"):
+        replace_linear_layers(half, lambda name: True)

@@ -1,0 +1,105 @@
+"""Linear layers in int8 on fbgemm (torch's dynamic int8 product), activations quantized per
+token: the project's int8 where a CPU lacks int8 dot products (AVX2 without VNNI), where fbgemm
+is the fast int8 kernel (perf/RESULTS.md, 2026-12-03).
+
+Weights: int8_per_output_channel, one rule with vLLM's W8A8 export (per output channel,
+symmetric, the row's largest magnitude / 127). Activations: fbgemm takes one range for all the
+rows of a call, so one row with large activations (LLMs put some at a prompt's first token and
+at delimiters) would coarsen every other row of the call, another segment's included.
+TokenwiseInt8Linear divides each row by its own largest magnitude and adds one row holding -1
+and 1 (its product is dropped), so every call's range is [-1, 1] and a row's integers depend on
+that row alone; the product is scaled back row by row. A row therefore gives the same output
+alone or with others. fbgemm keeps 7 bits of uint8 (it reduces the range so that AVX2's 16-bit
+pairwise products cannot saturate).
+
+torch marks its quantized tensors and TorchScript deprecated (2.13, the pinned version, still
+has both, and no other int8 matrix product in torch is fast on a CPU); the tests load this
+path, so a torch without it fails them rather than the service.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+
+def int8_per_output_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear weight [rows, columns] as int8 per output channel, symmetric: (int8 weights,
+    scales [rows, 1] in float32, each the row's largest magnitude / 127)."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+class TokenwiseInt8Linear(torch.nn.Module):
+    """A float32 linear layer as int8 weights (int8_per_output_channel) and fbgemm's dynamic
+    int8 product, each input row quantized on its own range."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weights, scales = int8_per_output_channel(linear.weight)
+        rows = weights.shape[0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            quantized = torch._make_per_channel_quantized_tensor(weights, scales.reshape(rows).double(),
+                                                                 torch.zeros(rows, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # Added below the rows scaled into [-1, 1]: fbgemm's range for the call is then [-1, 1]
+        # whatever the rows. (Two extra weight columns would do it too, but fbgemm pads the
+        # packed weights to a block: +50 % for 1024 inputs.)
+        self.range_row = torch.zeros(1, linear.in_features)
+        self.range_row[0, :2] = torch.tensor([-1.0, 1.0])
+        self._product = _scripted_tokenwise_product()
+
+    def weight(self) -> torch.Tensor:
+        """The int8 weights (a per-channel quantized tensor)."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.packed, self.bias, self.range_row, self.in_features, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _tokenwise_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
+                       bias: Optional[torch.Tensor], range_row: torch.Tensor, in_features: int,
+                       out_features: int) -> torch.Tensor:
+    rows = x.reshape(-1, in_features)
+    # At least float32's smallest normal number: an all-zero row (left padding) stays zero, not 0/0.
+    scale = rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
+    y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, True)[:-1]
+    y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
+    return y.view(x.shape[:-1] + [out_features])
+
+
+@functools.cache
+def _scripted_tokenwise_product():
+    """_tokenwise_product compiled by TorchScript (deprecated, as the quantized tensors): its ten
+    small operations per layer cost a decode step 15-20 % more from Python."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
+        return torch.jit.script(_tokenwise_product)
+
+
+def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool]) -> int:
+    """Replace, in place, each float32 torch.nn.Linear of `module` whose name `chosen` accepts
+    by a TokenwiseInt8Linear. Returns how many were replaced."""
+    replaced = 0
+    for name, layer in list(module.named_modules()):
+        if type(layer) is not torch.nn.Linear or not chosen(name):
+            continue
+        if layer.weight.dtype != torch.float32:
+            raise ValueError(f"int8 layers are made from float32 ones; {name} is {layer.weight.dtype}")
+        parent, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attribute, TokenwiseInt8Linear(layer))
+        replaced += 1
+    return replaced
+
+
+__all__ = ["TokenwiseInt8Linear", "int8_per_output_channel", "replace_linear_layers"]
