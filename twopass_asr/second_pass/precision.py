@@ -6,7 +6,7 @@ wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and
 FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16); on other CPUs int8, the one
 precision there that keeps up with speech (float32 serves no real-time 2pass stream on 2 such
 cores). int8 gives the LLM's decoder projections int8 weights per output channel (one rule,
-llm_export.int8_per_output_channel) and quantizes their inputs at run time. On vLLM it is
+kernels.tokenwise_int8.int8_per_output_channel) and quantizes their inputs at run time. On vLLM it is
 W8A8 (the project's own export, activations per token, everything else in bf16); on the
 torch fallback, CPU only, fbgemm's dynamic int8 product with activations per token, the output
 head too (llm_int8).
@@ -15,7 +15,7 @@ The audio encoder and adaptor have a setting of their own: fp32 as FunASR runs t
 auto (int8 on every CPU, fp32 on a GPU). int8 runs on the kernel the CPU is fast with: with int8
 dot products (AVX-512 VNNI, AMX) FunASR's int8 recipe on onnxruntime, as the first pass
 (twopass_asr.kernels.int8_recipe; 2.4x float32 there), else fbgemm with activations per token
-(twopass_asr.kernels.tokenwise_int8; 1.4-1.5x float32 on AVX2, where the recipe's onnxruntime
+(twopass_asr.kernels.tokenwise_int8; 1.2-1.5x float32 on AVX2, where the recipe's onnxruntime
 layers run 0.7-1.2x). bf16 is not offered: it ran them 1.08x float32 where int8 ran 2.4x
 (perf/RESULTS.md, 2026-12-02, session 4, and 2026-12-03, session 8).
 """
