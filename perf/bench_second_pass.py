@@ -17,7 +17,7 @@ does; --embed-max-batch 1 encodes one segment at a time), then
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
-CPU; int8 is vLLM's W8A8 on vLLM and torch's dynamic int8 layers on torch,
+CPU; int8 is vLLM's W8A8 on vLLM and fbgemm's int8 (activations per token) on torch,
 twopass_asr.second_pass.llm_int8, while FunASR, which has no int8, runs in fp32); with
 another than fp32 it is also compared with fp32 (greedy texts and teacher-forced tokens:
 of the torch path in that precision, and of vLLM's compiled engine for int8). The served audio
