@@ -1,12 +1,13 @@
-"""First pass by precision: the batched engine in float32 and in int8 (FunASR's own int8
-export), against FunASR's ONNX runtime per stream in float32 and int8, on the same speech.
+"""First pass by precision: the batched engine in float32 and in int8 on both its kernels,
+against FunASR's ONNX runtime per stream in float32 and int8, on the same speech.
 
 B streams of synthesised speech (each starting at another offset) advance one 600 ms chunk
 per round. Each round is timed for: the batched engine in float32 (linear weights packed for
-MLAS), the batched engine with the export's int8 layers, and FunASR's ONNX runtime
-(funasr-onnx) on its float32 and int8 export, the B streams one after another. All with
-chunk_size [5, 10, 5] and no look-back, which is all FunASR's ONNX runtime has. Also reported:
-how many chunk texts the int8 engine shares with FunASR's int8 runtime and with float32.
+MLAS); in int8 on onnxruntime (FunASR's own int8 export's layers) and on fbgemm (activations
+per token); and FunASR's ONNX runtime (funasr-onnx) on its float32 and int8 export, the B
+streams one after another. All with chunk_size [5, 10, 5] and no look-back, which is all
+FunASR's ONNX runtime has. Also reported: how many chunk texts each int8 engine shares with
+FunASR's int8 runtime and with float32.
 
     .venv/bin/python -m perf.bench_first_pass_precision [--batches 1,2,4,8,16] [--rounds 3] [--threads 1]
 
@@ -35,7 +36,9 @@ from twopass_asr.kernels.cpu_features import cpu_summary
 
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
 OPTIONS = DecodeOptions(chunk_size=(5, 10, 5), encoder_look_back=0, decoder_look_back=0)
-ENGINES = ("float32 batched", "int8 batched", "FunASR ONNX float32", "FunASR ONNX int8")
+INT8_KERNELS = ("onnxruntime", "fbgemm")
+INT8_ENGINES = tuple(f"int8 batched {kernel}" for kernel in INT8_KERNELS)
+ENGINES = ("float32 batched", *INT8_ENGINES, "FunASR ONNX float32", "FunASR ONNX int8")
 
 
 @dataclass
@@ -43,11 +46,8 @@ class Row:
     batch: int
     wall_ms: dict[str, float]  # median time of one round (B stream-chunks) per engine
     cpu_ms: dict[str, float]
-    int8_matches_funasr_int8: float  # fraction of chunk texts
-    int8_matches_float32: float
-
-    def per_cpu_second(self, engine: str) -> float:
-        return self.batch / (self.cpu_ms[engine] / 1000)
+    matches_funasr_int8: dict[str, float]  # per int8 engine, the fraction of chunk texts
+    matches_float32: dict[str, float]
 
 
 def ensure_export(model_dir: Path, export_dir: Path) -> Path:
@@ -101,23 +101,23 @@ def bench_batch(engines: dict, batch: int, rounds: int, audio: np.ndarray) -> Ro
 
     return Row(batch, {name: percentile(values, 50) for name, values in walls.items()},
                {name: percentile(values, 50) for name, values in cpus.items()},
-               agreement("int8 batched", "FunASR ONNX int8"), agreement("int8 batched", "float32 batched"))
+               {name: agreement(name, "FunASR ONNX int8") for name in INT8_ENGINES},
+               {name: agreement(name, "float32 batched") for name in INT8_ENGINES})
 
 
 def header() -> list[str]:
     return (["B"] + [f"{name} ms" for name in ENGINES]
-            + ["int8 vs float32 batched", "int8 batched vs FunASR int8", "int8 batched vs FunASR float32",
-               "stream-chunks / CPU-s int8 batched", "int8 = FunASR int8 text", "int8 = float32 text"])
+            + [f"{kernel}: {column}" for kernel in INT8_KERNELS
+               for column in ("vs float32 batched", "vs FunASR int8", "= FunASR int8 text", "= float32 text")])
 
 
 def cells(row: Row) -> list[str]:
     wall = row.wall_ms
     return ([str(row.batch)] + [f"{wall[name]:.1f}" for name in ENGINES]
-            + [f"{wall['float32 batched'] / wall['int8 batched']:.2f}x",
-               f"{wall['FunASR ONNX int8'] / wall['int8 batched']:.2f}x",
-               f"{wall['FunASR ONNX float32'] / wall['int8 batched']:.2f}x",
-               f"{row.per_cpu_second('int8 batched'):.1f}",
-               f"{row.int8_matches_funasr_int8:.0%}", f"{row.int8_matches_float32:.0%}"])
+            + [cell for name in INT8_ENGINES
+               for cell in (f"{wall['float32 batched'] / wall[name]:.2f}x",
+                            f"{wall['FunASR ONNX int8'] / wall[name]:.2f}x",
+                            f"{row.matches_funasr_int8[name]:.0%}", f"{row.matches_float32[name]:.0%}")])
 
 
 def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
@@ -130,10 +130,13 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
     with open(out_dir / "first_pass_precision.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["batch"] + [f"{name} wall_ms" for name in ENGINES] + [f"{name} cpu_ms" for name in ENGINES]
-                        + ["int8_matches_funasr_int8", "int8_matches_float32"])
+                        + [f"{name} {column}" for name in INT8_ENGINES
+                           for column in ("matches_funasr_int8", "matches_float32")])
         for r in rows:
-            writer.writerow([r.batch] + [f"{r.wall_ms[n]:.3f}" for n in ENGINES] + [f"{r.cpu_ms[n]:.3f}" for n in ENGINES]
-                            + [f"{r.int8_matches_funasr_int8:.4f}", f"{r.int8_matches_float32:.4f}"])
+            writer.writerow([r.batch] + [f"{r.wall_ms[n]:.3f}" for n in ENGINES]
+                            + [f"{r.cpu_ms[n]:.3f}" for n in ENGINES]
+                            + [f"{value:.4f}" for n in INT8_ENGINES
+                               for value in (r.matches_funasr_int8[n], r.matches_float32[n])])
 
     import matplotlib
 
@@ -142,7 +145,7 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
 
     batches = [r.batch for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, marker in zip(ENGINES, "o^sv"):
+    for name, marker in zip(ENGINES, "o^<sv"):
         ax.plot(batches, [r.wall_ms[name] for r in rows], f"{marker}-", label=name)
     ax.axhline(OPTIONS.step_samples / 16, color="grey", lw=0.8, ls="--", label="600 ms real time")
     ax.set(xscale="log", yscale="log", xlabel="streams", ylabel="wall ms per 600 ms chunk round",
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
     export_dir = ensure_export(model_dir, args.export_dir or model_dir.with_name(model_dir.name + "-onnx"))
     engines = {
         "float32 batched": BatchedStreamingParaformer(model_dir),
-        "int8 batched": BatchedStreamingParaformer(model_dir, precision="int8", int8_export=export_dir),
+        **{f"int8 batched {kernel}": BatchedStreamingParaformer(model_dir, precision="int8", int8_kernel=kernel,
+                                                                int8_export=export_dir) for kernel in INT8_KERNELS},
         "FunASR ONNX float32": FunasrOnnxStreamingParaformer(export_dir, quantized=False, threads=args.threads),
         "FunASR ONNX int8": FunasrOnnxStreamingParaformer(export_dir, quantized=True, threads=args.threads),
     }

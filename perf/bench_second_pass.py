@@ -55,7 +55,7 @@ from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.cpu_features import cpu_summary
-from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
+from twopass_asr.kernels.int8_recipe import INT8_PRECISIONS
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
@@ -280,7 +280,7 @@ def main() -> None:
                         help="tokens per segment (default: a real transcript's for --segment-seconds, "
                              f"{REAL_SPEECH_TOKENS_PER_S} per second of audio)")
     parser.add_argument("--precision", choices=[p for p in PRECISIONS if p != "fp16"], default="auto")
-    parser.add_argument("--encoder-precision", choices=INT8_RECIPE_PRECISIONS, default="auto",
+    parser.add_argument("--encoder-precision", choices=INT8_PRECISIONS, default="auto",
                         help="the audio encoder and adaptor (auto: as funasr_nano_vllm resolves it on this CPU)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embed-window-ms", type=float, default=DEFAULT_WINDOW_MS)

@@ -16,7 +16,8 @@ from twopass_asr.store import model_store
 
 @pytest.fixture(scope="module")
 def int8_engine(test_models, paraformer_export):
-    return BatchedStreamingParaformer(test_models / model_store.PARAFORMER, precision="int8", int8_export=paraformer_export)
+    return BatchedStreamingParaformer(test_models / model_store.PARAFORMER, precision="int8", int8_kernel="onnxruntime",
+                                      int8_export=paraformer_export)
 
 
 def int8_layers(engine) -> dict[str, Int8Linear]:

@@ -1,21 +1,33 @@
 import pytest
 
-from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision, stays_float
+from twopass_asr.kernels import int8_recipe
+from twopass_asr.kernels.int8_recipe import choose_int8_kernel, resolve_int8_precision, stays_float
 
 
-def test_auto_precision_is_int8_where_int8_dot_products_are_measured_fast():
-    assert resolve_int8_recipe_precision("auto", "cpu", int8_dot_products=True) == "int8"
-    assert resolve_int8_recipe_precision("auto", "cpu", int8_dot_products=False) == "fp32"
-    assert resolve_int8_recipe_precision("auto", "cuda", int8_dot_products=True) == "fp32"  # CPU kernels
-    assert resolve_int8_recipe_precision("int8", "cpu", int8_dot_products=False) == "int8"  # asked for: kept
-    assert resolve_int8_recipe_precision("fp32", "cpu", int8_dot_products=True) == "fp32"
+def test_auto_precision_is_int8_on_a_cpu_and_fp32_on_a_gpu():
+    assert resolve_int8_precision("auto", "cpu") == "int8"
+    assert resolve_int8_precision("auto", "cuda") == "fp32"  # the int8 kernels are CPU ones
+    assert resolve_int8_precision("int8", "cpu") == "int8"
+    assert resolve_int8_precision("fp32", "cpu") == "fp32"
+    assert resolve_int8_precision("fp32", "cuda:0") == "fp32"
 
 
 def test_int8_on_a_gpu_and_unknown_values_are_refused_by_name():
-    with pytest.raises(ValueError, match="int8 runs on onnxruntime's CPU kernels, not on cuda:1"):
-        resolve_int8_recipe_precision("int8", "cuda:1")
+    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime or fbgemm\), not on cuda:1"):
+        resolve_int8_precision("int8", "cuda:1")
     with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, int8, got 'bf16'"):
-        resolve_int8_recipe_precision("bf16", "cpu")
+        resolve_int8_precision("bf16", "cpu")
+
+
+def test_auto_kernel_is_onnxruntime_with_int8_dot_products_and_fbgemm_without(monkeypatch):
+    assert choose_int8_kernel("auto", int8_dot_products=True) == "onnxruntime"
+    assert choose_int8_kernel("auto", int8_dot_products=False) == "fbgemm"
+    assert choose_int8_kernel("onnxruntime", int8_dot_products=False) == "onnxruntime"  # asked for: kept
+    assert choose_int8_kernel("fbgemm", int8_dot_products=True) == "fbgemm"
+    monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
+    assert choose_int8_kernel("auto") == "fbgemm"
+    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
+        choose_int8_kernel("mkl", "encoder_int8_kernel")
 
 
 def test_the_layers_funasr_leaves_in_float_are_told_by_name():

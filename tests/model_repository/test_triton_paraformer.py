@@ -18,7 +18,7 @@ from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
-from twopass_asr.first_pass.options import PRECISION_ENV
+from twopass_asr.first_pass.options import INT8_KERNEL_ENV, PRECISION_ENV
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError
 from twopass_asr.store.export_cache import CACHE_ENV
@@ -144,34 +144,49 @@ def test_busy_streams_and_abandoned_segments_keep_the_server_up(triton_server, s
     assert triton_server.process.poll() is None and triton_server.is_ready()
 
 
-def test_int8_precision_serves_the_int8_engines_text_and_a_wrong_one_is_named(test_models, speech_wav, tmp_path):
+def test_a_wrong_precision_or_int8_kernel_is_named(test_models, tmp_path):
     repository = model_repository("batched", tmp_path)  # paraformer_streaming alone, as shipped
-    wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env={PRECISION_ENV: "int4"})
-    with pytest.raises(TritonStartError, match=r"parameter precision \(environment TWOPASS_ASR_FIRST_PASS_PRECISION\) "
-                                               r"must be one of auto, fp32, int8, got 'int4'"):
-        wrong.start()
+    for env, message in [({PRECISION_ENV: "int4"},
+                          r"parameter precision \(environment TWOPASS_ASR_FIRST_PASS_PRECISION\) "
+                          r"must be one of auto, fp32, int8, got 'int4'"),
+                         ({PRECISION_ENV: "int8", INT8_KERNEL_ENV: "mkl"},
+                          r"parameter int8_kernel \(environment TWOPASS_ASR_FIRST_PASS_INT8_KERNEL\) "
+                          r"must be one of auto, onnxruntime, fbgemm, got 'mkl'")]:
+        wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env=env)
+        with pytest.raises(TritonStartError, match=message):
+            wrong.start()
 
-    chunks = chunks_of(speech_wav.pcm, 9600)
-    engine = BatchedStreamingParaformer(test_models / "paraformer_streaming", precision="int8")
-    stream = engine.new_stream()
-    expected = [engine.process(stream, chunk, index == len(chunks) - 1) for index, chunk in enumerate(chunks)]
-    server = TritonServer(test_models, repository, log_path=tmp_path / "int8.log", env={PRECISION_ENV: "int8"})
-    server.start()
-    try:
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        assert [text_of(result) for result in run_sequence(client, "paraformer_streaming", chunks)] == expected
-        assert "paraformer_streaming: batched engine in int8" in server.log_text()
-    finally:
-        server.stop()
-    assert any(expected), "too little text to compare"
+
+@pytest.mark.parametrize("kernel", ["onnxruntime", "fbgemm"])
+def test_int8_serves_the_int8_engines_text_for_streams_in_flight_together(test_models, speech_wav, tmp_path, kernel):
+    """Each stream gets the text the engine gives it alone, whichever streams share its passes:
+    both kernels quantize a stream's activations apart from the others'."""
+    repository = model_repository("batched", tmp_path)
+    engine = BatchedStreamingParaformer(test_models / "paraformer_streaming", precision="int8", int8_kernel=kernel)
+    sequences = [chunks_of(speech_wav.pcm[offset:], 9600) for offset in (0, 7000, 15000)]
+    expected = []
+    for chunks in sequences:
+        stream = engine.new_stream()
+        expected.append([engine.process(stream, chunk, index == len(chunks) - 1) for index, chunk in enumerate(chunks)])
+    env = {PRECISION_ENV: "int8", INT8_KERNEL_ENV: kernel}
+    with TritonServer(test_models, repository, log_path=tmp_path / "int8.log", env=env) as server:
+        assert f"paraformer_streaming: batched engine in int8 on {kernel}" in server.log_text()
+
+        def serve(chunks):  # one client per stream: a client holds one gRPC stream
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            return [text_of(result) for result in run_sequence(client, "paraformer_streaming", chunks)]
+
+        with ThreadPoolExecutor(len(sequences)) as pool:
+            assert list(pool.map(serve, sequences)) == expected
+    assert any(expected[0]), "too little text to compare"
 
 
 def test_auto_precision_is_chosen_by_the_cpu_and_logged(test_models, tmp_path):
     repository = model_repository("batched", tmp_path)  # precision auto, as shipped
     # The suite's fp32 (conftest) off: the shipped default counts.
     with TritonServer(test_models, repository, log_path=tmp_path / "auto.log", env={PRECISION_ENV: ""}) as server:
-        chosen = "int8" if cpu_has_int8_dot_products() else "fp32"
-        assert f"paraformer_streaming: batched engine in {chosen} (auto)" in server.log_text()
+        kernel = "onnxruntime" if cpu_has_int8_dot_products() else "fbgemm"
+        assert f"paraformer_streaming: batched engine in int8 on {kernel} (auto)" in server.log_text()
 
 
 def test_funasr_onnx_engine_serves_funasrs_own_int8_runtime(test_models, speech_wav, tmp_path, monkeypatch):

@@ -166,7 +166,7 @@ def test_first_pass_precision_bench_quick_run(test_models, paraformer_export, tm
     assert table.count("\n| 1 |") == 1 and table.count("\n| 2 |") == 1
     assert (tmp_path / "first_pass_precision.png").read_bytes().startswith(PNG_MAGIC)
     rows = (tmp_path / "first_pass_precision.csv").read_text(encoding="utf-8").splitlines()
-    assert len(rows) == 3 and all(float(value) > 0 for value in rows[1].split(",")[1:9])
+    assert len(rows) == 3 and all(float(value) > 0 for value in rows[1].split(",")[1:11])
 
 
 def test_first_pass_triton_bench_against_funasrs_int8_runtime(test_models, tmp_path):

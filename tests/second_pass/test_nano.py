@@ -14,10 +14,10 @@ import yaml
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.kernels import int8_linear, tokenwise_int8
+from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import Int8Linear
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, int8_per_output_channel
-from twopass_asr.second_pass import precision
 from twopass_asr.second_pass.llm_export import INT8_LINEARS
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
@@ -400,26 +400,20 @@ def test_int8_encoder_agrees_with_fp32_and_a_broken_quantization_does_not(tiny_n
         monkeypatch.setattr(int8_linear, "_float_layer_model", lambda layer: float_layer_model(twice_the_weight(layer)))
     else:
         weight_rule = tokenwise_int8.int8_per_output_channel
-        monkeypatch.setattr(tokenwise_int8, "int8_per_output_channel", lambda weight: weight_rule(weight * 2))
+        monkeypatch.setattr(tokenwise_int8, "int8_per_output_channel",
+                            lambda weight, levels: weight_rule(weight * 2, levels))
     broken = quietly(NanoRecognizer, tiny_nano, encoder_precision="int8", encoder_int8_kernel=kernel)
     error, agreement = encoder_agreement(recognizer, broken)
     assert error > 0.05 and agreement < 0.95, (error, agreement)
 
 
-def test_encoder_precision_auto_is_int8_on_a_cpu_on_the_kernel_it_is_fast_with(monkeypatch):
-    assert precision.resolve_encoder_precision("auto", "cpu") == "int8"
-    assert precision.resolve_encoder_precision("auto", "cuda") == "fp32"
-    assert precision.resolve_encoder_precision("fp32", "cpu") == "fp32"
-    assert precision.encoder_int8_kernel(int8_dot_products=True) == "onnxruntime"
-    assert precision.encoder_int8_kernel(int8_dot_products=False) == "fbgemm"
-    monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: False)
-    assert precision.encoder_int8_kernel() == "fbgemm"
-    with pytest.raises(ValueError, match="must be one of auto, fp32, int8, got 'bf16'"):
-        precision.resolve_encoder_precision("bf16", "cpu")
+def test_encoder_precision_auto_is_int8_on_a_cpu_on_the_kernel_it_is_fast_with(tiny_nano):
+    auto = quietly(NanoRecognizer, tiny_nano, encoder_precision="auto")
+    assert auto.encoder_description == "int8 on " + ("onnxruntime" if cpu_has_int8_dot_products() else "fbgemm")
 
 
 def test_an_unknown_encoder_int8_kernel_is_named(tiny_nano):
-    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of onnxruntime, fbgemm or None, got 'mkl'"):
+    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
         NanoRecognizer(tiny_nano, encoder_precision="int8", encoder_int8_kernel="mkl")
 
 
@@ -435,7 +429,7 @@ def int8_generation(tiny_nano):
     return int8
 
 
-def test_int8_generation_quantizes_the_projections_and_head_by_the_exports_rule(tiny_nano, recognizer,
+def test_int8_generation_quantizes_the_projections_and_head_per_output_channel(tiny_nano, recognizer,
                                                                                  int8_generation):
     plain = dict(recognizer.model.llm.named_modules())
     quantized = {name: module for name, module in int8_generation.model.llm.named_modules()
@@ -445,7 +439,8 @@ def test_int8_generation_quantizes_the_projections_and_head_by_the_exports_rule(
     assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
     float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
     for name, layer in quantized.items():
-        weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight)
+        weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight,
+                                                  TokenwiseInt8Linear.WEIGHT_LEVELS)
         packed = layer.weight()
         assert torch.equal(packed.int_repr(), weights), name
         torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())
@@ -470,8 +465,8 @@ def test_int8_generation_agrees_with_fp32_and_a_broken_quantization_does_not(tin
     assert agreement >= LLM_INT8_AGREEMENT_FLOOR, agreement
     assert int8_generation.generate(recognizer.prompt_embeds(segments()[0]))  # greedy text too
 
-    def doubled(weight):
-        weights, scales = int8_per_output_channel(weight)
+    def doubled(weight, levels):
+        weights, scales = int8_per_output_channel(weight, levels)
         return weights, scales * 2
 
     monkeypatch.setattr(tokenwise_int8, "int8_per_output_channel", doubled)

@@ -32,8 +32,9 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
-from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
+from twopass_asr.kernels.int8_recipe import choose_int8_kernel, resolve_int8_precision, stays_float
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
+from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
 from twopass_asr.store.funasr_onnx_export import INT8_FILES, cached_paraformer_export, require_export
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
 
@@ -165,15 +166,20 @@ class BatchedStreamingParaformer:
     default_options = DecodeOptions()
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", linear_kernel: str | None = "auto",
-                 precision: str = "fp32", int8_export: str | Path | None = None):
+                 precision: str = "fp32", int8_export: str | Path | None = None, int8_kernel: str = "auto"):
         """`linear_kernel`: the kernel whose packed layout the float32 linear weights get once
         at load (CPU only; twopass_asr.kernels.prepacked_linear.choose_kernel); None keeps torch's
-        nn.Linear. `precision` "int8": the layers FunASR's int8 export quantizes run in int8 as
-        it does them (twopass_asr.kernels.int8_linear), the others in float32; the export is
-        read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the first
-        load into the export cache and reused by later ones (cached_paraformer_export). "auto":
-        as resolve_int8_recipe_precision chooses for this device and CPU (self.precision says which)."""
-        self.precision = precision = resolve_int8_recipe_precision(precision, device)
+        nn.Linear. `precision` "int8": the layers FunASR's int8 export quantizes run in int8, the
+        others in float32, on `int8_kernel` (twopass_asr.kernels.int8_recipe.choose_int8_kernel;
+        self.int8_kernel says which):
+        - onnxruntime: as FunASR's int8 runtime runs them (twopass_asr.kernels.int8_linear), the
+          export read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the
+          first load into the export cache and reused by later ones (cached_paraformer_export);
+        - fbgemm: quantized at load, activations per token (twopass_asr.kernels.tokenwise_int8).
+        "auto": as resolve_int8_precision chooses for this device (self.precision says which)."""
+        self.precision = precision = resolve_int8_precision(precision, device)
+        kernel = choose_int8_kernel(int8_kernel)
+        self.int8_kernel = kernel if precision == "int8" else None
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
         automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
                                      disable_log=True, ncpu=torch.get_num_threads())
@@ -182,8 +188,10 @@ class BatchedStreamingParaformer:
         self.features = StreamingFeatures(automodel.kwargs["frontend"])
         self.token_list = list(automodel.kwargs["tokenizer"].token_list)
         self._check_supported()
-        if precision == "int8":
+        if self.int8_kernel == "onnxruntime":
             self._load_int8_layers(model_dir, int8_export)
+        elif self.int8_kernel == "fbgemm":
+            replace_linear_layers(self.model, lambda name: not stays_float(name))
         if linear_kernel is not None:
             prepack_linear_layers(self.model, linear_kernel)
 
@@ -197,6 +205,11 @@ class BatchedStreamingParaformer:
         self.decoder_heads, self.decoder_d_k = cross.h, cross.d_k
         self.decoder_fsmn_memory = decoder.decoders[0].self_attn.kernel_size - 1
         self.skip_token_ids = {self.model.sos, self.model.eos, self.model.blank_id}
+
+    @property
+    def precision_description(self) -> str:
+        """The precision, and its kernel in int8: "fp32", "int8 on fbgemm"."""
+        return self.precision + (f" on {self.int8_kernel}" if self.int8_kernel else "")
 
     def _load_int8_layers(self, model_dir: str | Path, export_dir: str | Path | None) -> None:
         export = require_export(export_dir or cached_paraformer_export(model_dir), quantized=True)

@@ -20,7 +20,7 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
-from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
+from twopass_asr.kernels.int8_recipe import resolve_int8_precision
 from twopass_asr.store.funasr_onnx_export import cached_paraformer_export, require_export
 
 
@@ -98,16 +98,20 @@ class FunasrOnnxStreamingParaformer:
                       ) -> "FunasrOnnxStreamingParaformer":
         """The runtime on FunASR's export of a model directory (made at the first use and
         cached, as for the batched int8 engine), in `precision` (int8, fp32 or auto, as
-        resolve_int8_recipe_precision decides) with torch's thread count per call: the Triton model's
-        `funasr_onnx` engine."""
+        resolve_int8_precision decides: int8, FunASR's own CPU default) with torch's thread count
+        per call: the Triton model's `funasr_onnx` engine."""
         if device != "cpu":
             raise ValueError(f"FunASR's ONNX runtime runs on the CPU only, got device {device!r}")
-        quantized = resolve_int8_recipe_precision(precision, device) == "int8"
+        quantized = resolve_int8_precision(precision, device) == "int8"
         return cls(cached_paraformer_export(model_dir), quantized=quantized, threads=torch.get_num_threads())
 
     @property
     def precision(self) -> str:
         return "int8" if self._quantized else "fp32"
+
+    @property
+    def precision_description(self) -> str:
+        return "int8 on onnxruntime" if self._quantized else "fp32"
 
     def new_stream(self, options: DecodeOptions = default_options) -> OnnxReferenceStream:
         if options.encoder_look_back or options.decoder_look_back:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twopass_asr.audio import SAMPLE_RATE
-from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
+from twopass_asr.kernels.int8_recipe import INT8_PRECISIONS
 
 # FunASR measures chunk_size in 60 ms units.
 SAMPLES_PER_CHUNK_UNIT = SAMPLE_RATE * 60 // 1000
@@ -14,11 +14,12 @@ SAMPLES_PER_CHUNK_UNIT = SAMPLE_RATE * 60 // 1000
 # the look-backs, all in chunks.
 CHUNK_SIZE_BOUNDS = ((0, 100), (1, 100), (0, 100))
 LOOK_BACK_BOUNDS = (0, 100)
-# How the batched engine computes: float32, int8 on FunASR's own int8 recipe, or auto
-# (twopass_asr.kernels.int8_recipe.resolve_int8_recipe_precision). The environment variable,
-# when set, overrides the Triton model's `precision` parameter.
-PRECISIONS = INT8_RECIPE_PRECISIONS
+# How the batched engine computes: float32, int8, or auto, and int8's kernel
+# (twopass_asr.kernels.int8_recipe). The environment variables, when set, override the Triton
+# model's `precision` and `int8_kernel` parameters.
+PRECISIONS = INT8_PRECISIONS
 PRECISION_ENV = "TWOPASS_ASR_FIRST_PASS_PRECISION"
+INT8_KERNEL_ENV = "TWOPASS_ASR_FIRST_PASS_INT8_KERNEL"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,17 @@
-"""FunASR's int8 recipe, stated once: how its export quantizes a model and where the project
-runs a model that way (torch-free, so the settings' checks import nothing heavy).
+"""FunASR's int8 recipe, stated once: how its export quantizes a model, and where and on which
+kernel the project runs a model in int8 (torch-free, so the settings' checks import nothing
+heavy).
 
 FunASR's export (funasr/utils/export_utils.py) quantizes with onnxruntime's dynamic
 quantization: every MatMul with a constant weight, weights per output channel as QUInt8,
 reduce_range off, activations quantized per call; MatMuls whose node name contains
 "output", "bias_encoder" or "bias_decoder" stay in float.
+
+The project's int8 models (the first pass, the Nano's audio encoder) run on one of two kernels:
+onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear), where the CPU has int8 dot
+products (AVX-512 VNNI, AMX); fbgemm with activations per token (twopass_asr.kernels.
+tokenwise_int8) elsewhere, where onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's
+1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9).
 """
 
 from __future__ import annotations
@@ -17,8 +24,11 @@ from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 
 # Layers whose name contains one of these stay in float.
 FLOAT_LAYER_MARKS = ("output", "bias_encoder", "bias_decoder")
-# A model on the recipe computes in float32, in int8, or auto (resolve_int8_recipe_precision).
-INT8_RECIPE_PRECISIONS = ("auto", "fp32", "int8")
+# An int8-capable model computes in float32, in int8, or auto (resolve_int8_precision).
+INT8_PRECISIONS = ("auto", "fp32", "int8")
+# Where int8 runs (choose_int8_kernel); auto: the one this CPU is fast with.
+INT8_KERNELS = ("onnxruntime", "fbgemm")
+INT8_KERNEL_CHOICES = ("auto", *INT8_KERNELS)
 
 
 def quantize_dynamic_arguments() -> dict:
@@ -46,23 +56,31 @@ def stays_float(layer_name: str) -> bool:
     return any(mark in layer_name for mark in FLOAT_LAYER_MARKS)
 
 
-def resolve_int8_recipe_precision(configured: str, device: str, int8_dot_products: bool | None = None) -> str:
-    """fp32 or int8 for `configured` (one of INT8_RECIPE_PRECISIONS). auto: int8 on a CPU with
-    AVX-512 VNNI or AMX int8 dot products (int8_dot_products None: read from this CPU), where the
-    first pass ran 1.6-1.95x its float32 engine and the Nano's audio encoder 2.4x; fp32 elsewhere:
-    on AVX2 alone the int8 layers lose as soon as work is batched (first pass 0.69-0.86x float32
-    at 4-16 streams, audio encoder 0.69-0.84x at 4-8 segments; perf/RESULTS.md, 2026-12-02).
-    int8 asked for on a GPU is refused: those kernels are CPU ones."""
-    if configured not in INT8_RECIPE_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(INT8_RECIPE_PRECISIONS)}, got {configured!r}")
+def resolve_int8_precision(configured: str, device: str) -> str:
+    """fp32 or int8 for `configured` (one of INT8_PRECISIONS). auto: int8 on a CPU (on the
+    kernel choose_int8_kernel picks, faster than float32 on every CPU measured), fp32 on a GPU.
+    int8 asked for on a GPU is refused: both kernels are CPU ones."""
+    if configured not in INT8_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(INT8_PRECISIONS)}, got {configured!r}")
     if device != "cpu":
         if configured == "int8":
-            raise ValueError(f"precision int8 runs on onnxruntime's CPU kernels, not on {device}; use fp32 or auto")
+            raise ValueError(f"precision int8 runs on CPU kernels (onnxruntime or fbgemm), not on {device}; "
+                             "use fp32 or auto")
         return "fp32"
-    if configured != "auto":
-        return configured
-    return "int8" if (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products) else "fp32"
+    return "int8" if configured == "auto" else configured
 
 
-__all__ = ["FLOAT_LAYER_MARKS", "INT8_RECIPE_PRECISIONS", "quantize_dynamic_arguments", "quiet_quantizer",
-           "resolve_int8_recipe_precision", "stays_float"]
+def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None) -> str:
+    """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
+    error). auto: onnxruntime (FunASR's recipe) on a CPU with AVX-512 VNNI or AMX int8 dot
+    products (int8_dot_products None: read from this CPU), fbgemm (per token) elsewhere."""
+    if requested not in INT8_KERNEL_CHOICES:
+        raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "onnxruntime" if (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products) \
+        else "fbgemm"
+
+
+__all__ = ["FLOAT_LAYER_MARKS", "INT8_KERNELS", "INT8_KERNEL_CHOICES", "INT8_PRECISIONS", "choose_int8_kernel",
+           "quantize_dynamic_arguments", "quiet_quantizer", "resolve_int8_precision", "stays_float"]

@@ -2,15 +2,20 @@
 token: the project's int8 where a CPU lacks int8 dot products (AVX2 without VNNI), where fbgemm
 is the fast int8 kernel (perf/RESULTS.md, 2026-12-03).
 
-Weights: int8_per_output_channel, one rule with vLLM's W8A8 export (per output channel,
-symmetric, the row's largest magnitude / 127). Activations: fbgemm takes one range for all the
-rows of a call, so one row with large activations (LLMs put some at a prompt's first token and
-at delimiters) would coarsen every other row of the call, another segment's included.
-TokenwiseInt8Linear divides each row by its own largest magnitude and adds one row holding -1
-and 1 (its product is dropped), so every call's range is [-1, 1] and a row's integers depend on
-that row alone; the product is scaled back row by row. A row therefore gives the same output
-alone or with others. fbgemm keeps 7 bits of uint8 (it reduces the range so that AVX2's 16-bit
-pairwise products cannot saturate).
+Activations: fbgemm takes one range for all the rows of a call, so one row with large
+activations (LLMs put some at a prompt's first token and at delimiters) would coarsen every
+other row of the call, another segment's or stream's included. TokenwiseInt8Linear divides each
+row by its own largest magnitude and adds one row holding -1 and 1 (its product is dropped), so
+every call's range is [-1, 1] and a row's integers depend on that row alone; the product is
+scaled back row by row. A row therefore gives the same output alone or with others.
+
+Bits: AVX2 multiplies uint8 activations by int8 weights and adds each pair of products in 16
+bits, saturating, and 255 x 127 x 2 does not fit. fbgemm's own remedy (reduce_range) takes the
+activations' eighth bit; here the weights give up theirs instead (int8_per_output_channel on
+63 levels: 255 x 63 x 2 fits), because activations are the side that quantizes worse (a row's
+scale is set by its largest channel). On one layer that halves the error where a channel is
+20-100x the others and takes a third off it where none is (perf/RESULTS.md, 2026-12-03, session
+9).
 
 torch marks its quantized tensors and TorchScript deprecated (2.13, the pinned version, still
 has both, and no other int8 matrix product in torch is fast on a CPU); the tests load this
@@ -26,21 +31,24 @@ from typing import Callable, Optional
 import torch
 
 
-def int8_per_output_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear weight [rows, columns] as int8 per output channel, symmetric: (int8 weights,
-    scales [rows, 1] in float32, each the row's largest magnitude / 127)."""
+def int8_per_output_channel(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear weight [rows, columns] as int8 per output channel, symmetric on -levels..levels
+    (127: the rule of the project's W8A8 export for vLLM): (int8 weights, scales [rows, 1] in
+    float32, each the row's largest magnitude / levels)."""
     weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    return torch.round(weight / scale).clamp(-127, 127).to(torch.int8), scale
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / levels
+    return torch.round(weight / scale).clamp(-levels, levels).to(torch.int8), scale
 
 
 class TokenwiseInt8Linear(torch.nn.Module):
-    """A float32 linear layer as int8 weights (int8_per_output_channel) and fbgemm's dynamic
-    int8 product, each input row quantized on its own range."""
+    """A float32 linear layer as int8 weights (int8_per_output_channel on WEIGHT_LEVELS) and
+    fbgemm's dynamic int8 product, each input row quantized on its own range to 8 bits."""
+
+    WEIGHT_LEVELS = 63
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
-        weights, scales = int8_per_output_channel(linear.weight)
+        weights, scales = int8_per_output_channel(linear.weight, self.WEIGHT_LEVELS)
         rows = weights.shape[0]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
@@ -73,7 +81,8 @@ def _tokenwise_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPa
     rows = x.reshape(-1, in_features)
     # At least float32's smallest normal number: an all-zero row (left padding) stays zero, not 0/0.
     scale = rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
-    y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, True)[:-1]
+    # reduce_range off: 8-bit activations, room made by the weights' 63 levels (module docstring).
+    y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, False)[:-1]
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
 

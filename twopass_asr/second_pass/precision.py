@@ -6,18 +6,17 @@ wants by default: bf16 where it is fast, the Nano checkpoint's own llm_dtype and
 FunASR's vLLM path decodes in (a GPU, or a CPU with native bf16); on other CPUs int8, the one
 precision there that keeps up with speech (float32 serves no real-time 2pass stream on 2 such
 cores). int8 gives the LLM's decoder projections int8 weights per output channel (one rule,
-kernels.tokenwise_int8.int8_per_output_channel) and quantizes their inputs at run time. On vLLM it is
-W8A8 (the project's own export, activations per token, everything else in bf16); on the
-torch fallback, CPU only, fbgemm's dynamic int8 product with activations per token, the output
-head too (llm_int8).
+kernels.tokenwise_int8.int8_per_output_channel: 127 levels for vLLM, 63 on fbgemm) and quantizes
+their inputs at run time. On vLLM it is W8A8 (the project's own export, activations per token,
+everything else in bf16); on the torch fallback, CPU only, fbgemm's dynamic int8 product with
+activations per token, the output head too (llm_int8).
 
-The audio encoder and adaptor have a setting of their own: fp32 as FunASR runs them, int8, or
-auto (int8 on every CPU, fp32 on a GPU). int8 runs on the kernel the CPU is fast with: with int8
-dot products (AVX-512 VNNI, AMX) FunASR's int8 recipe on onnxruntime, as the first pass
-(twopass_asr.kernels.int8_recipe; 2.4x float32 there), else fbgemm with activations per token
-(twopass_asr.kernels.tokenwise_int8; 1.2-1.5x float32 on AVX2, where the recipe's onnxruntime
-layers run 0.7-1.2x). bf16 is not offered: it ran them 1.08x float32 where int8 ran 2.4x
-(perf/RESULTS.md, 2026-12-02, session 4, and 2026-12-03, session 8).
+The audio encoder and adaptor have a setting of their own, as the first pass: fp32 as FunASR
+runs them, int8, or auto (int8 on every CPU, fp32 on a GPU), with int8 on the kernel the CPU is
+fast with (twopass_asr.kernels.int8_recipe: FunASR's recipe on onnxruntime with int8 dot
+products, 2.4x float32 there; fbgemm per token elsewhere, 1.2-1.5x on AVX2). bf16 is not
+offered: it ran them 1.08x float32 where int8 ran 2.4x (perf/RESULTS.md, 2026-12-02, session 4,
+and 2026-12-03, session 8).
 """
 
 from __future__ import annotations
@@ -25,11 +24,11 @@ from __future__ import annotations
 import torch
 
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products, cpu_has_native_bf16
-from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
 ENCODER_PRECISION_ENV = "TWOPASS_ASR_NANO_ENCODER_PRECISION"
+ENCODER_INT8_KERNEL_ENV = "TWOPASS_ASR_NANO_ENCODER_INT8_KERNEL"
 # The dtype of the LLM's activations and of the prompt embeddings (int8 on vLLM: of all but
 # its linear layers' products; int8 on torch runs in float32 around them, llm_int8).
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
@@ -66,34 +65,10 @@ def torch_generation_is_faster(precision: str, device: str, int8_dot_products: b
     return not (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products)
 
 
-# The audio encoder's int8 kernels (encoder_int8_kernel).
-ENCODER_INT8_KERNELS = ("onnxruntime", "fbgemm")
-
-
-def resolve_encoder_precision(configured: str, device: str) -> str:
-    """fp32 or int8 for the audio encoder's `configured` precision (one of auto, fp32, int8):
-    auto is int8 on a CPU (on the kernel encoder_int8_kernel picks) and fp32 on a GPU; int8 on a
-    GPU is refused."""
-    if configured == "int8" and device != "cpu":
-        raise ValueError(f"encoder precision int8 runs on CPU kernels (onnxruntime or fbgemm), not on {device}; "
-                         f"use fp32 or auto")
-    if configured == "auto":
-        return "int8" if device == "cpu" else "fp32"
-    return resolve_int8_recipe_precision(configured, device)
-
-
-def encoder_int8_kernel(int8_dot_products: bool | None = None) -> str:
-    """The audio encoder's int8 kernel on this CPU (int8_dot_products None: read from it):
-    onnxruntime (FunASR's recipe) with AVX-512 VNNI or AMX int8, else fbgemm (per token)."""
-    return "onnxruntime" if (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products) \
-        else "fbgemm"
-
-
 def vllm_dtype(precision: str) -> str:
     """vLLM's name for a resolved precision (its `dtype` engine argument)."""
     return str(TORCH_DTYPES[precision]).removeprefix("torch.")
 
 
-__all__ = ["ENCODER_INT8_KERNELS", "ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES",
-           "encoder_int8_kernel", "resolve_encoder_precision", "resolve_precision", "torch_generation_is_faster",
-           "torch_generation_runs", "vllm_dtype"]
+__all__ = ["ENCODER_INT8_KERNEL_ENV", "ENCODER_PRECISION_ENV", "PRECISIONS", "PRECISION_ENV", "TORCH_DTYPES",
+           "resolve_precision", "torch_generation_is_faster", "torch_generation_runs", "vllm_dtype"]

@@ -26,10 +26,10 @@ import torch
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
+from twopass_asr.kernels.int8_recipe import choose_int8_kernel, resolve_int8_precision
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
 from twopass_asr.parameters import whole_number
-from twopass_asr.second_pass import precision
 from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 from twopass_asr.store.nano_dir import validate_nano_dir
 
@@ -115,24 +115,21 @@ class NanoRecognizer:
     it float32.
     encoder_precision: the audio encoder and adaptor in fp32 (as FunASR runs them), int8 (their
     linear layers quantized at load, each segment's activations on their own) or auto
-    (precision.resolve_encoder_precision); self.encoder_precision says which. encoder_int8_kernel:
-    int8's kernel, onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear) or fbgemm
-    (per token, twopass_asr.kernels.tokenwise_int8); None: the one this CPU is fast with
-    (precision.encoder_int8_kernel). self.encoder_int8_kernel says which (None in fp32).
+    (int8_recipe.resolve_int8_precision); self.encoder_precision says which. encoder_int8_kernel:
+    int8's kernel, onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear), fbgemm
+    (per token, twopass_asr.kernels.tokenwise_int8) or auto, the one this CPU is fast with
+    (int8_recipe.choose_int8_kernel). self.encoder_int8_kernel says which (None in fp32).
     """
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
                  tokens_per_second: float | None = None, encoder_precision: str = "fp32",
-                 encoder_int8_kernel: str | None = None):
+                 encoder_int8_kernel: str = "auto"):
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
-        self.encoder_precision = precision.resolve_encoder_precision(encoder_precision, str(device))
-        if encoder_int8_kernel not in (None, *precision.ENCODER_INT8_KERNELS):
-            raise ValueError(f"encoder_int8_kernel must be one of {', '.join(precision.ENCODER_INT8_KERNELS)} or "
-                             f"None, got {encoder_int8_kernel!r}")
-        self.encoder_int8_kernel = (encoder_int8_kernel or precision.encoder_int8_kernel()) \
-            if self.encoder_precision == "int8" else None
+        self.encoder_precision = resolve_int8_precision(encoder_precision, str(device))
+        kernel = choose_int8_kernel(encoder_int8_kernel, "encoder_int8_kernel")
+        self.encoder_int8_kernel = kernel if self.encoder_precision == "int8" else None
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory

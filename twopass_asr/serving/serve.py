@@ -15,7 +15,7 @@ from pathlib import Path
 
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass import options as first_pass_options
-from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
+from twopass_asr.kernels.int8_recipe import INT8_PRECISIONS
 from twopass_asr.second_pass import precision as second_pass_precision
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, port_in_use
 from twopass_asr.store import model_store
@@ -42,12 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
                         help="random models to build for missing ones that cannot be downloaded (default tiny)")
     parser.add_argument("--first-pass-precision", choices=first_pass_options.PRECISIONS, default=None,
-                        help="the first pass in fp32, int8 or auto: int8 where the CPU has fast int8 dot products "
-                             "(default: paraformer_streaming's config.pbtxt)")
+                        help="the first pass in fp32, int8 or auto: int8 on a CPU (on onnxruntime with int8 dot "
+                             "products, else fbgemm; default: paraformer_streaming's config.pbtxt)")
     parser.add_argument("--second-pass-precision", choices=second_pass_precision.PRECISIONS, default=None,
                         help="the second pass's LLM in fp32, bf16, fp16 (GPU), int8 or auto: bf16 where the "
                              "hardware computes it natively, else int8 (default: funasr_nano_vllm's config.pbtxt)")
-    parser.add_argument("--second-pass-encoder-precision", choices=INT8_RECIPE_PRECISIONS, default=None,
+    parser.add_argument("--second-pass-encoder-precision", choices=INT8_PRECISIONS, default=None,
                         help="the second pass's audio encoder in fp32, int8 or auto: int8 on a CPU (on onnxruntime "
                              "with int8 dot products, else fbgemm; default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")

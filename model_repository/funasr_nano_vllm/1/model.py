@@ -23,9 +23,10 @@ import triton_python_backend_utils as pb_utils
 
 from twopass_asr.hotwords import check_language, parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
-from twopass_asr.kernels.int8_recipe import INT8_RECIPE_PRECISIONS
+from twopass_asr.kernels.int8_recipe import INT8_KERNEL_CHOICES, INT8_PRECISIONS
 from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
 from twopass_asr.second_pass.precision import (
+    ENCODER_INT8_KERNEL_ENV,
     ENCODER_PRECISION_ENV,
     PRECISION_ENV,
     PRECISIONS,
@@ -109,8 +110,9 @@ class TritonPythonModel:
             mode = engine_mode(params.get("engine"))
             configured_precision = choice(params, "precision", PRECISION_ENV, PRECISIONS, "auto")
             precision = resolve_precision(configured_precision, device)
-            configured_encoder = choice(params, "encoder_precision", ENCODER_PRECISION_ENV, INT8_RECIPE_PRECISIONS,
-                                        "auto")
+            configured_encoder = choice(params, "encoder_precision", ENCODER_PRECISION_ENV, INT8_PRECISIONS, "auto")
+            encoder_kernel = choice(params, "encoder_int8_kernel", ENCODER_INT8_KERNEL_ENV, INT8_KERNEL_CHOICES,
+                                    "auto")
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
             tokens_per_second = tokens_per_second_setting(params.get("max_new_tokens_per_second"))
             embed_batching = settings_from_parameters(params, "embed")
@@ -119,7 +121,8 @@ class TritonPythonModel:
             # Before any torch thread or vLLM process exists: they inherit it.
             lower_priority(cpu_nice)
             self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens,
-                                             tokens_per_second=tokens_per_second, encoder_precision=configured_encoder)
+                                             tokens_per_second=tokens_per_second, encoder_precision=configured_encoder,
+                                             encoder_int8_kernel=encoder_kernel)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         # One worker for the torch work (embeddings; generation on the torch path): it uses

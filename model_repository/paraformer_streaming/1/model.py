@@ -9,8 +9,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from twopass_asr.first_pass.engines import ENGINES
-from twopass_asr.first_pass.options import PRECISION_ENV, PRECISIONS, DecodeOptions
-from twopass_asr.kernels.int8_recipe import resolve_int8_recipe_precision
+from twopass_asr.first_pass.options import INT8_KERNEL_ENV, PRECISION_ENV, PRECISIONS, DecodeOptions
+from twopass_asr.kernels.int8_recipe import INT8_KERNEL_CHOICES, resolve_int8_precision
 from twopass_asr.serving.triton_models import SequenceModel, choice, optional_scalar, optional_vector
 from twopass_asr.store import model_store
 
@@ -27,22 +27,25 @@ class TritonPythonModel(SequenceModel):
         if engine == "funasr":
             if configured not in ("fp32", "auto"):
                 raise pb_utils.TritonModelException(f"engine funasr runs in fp32 only, got precision {configured!r}")
-            precision = "fp32"
+            description = "fp32"
             # FunASR's per-stream generate is not thread-safe: one copy of it per worker.
             self.paraformer = ENGINES[engine](model_dir, device=device, copies=self.workers)
         else:
-            precision = resolve_int8_recipe_precision(configured, device)
+            precision = resolve_int8_precision(configured, device)
+            settings = {"precision": precision}
+            if engine == "batched":
+                settings["int8_kernel"] = choice(params, "int8_kernel", INT8_KERNEL_ENV, INT8_KERNEL_CHOICES, "auto")
             try:
-                self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
+                self.paraformer = ENGINES[engine](model_dir, device=device, **settings)
             except ValueError:
                 raise  # a setting this engine cannot take (says which)
             except Exception as exc:  # the int8 export or its sessions; fp32 needs neither
                 if configured != "auto" or precision == "fp32":
                     raise
                 self.logger.log_warn(f"paraformer_streaming: int8 unavailable ({exc!r}); auto takes fp32")
-                precision = "fp32"
-                self.paraformer = ENGINES[engine](model_dir, device=device, precision=precision)
-        chosen = f"{precision} (auto)" if configured == "auto" else precision
+                self.paraformer = ENGINES[engine](model_dir, device=device, precision="fp32")
+            description = self.paraformer.precision_description
+        chosen = f"{description} (auto)" if configured == "auto" else description
         self.logger.log_info(f"paraformer_streaming: {engine} engine in {chosen}")
 
     def new_state(self, request):
