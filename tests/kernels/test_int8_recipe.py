@@ -1,7 +1,13 @@
 import pytest
 
 from twopass_asr.kernels import int8_recipe
-from twopass_asr.kernels.int8_recipe import choose_int8_kernel, resolve_int8_precision, stays_float
+from twopass_asr.kernels.int8_recipe import (
+    choose_int8_kernel,
+    describe_int8,
+    resolve_int8_precision,
+    resolve_int8_setting,
+    stays_float,
+)
 
 
 def test_auto_precision_is_int8_on_a_cpu_and_fp32_on_a_gpu():
@@ -28,6 +34,14 @@ def test_auto_kernel_is_onnxruntime_with_int8_dot_products_and_fbgemm_without(mo
     assert choose_int8_kernel("auto") == "fbgemm"
     with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
         choose_int8_kernel("mkl", "encoder_int8_kernel")
+
+
+def test_a_setting_resolves_to_a_kernel_in_int8_only_and_checks_it_either_way():
+    assert resolve_int8_setting("int8", "fbgemm", "cpu") == ("int8", "fbgemm")
+    assert resolve_int8_setting("auto", "onnxruntime", "cuda") == ("fp32", None)
+    assert describe_int8("int8", "fbgemm") == "int8 on fbgemm" and describe_int8("fp32", None) == "fp32"
+    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
+        resolve_int8_setting("fp32", "mkl", "cpu")
 
 
 def test_the_layers_funasr_leaves_in_float_are_told_by_name():

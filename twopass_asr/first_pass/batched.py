@@ -32,7 +32,7 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
-from twopass_asr.kernels.int8_recipe import choose_int8_kernel, resolve_int8_precision, stays_float
+from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting, stays_float
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
 from twopass_asr.store.funasr_onnx_export import INT8_FILES, cached_paraformer_export, require_export
@@ -176,10 +176,8 @@ class BatchedStreamingParaformer:
           export read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the
           first load into the export cache and reused by later ones (cached_paraformer_export);
         - fbgemm: quantized at load, activations per token (twopass_asr.kernels.tokenwise_int8).
-        "auto": as resolve_int8_precision chooses for this device (self.precision says which)."""
-        self.precision = precision = resolve_int8_precision(precision, device)
-        kernel = choose_int8_kernel(int8_kernel)
-        self.int8_kernel = kernel if precision == "int8" else None
+        "auto": int8 on a CPU, fp32 on a GPU (self.precision says which)."""
+        self.precision, self.int8_kernel = resolve_int8_setting(precision, int8_kernel, device)
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
         automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
                                      disable_log=True, ncpu=torch.get_num_threads())
@@ -209,7 +207,7 @@ class BatchedStreamingParaformer:
     @property
     def precision_description(self) -> str:
         """The precision, and its kernel in int8: "fp32", "int8 on fbgemm"."""
-        return self.precision + (f" on {self.int8_kernel}" if self.int8_kernel else "")
+        return describe_int8(self.precision, self.int8_kernel)
 
     def _load_int8_layers(self, model_dir: str | Path, export_dir: str | Path | None) -> None:
         export = require_export(export_dir or cached_paraformer_export(model_dir), quantized=True)

@@ -20,7 +20,7 @@ from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
-from twopass_asr.kernels.int8_recipe import resolve_int8_precision
+from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_precision
 from twopass_asr.store.funasr_onnx_export import cached_paraformer_export, require_export
 
 
@@ -111,7 +111,7 @@ class FunasrOnnxStreamingParaformer:
 
     @property
     def precision_description(self) -> str:
-        return "int8 on onnxruntime" if self._quantized else "fp32"
+        return describe_int8(self.precision, "onnxruntime" if self._quantized else None)
 
     def new_stream(self, options: DecodeOptions = default_options) -> OnnxReferenceStream:
         if options.encoder_look_back or options.decoder_look_back:

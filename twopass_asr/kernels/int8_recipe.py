@@ -82,5 +82,20 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
         else "fbgemm"
 
 
+def resolve_int8_setting(precision: str, kernel: str, device: str,
+                         kernel_setting: str = "int8_kernel") -> tuple[str, str | None]:
+    """A model's precision and int8 kernel settings, resolved on `device`: (fp32 or int8, the
+    kernel in int8 or None in fp32). The kernel is checked either way."""
+    resolved = resolve_int8_precision(precision, device)
+    chosen = choose_int8_kernel(kernel, kernel_setting)
+    return resolved, chosen if resolved == "int8" else None
+
+
+def describe_int8(precision: str, kernel: str | None) -> str:
+    """What a load logs: "fp32", "int8 on fbgemm"."""
+    return precision + (f" on {kernel}" if kernel else "")
+
+
 __all__ = ["FLOAT_LAYER_MARKS", "INT8_KERNELS", "INT8_KERNEL_CHOICES", "INT8_PRECISIONS", "choose_int8_kernel",
-           "quantize_dynamic_arguments", "quiet_quantizer", "resolve_int8_precision", "stays_float"]
+           "describe_int8", "quantize_dynamic_arguments", "quiet_quantizer", "resolve_int8_precision",
+           "resolve_int8_setting", "stays_float"]

@@ -26,7 +26,7 @@ import torch
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
-from twopass_asr.kernels.int8_recipe import choose_int8_kernel, resolve_int8_precision
+from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
 from twopass_asr.parameters import whole_number
@@ -115,10 +115,10 @@ class NanoRecognizer:
     it float32.
     encoder_precision: the audio encoder and adaptor in fp32 (as FunASR runs them), int8 (their
     linear layers quantized at load, each segment's activations on their own) or auto
-    (int8_recipe.resolve_int8_precision); self.encoder_precision says which. encoder_int8_kernel:
-    int8's kernel, onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear), fbgemm
-    (per token, twopass_asr.kernels.tokenwise_int8) or auto, the one this CPU is fast with
-    (int8_recipe.choose_int8_kernel). self.encoder_int8_kernel says which (None in fp32).
+    (int8 on a CPU); self.encoder_precision says which. encoder_int8_kernel: int8's kernel,
+    onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear), fbgemm (per token,
+    twopass_asr.kernels.tokenwise_int8) or auto, the one this CPU is fast with
+    (twopass_asr.kernels.int8_recipe). self.encoder_int8_kernel says which (None in fp32).
     """
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
@@ -127,9 +127,8 @@ class NanoRecognizer:
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
-        self.encoder_precision = resolve_int8_precision(encoder_precision, str(device))
-        kernel = choose_int8_kernel(encoder_int8_kernel, "encoder_int8_kernel")
-        self.encoder_int8_kernel = kernel if self.encoder_precision == "int8" else None
+        self.encoder_precision, self.encoder_int8_kernel = resolve_int8_setting(
+            encoder_precision, encoder_int8_kernel, str(device), "encoder_int8_kernel")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
@@ -185,7 +184,7 @@ class NanoRecognizer:
     @property
     def encoder_description(self) -> str:
         """The audio encoder's precision, and its kernel in int8: "fp32", "int8 on fbgemm"."""
-        return self.encoder_precision + (f" on {self.encoder_int8_kernel}" if self.encoder_int8_kernel else "")
+        return describe_int8(self.encoder_precision, self.encoder_int8_kernel)
 
     def _quantize_audio_layers(self) -> None:
         """The audio encoder's and adaptor's linear layers in int8 on FunASR's recipe. Every one
