@@ -33,10 +33,10 @@ from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels.cpu_features import cpu_summary
+from twopass_asr.kernels.int8_recipe import INT8_KERNELS
 
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
 OPTIONS = DecodeOptions(chunk_size=(5, 10, 5), encoder_look_back=0, decoder_look_back=0)
-INT8_KERNELS = ("onnxruntime", "fbgemm")
 INT8_ENGINES = tuple(f"int8 batched {kernel}" for kernel in INT8_KERNELS)
 ENGINES = ("float32 batched", *INT8_ENGINES, "FunASR ONNX float32", "FunASR ONNX int8")
 
