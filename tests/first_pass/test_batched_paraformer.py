@@ -243,3 +243,47 @@ def test_bad_input_is_rejected(engine):
         engine.process_batch([stream, stream], [np.zeros(960, np.int16)] * 2, [False, False])
     with pytest.raises(ValueError, match="2 streams, 1 chunks"):
         engine.process_batch([stream, engine.new_stream()], [np.zeros(960, np.int16)], [False, False])
+
+
+@pytest.mark.parametrize("settings", [dict(linear_kernel="mlas"), dict(precision="int8", int8_kernel="fbgemm")],
+                         ids=["fp32", "int8-fbgemm"])
+def test_a_stream_gets_the_same_bits_alone_or_batched(tiny_model_dir, settings):
+    """Batched with streams of other options, positions and chunk lengths (tails and first
+    steps among full ones), each step of a stream gives the same encoder output, CIF weights
+    and tokens, bit for bit, as the stream alone: what lets a server group streams by timing
+    and int8 still give a stream one text."""
+    if settings.get("linear_kernel") and choose_kernel(settings["linear_kernel"]) is None:
+        pytest.skip(f"{settings['linear_kernel']} unavailable here")
+    engine = BatchedStreamingParaformer(tiny_model_dir, **settings)
+    script = make_script(seed=8, n_utterances=20, max_batch=16)
+
+    def steps_of(batches: list[list[ScriptedUtterance]], rounds: int) -> dict[int, list[dict]]:
+        """Each utterance's traced steps, every batch of utterances run as one batch per round."""
+        streams = [engine.new_stream(s.options) for s in script]
+        utterance_of = {id(stream): i for i, stream in enumerate(streams)}
+        steps: dict[int, list[dict]] = {}
+        for round_index in range(rounds):
+            for batch in batches:
+                live = [script.index(s) for s in batch if s.start_round <= round_index < s.end_round]
+                if not live:
+                    continue
+                calls = [round_index - script[i].start_round for i in live]
+                trace: list[dict] = []
+                engine.process_batch([streams[i] for i in live], [script[i].chunks[c] for i, c in zip(live, calls)],
+                                     [c == len(script[i].chunks) - 1 for i, c in zip(live, calls)], trace)
+                for step in trace:
+                    steps.setdefault(utterance_of[id(step["stream"])], []).append(step)
+        return steps
+
+    rounds = max(s.end_round for s in script)
+    together = steps_of([script], rounds)
+    alone = steps_of([[s] for s in script], rounds)
+    assert together.keys() == alone.keys() and len(together) > 10
+    for index, steps in together.items():
+        assert len(steps) == len(alone[index])
+        for k, (batched, single) in enumerate(zip(steps, alone[index])):
+            where = f"utterance {index} ({script[index].options}), step {k}"
+            assert torch.equal(batched["encoder_out"], single["encoder_out"]), where
+            assert torch.equal(batched["alphas"], single["alphas"]), where
+            assert batched["tokens"] == single["tokens"], where
+    assert sum(len(step["tokens"]) for steps in together.values() for step in steps) > 20, "too few tokens to compare"

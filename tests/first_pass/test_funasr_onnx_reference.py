@@ -217,17 +217,6 @@ def test_fbgemm_int8_stays_within_the_measured_bound_of_funasrs_int8_runtime(
     assert ours_to_float32.max() < 0.035 and np.median(ours_to_float32) < 0.03, ours_to_float32
 
 
-def test_fbgemm_int8_streams_decode_alike_alone_and_batched(paraformer_dir, speech_wav):
-    """Each row is quantized on its own range, so a stream's text cannot depend on the
-    streams batched with it."""
-    options = OPTIONS[0]
-    int8 = fbgemm_int8(paraformer_dir)
-    streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
-    together = batched_texts(int8, streams, options)
-    assert together == [batched_texts(int8, [stream], options)[0] for stream in streams]
-    assert sum(map(bool, together[0])) > 2, "too little text to compare"
-
-
 def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, paraformer_dir, speech_wav,
                                                           tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))

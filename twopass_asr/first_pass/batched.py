@@ -12,8 +12,12 @@ together:
   re-encodes the cached overlap frames instead of new features). Streams needing several
   steps in one call run in successive batched rounds.
 - Streams differ in chunk length, position, history length and options, so every batch
-  tensor is padded on the right and masked: attention ignores padded keys, convolutions
-  see zeros where FunASR pads with zeros, the CIF integrates padded frames with weight 0.
+  tensor is padded on the right and masked: convolutions see zeros where FunASR pads with
+  zeros, the CIF integrates padded frames with weight 0.
+- A stream's results are the same bits alone or in any batch (which int8 needs: a last bit
+  can cross a rounding step). The operations whose last bits would follow the batch's shape
+  run per shape: attention over each stream's own queries and keys, the CIF's sigmoid per
+  stream, its convolution as a linear layer over frame windows.
 - Per-stream state (encoder key/value look-back per layer, overlap frames, CIF remainder,
   decoder FSMN memory and cross-attention look-back) is kept per stream, stacked into
   batch tensors at each step and split back afterwards.
@@ -109,13 +113,28 @@ def _drop_last(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return x.narrow(dim, 0, max(x.shape[dim] - n, 0)) if n > 0 else x.narrow(dim, 0, 0)
 
 
+def _window_linear(conv: torch.nn.Conv1d) -> torch.nn.Linear:
+    """The CIF predictor's convolution over time as a linear layer over each frame's window of
+    frames: a linear layer computes a row alike in any batch, where torch picks a
+    convolution's kernel by the batch size and length, which moves the last bits of a
+    stream's result with the streams batched beside it (as in _LookBackBuffer.attend)."""
+    out_channels, in_channels, width = conv.weight.shape
+    linear = torch.nn.Linear(in_channels * width, out_channels, bias=conv.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.reshape(out_channels, in_channels * width))
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear.to(conv.weight.device)
+
+
 class _LookBackBuffer:
     """Keys and values of every layer for one batched step: each stream's look-back history
     (right-padded to the longest) followed by the current chunk, written layer by layer.
-    Shapes (layers, batch, heads, max_history + time, d_k)."""
+    Shapes (layers, batch, heads, max_history + time, d_k). Each stream's queries are its
+    first `query_lengths` rows (default: as many as its current frames, self-attention)."""
 
     def __init__(self, histories: list[tuple[torch.Tensor, torch.Tensor] | None], layers: int, heads: int, d_k: int,
-                 current_valid: torch.Tensor):
+                 current_valid: torch.Tensor, query_lengths: list[int] | None = None):
         batch, time = current_valid.shape
         device = current_valid.device
         self.history_lengths = [0 if h is None else h[0].shape[2] for h in histories]
@@ -126,19 +145,48 @@ class _LookBackBuffer:
             if history is not None:
                 self.keys[:, i, :, :length] = history[0]
                 self.values[:, i, :, :length] = history[1]
-            # Padding is masked out of the softmax, but must be finite: 0 * NaN is NaN.
-            self.keys[:, i, :, length: self.history] = 0.0
-            self.values[:, i, :, length: self.history] = 0.0
-        history_valid = (torch.arange(self.history, device=device)[None, :]
-                         < torch.tensor(self.history_lengths, device=device)[:, None])
-        self.valid = torch.cat((history_valid, current_valid), dim=1)
+        current_lengths = current_valid.sum(dim=1).tolist()
+        # Streams whose queries and keys have the same shapes attend together (see attend).
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, shape in enumerate(zip(self.history_lengths, current_lengths, query_lengths or current_lengths)):
+            groups.setdefault(shape, []).append(i)
+        self.groups = [(history, current, queries, torch.tensor(members, device=device))
+                       for (history, current, queries), members in groups.items()]
 
-    def write(self, layer: int, k_h: torch.Tensor, v_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's current keys/values (batch, heads, time, d_k); returns the
-        layer's history + current keys and values."""
+    def write(self, layer: int, k_h: torch.Tensor, v_h: torch.Tensor) -> None:
+        """Store this layer's current keys/values (batch, heads, time, d_k)."""
         self.keys[layer, :, :, self.history:] = k_h
         self.values[layer, :, :, self.history:] = v_h
-        return self.keys[layer], self.values[layer]
+
+    def attend(self, layer: int, q_h: torch.Tensor, d_k: int) -> torch.Tensor:
+        """FunASR's scaled dot-product attention of q_h (batch, heads, queries, d_k) over the
+        layer's written keys and values; (batch, queries, heads * d_k), zeros after each
+        stream's queries.
+
+        Each stream attends with exactly its own queries over exactly its own keys, never
+        padding: padded keys, though masked, change how the sums over keys are split across
+        vector lanes and kernel blocks, and the number of query rows changes the matrix
+        product's kernel; either moves the last bits of the result, and in int8 those bits can
+        cross a rounding step. So streams attend in groups of equal shapes, and a stream's
+        result is the same bits alone or batched with any others."""
+        keys, values = self.keys[layer], self.values[layer]
+        batch, heads, time, _ = q_h.shape
+        whole_batch = len(self.groups) == 1
+        out = None
+        for history, current, queries, members in self.groups:
+            q, k, v = (q_h, keys, values) if whole_batch else (t.index_select(0, members) for t in (q_h, keys, values))
+            if history != self.history:
+                k, v = (torch.cat((t[:, :, :history], t[:, :, self.history:]), dim=2) for t in (k, v))
+            q, k, v = q[:, :, :queries], k[:, :, :history + current], v[:, :, :history + current]
+            weights = torch.softmax(torch.matmul(q * d_k ** (-0.5), k.transpose(-2, -1)), dim=-1)
+            attended = torch.matmul(weights, v)
+            if whole_batch:
+                out = attended
+            else:
+                if out is None:
+                    out = attended.new_zeros(batch, heads, time, d_k)
+                out[members, :, :queries] = attended
+        return out.transpose(1, 2).reshape(batch, time, heads * d_k)
 
     def history_of(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.history_lengths[i]
@@ -147,16 +195,6 @@ class _LookBackBuffer:
     def current_of(self, i: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.keys[:, i, :, self.history: self.history + frames],
                 self.values[:, i, :, self.history: self.history + frames])
-
-
-def _attend(q_h, keys, values, key_valid, d_k):
-    """FunASR's scaled dot-product attention, with padded keys excluded."""
-    scores = torch.matmul(q_h * d_k ** (-0.5), keys.transpose(-2, -1))
-    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    out = torch.matmul(weights, values)
-    batch, heads, time, _ = out.shape
-    return out.transpose(1, 2).reshape(batch, time, heads * d_k)
 
 
 class BatchedStreamingParaformer:
@@ -190,8 +228,10 @@ class BatchedStreamingParaformer:
             self._load_int8_layers(model_dir, int8_export)
         elif self.int8_kernel == "fbgemm":
             replace_linear_layers(self.model, lambda name: not stays_float(name))
+        self.cif_window_linear = torch.nn.Sequential(_window_linear(self.model.predictor.cif_conv1d))
         if linear_kernel is not None:
             prepack_linear_layers(self.model, linear_kernel)
+            prepack_linear_layers(self.cif_window_linear, linear_kernel)
 
         encoder, decoder = self.model.encoder, self.model.decoder
         self.encoder_layers = list(encoder.encoders0) + list(encoder.encoders)
@@ -238,6 +278,10 @@ class BatchedStreamingParaformer:
             problems.append("encoder must be pre-norm without intermediate CTC")
         if not isinstance(model.predictor, CifPredictorV2):
             problems.append(f"predictor is {type(model.predictor).__name__}, expected CifPredictorV2")
+        else:
+            conv = model.predictor.cif_conv1d
+            if (conv.stride, conv.padding, conv.dilation, conv.groups) != ((1,), (0,), (1,), 1):
+                problems.append("the CIF convolution must have stride 1, no padding or dilation, one group")
         if type(model.decoder).__name__ != "ParaformerSANMDecoder":
             problems.append(f"decoder is {type(model.decoder).__name__}, expected ParaformerSANMDecoder")
         else:
@@ -371,8 +415,8 @@ class BatchedStreamingParaformer:
             v = v * valid_f  # FunASR's FSMN sees zeros after each stream's last frame
             fsmn = attn.fsmn_block(attn.pad_fn(v.transpose(1, 2))).transpose(1, 2) + v
             q_h, k_h, v_h = (t.reshape(batch, time, attn.h, attn.d_k).transpose(1, 2) for t in (q, k, v))
-            keys, values = look_back.write(index, k_h, v_h)
-            attended = attn.linear_out(_attend(q_h, keys, values, look_back.valid, attn.d_k)) + fsmn
+            look_back.write(index, k_h, v_h)
+            attended = attn.linear_out(look_back.attend(index, q_h, attn.d_k)) + fsmn
             x = x + attended if layer.in_size == layer.size else attended
             x = x + layer.feed_forward(layer.norm2(x))
         x = self.model.encoder.after_norm(x)
@@ -399,10 +443,16 @@ class BatchedStreamingParaformer:
         predictor = self.model.predictor
         batch, time, d = encoder_out.shape
         hidden = encoder_out * valid[..., None].to(encoder_out.dtype)
-        conv = torch.relu(predictor.cif_conv1d(predictor.pad(hidden.transpose(1, 2)))).transpose(1, 2)
-        raw_alphas = torch.sigmoid(predictor.cif_output(conv))
-        raw_alphas = torch.nn.functional.relu(raw_alphas * predictor.smooth_factor
-                                              - predictor.noise_threshold).squeeze(-1)
+        width = predictor.cif_conv1d.kernel_size[0]
+        windows = predictor.pad(hidden.transpose(1, 2)).unfold(2, width, 1)  # (batch, d, time, width)
+        conv = torch.relu(self.cif_window_linear(windows.transpose(1, 2).reshape(batch, time, d * width)))
+        logits = predictor.cif_output(conv).squeeze(-1)
+        # torch's vector loop and its scalar tail compute a sigmoid a few ulps apart, and which
+        # frames fall in the tail follows the batch's shape: each stream's frames go alone.
+        raw_alphas = torch.zeros_like(logits)
+        for i, n in enumerate(lengths.tolist()):
+            raw_alphas[i, :n] = torch.sigmoid(logits[i, :n])
+        raw_alphas = torch.nn.functional.relu(raw_alphas * predictor.smooth_factor - predictor.noise_threshold)
 
         frame = torch.arange(time, device=self.device)
         keep = torch.zeros((batch, time), dtype=torch.bool, device=self.device)
@@ -455,17 +505,16 @@ class BatchedStreamingParaformer:
         decoder = self.model.decoder
         layers = list(decoder.decoders)
         memory, memory_valid = encoder_out[active], valid[active]
-        memory_valid_f = memory_valid[..., None].to(memory.dtype)
         n_tokens = [embeds[i].shape[0] for i in active]
         x = pad_sequence([embeds[i] for i in active], batch_first=True)
         active_steps = [steps[i] for i in active]
         dec_states = [s.stream.state.decoder for s in active_steps]
         fsmn_state = torch.stack([d.fsmn for d in dec_states], dim=1)  # (layers, batch, d, memory)
         look_back = _LookBackBuffer([None if d.keys is None else (d.keys, d.values) for d in dec_states],
-                                    len(layers), self.decoder_heads, self.decoder_d_k, memory_valid)
+                                    len(layers), self.decoder_heads, self.decoder_d_k, memory_valid, n_tokens)
 
         with stream_rows(frames=lengths[active].tolist(), tokens=n_tokens):
-            best, fsmn_inputs = self._decoder_layers(x, memory, memory_valid_f, fsmn_state, look_back)
+            best, fsmn_inputs = self._decoder_layers(x, memory, fsmn_state, look_back)
         for j, (i, s) in enumerate(zip(active, active_steps)):
             count = n_tokens[j]
             token_ids[i] = best[j, :count].tolist()
@@ -479,7 +528,7 @@ class BatchedStreamingParaformer:
                 dec.values = _concat_last(old_v, fresh_v, keep, 2)
         return token_ids
 
-    def _decoder_layers(self, x, memory, memory_valid_f, fsmn_state, look_back) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decoder_layers(self, x, memory, fsmn_state, look_back) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's layers over a batch of tokens: the best token ids and each layer's
         FSMN input (layers, batch, d, memory + max tokens)."""
         decoder = self.model.decoder
@@ -497,10 +546,9 @@ class BatchedStreamingParaformer:
             batch, n, _ = x.shape
             q_h = cross.linear_q(layer.norm3(x)).reshape(batch, n, cross.h, cross.d_k).transpose(1, 2)
             k, v = torch.split(cross.linear_k_v(memory), cross.h * cross.d_k, dim=-1)
-            v = v * memory_valid_f
             k_h, v_h = (t.reshape(batch, -1, cross.h, cross.d_k).transpose(1, 2) for t in (k, v))
-            keys, values = look_back.write(index, k_h, v_h)
-            x = x + cross.linear_out(_attend(q_h, keys, values, look_back.valid, cross.d_k))
+            look_back.write(index, k_h, v_h)
+            x = x + cross.linear_out(look_back.attend(index, q_h, cross.d_k))
         for layer in decoder.decoders3:
             x = layer.feed_forward(layer.norm1(x))
         log_probs = torch.log_softmax(decoder.output_layer(decoder.after_norm(x)), dim=-1)
