@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, int8_per_output_channel, replace_linear_layers
+from twopass_asr.kernels.tokenwise_int8 import (
+    TokenwiseInt8Linear,
+    TokenwiseInt8Slice,
+    fuse_shared_input_layers,
+    int8_per_output_channel,
+    replace_linear_layers,
+)
 
 IN_FEATURES, OUT_FEATURES = 256, 192
 
@@ -97,3 +103,55 @@ def test_replace_linear_layers_takes_the_chosen_float32_layers():
     half = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16))
     with pytest.raises(ValueError, match="0 is torch.bfloat16"):
         replace_linear_layers(half, lambda name: True)
+
+
+class GatedBlock(torch.nn.Module):
+    """Three projections of one input, as an attention's query, key and value."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = torch.nn.Linear(IN_FEATURES, 64, bias=bias)
+        self.b = torch.nn.Linear(IN_FEATURES, 96, bias=bias)
+        self.c = torch.nn.Linear(IN_FEATURES, 32, bias=bias)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x), self.c(x)], dim=-1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_product(bias, monkeypatch):
+    block, separate = GatedBlock(bias), GatedBlock(bias)
+    fuse_shared_input_layers(block, ("a", "b", "c"))
+    replace_linear_layers(separate, lambda name: True)
+    assert all(type(getattr(block, name)) is TokenwiseInt8Slice for name in "abc")
+    for name in "abc":
+        assert torch.equal(getattr(block, name).weight().int_repr(), getattr(separate, name).weight().int_repr())
+
+    products = []
+    fused_call = TokenwiseInt8Linear.forward
+    monkeypatch.setattr(TokenwiseInt8Linear, "forward", lambda self, x: products.append(x) or fused_call(self, x))
+    for count in (1, 5):
+        batch = rows(count, seed=count).view(1, count, IN_FEATURES)
+        expected = separate(batch)
+        products.clear()
+        assert torch.equal(block(batch), expected)
+        assert len(products) == 1
+    # The product is dropped when the block's forward ends: a slice called on its own computes it again.
+    expected = separate.b(batch)
+    products.clear()
+    assert torch.equal(block.b(batch), expected) and len(products) == 1
+    other = rows(2, seed=9)
+    expected = separate.c(other)
+    products.clear()
+    assert torch.equal(block.c(other), expected) and len(products) == 1  # another input, its own product
+
+
+def test_layers_with_different_inputs_cannot_share_one():
+    block = GatedBlock(bias=False)
+    block.c = torch.nn.Linear(IN_FEATURES // 2, 32, bias=False)
+    with pytest.raises(ValueError, match="a, c cannot share an input"):
+        fuse_shared_input_layers(block, ("a", "c"))
+    with pytest.raises(ValueError, match="float32 torch.nn.Linear"):
+        fuse_shared_input_layers(torch.nn.Sequential(torch.nn.Linear(8, 8).half()), ("0",))

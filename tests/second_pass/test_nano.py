@@ -17,7 +17,12 @@ from twopass_asr.kernels import int8_linear, tokenwise_int8
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import Int8Linear
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
-from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, int8_per_output_channel
+from twopass_asr.kernels.tokenwise_int8 import (
+    TokenwiseInt8Linear,
+    TokenwiseInt8Slice,
+    int8_per_output_channel,
+    replace_linear_layers,
+)
 from twopass_asr.second_pass.llm_export import INT8_LINEARS
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
@@ -433,7 +438,7 @@ def test_int8_generation_quantizes_the_projections_and_head_per_output_channel(t
                                                                                  int8_generation):
     plain = dict(recognizer.model.llm.named_modules())
     quantized = {name: module for name, module in int8_generation.model.llm.named_modules()
-                 if type(module) is TokenwiseInt8Linear}
+                 if type(module) in (TokenwiseInt8Linear, TokenwiseInt8Slice)}
     expected = {name for name, module in plain.items() if type(module) in (torch.nn.Linear, PrepackedLinear)
                 and (name.rpartition(".")[2] in INT8_LINEARS or name == "lm_head")}
     assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
@@ -446,6 +451,22 @@ def test_int8_generation_quantizes_the_projections_and_head_per_output_channel(t
         torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())
     assert int8_generation.dtype == torch.float32
     assert type(int8_generation.model.llm.model.embed_tokens.weight) is torch.nn.Parameter  # prompts in float32
+
+
+@torch.no_grad()
+def test_int8_generation_fuses_projections_of_one_input_without_changing_a_bit(tiny_nano, recognizer,
+                                                                            int8_generation):
+    """The query/key/value and gate/up projections run as one product each; the LLM must give
+    the bits of its layers quantized one by one."""
+    separate = quietly(NanoRecognizer, tiny_nano, prepack=False)
+    replace_linear_layers(separate.model.llm, lambda name: name.rpartition(".")[2] in INT8_LINEARS or name == "lm_head")
+    layer = int8_generation.model.llm.model.layers[0]
+    assert type(layer.self_attn.k_proj) is TokenwiseInt8Slice and type(layer.mlp.up_proj) is TokenwiseInt8Slice
+    prompts = [recognizer.prompt_embeds(pcm) for pcm in segments()]
+    for prompt in prompts:
+        assert torch.equal(int8_generation.model.llm(inputs_embeds=prompt[None]).logits,
+                           separate.model.llm(inputs_embeds=prompt[None]).logits)
+    assert int8_generation.generate_tokens(prompts) == separate.generate_tokens(prompts)
 
 
 # Measured on the tiny model: torch's int8 generation 0.95, with every scale doubled 0.24.

@@ -7,23 +7,32 @@ vLLM's W8A8 does). It takes the same decoder
 projections as that export (INT8_LINEARS), plus the output head, whose 151,936 rows are a
 quarter of the LLM's weights and, in float32, half of a decode step's memory traffic.
 Everything else runs in float32.
+
+The projections that take one same input run as one product (SHARED_INPUT_LAYERS), as vLLM
+fuses them: a decode step multiplies one row per segment, so each call's fixed cost (the
+per-token quantization's small operations) weighs on it as much as the weights do.
 """
 
 from __future__ import annotations
 
 import torch
 
-from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
+from twopass_asr.kernels.tokenwise_int8 import fuse_shared_input_layers, replace_linear_layers
 from twopass_asr.second_pass.llm_export import INT8_LINEARS
 
 OUTPUT_HEAD = "lm_head"
+# Per Qwen3 decoder layer: the sub-module, and its projections that its forward applies to one input.
+SHARED_INPUT_LAYERS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
-def quantize_llm_for_torch(llm: torch.nn.Module) -> int:
+def quantize_llm_for_torch(llm: torch.nn.Module) -> None:
     """Replace, in place, the decoder projections and the output head of a float32 Qwen3
-    causal LM by int8 layers (TokenwiseInt8Linear); the input embeddings (tied to the head in
-    Qwen3) stay float32 for building prompts. Returns how many layers were replaced."""
-    return replace_linear_layers(llm, lambda name: name.rpartition(".")[2] in INT8_LINEARS or name == OUTPUT_HEAD)
+    causal LM by int8 layers (TokenwiseInt8Linear, TokenwiseInt8Slice where they share an
+    input); the input embeddings (tied to the head in Qwen3) stay float32 for building prompts."""
+    for layer in llm.model.layers:
+        for module_name, names in SHARED_INPUT_LAYERS.items():
+            fuse_shared_input_layers(getattr(layer, module_name), names)
+    replace_linear_layers(llm, lambda name: name.rpartition(".")[2] in INT8_LINEARS or name == OUTPUT_HEAD)
 
 
-__all__ = ["OUTPUT_HEAD", "quantize_llm_for_torch"]
+__all__ = ["OUTPUT_HEAD", "SHARED_INPUT_LAYERS", "quantize_llm_for_torch"]
