@@ -24,6 +24,7 @@ from twopass_asr.kernels.tokenwise_int8 import (
     replace_linear_layers,
 )
 from twopass_asr.second_pass.llm_export import INT8_LINEARS
+from twopass_asr.second_pass.llm_int8 import is_int8_layer
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
     MAX_NEW_TOKENS_PER_SECOND_ENV,
@@ -459,7 +460,7 @@ def test_int8_generation_fuses_projections_of_one_input_without_changing_a_bit(t
     """The query/key/value and gate/up projections run as one product each; the LLM must give
     the bits of its layers quantized one by one."""
     separate = quietly(NanoRecognizer, tiny_nano, prepack=False)
-    replace_linear_layers(separate.model.llm, lambda name: name.rpartition(".")[2] in INT8_LINEARS or name == "lm_head")
+    replace_linear_layers(separate.model.llm, is_int8_layer)
     layer = int8_generation.model.llm.model.layers[0]
     assert type(layer.self_attn.k_proj) is TokenwiseInt8Slice and type(layer.mlp.up_proj) is TokenwiseInt8Slice
     prompts = [recognizer.prompt_embeds(pcm) for pcm in segments()]

@@ -32,7 +32,12 @@ def quantize_llm_for_torch(llm: torch.nn.Module) -> None:
     for layer in llm.model.layers:
         for module_name, names in SHARED_INPUT_LAYERS.items():
             fuse_shared_input_layers(getattr(layer, module_name), names)
-    replace_linear_layers(llm, lambda name: name.rpartition(".")[2] in INT8_LINEARS or name == OUTPUT_HEAD)
+    replace_linear_layers(llm, is_int8_layer)
 
 
-__all__ = ["OUTPUT_HEAD", "SHARED_INPUT_LAYERS", "quantize_llm_for_torch"]
+def is_int8_layer(name: str) -> bool:
+    """Whether the LLM's linear layer of this name runs in int8 on torch."""
+    return name.rpartition(".")[2] in INT8_LINEARS or name == OUTPUT_HEAD
+
+
+__all__ = ["OUTPUT_HEAD", "SHARED_INPUT_LAYERS", "is_int8_layer", "quantize_llm_for_torch"]
