@@ -1,10 +1,10 @@
-"""First pass by precision: the batched engine in float32 and in int8 on both its kernels,
+"""First pass by precision: the batched engine in float32 and in int8 on each of its kernels,
 against FunASR's ONNX runtime per stream in float32 and int8, on the same speech.
 
 B streams of synthesised speech (each starting at another offset) advance one 600 ms chunk
 per round. Each round is timed for: the batched engine in float32 (linear weights packed for
-MLAS); in int8 on onnxruntime (FunASR's own int8 export's layers) and on fbgemm (activations
-per token); and FunASR's ONNX runtime (funasr-onnx) on its float32 and int8 export, the B
+MLAS); in int8 on onnxruntime (FunASR's own int8 export's layers), on fbgemm and, with VNNI
+or AMX, on oneDNN (activations per token); and FunASR's ONNX runtime (funasr-onnx) on its float32 and int8 export, the B
 streams one after another. All with chunk_size [5, 10, 5] and no look-back, which is all
 FunASR's ONNX runtime has. Also reported: how many chunk texts each int8 engine shares with
 FunASR's int8 runtime and with float32.
@@ -33,10 +33,11 @@ from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels.cpu_features import cpu_summary
-from twopass_asr.kernels.int8_recipe import INT8_KERNELS
+from twopass_asr.kernels.int8_recipe import int8_kernels_on_this_cpu
 
 DEFAULT_OUT = REPO_ROOT / "perf" / "results"
 OPTIONS = DecodeOptions(chunk_size=(5, 10, 5), encoder_look_back=0, decoder_look_back=0)
+INT8_KERNELS = int8_kernels_on_this_cpu()
 INT8_ENGINES = tuple(f"int8 batched {kernel}" for kernel in INT8_KERNELS)
 ENGINES = ("float32 batched", *INT8_ENGINES, "FunASR ONNX float32", "FunASR ONNX int8")
 

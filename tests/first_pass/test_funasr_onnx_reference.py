@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
 from twopass_asr.first_pass.options import DecodeOptions
@@ -45,8 +46,8 @@ def recipe_int8(model_dir, **settings) -> BatchedStreamingParaformer:
     return BatchedStreamingParaformer(model_dir, precision="int8", int8_kernel="onnxruntime", **settings)
 
 
-def fbgemm_int8(model_dir) -> BatchedStreamingParaformer:
-    return BatchedStreamingParaformer(model_dir, precision="int8", int8_kernel="fbgemm")
+def tokenwise_int8(model_dir, kernel: str) -> BatchedStreamingParaformer:
+    return BatchedStreamingParaformer(model_dir, precision="int8", int8_kernel=kernel)
 
 
 @pytest.fixture(scope="module")
@@ -183,27 +184,31 @@ def test_int8_is_not_float32(paraformer_export, paraformer_dir, float32_engine, 
     assert batched_texts(int8, streams, options) != batched_texts(float32_engine, streams, options)
 
 
-def test_fbgemm_int8_quantizes_the_layers_funasrs_export_does(paraformer_export, paraformer_dir):
+@pytest.mark.parametrize("kernel", TOKENWISE_KERNEL_PARAMS)
+def test_tokenwise_int8_quantizes_the_layers_funasrs_export_does(paraformer_export, paraformer_dir, kernel):
     from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
     quantized = {module_path(node.name)
                  for file in ("model_quant.onnx", "decoder_quant.onnx")
                  for node in onnx.load(paraformer_export / file).graph.node if node.op_type == "MatMulInteger"}
-    model = fbgemm_int8(paraformer_dir).model
-    assert {name for name, module in model.named_modules() if isinstance(module, TokenwiseInt8Linear)} == quantized
+    model = tokenwise_int8(paraformer_dir, kernel).model
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, TokenwiseInt8Linear)}
+    assert set(layers) == quantized and {layer.kernel for layer in layers.values()} == {kernel}
 
 
-def test_fbgemm_int8_stays_within_the_measured_bound_of_funasrs_int8_runtime(
-        paraformer_export, paraformer_dir, float32_engine, speech_wav):
-    """fbgemm quantizes each row (a frame, a token) on its own range where FunASR's runtime
-    quantizes a stream's chunk on one, and weights on 63 symmetric levels where FunASR's have 255
-    with a zero point (tests/kernels/test_tokenwise_int8.py): the two int8s cannot be equal, only
-    close. Measured on this model: 79-92 % of chunk texts equal FunASR's int8 runtime's over ten
+@pytest.mark.parametrize("kernel", TOKENWISE_KERNEL_PARAMS)
+def test_tokenwise_int8_stays_within_the_measured_bound_of_funasrs_int8_runtime(
+        paraformer_export, paraformer_dir, float32_engine, speech_wav, kernel):
+    """The per-token kernels quantize each row (a frame, a token) on its own range where FunASR's
+    runtime quantizes a stream's chunk on one, and weights on 63 (fbgemm) or 127 (oneDNN)
+    symmetric levels where FunASR's have 255 with a zero point (tests/kernels/
+    test_tokenwise_int8.py): the two int8s cannot be equal, only close. Measured on this model,
+    fbgemm (oneDNN passes the same bounds): 79-92 % of chunk texts equal FunASR's int8 runtime's over ten
     runs (the synthesised speech differs a little from run to run; float32: 93-95 %); encoder
     output 2.0 % (median; max 2.3 %) from that runtime's and 1.5 % (max 1.8 %) from float32,
     where FunASR's int8 is 1.1 % from float32. The error bounds are about twice those."""
     options = OPTIONS[0]
-    int8 = fbgemm_int8(paraformer_dir)
+    int8 = tokenwise_int8(paraformer_dir, kernel)
     streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
     ours = comparable(batched_texts(int8, streams, options), options)
     theirs = comparable(reference_texts(FunasrOnnxStreamingParaformer(paraformer_export, quantized=True), streams,
@@ -233,11 +238,11 @@ def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, par
     assert cached.stat().st_mtime_ns == made
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, int8, got 'int4'"):
         BatchedStreamingParaformer(paraformer_dir, precision="int4")
-    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
+    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, got 'mkl'"):
         BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_kernel="mkl")
     assert at_load.precision_description == "int8 on onnxruntime"
     auto = BatchedStreamingParaformer(paraformer_dir, precision="auto")
-    assert auto.precision_description == "int8 on " + ("onnxruntime" if cpu_has_int8_dot_products() else "fbgemm")
+    assert auto.precision_description == "int8 on " + ("onednn" if cpu_has_int8_dot_products() else "fbgemm")
 
 
 def test_an_export_of_other_weights_is_refused(paraformer_export, tmp_path):

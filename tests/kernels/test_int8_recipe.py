@@ -19,31 +19,50 @@ def test_auto_precision_is_int8_on_a_cpu_and_fp32_on_a_gpu():
 
 
 def test_int8_on_a_gpu_and_unknown_values_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime or fbgemm\), not on cuda:1"):
+    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime, fbgemm or onednn\), not on cuda:1"):
         resolve_int8_precision("int8", "cuda:1")
     with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, int8, got 'bf16'"):
         resolve_int8_precision("bf16", "cpu")
 
 
-def test_auto_kernel_is_onnxruntime_with_int8_dot_products_and_fbgemm_without(monkeypatch):
-    assert choose_int8_kernel("auto", int8_dot_products=True) == "onnxruntime"
+def test_auto_kernel_is_onednn_with_int8_dot_products_and_fbgemm_without(monkeypatch):
+    assert choose_int8_kernel("auto", int8_dot_products=True) == "onednn"
     assert choose_int8_kernel("auto", int8_dot_products=False) == "fbgemm"
     assert choose_int8_kernel("onnxruntime", int8_dot_products=False) == "onnxruntime"  # asked for: kept
     assert choose_int8_kernel("fbgemm", int8_dot_products=True) == "fbgemm"
+    assert choose_int8_kernel("onednn", int8_dot_products=True) == "onednn"
     monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
     assert choose_int8_kernel("auto") == "fbgemm"
-    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
+    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, "
+                                         "got 'mkl'"):
         choose_int8_kernel("mkl", "encoder_int8_kernel")
+
+
+def test_onednn_asked_for_without_int8_dot_products_is_refused_by_name(monkeypatch):
+    """Without VNNI or AMX oneDNN adds pairs of 8-bit products in 16 bits, which its 127 weight
+    levels would overflow."""
+    with pytest.raises(ValueError, match="int8_kernel onednn needs a CPU with AVX-512 VNNI or AMX int8"):
+        choose_int8_kernel("onednn", int8_dot_products=False)
+    monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
+    with pytest.raises(ValueError, match="first_pass_int8_kernel onednn needs"):
+        resolve_int8_setting("fp32", "onednn", "cpu", "first_pass_int8_kernel")
 
 
 def test_a_setting_resolves_to_a_kernel_in_int8_only_and_checks_it_either_way():
     assert resolve_int8_setting("int8", "fbgemm", "cpu") == ("int8", "fbgemm")
     assert resolve_int8_setting("auto", "onnxruntime", "cuda") == ("fp32", None)
     assert describe_int8("int8", "fbgemm") == "int8 on fbgemm" and describe_int8("fp32", None) == "fp32"
-    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
+    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, got 'mkl'"):
         resolve_int8_setting("fp32", "mkl", "cpu")
 
 
 def test_the_layers_funasr_leaves_in_float_are_told_by_name():
     assert stays_float("decoder.output_layer") and stays_float("encoder.bias_encoder")
     assert not stays_float("encoder.encoders.0.self_attn.linear_out")
+
+
+def test_the_kernels_on_this_cpu_leave_out_onednn_without_int8_dot_products(monkeypatch):
+    monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
+    assert int8_recipe.int8_kernels_on_this_cpu() == ("onnxruntime", "fbgemm")
+    monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: True)
+    assert int8_recipe.int8_kernels_on_this_cpu() == ("onnxruntime", "fbgemm", "onednn")

@@ -1,12 +1,14 @@
-"""TokenwiseInt8Linear, the int8 layer on fbgemm: each input row quantized on its own range, so a
-row's output never depends on the rows it is computed with."""
+"""TokenwiseInt8Linear, the int8 layer on fbgemm or oneDNN: each input row quantized on its own
+range, so a row's output never depends on the rows it is computed with."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.kernels.tokenwise_int8 import (
+    TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
     TokenwiseInt8Slice,
     fuse_shared_input_layers,
@@ -23,6 +25,11 @@ def linear(request):
     return torch.nn.Linear(IN_FEATURES, OUT_FEATURES, bias=request.param)
 
 
+@pytest.fixture(params=TOKENWISE_KERNEL_PARAMS)
+def kernel(request):
+    return request.param
+
+
 def rows(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, IN_FEATURES, generator=torch.Generator().manual_seed(seed))
 
@@ -32,29 +39,32 @@ def relative_error(approximate: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def test_weights_are_int8_per_output_channel_on_63_levels(linear):
-    weights, scales = int8_per_output_channel(linear.weight, levels=63)
-    packed = TokenwiseInt8Linear(linear).weight()
+def test_weights_are_int8_per_output_channel_on_the_kernels_levels(linear, kernel):
+    levels = {"fbgemm": 63, "onednn": 127}[kernel]
+    assert TOKENWISE_KERNELS[kernel] == levels
+    weights, scales = int8_per_output_channel(linear.weight, levels=levels)
+    packed = TokenwiseInt8Linear(linear, kernel).weight()
     assert torch.equal(packed.int_repr(), weights)
-    assert torch.equal(packed.int_repr().abs().amax(dim=1), torch.full((OUT_FEATURES,), 63, dtype=torch.int8))
+    assert torch.equal(packed.int_repr().abs().amax(dim=1), torch.full((OUT_FEATURES,), levels, dtype=torch.int8))
     torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())
 
 
 @torch.no_grad()
-def test_the_largest_products_do_not_saturate():
+def test_the_largest_products_do_not_saturate(kernel):
     """AVX2 adds pairs of uint8 x int8 products in 16 bits: every activation and weight at its
     largest is the case that would overflow with 127 weight levels (measured: 12 % error on
-    Gaussian rows). On 63 levels only the rounding of 1 to uint8 is left (255 is 1.004)."""
+    Gaussian rows). On fbgemm's 63 levels, and in oneDNN's 32-bit sums (VNNI, AMX), only the
+    rounding of 1 to uint8 is left (255 is 1.004)."""
     linear = torch.nn.Linear(IN_FEATURES, 4, bias=False)
     linear.weight.data = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(4, IN_FEATURES).clone()
     ones = torch.ones(2, IN_FEATURES)
     ones[1] *= -1
-    torch.testing.assert_close(TokenwiseInt8Linear(linear)(ones), linear(ones), rtol=0.005, atol=0)
+    torch.testing.assert_close(TokenwiseInt8Linear(linear, kernel)(ones), linear(ones), rtol=0.005, atol=0)
 
 
 @torch.no_grad()
-def test_a_row_gives_the_same_output_whatever_rows_come_with_it(linear):
-    layer = TokenwiseInt8Linear(linear)
+def test_a_row_gives_the_same_output_whatever_rows_come_with_it(linear, kernel):
+    layer = TokenwiseInt8Linear(linear, kernel)
     batch = rows(6)
     together = layer(batch)
     for start in range(0, 6, 2):
@@ -65,10 +75,10 @@ def test_a_row_gives_the_same_output_whatever_rows_come_with_it(linear):
 
 
 @torch.no_grad()
-def test_one_token_with_large_activations_leaves_the_others_exact(linear):
-    """What per-token quantization is for: fbgemm's own layer takes one range for all the rows
-    of a call, so one row 1000x larger costs the others their precision there."""
-    layer = TokenwiseInt8Linear(linear)
+def test_one_token_with_large_activations_leaves_the_others_exact(linear, kernel):
+    """What per-token quantization is for: torch's own dynamic int8 layer takes one range for
+    all the rows of a call, so one row 1000x larger costs the others their precision there."""
+    layer = TokenwiseInt8Linear(linear, kernel)
     batch = rows(8)
     with_outlier = batch.clone()
     with_outlier[0] *= 1000
@@ -82,24 +92,28 @@ def test_one_token_with_large_activations_leaves_the_others_exact(linear):
 
 @torch.no_grad()
 @pytest.mark.parametrize("count", [1, 2, 16])
-def test_output_is_close_to_the_float_layer(linear, count):
+def test_output_is_close_to_the_float_layer(linear, count, kernel):
     batch = rows(count, seed=count)
-    assert relative_error(TokenwiseInt8Linear(linear)(batch), linear(batch)) < 0.03
+    assert relative_error(TokenwiseInt8Linear(linear, kernel)(batch), linear(batch)) < 0.03
 
 
 @torch.no_grad()
-def test_an_all_zero_row_gives_the_bias(linear):
+def test_an_all_zero_row_gives_the_bias(linear, kernel):
     """Left padding: a row of zeros must not become 0/0."""
-    layer = TokenwiseInt8Linear(linear)
+    layer = TokenwiseInt8Linear(linear, kernel)
     out = layer(torch.cat([torch.zeros(1, IN_FEATURES), rows(1)]))
     expected = torch.zeros(OUT_FEATURES) if linear.bias is None else linear.bias
     torch.testing.assert_close(out[0], expected)
 
 
-def test_replace_linear_layers_takes_the_chosen_float32_layers():
+def test_replace_linear_layers_takes_the_chosen_float32_layers(kernel):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    assert replace_linear_layers(model, lambda name: name == "2") == 1
-    assert type(model[0]) is torch.nn.Linear and type(model[2]) is TokenwiseInt8Linear
+    engine = torch.backends.quantized.engine
+    assert replace_linear_layers(model, lambda name: name == "2", kernel) == 1
+    assert type(model[0]) is torch.nn.Linear and type(model[2]) is TokenwiseInt8Linear and model[2].kernel == kernel
+    assert torch.backends.quantized.engine == engine  # packing for a kernel leaves torch's engine as it was
+    with pytest.raises(ValueError, match="the int8 kernel must be one of fbgemm, onednn, got 'qnnpack'"):
+        TokenwiseInt8Linear(torch.nn.Linear(8, 8), "qnnpack")
     half = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16))
     with pytest.raises(ValueError, match="0 is torch.bfloat16"):
         replace_linear_layers(half, lambda name: True)

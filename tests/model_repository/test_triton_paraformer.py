@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from perf.bench_first_pass_triton import model_repository
+from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
@@ -151,16 +152,16 @@ def test_a_wrong_precision_or_int8_kernel_is_named(test_models, tmp_path):
                           r"must be one of auto, fp32, int8, got 'int4'"),
                          ({PRECISION_ENV: "int8", INT8_KERNEL_ENV: "mkl"},
                           r"parameter int8_kernel \(environment TWOPASS_ASR_FIRST_PASS_INT8_KERNEL\) "
-                          r"must be one of auto, onnxruntime, fbgemm, got 'mkl'")]:
+                          r"must be one of auto, onnxruntime, fbgemm, onednn, got 'mkl'")]:
         wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env=env)
         with pytest.raises(TritonStartError, match=message):
             wrong.start()
 
 
-@pytest.mark.parametrize("kernel", ["onnxruntime", "fbgemm"])
+@pytest.mark.parametrize("kernel", ["onnxruntime", *TOKENWISE_KERNEL_PARAMS])
 def test_int8_serves_the_int8_engines_text_for_streams_in_flight_together(test_models, speech_wav, tmp_path, kernel):
     """Each stream gets the text the engine gives it alone, whichever streams share its passes
-    (the server groups them by timing): both kernels quantize a stream's activations apart
+    (the server groups them by timing): every kernel quantizes a stream's activations apart
     from the others', and the float parts give a stream the same bits in any batch."""
     repository = model_repository("batched", tmp_path)
     engine = BatchedStreamingParaformer(test_models / "paraformer_streaming", precision="int8", int8_kernel=kernel)
@@ -186,7 +187,7 @@ def test_auto_precision_is_chosen_by_the_cpu_and_logged(test_models, tmp_path):
     repository = model_repository("batched", tmp_path)  # precision auto, as shipped
     # The suite's fp32 (conftest) off: the shipped default counts.
     with TritonServer(test_models, repository, log_path=tmp_path / "auto.log", env={PRECISION_ENV: ""}) as server:
-        kernel = "onnxruntime" if cpu_has_int8_dot_products() else "fbgemm"
+        kernel = "onednn" if cpu_has_int8_dot_products() else "fbgemm"
         assert f"paraformer_streaming: batched engine in int8 on {kernel} (auto)" in server.log_text()
 
 

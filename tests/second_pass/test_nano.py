@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.kernels import int8_linear, tokenwise_int8
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
@@ -339,10 +340,10 @@ def test_released_generation_layers_leave_the_prompts_as_they_were(tiny_nano, re
         released.teacher_forced_tokens(prompt, [1, 2])
 
 
-INT8_ENCODER_LAYERS = {"onnxruntime": Int8Linear, "fbgemm": TokenwiseInt8Linear}
+INT8_ENCODER_LAYERS = {"onnxruntime": Int8Linear, "fbgemm": TokenwiseInt8Linear, "onednn": TokenwiseInt8Linear}
 
 
-@pytest.fixture(scope="module", params=list(INT8_ENCODER_LAYERS))
+@pytest.fixture(scope="module", params=["onnxruntime", *TOKENWISE_KERNEL_PARAMS])
 def int8_encoder(tiny_nano, request):
     return quietly(NanoRecognizer, tiny_nano, encoder_precision="int8", encoder_int8_kernel=request.param)
 
@@ -415,16 +416,17 @@ def test_int8_encoder_agrees_with_fp32_and_a_broken_quantization_does_not(tiny_n
 
 def test_encoder_precision_auto_is_int8_on_a_cpu_on_the_kernel_it_is_fast_with(tiny_nano):
     auto = quietly(NanoRecognizer, tiny_nano, encoder_precision="auto")
-    assert auto.encoder_description == "int8 on " + ("onnxruntime" if cpu_has_int8_dot_products() else "fbgemm")
+    assert auto.encoder_description == "int8 on " + ("onednn" if cpu_has_int8_dot_products() else "fbgemm")
 
 
 def test_an_unknown_encoder_int8_kernel_is_named(tiny_nano):
-    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, got 'mkl'"):
+    with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, "
+                                         "got 'mkl'"):
         NanoRecognizer(tiny_nano, encoder_precision="int8", encoder_int8_kernel="mkl")
 
 
 def test_int8_encoder_is_refused_on_a_gpu_by_name(tiny_nano):
-    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime or fbgemm\), not on cuda"):
+    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime, fbgemm or onednn\), not on cuda"):
         NanoRecognizer(tiny_nano, device="cuda", encoder_precision="int8")
 
 
@@ -445,8 +447,9 @@ def test_int8_generation_quantizes_the_projections_and_head_per_output_channel(t
     assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
     float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
     for name, layer in quantized.items():
+        # The LLM's layers are on fbgemm (llm_int8).
         weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight,
-                                                  TokenwiseInt8Linear.WEIGHT_LEVELS)
+                                                  tokenwise_int8.TOKENWISE_KERNELS["fbgemm"])
         packed = layer.weight()
         assert torch.equal(packed.int_repr(), weights), name
         torch.testing.assert_close(packed.q_per_channel_scales().float(), scales.flatten())

@@ -38,7 +38,7 @@ from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting, stays_float
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
-from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
+from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.store.funasr_onnx_export import INT8_FILES, cached_paraformer_export, require_export
 from twopass_asr.streaming_fbank import FeatureState, StreamingFeatures
 
@@ -213,7 +213,7 @@ class BatchedStreamingParaformer:
         - onnxruntime: as FunASR's int8 runtime runs them (twopass_asr.kernels.int8_linear), the
           export read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the
           first load into the export cache and reused by later ones (cached_paraformer_export);
-        - fbgemm: quantized at load, activations per token (twopass_asr.kernels.tokenwise_int8).
+        - fbgemm, onednn: quantized at load, activations per token (twopass_asr.kernels.tokenwise_int8).
         "auto": int8 on a CPU, fp32 on a GPU (self.precision says which)."""
         self.precision, self.int8_kernel = resolve_int8_setting(precision, int8_kernel, device)
         # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
@@ -226,8 +226,8 @@ class BatchedStreamingParaformer:
         self._check_supported()
         if self.int8_kernel == "onnxruntime":
             self._load_int8_layers(model_dir, int8_export)
-        elif self.int8_kernel == "fbgemm":
-            replace_linear_layers(self.model, lambda name: not stays_float(name))
+        elif self.int8_kernel in TOKENWISE_KERNELS:
+            replace_linear_layers(self.model, lambda name: not stays_float(name), self.int8_kernel)
         self.cif_window_linear = torch.nn.Sequential(_window_linear(self.model.predictor.cif_conv1d))
         if linear_kernel is not None:
             prepack_linear_layers(self.model, linear_kernel)

@@ -7,11 +7,14 @@ quantization: every MatMul with a constant weight, weights per output channel as
 reduce_range off, activations quantized per call; MatMuls whose node name contains
 "output", "bias_encoder" or "bias_decoder" stay in float.
 
-The project's int8 models (the first pass, the Nano's audio encoder) run on one of two kernels:
-onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear), where the CPU has int8 dot
-products (AVX-512 VNNI, AMX); fbgemm with activations per token (twopass_asr.kernels.
-tokenwise_int8) elsewhere, where onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's
-1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9).
+The project's int8 models (the first pass, the Nano's audio encoder) run on one of three
+kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or torch's dynamic
+int8 product with activations per token (twopass_asr.kernels.tokenwise_int8) on oneDNN where
+the CPU has int8 dot products (AVX-512 VNNI, AMX), on fbgemm elsewhere. auto takes the per-token
+one: without dot products onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's 1.3-1.8x
+(perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX the first pass on oneDNN served 42
+real-time streams through tritonserver against onnxruntime's 17 (which holds the GIL around
+each call) and the audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04, session 13).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ FLOAT_LAYER_MARKS = ("output", "bias_encoder", "bias_decoder")
 # An int8-capable model computes in float32, in int8, or auto (resolve_int8_precision).
 INT8_PRECISIONS = ("auto", "fp32", "int8")
 # Where int8 runs (choose_int8_kernel); auto: the one this CPU is fast with.
-INT8_KERNELS = ("onnxruntime", "fbgemm")
+INT8_KERNELS = ("onnxruntime", "fbgemm", "onednn")
 INT8_KERNEL_CHOICES = ("auto", *INT8_KERNELS)
 
 
@@ -64,7 +67,7 @@ def resolve_int8_precision(configured: str, device: str) -> str:
         raise ValueError(f"precision must be one of {', '.join(INT8_PRECISIONS)}, got {configured!r}")
     if device != "cpu":
         if configured == "int8":
-            raise ValueError(f"precision int8 runs on CPU kernels (onnxruntime or fbgemm), not on {device}; "
+            raise ValueError(f"precision int8 runs on CPU kernels (onnxruntime, fbgemm or onednn), not on {device}; "
                              "use fp32 or auto")
         return "fp32"
     return "int8" if configured == "auto" else configured
@@ -72,14 +75,24 @@ def resolve_int8_precision(configured: str, device: str) -> str:
 
 def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None) -> str:
     """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
-    error). auto: onnxruntime (FunASR's recipe) on a CPU with AVX-512 VNNI or AMX int8 dot
-    products (int8_dot_products None: read from this CPU), fbgemm (per token) elsewhere."""
+    error). auto: onednn on a CPU with AVX-512 VNNI or AMX int8 dot products (int8_dot_products
+    None: read from this CPU), fbgemm elsewhere, both per token. onednn asked for without them
+    is refused."""
     if requested not in INT8_KERNEL_CHOICES:
         raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")
+    dot_products = cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products
+    if requested == "onednn" and not dot_products:
+        # Without them oneDNN adds pairs of products in 16 bits, and its weights keep 127 levels.
+        raise ValueError(f"{setting} onednn needs a CPU with AVX-512 VNNI or AMX int8; this one has neither: "
+                         "use fbgemm or auto")
     if requested != "auto":
         return requested
-    return "onnxruntime" if (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products) \
-        else "fbgemm"
+    return "onednn" if dot_products else "fbgemm"
+
+
+def int8_kernels_on_this_cpu() -> tuple[str, ...]:
+    """The INT8_KERNELS this CPU runs (onednn needs int8 dot products)."""
+    return tuple(kernel for kernel in INT8_KERNELS if kernel != "onednn" or cpu_has_int8_dot_products())
 
 
 def resolve_int8_setting(precision: str, kernel: str, device: str,
@@ -97,5 +110,5 @@ def describe_int8(precision: str, kernel: str | None) -> str:
 
 
 __all__ = ["FLOAT_LAYER_MARKS", "INT8_KERNELS", "INT8_KERNEL_CHOICES", "INT8_PRECISIONS", "choose_int8_kernel",
-           "describe_int8", "quantize_dynamic_arguments", "quiet_quantizer", "resolve_int8_precision",
+           "int8_kernels_on_this_cpu", "describe_int8", "quantize_dynamic_arguments", "quiet_quantizer", "resolve_int8_precision",
            "resolve_int8_setting", "stays_float"]

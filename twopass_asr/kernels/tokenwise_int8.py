@@ -1,6 +1,7 @@
-"""Linear layers in int8 on fbgemm (torch's dynamic int8 product), activations quantized per
-token: the project's int8 where a CPU lacks int8 dot products (AVX2 without VNNI), where fbgemm
-is the fast int8 kernel (perf/RESULTS.md, 2026-12-03).
+"""Linear layers in int8 on torch's dynamic int8 product, activations quantized per token, on
+one of two kernels, chosen by the engine the weights are packed for (TOKENWISE_KERNELS):
+fbgemm, the fast one on AVX2 without VNNI (perf/RESULTS.md, 2026-12-03), and oneDNN, which uses
+AMX and AVX-512 VNNI where the CPU has them (perf/RESULTS.md, 2026-12-04, session 13).
 
 Activations: fbgemm takes one range for all the rows of a call, so one row with large
 activations (LLMs put some at a prompt's first token and at delimiters) would coarsen every
@@ -15,7 +16,8 @@ activations' eighth bit; here the weights give up theirs instead (int8_per_outpu
 63 levels: 255 x 63 x 2 fits), because activations are the side that quantizes worse (a row's
 scale is set by its largest channel). On one layer that halves the error where a channel is
 20-100x the others and takes a third off it where none is (perf/RESULTS.md, 2026-12-03, session
-9).
+9). oneDNN is only chosen where VNNI or AMX add the products in 32 bits, so its weights keep
+127 levels.
 
 torch marks its quantized tensors and TorchScript deprecated (2.13, the pinned version, still
 has both, and no other int8 matrix product in torch is fast on a CPU); the tests load this
@@ -24,6 +26,7 @@ path, so a torch without it fails them rather than the service.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Callable, Optional
@@ -40,21 +43,41 @@ def int8_per_output_channel(weight: torch.Tensor, levels: int = 127) -> tuple[to
     return torch.round(weight / scale).clamp(-levels, levels).to(torch.int8), scale
 
 
+# The kernels, by the name of torch's quantized engine that packs weights for them, and the
+# levels their int8 weights keep (module docstring).
+TOKENWISE_KERNELS = {"fbgemm": 63, "onednn": 127}
+
+
+@contextlib.contextmanager
+def _packing_for(kernel: str):
+    """Within: torch's quantized engine is `kernel`'s, so linear_prepack lays weights out for it
+    (a packed weight then runs on its own kernel whatever the engine)."""
+    if kernel not in TOKENWISE_KERNELS:
+        raise ValueError(f"the int8 kernel must be one of {', '.join(TOKENWISE_KERNELS)}, got {kernel!r}")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = kernel
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
 class TokenwiseInt8Linear(torch.nn.Module):
-    """A float32 linear layer as int8 weights (int8_per_output_channel on WEIGHT_LEVELS) and
-    fbgemm's dynamic int8 product, each input row quantized on its own range to 8 bits."""
+    """A float32 linear layer as int8 weights (int8_per_output_channel on the kernel's levels)
+    and torch's dynamic int8 product on `kernel` (TOKENWISE_KERNELS), each input row quantized
+    on its own range to 8 bits."""
 
-    WEIGHT_LEVELS = 63
-
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, kernel: str = "fbgemm"):
         super().__init__()
-        weights, scales = int8_per_output_channel(linear.weight, self.WEIGHT_LEVELS)
-        rows = weights.shape[0]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            quantized = torch._make_per_channel_quantized_tensor(weights, scales.reshape(rows).double(),
-                                                                 torch.zeros(rows, dtype=torch.long), 0)
-        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        with _packing_for(kernel):
+            weights, scales = int8_per_output_channel(linear.weight, TOKENWISE_KERNELS[kernel])
+            rows = weights.shape[0]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+                quantized = torch._make_per_channel_quantized_tensor(weights, scales.reshape(rows).double(),
+                                                                     torch.zeros(rows, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.kernel = kernel
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Added below the rows scaled into [-1, 1]: fbgemm's range for the call is then [-1, 1]
@@ -72,7 +95,8 @@ class TokenwiseInt8Linear(torch.nn.Module):
         return self._product(x, self.packed, self.bias, self.range_row, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"kernel={self.kernel}")
 
 
 def _tokenwise_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
@@ -81,7 +105,7 @@ def _tokenwise_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPa
     rows = x.reshape(-1, in_features)
     # At least float32's smallest normal number: an all-zero row (left padding) stays zero, not 0/0.
     scale = rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
-    # reduce_range off: 8-bit activations, room made by the weights' 63 levels (module docstring).
+    # reduce_range off: 8-bit activations; on fbgemm, room made by the weights' 63 levels (module docstring).
     y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, False)[:-1]
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
@@ -144,7 +168,10 @@ def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...]) ->
     weights: one call per input instead of one per layer, the input quantized once. The
     weights are quantized per output channel and the input per row, so each slice equals its
     layer's own TokenwiseInt8Linear bit for bit. The product is computed by the first slice
-    called with an input (again for another input) and dropped when `module`'s forward ends."""
+    called with an input (again for another input) and dropped when `module`'s forward ends.
+    On fbgemm only: oneDNN's float epilogue differs with the stacked shape, so its slices would
+    not keep their own layers' bits (and the torch int8 LLM, the one user, is faster on fbgemm
+    one token a time)."""
     linears = [getattr(module, name) for name in names]
     for name, layer in zip(names, linears):
         if type(layer) is not torch.nn.Linear or layer.weight.dtype != torch.float32:
@@ -165,9 +192,10 @@ def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...]) ->
     module.register_forward_hook(product.release, always_call=True)
 
 
-def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool]) -> int:
+def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool], kernel: str = "fbgemm") -> int:
     """Replace, in place, each float32 torch.nn.Linear of `module` whose name `chosen` accepts
-    by a TokenwiseInt8Linear. Returns how many were replaced."""
+    by a TokenwiseInt8Linear on `kernel` (one of TOKENWISE_KERNELS). Returns how many were
+    replaced."""
     replaced = 0
     for name, layer in list(module.named_modules()):
         if type(layer) is not torch.nn.Linear or not chosen(name):
@@ -175,10 +203,10 @@ def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool]
         if layer.weight.dtype != torch.float32:
             raise ValueError(f"int8 layers are made from float32 ones; {name} is {layer.weight.dtype}")
         parent, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, attribute, TokenwiseInt8Linear(layer))
+        setattr(module.get_submodule(parent) if parent else module, attribute, TokenwiseInt8Linear(layer, kernel))
         replaced += 1
     return replaced
 
 
-__all__ = ["TokenwiseInt8Linear", "TokenwiseInt8Slice", "fuse_shared_input_layers", "int8_per_output_channel",
-           "replace_linear_layers"]
+__all__ = ["TOKENWISE_KERNELS", "TokenwiseInt8Linear", "TokenwiseInt8Slice", "fuse_shared_input_layers",
+           "int8_per_output_channel", "replace_linear_layers"]

@@ -28,7 +28,7 @@ from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
-from twopass_asr.kernels.tokenwise_int8 import replace_linear_layers
+from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 from twopass_asr.store.nano_dir import validate_nano_dir
@@ -116,7 +116,7 @@ class NanoRecognizer:
     encoder_precision: the audio encoder and adaptor in fp32 (as FunASR runs them), int8 (their
     linear layers quantized at load, each segment's activations on their own) or auto
     (int8 on a CPU); self.encoder_precision says which. encoder_int8_kernel: int8's kernel,
-    onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear), fbgemm (per token,
+    onnxruntime (FunASR's int8 recipe, twopass_asr.kernels.int8_linear), fbgemm or onednn (per token,
     twopass_asr.kernels.tokenwise_int8) or auto, the one this CPU is fast with
     (twopass_asr.kernels.int8_recipe). self.encoder_int8_kernel says which (None in fp32).
     """
@@ -161,9 +161,9 @@ class NanoRecognizer:
         self._generation_released = False
         # Prepacked or int8 linear layers fix the LLM's dtype from then on.
         self._llm_layers_replaced = False
-        if self.encoder_int8_kernel == "fbgemm":
-            replace_linear_layers(self.model.audio_encoder, lambda name: True)
-            replace_linear_layers(self.model.audio_adaptor, lambda name: True)
+        if self.encoder_int8_kernel in TOKENWISE_KERNELS:
+            replace_linear_layers(self.model.audio_encoder, lambda name: True, self.encoder_int8_kernel)
+            replace_linear_layers(self.model.audio_adaptor, lambda name: True, self.encoder_int8_kernel)
         elif self.encoder_int8_kernel == "onnxruntime":
             stacking = getattr(self.model.audio_adaptor, "k", 1)
             if stacking == 1:
