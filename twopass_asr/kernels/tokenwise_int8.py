@@ -80,7 +80,7 @@ class TokenwiseInt8Linear(torch.nn.Module):
         self.kernel = kernel
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # Added below the rows scaled into [-1, 1]: fbgemm's range for the call is then [-1, 1]
+        # Added below the rows scaled into [-1, 1]: the kernel's range for the call is [-1, 1]
         # whatever the rows. (Two extra weight columns would do it too, but fbgemm pads the
         # packed weights to a block: +50 % for 1024 inputs.)
         self.range_row = torch.zeros(1, linear.in_features)
