@@ -4,10 +4,10 @@ against FunASR's ONNX runtime per stream in float32 and int8, on the same speech
 B streams of synthesised speech (each starting at another offset) advance one 600 ms chunk
 per round. Each round is timed for: the batched engine in float32 (linear weights packed for
 MLAS); in int8 on onnxruntime (FunASR's own int8 export's layers), on fbgemm and, with VNNI
-or AMX, on oneDNN (activations per token); and FunASR's ONNX runtime (funasr-onnx) on its float32 and int8 export, the B
-streams one after another. All with chunk_size [5, 10, 5] and no look-back, which is all
-FunASR's ONNX runtime has. Also reported: how many chunk texts each int8 engine shares with
-FunASR's int8 runtime and with float32.
+or AMX, on oneDNN (activations per token); and FunASR's ONNX runtime (funasr-onnx) on its
+float32 and int8 export, the B streams one after another. All with chunk_size [5, 10, 5] and
+no look-back, which is all FunASR's ONNX runtime has. Also reported: how many chunk texts each
+int8 engine shares with FunASR's int8 runtime and with float32.
 
     .venv/bin/python -m perf.bench_first_pass_precision [--batches 1,2,4,8,16] [--rounds 3] [--threads 1]
 

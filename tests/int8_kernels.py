@@ -4,10 +4,10 @@ CPU it is chosen and allowed on."""
 
 import pytest
 
-from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
+from twopass_asr.kernels.int8_recipe import int8_kernels_on_this_cpu
 
 TOKENWISE_KERNEL_PARAMS = [
     pytest.param("fbgemm"),
-    pytest.param("onednn", marks=pytest.mark.skipif(not cpu_has_int8_dot_products(),
+    pytest.param("onednn", marks=pytest.mark.skipif("onednn" not in int8_kernels_on_this_cpu(),
                                                     reason="oneDNN's int8 runs where AVX-512 VNNI or AMX int8 do")),
 ]
