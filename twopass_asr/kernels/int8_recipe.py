@@ -73,6 +73,11 @@ def resolve_int8_precision(configured: str, device: str) -> str:
     return "int8" if configured == "auto" else configured
 
 
+def _runs_with(kernel: str, int8_dot_products: bool) -> bool:
+    """Whether `kernel` may run on a CPU with (or without) int8 dot products: onednn needs them."""
+    return kernel != "onednn" or int8_dot_products
+
+
 def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None) -> str:
     """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
     error). auto: onednn on a CPU with AVX-512 VNNI or AMX int8 dot products (int8_dot_products
@@ -81,7 +86,7 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
     if requested not in INT8_KERNEL_CHOICES:
         raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")
     dot_products = cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products
-    if requested == "onednn" and not dot_products:
+    if not _runs_with(requested, dot_products):
         # Without them oneDNN adds pairs of products in 16 bits, and its weights keep 127 levels.
         raise ValueError(f"{setting} onednn needs a CPU with AVX-512 VNNI or AMX int8; this one has neither: "
                          "use fbgemm or auto")
@@ -92,7 +97,8 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
 
 def int8_kernels_on_this_cpu() -> tuple[str, ...]:
     """The INT8_KERNELS this CPU runs (onednn needs int8 dot products)."""
-    return tuple(kernel for kernel in INT8_KERNELS if kernel != "onednn" or cpu_has_int8_dot_products())
+    dot_products = cpu_has_int8_dot_products()
+    return tuple(kernel for kernel in INT8_KERNELS if _runs_with(kernel, dot_products))
 
 
 def resolve_int8_setting(precision: str, kernel: str, device: str,
@@ -110,5 +116,5 @@ def describe_int8(precision: str, kernel: str | None) -> str:
 
 
 __all__ = ["FLOAT_LAYER_MARKS", "INT8_KERNELS", "INT8_KERNEL_CHOICES", "INT8_PRECISIONS", "choose_int8_kernel",
-           "int8_kernels_on_this_cpu", "describe_int8", "quantize_dynamic_arguments", "quiet_quantizer", "resolve_int8_precision",
-           "resolve_int8_setting", "stays_float"]
+           "describe_int8", "int8_kernels_on_this_cpu", "quantize_dynamic_arguments", "quiet_quantizer",
+           "resolve_int8_precision", "resolve_int8_setting", "stays_float"]
