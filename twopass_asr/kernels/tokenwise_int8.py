@@ -1,14 +1,15 @@
-"""Linear layers in int8 on torch's dynamic int8 product, activations quantized per token, on
-one of two kernels, chosen by the engine the weights are packed for (TOKENWISE_KERNELS):
-fbgemm, the fast one on AVX2 without VNNI (perf/RESULTS.md, 2026-12-03), and oneDNN, which uses
-AMX and AVX-512 VNNI where the CPU has them (perf/RESULTS.md, 2026-12-04, session 13).
+"""Linear layers in int8, activations quantized per token, on one of two of torch's int8
+kernels (TOKENWISE_KERNELS): fbgemm's dynamic product, the fast one on AVX2 without VNNI
+(perf/RESULTS.md, 2026-12-03), and oneDNN's, which uses AMX and AVX-512 VNNI where the CPU has
+them (perf/RESULTS.md, 2026-12-04, session 13).
 
-Activations: fbgemm takes one range for all the rows of a call, so one row with large
-activations (LLMs put some at a prompt's first token and at delimiters) would coarsen every
-other row of the call, another segment's or stream's included. TokenwiseInt8Linear divides each
-row by its own largest magnitude and adds one row holding -1 and 1 (its product is dropped), so
-every call's range is [-1, 1] and a row's integers depend on that row alone; the product is
-scaled back row by row. A row therefore gives the same output alone or with others.
+Activations: a dynamic product takes one range for all the rows of a call, so one row with
+large activations (LLMs put some at a prompt's first token and at delimiters) would coarsen
+every other row of the call, another segment's or stream's included. TokenwiseInt8Linear
+divides each row by its own largest magnitude, so every row's range is [-1, 1] and its integers
+depend on that row alone (on fbgemm one added row holding -1 and 1, its product dropped, sets
+the call's range; oneDNN is given the integers); the product is scaled back row by row. A row
+therefore gives the same output alone or with others.
 
 Bits: AVX2 multiplies uint8 activations by int8 weights and adds each pair of products in 16
 bits, saturating, and 255 x 127 x 2 does not fit. fbgemm's own remedy (reduce_range) takes the
@@ -19,9 +20,9 @@ scale is set by its largest channel). On one layer that halves the error where a
 9). oneDNN is only chosen where VNNI or AMX add the products in 32 bits, so its weights keep
 127 levels.
 
-torch marks its quantized tensors and TorchScript deprecated (2.13, the pinned version, still
-has both, and no other int8 matrix product in torch is fast on a CPU); the tests load this
-path, so a torch without it fails them rather than the service.
+torch marks its quantized tensors (fbgemm's path) and TorchScript deprecated (2.13, the pinned
+version, still has both, and no other int8 matrix product in torch is fast on AVX2); the tests
+load this path, so a torch without it fails them rather than the service.
 """
 
 from __future__ import annotations
@@ -43,19 +44,23 @@ def int8_per_output_channel(weight: torch.Tensor, levels: int = 127) -> tuple[to
     return torch.round(weight / scale).clamp(-levels, levels).to(torch.int8), scale
 
 
-# The kernels, by the name of torch's quantized engine that packs weights for them, and the
-# levels their int8 weights keep (module docstring).
+# The kernels, by the name of torch's quantized engine they run on, and the levels their int8
+# weights keep (module docstring).
 TOKENWISE_KERNELS = {"fbgemm": 63, "onednn": 127}
 
 
-@contextlib.contextmanager
-def _packing_for(kernel: str):
-    """Within: torch's quantized engine is `kernel`'s, so linear_prepack lays weights out for it
-    (a packed weight then runs on its own kernel whatever the engine)."""
+def _levels_of(kernel: str) -> int:
     if kernel not in TOKENWISE_KERNELS:
         raise ValueError(f"the int8 kernel must be one of {', '.join(TOKENWISE_KERNELS)}, got {kernel!r}")
+    return TOKENWISE_KERNELS[kernel]
+
+
+@contextlib.contextmanager
+def _fbgemm_packing():
+    """Within: torch's quantized engine is fbgemm, so linear_prepack lays weights out for it (a
+    packed weight then runs on fbgemm whatever the engine)."""
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = kernel
+    torch.backends.quantized.engine = "fbgemm"
     try:
         yield
     finally:
@@ -64,60 +69,101 @@ def _packing_for(kernel: str):
 
 class TokenwiseInt8Linear(torch.nn.Module):
     """A float32 linear layer as int8 weights (int8_per_output_channel on the kernel's levels)
-    and torch's dynamic int8 product on `kernel` (TOKENWISE_KERNELS), each input row quantized
-    on its own range to 8 bits."""
+    and an int8 product on `kernel` (TOKENWISE_KERNELS), each input row quantized on its own
+    range to 8 bits."""
 
     def __init__(self, linear: torch.nn.Linear, kernel: str = "fbgemm"):
         super().__init__()
-        with _packing_for(kernel):
-            weights, scales = int8_per_output_channel(linear.weight, TOKENWISE_KERNELS[kernel])
-            rows = weights.shape[0]
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-                quantized = torch._make_per_channel_quantized_tensor(weights, scales.reshape(rows).double(),
-                                                                     torch.zeros(rows, dtype=torch.long), 0)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        weights, scales = int8_per_output_channel(linear.weight, _levels_of(kernel))
+        rows = weights.shape[0]
         self.kernel = kernel
+        self.weight_scales = scales.reshape(rows)
+        self.weight_zero_points = torch.zeros(rows, dtype=torch.long)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # Added below the rows scaled into [-1, 1]: the kernel's range for the call is [-1, 1]
-        # whatever the rows. (Two extra weight columns would do it too, but fbgemm pads the
-        # packed weights to a block: +50 % for 1024 inputs.)
+        if kernel == "onednn":
+            # oneDNN's own packing: torch's linear_prepack on its oneDNN engine keeps the int8
+            # weights a second time beside the packed ones (for unpack).
+            self.packed = torch.ops.onednn.qlinear_prepack(weights, None)
+            # The kernel is given unit scales and returns its integer sums; the scales are
+            # applied here, because oneDNN's own scaling rounds differently for a few rows than
+            # for many, and a row must give the same bits in any batch. A row's step is 1/127.5
+            # (_onednn_product).
+            self.unit_scales = torch.ones(rows)
+            self.column_scales = self.weight_scales / 127.5
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            quantized = torch._make_per_channel_quantized_tensor(weights, self.weight_scales.double(),
+                                                                 self.weight_zero_points, 0)
+        with _fbgemm_packing():
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        # Added below the rows scaled into [-1, 1]: fbgemm's dynamic range for the call is
+        # [-1, 1] whatever the rows. (Two extra weight columns would do it too, but fbgemm pads
+        # the packed weights to a block: +50 % for 1024 inputs.)
         self.range_row = torch.zeros(1, linear.in_features)
         self.range_row[0, :2] = torch.tensor([-1.0, 1.0])
-        self._product = _scripted_tokenwise_product()
 
     def weight(self) -> torch.Tensor:
         """The int8 weights (a per-channel quantized tensor)."""
-        return torch.ops.quantized.linear_unpack(self.packed)[0]
+        if self.kernel == "fbgemm":
+            return torch.ops.quantized.linear_unpack(self.packed)[0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+            return torch._make_per_channel_quantized_tensor(self.packed.to_dense().t(), self.weight_scales.double(),
+                                                            self.weight_zero_points, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(x, self.packed, self.bias, self.range_row, self.in_features, self.out_features)
+        if self.kernel == "onednn":
+            return _scripted(_onednn_product)(x, self.packed, self.unit_scales, self.weight_zero_points,
+                                              self.column_scales, self.bias, self.in_features, self.out_features)
+        return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.range_row, self.in_features,
+                                          self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"kernel={self.kernel}")
 
 
-def _tokenwise_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
-                       bias: Optional[torch.Tensor], range_row: torch.Tensor, in_features: int,
-                       out_features: int) -> torch.Tensor:
+def _row_scales(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's largest magnitude, at least float32's smallest normal number: an all-zero row
+    (left padding) stays zero, not 0/0."""
+    return rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
+
+
+def _fbgemm_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
+                    bias: Optional[torch.Tensor], range_row: torch.Tensor, in_features: int,
+                    out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
-    # At least float32's smallest normal number: an all-zero row (left padding) stays zero, not 0/0.
-    scale = rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
-    # reduce_range off: 8-bit activations; on fbgemm, room made by the weights' 63 levels (module docstring).
+    scale = _row_scales(rows)
+    # reduce_range off: 8-bit activations, room made by the weights' 63 levels (module docstring).
     y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, False)[:-1]
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
 
 
+def _onednn_product(x: torch.Tensor, packed: torch.Tensor, unit_scales: torch.Tensor,
+                    weight_zero_points: torch.Tensor, column_scales: torch.Tensor, bias: Optional[torch.Tensor],
+                    in_features: int, out_features: int) -> torch.Tensor:
+    rows = x.reshape(-1, in_features)
+    scale = _row_scales(rows)
+    # Each row on [-1, 1] as uint8 around 128, 255 steps over the range: what a dynamic
+    # product's own quantization makes of [-1, 1].
+    steps = (rows / scale).mul_(127.5).round_().add_(128.0).clamp_(0.0, 255.0).to(torch.uint8)
+    sums = torch.ops.onednn.qlinear_pointwise(steps, 1.0, 128, packed, unit_scales, weight_zero_points, None,
+                                              1.0, 0, torch.float32, "none", [], "")
+    y = sums.mul_(column_scales)
+    y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
+    return y.view(x.shape[:-1] + [out_features])
+
+
 @functools.cache
-def _scripted_tokenwise_product():
-    """_tokenwise_product compiled by TorchScript (deprecated, as the quantized tensors): its ten
-    small operations per layer cost a decode step 15-20 % more from Python."""
+def _scripted(product):
+    """A product compiled by TorchScript (deprecated, as the quantized tensors): its ten small
+    operations per layer cost a decode step 15-20 % more from Python."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
-        return torch.jit.script(_tokenwise_product)
+        return torch.jit.script(product)
 
 
 class _SharedProduct:
