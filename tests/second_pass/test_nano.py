@@ -24,7 +24,7 @@ from twopass_asr.kernels.tokenwise_int8 import (
     int8_per_output_channel,
     replace_linear_layers,
 )
-from twopass_asr.second_pass.llm_export import INT8_LINEARS
+from twopass_asr.second_pass.llm_export import INT8_LINEARS, export_llm_dir, mapped_input_embeddings
 from twopass_asr.second_pass.llm_int8 import is_int8_layer
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
@@ -338,6 +338,27 @@ def test_released_generation_layers_leave_the_prompts_as_they_were(tiny_nano, re
         released.generate(prompt)
     with pytest.raises(RuntimeError, match="released"):
         released.teacher_forced_tokens(prompt, [1, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompts_from_the_engines_mapped_table_equal_the_models_own(tiny_nano, tmp_path, dtype):
+    """With vLLM generating, the prompts are built from the token table of vLLM's weights file,
+    memory-mapped in the file's dtype: they must be the prompts the model's own table gives."""
+    own = quietly(NanoRecognizer, tiny_nano)
+    own.use_dtype(dtype)
+    mapped = quietly(NanoRecognizer, tiny_nano)
+    table = mapped_input_embeddings(export_llm_dir(tiny_nano, mapped.llm_dir, export_root=tmp_path))
+    checkpoint = torch.load(tiny_nano / "model.pt", map_location="cpu", weights_only=True)
+    assert torch.equal(table, checkpoint["llm.model.embed_tokens.weight"])
+    mapped.release_generation_layers(table)
+    mapped.use_dtype(dtype)
+    assert mapped.model.llm.model.get_input_embeddings().weight.data_ptr() == table.data_ptr()  # not copied
+    for pcm, case in zip(segments(), CASES):
+        prompt = mapped.prompt_embeds(pcm, **case)
+        assert prompt.dtype == dtype
+        assert torch.equal(prompt, own.prompt_embeds(pcm, **case))
+    with pytest.raises(ValueError, match="token embeddings"):
+        quietly(NanoRecognizer, tiny_nano).release_generation_layers(table[:-1])
 
 
 INT8_ENCODER_LAYERS = {"onnxruntime": Int8Linear, "fbgemm": TokenwiseInt8Linear, "onednn": TokenwiseInt8Linear}

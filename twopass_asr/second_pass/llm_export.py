@@ -32,6 +32,7 @@ CONFIG_FILE = "config.json"
 # The decoder layers' linear projections (Qwen3's names) that the int8 form quantizes.
 INT8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCALE_SUFFIX = "_scale"
+INPUT_EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def default_export_root(int8: bool = False) -> Path:
@@ -72,6 +73,16 @@ def export_llm_dir(model_dir, llm_dir, export_root: Path | None = None, int8: bo
     form = "int8 w8a8 per-channel symmetric\n" if int8 else ""
     return cached_export(model_pt, form + (llm_dir / CONFIG_FILE).read_text(encoding="utf-8"),
                          export_root or default_export_root(int8), lambda d: (d / WEIGHTS_FILE).is_file(), build)
+
+
+def mapped_input_embeddings(export_dir: Path) -> torch.Tensor:
+    """The token embedding table [vocab, hidden] of an export (export_llm_dir), as stored,
+    memory-mapped from its weights file: only the rows looked up are read into memory. The
+    export cache never rewrites a finished export in place."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(export_dir) / WEIGHTS_FILE), framework="pt") as weights:
+        return weights.get_tensor(INPUT_EMBEDDINGS)
 
 
 def quantize_linear_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,4 +128,4 @@ def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 __all__ = ["INT8_LINEARS", "SCALE_SUFFIX", "W8A8_CONFIG", "default_export_root", "export_llm_dir",
-           "llm_state_dict", "quantize_linear_weights"]
+           "llm_state_dict", "mapped_input_embeddings", "quantize_linear_weights"]

@@ -255,19 +255,24 @@ class NanoRecognizer:
         embed_tokens = self.model.llm.model.get_input_embeddings()
         prompts = []
         for index, segment in enumerate(segments):
-            prompt = embed_tokens(segment.source_ids.to(device))
+            # The table may be stored in another dtype (release_generation_layers).
+            prompt = embed_tokens(segment.source_ids.to(device)).to(self.dtype)
             if segment.audio_start > 0:
                 # inference_prepare copies audio_tokens rows, or the adaptor's whole output
                 # when it is shorter (its fallback when the slice does not fit).
                 count = min(segment.audio_tokens, int(adapted_lengths[index]))
                 prompt[segment.audio_start:segment.audio_start + count] = adapted[index, :count]
-            prompts.append(prompt.to(self.dtype))
+            prompts.append(prompt)
         return prompts
 
     def use_dtype(self, dtype: torch.dtype) -> None:
         """Decode (and build prompt embeddings) in `dtype` instead of the model's llm_dtype.
         With prepack, a float32 LLM also gets its linear weights prepacked (torch generation's
-        decode steps multiply a few rows); its dtype is fixed from then on."""
+        decode steps multiply a few rows); its dtype is fixed from then on. Once the
+        generation layers are released, only the prompts change dtype (the table stays)."""
+        if self._generation_released:
+            self.dtype = dtype
+            return
         if self._llm_layers_replaced:
             if dtype != self.dtype:
                 raise ValueError(f"the LLM's linear layers were replaced in {self.dtype} (prepacked or int8); it "
@@ -293,12 +298,20 @@ class NanoRecognizer:
         quantize_llm_for_torch(self.model.llm)
         self._llm_layers_replaced = True
 
-    def release_generation_layers(self) -> None:
+    def release_generation_layers(self, input_embeddings: torch.Tensor | None = None) -> None:
         """Free the LLM's decoder layers and output head, keeping the token embeddings the
         prompts are built from: for when another engine with its own copy of the LLM (vLLM)
-        generates (perf/RESULTS.md, 2026-12-02, memory). Generating here afterwards raises
-        RuntimeError."""
+        generates (perf/RESULTS.md, 2026-12-02, memory). input_embeddings: the same table
+        to build prompts from instead of this model's own copy, in any dtype (a memory map of
+        the engine's weights file, llm_export.mapped_input_embeddings). Generating here
+        afterwards raises RuntimeError."""
         llm = self.model.llm
+        if input_embeddings is not None:
+            table = llm.model.get_input_embeddings()
+            if input_embeddings.shape != table.weight.shape:
+                raise ValueError(f"the token embeddings given are {list(input_embeddings.shape)}, the LLM's "
+                                 f"{list(table.weight.shape)}")
+            table.weight = torch.nn.Parameter(input_embeddings, requires_grad=False)
         llm.model.layers = torch.nn.ModuleList()
         llm.model.norm = torch.nn.Identity()
         llm.lm_head = None

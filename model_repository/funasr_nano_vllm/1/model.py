@@ -25,6 +25,7 @@ from twopass_asr.hotwords import check_language, parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.kernels.int8_recipe import INT8_KERNEL_CHOICES, INT8_PRECISIONS
 from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
+from twopass_asr.second_pass.llm_export import mapped_input_embeddings
 from twopass_asr.second_pass.precision import (
     ENCODER_INT8_KERNEL_ENV,
     ENCODER_PRECISION_ENV,
@@ -138,9 +139,10 @@ class TritonPythonModel:
                                                 ) from exc
         self.generator = None
         if self.engine is not None:
-            self.recognizer.release_generation_layers()  # vLLM holds its own copy
-        # Prompts are built in the precision the LLM decodes in (with vLLM: the embedding
-        # table only, the same values vLLM's cast would give).
+            # vLLM holds its own copy; prompts are built from its file's table, mapped.
+            self.recognizer.release_generation_layers(mapped_input_embeddings(self.engine.llm_dir))
+        # Prompts are built in the precision the LLM decodes in (with vLLM: the same values
+        # vLLM's cast would give).
         if self.engine is None and precision == "int8":
             self.recognizer.use_int8_generation()
         else:
