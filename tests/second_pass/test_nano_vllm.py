@@ -256,6 +256,23 @@ def test_bad_engine_settings_are_named():
     assert settings.enforce_eager and settings.precision == "bf16" and settings.gpu_memory_utilization == 0.35
 
 
+def test_the_cpu_kv_cache_holds_one_longest_sequence_in_the_engines_dtype():
+    """Qwen3-0.6B's keys and values: 28 layers x 8 heads x 128 x 2 bytes in bf16 (112 KiB a
+    token); the cache holds max_model_len tokens and an eighth more, twice the bytes in fp32."""
+    qwen3 = {"num_hidden_layers": 28, "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 1024,
+             "num_attention_heads": 16}
+    bf16 = EngineSettings.from_parameters("cpu", {}, "bf16").kv_cache_size(qwen3)
+    assert bf16 == 2048 * 28 * 2 * 8 * 128 * 2 * 9 // 8
+    assert EngineSettings.from_parameters("cpu", {}, "int8").kv_cache_size(qwen3) == bf16  # bf16 activations
+    assert EngineSettings.from_parameters("cpu", {}, "fp32").kv_cache_size(qwen3) == 2 * bf16
+    assert EngineSettings.from_parameters("cpu", {"vllm_max_model_len": "1024"}, "bf16").kv_cache_size(qwen3) == \
+        bf16 // 2
+    without_head_dim = {name: value for name, value in qwen3.items() if name != "head_dim"}
+    assert EngineSettings.from_parameters("cpu", {}, "bf16").kv_cache_size(without_head_dim) == bf16 // 2  # 1024 / 16
+    assert EngineSettings.from_parameters("cpu", {"vllm_kv_cache_gib": "0.5"}, "bf16").kv_cache_size(qwen3) == 2**29
+    assert EngineSettings.from_parameters("cuda", {}, "bf16").kv_cache_size(qwen3) is None  # vLLM's share
+
+
 def test_auto_precision_is_bf16_where_it_is_native_and_int8_on_other_cpus():
     assert resolve_precision("auto", "cpu", native_bf16=True) == "bf16"
     # Emulated bf16 on a CPU is slower than float32, and float32 too slow for real time.

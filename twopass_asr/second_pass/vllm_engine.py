@@ -9,6 +9,7 @@ cleans the whole response (see ResponseTextStream).
 from __future__ import annotations
 
 import asyncio
+import json
 import locale
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import AsyncIterator, Callable, Mapping
 
 import torch
 
-from twopass_asr.second_pass.llm_export import export_llm_dir
+from twopass_asr.second_pass.llm_export import CONFIG_FILE, export_llm_dir
 from twopass_asr.second_pass.precision import (TORCH_DTYPES, torch_generation_is_faster, torch_generation_runs,
                                                 vllm_dtype)
 from twopass_asr.second_pass.recognizer import SILENCE_MARK, NanoRecognizer, clean_response
@@ -31,14 +32,15 @@ CANCELLED_IN_ENGINE = "request cancelled by its client while generating: aborted
 log = logging.getLogger(__name__)
 
 # Engine settings per device, overridable by `vllm_<name>` model parameters (like the
-# model.json of Triton's vllm_backend). On CPU the KV cache is a fixed size: 0.5 GiB holds
-# one max_model_len sequence in fp32 and, in bf16, 11 sequences of a 60 s segment generating
-# the full 256-token cap (~410 tokens each; a 10 s segment of real speech takes ~80); on a GPU
-# vLLM sizes it from a memory share. Both compile the model (torch.compile; CUDA graphs on a
-# GPU), which generates faster for a slower engine start (vllm_enforce_eager=true starts fast;
-# perf/RESULTS.md, 2026-11-29 later). The precision is the model's own setting (precision.py).
+# model.json of Triton's vllm_backend). On CPU an empty kv_cache_gib sizes the KV cache for
+# max_model_len tokens in the engine's dtype (EngineSettings.kv_cache_size): one sequence that
+# long, or 5 of a 60 s segment generating the full 256-token cap (~410 tokens each), or ~25 of
+# a 10 s segment of real speech (~80); more wait for room. On a GPU vLLM sizes it from a memory
+# share. Both compile the model (torch.compile; CUDA graphs on a GPU), which generates faster
+# for a slower engine start (vllm_enforce_eager=true starts fast; perf/RESULTS.md, 2026-11-29
+# later). The precision is the model's own setting (precision.py).
 PRESETS: dict[str, dict[str, str]] = {
-    "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "0.5",
+    "cpu": {"max_num_seqs": "16", "max_model_len": "2048", "kv_cache_gib": "",
             "gpu_memory_utilization": "", "enforce_eager": "false"},
     "cuda": {"max_num_seqs": "64", "max_model_len": "4096", "kv_cache_gib": "",
              "gpu_memory_utilization": "0.35", "enforce_eager": "false"},
@@ -65,7 +67,8 @@ class EngineSettings:
     kv_cache_bytes: int | None
     gpu_memory_utilization: float | None
     enforce_eager: bool
-    precision: str  # resolved: fp32, bf16 or fp16
+    precision: str  # resolved: fp32, bf16, fp16 or int8
+    on_cpu: bool
 
     @classmethod
     def from_parameters(cls, device: str, params: Mapping[str, str], precision: str) -> "EngineSettings":
@@ -81,12 +84,26 @@ class EngineSettings:
                                         if value["gpu_memory_utilization"] else None),
                 enforce_eager=value["enforce_eager"].lower() in ("1", "true", "yes"),
                 precision=precision,
+                on_cpu=device == "cpu",
             )
         except ValueError as exc:
             raise ValueError(f"invalid vllm_* model parameter: {exc}") from exc
         if settings.max_num_seqs < 1 or settings.max_model_len < 1:
             raise ValueError("vllm_max_num_seqs and vllm_max_model_len must be positive")
         return settings
+
+    def kv_cache_size(self, llm_config: Mapping) -> int | None:
+        """Bytes of vLLM's KV cache for the LLM of this Hugging Face config: kv_cache_gib if
+        set; else on a CPU room for max_model_len tokens (keys and values of every layer in the
+        engine's dtype) and an eighth more, as vLLM's blocks take a little more per token than
+        that and it refuses to start without room for one max_model_len sequence; else None,
+        vLLM's own choice."""
+        if self.kv_cache_bytes is not None or not self.on_cpu:
+            return self.kv_cache_bytes
+        head_dim = llm_config.get("head_dim") or llm_config["hidden_size"] // llm_config["num_attention_heads"]
+        per_token = (2 * llm_config["num_hidden_layers"] * llm_config["num_key_value_heads"] * head_dim
+                     * TORCH_DTYPES[self.precision].itemsize)
+        return self.max_model_len * per_token * 9 // 8
 
 
 def prepare_process_for_vllm() -> None:
@@ -160,6 +177,7 @@ class VllmNanoEngine:
             self.llm_dir = export_llm_dir(recognizer.model_dir, recognizer.llm_dir, int8=settings.precision == "int8")
         except OSError as exc:
             raise EngineUnavailable(f"cannot export the LLM into a vLLM directory: {exc}") from exc
+        kv_cache_bytes = settings.kv_cache_size(json.loads((self.llm_dir / CONFIG_FILE).read_text(encoding="utf-8")))
         args = AsyncEngineArgs(
             model=str(self.llm_dir),
             tokenizer=str(self.llm_dir),
@@ -169,7 +187,7 @@ class VllmNanoEngine:
             enforce_eager=settings.enforce_eager,
             enable_prompt_embeds=True,
             seed=0,
-            **({"kv_cache_memory_bytes": settings.kv_cache_bytes} if settings.kv_cache_bytes else {}),
+            **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {}),
             **({"gpu_memory_utilization": settings.gpu_memory_utilization}
                if settings.gpu_memory_utilization else {}),
         )
