@@ -1,15 +1,15 @@
 """Linear layers in int8, activations quantized per token, on one of two of torch's int8
-kernels (TOKENWISE_KERNELS): fbgemm's dynamic product, the fast one on AVX2 without VNNI
-(perf/RESULTS.md, 2026-12-03), and oneDNN's, which uses AMX and AVX-512 VNNI where the CPU has
-them (perf/RESULTS.md, 2026-12-04, session 13).
+kernels (TOKENWISE_KERNELS): fbgemm's, the fast one on AVX2 without VNNI (perf/RESULTS.md,
+2026-12-03), and oneDNN's, which uses AMX and AVX-512 VNNI where the CPU has them
+(perf/RESULTS.md, 2026-12-04, session 13).
 
-Activations: a dynamic product takes one range for all the rows of a call, so one row with
-large activations (LLMs put some at a prompt's first token and at delimiters) would coarsen
-every other row of the call, another segment's or stream's included. TokenwiseInt8Linear
-divides each row by its own largest magnitude, so every row's range is [-1, 1] and its integers
-depend on that row alone (on fbgemm one added row holding -1 and 1, its product dropped, sets
-the call's range; oneDNN is given the integers); the product is scaled back row by row. A row
-therefore gives the same output alone or with others.
+Activations: torch's dynamic int8 layer takes one range for all the rows of a call, so one row
+with large activations (LLMs put some at a prompt's first token and at delimiters) would
+coarsen every other row of the call, another segment's or stream's included.
+TokenwiseInt8Linear divides each row by its own largest magnitude and quantizes the call on the
+fixed range [-1, 1] (uint8, 255 steps around 128), so a row's integers depend on that row
+alone; the product is scaled back row by row. A row therefore gives the same output alone or
+with others.
 
 Bits: AVX2 multiplies uint8 activations by int8 weights and adds each pair of products in 16
 bits, saturating, and 255 x 127 x 2 does not fit. fbgemm's own remedy (reduce_range) takes the
@@ -98,11 +98,6 @@ class TokenwiseInt8Linear(torch.nn.Module):
                                                                  self.weight_zero_points, 0)
         with _fbgemm_packing():
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
-        # Added below the rows scaled into [-1, 1]: fbgemm's dynamic range for the call is
-        # [-1, 1] whatever the rows. (Two extra weight columns would do it too, but fbgemm pads
-        # the packed weights to a block: +50 % for 1024 inputs.)
-        self.range_row = torch.zeros(1, linear.in_features)
-        self.range_row[0, :2] = torch.tensor([-1.0, 1.0])
 
     def weight(self) -> torch.Tensor:
         """The int8 weights (a per-channel quantized tensor)."""
@@ -117,8 +112,7 @@ class TokenwiseInt8Linear(torch.nn.Module):
         if self.kernel == "onednn":
             return _scripted(_onednn_product)(x, self.packed, self.unit_scales, self.weight_zero_points,
                                               self.column_scales, self.bias, self.in_features, self.out_features)
-        return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.range_row, self.in_features,
-                                          self.out_features)
+        return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -132,12 +126,12 @@ def _row_scales(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _fbgemm_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
-                    bias: Optional[torch.Tensor], range_row: torch.Tensor, in_features: int,
-                    out_features: int) -> torch.Tensor:
+                    bias: Optional[torch.Tensor], in_features: int, out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
     scale = _row_scales(rows)
-    # reduce_range off: 8-bit activations, room made by the weights' 63 levels (module docstring).
-    y = torch.ops.quantized.linear_dynamic(torch.cat([rows / scale, range_row]), packed, False)[:-1]
+    # The rows on [-1, 1] in 8 bits (no reduce_range: the weights' 63 levels make the room,
+    # module docstring), quantized by fbgemm on that fixed range.
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows / scale, 2.0 / 255.0, 128, packed)
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
 
@@ -147,8 +141,8 @@ def _onednn_product(x: torch.Tensor, packed: torch.Tensor, unit_scales: torch.Te
                     in_features: int, out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
     scale = _row_scales(rows)
-    # Each row on [-1, 1] as uint8 around 128, 255 steps over the range: what a dynamic
-    # product's own quantization makes of [-1, 1].
+    # Each row on [-1, 1] as uint8 around 128, 255 steps over the range, as fbgemm quantizes
+    # it (_fbgemm_product).
     steps = (rows / scale).mul_(127.5).round_().add_(128.0).clamp_(0.0, 255.0).to(torch.uint8)
     sums = torch.ops.onednn.qlinear_pointwise(steps, 1.0, 128, packed, unit_scales, weight_zero_points, None,
                                               1.0, 0, torch.float32, "none", [], "")
