@@ -120,6 +120,15 @@ async def run_level(engine_name, concurrency, per_client, setup: Setup, engine=N
     return Row(engine_name, concurrency, len(segments), time.perf_counter() - start, latencies)
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a count of segments, 1 or more (the baseline and the agreement
+    figures are ratios over them)."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
+
+
 def run_funasr(recognizer, count: int, seconds: float, precision: str) -> Row:
     """FunASRNano.inference, the call AutoModel.generate makes, one segment at a time."""
     # FunASR casts the LLM to kwargs' llm_dtype (named as our precisions) on every call: the
@@ -273,8 +282,8 @@ def main() -> None:
     # second pass in steady state).
     parser.add_argument("--segments-per-client", type=int, default=3)
     parser.add_argument("--segment-seconds", type=float, default=DEFAULT_SEGMENT_SECONDS)
-    parser.add_argument("--funasr-segments", type=int, default=3)
-    parser.add_argument("--agreement-segments", type=int, default=16,
+    parser.add_argument("--funasr-segments", type=at_least_one, default=3)
+    parser.add_argument("--agreement-segments", type=at_least_one, default=16,
                         help="segments on which a precision other than fp32 is compared with fp32")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens per segment (default: a real transcript's for --segment-seconds, "
