@@ -7,9 +7,9 @@ Activations: torch's dynamic int8 layer takes one range for all the rows of a ca
 with large activations (LLMs put some at a prompt's first token and at delimiters) would
 coarsen every other row of the call, another segment's or stream's included.
 TokenwiseInt8Linear divides each row by its own largest magnitude and quantizes the call on the
-fixed range [-1, 1] (uint8, 255 steps around 128), so a row's integers depend on that row
-alone; the product is scaled back row by row. A row therefore gives the same output alone or
-with others.
+fixed range [-1, 1] (on fbgemm as uint8 around 128, 2/255 a step; on oneDNN as int8 on
+-127..127), so a row's integers depend on that row alone; the product is scaled back row by
+row. A row therefore gives the same output alone or with others.
 
 Bits: AVX2 multiplies uint8 activations by int8 weights and adds each pair of products in 16
 bits, saturating, and 255 x 127 x 2 does not fit. fbgemm's own remedy (reduce_range) takes the
@@ -85,12 +85,6 @@ class TokenwiseInt8Linear(torch.nn.Module):
             # oneDNN's own packing: torch's linear_prepack on its oneDNN engine keeps the int8
             # weights a second time beside the packed ones (for unpack).
             self.packed = torch.ops.onednn.qlinear_prepack(weights, None)
-            # The kernel is given unit scales and returns its integer sums; the scales are
-            # applied here, because oneDNN's own scaling rounds differently for a few rows than
-            # for many, and a row must give the same bits in any batch. A row's step is 1/127.5
-            # (_onednn_product).
-            self.unit_scales = torch.ones(rows)
-            self.column_scales = self.weight_scales / 127.5
             return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
@@ -110,8 +104,8 @@ class TokenwiseInt8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "onednn":
-            return _scripted(_onednn_product)(x, self.packed, self.unit_scales, self.weight_zero_points,
-                                              self.column_scales, self.bias, self.in_features, self.out_features)
+            return _scripted(_onednn_product)(x, self.packed, self.weight_scales, self.weight_zero_points, self.bias,
+                                              self.in_features, self.out_features)
         return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
@@ -136,17 +130,19 @@ def _fbgemm_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPacke
     return y.view(x.shape[:-1] + [out_features])
 
 
-def _onednn_product(x: torch.Tensor, packed: torch.Tensor, unit_scales: torch.Tensor,
-                    weight_zero_points: torch.Tensor, column_scales: torch.Tensor, bias: Optional[torch.Tensor],
-                    in_features: int, out_features: int) -> torch.Tensor:
+def _onednn_product(x: torch.Tensor, packed: torch.Tensor, weight_scales: torch.Tensor,
+                    weight_zero_points: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
+                    out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
     scale = _row_scales(rows)
-    # Each row on [-1, 1] as uint8 around 128, 255 steps over the range, as fbgemm quantizes
-    # it (_fbgemm_product).
-    steps = (rows / scale).mul_(127.5).round_().add_(128.0).clamp_(0.0, 255.0).to(torch.uint8)
-    sums = torch.ops.onednn.qlinear_pointwise(steps, 1.0, 128, packed, unit_scales, weight_zero_points, None,
-                                              1.0, 0, torch.float32, "none", [], "")
-    y = sums.mul_(column_scales)
+    # Each row on [-1, 1] as int8 on -127..127 (zero point 0: oneDNN adds no correction for
+    # one). The kernel scales its integer sums by the weights' scales alone, one multiplication
+    # whatever the batch; with a row's scale in it too, oneDNN rounded the outputs of 1-4 rows
+    # differently from many, and a row must give the same bits in any batch.
+    steps = (rows / scale).mul_(127.0).round_().to(torch.int8)
+    y = torch.ops.onednn.qlinear_pointwise(steps, 1.0, 0, packed, weight_scales, weight_zero_points, None, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    scale = scale / 127.0
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
 
