@@ -44,8 +44,8 @@ def int8_per_output_channel(weight: torch.Tensor, levels: int = 127) -> tuple[to
     return torch.round(weight / scale).clamp(-levels, levels).to(torch.int8), scale
 
 
-# The kernels, by the name of torch's quantized engine they run on, and the levels their int8
-# weights keep (module docstring).
+# The kernels (torch's int8 libraries), and the levels their int8 weights keep (module
+# docstring).
 TOKENWISE_KERNELS = {"fbgemm": 63, "onednn": 127}
 
 
@@ -205,9 +205,8 @@ def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...]) ->
     weights are quantized per output channel and the input per row, so each slice equals its
     layer's own TokenwiseInt8Linear bit for bit. The product is computed by the first slice
     called with an input (again for another input) and dropped when `module`'s forward ends.
-    On fbgemm only: oneDNN's float epilogue differs with the stacked shape, so its slices would
-    not keep their own layers' bits (and the torch int8 LLM, the one user, is faster on fbgemm
-    one token a time)."""
+    On fbgemm only: the torch int8 LLM, the one user, is faster on fbgemm one token a time (and
+    oneDNN's dynamic product, measured in session 13, rounded stacked shapes differently)."""
     linears = [getattr(module, name) for name in names]
     for name, layer in zip(names, linears):
         if type(layer) is not torch.nn.Linear or layer.weight.dtype != torch.float32:
