@@ -9,7 +9,9 @@ coarsen every other row of the call, another segment's or stream's included.
 TokenwiseInt8Linear divides each row by its own largest magnitude and quantizes the call on the
 fixed range [-1, 1] (on fbgemm as uint8 around 128, 2/255 a step; on oneDNN as int8 on
 -127..127), so a row's integers depend on that row alone; the product is scaled back row by
-row. A row therefore gives the same output alone or with others.
+row. A row therefore gives the same output alone or with others. On oneDNN that per-row work
+runs in C (row_kernels: one pass per row, 1.2-1.3x a first-pass round on AMX) where a C
+compiler is at hand, else as torch's operations, with the same bits either way.
 
 Bits: AVX2 multiplies uint8 activations by int8 weights and adds each pair of products in 16
 bits, saturating, and 255 x 127 x 2 does not fit. fbgemm's own remedy (reduce_range) takes the
@@ -33,6 +35,8 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+
+from twopass_asr.kernels.row_kernels import row_kernels
 
 
 def int8_per_output_channel(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +86,7 @@ class TokenwiseInt8Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if kernel == "onednn":
+            row_kernels()  # compiled at load, not in a first request
             # oneDNN's own packing: torch's linear_prepack on its oneDNN engine keeps the int8
             # weights a second time beside the packed ones (for unpack).
             self.packed = torch.ops.onednn.qlinear_prepack(weights, None)
@@ -103,10 +108,16 @@ class TokenwiseInt8Linear(torch.nn.Module):
                                                             self.weight_zero_points, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "onednn":
+        if self.kernel == "fbgemm":
+            return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.in_features, self.out_features)
+        kernels = row_kernels()
+        if kernels is None or x.dtype != torch.float32:
             return _scripted(_onednn_product)(x, self.packed, self.weight_scales, self.weight_zero_points, self.bias,
                                               self.in_features, self.out_features)
-        return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.in_features, self.out_features)
+        steps, scales = kernels.quantize_rows(x.reshape(-1, self.in_features).contiguous())
+        y = _onednn_kernel(steps, self.packed, self.weight_scales, self.weight_zero_points)
+        kernels.scale_rows_(y, scales, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -117,6 +128,16 @@ def _row_scales(rows: torch.Tensor) -> torch.Tensor:
     """Each row's largest magnitude, at least float32's smallest normal number: an all-zero row
     (left padding) stays zero, not 0/0."""
     return rows.abs().amax(1, keepdim=True).clamp_(min=1.1754943508222875e-38)
+
+
+def _onednn_kernel(steps: torch.Tensor, packed: torch.Tensor, weight_scales: torch.Tensor,
+                   weight_zero_points: torch.Tensor) -> torch.Tensor:
+    """oneDNN's product of int8 steps on -127..127 (zero point 0: oneDNN adds no correction for
+    one). It scales its integer sums by the weights' scales alone, one multiplication whatever
+    the batch; with a row's scale in it too, oneDNN rounded the outputs of 1-4 rows differently
+    from many, and a row must give the same bits in any batch."""
+    return torch.ops.onednn.qlinear_pointwise(steps, 1.0, 0, packed, weight_scales, weight_zero_points, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
 
 
 def _fbgemm_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
@@ -135,13 +156,7 @@ def _onednn_product(x: torch.Tensor, packed: torch.Tensor, weight_scales: torch.
                     out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
     scale = _row_scales(rows)
-    # Each row on [-1, 1] as int8 on -127..127 (zero point 0: oneDNN adds no correction for
-    # one). The kernel scales its integer sums by the weights' scales alone, one multiplication
-    # whatever the batch; with a row's scale in it too, oneDNN rounded the outputs of 1-4 rows
-    # differently from many, and a row must give the same bits in any batch.
-    steps = (rows / scale).mul_(127.0).round_().to(torch.int8)
-    y = torch.ops.onednn.qlinear_pointwise(steps, 1.0, 0, packed, weight_scales, weight_zero_points, None, 1.0, 0,
-                                           torch.float32, "none", [], "")
+    y = _onednn_kernel((rows / scale).mul_(127.0).round_().to(torch.int8), packed, weight_scales, weight_zero_points)
     scale = scale / 127.0
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
@@ -149,8 +164,9 @@ def _onednn_product(x: torch.Tensor, packed: torch.Tensor, weight_scales: torch.
 
 @functools.cache
 def _scripted(product):
-    """A product compiled by TorchScript (deprecated, as the quantized tensors): its ten small
-    operations per layer cost a decode step 15-20 % more from Python."""
+    """A product in torch's operations (fbgemm's; oneDNN's where row_kernels cannot be had)
+    compiled by TorchScript (deprecated, as the quantized tensors): its ten small operations per
+    layer cost a decode step 15-20 % more from Python."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
         return torch.jit.script(product)

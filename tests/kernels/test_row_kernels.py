@@ -1,0 +1,123 @@
+"""The per-row work around the int8 products on oneDNN in C (twopass_asr.kernels.row_kernels):
+the same bits as torch's operations it replaces, compiled once per source and CPU, and torch's
+operations kept where no compiler is at hand."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+import pytest
+import torch
+
+from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
+from twopass_asr.kernels import row_kernels as row_kernels_module
+from twopass_asr.kernels.row_kernels import compile_row_kernels, row_kernels
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, _onednn_product, _row_scales, _scripted
+
+ONEDNN = [p for p in TOKENWISE_KERNEL_PARAMS if p.values == ("onednn",)]
+
+
+def awkward_rows(count: int, columns: int) -> torch.Tensor:
+    """Gaussian rows with what a pass over rows gets wrong: an all-zero row (padding), negative
+    zeros, a row 1000x the others, a row of steps at exactly k + 1/2 (ties, which torch rounds
+    to even; 1.0 sets that row's scale)."""
+    x = torch.randn(count, columns, generator=torch.Generator().manual_seed(count * columns))
+    x[0] = 0.0
+    x[1, ::2] = -0.0
+    x[2] *= 1000
+    ties = (torch.arange(columns) % 252 - 125.5) / 127
+    ties[0] = 1.0
+    x[3] = ties
+    return x
+
+
+@pytest.fixture
+def compiled():
+    kernels = row_kernels()
+    assert kernels is not None, "row_scaling.c did not compile (is there a C compiler? see the warning logged)"
+    return kernels
+
+
+@pytest.mark.parametrize("count, columns", [(4, 37), (5, 256), (33, 512), (200, 2048)])
+def test_the_c_kernels_give_the_bits_of_torchs_operations(compiled, count, columns):
+    x = awkward_rows(count, columns)
+    steps, scales = compiled.quantize_rows(x)
+    scale = _row_scales(x)
+    assert torch.equal(scales, scale.flatten())
+    assert torch.equal(steps, (x / scale).mul_(127.0).round_().to(torch.int8))
+
+    products = torch.randn(count, columns + 3) * 1000
+    bias = torch.randn(columns + 3)
+    for with_bias in (bias, None):
+        scaled = products.clone()
+        compiled.scale_rows_(scaled, scales, with_bias)  # in place
+        expected = products * (scale / 127.0) if with_bias is None else torch.addcmul(bias, products, scale / 127.0)
+        assert torch.equal(scaled, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kernel", ONEDNN)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_onednn_layer_gives_the_bits_of_torchs_operations(compiled, kernel, bias):
+    layer = TokenwiseInt8Linear(torch.nn.Linear(512, 2048, bias=bias), kernel)
+
+    def torch_operations(x: torch.Tensor) -> torch.Tensor:
+        return _scripted(_onednn_product)(x, layer.packed, layer.weight_scales, layer.weight_zero_points, layer.bias,
+                                          layer.in_features, layer.out_features)
+
+    for count in (4, 33, 200):
+        x = awkward_rows(count, 512)
+        assert torch.equal(layer(x), torch_operations(x)), f"{count} rows"
+    three_d = awkward_rows(12, 512).view(3, 4, 512)
+    assert torch.equal(layer(three_d), torch_operations(three_d))
+    transposed = awkward_rows(512, 6).t()  # not contiguous: copied first
+    assert torch.equal(layer(transposed), torch_operations(transposed))
+
+
+def test_the_kernels_refuse_what_they_cannot_read(compiled):
+    with pytest.raises(ValueError, match="contiguous 2-D float32"):
+        compiled.quantize_rows(torch.zeros(4, 6).t())
+    with pytest.raises(ValueError, match="contiguous 2-D float32"):
+        compiled.quantize_rows(torch.zeros(4, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="scales must be 4"):
+        compiled.scale_rows_(torch.zeros(4, 6), torch.ones(3), None)
+    with pytest.raises(ValueError, match="bias must be 6"):
+        compiled.scale_rows_(torch.zeros(4, 6), torch.ones(4), torch.zeros(5))
+
+
+def test_the_library_is_compiled_once_for_a_source_and_cpu(tmp_path):
+    compile_row_kernels(tmp_path, ["cc"])
+    built = sorted(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    modified = built[0].stat().st_mtime_ns
+    kernels = compile_row_kernels(tmp_path, ["cc"])
+    assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == modified
+    steps, scales = kernels.quantize_rows(torch.tensor([[0.5, -1.0, 0.25, 62.5 / 127]]))
+    assert steps.tolist() == [[64, -127, 32, 62]] and scales.tolist() == [1.0]  # 63.5 and 62.5: to even
+
+
+def test_a_failed_compile_leaves_no_file(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError):
+        compile_row_kernels(tmp_path, ["cc", "-include", "/nonexistent/header.h"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@torch.no_grad()
+def test_without_a_compiler_the_layers_keep_torchs_operations(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(row_kernels_module.CACHE_ENV, str(tmp_path / "cache"))
+    row_kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=row_kernels_module.__name__):
+            assert row_kernels() is None
+            assert row_kernels() is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "no-such-compiler" in warnings[0] and "torch's per-row operations" in warnings[0]
+        if ONEDNN:  # the layers still compute, on torch's operations
+            linear = torch.nn.Linear(64, 32)
+            x = awkward_rows(8, 64)[4:]
+            approximate = TokenwiseInt8Linear(linear, "onednn")(x)
+            assert float((approximate - linear(x)).norm() / linear(x).norm()) < 0.03
+    finally:
+        row_kernels.cache_clear()
