@@ -177,9 +177,12 @@ def test_int8_engine_stays_within_the_measured_bound_of_funasrs_int8_runtime(
 
 def test_int8_is_not_float32(paraformer_export, paraformer_dir, float32_engine, speech_wav):
     """The int8 layers change some text of this random model (else the int8 comparison
-    above would not tell the two apart)."""
+    above would not tell the two apart). Six streams: with the three above (62 chunks) about 6
+    texts differ, but the synthesised speech varies from run to run, and once in about ten
+    local runs none did."""
     options = OPTIONS[0]
-    streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples) for offset in (0, 5000, 13000)]
+    streams = [step_chunks(speech_wav.pcm[offset:], options.step_samples)
+               for offset in (0, 2500, 5000, 9000, 13000, 17000)]
     int8 = recipe_int8(paraformer_dir, int8_export=paraformer_export)
     assert batched_texts(int8, streams, options) != batched_texts(float32_engine, streams, options)
 
