@@ -8,7 +8,9 @@ VENV=${TWOPASS_ASR_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*"; }
 
-apt_packages=(espeak-ng sox libb64-0d chromium)
+# gcc and libc6-dev: the C compiler the int8 row kernels are built with at load
+# (twopass_asr/kernels/row_kernels.py).
+apt_packages=(espeak-ng sox libb64-0d chromium gcc libc6-dev)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
