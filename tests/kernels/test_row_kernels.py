@@ -89,11 +89,12 @@ def test_the_kernels_refuse_what_they_cannot_read(compiled):
 
 def test_the_library_is_compiled_once_for_a_source_and_cpu(tmp_path):
     compile_row_kernels(tmp_path, ["cc"])
-    built = sorted(tmp_path.iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
-    modified = built[0].stat().st_mtime_ns
+    built = sorted(tmp_path.rglob("*"))
+    libraries = [path for path in built if path.is_file()]
+    assert len(libraries) == 1 and libraries[0].suffix == ".so"
+    modified = libraries[0].stat().st_mtime_ns
     kernels = compile_row_kernels(tmp_path, ["cc"])
-    assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == modified
+    assert sorted(tmp_path.rglob("*")) == built and libraries[0].stat().st_mtime_ns == modified
     steps, scales = kernels.quantize_rows(torch.tensor([[0.5, -1.0, 0.25, 62.5 / 127]]))
     assert steps.tolist() == [[64, -127, 32, 62]] and scales.tolist() == [1.0]  # 63.5 and 62.5: to even
 

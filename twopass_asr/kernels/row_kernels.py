@@ -12,8 +12,8 @@ would save little, and their calls from Python cost more than they save at a few
 int8 LLM's one token a step): it keeps torch's operations.
 
 Compiled at first use by the system's C compiler ($CC, else cc) with -march=native into the
-kernel cache ($TWOPASS_ASR_KERNEL_CACHE, else the project's .cache/kernels), under a name made
-of the source, the flags, the compiler and the CPU's flags, so another CPU sharing the checkout
+kernel cache ($TWOPASS_ASR_KERNEL_CACHE, else the project's .cache/kernels), keyed by the
+source, the flags, the compiler and the CPU's flags, so another CPU sharing the checkout
 compiles its own. Where that fails (no compiler, say), row_kernels() is None, one warning says
 why, and tokenwise_int8 keeps torch's operations.
 """
@@ -22,23 +22,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import json
 import logging
 import os
 import shlex
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from twopass_asr import REPO_ROOT
 from twopass_asr.kernels.cpu_features import cpu_flags
+from twopass_asr.store.export_cache import cached_export
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("row_scaling.c")
+LIBRARY = "row_scaling.so"
 CACHE_ENV = "TWOPASS_ASR_KERNEL_CACHE"
 # No contraction of a multiply and an add into one rounding: torch's elementwise operations
 # round each (the source asks for the one fused multiply-add addcmul has).
@@ -92,24 +92,17 @@ class RowKernels:
 
 
 def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
-    """row_scaling.c compiled by `compiler` for this CPU into `cache_dir` (reused while source,
-    flags, compiler and CPU are the same) and loaded. Raises OSError or
-    subprocess.CalledProcessError where that fails."""
-    source = SOURCE.read_bytes()
-    key = json.dumps([hashlib.sha256(source).hexdigest(), FLAGS, compiler, sorted(cpu_flags() or ())])
-    library = cache_dir / f"row_scaling-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
-    if not library.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Built beside its place and renamed into it: a concurrent loader never sees half a file.
-        descriptor, staging = tempfile.mkstemp(prefix=".row_scaling-", suffix=".so", dir=cache_dir)
-        os.close(descriptor)
-        try:
-            subprocess.run([*compiler, *FLAGS, "-o", staging, str(SOURCE), "-lm"], check=True, capture_output=True,
-                           text=True, timeout=120)
-            os.replace(staging, library)
-        finally:
-            Path(staging).unlink(missing_ok=True)
-    return RowKernels(ctypes.CDLL(str(library)))
+    """row_scaling.c compiled by `compiler` for this CPU into `cache_dir` (an export of the
+    source, store.export_cache: reused while source, flags, compiler and CPU are the same) and
+    loaded. Raises OSError or subprocess.CalledProcessError where that fails."""
+
+    def build(directory: Path) -> None:
+        subprocess.run([*compiler, *FLAGS, "-o", str(directory / LIBRARY), str(SOURCE), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+
+    depends_on = json.dumps([FLAGS, compiler, sorted(cpu_flags() or ())])
+    built = cached_export(SOURCE, depends_on, cache_dir, lambda directory: (directory / LIBRARY).is_file(), build)
+    return RowKernels(ctypes.CDLL(str(built / LIBRARY)))
 
 
 @functools.cache
