@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.options import DecodeOptions
@@ -245,8 +246,43 @@ def test_bad_input_is_rejected(engine):
         engine.process_batch([stream, engine.new_stream()], [np.zeros(960, np.int16)], [False, False])
 
 
-@pytest.mark.parametrize("settings", [dict(linear_kernel="mlas"), dict(precision="int8", int8_kernel="fbgemm")],
-                         ids=["fp32", "int8-fbgemm"])
+def traced_steps(engine, script: list[ScriptedUtterance], batches: list[list[ScriptedUtterance]]) -> dict[int, list[dict]]:
+    """Each utterance's traced steps, every batch of utterances run as one batch per round."""
+    streams = [engine.new_stream(s.options) for s in script]
+    utterance_of = {id(stream): i for i, stream in enumerate(streams)}
+    steps: dict[int, list[dict]] = {}
+    for round_index in range(max(s.end_round for s in script)):
+        for batch in batches:
+            live = [script.index(s) for s in batch if s.start_round <= round_index < s.end_round]
+            if not live:
+                continue
+            calls = [round_index - script[i].start_round for i in live]
+            trace: list[dict] = []
+            engine.process_batch([streams[i] for i in live], [script[i].chunks[c] for i, c in zip(live, calls)],
+                                 [c == len(script[i].chunks) - 1 for i, c in zip(live, calls)], trace)
+            for step in trace:
+                steps.setdefault(utterance_of[id(step["stream"])], []).append(step)
+    return steps
+
+
+def assert_same_bits(script: list[ScriptedUtterance], steps: dict[int, list[dict]],
+                     reference: dict[int, list[dict]]) -> None:
+    """Every traced step of `steps` has the encoder output, CIF weights and tokens of
+    `reference`'s, bit for bit."""
+    assert steps.keys() == reference.keys() and len(steps) > 10
+    for index, traced in steps.items():
+        assert len(traced) == len(reference[index])
+        for k, (step, expected) in enumerate(zip(traced, reference[index])):
+            where = f"utterance {index} ({script[index].options}), step {k}"
+            assert torch.equal(step["encoder_out"], expected["encoder_out"]), where
+            assert torch.equal(step["alphas"], expected["alphas"]), where
+            assert step["tokens"] == expected["tokens"], where
+    assert sum(len(step["tokens"]) for traced in steps.values() for step in traced) > 20, "too few tokens to compare"
+
+
+@pytest.mark.parametrize("settings", [dict(linear_kernel="mlas")] + [
+    pytest.param(dict(precision="int8", int8_kernel=kernel.values[0]), marks=kernel.marks)
+    for kernel in TOKENWISE_KERNEL_PARAMS], ids=["fp32", "int8-fbgemm", "int8-onednn"])
 def test_a_stream_gets_the_same_bits_alone_or_batched(tiny_model_dir, settings):
     """Batched with streams of other options, positions and chunk lengths (tails and first
     steps among full ones), each step of a stream gives the same encoder output, CIF weights
@@ -256,34 +292,19 @@ def test_a_stream_gets_the_same_bits_alone_or_batched(tiny_model_dir, settings):
         pytest.skip(f"{settings['linear_kernel']} unavailable here")
     engine = BatchedStreamingParaformer(tiny_model_dir, **settings)
     script = make_script(seed=8, n_utterances=20, max_batch=16)
+    assert_same_bits(script, traced_steps(engine, script, [script]), traced_steps(engine, script, [[s] for s in script]))
 
-    def steps_of(batches: list[list[ScriptedUtterance]], rounds: int) -> dict[int, list[dict]]:
-        """Each utterance's traced steps, every batch of utterances run as one batch per round."""
-        streams = [engine.new_stream(s.options) for s in script]
-        utterance_of = {id(stream): i for i, stream in enumerate(streams)}
-        steps: dict[int, list[dict]] = {}
-        for round_index in range(rounds):
-            for batch in batches:
-                live = [script.index(s) for s in batch if s.start_round <= round_index < s.end_round]
-                if not live:
-                    continue
-                calls = [round_index - script[i].start_round for i in live]
-                trace: list[dict] = []
-                engine.process_batch([streams[i] for i in live], [script[i].chunks[c] for i, c in zip(live, calls)],
-                                     [c == len(script[i].chunks) - 1 for i, c in zip(live, calls)], trace)
-                for step in trace:
-                    steps.setdefault(utterance_of[id(step["stream"])], []).append(step)
-        return steps
 
-    rounds = max(s.end_round for s in script)
-    together = steps_of([script], rounds)
-    alone = steps_of([[s] for s in script], rounds)
-    assert together.keys() == alone.keys() and len(together) > 10
-    for index, steps in together.items():
-        assert len(steps) == len(alone[index])
-        for k, (batched, single) in enumerate(zip(steps, alone[index])):
-            where = f"utterance {index} ({script[index].options}), step {k}"
-            assert torch.equal(batched["encoder_out"], single["encoder_out"]), where
-            assert torch.equal(batched["alphas"], single["alphas"]), where
-            assert batched["tokens"] == single["tokens"], where
-    assert sum(len(step["tokens"]) for steps in together.values() for step in steps) > 20, "too few tokens to compare"
+@pytest.mark.parametrize("kernel", TOKENWISE_KERNEL_PARAMS)
+def test_the_fused_int8_encoder_gives_the_bits_of_torchs_layers(tiny_model_dir, kernel):
+    """The per-token int8 engine runs its encoder layers fused (twopass_asr.first_pass.
+    fused_encoder: the work between the products in C passes); each step of each stream, batched
+    with others, equals what the same engine gives with torch's layers, bit for bit."""
+    engine = BatchedStreamingParaformer(tiny_model_dir, precision="int8", int8_kernel=kernel)
+    fused = engine.fused_encoder
+    assert fused is not None, "the fused encoder did not apply (did row_scaling.c compile?)"
+    script = make_script(seed=9, n_utterances=16, max_batch=8)
+    fused_steps = traced_steps(engine, script, [script])
+    engine.fused_encoder = None
+    assert_same_bits(script, fused_steps, traced_steps(engine, script, [script]))
+    assert BatchedStreamingParaformer(tiny_model_dir, precision="fp32").fused_encoder is None

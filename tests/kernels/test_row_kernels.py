@@ -1,6 +1,6 @@
-"""The per-row work around the int8 products on oneDNN in C (twopass_asr.kernels.row_kernels):
-the same bits as torch's operations it replaces, compiled once per source and CPU, and torch's
-operations kept where no compiler is at hand."""
+"""The per-row work around the int8 products, and the first pass's fused encoder passes, in C
+(twopass_asr.kernels.row_kernels): the same bits as torch's operations they replace, compiled
+once per source and CPU, and torch's operations kept where no compiler is at hand."""
 
 from __future__ import annotations
 
@@ -57,6 +57,60 @@ def test_the_c_kernels_give_the_bits_of_torchs_operations(compiled, count, colum
         assert torch.equal(scaled, expected)
 
 
+@pytest.mark.parametrize("columns", [37, 512, 2048])
+def test_the_fused_passes_give_the_bits_of_torchs_operations(compiled, columns):
+    """The passes the first pass's fused encoder makes (twopass_asr.first_pass.fused_encoder),
+    against the torch operations of the layer they replace, in both input forms."""
+    x = awkward_rows(9, columns)
+    scale = _row_scales(x)
+    quotients, scales = compiled.quantize_rows(x, "quotients")
+    assert torch.equal(scales, scale.flatten()) and torch.equal(quotients, x / scale)
+
+    products = awkward_rows(9, columns) * 300
+    bias = torch.randn(columns)
+    for divisor in (127.0, 1.0):
+        for with_bias in (bias, None):
+            factor = scale / divisor
+            scaled = products * factor if with_bias is None else torch.addcmul(with_bias, products, factor)
+            hidden = torch.relu(scaled)
+            hidden_scale = _row_scales(hidden)
+            for form, expected in (("steps", (hidden / hidden_scale).mul_(127.0).round_().to(torch.int8)),
+                                   ("quotients", hidden / hidden_scale)):
+                y = products.clone()
+                product_input, next_scales = compiled.scale_relu_quantize_rows(y, scales, with_bias, divisor, form)
+                assert torch.equal(y, hidden), (divisor, form)  # ReLU's output left in place
+                assert torch.equal(next_scales, hidden_scale.flatten()) and torch.equal(product_input, expected)
+
+            residual, addend = torch.randn(9, columns), torch.randn(9, columns)
+            for extra in (addend, None):
+                out = residual.clone()
+                compiled.add_scaled_rows_(out, products, scales, with_bias, divisor, extra)
+                assert torch.equal(out, residual + (scaled if extra is None else scaled + extra)), (divisor, extra)
+
+
+@pytest.mark.parametrize("batch, time, left", [(1, 20, 5), (5, 13, 5), (3, 7, 10), (4, 9, 0)])
+def test_the_fsmn_memory_gives_the_bits_of_torchs_depthwise_convolution(compiled, batch, time, left):
+    """FunASR's FSMN memory over a padded batch (values zeroed after each stream's length, a
+    depthwise convolution padded to keep the length, plus the values), from the value columns
+    of a wider projection, as the encoder layer computes it in torch."""
+    generator = torch.Generator().manual_seed(batch * time + left)
+    columns, width = 48, 11
+    projection = torch.randn(batch, time, 3 * columns, generator=generator)
+    projection[0, 0, 2 * columns:2 * columns + 4] = -0.0
+    lengths = torch.randint(1, time + 1, (batch,), generator=generator)
+    lengths[0] = time
+    conv = torch.nn.Conv1d(columns, columns, width, groups=columns, bias=False)
+    pad = torch.nn.ConstantPad1d((left, width - 1 - left), 0.0)
+    values = projection[..., 2 * columns:]
+    with torch.no_grad():
+        masked = values * (torch.arange(time)[None, :] < lengths[:, None])[..., None].float()
+        expected = conv(pad(masked.transpose(1, 2))).transpose(1, 2) + masked
+    taps = conv.weight.detach()[:, 0, :].t().contiguous()
+    got_masked, memory = compiled.fsmn_memory(values, lengths, taps, left)
+    assert torch.equal(got_masked, masked) and torch.equal(got_masked.signbit(), masked.signbit())
+    assert torch.equal(memory, expected)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("kernel", ONEDNN)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -85,6 +139,17 @@ def test_the_kernels_refuse_what_they_cannot_read(compiled):
         compiled.scale_rows_(torch.zeros(4, 6), torch.ones(3), None)
     with pytest.raises(ValueError, match="bias must be 6"):
         compiled.scale_rows_(torch.zeros(4, 6), torch.ones(4), torch.zeros(5))
+    with pytest.raises(ValueError, match="input form must be one of steps, quotients"):
+        compiled.quantize_rows(torch.zeros(4, 6), "int4")
+    with pytest.raises(ValueError, match="addend must be 4 x 6"):
+        compiled.add_scaled_rows_(torch.zeros(4, 6), torch.zeros(4, 6), torch.ones(4), None, 1.0, torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="lengths must be 2"):
+        compiled.fsmn_memory(torch.zeros(2, 3, 6), torch.ones(3, dtype=torch.int64), torch.zeros(3, 6), 1)
+    with pytest.raises(ValueError, match="left < width"):
+        compiled.fsmn_memory(torch.zeros(2, 3, 6), torch.ones(2, dtype=torch.int64), torch.zeros(3, 6), 3)
+    with pytest.raises(ValueError, match="contiguous columns"):
+        compiled.fsmn_memory(torch.zeros(2, 6, 3).transpose(1, 2), torch.ones(2, dtype=torch.int64),
+                             torch.zeros(3, 6), 1)
 
 
 def test_the_library_is_compiled_once_for_a_source_and_cpu(tmp_path):

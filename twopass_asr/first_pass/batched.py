@@ -33,6 +33,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.first_pass.fused_encoder import FusedInt8EncoderLayers
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
@@ -235,6 +236,8 @@ class BatchedStreamingParaformer:
 
         encoder, decoder = self.model.encoder, self.model.decoder
         self.encoder_layers = list(encoder.encoders0) + list(encoder.encoders)
+        # Per-token int8 layers take the fused encoder where its C passes compile.
+        self.fused_encoder = FusedInt8EncoderLayers.for_layers(self.encoder_layers)
         self.d_model = encoder.output_size()
         self.input_scale = self.d_model ** 0.5
         attn = self.encoder_layers[0].self_attn
@@ -407,18 +410,13 @@ class BatchedStreamingParaformer:
         states = [s.stream.state.encoder for s in steps]
         look_back = _LookBackBuffer([None if e.keys is None else (e.keys, e.values) for e in states],
                                     len(self.encoder_layers), self.encoder_heads, self.encoder_d_k, valid)
-        valid_f = valid[..., None].to(x.dtype)
-        for index, layer in enumerate(self.encoder_layers):
-            attn = layer.self_attn
-            batch, time, _ = x.shape
-            q, k, v = torch.split(attn.linear_q_k_v(layer.norm1(x)), attn.h * attn.d_k, dim=-1)
-            v = v * valid_f  # FunASR's FSMN sees zeros after each stream's last frame
-            fsmn = attn.fsmn_block(attn.pad_fn(v.transpose(1, 2))).transpose(1, 2) + v
-            q_h, k_h, v_h = (t.reshape(batch, time, attn.h, attn.d_k).transpose(1, 2) for t in (q, k, v))
-            look_back.write(index, k_h, v_h)
-            attended = attn.linear_out(look_back.attend(index, q_h, attn.d_k)) + fsmn
-            x = x + attended if layer.in_size == layer.size else attended
-            x = x + layer.feed_forward(layer.norm2(x))
+        if self.fused_encoder is not None:
+            for index in range(len(self.encoder_layers)):
+                x = self.fused_encoder.forward(index, x, lengths, look_back)
+        else:
+            valid_f = valid[..., None].to(x.dtype)
+            for index, layer in enumerate(self.encoder_layers):
+                x = self._encoder_layer(index, layer, x, valid_f, look_back)
         x = self.model.encoder.after_norm(x)
 
         for i, (s, enc) in enumerate(zip(steps, states)):
@@ -436,6 +434,21 @@ class BatchedStreamingParaformer:
                 enc.keys = _concat_last(old_k, fresh_k, history * c1, 2)
                 enc.values = _concat_last(old_v, fresh_v, history * c1, 2)
         return x
+
+    @staticmethod
+    def _encoder_layer(index, layer, x, valid_f, look_back) -> torch.Tensor:
+        """FunASR's SANM encoder layer over a padded batch (valid_f: 1.0 at each stream's frames,
+        0.0 after them); FusedInt8EncoderLayers computes the same in int8 with fewer passes."""
+        attn = layer.self_attn
+        batch, time, _ = x.shape
+        q, k, v = torch.split(attn.linear_q_k_v(layer.norm1(x)), attn.h * attn.d_k, dim=-1)
+        v = v * valid_f  # FunASR's FSMN sees zeros after each stream's last frame
+        fsmn = attn.fsmn_block(attn.pad_fn(v.transpose(1, 2))).transpose(1, 2) + v
+        q_h, k_h, v_h = (t.reshape(batch, time, attn.h, attn.d_k).transpose(1, 2) for t in (q, k, v))
+        look_back.write(index, k_h, v_h)
+        attended = attn.linear_out(look_back.attend(index, q_h, attn.d_k)) + fsmn
+        x = x + attended if layer.in_size == layer.size else attended
+        return x + layer.feed_forward(layer.norm2(x))
 
     def _cif(self, encoder_out, valid, lengths, steps) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CifPredictorV2.forward_chunk for the batch: returns the raw per-frame weights and

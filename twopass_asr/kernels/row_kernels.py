@@ -1,15 +1,16 @@
-"""The per-row work around tokenwise_int8's int8 products on oneDNN (each row's largest
-magnitude, its quantization, the output's scaling back), compiled from row_scaling.c for this
-CPU.
+"""The per-row work around tokenwise_int8's int8 products (each row's largest magnitude, its
+quantization, the output's scaling back), and the elementwise passes of the first pass's fused
+encoder layers (twopass_asr.first_pass.fused_encoder), compiled from row_scaling.c for this CPU.
 
 torch does each as several full passes over the rows (abs, amax, divide, multiply, round, cast;
 the scaled output into a new tensor), and in a 46-stream first-pass round on AMX they took
 twice the CPU of the int8 products themselves (perf/RESULTS.md, 2026-12-04, session 14). The C
 functions make one pass per row while it is in cache and scale the output in place, with the
 same bits as torch's operations; the call releases the GIL, so the first pass's worker threads
-overlap there too. fbgemm's product quantizes its float input itself, so there the C functions
-would save little, and their calls from Python cost more than they save at a few rows (the torch
-int8 LLM's one token a step): it keeps torch's operations.
+overlap there too. A TokenwiseInt8Linear on fbgemm keeps torch's operations: fbgemm's product
+quantizes its float input itself, so there the C functions would save little, and their calls
+from Python cost more than they save at a few rows (the torch int8 LLM's one token a step). The
+fused encoder uses them on both kernels: it saves the passes between the products as well.
 
 Compiled at first use by the system's C compiler ($CC, else cc) with -march=native into the
 kernel cache ($TWOPASS_ASR_KERNEL_CACHE, else the project's .cache/kernels), keyed by the
@@ -42,6 +43,8 @@ LIBRARY = "row_scaling.so"
 CACHE_ENV = "TWOPASS_ASR_KERNEL_CACHE"
 # No contraction of a multiply and an add into one rounding: torch's elementwise operations
 # round each (the source asks for the one fused multiply-add addcmul has).
+# A product's input forms (RowKernels), and their element types.
+INPUT_FORMS = {"steps": torch.int8, "quotients": torch.float32}
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 
 
@@ -55,40 +58,116 @@ def _compiler() -> list[str]:
 
 class RowKernels:
     """row_scaling.c's functions on torch tensors. Each checks what it is given: the C code
-    trusts its pointers and sizes."""
+    trusts its pointers and sizes.
+
+    A product's input comes in one of the two forms of INPUT_FORMS (row_scaling.c): "steps",
+    int8 on -127..127 (oneDNN), or "quotients", float32 (fbgemm)."""
 
     def __init__(self, library: ctypes.CDLL):
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         self._quantize = library.quantize_rows
-        self._quantize.argtypes = [pointer, size, size, pointer, pointer]
+        self._quantize.argtypes = [pointer, size, size, pointer, pointer, pointer]
         self._scale = library.scale_rows
-        self._scale.argtypes = [pointer, size, size, pointer, pointer]
-        for function in (self._quantize, self._scale):
+        self._scale.argtypes = [pointer, size, size, pointer, real, pointer]
+        self._scale_relu_quantize = library.scale_relu_quantize_rows
+        self._scale_relu_quantize.argtypes = [pointer, size, size, pointer, real, pointer, pointer, pointer, pointer]
+        self._add_scaled = library.add_scaled_rows
+        self._add_scaled.argtypes = [pointer, pointer, size, size, pointer, real, pointer, pointer]
+        self._fsmn = library.fsmn_memory
+        self._fsmn.argtypes = [pointer, size, size, size, size, pointer, pointer, size, size, pointer, pointer]
+        for function in (self._quantize, self._scale, self._scale_relu_quantize, self._add_scaled, self._fsmn):
             function.restype = None
 
     @staticmethod
-    def _check_rows(x: torch.Tensor) -> tuple[int, int]:
+    def _check_rows(x: torch.Tensor, name: str = "rows") -> tuple[int, int]:
         if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
-            raise ValueError(f"rows must be a contiguous 2-D float32 CPU tensor, got {x.dtype} {tuple(x.shape)} "
+            raise ValueError(f"{name} must be a contiguous 2-D float32 CPU tensor, got {x.dtype} {tuple(x.shape)} "
                              f"on {x.device}{'' if x.is_contiguous() else ', not contiguous'}")
         return x.shape[0], x.shape[1]
 
-    def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 steps on -127..127 of each row over its largest magnitude, the magnitudes [rows])."""
-        rows, columns = self._check_rows(x)
-        steps, scales = torch.empty((rows, columns), dtype=torch.int8), torch.empty(rows)
-        self._quantize(x.data_ptr(), rows, columns, steps.data_ptr(), scales.data_ptr())
-        return steps, scales
+    @staticmethod
+    def _check_vector(values: torch.Tensor | None, size: int, name: str) -> None:
+        if values is not None and (values.shape != (size,) or values.dtype != torch.float32
+                                   or not values.is_contiguous()):
+            raise ValueError(f"{name} must be {size} contiguous float32 values, got {values.dtype} "
+                             f"{tuple(values.shape)}")
 
-    def scale_rows_(self, y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """In place: y's rows (products of quantize_rows' steps) times scales / 127, plus bias."""
+    @staticmethod
+    def _input_buffers(rows: int, columns: int, form: str) -> tuple[torch.Tensor, int | None, int | None]:
+        if form not in INPUT_FORMS:
+            raise ValueError(f"a product's input form must be one of {', '.join(INPUT_FORMS)}, got {form!r}")
+        buffer = torch.empty((rows, columns), dtype=INPUT_FORMS[form])
+        return (buffer, buffer.data_ptr(), None) if form == "steps" else (buffer, None, buffer.data_ptr())
+
+    def quantize_rows(self, x: torch.Tensor, form: str = "steps") -> tuple[torch.Tensor, torch.Tensor]:
+        """(each row over its largest magnitude as a product's input in `form`, the magnitudes
+        [rows])."""
+        rows, columns = self._check_rows(x)
+        product_input, steps, quotients = self._input_buffers(rows, columns, form)
+        scales = torch.empty(rows)
+        self._quantize(x.data_ptr(), rows, columns, steps, quotients, scales.data_ptr())
+        return product_input, scales
+
+    def scale_rows_(self, y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                    divisor: float = 127.0) -> None:
+        """In place: y's rows (a product of quantize_rows' input) times scales / divisor, plus
+        bias."""
         rows, columns = self._check_rows(y)
-        if scales.shape != (rows,) or scales.dtype != torch.float32 or not scales.is_contiguous():
-            raise ValueError(f"scales must be {rows} contiguous float32 values, "
-                             f"got {scales.dtype} {tuple(scales.shape)}")
-        if bias is not None and (bias.shape != (columns,) or bias.dtype != torch.float32 or not bias.is_contiguous()):
-            raise ValueError(f"bias must be {columns} contiguous float32 values, got {bias.dtype} {tuple(bias.shape)}")
-        self._scale(y.data_ptr(), rows, columns, scales.data_ptr(), None if bias is None else bias.data_ptr())
+        self._check_vector(scales, rows, "scales")
+        self._check_vector(bias, columns, "bias")
+        self._scale(y.data_ptr(), rows, columns, scales.data_ptr(), divisor, _pointer(bias))
+
+    def scale_relu_quantize_rows(self, y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                                 divisor: float, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """ReLU(y's rows scaled as scale_rows_ does) as the next product's input in `form`, and
+        their magnitudes; y is left holding ReLU's output."""
+        rows, columns = self._check_rows(y)
+        self._check_vector(scales, rows, "scales")
+        self._check_vector(bias, columns, "bias")
+        product_input, steps, quotients = self._input_buffers(rows, columns, form)
+        next_scales = torch.empty(rows)
+        self._scale_relu_quantize(y.data_ptr(), rows, columns, scales.data_ptr(), divisor, _pointer(bias), steps,
+                                  quotients, next_scales.data_ptr())
+        return product_input, next_scales
+
+    def add_scaled_rows_(self, x: torch.Tensor, y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                         divisor: float, addend: torch.Tensor | None = None) -> None:
+        """In place: x += (y's rows scaled as scale_rows_ does) + addend."""
+        rows, columns = self._check_rows(x, "x")
+        for name, other in (("y", y), ("addend", addend)):
+            if other is not None and (self._check_rows(other, name) != (rows, columns)):
+                raise ValueError(f"{name} must be {rows} x {columns} like x, got {tuple(other.shape)}")
+        self._check_vector(scales, rows, "scales")
+        self._check_vector(bias, columns, "bias")
+        self._add_scaled(x.data_ptr(), y.data_ptr(), rows, columns, scales.data_ptr(), divisor, _pointer(bias),
+                         _pointer(addend))
+
+    def fsmn_memory(self, values: torch.Tensor, lengths: torch.Tensor, taps: torch.Tensor,
+                    left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SANM encoder's FSMN memory of values [batch, time, columns] (the last dimension
+        contiguous, rows any stride apart), each stream's values zeroed from its length (int64
+        [batch]) on: (the masked values, their depthwise convolution over time by taps [width,
+        columns] with `left` frames of zeros before, plus the masked values), both [batch, time,
+        columns]."""
+        if values.dim() != 3 or values.dtype != torch.float32 or values.device.type != "cpu" \
+                or values.stride(2) != 1 or values.stride(0) != values.shape[1] * values.stride(1):
+            raise ValueError(f"values must be float32 CPU [batch, time, columns] with contiguous columns and "
+                             f"evenly strided rows, got {values.dtype} {tuple(values.shape)} {values.stride()}")
+        batch, time, columns = values.shape
+        if lengths.shape != (batch,) or lengths.dtype != torch.int64 or not lengths.is_contiguous():
+            raise ValueError(f"lengths must be {batch} contiguous int64 values, got {lengths.dtype} {tuple(lengths.shape)}")
+        width = self._check_rows(taps, "taps")[0]
+        if taps.shape[1] != columns or not 0 <= left < width:
+            raise ValueError(f"taps must be [width, {columns}] with 0 <= left < width, got {tuple(taps.shape)}, "
+                             f"left {left}")
+        masked, memory = torch.empty((batch, time, columns)), torch.empty((batch, time, columns))
+        self._fsmn(values.data_ptr(), values.stride(1), batch, time, columns, lengths.data_ptr(), taps.data_ptr(),
+                   width, left, masked.data_ptr(), memory.data_ptr())
+        return masked, memory
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
@@ -119,4 +198,4 @@ def row_kernels() -> RowKernels | None:
         return None
 
 
-__all__ = ["CACHE_ENV", "RowKernels", "compile_row_kernels", "default_cache_dir", "row_kernels"]
+__all__ = ["CACHE_ENV", "INPUT_FORMS", "RowKernels", "compile_row_kernels", "default_cache_dir", "row_kernels"]

@@ -114,10 +114,31 @@ class TokenwiseInt8Linear(torch.nn.Module):
         if kernels is None or x.dtype != torch.float32:
             return _scripted(_onednn_product)(x, self.packed, self.weight_scales, self.weight_zero_points, self.bias,
                                               self.in_features, self.out_features)
-        steps, scales = kernels.quantize_rows(x.reshape(-1, self.in_features).contiguous())
-        y = _onednn_kernel(steps, self.packed, self.weight_scales, self.weight_zero_points)
-        kernels.scale_rows_(y, scales, self.bias)
+        product_input, scales = kernels.quantize_rows(x.reshape(-1, self.in_features).contiguous(), self.input_form)
+        y = self.unscaled_product(product_input)
+        kernels.scale_rows_(y, scales, self.bias, self.scale_divisor)
         return y.view(*x.shape[:-1], self.out_features)
+
+    # The product split in three, for callers that do the per-row work themselves in C
+    # (row_kernels, whose quantize_rows makes the input and scale_rows_ the output): the input's
+    # form, the product of an input in that form, and the divisor of its scaling back.
+
+    @property
+    def input_form(self) -> str:
+        """The form (row_kernels.INPUT_FORMS) of unscaled_product's input: oneDNN takes int8
+        steps, fbgemm float quotients it quantizes itself."""
+        return "steps" if self.kernel == "onednn" else "quotients"
+
+    @property
+    def scale_divisor(self) -> float:
+        return 127.0 if self.kernel == "onednn" else 1.0
+
+    def unscaled_product(self, product_input: torch.Tensor) -> torch.Tensor:
+        """The product of rows already divided by their magnitudes (in input_form), before those
+        are multiplied back in; [rows, out_features]."""
+        if self.kernel == "onednn":
+            return _onednn_kernel(product_input, self.packed, self.weight_scales, self.weight_zero_points)
+        return _fbgemm_quotients_product(product_input, self.packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -140,13 +161,18 @@ def _onednn_kernel(steps: torch.Tensor, packed: torch.Tensor, weight_scales: tor
                                               torch.float32, "none", [], "")
 
 
+def _fbgemm_quotients_product(quotients: torch.Tensor,
+                              packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
+    """fbgemm's product of rows on [-1, 1], quantized by fbgemm to 8 bits on that fixed range (no
+    reduce_range: the weights' 63 levels make the room, module docstring)."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(quotients, 2.0 / 255.0, 128, packed)
+
+
 def _fbgemm_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
                     bias: Optional[torch.Tensor], in_features: int, out_features: int) -> torch.Tensor:
     rows = x.reshape(-1, in_features)
     scale = _row_scales(rows)
-    # The rows on [-1, 1] in 8 bits (no reduce_range: the weights' 63 levels make the room,
-    # module docstring), quantized by fbgemm on that fixed range.
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows / scale, 2.0 / 255.0, 128, packed)
+    y = _fbgemm_quotients_product(rows / scale, packed)
     y = y.mul_(scale) if bias is None else torch.addcmul(bias, y, scale)
     return y.view(x.shape[:-1] + [out_features])
 
