@@ -246,7 +246,8 @@ def test_bad_input_is_rejected(engine):
         engine.process_batch([stream, engine.new_stream()], [np.zeros(960, np.int16)], [False, False])
 
 
-def traced_steps(engine, script: list[ScriptedUtterance], batches: list[list[ScriptedUtterance]]) -> dict[int, list[dict]]:
+def traced_steps(engine, script: list[ScriptedUtterance],
+                 batches: list[list[ScriptedUtterance]]) -> dict[int, list[dict]]:
     """Each utterance's traced steps, every batch of utterances run as one batch per round."""
     streams = [engine.new_stream(s.options) for s in script]
     utterance_of = {id(stream): i for i, stream in enumerate(streams)}
@@ -292,7 +293,8 @@ def test_a_stream_gets_the_same_bits_alone_or_batched(tiny_model_dir, settings):
         pytest.skip(f"{settings['linear_kernel']} unavailable here")
     engine = BatchedStreamingParaformer(tiny_model_dir, **settings)
     script = make_script(seed=8, n_utterances=20, max_batch=16)
-    assert_same_bits(script, traced_steps(engine, script, [script]), traced_steps(engine, script, [[s] for s in script]))
+    alone = traced_steps(engine, script, [[s] for s in script])
+    assert_same_bits(script, traced_steps(engine, script, [script]), alone)
 
 
 @pytest.mark.parametrize("kernel", TOKENWISE_KERNEL_PARAMS)

@@ -155,7 +155,8 @@ class RowKernels:
                              f"evenly strided rows, got {values.dtype} {tuple(values.shape)} {values.stride()}")
         batch, time, columns = values.shape
         if lengths.shape != (batch,) or lengths.dtype != torch.int64 or not lengths.is_contiguous():
-            raise ValueError(f"lengths must be {batch} contiguous int64 values, got {lengths.dtype} {tuple(lengths.shape)}")
+            raise ValueError(f"lengths must be {batch} contiguous int64 values, "
+                             f"got {lengths.dtype} {tuple(lengths.shape)}")
         width = self._check_rows(taps, "taps")[0]
         if taps.shape[1] != columns or not 0 <= left < width:
             raise ValueError(f"taps must be [width, {columns}] with 0 <= left < width, got {tuple(taps.shape)}, "
