@@ -56,18 +56,20 @@ void quantize_rows(const float *x, int64_t rows, int64_t columns, int8_t *steps,
     }
 }
 
+/* One element of a product scaled back: times its row's factor, plus the bias where there is
+ * one (the compiler takes the test out of the loops). */
+static inline float scaled_back(float product, float factor, const float *bias, int64_t column) {
+    return bias ? fmaf(product, factor, bias[column]) : product * factor;
+}
+
 /* In place: each row of a product times (its input row's scale / divisor), plus the bias where
  * there is one. */
 void scale_rows(float *y, int64_t rows, int64_t columns, const float *scales, float divisor, const float *bias) {
     for (int64_t r = 0; r < rows; ++r) {
         float *row = y + r * columns;
         float factor = scales[r] / divisor;
-        if (bias)
-            for (int64_t c = 0; c < columns; ++c)
-                row[c] = fmaf(row[c], factor, bias[c]);
-        else
-            for (int64_t c = 0; c < columns; ++c)
-                row[c] = row[c] * factor;
+        for (int64_t c = 0; c < columns; ++c)
+            row[c] = scaled_back(row[c], factor, bias, c);
     }
 }
 
@@ -78,16 +80,10 @@ void scale_relu_quantize_rows(float *y, int64_t rows, int64_t columns, const flo
     for (int64_t r = 0; r < rows; ++r) {
         float *row = y + r * columns;
         float factor = scales[r] / divisor;
-        if (bias)
-            for (int64_t c = 0; c < columns; ++c) {
-                float value = fmaf(row[c], factor, bias[c]);
-                row[c] = value < 0.0f ? 0.0f : value;
-            }
-        else
-            for (int64_t c = 0; c < columns; ++c) {
-                float value = row[c] * factor;
-                row[c] = value < 0.0f ? 0.0f : value;
-            }
+        for (int64_t c = 0; c < columns; ++c) {
+            float value = scaled_back(row[c], factor, bias, c);
+            row[c] = value < 0.0f ? 0.0f : value;
+        }
         float scale = row_magnitude(row, columns);
         next_scales[r] = scale;
         row_input(row, columns, scale, steps ? steps + r * columns : 0, steps ? 0 : quotients + r * columns);
@@ -104,7 +100,7 @@ void add_scaled_rows(float *x, const float *y, int64_t rows, int64_t columns, co
         const float *extra = addend ? addend + r * columns : 0;
         float factor = scales[r] / divisor;
         for (int64_t c = 0; c < columns; ++c) {
-            float value = bias ? fmaf(row[c], factor, bias[c]) : row[c] * factor;
+            float value = scaled_back(row[c], factor, bias, c);
             if (extra)
                 value = value + extra[c];
             out[c] = out[c] + value;
