@@ -52,7 +52,7 @@ class FusedInt8EncoderLayers:
         batch, time, _ = x.shape
         rows, width = batch * time, attention.h * attention.d_k
 
-        qkv = self._scaled_product(attention.linear_q_k_v, layer.norm1(x).reshape(rows, -1))
+        qkv = attention.linear_q_k_v.product_with_row_kernels(layer.norm1(x).reshape(rows, -1), kernels)
         qkv = qkv.view(batch, time, 3 * width)
         values, memory = kernels.fsmn_memory(qkv[..., 2 * width:], lengths, self.fsmn_taps[index],
                                              self.fsmn_left[index])
@@ -79,12 +79,6 @@ class FusedInt8EncoderLayers:
         kernels.add_scaled_rows_(x.view(rows, width), w_2.unscaled_product(product_input), scales, w_2.bias,
                                  w_2.scale_divisor)
         return x
-
-    def _scaled_product(self, linear: TokenwiseInt8Linear, rows: torch.Tensor) -> torch.Tensor:
-        product_input, scales = self.kernels.quantize_rows(rows, linear.input_form)
-        product = linear.unscaled_product(product_input)
-        self.kernels.scale_rows_(product, scales, linear.bias, linear.scale_divisor)
-        return product
 
 
 def _fusable(layer: torch.nn.Module) -> bool:

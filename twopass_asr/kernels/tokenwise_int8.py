@@ -114,10 +114,18 @@ class TokenwiseInt8Linear(torch.nn.Module):
         if kernels is None or x.dtype != torch.float32:
             return _scripted(_onednn_product)(x, self.packed, self.weight_scales, self.weight_zero_points, self.bias,
                                               self.in_features, self.out_features)
-        product_input, scales = kernels.quantize_rows(x.reshape(-1, self.in_features).contiguous(), self.input_form)
+        return self.product_with_row_kernels(x.reshape(-1, self.in_features).contiguous(), kernels).view(
+            *x.shape[:-1], self.out_features)
+
+    def product_with_row_kernels(self, rows: torch.Tensor, kernels) -> torch.Tensor:
+        """The layer over contiguous float32 rows [rows, in_features], its per-row work done by
+        `kernels` (row_kernels' RowKernels), on either kernel: what forward does on oneDNN, and
+        what the first pass's fused encoder asks of fbgemm too, whose forward keeps torch's
+        operations for the torch int8 LLM's few rows."""
+        product_input, scales = kernels.quantize_rows(rows, self.input_form)
         y = self.unscaled_product(product_input)
         kernels.scale_rows_(y, scales, self.bias, self.scale_divisor)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y
 
     # The product split in three, for callers that do the per-row work themselves in C
     # (row_kernels, whose quantize_rows makes the input and scale_rows_ the output): the input's
