@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -128,18 +127,20 @@ def test_vad_validator_accepts_real_vad_and_names_missing_weights(tmp_path):
 
 
 @pytest.mark.parametrize("hub,host", [("ms", "modelscope"), ("hf", "huggingface")])
-def test_download_without_network_fails_fast_with_guidance(tmp_path, hub, host):
-    if prepare.probe(*prepare.hub_address(hub)) is None:
+def test_download_without_network_fails_before_the_hub_client_with_guidance(tmp_path, hub, host):
+    """Offline, the answer comes from prepare's own bounded probe of the hub, before the hub's
+    client is asked for anything (its retries take minutes), and says what to do instead."""
+    address = prepare.hub_address(hub)
+    if prepare.probe(*address) is None:
         pytest.skip(f"{host} is reachable from this machine; the offline path cannot be exercised")
-    started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "twopass_asr.store.prepare", "--store", str(tmp_path), "--hub", hub],
-                         capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - started
+                         capture_output=True, text=True, timeout=120)
 
     assert run.returncode != 0
-    assert elapsed < 15, f"took {elapsed:.1f} s to report an unreachable hub"
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"cannot reach {prepare.HUB_NAMES[hub]} at {address[0]}:{address[1]} (" in errors[0], errors[0]
+    assert "failed:" not in run.stderr, "the hub's client was asked to download"
     for hint in ("cannot reach", host, "--paraformer-dir", "--nano-dir", "--random tiny|full", "--fallback-random"):
         assert hint in errors[0], f"{hint!r} missing from: {errors[0]}"
     assert not (tmp_path / model_store.PARAFORMER).exists()
@@ -163,9 +164,7 @@ def test_random_tiny_store_is_valid_and_idempotent(tmp_path, capsys):
     before = model_files(store)
     capsys.readouterr()
 
-    started = time.monotonic()
     assert prepare.main(["--store", str(store), "--random", "tiny", "--seed", "3"]) == 0
-    assert time.monotonic() - started < 2
     assert model_files(store) == before
     err = capsys.readouterr().err
     assert err.count("up to date") == 2 and "vad: kept as it is" in err
