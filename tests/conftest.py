@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,16 +31,19 @@ os.environ.update(dict.fromkeys((FIRST_PASS_PRECISION_ENV, SECOND_PASS_PRECISION
                                 "fp32"))
 
 TEST_STORE = Path(os.environ.get("TWOPASS_ASR_TEST_MODELS", REPO_ROOT / ".test_models"))
-ARTIFACTS = REPO_ROOT / ".cache" / "test-artifacts"
+# Logs of the servers the tests start; one folder per pytest-xdist worker, whose servers run at once.
+ARTIFACTS = REPO_ROOT / ".cache" / "test-artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 @pytest.fixture(scope="session")
 def test_models() -> Path:
-    """Tiny random Paraformer and Nano plus the real FSMN-VAD, prepared once (idempotent)."""
-    subprocess.run(
-        [sys.executable, "-m", "twopass_asr.store.prepare", "--store", str(TEST_STORE), "--random", "tiny", "--seed", "0"],
-        check=True,
-    )
+    """Tiny random Paraformer and Nano plus the real FSMN-VAD, prepared once (idempotent). The
+    suite's workers (pytest-xdist) each ask: the first builds, the others wait and find it done."""
+    TEST_STORE.parent.mkdir(parents=True, exist_ok=True)
+    with open(TEST_STORE.parent / f".{TEST_STORE.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([sys.executable, "-m", "twopass_asr.store.prepare", "--store", str(TEST_STORE), "--random",
+                        "tiny", "--seed", "0"], check=True)
     return TEST_STORE
 
 
@@ -70,14 +76,20 @@ def speech_wav(tmp_path_factory) -> SpeechWav:
     return SpeechWav(path=path, pcm=pcm)
 
 
-# How the shared tritonserver ended, when it ended before the session did: printed at the end
-# of the run, where CI's excerpt of the output shows it.
-_shared_server_death: list[str] = []
+# What the end of the run prints about each worker's shared tritonserver, where CI's excerpt of
+# the output shows it: how it ended when it ended before the session did, and a start that hung
+# (once in many CI runs: the Nano's stub had logged its load, Triton never marked it loaded) with
+# the stacks of its processes. Workers write them to files; the controlling process prints them.
+SERVER_REPORTS = REPO_ROOT / ".cache" / "test-artifacts" / "server-reports"
 
 
-# A start that hung (once in many CI runs: the Nano's stub had logged its load, Triton never
-# marked it loaded), with the stacks of its processes: printed at the end of the run.
-_shared_server_hung_start: list[str] = []
+def report_at_the_end(title: str, text: str) -> None:
+    SERVER_REPORTS.mkdir(parents=True, exist_ok=True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(SERVER_REPORTS / f"{worker}.jsonl", "a", encoding="utf-8") as reports:
+        reports.write(json.dumps({"title": f"{title} ({worker})", "text": text}) + "\n")
+
+
 # The tiny models load in about a minute even with cold caches.
 SHARED_SERVER_START_S = 300.0
 
@@ -93,12 +105,12 @@ def triton_server(test_models):
         server.start(SHARED_SERVER_START_S)
     except TritonStartTimeout as hang:
         # Reported at the end of the run, not hidden; the tests then run on a second start.
-        _shared_server_hung_start.append(f"{hang}\n{hang.stacks}")
+        report_at_the_end("shared tritonserver: a start that hung, retried once", f"{hang}\n{hang.stacks}")
         server = new_server()
         server.start(SHARED_SERVER_START_S)
     yield server
     if (report := server.exit_report(" during the tests")) is not None:
-        _shared_server_death.append(report)
+        report_at_the_end("shared tritonserver", report)
     server.stop()
     # Every process of the server shuts down cleanly: a model whose stub crashed on the way
     # out (Python backend stubs print this) fails the run.
@@ -120,10 +132,21 @@ def _shared_server_is_up(request):
     yield
 
 
-def pytest_terminal_summary(terminalreporter):
-    for report in _shared_server_hung_start:
-        terminalreporter.section("shared tritonserver: a start that hung, retried once")
-        terminalreporter.write_line(report)
-    for report in _shared_server_death:
-        terminalreporter.section("shared tritonserver")
-        terminalreporter.write_line(report)
+def is_controller(config) -> bool:
+    """The process that prints the run's summary (pytest-xdist's workers have workerinput)."""
+    return not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    if is_controller(session.config):
+        shutil.rmtree(SERVER_REPORTS, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not is_controller(config):
+        return
+    for path in sorted(SERVER_REPORTS.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            report = json.loads(line)
+            terminalreporter.section(report["title"])
+            terminalreporter.write_line(report["text"])

@@ -21,13 +21,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from frontend.client import run_stream, transcribe
+from tests.conftest import ARTIFACTS
 from tests.triton_client_utils import chunks_of, decoupled_texts, run_sequence, tensor, text_of
 from twopass_asr import REPO_ROOT
 from twopass_asr.serving.triton_launcher import TritonServer, free_port
 
 pytestmark = pytest.mark.triton
 
-LOGS = REPO_ROOT / ".cache" / "test-artifacts"
+LOGS = ARTIFACTS
 
 
 class FrontendProcess:
@@ -372,7 +373,7 @@ def test_triton_stopped_mid_session(test_models, speech_wav):
         triton = TritonServer(test_models, log_path=LOGS / "tritonserver-private.log", **ports).start()
         # The gRPC channel retries the address at least every 2 s.
         assert _wait_for(lambda: asyncio.run(transcribe(process.url, speech_wav.pcm[:8000], {"mode": "offline"})
-                                             ).error is None, timeout_s=15)
+                                             ).error is None, timeout_s=60)
         back = asyncio.run(transcribe(process.url, speech_wav.pcm, {"mode": "2pass"}))
         check_stream(back, "2pass")
     finally:
