@@ -46,9 +46,18 @@ def quietly(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def tiny_nano(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def two_torch_threads():
+    """This file's models run on two threads; the files after it (in any order, under
+    pytest-xdist) get the count back."""
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_nano(two_torch_threads, tmp_path_factory):
     return quietly(build_random_nano, tmp_path_factory.mktemp("nano") / "funasr_nano", "tiny", 0)
 
 
