@@ -24,6 +24,7 @@ from frontend.client import run_stream, transcribe
 from tests.conftest import ARTIFACTS
 from tests.triton_client_utils import chunks_of, decoupled_texts, run_sequence, tensor, text_of
 from twopass_asr import REPO_ROOT
+from twopass_asr.second_pass.vllm_engine import ENGINE_ENV
 from twopass_asr.serving.triton_launcher import TritonServer, free_port
 
 pytestmark = pytest.mark.triton
@@ -347,11 +348,13 @@ def test_vanishing_client_ends_its_triton_sequences(frontend, triton_server, spe
 
 
 def test_triton_stopped_mid_session(test_models, speech_wav):
-    """A private tritonserver (the shared one must live on): stopping it fails the open
-    stream with 1011; the frontend keeps accepting connections and serves again once
-    Triton is back on the same address."""
-    ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    triton = TritonServer(test_models, log_path=LOGS / "tritonserver-private.log", **ports).start()
+    """A private tritonserver (the shared one must live on; its Nano on the torch engine, which
+    starts faster than vLLM: this is about the frontend): stopping it fails the open stream with
+    1011; the frontend keeps accepting connections and serves again once Triton is back on the
+    same address."""
+    private = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                   log_path=LOGS / "tritonserver-private.log", env={ENGINE_ENV: "torch"})
+    triton = TritonServer(test_models, **private).start()
     process = FrontendProcess(triton.grpc_url, name="frontend-private")
     try:
         async def interrupted_stream():
@@ -370,7 +373,7 @@ def test_triton_stopped_mid_session(test_models, speech_wav):
         assert down.error["code"] == "inference_unavailable" and down.close_code == 1011
         assert "unreachable" in down.error["error"]
 
-        triton = TritonServer(test_models, log_path=LOGS / "tritonserver-private.log", **ports).start()
+        triton = TritonServer(test_models, **private).start()
         # The gRPC channel retries the address at least every 2 s.
         assert _wait_for(lambda: asyncio.run(transcribe(process.url, speech_wav.pcm[:8000], {"mode": "offline"})
                                              ).error is None, timeout_s=60)
