@@ -17,6 +17,7 @@ import torch
 
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
+from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV as NANO_ENCODER_PRECISION_ENV
 from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECISION_ENV
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartTimeout
@@ -145,6 +146,10 @@ def pytest_sessionstart(session):
 def pytest_terminal_summary(terminalreporter, config):
     if not is_controller(config):
         return
+    # Where the run's times come from (machines differ between runs), at the end where CI's
+    # excerpt of the output shows it.
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    terminalreporter.write_line(f"machine: {cpu_summary()}; {memory_gib:.0f} GiB of memory")
     for path in sorted(SERVER_REPORTS.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             report = json.loads(line)
