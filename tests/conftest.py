@@ -41,7 +41,7 @@ def test_models() -> Path:
     """Tiny random Paraformer and Nano plus the real FSMN-VAD, prepared once (idempotent). The
     suite's workers (pytest-xdist) each ask: the first builds, the others wait and find it done."""
     TEST_STORE.parent.mkdir(parents=True, exist_ok=True)
-    with open(TEST_STORE.parent / f".{TEST_STORE.name}.lock", "w") as lock:
+    with open(TEST_STORE.with_name(f"{TEST_STORE.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         subprocess.run([sys.executable, "-m", "twopass_asr.store.prepare", "--store", str(TEST_STORE), "--random",
                         "tiny", "--seed", "0"], check=True)
