@@ -79,8 +79,8 @@ def speech_wav(tmp_path_factory) -> SpeechWav:
 
 # What the end of the run prints about each worker's shared tritonserver, where CI's excerpt of
 # the output shows it: how it ended when it ended before the session did, and a start that hung
-# (once in many CI runs: the Nano's stub had logged its load, Triton never marked it loaded) with
-# the stacks of its processes. Workers write them to files; the controlling process prints them.
+# with the stacks of its processes (a load tritonserver never confirms, the hang seen so far, the
+# launcher itself starts again). Workers write them to files; the controlling process prints them.
 SERVER_REPORTS = REPO_ROOT / ".cache" / "test-artifacts" / "server-reports"
 
 

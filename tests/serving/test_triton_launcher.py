@@ -1,6 +1,6 @@
-"""The launcher without a server: start-up progress read from a scripted tritonserver log,
-the report of a process that ended, the stacks of one that never became ready, and the ports
-it picks."""
+"""The launcher: start-up progress read from a scripted tritonserver log, the report of a
+process that ended, the stacks of one that never became ready, the ports it picks, and (with a
+real tritonserver) a start whose model load tritonserver never confirms."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from twopass_asr.serving.triton_launcher import (LOWEST_FREE_PORT, TritonServer, TritonStartTimeout, free_port,
-                                                load_progress, port_in_use)
+from twopass_asr.serving.triton_launcher import (LOWEST_FREE_PORT, TritonLoadUnconfirmed, TritonServer,
+                                                TritonStartTimeout, free_port, load_progress, port_in_use,
+                                                unconfirmed_loads)
 
 EARLIER_RUN = '''I1129 05:00:00.000001 1 model_lifecycle.cc:472] "loading: old_model:1"
 I1129 05:00:09.000001 1 model_lifecycle.cc:839] "successfully loaded 'old_model'"
@@ -107,3 +108,60 @@ def test_a_server_that_never_becomes_ready_reports_its_processes_stacks(tmp_path
     assert stacks.count("=== pid ") == 2, stacks
     assert "waiting_for_the_model_to_load" in stacks and "child_waiting" in stacks
     assert "successfully loaded 'paraformer_streaming'" in str(hang.value)  # the log's tail follows
+
+
+def instance_lines(model: str, instances: int, loaded: int) -> str:
+    started = "".join(f'I1129 05:11:14.000001 18791 python_be.cc:2249] "TRITONBACKEND_ModelInstanceInitialize: '
+                      f'{model}_0_{index} (CPU device 0)"\n' for index in range(instances))
+    return started + "".join(f'I1129 05:11:30.000001 18791 model.py:161] "{model}: loaded /models/{model} on cpu"\n'
+                             for _ in range(loaded))
+
+
+def test_a_load_is_unconfirmed_once_every_started_instance_logged_its_end():
+    assert unconfirmed_loads(THIS_RUN) == []  # the Nano's stub has not said it finished
+    assert unconfirmed_loads(THIS_RUN + instance_lines("funasr_nano_vllm", 1, 1)) == ["funasr_nano_vllm"]
+    # One of two instances still loading; and a model tritonserver confirmed.
+    assert unconfirmed_loads(THIS_RUN + instance_lines("funasr_nano_vllm", 2, 1)) == []
+    assert unconfirmed_loads(THIS_RUN + instance_lines("paraformer_streaming", 1, 1)) == []
+    # A model whose name another one's begins with is told apart.
+    assert unconfirmed_loads(THIS_RUN + instance_lines("funasr_nano_vllm_copy", 1, 1)) == []
+
+
+# A Python model that logs this project's end-of-load line and then never returns from
+# initialize: to tritonserver, what a stub whose "initialized" message it lost looks like.
+LOST_LOAD_MODEL = """
+import time
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        pb_utils.Logger.log_info(f"{args['model_name']}: loaded nothing, and never returns")
+        time.sleep(3600)
+
+    def execute(self, requests):
+        return []
+"""
+LOST_LOAD_CONFIG = """
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_INT16 dims: [ -1 ] } ]
+output [ { name: "OUT" data_type: TYPE_INT16 dims: [ -1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+
+@pytest.mark.triton
+def test_a_start_whose_load_is_never_confirmed_is_made_again_then_named(tmp_path, capsys):
+    model = tmp_path / "repository" / "lost_load"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(LOST_LOAD_MODEL)
+    (model / "config.pbtxt").write_text(LOST_LOAD_CONFIG)
+    log = tmp_path / "tritonserver.log"
+    server = TritonServer(None, tmp_path / "repository", log_path=log, unconfirmed_load_s=2)
+    with pytest.raises(TritonLoadUnconfirmed, match="tritonserver never confirmed loading lost_load 2 s after its "
+                                                    "stub had finished"):
+        server.start(timeout=120, attempts=2)
+    assert "; starting tritonserver again (2 of 2)" in capsys.readouterr().err
+    assert log.read_text().count('"loading: lost_load:1"') == 2
+    assert server.exit_status() is not None, "the last start is stopped too"

@@ -29,6 +29,10 @@ class TritonStartError(RuntimeError):
     pass
 
 
+class TritonLoadUnconfirmed(TritonStartError):
+    """Models whose stubs finished loading, but tritonserver never took note (UNCONFIRMED_LOAD_S)."""
+
+
 class TritonStartTimeout(TritonStartError):
     """The server ran but did not become ready in time; `stacks`: its processes' Python stacks."""
 
@@ -42,6 +46,27 @@ def load_progress(log_text: str) -> tuple[list[str], list[str]]:
     loading = dict.fromkeys(re.findall(r'"loading: ([^:"]+):\d+"', log_text))
     loaded = dict.fromkeys(re.findall(r"\"successfully loaded '([^']+)'", log_text))
     return list(loaded), [name for name in loading if name not in loaded]
+
+
+# The Python backend (2.51) sometimes never hears that a stub's initialize returned: the stub has
+# logged its last line and idles, while tritonserver waits on it with no time limit (seen in about
+# one start in a few hundred). Every model of this project logs "<model>: loaded " as the last
+# step of its initialize, so a load that stays unconfirmed this long after it is lost, and a
+# fresh start is the way out.
+UNCONFIRMED_LOAD_S = 60.0
+
+
+def unconfirmed_loads(log_text: str) -> list[str]:
+    """Models of a start's log that tritonserver still reports loading although every instance
+    it began initialising has logged this project's "<model>: loaded " line."""
+    _, loading = load_progress(log_text)
+    stuck = []
+    for name in loading:
+        started = len(re.findall(rf'"TRITONBACKEND_ModelInstanceInitialize: {re.escape(name)}_\d+_\d+ ', log_text))
+        finished = len(re.findall(rf'\] "{re.escape(name)}: loaded ', log_text))
+        if started and finished >= started:
+            stuck.append(name)
+    return stuck
 
 
 def group_processes(pgid: int) -> dict[int, tuple[int, str]]:
@@ -161,6 +186,7 @@ class TritonServer:
         log_path: Path | None = None,
         log_verbose: int = 0,
         env: dict[str, str] | None = None,
+        unconfirmed_load_s: float = UNCONFIRMED_LOAD_S,
     ):
         self.model_store = model_store
         self.model_repository = Path(model_repository)
@@ -171,6 +197,7 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else None
         self.log_verbose = log_verbose
         self.extra_env = env
+        self.unconfirmed_load_s = unconfirmed_load_s
         self.process: subprocess.Popen | None = None
         self._log_file = None
         self._log_start = 0  # where this start's part of an appended log begins
@@ -203,9 +230,22 @@ class TritonServer:
 
     # The full-size models load in minutes on 2 cores, vLLM's compilation included.
     def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None,
-              progress_every_s: float = 30.0) -> "TritonServer":
+              progress_every_s: float = 30.0, attempts: int = 3) -> "TritonServer":
         """Start and wait until ready; `progress` (if given) gets a line on the models loaded
-        so far every progress_every_s while waiting (when the server writes a log file)."""
+        so far every progress_every_s while waiting (when the server writes a log file). A
+        start whose model load went unconfirmed (UNCONFIRMED_LOAD_S) is stopped and made again,
+        `attempts` starts in all; `progress` (else stderr) is told."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout, progress, progress_every_s)
+            except TritonLoadUnconfirmed as lost:
+                if attempt == attempts:
+                    raise
+                (progress or _print_stderr)(f"{lost}; starting tritonserver again ({attempt + 1} of {attempts})")
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float, progress: Callable[[str], None] | None,
+                    progress_every_s: float) -> "TritonServer":
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")
@@ -222,6 +262,9 @@ class TritonServer:
         )
         try:
             self.wait_ready(timeout, progress, progress_every_s)
+        except TritonLoadUnconfirmed:
+            self.stop(timeout=5)  # nothing to wind down: tritonserver waits on a load that is lost
+            raise
         except BaseException:
             self.stop()
             raise
@@ -264,6 +307,7 @@ class TritonServer:
         started = time.monotonic()
         deadline = started + timeout
         next_progress = started + progress_every_s
+        stuck_since: dict[str, float] = {}
         while time.monotonic() < deadline:
             if progress is not None and time.monotonic() >= next_progress:
                 progress(self.progress_line(time.monotonic() - started))
@@ -272,6 +316,14 @@ class TritonServer:
                 raise TritonStartError(self.exit_report(" before becoming ready"))
             if self.is_ready():
                 return
+            if self.log_path:
+                now = time.monotonic()
+                stuck_since = {name: stuck_since.get(name, now) for name in unconfirmed_loads(self.log_text())}
+                lost = [name for name, since in stuck_since.items() if now - since >= self.unconfirmed_load_s]
+                if lost:
+                    raise TritonLoadUnconfirmed(
+                        f"tritonserver never confirmed loading {', '.join(lost)} {self.unconfirmed_load_s:.0f} s "
+                        f"after its stub had finished (a Python backend fault)")
             time.sleep(0.5)
         stacks = python_stacks(self.process.pid)
         if self.log_path:
@@ -324,6 +376,10 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

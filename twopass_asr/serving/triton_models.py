@@ -227,6 +227,7 @@ class SequenceModel:
                 # torch's thread count is per thread: each worker sets its own.
                 on_worker_start=lambda: torch.set_num_threads(threads), name=args["model_name"])
         return_freed_memory()
+        # The launcher reads this line as the end of the load (triton_launcher.unconfirmed_loads).
         self.logger.log_info(f"{args['model_name']}: loaded {model_store.served_path(model_dir)} on {device}, "
                              f"{threads} torch thread(s) x {workers} worker(s)")
 
