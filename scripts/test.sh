@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 VLLM_CACHE_ROOT="$PWD/.cache/vllm"
 # TWOPASS_ASR_TEST_WORKERS=2 runs two pytest-xdist workers, each given whole test files (their
 # module fixtures and servers stay together): much faster, as much of the suite waits on server
 # starts and real-time audio. Not the default: with both cores busy, tritonserver 2.51's Python
-# backend faults (a lost model load, a SIGSEGV sending streamed deltas) surfaced in 2 of 4 runs.
+# backend faults (a lost model load, a SIGSEGV sending streamed deltas) surfaced (README, Tests).
 workers=${TWOPASS_ASR_TEST_WORKERS:-1}
 parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)

@@ -32,8 +32,11 @@ os.environ.update(dict.fromkeys((FIRST_PASS_PRECISION_ENV, SECOND_PASS_PRECISION
                                 "fp32"))
 
 TEST_STORE = Path(os.environ.get("TWOPASS_ASR_TEST_MODELS", REPO_ROOT / ".test_models"))
-# Logs of the servers the tests start; one folder per pytest-xdist worker, whose servers run at once.
-ARTIFACTS = REPO_ROOT / ".cache" / "test-artifacts" / os.environ.get("PYTEST_XDIST_WORKER", "")
+# This process's name among pytest-xdist's workers ("main" when run without them).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+ARTIFACTS_ROOT = REPO_ROOT / ".cache" / "test-artifacts"
+# Logs of the servers the tests start; one folder per worker, whose servers run at once.
+ARTIFACTS = ARTIFACTS_ROOT / WORKER if "PYTEST_XDIST_WORKER" in os.environ else ARTIFACTS_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -81,14 +84,13 @@ def speech_wav(tmp_path_factory) -> SpeechWav:
 # the output shows it: how it ended when it ended before the session did, and a start that hung
 # with the stacks of its processes (a load tritonserver never confirms, the hang seen so far, the
 # launcher itself starts again). Workers write them to files; the controlling process prints them.
-SERVER_REPORTS = REPO_ROOT / ".cache" / "test-artifacts" / "server-reports"
+SERVER_REPORTS = ARTIFACTS_ROOT / "server-reports"
 
 
 def report_at_the_end(title: str, text: str) -> None:
     SERVER_REPORTS.mkdir(parents=True, exist_ok=True)
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    with open(SERVER_REPORTS / f"{worker}.jsonl", "a", encoding="utf-8") as reports:
-        reports.write(json.dumps({"title": f"{title} ({worker})", "text": text}) + "\n")
+    with open(SERVER_REPORTS / f"{WORKER}.jsonl", "a", encoding="utf-8") as reports:
+        reports.write(json.dumps({"title": f"{title} ({WORKER})", "text": text}) + "\n")
 
 
 # The tiny models load in about a minute even with cold caches.

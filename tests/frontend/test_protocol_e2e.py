@@ -29,13 +29,10 @@ from twopass_asr.serving.triton_launcher import TritonServer, free_port
 
 pytestmark = pytest.mark.triton
 
-LOGS = ARTIFACTS
-
-
 class FrontendProcess:
     def __init__(self, triton_url: str, *extra: str, name: str = "frontend"):
         self.port = free_port()
-        self.log_path = LOGS / f"{name}-{self.port}.log"
+        self.log_path = ARTIFACTS / f"{name}-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
@@ -353,7 +350,7 @@ def test_triton_stopped_mid_session(test_models, speech_wav):
     1011; the frontend keeps accepting connections and serves again once Triton is back on the
     same address."""
     private = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                   log_path=LOGS / "tritonserver-private.log", env={ENGINE_ENV: "torch"})
+                   log_path=ARTIFACTS / "tritonserver-private.log", env={ENGINE_ENV: "torch"})
     triton = TritonServer(test_models, **private).start()
     process = FrontendProcess(triton.grpc_url, name="frontend-private")
     try:
