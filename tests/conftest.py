@@ -23,7 +23,11 @@ from twopass_asr.second_pass.precision import PRECISION_ENV as SECOND_PASS_PRECI
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartTimeout
 from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_silences, write_wav
 
-torch.set_num_threads(1)
+# Engines choose kernels by torch's thread count (prepacked_linear's auto), so a test's expected
+# output and the server's come from the same kernels only while the suite keeps this count
+# (torch_threads_kept).
+SUITE_TORCH_THREADS = 1
+torch.set_num_threads(SUITE_TORCH_THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The equivalence tests compare with FunASR's float32 runtime: every server and engine of the
 # suite decodes both passes (the Nano's audio encoder too) in fp32, whatever auto would choose on
@@ -133,6 +137,26 @@ def _shared_server_is_up(request):
             pytest.fail(f"the shared tritonserver {status} before this test (its last log lines are printed "
                         "after the test summary)", pytrace=False)
     yield
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept(request):
+    """A test runs and ends on its file's torch thread count: the `torch_threads` mark's, else
+    the suite's. A fixture or test that changes it (FunASR's AutoModel sets 4 unless given
+    `ncpu`) fails here, naming the count, instead of changing which float kernel later engines
+    build on."""
+    mark = request.node.get_closest_marker("torch_threads")
+    expected = mark.args[0] if mark else SUITE_TORCH_THREADS
+    if torch.get_num_threads() != expected:
+        found = torch.get_num_threads()
+        torch.set_num_threads(expected)  # the tests after this one run on the right count
+        pytest.fail(f"torch runs {found} thread(s) before this test, not {expected}: a fixture (or an earlier "
+                    "test) changed the count", pytrace=False)
+    yield
+    if torch.get_num_threads() != expected:
+        found = torch.get_num_threads()
+        torch.set_num_threads(expected)
+        pytest.fail(f"this test left torch on {found} thread(s), not {expected}", pytrace=False)
 
 
 def is_controller(config) -> bool:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.conftest import SUITE_TORCH_THREADS
 from twopass_asr import REPO_ROOT
 
 MODELS = ("vad", "paraformer_streaming", "funasr_nano")
@@ -79,3 +80,19 @@ def test_every_named_class_resolves_as_with_the_whole_package(both):
 def test_the_light_package_imports_a_fraction_of_funasr(both):
     light, full = both
     assert light["modules"] < full["modules"] / 2, (light["modules"], full["modules"])
+
+
+def test_loading_a_model_keeps_the_callers_torch_threads(test_models):
+    """AutoModel would set the calling thread's count to its own (4), and the engines the caller builds
+    next would pick other float kernels (prepacked_linear's auto reads the count)."""
+    import torch
+
+    from twopass_asr.funasr_classes import funasr_automodel
+
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            funasr_automodel(test_models / "vad", disable_update=True, disable_pbar=True, disable_log=True)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(SUITE_TORCH_THREADS)

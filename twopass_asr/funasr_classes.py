@@ -142,11 +142,17 @@ def register_classes_of(config: dict) -> None:
 
 
 def funasr_automodel(model_dir: str | Path, **kwargs):
-    """funasr.AutoModel for a model directory, its classes registered first."""
+    """funasr.AutoModel for a model directory, its classes registered first. AutoModel sets the
+    calling thread's torch thread count to its `ncpu` (4 unless given); unless told otherwise it
+    gets the caller's own count, so loading a model never changes how the caller computes (what
+    prepacked_linear's auto kernel reads, for one)."""
+    import torch
+
     with open(Path(model_dir) / "config.yaml", encoding="utf-8") as handle:
         register_classes_of(yaml.safe_load(handle) or {})
     from funasr import AutoModel
 
+    kwargs.setdefault("ncpu", torch.get_num_threads())
     return AutoModel(model=str(model_dir), **kwargs)
 
 

@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from tests.conftest import SUITE_TORCH_THREADS
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
@@ -63,7 +64,8 @@ def float32_engine(paraformer_dir):
 def test_export_quantizes_every_linear_layer_but_funasrs_float_ones(paraformer_export, paraformer_dir):
     from funasr import AutoModel
 
-    model = AutoModel(model=str(paraformer_dir), disable_update=True, disable_pbar=True, disable_log=True).model
+    model = AutoModel(model=str(paraformer_dir), disable_update=True, disable_pbar=True, disable_log=True,
+                      ncpu=SUITE_TORCH_THREADS).model
     linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     quantized = {module_path(node.name)
                  for file in ("model_quant.onnx", "decoder_quant.onnx")

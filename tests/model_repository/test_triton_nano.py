@@ -15,6 +15,7 @@ import pytest
 import torch
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import SUITE_TORCH_THREADS
 from tests.triton_client_utils import decoupled_texts, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.triton
 def reference_nano(test_models):
     from funasr import AutoModel
 
-    return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True)
+    return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True,
+                     ncpu=SUITE_TORCH_THREADS)
 
 
 def segment_inputs(pcm, hotwords=None, language=None, itn=None, stream=None):

@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from perf.bench_first_pass_triton import model_repository
+from tests.conftest import SUITE_TORCH_THREADS
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
@@ -32,7 +33,7 @@ def reference_paraformer(test_models):
     from funasr import AutoModel
 
     return AutoModel(model=str(test_models / "paraformer_streaming"), disable_update=True, disable_pbar=True,
-                     disable_log=True)
+                     disable_log=True, ncpu=SUITE_TORCH_THREADS)
 
 
 def reference_texts(model, chunks, chunk_size=(0, 10, 5), encoder_look_back=4, decoder_look_back=1):

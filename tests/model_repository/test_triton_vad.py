@@ -8,6 +8,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import SUITE_TORCH_THREADS
 from tests.triton_client_utils import chunks_of, run_sequence, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.vad.batched import DEFAULT_VAD_STEP_MS
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.triton
 def reference_vad(test_models):
     from funasr import AutoModel
 
-    return AutoModel(model=str(test_models / "vad"), disable_update=True, disable_pbar=True, disable_log=True)
+    return AutoModel(model=str(test_models / "vad"), disable_update=True, disable_pbar=True, disable_log=True,
+                     ncpu=SUITE_TORCH_THREADS)
 
 
 def reference_segments(model, chunks, max_end_silence_ms):

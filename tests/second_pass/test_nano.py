@@ -39,6 +39,10 @@ from twopass_asr.second_pass.recognizer import (
 )
 from twopass_asr.store.random_nano import LLM_SUBDIR, build_random_nano
 
+# This file's models run on two threads (two_torch_threads).
+TORCH_THREADS = 2
+pytestmark = pytest.mark.torch_threads(TORCH_THREADS)
+
 
 def quietly(function, *args, **kwargs):
     # FunASR prints a line per CTC tensor the checkpoint (like the real one) lacks.
@@ -48,10 +52,9 @@ def quietly(function, *args, **kwargs):
 
 @pytest.fixture(scope="module", autouse=True)
 def two_torch_threads():
-    """This file's models run on two threads; the files after it (in any order, under
-    pytest-xdist) get the count back."""
+    """The files after this one (in any order, under pytest-xdist) get the count back."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)
     yield
     torch.set_num_threads(before)
 
@@ -71,7 +74,7 @@ def reference(tiny_nano):
     from funasr import AutoModel
 
     return quietly(AutoModel, model=str(tiny_nano), disable_update=True, disable_pbar=True,
-                   disable_log=True, ncpu=2)
+                   disable_log=True, ncpu=TORCH_THREADS)
 
 
 def reference_text(reference, pcm, hotwords=(), language=None, itn=True):

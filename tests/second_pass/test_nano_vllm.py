@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from perf.bench_second_pass import teacher_forced_pairs
+from tests.conftest import SUITE_TORCH_THREADS
 from tests.model_repository.test_triton_nano import CASES, reference_text, segment_inputs
 from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr.hotwords import parse_hotwords
@@ -77,7 +78,8 @@ def engine(recognizer, tmp_path_factory, run):
 def reference_nano(test_models):
     from funasr import AutoModel
 
-    return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True)
+    return AutoModel(model=str(test_models / "funasr_nano"), disable_update=True, disable_pbar=True, disable_log=True,
+                     ncpu=SUITE_TORCH_THREADS)
 
 
 def segments_of(speech_wav, count):

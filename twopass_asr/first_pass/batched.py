@@ -217,9 +217,8 @@ class BatchedStreamingParaformer:
         - fbgemm, onednn: quantized at load, activations per token (twopass_asr.kernels.tokenwise_int8).
         "auto": int8 on a CPU, fp32 on a GPU (self.precision says which)."""
         self.precision, self.int8_kernel = resolve_int8_setting(precision, int8_kernel, device)
-        # ncpu: AutoModel would otherwise reset torch's thread count to its own default.
         automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
-                                     disable_log=True, ncpu=torch.get_num_threads())
+                                     disable_log=True)
         self.model = automodel.model.eval()
         self.device = torch.device(device)
         self.features = StreamingFeatures(automodel.kwargs["frontend"])

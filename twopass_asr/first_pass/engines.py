@@ -42,7 +42,7 @@ class ReferenceStreamingParaformer:
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(copies):
             self._idle.put(funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
-                                            disable_log=True, ncpu=torch.get_num_threads()))
+                                            disable_log=True))
 
     def new_stream(self, options: DecodeOptions = DecodeOptions()) -> ReferenceStream:
         return ReferenceStream(options)

@@ -139,7 +139,7 @@ class NanoRecognizer:
         if "ctc_vocab" in paths:
             overrides["dataset_conf"] = {"ctc_tokenizer_conf": {"vocab_path": str(paths["ctc_vocab"])}}
         auto = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
-                                disable_log=True, ncpu=torch.get_num_threads(), **overrides)
+                                disable_log=True, **overrides)
         self.model = auto.model
         self.kwargs = dict(auto.kwargs)
         self.device = self.kwargs["device"]

@@ -97,9 +97,8 @@ class BatchedStreamingVad:
         if not 0 < step_ms < 15000:
             # FunASR treats chunk_size >= 15000 ms as offline input, with other outputs.
             raise ValueError(f"step_ms must be between 1 and 14999, got {step_ms}")
-        # AutoModel sets torch's process-wide thread count to its ncpu (default 4); keep the caller's.
         automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
-                                     disable_log=True, ncpu=torch.get_num_threads())
+                                     disable_log=True)
         model = automodel.model
         if not isinstance(model, FsmnVADStreaming):
             raise ValueError(f"{model_dir} holds a {type(model).__name__}, not an FsmnVADStreaming VAD model")
