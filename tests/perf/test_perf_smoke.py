@@ -7,6 +7,7 @@ latencies), not how fast anything is."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import os
 import re
@@ -167,6 +168,25 @@ def test_first_pass_precision_bench_quick_run(test_models, paraformer_export, tm
     assert (tmp_path / "first_pass_precision.png").read_bytes().startswith(PNG_MAGIC)
     rows = (tmp_path / "first_pass_precision.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3 and all(float(value) > 0 for value in rows[1].split(",")[1:11])
+
+
+def test_linear_kernels_bench_quick_run(test_models, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "perf.bench_linear", "--model-dir",
+                          str(test_models / "paraformer_streaming"), "--rows", "4,20", "--repeats", "2",
+                          "--out", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("CPU: ")
+    table = (tmp_path / "linear_kernels.md").read_text(encoding="utf-8")
+    assert cpu_summary() in table
+    # One total per row count, with each int8 kernel's ratio to the float32 engine's kernel.
+    totals = re.findall(r"^\| (\d+) \| \*\*the encoder, one round \(ms\)\*\* \|(.*)$", table, re.MULTILINE)
+    assert [rows for rows, _ in totals] == ["4", "20"], table
+    assert all(re.search(r"\*\*\d+\.\d\dx\*\*", cells) for _, cells in totals), table
+    assert "int8 fbgemm" in table and "int8 onnxruntime (FunASR's recipe)" in table
+    rows = list(csv.DictReader((tmp_path / "linear_kernels.csv").read_text(encoding="utf-8").splitlines()))
+    assert {row["rows"] for row in rows} == {"4", "20"} and len(rows) % 2 == 0
+    assert all(float(value) > 0 for row in rows for key, value in row.items() if key.endswith(" us"))
+    assert (tmp_path / "linear_kernels.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_first_pass_triton_bench_against_funasrs_int8_runtime(test_models, tmp_path):
