@@ -39,11 +39,11 @@ FLOAT32_KERNELS = {"mlas": "float32 MLAS", "onednn": "float32 oneDNN"}  # prepac
 
 def encoder_shapes(model_dir: Path) -> Counter[Shape]:
     """How many of the encoder's int8-quantized linear layers have each shape."""
-    from twopass_asr.first_pass.batched import BatchedStreamingParaformer
+    from twopass_asr.funasr_classes import funasr_automodel
 
-    engine = BatchedStreamingParaformer(model_dir, linear_kernel=None)
+    encoder = funasr_automodel(model_dir, disable_update=True, disable_pbar=True, disable_log=True).model.encoder
     return Counter((layer.in_features, layer.out_features, layer.bias is not None)
-                   for name, layer in engine.model.encoder.named_modules()
+                   for name, layer in encoder.named_modules()
                    if type(layer) is torch.nn.Linear and not stays_float(f"encoder.{name}"))
 
 
