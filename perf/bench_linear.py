@@ -114,10 +114,11 @@ def encoder_totals_ms(shapes: Counter[Shape], timings: dict, rows: int) -> dict[
 
 
 def write_results(shapes: Counter[Shape], timings: dict, row_counts: list[int], out_dir: Path, context: str) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    kernels = list(next(iter(timings.values())))
     from twopass_asr.kernels.prepacked_linear import choose_kernel
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kernels = list(next(iter(timings.values())))
+    totals = {rows: encoder_totals_ms(shapes, timings, rows) for rows in row_counts}
     reference = FLOAT32_KERNELS[choose_kernel()]  # the float32 engine's, at this thread count
     int8 = [kernel for kernel in kernels if kernel.startswith("int8")]
     columns = ["rows", "shape (in x out)", "layers", *[f"{k} µs" for k in kernels],
@@ -129,10 +130,10 @@ def write_results(shapes: Counter[Shape], timings: dict, row_counts: list[int], 
             lines.append("| " + " | ".join([str(rows), f"{shape[0]} x {shape[1]}", str(count),
                                             *[f"{t[k]:.0f}" for k in kernels],
                                             *[f"{t[reference] / t[k]:.2f}x" for k in int8]]) + " |")
-        totals = encoder_totals_ms(shapes, timings, rows)
+        total = totals[rows]
         lines.append("| " + " | ".join([str(rows), "**the encoder, one round (ms)**", str(sum(shapes.values())),
-                                        *[f"{totals[k]:.1f}" for k in kernels],
-                                        *[f"**{totals[reference] / totals[k]:.2f}x**" for k in int8]]) + " |")
+                                        *[f"{total[k]:.1f}" for k in kernels],
+                                        *[f"**{total[reference] / total[k]:.2f}x**" for k in int8]]) + " |")
     table = "\n".join(lines)
     (out_dir / "linear_kernels.md").write_text(f"# The first pass's products by kernel\n\n{context}\n\n{table}\n",
                                                encoding="utf-8")
@@ -149,8 +150,7 @@ def write_results(shapes: Counter[Shape], timings: dict, row_counts: list[int], 
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for kernel, marker in zip(kernels, "o^<sv"):
-        ax.plot(row_counts, [encoder_totals_ms(shapes, timings, rows)[kernel] for rows in row_counts], f"{marker}-",
-                label=kernel)
+        ax.plot(row_counts, [totals[rows][kernel] for rows in row_counts], f"{marker}-", label=kernel)
     ax.set(xscale="log", yscale="log", xlabel=f"rows ({FRAMES_PER_STREAM} per stream)",
            ylabel="ms, the encoder's products of one round", title="The encoder's products by kernel")
     ax.set_xticks(row_counts, [str(r) for r in row_counts])
