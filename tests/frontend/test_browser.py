@@ -184,13 +184,21 @@ def _voiced_window_matches(sent: np.ndarray, reference: np.ndarray, window: int 
 
 
 def _send_rate(page) -> float:
-    """Bytes per second of audio the page sent, timed in the page. The first frames are
-    left out: audio captured while the connection opened goes out in one burst."""
+    """Bytes per second of audio the page sent, timed in the page. A frame goes out when
+    it was captured plus some delay, and a busy machine stalls the page and then lets the
+    held frames out in a burst, so the rate is taken between the least delayed frames of
+    the first and last thirds: delays only ever add, and those frames sit on the capture
+    clock. The first frames are left out: audio captured while the connection opened
+    goes out in one burst."""
     sends = [send for send in page.evaluate("window.__sends") if send["bytes"] > 0]
-    steady = [send for send in sends[10:] if send["bytes"] == FRAME_BYTES]
+    steady = [send["time"] / 1000 for send in sends[10:] if send["bytes"] == FRAME_BYTES]
     assert len(steady) > 30, f"too few audio frames to time: {len(steady)}"
-    duration_s = (steady[-1]["time"] - steady[0]["time"]) / 1000
-    return sum(send["bytes"] for send in steady[1:]) / duration_s
+    nominal_interval_s = FRAME_BYTES / BYTES_PER_SECOND
+    lateness = [time - index * nominal_interval_s for index, time in enumerate(steady)]
+    third = len(steady) // 3
+    first = min(range(third), key=lateness.__getitem__)
+    last = min(range(len(steady) - third, len(steady)), key=lateness.__getitem__)
+    return (last - first) * FRAME_BYTES / (steady[last] - steady[first])
 
 
 def _write_tones(path: Path, rate: int, tones_hz: tuple[float, ...], amplitude: float, seconds: float) -> Path:
