@@ -15,6 +15,10 @@ does; --embed-max-batch 1 encodes one segment at a time), then
          second copy of the model left as FunASR loads it (torch's own linear layers; the
          served recognizer packs its audio encoder's once, twopass_asr.kernels.prepacked_linear).
 
+After the torch levels, one generate call over as many segments as each level has clients is
+timed continuing from the prompts' cached opening (the chat text before the audio, prefilled
+once: twopass_asr.second_pass.prompt_prefix) and prefilling the whole prompts.
+
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
 CPU; int8 is vLLM's W8A8 on vLLM and fbgemm's int8 (activations per token) on torch,
@@ -167,6 +171,38 @@ def encoder_batching(recognizer: NanoRecognizer, plain: NanoRecognizer, batches:
         together_plain = timed(plain, prepared[:batch])
         rows.append(f"| {batch} | {together * 1000:.0f} | {alone * 1000:.0f} | {alone / together:.2f}x "
                     f"| {together_plain * 1000:.0f} | {together_plain / together:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def prompt_opening_lines(recognizer: NanoRecognizer, precision: str, batches: list[int], seconds: float,
+                         repeats: int = 3) -> list[str]:
+    """Markdown lines: torch generation of B segments in one call continuing from the cached
+    keys and values of the chat text the prompts open with (as served), against prefilling
+    the whole prompts (the cache set aside), alternating, median of `repeats`."""
+    from twopass_asr.second_pass.prompt_prefix import PromptPrefixCache
+
+    rows = [f"\nTorch generation, LLM in {precision}, {seconds:g} s segments: the prompts' cached opening "
+            f"against the whole prompt prefilled:\n",
+            "| segments | prompt rows | opening rows | cached opening ms | whole prompt ms | saved ms | speed-up |",
+            "|---|---|---|---|---|---|---|"]
+    held = recognizer.prompt_prefixes
+    for batch in batches:
+        prompts = recognizer.embed_prepared([recognizer.prepare(NanoRequest(pcm))
+                                             for pcm in make_segments(batch, seconds, seed=17)])
+        opening = held.prefix_of(prompts)
+        recognizer.generate_tokens(prompts)  # computes the opening's cache
+        timings: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for cached in (True, False):
+                recognizer.prompt_prefixes = held if cached else PromptPrefixCache(recognizer.prompt_prefixes.compute)
+                begin = time.perf_counter()
+                recognizer.generate_tokens(prompts)
+                timings[cached].append((time.perf_counter() - begin) * 1000)
+        recognizer.prompt_prefixes = held
+        with_cache, whole = percentile(timings[True], 50), percentile(timings[False], 50)
+        rows.append(f"| {batch} | {max(len(prompt) for prompt in prompts)} | {opening.rows if opening else 0} "
+                    f"| {with_cache:.0f} | {whole:.0f} | {whole - with_cache:.0f} | {whole / with_cache:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
@@ -363,6 +399,8 @@ def main() -> None:
         level_run = run_level("torch", level, args.segments_per_client, setup)
         rows.append(loop.run_until_complete(level_run))
         print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
+    if torch_levels:
+        sections += prompt_opening_lines(recognizer, precision, torch_levels, args.segment_seconds)
     # The engine runs in a subprocess of its own; one engine at a time, one after another.
     for mode in args.vllm_modes:
         name = "vllm" if mode == "compiled" else f"vllm-{mode}"

@@ -276,4 +276,9 @@ def test_second_pass_bench_in_int8_on_torch(test_models, tmp_path):
     assert rows == [["| funasr", "1", "1"], ["| torch", "1", "1"], ["| torch", "2", "2"]], report
     assert "LLM in int8 (precision int8; FunASR in fp32)" in report and cpu_summary() in report
     assert re.search(r"Agreement of int8 \(torch\) with fp32 .*\n\n.*\n.*\n\| \d/2 \(\d+%\) \| \d+/\d+ ", report), report
+    # The cached prompt opening against whole prompts, per batch: the opening is the chat text
+    # before the audio, so shorter than the prompt.
+    openings = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| \d+ \| \d+ \| -?\d+ \| [\d.]+x \|$", report, re.MULTILINE)
+    assert [batch for batch, _, _ in openings] == ["1", "2"], report
+    assert all(0 < int(opening) < int(prompt) for _, prompt, opening in openings), report
     assert (tmp_path / "second_pass.png").read_bytes().startswith(PNG_MAGIC)

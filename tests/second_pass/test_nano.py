@@ -175,6 +175,55 @@ def test_recognize_batch_equals_one_by_one(recognizer, monkeypatch):
     assert len(set(expected)) > 1
 
 
+@contextlib.contextmanager
+def first_layer_rows(recognizer):
+    """The rows the LLM's first decoder layer is given, call by call."""
+    rows = []
+
+    def record(module, args, kwargs):
+        rows.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    handle = recognizer.model.llm.model.layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def test_generation_continues_from_the_cached_opening_of_the_prompts(recognizer):
+    """The chat text before the audio is prefilled once: prompts opening with it run the LLM over
+    the rest only, and get the tokens of a whole-prompt prefill."""
+    prepared = [recognizer.prepare(NanoRequest(pcm)) for pcm in segments()]
+    prompts = recognizer.embed_prepared(prepared)
+    opening = prepared[0].audio_start
+    assert opening > 0 and {segment.audio_start for segment in prepared} == {opening}
+    held = recognizer.prompt_prefixes.prefix_of(prompts)
+    assert held is not None and held.rows == opening
+    longest = max(len(prompt) for prompt in prompts)
+    caps = [6, 7, 8]
+    with first_layer_rows(recognizer) as rows:
+        cached = recognizer.generate_tokens(prompts, caps)
+    assert rows[0] == longest - opening, "the prefill must skip the cached opening"
+    recognizer.prompt_prefixes.clear()
+    with first_layer_rows(recognizer) as rows:
+        whole = recognizer.generate_tokens(prompts, caps)
+    assert rows[0] == longest
+    assert cached == whole and all(cached)
+
+
+def test_changing_the_llms_layers_drops_the_cached_openings(tiny_nano):
+    int8 = quietly(NanoRecognizer, tiny_nano)
+    int8.prompt_embeds(segments()[0])
+    assert len(int8.prompt_prefixes) == 1
+    int8.use_int8_generation()
+    assert len(int8.prompt_prefixes) == 0
+    released = quietly(NanoRecognizer, tiny_nano)
+    released.prompt_embeds(segments()[0])
+    released.release_generation_layers()
+    released.prompt_embeds(segments()[1])
+    assert len(released.prompt_prefixes) == 0, "nothing to prefill on once another engine generates"
+
+
 @pytest.mark.skipif(choose_kernel() is None, reason="no packed linear kernel here")
 def test_float32_generation_prepacks_the_llm_and_keeps_the_text(tiny_nano, reference):
     fallback = quietly(NanoRecognizer, tiny_nano)

@@ -5,7 +5,8 @@ object's own prompt building (get_prompt, generate_chatml) and feature extractio
 (data_load_speech), its audio encoder and adaptor (several segments in one padded pass,
 as FunASRNano.forward batches them), the audio embedding splice inference_prepare does,
 then the LLM's greedy `generate` with the arguments FunASRNano.inference_llm uses (several
-segments in one left-padded call). The text is therefore FunASR's
+segments in one padded call, continuing from the cached keys and values of the chat text their
+prompts open with: twopass_asr.second_pass.prompt_prefix). The text is therefore FunASR's
 `AutoModel.generate(input=<float tensor>, hotwords=..., language=..., itn=...)` text, while
 CTC timestamp alignment (which needs torchaudio, absent here) is never run.
 """
@@ -31,6 +32,7 @@ from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
+from twopass_asr.second_pass.prompt_prefix import PromptPrefixCache
 from twopass_asr.store.nano_dir import validate_nano_dir
 
 log = logging.getLogger("twopass_asr.second_pass")
@@ -159,6 +161,8 @@ class NanoRecognizer:
         self.model.llm = self.model.llm.to(self.dtype)
         self.prepack = prepack
         self._generation_released = False
+        # The text each prompt opens with, prefilled once (prompt_prefix).
+        self.prompt_prefixes = PromptPrefixCache(self._prefix_cache)
         # Prepacked or int8 linear layers fix the LLM's dtype from then on.
         self._llm_layers_replaced = False
         if self.encoder_int8_kernel in TOKENWISE_KERNELS:
@@ -262,6 +266,9 @@ class NanoRecognizer:
                 # when it is shorter (its fallback when the slice does not fit).
                 count = min(segment.audio_tokens, int(adapted_lengths[index]))
                 prompt[segment.audio_start:segment.audio_start + count] = adapted[index, :count]
+                if not self._generation_released:
+                    self.prompt_prefixes.remember(segment.source_ids[:segment.audio_start].tolist(),
+                                            prompt[:segment.audio_start])
             prompts.append(prompt)
         return prompts
 
@@ -282,6 +289,7 @@ class NanoRecognizer:
         self.model.llm.to(dtype)
         if self.prepack and dtype == torch.float32:
             self._llm_layers_replaced = prepack_linear_layers(self.model.llm) > 0
+        self.prompt_prefixes.clear()
 
     def use_int8_generation(self) -> None:
         """Generate on torch with the LLM's decoder projections and output head in int8
@@ -297,6 +305,7 @@ class NanoRecognizer:
         self.model.llm.to(torch.float32)
         quantize_llm_for_torch(self.model.llm)
         self._llm_layers_replaced = True
+        self.prompt_prefixes.clear()
 
     def release_generation_layers(self, input_embeddings: torch.Tensor | None = None) -> None:
         """Free the LLM's decoder layers and output head, keeping the token embeddings the
@@ -316,6 +325,7 @@ class NanoRecognizer:
         llm.model.norm = torch.nn.Identity()
         llm.lm_head = None
         self._generation_released = True
+        self.prompt_prefixes.clear()
 
     def _require_generation_layers(self) -> None:
         if self._generation_released:
@@ -349,12 +359,21 @@ class NanoRecognizer:
         self._require_generation_layers()
         caps = [self.max_new_tokens] * len(prompts) if caps is None else caps
         llm = self.model.llm
-        longest = max(len(prompt) for prompt in prompts)
-        inputs_embeds = prompts[0].new_zeros(len(prompts), longest, prompts[0].shape[-1])
+        # The prompts continue from the cache of a held prefix they all open with, which sits
+        # in the first rows of every sequence; the rest of each prompt is right-aligned after
+        # it, padding between (the positions follow the mask).
+        prefix = self.prompt_prefixes.prefix_of(prompts)
+        opening = 0 if prefix is None else prefix.rows
+        longest = max(len(prompt) for prompt in prompts) - opening
+        inputs_embeds = prompts[0].new_zeros(len(prompts), opening + longest, prompts[0].shape[-1])
         attention_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int32, device=inputs_embeds.device)
+        inputs_embeds[:, :opening] = prompts[0][:opening]
+        attention_mask[:, :opening] = 1
         for row, prompt in enumerate(prompts):
-            inputs_embeds[row, longest - len(prompt):] = prompt
-            attention_mask[row, longest - len(prompt):] = 1
+            start = opening + longest - (len(prompt) - opening)
+            inputs_embeds[row, start:] = prompt[opening:]
+            attention_mask[row, start:] = 1
+        cached = {} if prefix is None else {"past_key_values": self.prompt_prefixes.cache_for(prefix, len(prompts))}
         pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
         with self._autocast():
             generated = llm.generate(
@@ -362,12 +381,24 @@ class NanoRecognizer:
                 attention_mask=attention_mask,
                 max_new_tokens=max(caps),
                 pad_token_id=pad_token_id,
+                **cached,
                 **self.kwargs.get("llm_kwargs", {}),
             )
         # A row that finished early is filled up with pad tokens; alone it would have stopped
         # at its end token (generation stops at the generation config's end tokens only).
         stops = stop_token_ids(llm.generation_config.eos_token_id)
         return [until_stop(row.tolist(), stops)[:cap] for row, cap in zip(generated, caps, strict=True)]
+
+    @torch.no_grad()
+    def _prefix_cache(self, embeds: torch.Tensor):
+        """The LLM's cache of a prompt prefix ([rows, hidden]) as one sequence."""
+        from transformers import DynamicCache
+
+        llm = self.model.llm
+        cache = DynamicCache(config=llm.config)
+        with self._autocast():
+            llm(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
 
     @torch.no_grad()
     def teacher_forced_tokens(self, prompt: torch.Tensor, tokens: Sequence[int]) -> list[int]:
