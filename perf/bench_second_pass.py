@@ -195,7 +195,7 @@ def prompt_opening_lines(recognizer: NanoRecognizer, precision: str, batches: li
         timings: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(repeats):
             for cached in (True, False):
-                recognizer.prompt_prefixes = held if cached else PromptPrefixCache(recognizer.prompt_prefixes.compute)
+                recognizer.prompt_prefixes = held if cached else PromptPrefixCache(held.compute)
                 begin = time.perf_counter()
                 recognizer.generate_tokens(prompts)
                 timings[cached].append((time.perf_counter() - begin) * 1000)
