@@ -194,7 +194,7 @@ def _send_rate(page) -> float:
     steady = [send["time"] / 1000 for send in sends[10:] if send["bytes"] == FRAME_BYTES]
     assert len(steady) > 30, f"too few audio frames to time: {len(steady)}"
     nominal_interval_s = FRAME_BYTES / BYTES_PER_SECOND
-    lateness = [time - index * nominal_interval_s for index, time in enumerate(steady)]
+    lateness = [sent_s - index * nominal_interval_s for index, sent_s in enumerate(steady)]
     third = len(steady) // 3
     first = min(range(third), key=lateness.__getitem__)
     last = min(range(len(steady) - third, len(steady)), key=lateness.__getitem__)
