@@ -268,7 +268,7 @@ class NanoRecognizer:
                 prompt[segment.audio_start:segment.audio_start + count] = adapted[index, :count]
                 if not self._generation_released:
                     self.prompt_prefixes.remember(segment.source_ids[:segment.audio_start].tolist(),
-                                            prompt[:segment.audio_start])
+                                                  prompt[:segment.audio_start])
             prompts.append(prompt)
         return prompts
 
@@ -339,7 +339,8 @@ class NanoRecognizer:
 
     def generate_batch(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None) -> list[str]:
         """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
-        left-padded to the longest and the padding masked out. In float32 each text equals
+        padded to the longest (after the cached opening they share, if any; generate_tokens) and
+        the padding masked out. In float32 each text equals
         the segment's text alone; in half precision the padded shapes round differently and a
         near tie between two tokens can go the other way. caps: each prompt's token cap
         (default max_new_tokens)."""
@@ -364,13 +365,13 @@ class NanoRecognizer:
         # it, padding between (the positions follow the mask).
         prefix = self.prompt_prefixes.prefix_of(prompts)
         opening = 0 if prefix is None else prefix.rows
-        longest = max(len(prompt) for prompt in prompts) - opening
-        inputs_embeds = prompts[0].new_zeros(len(prompts), opening + longest, prompts[0].shape[-1])
+        longest_rest = max(len(prompt) for prompt in prompts) - opening
+        inputs_embeds = prompts[0].new_zeros(len(prompts), opening + longest_rest, prompts[0].shape[-1])
         attention_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int32, device=inputs_embeds.device)
         inputs_embeds[:, :opening] = prompts[0][:opening]
         attention_mask[:, :opening] = 1
         for row, prompt in enumerate(prompts):
-            start = opening + longest - (len(prompt) - opening)
+            start = opening + longest_rest - (len(prompt) - opening)
             inputs_embeds[row, start:] = prompt[opening:]
             attention_mask[row, start:] = 1
         cached = {} if prefix is None else {"past_key_values": self.prompt_prefixes.cache_for(prefix, len(prompts))}
