@@ -4,7 +4,8 @@ serves the web page (frontend/static/), Prometheus metrics (/metrics) and health
 under way) over plain HTTP(S) on the same port. With several Triton servers each stream goes
 to the least loaded ready one and moves to another if its own is lost (session.py). SIGTERM
 or SIGINT drains: new connections are refused, open streams get up to --drain-timeout-s to
-finish, then end with 1001; a second signal ends them at once. The capacity baseline
+finish, then end with 1001; a second signal ends them at once; what is left of the shutdown
+after that may take EXIT_GRACE_S before the process ends anyway. The capacity baseline
 (perf/baseline_server.py) is this server with FunASR models in-process instead.
 
     python -m frontend.server --triton-url 127.0.0.1:8001 --port 10095
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import itertools
 import json
 import logging
 import mimetypes
+import os
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +61,10 @@ DEFAULT_MAX_FRAME_BYTES = 8 * 1024 * 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 DEFAULT_READINESS_INTERVAL_S = 2.0
 SHUTTING_DOWN = "server shutting down"
+# After the drain, the rest of the shutdown (the listener, the gRPC channels, the event loop's and
+# the interpreter's teardown) may take this long before the process ends without it: grpc.aio's
+# poller thread can hang an exit (grpc/grpc#40989), and a server told to stop must stop.
+EXIT_GRACE_S = 10.0
 
 
 @dataclass
@@ -434,8 +442,9 @@ def ssl_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | N
 
 async def run_server(make_backend: Callable[[], Backend], settings: ServerSettings, host: str, port: int,
                      certfile: str | None = None, keyfile: str | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then drain (a second signal hurries it). The backend is
-    made here, in the event loop, because it may bind to it (a gRPC channel does)."""
+    """Serve until SIGINT or SIGTERM, then drain (a second signal hurries it) and shut down, the
+    process ending within EXIT_GRACE_S of the drain (this is the process's whole life). The
+    backend is made here, in the event loop, because it may bind to it (a gRPC channel does)."""
     frontend = FrontendServer(settings, make_backend())
     server = await frontend.start(host, port, ssl_context(certfile, keyfile))
     readiness = asyncio.create_task(frontend.watch_readiness())
@@ -454,10 +463,29 @@ async def run_server(make_backend: Callable[[], Backend], settings: ServerSettin
     await stop.wait()
     await frontend.drain()
     log.info("shutting down")
+    end_process_after(EXIT_GRACE_S)
     readiness.cancel()
     server.close()
     await server.wait_closed()
     await frontend.close()
+
+
+def end_process_after(grace_s: float) -> threading.Timer:
+    """Start a daemon timer that, if this process is still alive after grace_s, logs the stacks
+    of its threads (where it is stuck) and ends it with status 0: its streams are over by then."""
+    def end_now() -> None:
+        log.error("the shutdown did not finish within %g s of the drain; ending the process now, its threads' "
+                  "stacks follow", grace_s)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(grace_s, end_now)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def run(make_backend: Callable[[], Backend], settings: ServerSettings, host: str, port: int,
@@ -470,6 +498,7 @@ def run(make_backend: Callable[[], Backend], settings: ServerSettings, host: str
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    log.info("stopped")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The frontend server in-process with no Triton behind it: TLS, the web page over HTTPS,
-subprotocol negotiation, bad input, and a clear 1011 error when Triton is unreachable."""
+subprotocol negotiation, bad input, and a clear 1011 error when Triton is unreachable; and the
+bound on a shutdown's end, in a process of its own."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import asyncio
 import datetime
 import json
 import ssl
+import subprocess
+import sys
+import textwrap
 import urllib.request
 
 import numpy as np
@@ -21,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from frontend.client import transcribe
 from frontend.server import FrontendServer, ServerSettings, ssl_context
 from frontend.triton_client import TritonBackend, TritonGateway
+from twopass_asr import REPO_ROOT
 from twopass_asr.serving.triton_launcher import free_port
 
 
@@ -110,3 +115,22 @@ def test_bad_input_closes_only_that_connection(certificate, tmp_path):
     error, bad_code, final = run_with_server(scenario, certificate, tmp_path)
     assert error["code"] == "audio_before_config" and bad_code == 1008
     assert final == {"mode": "offline", "text": "", "wav_name": "ok", "is_final": True, "is_end": True}
+
+
+def test_a_shutdown_stuck_after_the_drain_still_ends_the_process():
+    """A thread that never ends keeps a Python process from exiting, as grpc.aio's poller can;
+    end_process_after ends it anyway, with status 0 and the stuck thread's stack in its output."""
+    program = textwrap.dedent("""
+        import logging, threading
+        from frontend.server import end_process_after
+        logging.basicConfig(level=logging.INFO)
+        def stuck_forever():
+            threading.Event().wait()
+        threading.Thread(target=stuck_forever).start()
+        end_process_after(0.5)
+    """)
+    ended = subprocess.run([sys.executable, "-c", program], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert ended.returncode == 0, ended.stderr
+    assert "the shutdown did not finish within 0.5 s of the drain" in ended.stderr
+    assert "stuck_forever" in ended.stderr

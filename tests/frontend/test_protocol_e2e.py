@@ -21,11 +21,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from frontend.client import run_stream, transcribe
+from frontend.server import EXIT_GRACE_S
 from tests.conftest import ARTIFACTS
 from tests.triton_client_utils import chunks_of, decoupled_texts, run_sequence, tensor, text_of
 from twopass_asr import REPO_ROOT
 from twopass_asr.second_pass.vllm_engine import ENGINE_ENV
-from twopass_asr.serving.triton_launcher import TritonServer, free_port
+from twopass_asr.serving.triton_launcher import TritonServer, free_port, python_stacks
 
 pytestmark = pytest.mark.triton
 
@@ -39,6 +40,7 @@ class FrontendProcess:
             [sys.executable, "-m", "frontend.server", "--triton-url", triton_url, "--host", "127.0.0.1",
              "--port", str(self.port), *extra],
             cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, whose stacks python_stacks takes
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -59,8 +61,16 @@ class FrontendProcess:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(15)
-        self._log.close()
+        try:
+            # Its drain ends at once with no stream open; the rest is bounded by EXIT_GRACE_S.
+            self.process.wait(EXIT_GRACE_S + 10)
+        except subprocess.TimeoutExpired:
+            stacks = python_stacks(self.process.pid)
+            self.process.kill()
+            raise AssertionError(f"the frontend did not exit on SIGTERM; its stacks:\n{stacks}\n"
+                                 f"its log's end:\n{self.log()[-4000:]}") from None
+        finally:
+            self._log.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError, 
 from twopass_asr.store import model_store
 
 log = logging.getLogger("twopass_asr.serving.serve")
-# After its drain, the frontend closes connections and its gRPC channel.
+# After its drain, the frontend closes connections and its gRPC channel; it ends itself within
+# frontend.server.EXIT_GRACE_S (10 s) of the drain, and is killed a little after that.
 FRONTEND_EXIT_GRACE_S = 15.0
 REPLICA_PORT_STEP = 100
 
