@@ -15,8 +15,10 @@ does; --embed-max-batch 1 encodes one segment at a time), then
          second copy of the model left as FunASR loads it (torch's own linear layers; the
          served recognizer packs its audio encoder's once, twopass_asr.kernels.prepacked_linear).
 
-After the torch levels, one generate call over as many segments as each level has clients is
-timed continuing from the prompts' cached opening (the chat text before the audio, prefilled
+After the torch levels, one segment alone is timed part by part (preparing its audio, the audio
+encoder, the prefill, each further token, beside the time a decode step's weights take to read
+at the machine's measured memory rate), and one generate call over as many segments as each
+level has clients is timed continuing from the prompts' cached opening (the chat text before the audio, prefilled
 once: twopass_asr.second_pass.prompt_prefix) and prefilling the whole prompts.
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
@@ -204,6 +206,106 @@ def prompt_opening_lines(recognizer: NanoRecognizer, precision: str, batches: li
         rows.append(f"| {batch} | {max(len(prompt) for prompt in prompts)} | {opening.rows if opening else 0} "
                     f"| {with_cache:.0f} | {whole:.0f} | {whole - with_cache:.0f} | {whole / with_cache:.2f}x |")
         print(rows[-1], flush=True)
+    return rows
+
+
+def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 3) -> float:
+    """This machine's memory read rate with torch's threads: the best of `repeats` sums over
+    `gib` GiB of float32, far more than any cache holds."""
+    values = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        values.sum()
+        best = min(best, time.perf_counter() - begin)
+    return values.numel() * 4 / best / 1e9
+
+
+def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
+    """The bytes of weights a decode step reads: every linear layer's, in the precision it runs
+    in (int8: one byte a weight; the slices of a shared int8 product together make it up),
+    the output head included; the input embeddings give one row a step and are not counted."""
+    from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
+
+    total = 0
+    for module in linear_layers_of(llm):
+        if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice)):
+            total += module.in_features * module.out_features
+        else:
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def linear_layers_of(llm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LLM's linear layers as decode_step_weight_bytes counts them: calling each once is
+    calling every product once (a shared int8 product runs in the first of its slices called)."""
+    from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
+
+    return [module for module in llm.modules()
+            if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice, torch.nn.Linear))]
+
+
+def time_in_products(recognizer: NanoRecognizer, prompt: torch.Tensor, cap: int) -> float:
+    """Seconds that generating `cap` tokens from `prompt` spends inside the LLM's linear layers
+    (timed by hooks around each call)."""
+    spent = [0.0]
+    started: dict[int, float] = {}
+
+    def before(module, _inputs):
+        started[id(module)] = time.perf_counter()
+
+    def after(module, _inputs, _output):
+        spent[0] += time.perf_counter() - started.pop(id(module))
+
+    hooks = [hook for layer in linear_layers_of(recognizer.model.llm)
+             for hook in (layer.register_forward_pre_hook(before), layer.register_forward_hook(after))]
+    try:
+        recognizer.generate_tokens([prompt], [cap])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return spent[0]
+
+
+def segment_time_lines(recognizer: NanoRecognizer, precision: str, seconds: float, tokens: int,
+                       repeats: int = 3) -> list[str]:
+    """Markdown lines: where one segment's time goes alone on torch, as served (the prompt's
+    opening cached): preparing the audio, the audio encoder + adaptor, the prefill with the
+    first token, and each further token, medians of `repeats`; of each further token, the time
+    inside the LLM's linear layers (a separate run, timed by hooks), and the time its weights
+    take to read at this machine's measured memory read rate, the floor of a step that reads
+    them all once."""
+    pcm = make_segments(1, seconds, seed=23)[0]
+    recognizer.generate_tokens([recognizer.prompt_embeds(pcm)], [tokens])  # warm-up; caches the opening
+    timings: dict[str, list[float]] = {"prepare": [], "encode": [], "first": [], "all": []}
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        prepared = recognizer.prepare(NanoRequest(pcm))
+        timings["prepare"].append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        prompt = recognizer.embed_prepared([prepared])[0]
+        timings["encode"].append(time.perf_counter() - begin)
+        for name, cap in (("first", 1), ("all", tokens)):
+            begin = time.perf_counter()
+            recognizer.generate_tokens([prompt], [cap])
+            timings[name].append(time.perf_counter() - begin)
+    ms = {name: percentile(values, 50) * 1000 for name, values in timings.items()}
+    per_token = (ms["all"] - ms["first"]) / max(1, tokens - 1)
+    in_products = [time_in_products(recognizer, prompt, cap) for cap in (1, tokens)]
+    products_per_token = (in_products[1] - in_products[0]) * 1000 / max(1, tokens - 1)
+    weight_bytes = decode_step_weight_bytes(recognizer.model.llm)
+    bandwidth = read_bandwidth_gb_s()
+    floor_ms = weight_bytes / bandwidth / 1e6
+    rows = [f"\nOne {seconds:g} s segment alone on torch (LLM in {precision}, audio encoder in "
+            f"{recognizer.encoder_description}, {tokens} tokens, the prompt's opening cached), medians of {repeats}; "
+            f"a decode step reads {weight_bytes / 1e6:.0f} MB of weights, {floor_ms:.0f} ms at this machine's "
+            f"measured read rate of {bandwidth:.1f} GB/s:\n",
+            "| prepare ms | audio encoder + adaptor ms | prefill + first token ms | each further token ms "
+            "| of which in linear layers ms | weight-read floor per token ms | total ms |",
+            "|---|---|---|---|---|---|---|",
+            f"| {ms['prepare']:.0f} | {ms['encode']:.0f} | {ms['first']:.0f} | {per_token:.1f} "
+            f"| {products_per_token:.1f} | {floor_ms:.1f} | {ms['prepare'] + ms['encode'] + ms['all']:.0f} |"]
+    print("\n".join(rows), flush=True)
     return rows
 
 
@@ -400,6 +502,7 @@ def main() -> None:
         rows.append(loop.run_until_complete(level_run))
         print(f"torch c={level}: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
     if torch_levels:
+        sections += segment_time_lines(recognizer, precision, args.segment_seconds, args.max_new_tokens)
         sections += prompt_opening_lines(recognizer, precision, torch_levels, args.segment_seconds)
     # The engine runs in a subprocess of its own; one engine at a time, one after another.
     for mode in args.vllm_modes:

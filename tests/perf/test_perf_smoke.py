@@ -281,4 +281,34 @@ def test_second_pass_bench_in_int8_on_torch(test_models, tmp_path):
     openings = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| \d+ \| \d+ \| -?\d+ \| [\d.]+x \|$", report, re.MULTILINE)
     assert [batch for batch, _, _ in openings] == ["1", "2"], report
     assert all(0 < int(opening) < int(prompt) for _, prompt, opening in openings), report
+    # One segment alone, part by part: the parts add up to its total.
+    parts = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| (\d+) \|$", report,
+                       re.MULTILINE)
+    assert len(parts) == 1, report
+    prepare, encode, first, per_token, in_products, total = map(float, parts[0])
+    assert abs(prepare + encode + first + per_token * (tokens_of(report) - 1) - total) <= 3, report
+    assert in_products <= per_token + 1, report  # a part of each token's time
     assert (tmp_path / "second_pass.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def tokens_of(report: str) -> int:
+    return int(re.search(r", (\d+) new tokens each", report).group(1))
+
+
+def test_a_decode_steps_weights_in_int8_are_a_quarter_of_float32s():
+    """bench_second_pass's count of the weights a decode step reads, on a small Qwen3 before and
+    after the torch int8 LLM's quantization (which fuses the projections that share an input)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from perf.bench_second_pass import decode_step_weight_bytes
+    from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
+
+    config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+    llm = Qwen3ForCausalLM(config).eval()
+    linears = [module for module in llm.modules() if isinstance(module, torch.nn.Linear)]
+    float32_bytes = decode_step_weight_bytes(llm)
+    assert float32_bytes == 4 * sum(linear.weight.numel() for linear in linears)
+    quantize_llm_for_torch(llm)
+    assert decode_step_weight_bytes(llm) == float32_bytes // 4
