@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from frontend.client import run_stream, transcribe
-from frontend.server import EXIT_GRACE_S
+from frontend.server import DEFAULT_DRAIN_TIMEOUT_S, EXIT_GRACE_S
 from tests.conftest import ARTIFACTS
 from tests.triton_client_utils import chunks_of, decoupled_texts, run_sequence, tensor, text_of
 from twopass_asr import REPO_ROOT
@@ -62,8 +62,8 @@ class FrontendProcess:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            # Its drain ends at once with no stream open; the rest is bounded by EXIT_GRACE_S.
-            self.process.wait(EXIT_GRACE_S + 10)
+            # The server's own bounds: a drain (at once with no stream open), then EXIT_GRACE_S.
+            self.process.wait(DEFAULT_DRAIN_TIMEOUT_S + EXIT_GRACE_S + 5)
         except subprocess.TimeoutExpired:
             stacks = python_stacks(self.process.pid)
             self.process.kill()
