@@ -470,7 +470,7 @@ async def run_server(make_backend: Callable[[], Backend], settings: ServerSettin
     await frontend.close()
 
 
-def end_process_after(grace_s: float) -> threading.Timer:
+def end_process_after(grace_s: float) -> None:
     """Start a daemon timer that, if this process is still alive after grace_s, logs the stacks
     of its threads (where it is stuck) and ends it with status 0: its streams are over by then."""
     def end_now() -> None:
@@ -485,7 +485,6 @@ def end_process_after(grace_s: float) -> threading.Timer:
     timer = threading.Timer(grace_s, end_now)
     timer.daemon = True
     timer.start()
-    return timer
 
 
 def run(make_backend: Callable[[], Backend], settings: ServerSettings, host: str, port: int,

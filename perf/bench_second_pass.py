@@ -223,14 +223,18 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 3) -> float:
 
 def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
     """The bytes of weights a decode step reads: every linear layer's, in the precision it runs
-    in (int8: one byte a weight; the slices of a shared int8 product together make it up),
-    the output head included; the input embeddings give one row a step and are not counted."""
+    in (int8: one byte a weight, the slices of a shared int8 product together making it up;
+    prepacked: float32), the output head included; the input embeddings give one row a step
+    and are not counted."""
+    from twopass_asr.kernels.prepacked_linear import PrepackedLinear
     from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
 
     total = 0
     for module in linear_layers_of(llm):
         if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice)):
             total += module.in_features * module.out_features
+        elif isinstance(module, PrepackedLinear):
+            total += 4 * module.in_features * module.out_features
         else:
             total += module.weight.numel() * module.weight.element_size()
     return total
@@ -239,10 +243,11 @@ def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
 def linear_layers_of(llm: torch.nn.Module) -> list[torch.nn.Module]:
     """The LLM's linear layers as decode_step_weight_bytes counts them: calling each once is
     calling every product once (a shared int8 product runs in the first of its slices called)."""
+    from twopass_asr.kernels.prepacked_linear import PrepackedLinear
     from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
 
     return [module for module in llm.modules()
-            if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice, torch.nn.Linear))]
+            if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice, PrepackedLinear, torch.nn.Linear))]
 
 
 def time_in_products(recognizer: NanoRecognizer, prompt: torch.Tensor, cap: int) -> float:

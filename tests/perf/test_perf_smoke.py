@@ -286,29 +286,36 @@ def test_second_pass_bench_in_int8_on_torch(test_models, tmp_path):
                        re.MULTILINE)
     assert len(parts) == 1, report
     prepare, encode, first, per_token, in_products, total = map(float, parts[0])
-    assert abs(prepare + encode + first + per_token * (tokens_of(report) - 1) - total) <= 3, report
+    tokens = int(re.search(r", (\d+) new tokens each", report).group(1))
+    assert abs(prepare + encode + first + per_token * (tokens - 1) - total) <= 3, report
     assert in_products <= per_token + 1, report  # a part of each token's time
     assert (tmp_path / "second_pass.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def tokens_of(report: str) -> int:
-    return int(re.search(r", (\d+) new tokens each", report).group(1))
-
-
 def test_a_decode_steps_weights_in_int8_are_a_quarter_of_float32s():
-    """bench_second_pass's count of the weights a decode step reads, on a small Qwen3 before and
-    after the torch int8 LLM's quantization (which fuses the projections that share an input)."""
+    """bench_second_pass's count of the weights a decode step reads, on a small Qwen3 as loaded,
+    prepacked in float32 (as float32 torch generation runs it) and after the torch int8 LLM's
+    quantization (which fuses the projections that share an input)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from perf.bench_second_pass import decode_step_weight_bytes
+    from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
     from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
 
     config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
-    llm = Qwen3ForCausalLM(config).eval()
+
+    def small_llm():
+        torch.manual_seed(0)
+        return Qwen3ForCausalLM(config).eval()
+
+    llm = small_llm()
     linears = [module for module in llm.modules() if isinstance(module, torch.nn.Linear)]
     float32_bytes = decode_step_weight_bytes(llm)
     assert float32_bytes == 4 * sum(linear.weight.numel() for linear in linears)
     quantize_llm_for_torch(llm)
     assert decode_step_weight_bytes(llm) == float32_bytes // 4
+    prepacked = small_llm()
+    assert prepack_linear_layers(prepacked) == len(linears)
+    assert decode_step_weight_bytes(prepacked) == float32_bytes
