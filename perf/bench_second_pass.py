@@ -18,8 +18,9 @@ does; --embed-max-batch 1 encodes one segment at a time), then
 After the torch levels, one segment alone is timed part by part (preparing its audio, the audio
 encoder, the prefill, each further token, beside the time a decode step's weights take to read
 at the machine's measured memory rate), and one generate call over as many segments as each
-level has clients is timed continuing from the prompts' cached opening (the chat text before the audio, prefilled
-once: twopass_asr.second_pass.prompt_prefix) and prefilling the whole prompts.
+level has clients is timed continuing from the prompts' cached opening (the chat text before
+the audio, prefilled once: twopass_asr.second_pass.prompt_prefix) and prefilling the whole
+prompts.
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
@@ -62,6 +63,8 @@ from twopass_asr import REPO_ROOT
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.kernels.int8_recipe import INT8_PRECISIONS
+from twopass_asr.kernels.prepacked_linear import PrepackedLinear
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
@@ -226,9 +229,6 @@ def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
     in (int8: one byte a weight, the slices of a shared int8 product together making it up;
     prepacked: float32), the output head included; the input embeddings give one row a step
     and are not counted."""
-    from twopass_asr.kernels.prepacked_linear import PrepackedLinear
-    from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
-
     total = 0
     for module in linear_layers_of(llm):
         if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice)):
@@ -243,9 +243,6 @@ def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
 def linear_layers_of(llm: torch.nn.Module) -> list[torch.nn.Module]:
     """The LLM's linear layers as decode_step_weight_bytes counts them: calling each once is
     calling every product once (a shared int8 product runs in the first of its slices called)."""
-    from twopass_asr.kernels.prepacked_linear import PrepackedLinear
-    from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
-
     return [module for module in llm.modules()
             if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice, PrepackedLinear, torch.nn.Linear))]
 
