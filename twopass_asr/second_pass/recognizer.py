@@ -340,10 +340,9 @@ class NanoRecognizer:
     def generate_batch(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None) -> list[str]:
         """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
         padded to the longest (after the cached opening they share, if any; generate_tokens) and
-        the padding masked out. In float32 each text equals
-        the segment's text alone; in half precision the padded shapes round differently and a
-        near tie between two tokens can go the other way. caps: each prompt's token cap
-        (default max_new_tokens)."""
+        the padding masked out. In float32 each text equals the segment's text alone; in half
+        precision the padded shapes round differently and a near tie between two tokens can go
+        the other way. caps: each prompt's token cap (default max_new_tokens)."""
         rows = self.generate_tokens(prompts, caps)
         if not rows:
             return []  # batch_decode([]) gives one empty text
