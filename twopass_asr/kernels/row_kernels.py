@@ -52,7 +52,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "kernels")
 
 
-def _compiler() -> list[str]:
+def compiler_command() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
@@ -171,25 +171,31 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
-    """row_scaling.c compiled by `compiler` for this CPU into `cache_dir` (an export of the
+def compile_library(source: Path, library: str, flags: tuple[str, ...], cache_dir: Path,
+                    compiler: list[str]) -> ctypes.CDLL:
+    """`source` compiled by `compiler` with `flags` for this CPU into `cache_dir` (an export of the
     source, store.export_cache: reused while source, flags, compiler and CPU are the same) and
     loaded. Raises OSError or subprocess.CalledProcessError where that fails."""
 
     def build(directory: Path) -> None:
-        subprocess.run([*compiler, *FLAGS, "-o", str(directory / LIBRARY), str(SOURCE), "-lm"], check=True,
+        subprocess.run([*compiler, *flags, "-o", str(directory / library), str(source), "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
 
-    depends_on = json.dumps([FLAGS, compiler, sorted(cpu_flags() or ())])
-    built = cached_export(SOURCE, depends_on, cache_dir, lambda directory: (directory / LIBRARY).is_file(), build)
-    return RowKernels(ctypes.CDLL(str(built / LIBRARY)))
+    depends_on = json.dumps([flags, compiler, sorted(cpu_flags() or ())])
+    built = cached_export(source, depends_on, cache_dir, lambda directory: (directory / library).is_file(), build)
+    return ctypes.CDLL(str(built / library))
+
+
+def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
+    """row_scaling.c compiled (compile_library) and loaded."""
+    return RowKernels(compile_library(SOURCE, LIBRARY, FLAGS, cache_dir, compiler))
 
 
 @functools.cache
 def row_kernels() -> RowKernels | None:
     """The compiled kernels (compile_row_kernels into default_cache_dir with $CC or cc), once per
     process; None, with one warning, where they cannot be had."""
-    compiler = _compiler()
+    compiler = compiler_command()
     try:
         return compile_row_kernels(default_cache_dir(), compiler)
     except (OSError, subprocess.SubprocessError) as error:
@@ -199,4 +205,5 @@ def row_kernels() -> RowKernels | None:
         return None
 
 
-__all__ = ["CACHE_ENV", "INPUT_FORMS", "RowKernels", "compile_row_kernels", "default_cache_dir", "row_kernels"]
+__all__ = ["CACHE_ENV", "INPUT_FORMS", "RowKernels", "compile_library", "compile_row_kernels", "compiler_command",
+           "default_cache_dir", "row_kernels"]
