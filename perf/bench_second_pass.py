@@ -269,32 +269,23 @@ def time_in_products(recognizer: NanoRecognizer, prompt: torch.Tensor, cap: int)
     return spent[0]
 
 
+def step_engines(recognizer: NanoRecognizer) -> list[tuple[str, object]]:
+    """The decode-step engines segment_time_lines times, as (name, the recognizer's
+    native_decoder for it): the C step where the recognizer has one, and HF's generate."""
+    native = recognizer.native_decoder
+    return ([("C step", native)] if native is not None else []) + [("HF generate", None)]
+
+
 def segment_time_lines(recognizer: NanoRecognizer, precision: str, seconds: float, tokens: int,
                        repeats: int = 3) -> list[str]:
     """Markdown lines: where one segment's time goes alone on torch, as served (the prompt's
     opening cached): preparing the audio, the audio encoder + adaptor, the prefill with the
-    first token, and each further token, medians of `repeats`; of each further token, the time
-    inside the LLM's linear layers (a separate run, timed by hooks), and the time its weights
-    take to read at this machine's measured memory read rate, the floor of a step that reads
-    them all once."""
+    first token, and each further token, medians of `repeats`, for each decode-step engine
+    (step_engines: the C step, HF's generate over the same layers); of each further token in
+    HF's steps, the time inside the LLM's linear layers (a separate run, timed by hooks; the C
+    step has no hooks to time), and the time its weights take to read at this machine's
+    measured memory read rate, the floor of a step that reads them all once."""
     pcm = make_segments(1, seconds, seed=23)[0]
-    recognizer.generate_tokens([recognizer.prompt_embeds(pcm)], [tokens])  # warm-up; caches the opening
-    timings: dict[str, list[float]] = {"prepare": [], "encode": [], "first": [], "all": []}
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        prepared = recognizer.prepare(NanoRequest(pcm))
-        timings["prepare"].append(time.perf_counter() - begin)
-        begin = time.perf_counter()
-        prompt = recognizer.embed_prepared([prepared])[0]
-        timings["encode"].append(time.perf_counter() - begin)
-        for name, cap in (("first", 1), ("all", tokens)):
-            begin = time.perf_counter()
-            recognizer.generate_tokens([prompt], [cap])
-            timings[name].append(time.perf_counter() - begin)
-    ms = {name: percentile(values, 50) * 1000 for name, values in timings.items()}
-    per_token = (ms["all"] - ms["first"]) / max(1, tokens - 1)
-    in_products = [time_in_products(recognizer, prompt, cap) for cap in (1, tokens)]
-    products_per_token = (in_products[1] - in_products[0]) * 1000 / max(1, tokens - 1)
     weight_bytes = decode_step_weight_bytes(recognizer.model.llm)
     bandwidth = read_bandwidth_gb_s()
     floor_ms = weight_bytes / bandwidth / 1e6
@@ -302,11 +293,36 @@ def segment_time_lines(recognizer: NanoRecognizer, precision: str, seconds: floa
             f"{recognizer.encoder_description}, {tokens} tokens, the prompt's opening cached), medians of {repeats}; "
             f"a decode step reads {weight_bytes / 1e6:.0f} MB of weights, {floor_ms:.0f} ms at this machine's "
             f"measured read rate of {bandwidth:.1f} GB/s:\n",
-            "| prepare ms | audio encoder + adaptor ms | prefill + first token ms | each further token ms "
-            "| of which in linear layers ms | weight-read floor per token ms | total ms |",
-            "|---|---|---|---|---|---|---|",
-            f"| {ms['prepare']:.0f} | {ms['encode']:.0f} | {ms['first']:.0f} | {per_token:.1f} "
-            f"| {products_per_token:.1f} | {floor_ms:.1f} | {ms['prepare'] + ms['encode'] + ms['all']:.0f} |"]
+            "| decode steps | prepare ms | audio encoder + adaptor ms | prefill + first token ms "
+            "| each further token ms | of which in linear layers ms | weight-read floor per token ms | total ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    served = recognizer.native_decoder
+    try:
+        for name, engine in step_engines(recognizer):
+            recognizer.native_decoder = engine
+            recognizer.generate_tokens([recognizer.prompt_embeds(pcm)], [tokens])  # warm-up; caches the opening
+            timings: dict[str, list[float]] = {"prepare": [], "encode": [], "first": [], "all": []}
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                prepared = recognizer.prepare(NanoRequest(pcm))
+                timings["prepare"].append(time.perf_counter() - begin)
+                begin = time.perf_counter()
+                prompt = recognizer.embed_prepared([prepared])[0]
+                timings["encode"].append(time.perf_counter() - begin)
+                for part, cap in (("first", 1), ("all", tokens)):
+                    begin = time.perf_counter()
+                    recognizer.generate_tokens([prompt], [cap])
+                    timings[part].append(time.perf_counter() - begin)
+            ms = {part: percentile(values, 50) * 1000 for part, values in timings.items()}
+            per_token = (ms["all"] - ms["first"]) / max(1, tokens - 1)
+            in_products = "-"
+            if engine is None:
+                spent = [time_in_products(recognizer, prompt, cap) for cap in (1, tokens)]
+                in_products = f"{(spent[1] - spent[0]) * 1000 / max(1, tokens - 1):.1f}"
+            rows.append(f"| {name} | {ms['prepare']:.0f} | {ms['encode']:.0f} | {ms['first']:.0f} | {per_token:.1f} "
+                        f"| {in_products} | {floor_ms:.1f} | {ms['prepare'] + ms['encode'] + ms['all']:.0f} |")
+    finally:
+        recognizer.native_decoder = served
     print("\n".join(rows), flush=True)
     return rows
 

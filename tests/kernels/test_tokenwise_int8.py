@@ -1,4 +1,4 @@
-"""TokenwiseInt8Linear, the int8 layer on fbgemm or oneDNN: each input row quantized on its own
+"""TokenwiseInt8Linear, the int8 layer on fbgemm, oneDNN or the compiled kernel: each input row quantized on its own
 range, so a row's output never depends on the rows it is computed with."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def linear(request):
     return torch.nn.Linear(IN_FEATURES, OUT_FEATURES, bias=request.param)
 
 
-@pytest.fixture(params=TOKENWISE_KERNEL_PARAMS)
+# The compiled kernel is the torch int8 LLM's (llm_int8), not a choice of the int8 settings.
+@pytest.fixture(params=[*TOKENWISE_KERNEL_PARAMS, "compiled"])
 def kernel(request):
     return request.param
 
@@ -40,7 +41,7 @@ def relative_error(approximate: torch.Tensor, exact: torch.Tensor) -> float:
 
 @torch.no_grad()
 def test_weights_are_int8_per_output_channel_on_the_kernels_levels(linear, kernel):
-    levels = {"fbgemm": 63, "onednn": 127}[kernel]
+    levels = {"fbgemm": 63, "onednn": 127, "compiled": 63}[kernel]
     assert TOKENWISE_KERNELS[kernel] == levels
     weights, scales = int8_per_output_channel(linear.weight, levels=levels)
     packed = TokenwiseInt8Linear(linear, kernel).weight()
@@ -112,7 +113,7 @@ def test_replace_linear_layers_takes_the_chosen_float32_layers(kernel):
     assert replace_linear_layers(model, lambda name: name == "2", kernel) == 1
     assert type(model[0]) is torch.nn.Linear and type(model[2]) is TokenwiseInt8Linear and model[2].kernel == kernel
     assert torch.backends.quantized.engine == engine  # packing for a kernel leaves torch's engine as it was
-    with pytest.raises(ValueError, match="the int8 kernel must be one of fbgemm, onednn, got 'qnnpack'"):
+    with pytest.raises(ValueError, match="the int8 kernel must be one of fbgemm, onednn, compiled, got 'qnnpack'"):
         TokenwiseInt8Linear(torch.nn.Linear(8, 8), "qnnpack")
     half = torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16))
     with pytest.raises(ValueError, match="0 is torch.bfloat16"):
@@ -135,10 +136,11 @@ class GatedBlock(torch.nn.Module):
 
 @torch.no_grad()
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_product(bias, monkeypatch):
+@pytest.mark.parametrize("shared_kernel", ["fbgemm", "compiled"])
+def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_product(bias, shared_kernel, monkeypatch):
     block, separate = GatedBlock(bias), GatedBlock(bias)
-    fuse_shared_input_layers(block, ("a", "b", "c"))
-    replace_linear_layers(separate, lambda name: True)
+    fuse_shared_input_layers(block, ("a", "b", "c"), shared_kernel)
+    replace_linear_layers(separate, lambda name: True, shared_kernel)
     assert all(type(getattr(block, name)) is TokenwiseInt8Slice for name in "abc")
     for name in "abc":
         assert torch.equal(getattr(block, name).weight().int_repr(), getattr(separate, name).weight().int_repr())
@@ -162,6 +164,23 @@ def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_produc
     assert torch.equal(block.c(other), expected) and len(products) == 1  # another input, its own product
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("in_features", [256, 1000], ids=["whole-vectors", "with-a-tail"])
+def test_the_compiled_kernel_gives_fbgemms_bits(in_features):
+    """The compiled product (twopass_asr.kernels.decode_step) takes fbgemm's recipe; the torch
+    int8 LLM runs on it, so its tokens are those it had on fbgemm. Rows of very different
+    magnitudes, 1 to 9 of them (the C product takes rows four at a time), and a width that is
+    not a whole number of its 32-byte vectors."""
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(in_features, 200, bias=False)
+    fbgemm, compiled = TokenwiseInt8Linear(linear, "fbgemm"), TokenwiseInt8Linear(linear, "compiled")
+    assert torch.equal(compiled.weight().int_repr(), fbgemm.weight().int_repr())
+    for count in range(1, 10):
+        batch = torch.randn(count, in_features, generator=torch.Generator().manual_seed(count))
+        batch *= torch.logspace(-3, 3, count)[:, None]
+        assert torch.equal(compiled(batch), fbgemm(batch)), count
+
+
 def test_layers_with_different_inputs_cannot_share_one():
     block = GatedBlock(bias=False)
     block.c = torch.nn.Linear(IN_FEATURES // 2, 32, bias=False)
@@ -169,3 +188,5 @@ def test_layers_with_different_inputs_cannot_share_one():
         fuse_shared_input_layers(block, ("a", "c"))
     with pytest.raises(ValueError, match="float32 torch.nn.Linear"):
         fuse_shared_input_layers(torch.nn.Sequential(torch.nn.Linear(8, 8).half()), ("0",))
+    with pytest.raises(ValueError, match="not onednn"):
+        fuse_shared_input_layers(GatedBlock(bias=False), ("a", "b"), "onednn")

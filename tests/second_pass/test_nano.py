@@ -529,7 +529,7 @@ def test_int8_generation_quantizes_the_projections_and_head_per_output_channel(t
     assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
     float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
     for name, layer in quantized.items():
-        # The LLM's layers are on fbgemm (llm_int8).
+        # The LLM's layers are on fbgemm's levels (the compiled kernel's too, llm_int8).
         weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight,
                                                   tokenwise_int8.TOKENWISE_KERNELS["fbgemm"])
         packed = layer.weight()
@@ -580,6 +580,63 @@ def test_int8_generation_agrees_with_fp32_and_a_broken_quantization_does_not(tin
     broken = quietly(NanoRecognizer, tiny_nano)
     broken.use_int8_generation()
     assert llm_agreement(recognizer, broken) < LLM_INT8_AGREEMENT_FLOOR
+
+
+@pytest.fixture(scope="module")
+def int8_generation_in_hf_steps(tiny_nano):
+    int8 = quietly(NanoRecognizer, tiny_nano)
+    int8.use_int8_generation(native_steps=False)
+    return int8
+
+
+@torch.no_grad()
+def test_int8_generation_runs_each_decode_step_in_c_with_the_tokens_of_hfs_steps(int8_generation,
+                                                                                 int8_generation_in_hf_steps,
+                                                                                 monkeypatch):
+    """native_decode: after the prefill (the LLM's own forward, once), every token comes from the
+    C step. Its products are the layers' bits and its float arithmetic another order of
+    torch's, so on the tiny model (where near ties are common) the tokens still match HF's
+    steps, alone and in batches of prompts of different lengths."""
+    assert int8_generation.native_decoder is not None and int8_generation_in_hf_steps.native_decoder is None
+    prompts = [int8_generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
+    expected = int8_generation_in_hf_steps.generate_tokens(prompts)
+    assert min(len(row) for row in expected) > 3  # steps after the prefill
+    forwards = []
+    llm = int8_generation.model.llm
+    monkeypatch.setattr(llm, "forward", lambda *args, original=llm.forward, **kwargs:
+                        forwards.append(kwargs["inputs_embeds"].shape) or original(*args, **kwargs))
+    assert int8_generation.generate_tokens(prompts) == expected
+    assert len(forwards) == 1, forwards
+    assert [int8_generation.generate_tokens([prompt])[0] for prompt in prompts[:3]] == expected[:3]
+
+
+@torch.no_grad()
+def test_c_decode_steps_stop_each_row_at_its_cap_or_stop_token(int8_generation):
+    prompts = [int8_generation.prompt_embeds(pcm) for pcm in segments()]
+    full = int8_generation.generate_tokens(prompts)
+    caps = [1, 3, 5]
+    assert int8_generation.generate_tokens(prompts, caps) == [row[:cap] for row, cap in zip(full, caps)]
+    # A token of the first row taken as a stop token: that row ends there, the others go on
+    # (or end there too, if they hold it). The prompts left-padded, without a cached opening.
+    embeds = torch.nn.utils.rnn.pad_sequence([p.flip(0) for p in prompts], batch_first=True).flip(1)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(p), dtype=torch.int32) for p in prompts],
+                                           batch_first=True).flip(1)
+    decoder = int8_generation.native_decoder
+    unstopped = decoder.generate(embeds, mask, None, 0, [12] * len(prompts), set())
+    assert [len(row) for row in unstopped] == [12] * len(prompts)
+    stop = unstopped[0][2]
+    assert stop not in unstopped[0][:2]
+    rows = decoder.generate(embeds, mask, None, 0, [12] * len(prompts), {stop})
+    assert rows[0] == unstopped[0][:3]
+    assert rows == [until_stop(row, {stop}) for row in unstopped]
+
+
+def test_int8_generation_keeps_hfs_steps_where_generation_is_not_plain_greedy(tiny_nano, caplog):
+    sampled = quietly(NanoRecognizer, tiny_nano)
+    sampled.model.llm.generation_config.repetition_penalty = 1.3
+    sampled.use_int8_generation()
+    assert sampled.native_decoder is None
+    assert "not plain greedy search" in caplog.text
 
 
 def test_int8_generation_fixes_the_llms_layers(tiny_nano, int8_generation):

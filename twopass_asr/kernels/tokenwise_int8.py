@@ -1,7 +1,9 @@
-"""Linear layers in int8, activations quantized per token, on one of two of torch's int8
-kernels (TOKENWISE_KERNELS): fbgemm's, the fast one on AVX2 without VNNI (perf/RESULTS.md,
-2026-12-03), and oneDNN's, which uses AMX and AVX-512 VNNI where the CPU has them
-(perf/RESULTS.md, 2026-12-04, session 13).
+"""Linear layers in int8, activations quantized per token, on one of three kernels
+(TOKENWISE_KERNELS): torch's fbgemm, the fast one on AVX2 without VNNI (perf/RESULTS.md,
+2026-12-03); torch's oneDNN, which uses AMX and AVX-512 VNNI where the CPU has them
+(perf/RESULTS.md, 2026-12-04, session 13); and "compiled", the project's own product in C
+(twopass_asr.kernels.decode_step), fbgemm's recipe and bits, which the torch int8 LLM runs on so
+that its decode steps can run in C as a whole (twopass_asr.second_pass.native_decode).
 
 Activations: torch's dynamic int8 layer takes one range for all the rows of a call, so one row
 with large activations (LLMs put some at a prompt's first token and at delimiters) would
@@ -36,6 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
+from twopass_asr.kernels.decode_step import CompiledInt8Weights
 from twopass_asr.kernels.row_kernels import row_kernels
 
 
@@ -50,7 +53,7 @@ def int8_per_output_channel(weight: torch.Tensor, levels: int = 127) -> tuple[to
 
 # The kernels (torch's int8 libraries), and the levels their int8 weights keep (module
 # docstring).
-TOKENWISE_KERNELS = {"fbgemm": 63, "onednn": 127}
+TOKENWISE_KERNELS = {"fbgemm": 63, "onednn": 127, "compiled": 63}
 
 
 def _levels_of(kernel: str) -> int:
@@ -85,6 +88,9 @@ class TokenwiseInt8Linear(torch.nn.Module):
         self.weight_zero_points = torch.zeros(rows, dtype=torch.long)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        if kernel == "compiled":
+            self.packed = CompiledInt8Weights(weights, self.weight_scales)
+            return
         if kernel == "onednn":
             row_kernels()  # compiled at load, not in a first request
             # oneDNN's own packing: torch's linear_prepack on its oneDNN engine keeps the int8
@@ -102,12 +108,17 @@ class TokenwiseInt8Linear(torch.nn.Module):
         """The int8 weights (a per-channel quantized tensor)."""
         if self.kernel == "fbgemm":
             return torch.ops.quantized.linear_unpack(self.packed)[0]
+        weights = self.packed.weights if self.kernel == "compiled" else self.packed.to_dense().t()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
-            return torch._make_per_channel_quantized_tensor(self.packed.to_dense().t(), self.weight_scales.double(),
+            return torch._make_per_channel_quantized_tensor(weights, self.weight_scales.double(),
                                                             self.weight_zero_points, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "compiled":
+            y = self.packed.product(x.reshape(-1, self.in_features).float())
+            y = y if self.bias is None else y.add_(self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.kernel == "fbgemm":
             return _scripted(_fbgemm_product)(x, self.packed, self.bias, self.in_features, self.out_features)
         kernels = row_kernels()
@@ -144,6 +155,8 @@ class TokenwiseInt8Linear(torch.nn.Module):
     def unscaled_product(self, product_input: torch.Tensor) -> torch.Tensor:
         """The product of rows already divided by their magnitudes (in input_form), before those
         are multiplied back in; [rows, out_features]."""
+        if self.kernel == "compiled":
+            raise ValueError("the compiled kernel scales its products itself: it has no unscaled product")
         if self.kernel == "onednn":
             return _onednn_kernel(product_input, self.packed, self.weight_scales, self.weight_zero_points)
         return _fbgemm_quotients_product(product_input, self.packed)
@@ -235,6 +248,11 @@ class TokenwiseInt8Slice(torch.nn.Module):
         self.start, self.stop = start, stop
         self.in_features, self.out_features = product.layer.in_features, stop - start
 
+    @property
+    def shared_layer(self) -> TokenwiseInt8Linear:
+        """The int8 layer over the stacked weights whose outputs start:stop this slice is."""
+        return self._product.layer
+
     def weight(self) -> torch.Tensor:
         """This layer's int8 weights (a per-channel quantized tensor)."""
         return self._product.layer.weight()[self.start:self.stop]
@@ -247,7 +265,7 @@ class TokenwiseInt8Slice(torch.nn.Module):
                 f"rows {self.start}:{self.stop} of a shared product")
 
 
-def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...], kernel: str = "fbgemm") -> None:
     """Replace, in place, the float32 linear layers `names` of `module`, which `module`'s forward
     applies to one same input (an attention's query, key and value projections; a gated MLP's
     gate and up projections), by TokenwiseInt8Slices of one int8 product over their stacked
@@ -255,8 +273,11 @@ def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...]) ->
     weights are quantized per output channel and the input per row, so each slice equals its
     layer's own TokenwiseInt8Linear bit for bit. The product is computed by the first slice
     called with an input (again for another input) and dropped when `module`'s forward ends.
-    On fbgemm only: the torch int8 LLM, the one user, is faster on fbgemm one token a time (and
-    oneDNN's dynamic product, measured in session 13, rounded stacked shapes differently)."""
+    On fbgemm or the compiled kernel only: the torch int8 LLM, the one user, is faster on them
+    one token a time (and oneDNN's dynamic product, measured in session 13, rounded stacked
+    shapes differently)."""
+    if kernel == "onednn":
+        raise ValueError("layers sharing an input run as one product on fbgemm or the compiled kernel, not onednn")
     linears = [getattr(module, name) for name in names]
     for name, layer in zip(names, linears):
         if type(layer) is not torch.nn.Linear or layer.weight.dtype != torch.float32:
@@ -269,7 +290,7 @@ def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...]) ->
         stacked.weight.copy_(torch.cat([layer.weight for layer in linears]))
         if stacked.bias is not None:
             stacked.bias.copy_(torch.cat([layer.bias for layer in linears]))
-    product = _SharedProduct(TokenwiseInt8Linear(stacked))
+    product = _SharedProduct(TokenwiseInt8Linear(stacked, kernel))
     start = 0
     for name, layer in zip(names, linears):
         setattr(module, name, TokenwiseInt8Slice(product, start, start + layer.out_features))

@@ -31,7 +31,8 @@ from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
-from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
+from twopass_asr.second_pass.llm_int8 import llm_int8_kernel, quantize_llm_for_torch
+from twopass_asr.second_pass.native_decode import NativeDecoder, greedy_generation_config
 from twopass_asr.second_pass.prompt_prefix import PromptPrefixCache
 from twopass_asr.store.nano_dir import validate_nano_dir
 
@@ -165,6 +166,8 @@ class NanoRecognizer:
         self.prompt_prefixes = PromptPrefixCache(self._prefix_cache)
         # Prepacked or int8 linear layers fix the LLM's dtype from then on.
         self._llm_layers_replaced = False
+        # The int8 LLM's decode steps in C (use_int8_generation), else HF's generate.
+        self.native_decoder: NativeDecoder | None = None
         if self.encoder_int8_kernel in TOKENWISE_KERNELS:
             replace_linear_layers(self.model.audio_encoder, lambda name: True, self.encoder_int8_kernel)
             replace_linear_layers(self.model.audio_adaptor, lambda name: True, self.encoder_int8_kernel)
@@ -291,10 +294,12 @@ class NanoRecognizer:
             self._llm_layers_replaced = prepack_linear_layers(self.model.llm) > 0
         self.prompt_prefixes.clear()
 
-    def use_int8_generation(self) -> None:
+    def use_int8_generation(self, native_steps: bool = True) -> None:
         """Generate on torch with the LLM's decoder projections and output head in int8
         (twopass_asr.second_pass.llm_int8), float32 elsewhere and for the prompts. CPU only;
-        before use_dtype replaces the layers."""
+        before use_dtype replaces the layers. native_steps: each decode step one call into C
+        (native_decode) where the layers are on the compiled kernel and generation is plain
+        greedy search; else HF's generate runs the steps."""
         if str(self.device) != "cpu":
             raise ValueError(f"int8 generation on torch runs on a CPU (fbgemm), not on {self.device}; on a GPU int8 "
                              f"runs on vLLM")
@@ -303,9 +308,20 @@ class NanoRecognizer:
         self._require_generation_layers()
         self.dtype = torch.float32
         self.model.llm.to(torch.float32)
-        quantize_llm_for_torch(self.model.llm)
+        kernel = llm_int8_kernel()
+        quantize_llm_for_torch(self.model.llm, kernel)
         self._llm_layers_replaced = True
         self.prompt_prefixes.clear()
+        if not native_steps:
+            return
+        if kernel != "compiled":
+            log.warning("the int8 LLM's decode steps run in HF's generate (slower): the C step needs the compiled "
+                        "int8 kernel")
+        elif not greedy_generation_config(self.model.llm, self.kwargs.get("llm_kwargs", {})):
+            log.warning("the int8 LLM's decode steps run in HF's generate: its generation settings are not plain "
+                        "greedy search, which is all the C step does")
+        else:
+            self.native_decoder = NativeDecoder(self.model.llm)
 
     def release_generation_layers(self, input_embeddings: torch.Tensor | None = None) -> None:
         """Free the LLM's decoder layers and output head, keeping the token embeddings the
@@ -324,6 +340,7 @@ class NanoRecognizer:
         llm.model.layers = torch.nn.ModuleList()
         llm.model.norm = torch.nn.Identity()
         llm.lm_head = None
+        self.native_decoder = None
         self._generation_released = True
         self.prompt_prefixes.clear()
 
@@ -373,7 +390,12 @@ class NanoRecognizer:
             start = opening + longest_rest - (len(prompt) - opening)
             inputs_embeds[row, start:] = prompt[opening:]
             attention_mask[row, start:] = 1
-        cached = {} if prefix is None else {"past_key_values": self.prompt_prefixes.cache_for(prefix, len(prompts))}
+        cache = None if prefix is None else self.prompt_prefixes.cache_for(prefix, len(prompts))
+        stops = stop_token_ids(llm.generation_config.eos_token_id)
+        if self.native_decoder is not None:
+            rows = self.native_decoder.generate(inputs_embeds, attention_mask, cache, opening, caps, stops)
+            return [until_stop(row, stops) for row in rows]
+        cached = {} if cache is None else {"past_key_values": cache}
         pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
         with self._autocast():
             generated = llm.generate(
@@ -386,7 +408,6 @@ class NanoRecognizer:
             )
         # A row that finished early is filled up with pad tokens; alone it would have stopped
         # at its end token (generation stops at the generation config's end tokens only).
-        stops = stop_token_ids(llm.generation_config.eos_token_id)
         return [until_stop(row.tolist(), stops)[:cap] for row, cap in zip(generated, caps, strict=True)]
 
     @torch.no_grad()

@@ -1,0 +1,341 @@
+/* One decode step of a Qwen3 LLM whose projections and output head are int8 (the torch int8
+ * LLM of twopass_asr/second_pass/llm_int8.py), for a few sequences at once, in one call: the
+ * norms, the rotary embedding, the attention over a key/value cache and the int8 products,
+ * with no Python or torch operator between them (twopass_asr/second_pass/native_decode.py
+ * builds the model and calls it).
+ *
+ * The int8 products follow tokenwise_int8's fbgemm layers: weights on -63..63 per output
+ * channel, each input row divided by its largest magnitude and quantized to uint8 around 128
+ * in steps of 2/255, integer sums, scaled back per output and per row. On AVX2 a row's bytes
+ * and a weight row's are multiplied in pairs into 16 bits (255 x 63 x 2 fits), then summed in
+ * 32 bits. The float work around them is torch's arithmetic in another summation order, so
+ * the results agree with the torch step to float rounding, not bit for bit. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+/* torch's clamp of a row's largest magnitude: float32's smallest normal number. */
+static const float SMALLEST_SCALE = 1.1754943508222875e-38f;
+static const int32_t INPUT_ZERO_POINT = 128;
+
+/* An int8 linear layer without bias. scales[o]: output o's weight scale times the input
+ * step; sums[o]: the sum of its weights, to take the input's zero point back out. */
+typedef struct {
+    const int8_t *weights; /* [outputs, inputs] */
+    const float *scales;
+    const int32_t *sums;
+    int64_t outputs, inputs;
+} int8_layer;
+
+typedef struct {
+    const float *input_norm, *post_attention_norm; /* [hidden] */
+    const float *query_norm, *key_norm;            /* [head_dim] */
+    int8_layer qkv;                                /* queries, keys, values stacked */
+    int8_layer output;
+    int8_layer gate_up;                            /* gate, up stacked */
+    int8_layer down;
+    float *keys, *values; /* [slots, kv_heads, capacity, head_dim] */
+} decoder_layer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, slots, capacity;
+    float norm_eps, input_step;
+    const float *inverse_frequencies; /* [head_dim / 2] */
+    const decoder_layer *layer;
+    const float *final_norm;
+    int8_layer head;
+} qwen3_model;
+
+/* Space for one step of `rows` sequences (all float unless said), laid out by the caller in one
+ * buffer: see step_scratch_floats. */
+typedef struct {
+    float *normed;     /* [rows, max(hidden, intermediate)] the next product's float input */
+    uint8_t *quantized; /* [rows, max(hidden, heads * head_dim, intermediate)] */
+    float *row_scales; /* [rows] */
+    float *qkv;        /* [rows, (heads + 2 kv_heads) head_dim] */
+    float *attended;   /* [rows, heads * head_dim] */
+    float *product;    /* [rows, max(hidden, 2 intermediate)] */
+    float *scores;     /* [rows * heads, capacity] */
+} step_scratch;
+
+static float row_magnitude(const float *row, int64_t columns) {
+    float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
+    for (int64_t c = 0; c < columns; ++c)
+        largest = fmaxf(largest, fabsf(row[c]));
+    return largest < SMALLEST_SCALE ? SMALLEST_SCALE : largest;
+}
+
+/* A row divided by its largest magnitude, in uint8 around INPUT_ZERO_POINT: fbgemm's rounding
+ * (half to even) of the quotient over the input step. */
+static float quantize_row(const float *row, int64_t columns, float input_step, uint8_t *out) {
+    const float scale = row_magnitude(row, columns);
+    const float inverse_step = 1.0f / input_step;
+    for (int64_t c = 0; c < columns; ++c) {
+        float value = nearbyintf((row[c] / scale) * inverse_step) + (float)INPUT_ZERO_POINT;
+        value = value < 0.0f ? 0.0f : (value > 255.0f ? 255.0f : value);
+        out[c] = (uint8_t)value;
+    }
+    return scale;
+}
+
+#ifdef __AVX2__
+static inline int32_t sum_lanes(__m256i v) {
+    __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4e));
+    half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0xb1));
+    return _mm_cvtsi128_si32(half);
+}
+#endif
+
+/* sums[r] = sum over c of inputs[r][c] * weights[c], for `count` (1 to 4) input rows `stride`
+ * apart: the weight row is read once for all of them. */
+static inline __attribute__((always_inline)) void dot_rows(const int8_t *weights, const uint8_t *inputs,
+                                                           int64_t stride, int64_t columns, int count,
+                                                           int32_t *sums) {
+    int64_t c = 0;
+    int32_t total[4] = {0, 0, 0, 0};
+#ifdef __AVX2__
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+    for (; c + 32 <= columns; c += 32) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(weights + c));
+        for (int r = 0; r < count; ++r) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(inputs + r * stride + c));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
+        }
+    }
+    for (int r = 0; r < count; ++r)
+        total[r] = sum_lanes(acc[r]);
+#endif
+    for (; c < columns; ++c)
+        for (int r = 0; r < count; ++r)
+            total[r] += (int32_t)inputs[r * stride + c] * (int32_t)weights[c];
+    for (int r = 0; r < count; ++r)
+        sums[r] = total[r];
+}
+
+/* out[r] = layer(rows' quantized inputs) for `rows` rows, the outputs shared among the team's
+ * threads (called by every thread of a parallel region). */
+static void int8_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
+                         float *out) {
+    const int64_t n = layer->outputs, k = layer->inputs;
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < n; ++o) {
+        const int8_t *weights = layer->weights + o * k;
+        const int32_t zero_point_sum = INPUT_ZERO_POINT * layer->sums[o];
+        for (int64_t r = 0; r < rows; r += 4) {
+            int32_t sums[4];
+            const int count = rows - r < 4 ? (int)(rows - r) : 4;
+            switch (count) {
+            case 4: dot_rows(weights, inputs + r * k, k, k, 4, sums); break;
+            case 3: dot_rows(weights, inputs + r * k, k, k, 3, sums); break;
+            case 2: dot_rows(weights, inputs + r * k, k, k, 2, sums); break;
+            default: dot_rows(weights, inputs + r * k, k, k, 1, sums); break;
+            }
+            for (int i = 0; i < count; ++i)
+                out[(r + i) * n + o] = (float)(sums[i] - zero_point_sum) * layer->scales[o] * row_scales[r + i];
+        }
+    }
+}
+
+/* Qwen3's RMS norm of one row: x / sqrt(mean(x^2) + eps) * weight. */
+static void rms_norm(const float *x, const float *weight, int64_t columns, float eps, float *out) {
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < columns; ++c)
+        squares += x[c] * x[c];
+    const float inverse = 1.0f / sqrtf(squares / (float)columns + eps);
+    for (int64_t c = 0; c < columns; ++c)
+        out[c] = weight[c] * (x[c] * inverse);
+}
+
+/* Each row of `x` [rows, columns] normed (if `norm`) and quantized as a product's input. */
+static void product_inputs(const qwen3_model *model, const float *x, const float *norm, int64_t rows,
+                           int64_t columns, step_scratch *scratch) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *row = x + r * columns;
+        if (norm) {
+            rms_norm(row, norm, columns, model->norm_eps, scratch->normed + r * columns);
+            row = scratch->normed + r * columns;
+        }
+        scratch->row_scales[r] = quantize_row(row, columns, model->input_step, scratch->quantized + r * columns);
+    }
+}
+
+/* The rotary embedding of one head at `position`: x * cos + rotate_half(x) * sin. */
+static void rotate(float *x, int64_t head_dim, const float *inverse_frequencies, int64_t position) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const float angle = (float)position * inverse_frequencies[i];
+        const float cosine = cosf(angle), sine = sinf(angle);
+        const float first = x[i], second = x[i + half];
+        x[i] = first * cosine - second * sine;
+        x[i + half] = second * cosine + first * sine;
+    }
+}
+
+/* The attention of every row and query head over its sequence's cache up to `index`. */
+static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t rows, const int64_t *slots,
+                   int64_t index, const uint8_t *valid, step_scratch *scratch) {
+    const int64_t heads = model->heads, head_dim = model->head_dim, capacity = model->capacity;
+    const int64_t group = heads / model->kv_heads, qkv_width = (heads + 2 * model->kv_heads) * head_dim;
+    const float scaling = 1.0f / sqrtf((float)head_dim);
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t slot = slots[r], kv_head = h / group;
+            const float *query = scratch->qkv + r * qkv_width + h * head_dim;
+            const float *keys = layer->keys + (slot * model->kv_heads + kv_head) * capacity * head_dim;
+            const float *values = layer->values + (slot * model->kv_heads + kv_head) * capacity * head_dim;
+            const uint8_t *present = valid + slot * capacity;
+            float *scores = scratch->scores + (r * heads + h) * capacity;
+            float largest = -INFINITY;
+            for (int64_t t = 0; t <= index; ++t) {
+                if (!present[t])
+                    continue;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < head_dim; ++d)
+                    dot += query[d] * keys[t * head_dim + d];
+                scores[t] = dot * scaling;
+                largest = fmaxf(largest, scores[t]);
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t <= index; ++t) {
+                scores[t] = present[t] ? expf(scores[t] - largest) : 0.0f;
+                total += scores[t];
+            }
+            float *out = scratch->attended + r * heads * head_dim + h * head_dim;
+            memset(out, 0, (size_t)head_dim * sizeof(float));
+            for (int64_t t = 0; t <= index; ++t) {
+                if (!present[t])
+                    continue;
+                const float weight = scores[t] / total;
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; ++d)
+                    out[d] += weight * values[t * head_dim + d];
+            }
+        }
+    }
+}
+
+/* The queries' and keys' per-head norms and rotary embedding, and the keys and values written
+ * to the cache at `index`. */
+static void place_keys_and_values(const qwen3_model *model, const decoder_layer *layer, int64_t rows,
+                                  const int64_t *slots, const int64_t *positions, int64_t index,
+                                  step_scratch *scratch) {
+    const int64_t heads = model->heads, kv_heads = model->kv_heads, head_dim = model->head_dim;
+    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, capacity = model->capacity;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = scratch->qkv + r * qkv_width;
+        for (int64_t h = 0; h < heads + kv_heads; ++h) {
+            float *head = row + h * head_dim;
+            rms_norm(head, h < heads ? layer->query_norm : layer->key_norm, head_dim, model->norm_eps, head);
+            rotate(head, head_dim, model->inverse_frequencies, positions[r]);
+        }
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            const int64_t at = ((slots[r] * kv_heads + h) * capacity + index) * head_dim;
+            memcpy(layer->keys + at, row + (heads + h) * head_dim, (size_t)head_dim * sizeof(float));
+            memcpy(layer->values + at, row + (heads + kv_heads + h) * head_dim, (size_t)head_dim * sizeof(float));
+        }
+    }
+}
+
+/* The scratch of a step of `rows` rows laid out from `base` (when given); returns the floats
+ * it takes. */
+static int64_t lay_out_scratch(const qwen3_model *model, int64_t rows, float *base, step_scratch *scratch) {
+    const int64_t width = model->hidden, intermediate = model->intermediate;
+    const int64_t attended_width = model->heads * model->head_dim;
+    const int64_t qkv_width = (model->heads + 2 * model->kv_heads) * model->head_dim;
+    const int64_t widest = intermediate > width ? intermediate : width;
+    const int64_t widest_input = attended_width > widest ? attended_width : widest;
+    const int64_t widest_output = 2 * intermediate > width ? 2 * intermediate : width;
+    const int64_t sizes[6] = {rows * widest, rows, rows * qkv_width, rows * attended_width, rows * widest_output,
+                              rows * model->heads * model->capacity};
+    float **parts[6] = {&scratch->normed, &scratch->row_scales, &scratch->qkv, &scratch->attended,
+                        &scratch->product, &scratch->scores};
+    int64_t used = 0;
+    for (int i = 0; i < 6; ++i) {
+        if (base)
+            *parts[i] = base + used;
+        used += sizes[i];
+    }
+    if (base)
+        scratch->quantized = (uint8_t *)(base + used);
+    return used + (rows * widest_input + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
+}
+
+/* The number of floats qwen3_decode_step's scratch_space must hold for `rows` rows. */
+int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
+    step_scratch unused;
+    return lay_out_scratch(model, rows, NULL, &unused);
+}
+
+/* hidden [rows, hidden]: in, the new tokens' embeddings; out, the last layer's output before the
+ * final norm. logits [rows, vocabulary]. Row r is sequence slots[r] at positions[r] (its
+ * rotary position), its key and value going to cache index `index`; valid [slots, capacity]
+ * marks the cache entries each sequence attends to (the new one included). scratch_space:
+ * step_scratch_floats(model, rows) floats. */
+void qwen3_decode_step(const qwen3_model *model, int64_t rows, float *hidden, const int64_t *slots,
+                       const int64_t *positions, int64_t index, const uint8_t *valid, float *scratch_space,
+                       float *logits, int threads) {
+    const int64_t width = model->hidden, intermediate = model->intermediate;
+    const int64_t attended_width = model->heads * model->head_dim;
+    step_scratch scratch;
+    lay_out_scratch(model, rows, scratch_space, &scratch);
+#pragma omp parallel num_threads(threads)
+    for (int64_t l = 0; l < model->layers; ++l) {
+        const decoder_layer *layer = &model->layer[l];
+        product_inputs(model, hidden, layer->input_norm, rows, width, &scratch);
+        int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, scratch.qkv);
+        place_keys_and_values(model, layer, rows, slots, positions, index, &scratch);
+        attend(model, layer, rows, slots, index, valid, &scratch);
+        product_inputs(model, scratch.attended, NULL, rows, attended_width, &scratch);
+        int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, scratch.product);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * width; ++i)
+            hidden[i] += scratch.product[i];
+        product_inputs(model, hidden, layer->post_attention_norm, rows, width, &scratch);
+        int8_product(&layer->gate_up, scratch.quantized, scratch.row_scales, rows, scratch.product);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
+            float *activated = scratch.normed + r * intermediate;
+            for (int64_t c = 0; c < intermediate; ++c)
+                activated[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+        }
+        product_inputs(model, scratch.normed, NULL, rows, intermediate, &scratch);
+        int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, scratch.product);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * width; ++i)
+            hidden[i] += scratch.product[i];
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        product_inputs(model, hidden, model->final_norm, rows, width, &scratch);
+        int8_product(&model->head, scratch.quantized, scratch.row_scales, rows, logits);
+    }
+}
+
+/* One int8 layer over `rows` float rows [rows, inputs] into out [rows, outputs]: the product
+ * the step uses, on its own (for tests and benchmarks). quantized: rows * inputs bytes;
+ * row_scales: rows floats. */
+void int8_rows_product(const int8_layer *layer, const float *x, int64_t rows, float input_step, uint8_t *quantized,
+                       float *row_scales, float *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            row_scales[r] = quantize_row(x + r * layer->inputs, layer->inputs, input_step,
+                                         quantized + r * layer->inputs);
+        int8_product(layer, quantized, row_scales, rows, out);
+    }
+}

@@ -1,0 +1,121 @@
+"""decode_step.c on torch tensors: the project's own int8 product (the "compiled" kernel of
+tokenwise_int8), and the C structures of the Qwen3 decode step built on it
+(twopass_asr.second_pass.native_decode runs that step).
+
+The product takes tokenwise_int8's fbgemm recipe (weights on 63 levels per output channel,
+each row over its largest magnitude in uint8 steps of 2/255 around 128) and gives fbgemm's
+bits for it (the tests compare them); it exists so that a decode step can run in one C call
+with no torch operator between its products.
+
+Compiled at first use as row_kernels compiles row_scaling.c (same cache, keyed the same way),
+with OpenMP for its two threads. Where that fails, decode_step_library() is None, one warning
+says why, and the torch int8 LLM stays on fbgemm with HF's decode steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+from pathlib import Path
+
+import torch
+
+from twopass_asr.kernels.row_kernels import compile_library, compiler_command, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_step.c")
+LIBRARY = "decode_step.so"
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+# fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.
+INPUT_STEP = 2.0 / 255.0
+
+_pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class Int8LayerStruct(ctypes.Structure):
+    """decode_step.c's int8_layer."""
+    _fields_ = [("weights", _pointer), ("scales", _pointer), ("sums", _pointer), ("outputs", _size),
+                ("inputs", _size)]
+
+
+class DecoderLayerStruct(ctypes.Structure):
+    """decode_step.c's decoder_layer."""
+    _fields_ = [("input_norm", _pointer), ("post_attention_norm", _pointer), ("query_norm", _pointer),
+                ("key_norm", _pointer), ("qkv", Int8LayerStruct), ("output", Int8LayerStruct),
+                ("gate_up", Int8LayerStruct), ("down", Int8LayerStruct), ("keys", _pointer), ("values", _pointer)]
+
+
+class Qwen3ModelStruct(ctypes.Structure):
+    """decode_step.c's qwen3_model."""
+    _fields_ = [("layers", _size), ("hidden", _size), ("heads", _size), ("kv_heads", _size), ("head_dim", _size),
+                ("intermediate", _size), ("slots", _size), ("capacity", _size), ("norm_eps", _real),
+                ("input_step", _real), ("inverse_frequencies", _pointer),
+                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", _pointer), ("head", Int8LayerStruct)]
+
+
+@functools.cache
+def decode_step_library() -> ctypes.CDLL | None:
+    """decode_step.c compiled for this CPU (row_kernels.compile_library), once per process; None,
+    with one warning, where it cannot be."""
+    compiler = compiler_command()
+    try:
+        library = compile_library(SOURCE, LIBRARY, FLAGS, default_cache_dir(), compiler)
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        log.warning("the torch int8 LLM stays on fbgemm and HF's decode steps (slower): compiling %s with %s "
+                    "failed: %s", SOURCE.name, " ".join(compiler), str(detail).strip()[-500:])
+        return None
+    model = ctypes.POINTER(Qwen3ModelStruct)
+    library.qwen3_decode_step.argtypes = [model, _size, _pointer, _pointer, _pointer, _size, _pointer, _pointer,
+                                          _pointer, ctypes.c_int]
+    library.step_scratch_floats.argtypes = [model, _size]
+    library.step_scratch_floats.restype = _size
+    library.int8_rows_product.argtypes = [ctypes.POINTER(Int8LayerStruct), _pointer, _size, _real, _pointer,
+                                          _pointer, _pointer, ctypes.c_int]
+    for function in (library.qwen3_decode_step, library.int8_rows_product):
+        function.restype = None
+    return library
+
+
+def require_decode_step_library() -> ctypes.CDLL:
+    library = decode_step_library()
+    if library is None:
+        raise RuntimeError(f"{SOURCE.name} could not be compiled (see the warning logged): the compiled int8 kernel "
+                           "and the C decode step are unavailable")
+    return library
+
+
+class CompiledInt8Weights:
+    """An int8 layer's weights as decode_step.c takes them: int8 [outputs, inputs] on
+    -63..63, each output's scale times the input step, and each output's weight sum."""
+
+    def __init__(self, weights: torch.Tensor, weight_scales: torch.Tensor):
+        if weights.dtype != torch.int8 or weights.dim() != 2:
+            raise ValueError(f"expected 2-D int8 weights, got {weights.dtype} {tuple(weights.shape)}")
+        self.library = require_decode_step_library()
+        self.weights = weights.contiguous()
+        self.scales = (weight_scales.float().reshape(-1) * torch.tensor(INPUT_STEP, dtype=torch.float32)).contiguous()
+        self.sums = self.weights.sum(1, dtype=torch.int32).contiguous()
+        self.outputs, self.inputs = self.weights.shape
+        self.struct = Int8LayerStruct(self.weights.data_ptr(), self.scales.data_ptr(), self.sums.data_ptr(),
+                                      self.outputs, self.inputs)
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """The layer over float32 rows [rows, inputs] (without bias): [rows, outputs]."""
+        if rows.dim() != 2 or rows.shape[1] != self.inputs or rows.dtype != torch.float32:
+            raise ValueError(f"expected float32 rows of {self.inputs}, got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.contiguous()
+        count = rows.shape[0]
+        quantized, row_scales = torch.empty(count, self.inputs, dtype=torch.uint8), torch.empty(count)
+        out = torch.empty(count, self.outputs)
+        self.library.int8_rows_product(ctypes.byref(self.struct), rows.data_ptr(), count, INPUT_STEP,
+                                       quantized.data_ptr(), row_scales.data_ptr(), out.data_ptr(),
+                                       torch.get_num_threads())
+        return out
+
+
+__all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "INPUT_STEP", "Int8LayerStruct", "Qwen3ModelStruct",
+           "decode_step_library", "require_decode_step_library"]

@@ -1,0 +1,173 @@
+"""Greedy generation for the torch int8 LLM (llm_int8, on the compiled kernel) with each decode
+step one call into C (twopass_asr/kernels/decode_step.c): the prompt is prefilled by the LLM's
+own forward, as `generate` does it, and each further token is one C step over the same int8
+layers' weights.
+
+A decode step of the torch int8 LLM on a 2-core AVX2 CPU spent about half its time in HF's
+and torch's operations around its int8 products (about 7,000 calls a token) and most of the
+rest in one-row products well above what reading the weights costs (perf/RESULTS.md,
+2026-12-05, session 21). The C step makes one pass per layer: the norms, rotary embedding,
+attention and the products, on the torch thread count. Its products give the layers' bits;
+its float arithmetic around them is torch's in another order, so its tokens equal HF's steps'
+where no two tokens are near a tie (the tests count both).
+
+Used only where HF's generate would be plain greedy search (greedy_generation_config): any
+other logits processing stays with generate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import torch
+
+from twopass_asr.kernels.decode_step import (
+    INPUT_STEP,
+    DecoderLayerStruct,
+    Int8LayerStruct,
+    Qwen3ModelStruct,
+    require_decode_step_library,
+)
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
+
+# Generation settings that leave HF's greedy search without logits processing (token ids, and
+# sampling and output settings greedy search ignores).
+GREEDY_NEUTRAL_SETTINGS = {"bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k",
+                           "top_p", "transformers_version", "_from_model_config", "max_length", "max_new_tokens",
+                           "use_cache", "output_attentions", "output_hidden_states"}
+
+
+def _compiled_struct(layer: torch.nn.Module) -> Int8LayerStruct:
+    if not isinstance(layer, TokenwiseInt8Linear) or layer.kernel != "compiled" or layer.bias is not None:
+        raise ValueError(f"the C decode step takes int8 layers on the compiled kernel without bias, got {layer}")
+    return layer.packed.struct
+
+
+def _stacked(module: torch.nn.Module, names: Sequence[str]) -> Int8LayerStruct:
+    """The one int8 layer behind the fused slices `names` of `module`, checked to be them in order."""
+    slices = [getattr(module, name) for name in names]
+    if not all(isinstance(piece, TokenwiseInt8Slice) for piece in slices):
+        raise ValueError(f"expected {', '.join(names)} fused into one int8 product (llm_int8), got {slices}")
+    layer = slices[0].shared_layer
+    start = 0
+    for piece in slices:
+        if piece.shared_layer is not layer or piece.start != start:
+            raise ValueError(f"{', '.join(names)} are not one product's consecutive slices")
+        start = piece.stop
+    if start != layer.out_features:
+        raise ValueError(f"{', '.join(names)} do not cover their product's {layer.out_features} outputs")
+    return _compiled_struct(layer)
+
+
+def greedy_generation_config(llm: torch.nn.Module, extra_kwargs: dict) -> bool:
+    """Whether HF's generate, with this LLM's generation config and `extra_kwargs`, is plain
+    greedy search (no logits processing), which is all the C step reproduces."""
+    config = llm.generation_config
+    settings = set(config.to_diff_dict())
+    return (not extra_kwargs and not config.do_sample and (config.num_beams or 1) == 1
+            and settings <= GREEDY_NEUTRAL_SETTINGS)
+
+
+class NativeDecoder:
+    """The C decode step over a Qwen3 causal LM quantized by llm_int8.quantize_llm_for_torch
+    (which it reads, and which the prefill runs)."""
+
+    def __init__(self, llm: torch.nn.Module):
+        library = require_decode_step_library()
+        config = llm.config
+        if config.model_type != "qwen3" or getattr(config, "attention_bias", False) or config.hidden_act != "silu":
+            raise ValueError(f"the C decode step runs Qwen3 without attention bias and with SiLU, got "
+                             f"{config.model_type}")
+        rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
+        if rope.get("rope_type", "default") != "default" or getattr(config, "use_sliding_window", False):
+            raise ValueError(f"the C decode step takes the default rotary embedding without sliding windows, "
+                             f"got {rope}")
+        self.llm = llm
+        self._library = library
+        self.head_dim = config.head_dim
+        self.kv_heads = config.num_key_value_heads
+        self._float_tensors: list[torch.Tensor] = []
+        layers = llm.model.layers
+        self._layer_structs = (DecoderLayerStruct * len(layers))()
+        for struct, layer in zip(self._layer_structs, layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            struct.input_norm = self._floats(layer.input_layernorm.weight)
+            struct.post_attention_norm = self._floats(layer.post_attention_layernorm.weight)
+            struct.query_norm = self._floats(attention.q_norm.weight)
+            struct.key_norm = self._floats(attention.k_norm.weight)
+            struct.qkv = _stacked(attention, ("q_proj", "k_proj", "v_proj"))
+            struct.output = _compiled_struct(attention.o_proj)
+            struct.gate_up = _stacked(mlp, ("gate_proj", "up_proj"))
+            struct.down = _compiled_struct(mlp.down_proj)
+        base = rope["rope_theta"]
+        inverse_frequencies = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+        self.model = Qwen3ModelStruct(
+            layers=len(layers), hidden=config.hidden_size, heads=config.num_attention_heads, kv_heads=self.kv_heads,
+            head_dim=self.head_dim, intermediate=config.intermediate_size, slots=0, capacity=0,
+            norm_eps=config.rms_norm_eps, input_step=INPUT_STEP, inverse_frequencies=self._floats(inverse_frequencies),
+            layer=self._layer_structs, final_norm=self._floats(llm.model.norm.weight),
+            head=_compiled_struct(llm.lm_head))
+        self.vocabulary = self.model.head.outputs
+
+    def _floats(self, tensor: torch.Tensor) -> int:
+        kept = tensor.detach().float().contiguous()
+        self._float_tensors.append(kept)
+        return kept.data_ptr()
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache, opening: int,
+                 caps: Sequence[int], stops: set[int]) -> list[list[int]]:
+        """Greedy tokens of each row of inputs_embeds [rows, length, hidden] (float32), each up to
+        and including its first stop token and no longer than its cap. attention_mask [rows,
+        length] marks the real entries (the rest is padding); `cache`, an HF cache of the first
+        `opening` rows (all real), or None with opening 0."""
+        from transformers import DynamicCache
+
+        rows, length = attention_mask.shape
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.llm.config) if cache is None else cache
+        prefill = self.llm(inputs_embeds=inputs_embeds[:, opening:], attention_mask=attention_mask,
+                           position_ids=position_ids[:, opening:], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+        tokens = prefill.logits[:, -1].argmax(-1).tolist()
+        capacity = length + max(caps)
+        # This call's own copy of the structures (the caches are its own): calls may overlap.
+        layer_structs = (DecoderLayerStruct * len(self._layer_structs))(*self._layer_structs)
+        model = Qwen3ModelStruct.from_buffer_copy(self.model)
+        model.layer, model.slots, model.capacity = layer_structs, rows, capacity
+        caches = []
+        for struct, layer_cache in zip(layer_structs, cache.layers, strict=True):
+            keys = torch.empty(rows, self.kv_heads, capacity, self.head_dim)
+            values = torch.empty_like(keys)
+            keys[:, :, :length] = layer_cache.keys
+            values[:, :, :length] = layer_cache.values
+            struct.keys, struct.values = keys.data_ptr(), values.data_ptr()
+            caches.append((keys, values))
+        del cache, prefill
+        valid = torch.zeros(rows, capacity, dtype=torch.uint8)
+        valid[:, :length] = attention_mask.to(torch.uint8)
+        next_positions = attention_mask.long().sum(-1)
+        generated = [[token] for token in tokens]
+        active = [row for row in range(rows) if caps[row] > 1 and tokens[row] not in stops]
+        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), rows))
+        embed_tokens = self.llm.model.get_input_embeddings()
+        index = length
+        while active:
+            slots = torch.tensor(active, dtype=torch.int64)
+            positions = next_positions[slots].contiguous()
+            valid[slots, index] = 1
+            hidden = embed_tokens(torch.tensor([generated[row][-1] for row in active])).float().contiguous()
+            logits = torch.empty(len(active), self.vocabulary)
+            self._library.qwen3_decode_step(ctypes.byref(model), len(active), hidden.data_ptr(),
+                                            slots.data_ptr(), positions.data_ptr(), index, valid.data_ptr(),
+                                            scratch.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+            for row, token in zip(active, logits.argmax(-1).tolist()):
+                generated[row].append(token)
+            next_positions[slots] += 1
+            index += 1
+            active = [row for row in active if len(generated[row]) < caps[row] and generated[row][-1] not in stops]
+        return generated
+
+
+__all__ = ["GREEDY_NEUTRAL_SETTINGS", "NativeDecoder", "greedy_generation_config"]
