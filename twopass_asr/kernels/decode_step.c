@@ -8,8 +8,9 @@
  * channel, each input row divided by its largest magnitude and quantized to uint8 around 128
  * in steps of 2/255, integer sums, scaled back per output and per row. On AVX2 a row's bytes
  * and a weight row's are multiplied in pairs into 16 bits (255 x 63 x 2 fits), then summed in
- * 32 bits. The float work around them is torch's arithmetic in another summation order, so
- * the results agree with the torch step to float rounding, not bit for bit. */
+ * 32 bits; the products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares
+ * them). The float work around them is torch's arithmetic in another summation order, so a
+ * step agrees with HF's to float rounding, not bit for bit. */
 
 #include <math.h>
 #include <stdint.h>
@@ -21,6 +22,10 @@
 /* torch's clamp of a row's largest magnitude: float32's smallest normal number. */
 static const float SMALLEST_SCALE = 1.1754943508222875e-38f;
 static const int32_t INPUT_ZERO_POINT = 128;
+/* How far ahead of the product the weights are fetched: a step of one row streams every weight
+ * once from memory, and with the hardware's prefetching alone it ran slower (perf/RESULTS.md,
+ * 2026-12-05, session 22). A prefetch past the end of the weights is harmless. */
+#define WEIGHT_PREFETCH_BYTES 2048
 
 /* An int8 linear layer without bias. scales[o]: output o's weight scale times the input
  * step; sums[o]: the sum of its weights, to take the input's zero point back out. */
@@ -50,8 +55,8 @@ typedef struct {
     int8_layer head;
 } qwen3_model;
 
-/* Space for one step of `rows` sequences (all float unless said), laid out by the caller in one
- * buffer: see step_scratch_floats. */
+/* Space for one step of `rows` sequences (all float unless said), in one buffer the caller
+ * allocates (step_scratch_floats) and lay_out_scratch divides. */
 typedef struct {
     float *normed;     /* [rows, max(hidden, intermediate)] the next product's float input */
     uint8_t *quantized; /* [rows, max(hidden, heads * head_dim, intermediate)] */
@@ -104,6 +109,7 @@ static inline __attribute__((always_inline)) void dot_rows(const int8_t *weights
     __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                       _mm256_setzero_si256()};
     for (; c + 32 <= columns; c += 32) {
+        _mm_prefetch((const char *)(weights + c + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
         const __m256i w = _mm256_loadu_si256((const __m256i *)(weights + c));
         for (int r = 0; r < count; ++r) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(inputs + r * stride + c));
@@ -155,17 +161,22 @@ static void rms_norm(const float *x, const float *weight, int64_t columns, float
         out[c] = weight[c] * (x[c] * inverse);
 }
 
-/* Each row of `x` [rows, columns] normed (if `norm`) and quantized as a product's input. */
-static void product_inputs(const qwen3_model *model, const float *x, const float *norm, int64_t rows,
-                           int64_t columns, step_scratch *scratch) {
+/* Each row of `x` [rows, columns], `addend`'s row added to it first in place (if given: the
+ * residual connection), normed (if `norm`) and quantized as a product's input. */
+static void product_inputs(const qwen3_model *model, float *x, const float *addend, const float *norm,
+                           int64_t rows, int64_t columns, step_scratch *scratch) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-        const float *row = x + r * columns;
+        float *row = x + r * columns;
+        if (addend)
+            for (int64_t c = 0; c < columns; ++c)
+                row[c] += addend[r * columns + c];
+        const float *input = row;
         if (norm) {
             rms_norm(row, norm, columns, model->norm_eps, scratch->normed + r * columns);
-            row = scratch->normed + r * columns;
+            input = scratch->normed + r * columns;
         }
-        scratch->row_scales[r] = quantize_row(row, columns, model->input_step, scratch->quantized + r * columns);
+        scratch->row_scales[r] = quantize_row(input, columns, model->input_step, scratch->quantized + r * columns);
     }
 }
 
@@ -181,70 +192,66 @@ static void rotate(float *x, int64_t head_dim, const float *inverse_frequencies,
     }
 }
 
-/* The attention of every row and query head over its sequence's cache up to `index`. */
-static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t rows, const int64_t *slots,
-                   int64_t index, const uint8_t *valid, step_scratch *scratch) {
-    const int64_t heads = model->heads, head_dim = model->head_dim, capacity = model->capacity;
-    const int64_t group = heads / model->kv_heads, qkv_width = (heads + 2 * model->kv_heads) * head_dim;
+/* The attention of one query head (normed and rotated in place) over its sequence's cache up
+ * to `index`, into `out`. */
+static void attend_head(const qwen3_model *model, const decoder_layer *layer, float *query, const float *keys,
+                        const float *values, const uint8_t *present, int64_t index, int64_t position,
+                        float *scores, float *out) {
+    const int64_t head_dim = model->head_dim;
     const float scaling = 1.0f / sqrtf((float)head_dim);
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t h = 0; h < heads; ++h) {
-            const int64_t slot = slots[r], kv_head = h / group;
-            const float *query = scratch->qkv + r * qkv_width + h * head_dim;
-            const float *keys = layer->keys + (slot * model->kv_heads + kv_head) * capacity * head_dim;
-            const float *values = layer->values + (slot * model->kv_heads + kv_head) * capacity * head_dim;
-            const uint8_t *present = valid + slot * capacity;
-            float *scores = scratch->scores + (r * heads + h) * capacity;
-            float largest = -INFINITY;
-            for (int64_t t = 0; t <= index; ++t) {
-                if (!present[t])
-                    continue;
-                float dot = 0.0f;
+    rms_norm(query, layer->query_norm, head_dim, model->norm_eps, query);
+    rotate(query, head_dim, model->inverse_frequencies, position);
+    float largest = -INFINITY;
+    for (int64_t t = 0; t <= index; ++t) {
+        if (!present[t])
+            continue;
+        float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; ++d)
-                    dot += query[d] * keys[t * head_dim + d];
-                scores[t] = dot * scaling;
-                largest = fmaxf(largest, scores[t]);
-            }
-            float total = 0.0f;
-            for (int64_t t = 0; t <= index; ++t) {
-                scores[t] = present[t] ? expf(scores[t] - largest) : 0.0f;
-                total += scores[t];
-            }
-            float *out = scratch->attended + r * heads * head_dim + h * head_dim;
-            memset(out, 0, (size_t)head_dim * sizeof(float));
-            for (int64_t t = 0; t <= index; ++t) {
-                if (!present[t])
-                    continue;
-                const float weight = scores[t] / total;
+        for (int64_t d = 0; d < head_dim; ++d)
+            dot += query[d] * keys[t * head_dim + d];
+        scores[t] = dot * scaling;
+        largest = fmaxf(largest, scores[t]);
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t <= index; ++t) {
+        scores[t] = present[t] ? expf(scores[t] - largest) : 0.0f;
+        total += scores[t];
+    }
+    memset(out, 0, (size_t)head_dim * sizeof(float));
+    for (int64_t t = 0; t <= index; ++t) {
+        if (!present[t])
+            continue;
+        const float weight = scores[t] / total;
 #pragma omp simd
-                for (int64_t d = 0; d < head_dim; ++d)
-                    out[d] += weight * values[t * head_dim + d];
-            }
-        }
+        for (int64_t d = 0; d < head_dim; ++d)
+            out[d] += weight * values[t * head_dim + d];
     }
 }
 
-/* The queries' and keys' per-head norms and rotary embedding, and the keys and values written
- * to the cache at `index`. */
-static void place_keys_and_values(const qwen3_model *model, const decoder_layer *layer, int64_t rows,
-                                  const int64_t *slots, const int64_t *positions, int64_t index,
-                                  step_scratch *scratch) {
+/* For every row and key/value head: the key normed and rotated, key and value written to the
+ * cache at `index`, then the attention of the query heads that share them. Row r is sequence
+ * slots[r] at rotary position positions[r]. */
+static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t rows, const int64_t *slots,
+                   const int64_t *positions, int64_t index, const uint8_t *valid, step_scratch *scratch) {
     const int64_t heads = model->heads, kv_heads = model->kv_heads, head_dim = model->head_dim;
-    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim, capacity = model->capacity;
-#pragma omp for schedule(static)
+    const int64_t capacity = model->capacity, group = heads / kv_heads;
+    const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
+#pragma omp for schedule(static) collapse(2)
     for (int64_t r = 0; r < rows; ++r) {
-        float *row = scratch->qkv + r * qkv_width;
-        for (int64_t h = 0; h < heads + kv_heads; ++h) {
-            float *head = row + h * head_dim;
-            rms_norm(head, h < heads ? layer->query_norm : layer->key_norm, head_dim, model->norm_eps, head);
-            rotate(head, head_dim, model->inverse_frequencies, positions[r]);
-        }
-        for (int64_t h = 0; h < kv_heads; ++h) {
-            const int64_t at = ((slots[r] * kv_heads + h) * capacity + index) * head_dim;
-            memcpy(layer->keys + at, row + (heads + h) * head_dim, (size_t)head_dim * sizeof(float));
-            memcpy(layer->values + at, row + (heads + kv_heads + h) * head_dim, (size_t)head_dim * sizeof(float));
+        for (int64_t g = 0; g < kv_heads; ++g) {
+            float *row = scratch->qkv + r * qkv_width;
+            const int64_t cached = (slots[r] * kv_heads + g) * capacity * head_dim;
+            float *key = row + (heads + g) * head_dim;
+            rms_norm(key, layer->key_norm, head_dim, model->norm_eps, key);
+            rotate(key, head_dim, model->inverse_frequencies, positions[r]);
+            memcpy(layer->keys + cached + index * head_dim, key, (size_t)head_dim * sizeof(float));
+            memcpy(layer->values + cached + index * head_dim, row + (heads + kv_heads + g) * head_dim,
+                   (size_t)head_dim * sizeof(float));
+            for (int64_t h = g * group; h < (g + 1) * group; ++h)
+                attend_head(model, layer, row + h * head_dim, layer->keys + cached, layer->values + cached,
+                            valid + slots[r] * capacity, index, positions[r],
+                            scratch->scores + (r * heads + h) * capacity,
+                            scratch->attended + (r * heads + h) * head_dim);
         }
     }
 }
@@ -292,42 +299,37 @@ void qwen3_decode_step(const qwen3_model *model, int64_t rows, float *hidden, co
     step_scratch scratch;
     lay_out_scratch(model, rows, scratch_space, &scratch);
 #pragma omp parallel num_threads(threads)
-    for (int64_t l = 0; l < model->layers; ++l) {
-        const decoder_layer *layer = &model->layer[l];
-        product_inputs(model, hidden, layer->input_norm, rows, width, &scratch);
-        int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, scratch.qkv);
-        place_keys_and_values(model, layer, rows, slots, positions, index, &scratch);
-        attend(model, layer, rows, slots, index, valid, &scratch);
-        product_inputs(model, scratch.attended, NULL, rows, attended_width, &scratch);
-        int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, scratch.product);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows * width; ++i)
-            hidden[i] += scratch.product[i];
-        product_inputs(model, hidden, layer->post_attention_norm, rows, width, &scratch);
-        int8_product(&layer->gate_up, scratch.quantized, scratch.row_scales, rows, scratch.product);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
-            const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
-            float *activated = scratch.normed + r * intermediate;
-            for (int64_t c = 0; c < intermediate; ++c)
-                activated[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
-        }
-        product_inputs(model, scratch.normed, NULL, rows, intermediate, &scratch);
-        int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, scratch.product);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows * width; ++i)
-            hidden[i] += scratch.product[i];
-    }
-#pragma omp parallel num_threads(threads)
     {
-        product_inputs(model, hidden, model->final_norm, rows, width, &scratch);
+        for (int64_t l = 0; l < model->layers; ++l) {
+            const decoder_layer *layer = &model->layer[l];
+            /* The previous layer's MLP output is added to the hidden rows here. */
+            product_inputs(model, hidden, l ? scratch.product : NULL, layer->input_norm, rows, width, &scratch);
+            int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, scratch.qkv);
+            attend(model, layer, rows, slots, positions, index, valid, &scratch);
+            product_inputs(model, scratch.attended, NULL, NULL, rows, attended_width, &scratch);
+            int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, scratch.product);
+            product_inputs(model, hidden, scratch.product, layer->post_attention_norm, rows, width, &scratch);
+            int8_product(&layer->gate_up, scratch.quantized, scratch.row_scales, rows, scratch.product);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r) {
+                const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
+                float *activated = scratch.normed + r * intermediate;
+                for (int64_t c = 0; c < intermediate; ++c)
+                    activated[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+                scratch.row_scales[r] = quantize_row(activated, intermediate, model->input_step,
+                                                     scratch.quantized + r * intermediate);
+            }
+            int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, scratch.product);
+        }
+        product_inputs(model, hidden, model->layers ? scratch.product : NULL, model->final_norm, rows, width,
+                       &scratch);
         int8_product(&model->head, scratch.quantized, scratch.row_scales, rows, logits);
     }
 }
 
-/* One int8 layer over `rows` float rows [rows, inputs] into out [rows, outputs]: the product
- * the step uses, on its own (for tests and benchmarks). quantized: rows * inputs bytes;
- * row_scales: rows floats. */
+/* One int8 layer over `rows` float rows [rows, inputs] into out [rows, outputs], the rows
+ * quantized first: the compiled kernel's product (tokenwise_int8), which the prompt's prefill
+ * runs, and the one the step runs. quantized: rows * inputs bytes; row_scales: rows floats. */
 void int8_rows_product(const int8_layer *layer, const float *x, int64_t rows, float input_step, uint8_t *quantized,
                        float *row_scales, float *out, int threads) {
 #pragma omp parallel num_threads(threads)
