@@ -209,9 +209,9 @@ def test_int8_audio_encoder_serves_its_text_and_a_wrong_precision_is_named(test_
 
 
 def test_int8_on_the_torch_engine_serves_its_text(test_models, speech_wav, tmp_path):
-    """precision int8 with engine torch: torch's int8 layers (llm_int8). The segments go together,
-    so the model may decode them in one batch: activations quantized per token give each the
-    text it has alone."""
+    """precision int8 with engine torch: torch's int8 layers (llm_int8), each decode step in C
+    (native_decode). The segments go together, so the model may decode them in one batch:
+    activations quantized per token give each the text it has alone."""
     repository = tmp_path / "repository"
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / "funasr_nano_vllm", repository / "funasr_nano_vllm",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -222,5 +222,5 @@ def test_int8_on_the_torch_engine_serves_its_text(test_models, speech_wav, tmp_p
     with TritonServer(test_models, repository, log_path=tmp_path / "int8.log",
                       env={ENGINE_ENV: "torch", PRECISION_ENV: "int8", ENCODER_PRECISION_ENV: "fp32"}) as server:
         got = decoupled_texts(server.grpc_url, "funasr_nano_vllm", [segment_inputs(pcm) for pcm in segments])
-        assert "(torch generation), LLM in int8, audio encoder in fp32," in server.log_text()
+        assert "(torch generation, decode steps in C), LLM in int8, audio encoder in fp32," in server.log_text()
     assert got == expected and all(expected)

@@ -425,11 +425,12 @@ def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
     assert (f"parameter precision (environment {PRECISION_ENV}) must be one of auto, fp32, bf16, fp16, int8, "
             "got 'int3'") in message
     # int8 on the torch engine loads (torch's int8 layers); asked for, it is logged without "(auto)".
-    assert re.search(r"on cpu \(torch generation\), LLM in int8, ", message)
+    assert re.search(r"on cpu \(torch generation, decode steps in C\), LLM in int8, ", message)
     assert "precision fp16 runs on a GPU only" in message
     # auto: bf16 on a CPU that computes it natively, int8 on others.
     chosen = "bf16" if cpu_has_native_bf16() else "int8"
-    assert f"on cpu (torch generation), LLM in {chosen} (auto)" in message
+    steps = ", decode steps in C" if chosen == "int8" else ""  # native_decode: the int8 LLM's steps
+    assert f"on cpu (torch generation{steps}), LLM in {chosen} (auto)" in message
     # vLLM's EngineCore subprocess logs the root cause; its exception only points there.
     assert "No available memory for the cache blocks" in server.log_text()
     assert live_group_members(server.process.pid) == []

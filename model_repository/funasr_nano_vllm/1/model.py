@@ -153,14 +153,16 @@ class TritonPythonModel:
             self.generator = SegmentBatcher(self._generate_batch, self.executor, on_pass=count_generated,
                                             **generate_batching)
         return_freed_memory()
-        engine_name = "vLLM" if self.engine else "torch"
+        generation = ("vLLM" if self.engine else "torch") + " generation"
+        if self.recognizer.native_decoder is not None:
+            generation += ", decode steps in C"
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
         encoder = self.recognizer.encoder_description
         encoder_chosen = f"{encoder} (auto)" if configured_encoder == "auto" else encoder
         length_cap = "" if tokens_per_second is None else f" or {tokens_per_second:g} per second of audio"
         # Named as Triton names this model: the launcher reads the line as the end of its load.
         pb_utils.Logger.log_info(f"{args['model_name']}: loaded {model_store.served_path(model_dir)} on {device} "
-                                 f"({engine_name} generation), LLM in {chosen}, audio encoder in {encoder_chosen}, "
+                                 f"({generation}), LLM in {chosen}, audio encoder in {encoder_chosen}, "
                                  f"CPU nice +{cpu_nice}, at most {self.recognizer.max_new_tokens} new tokens"
                                  f"{length_cap}")
 
