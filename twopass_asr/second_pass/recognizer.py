@@ -301,8 +301,8 @@ class NanoRecognizer:
         (native_decode) where the layers are on the compiled kernel and generation is plain
         greedy search; else HF's generate runs the steps."""
         if str(self.device) != "cpu":
-            raise ValueError(f"int8 generation on torch runs on a CPU (fbgemm), not on {self.device}; on a GPU int8 "
-                             f"runs on vLLM")
+            raise ValueError(f"int8 generation on torch runs on a CPU (its int8 kernels are CPU ones), not on "
+                             f"{self.device}; on a GPU int8 runs on vLLM")
         if self._llm_layers_replaced:
             raise ValueError(f"the LLM's linear layers were already replaced in {self.dtype}")
         self._require_generation_layers()
@@ -312,16 +312,14 @@ class NanoRecognizer:
         quantize_llm_for_torch(self.model.llm, kernel)
         self._llm_layers_replaced = True
         self.prompt_prefixes.clear()
-        if not native_steps:
+        # Without the compiled kernel (no C compiler) decode_step_library has said so already.
+        if not native_steps or kernel != "compiled":
             return
-        if kernel != "compiled":
-            log.warning("the int8 LLM's decode steps run in HF's generate (slower): the C step needs the compiled "
-                        "int8 kernel")
-        elif not greedy_generation_config(self.model.llm, self.kwargs.get("llm_kwargs", {})):
+        if greedy_generation_config(self.model.llm, self.kwargs.get("llm_kwargs", {})):
+            self.native_decoder = NativeDecoder(self.model.llm)
+        else:
             log.warning("the int8 LLM's decode steps run in HF's generate: its generation settings are not plain "
                         "greedy search, which is all the C step does")
-        else:
-            self.native_decoder = NativeDecoder(self.model.llm)
 
     def release_generation_layers(self, input_embeddings: torch.Tensor | None = None) -> None:
         """Free the LLM's decoder layers and output head, keeping the token embeddings the
@@ -393,8 +391,7 @@ class NanoRecognizer:
         cache = None if prefix is None else self.prompt_prefixes.cache_for(prefix, len(prompts))
         stops = stop_token_ids(llm.generation_config.eos_token_id)
         if self.native_decoder is not None:
-            rows = self.native_decoder.generate(inputs_embeds, attention_mask, cache, opening, caps, stops)
-            return [until_stop(row, stops) for row in rows]
+            return self.native_decoder.generate(inputs_embeds, attention_mask, cache, opening, caps, stops)
         cached = {} if cache is None else {"past_key_values": cache}
         pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
         with self._autocast():
