@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import yaml
 
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
-from twopass_asr.kernels import int8_linear, tokenwise_int8
+from twopass_asr.kernels import int8_linear, row_kernels, tokenwise_int8
+from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import Int8Linear
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
@@ -637,6 +639,24 @@ def test_int8_generation_keeps_hfs_steps_where_generation_is_not_plain_greedy(ti
     sampled.use_int8_generation()
     assert sampled.native_decoder is None
     assert "not plain greedy search" in caplog.text
+
+
+@torch.no_grad()
+def test_without_a_compiler_the_int8_llm_stays_on_fbgemm_with_hfs_steps(tiny_nano, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(row_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    decode_step_library.cache_clear()
+    try:
+        fallback = quietly(NanoRecognizer, tiny_nano)
+        with caplog.at_level(logging.WARNING):
+            fallback.use_int8_generation()
+        assert fallback.native_decoder is None and fallback.model.llm.lm_head.kernel == "fbgemm"
+        warnings = [record.getMessage() for record in caplog.records
+                    if record.levelno == logging.WARNING and record.name.startswith("twopass_asr")]
+        assert len(warnings) == 1 and "no-such-compiler" in warnings[0] and "fbgemm" in warnings[0], warnings
+        assert fallback.generate_tokens([fallback.prompt_embeds(segments()[0])])[0]
+    finally:
+        decode_step_library.cache_clear()
 
 
 def test_int8_generation_fixes_the_llms_layers(tiny_nano, int8_generation):
