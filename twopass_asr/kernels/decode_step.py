@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
-from twopass_asr.kernels.row_kernels import compile_library, compiler_command, default_cache_dir
-
-log = logging.getLogger(__name__)
+from twopass_asr.kernels.row_kernels import compiled_library_or_none
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 LIBRARY = "decode_step.so"
@@ -58,15 +54,11 @@ class Qwen3ModelStruct(ctypes.Structure):
 
 @functools.cache
 def decode_step_library() -> ctypes.CDLL | None:
-    """decode_step.c compiled for this CPU (row_kernels.compile_library), once per process; None,
-    with one warning, where it cannot be."""
-    compiler = compiler_command()
-    try:
-        library = compile_library(SOURCE, LIBRARY, FLAGS, default_cache_dir(), compiler)
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", None) or error
-        log.warning("the torch int8 LLM stays on fbgemm and HF's decode steps (slower): compiling %s with %s "
-                    "failed: %s", SOURCE.name, " ".join(compiler), str(detail).strip()[-500:])
+    """decode_step.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
+    process; None, with one warning, where it cannot be."""
+    library = compiled_library_or_none(SOURCE, LIBRARY, FLAGS,
+                                       "the torch int8 LLM stays on fbgemm and HF's decode steps (slower)")
+    if library is None:
         return None
     model = ctypes.POINTER(Qwen3ModelStruct)
     library.qwen3_decode_step.argtypes = [model, _size, _pointer, _pointer, _pointer, _size, _pointer, _pointer,

@@ -52,7 +52,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "kernels")
 
 
-def compiler_command() -> list[str]:
+def _compiler() -> list[str]:
     return shlex.split(os.environ.get("CC") or "cc")
 
 
@@ -191,19 +191,27 @@ def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
     return RowKernels(compile_library(SOURCE, LIBRARY, FLAGS, cache_dir, compiler))
 
 
-@functools.cache
-def row_kernels() -> RowKernels | None:
-    """The compiled kernels (compile_row_kernels into default_cache_dir with $CC or cc), once per
-    process; None, with one warning, where they cannot be had."""
-    compiler = compiler_command()
+def compiled_library_or_none(source: Path, library: str, flags: tuple[str, ...],
+                             without_it: str) -> ctypes.CDLL | None:
+    """compile_library into default_cache_dir with $CC or cc; None where that fails, with one
+    warning that says why and what runs instead (`without_it`)."""
+    compiler = _compiler()
     try:
-        return compile_row_kernels(default_cache_dir(), compiler)
+        return compile_library(source, library, flags, default_cache_dir(), compiler)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        log.warning("int8 layers keep torch's per-row operations (slower): compiling %s with %s failed: %s",
-                    SOURCE.name, " ".join(compiler), str(detail).strip()[-500:])
+        log.warning("%s: compiling %s with %s failed: %s", without_it, source.name, " ".join(compiler),
+                    str(detail).strip()[-500:])
         return None
 
 
-__all__ = ["CACHE_ENV", "INPUT_FORMS", "RowKernels", "compile_library", "compile_row_kernels", "compiler_command",
-           "default_cache_dir", "row_kernels"]
+@functools.cache
+def row_kernels() -> RowKernels | None:
+    """The compiled kernels (compiled_library_or_none), once per process; None, with one
+    warning, where they cannot be had."""
+    library = compiled_library_or_none(SOURCE, LIBRARY, FLAGS, "int8 layers keep torch's per-row operations (slower)")
+    return None if library is None else RowKernels(library)
+
+
+__all__ = ["CACHE_ENV", "INPUT_FORMS", "RowKernels", "compile_library", "compile_row_kernels",
+           "compiled_library_or_none", "default_cache_dir", "row_kernels"]
