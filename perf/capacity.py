@@ -98,6 +98,9 @@ def search(url: str, plan: ws_load.AudioPlan, max_clients: int, max_partial_lag_
         steps.append(run)
         verdict = "ok" if run["failed_because"] is None else f"FAIL: {run['failed_because']}"
         print(f"[capacity] N={clients}: {verdict}", file=sys.stderr, flush=True)
+        served = ws_load.served_table([run])
+        if served is not None:
+            print(served, file=sys.stderr, flush=True)
         return run["failed_because"] is None
 
     best, bounded = metrics.largest_passing(attempt, max_clients)
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
         result = search(args.url, plan, args.max_clients, args.max_partial_lag, args.max_second_pass,
                         args.speed, args.ramp_s, args.timeout_s, args.second_pass_from)
         write_search_reports(result, args.out, f"capacity {args.url}")
-        print(ws_load.markdown_table(sorted(result["steps"], key=lambda r: r["clients"])))
+        print(ws_load.report_markdown(sorted(result["steps"], key=lambda r: r["clients"])))
         print(capacity_line(result))
         return 0
     args.vad_dir = args.vad_dir or args.store / "vad"

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -205,3 +205,54 @@ def largest_passing(passes: Callable[[int], bool], max_n: int) -> tuple[int, boo
         else:
             failed = middle
     return best, False
+
+
+# Where the served second pass spends a segment's time, from the servers' own counters
+# (Prometheus samples by name and model, scraped before and after a run by perf.ws_load).
+# The torch stages of the second pass, by their metric names' stage and segment words.
+SERVED_NANO_STAGES = {"encoder": "encoded_segments", "torch_generate": "torch_generated_segments"}
+FIRST_PASS_MODELS = ("vad", "paraformer_streaming")
+# Sample name -> {model label ("" without one): value}. Named as prometheus_client's parser
+# names them: a counter's samples end in _total even where the server's exposition omits it.
+Samples = Mapping[str, Mapping[str, float]]
+
+
+def served_breakdown(before: Samples, after: Samples) -> dict[str, float | None]:
+    """Means over a run (None where a server does not count it):
+    - frontend_second_pass_s: from the frontend's start of a segment's recognition (after its
+      first-pass flush) to the text going out, per segment;
+    - <stage>_wait_s: per segment, from its arrival at the Nano model's stage to its pass;
+      <stage>_pass_s: per pass; <stage>_batch: segments per pass;
+    - <model>_pass_s per batched pass and <model>_batch (chunks per pass) of the first-pass
+      models, the VAD and the streaming Paraformer."""
+
+    def delta(name: str, model: str | None = None) -> float | None:
+        if name not in after:
+            return None
+        values_after, values_before = after[name], before.get(name, {})
+        models = [model] if model is not None else list(values_after)
+        if model is not None and model not in values_after:
+            return None
+        return sum(values_after[m] - values_before.get(m, 0.0) for m in models)
+
+    def ratio(numerator: float | None, denominator: float | None, scale: float = 1.0) -> float | None:
+        if numerator is None or not denominator:
+            return None
+        return numerator / denominator * scale
+
+    out: dict[str, float | None] = {
+        "frontend_segments": delta("twopass_frontend_second_pass_seconds_count"),
+        "frontend_second_pass_s": ratio(delta("twopass_frontend_second_pass_seconds_sum"),
+                                        delta("twopass_frontend_second_pass_seconds_count")),
+    }
+    for stage, segments_name in SERVED_NANO_STAGES.items():
+        segments = delta(f"twopass_asr_nano_{segments_name}_total")
+        passes = delta(f"twopass_asr_nano_{stage}_passes_total")
+        out[f"{stage}_wait_s"] = ratio(delta(f"twopass_asr_nano_{stage}_wait_seconds_total"), segments)
+        out[f"{stage}_pass_s"] = ratio(delta(f"twopass_asr_nano_{stage}_pass_seconds_total"), passes)
+        out[f"{stage}_batch"] = ratio(segments, passes)
+    for model in FIRST_PASS_MODELS:
+        passes = delta("twopass_asr_sequence_passes_total", model)
+        out[f"{model}_pass_s"] = ratio(delta("twopass_asr_sequence_pass_seconds_total", model), passes)
+        out[f"{model}_batch"] = ratio(delta("twopass_asr_sequence_pass_chunks_total", model), passes)
+    return out

@@ -345,6 +345,56 @@ def discover_server_processes(url: str) -> dict[str, int]:
     return groups
 
 
+TRITON_DEFAULT_METRICS_PORT = 8002
+
+
+def metric_endpoints(url: str, groups: dict[str, int]) -> dict[str, str]:
+    """{group: Prometheus URL} of the discovered server processes that keep the counters
+    metrics.served_breakdown reads: this project's frontend (/metrics on its WebSocket port)
+    and tritonserver (its --metrics-port)."""
+    import psutil
+
+    endpoints = {}
+    if "frontend" in groups:
+        parsed = urlparse(url)
+        endpoints["frontend"] = f"http://{parsed.hostname}:{parsed.port}/metrics"
+    if "tritonserver" in groups:
+        options = {}
+        arguments = psutil.Process(groups["tritonserver"]).cmdline()
+        for index, argument in enumerate(arguments):
+            if argument.startswith("--metrics-"):
+                name, equals, value = argument.partition("=")
+                options[name] = value if equals else (arguments[index + 1] if index + 1 < len(arguments) else "")
+        address = options.get("--metrics-address", "127.0.0.1")
+        port = options.get("--metrics-port", TRITON_DEFAULT_METRICS_PORT)
+        endpoints["tritonserver"] = f"http://{address}:{port}/metrics"
+    return endpoints
+
+
+def scrape(endpoints: dict[str, str]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Every sample of the endpoints, summed by name and model label (metrics.Samples), and
+    the endpoints that could not be read (named, with why)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, dict[str, float]] = {}
+    unread = []
+    for group, endpoint in endpoints.items():
+        try:
+            with urllib.request.urlopen(endpoint, timeout=10) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            unread.append(f"{group} ({endpoint}): {exc}")
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                by_model = samples.setdefault(sample.name, {})
+                model = sample.labels.get("model", "")
+                by_model[model] = by_model.get(model, 0.0) + sample.value
+    return samples, unread
+
+
 def process_label(process) -> str:
     cmdline = process.cmdline()
     for arg in cmdline:
@@ -449,6 +499,8 @@ async def run_load(url: str, plan: AudioPlan, clients: int, *, speed: float = 1.
     records = [StreamRecord(i) for i in range(clients)]
     clock = time.monotonic()
     groups = server_groups if server_groups is not None else discover_server_processes(url)
+    endpoints = metric_endpoints(url, groups)
+    counters_before, unread = scrape(endpoints)
     with ProcessMonitor(groups) as monitor:
         tasks = [asyncio.create_task(client_stream(url, plan, r, clock, ramp_s * i / clients, speed, timeout_s))
                  for i, r in enumerate(records)]
@@ -460,7 +512,13 @@ async def run_load(url: str, plan: AudioPlan, clients: int, *, speed: float = 1.
             print(file=sys.stderr)
         await asyncio.gather(*tasks)
     wall = time.monotonic() - clock
-    return summarise_run(plan, records, clients, speed, ramp_s, wall, monitor.report())
+    run = summarise_run(plan, records, clients, speed, ramp_s, wall, monitor.report())
+    counters_after, unread_after = scrape(endpoints)
+    unread += unread_after
+    for reason in unread:
+        print(f"[ws_load] metrics not read from {reason}", file=sys.stderr)
+    run["served"] = metrics.served_breakdown(counters_before, counters_after) if endpoints and not unread else None
+    return run
 
 
 def summarise_run(plan: AudioPlan, records: list[StreamRecord], clients: int, speed: float, ramp_s: float,
@@ -521,6 +579,40 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SERVED_COLUMNS = (("frontend_second_pass_s", "frontend: segment start to text"),
+                  ("encoder_wait_s", "Nano encoder wait"), ("encoder_pass_s", "encoder pass"),
+                  ("encoder_batch", "segments per encoder pass"), ("torch_generate_wait_s", "generation wait"),
+                  ("torch_generate_pass_s", "generation pass"), ("torch_generate_batch", "segments per generation"),
+                  ("paraformer_streaming_pass_s", "first pass"), ("paraformer_streaming_batch", "chunks per pass"),
+                  ("vad_pass_s", "VAD pass"), ("vad_batch", "VAD chunks per pass"))
+
+
+def served_table(runs: list[dict]) -> str | None:
+    """Where the servers say the time went (metrics.served_breakdown), one row per run; ms
+    except the batch sizes. None when no run has the servers' counters."""
+    runs = [run for run in runs if run.get("served")]
+    if not runs:
+        return None
+    header = ["N", "segments", *(title for _, title in SERVED_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        served = run["served"]
+        cells = [str(run["clients"]), "-" if served["frontend_segments"] is None else f"{served['frontend_segments']:.0f}"]
+        for key, _ in SERVED_COLUMNS:
+            value = served[key]
+            cells.append("-" if value is None else f"{value:.2f}" if key.endswith("_batch") else _ms(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_markdown(runs: list[dict]) -> str:
+    """The latency table, and where the servers say the time went when they kept count."""
+    served = served_table(runs)
+    if served is None:
+        return markdown_table(runs)
+    return f"{markdown_table(runs)}\n\nWhere the servers say the time went (ms, means over the run):\n\n{served}"
+
+
 PLOTTED = (("first_partial", "first partial"), ("partial_lag", "partial lag"), ("second_pass", "second pass"),
            ("end_of_stream", "end of stream"))
 
@@ -562,7 +654,7 @@ def write_reports(runs: list[dict], out: Path, title: str, extra: dict | None = 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "latency.png"}
     paths["json"].write_text(json.dumps({**(extra or {}), "runs": runs}, indent=2))
-    paths["markdown"].write_text(f"# {title}\n\n{markdown_table(runs)}\n")
+    paths["markdown"].write_text(f"# {title}\n\n{report_markdown(runs)}\n")
     plot_latencies(runs, paths["plot"], title, limits)
     return paths
 
@@ -638,7 +730,7 @@ def main(argv=None) -> int:
     paths = write_reports(runs, args.out, f"ws_load {args.url} ({args.mode}, speed {args.speed})",
                           {"url": args.url, "probe_partials": probed,
                            "probe_segments": len(plan.detection_frames)})
-    print(markdown_table(runs))
+    print(report_markdown(runs))
     print(f"[ws_load] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0 if all(r["finals"] == r["clients"] for r in runs) else 1
 

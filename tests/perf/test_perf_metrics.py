@@ -176,3 +176,51 @@ def test_capacity_search_finds_the_largest_passing_load(monkeypatch):
     assert result["capacity"] == 3 and result["bounded_by_max_clients"] and tried == [1, 2, 3]
     tried.clear()
     assert capacity.search("ws://fake", plan, 8, 0.05, 2.0)["capacity"] == 0 and tried == [1]
+
+
+def test_served_breakdown_takes_means_over_the_run_from_the_counters():
+    before = {
+        "twopass_frontend_second_pass_seconds_sum": {"": 10.0},
+        "twopass_frontend_second_pass_seconds_count": {"": 4.0},
+        "twopass_asr_nano_encoded_segments_total": {"funasr_nano_vllm": 4.0},
+        "twopass_asr_nano_encoder_passes_total": {"funasr_nano_vllm": 4.0},
+        "twopass_asr_nano_encoder_wait_seconds_total": {"funasr_nano_vllm": 1.0},
+        "twopass_asr_nano_encoder_pass_seconds_total": {"funasr_nano_vllm": 2.0},
+        "twopass_asr_sequence_passes_total": {"vad": 100.0, "paraformer_streaming": 40.0},
+        "twopass_asr_sequence_pass_chunks_total": {"vad": 100.0, "paraformer_streaming": 50.0},
+        "twopass_asr_sequence_pass_seconds_total": {"vad": 1.0, "paraformer_streaming": 9.0},
+    }
+    after = {
+        "twopass_frontend_second_pass_seconds_sum": {"": 16.0},
+        "twopass_frontend_second_pass_seconds_count": {"": 7.0},
+        "twopass_asr_nano_encoded_segments_total": {"funasr_nano_vllm": 7.0},
+        "twopass_asr_nano_encoder_passes_total": {"funasr_nano_vllm": 6.0},
+        "twopass_asr_nano_encoder_wait_seconds_total": {"funasr_nano_vllm": 1.6},
+        "twopass_asr_nano_encoder_pass_seconds_total": {"funasr_nano_vllm": 3.0},
+        "twopass_asr_sequence_passes_total": {"vad": 108.0, "paraformer_streaming": 45.0},
+        "twopass_asr_sequence_pass_chunks_total": {"vad": 110.0, "paraformer_streaming": 60.0},
+        "twopass_asr_sequence_pass_seconds_total": {"vad": 1.4, "paraformer_streaming": 10.5},
+    }
+    served = metrics.served_breakdown(before, after)
+    assert served["frontend_segments"] == 3
+    assert served["frontend_second_pass_s"] == pytest.approx(2.0)
+    assert served["encoder_wait_s"] == pytest.approx(0.2)  # 0.6 s over 3 segments
+    assert served["encoder_pass_s"] == pytest.approx(0.5)  # 1 s over 2 passes
+    assert served["encoder_batch"] == pytest.approx(1.5)
+    assert served["paraformer_streaming_pass_s"] == pytest.approx(0.3)
+    assert served["paraformer_streaming_batch"] == pytest.approx(2.0)
+    assert served["vad_pass_s"] == pytest.approx(0.05)
+    assert served["vad_batch"] == pytest.approx(1.25)
+    # vLLM generation keeps no torch counters: nothing is made up for it.
+    assert served["torch_generate_wait_s"] is None and served["torch_generate_batch"] is None
+    # A server restarted by the run has no counters from before.
+    assert metrics.served_breakdown({}, after)["encoder_batch"] == pytest.approx(7 / 6)
+
+
+def test_the_served_table_names_each_runs_breakdown():
+    served = {key: None for key in metrics.served_breakdown({}, {})}
+    served.update(frontend_segments=3.0, encoder_wait_s=0.2, encoder_batch=1.5)
+    table = ws_load.served_table([{"clients": 2, "served": served}, {"clients": 4, "served": None}])
+    rows = table.splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| 2 | 3 | - | 200 | - | 1.50 |")
+    assert ws_load.served_table([{"clients": 1, "served": None}]) is None

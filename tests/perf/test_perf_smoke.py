@@ -103,6 +103,15 @@ def test_ws_load_two_clients(frontend_url, triton_server, speech_wav, test_model
     processes = data["runs"][0]["processes"]
     assert set(processes) == {"frontend", "tritonserver"}
     assert {"stub:vad", "stub:paraformer_streaming"} <= set(processes["tritonserver"]["cpu_percent_by_process"])
+    # And their counters: every segment the clients got went through the Nano's encoder, and
+    # the first pass ran.
+    served = data["runs"][0]["served"]
+    assert served["frontend_segments"] == data["runs"][0]["segments"]
+    assert 1 <= served["encoder_batch"] <= 2 and served["encoder_pass_s"] > 0 and served["encoder_wait_s"] >= 0
+    assert 0 < served["frontend_second_pass_s"] < 60
+    assert served["paraformer_streaming_pass_s"] > 0 and served["paraformer_streaming_batch"] >= 1
+    assert served["vad_pass_s"] > 0 and served["vad_batch"] >= 1
+    assert "Where the servers say the time went" in (out / "results.md").read_text()
 
 
 def test_capacity_with_a_tiny_bound(frontend_url, speech_wav, test_models, tmp_path):

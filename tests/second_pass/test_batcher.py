@@ -61,7 +61,30 @@ def test_requests_waiting_together_share_one_pass(executor):
     assert asyncio.run(main()) == [f"encoded {name}" for name in "abcd"]
     assert recorder.passes == [[f"prepared {name}" for name in "abcd"]]
     assert batcher.batch_sizes == {4: 1}
-    assert reported == [4]
+    assert [report.size for report in reported] == [4]
+
+
+def test_a_pass_reports_the_time_its_segments_waited_and_ran():
+    """One worker shared by two batchers, as in the model: a segment of the second one waits
+    for the first one's pass on top of its own window."""
+    with ThreadPoolExecutor(max_workers=1) as shared:
+        slow, quick = Recorder(encode_s=0.3), Recorder(encode_s=0.05)
+        slow_reports, quick_reports = [], []
+        slow_batcher = batcher_for(slow, shared, window_ms=0, on_pass=slow_reports.append)
+        quick_batcher = batcher_for(quick, shared, window_ms=20, on_pass=quick_reports.append)
+
+        async def main():
+            first = asyncio.ensure_future(slow_batcher.submit("a"))
+            await asyncio.sleep(0.1)  # "a" holds the worker for 0.2 s more
+            await asyncio.gather(first, *(quick_batcher.submit(name) for name in "bc"))
+
+        asyncio.run(main())
+    (slow_report,), (quick_report,) = slow_reports, quick_reports
+    assert slow_report.size == 1 and quick_report.size == 2
+    assert 0.3 <= slow_report.busy_s < 0.6 and slow_report.waited_s < 0.1
+    assert 0.05 <= quick_report.busy_s < 0.3
+    # Each of the two waited from its submit until "a"'s pass was over.
+    assert 2 * 0.15 <= quick_report.waited_s < 2 * 0.5
 
 
 def test_max_batch_splits_the_queue(executor):

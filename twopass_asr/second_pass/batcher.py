@@ -10,8 +10,10 @@ Segments that arrive while a pass runs are queued and go together into the next 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Callable, Generic, Mapping, Sequence, TypeVar
 
 from twopass_asr.parameters import whole_number
@@ -40,17 +42,28 @@ def settings_from_parameters(params: Mapping[str, str], prefix: str) -> dict:
     return {"window_ms": window_ms, "max_batch": max_batch}
 
 
+@dataclass(frozen=True)
+class PassReport:
+    """One pass: how many requests went through run_batch, the seconds they had waited
+    from submit to the pass's start (summed over them: the batching window, and the shared
+    executor busy with other work), and the seconds the pass ran (prepare included)."""
+
+    size: int
+    waited_s: float
+    busy_s: float
+
+
 class SegmentBatcher(Generic[Request, Prepared, Result]):
     """`await submit(request)` gives `run_batch([prepare(request), ...])`'s entry for the request.
 
     prepare (default: none) runs per request and may raise for that request alone (bad
     audio); run_batch runs once per batch. Both run on `executor`, off the event loop. A
     failing run_batch fails every request of its batch; the batcher keeps serving the next
-    ones. `on_pass(size)` is called on the event loop after each pass (metrics)."""
+    ones. `on_pass(PassReport)` is called on the event loop after each pass (metrics)."""
 
     def __init__(self, run_batch: Callable[[Sequence[Prepared]], list[Result]], executor: Executor,
                  prepare: Callable[[Request], Prepared] | None = None, window_ms: float = DEFAULT_WINDOW_MS,
-                 max_batch: int = DEFAULT_MAX_BATCH, on_pass: Callable[[int], None] | None = None):
+                 max_batch: int = DEFAULT_MAX_BATCH, on_pass: Callable[[PassReport], None] | None = None):
         if window_ms < 0:
             raise ValueError(f"the batch window must be >= 0 ms, got {window_ms}")
         if max_batch < 1:
@@ -72,55 +85,59 @@ class SegmentBatcher(Generic[Request, Prepared, Result]):
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._serve())
         future = loop.create_future()
-        self._queue.put_nowait((loop.time(), request, future))
+        self._queue.put_nowait((time.monotonic(), request, future))
         return await future
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             arrived, request, future = await self._queue.get()
-            waiting = [(request, future)]
-            await asyncio.sleep(max(0.0, arrived + self.window_s - loop.time()))
+            waiting = [(arrived, request, future)]
+            await asyncio.sleep(max(0.0, arrived + self.window_s - time.monotonic()))
             while len(waiting) < self.max_batch and not self._queue.empty():
-                _, request, future = self._queue.get_nowait()
-                waiting.append((request, future))
+                waiting.append(self._queue.get_nowait())
             # Requests whose caller has gone (cancelled) are not run.
-            waiting = [(request, future) for request, future in waiting if not future.done()]
+            waiting = [entry for entry in waiting if not entry[2].done()]
             if not waiting:
                 continue
             try:
-                results, batched = await loop.run_in_executor(self._executor, self._run, [r for r, _ in waiting])
+                results, report = await loop.run_in_executor(self._executor, self._run,
+                                                             [(arrived, request) for arrived, request, _ in waiting])
             except Exception as exc:  # the executor itself failed (shut down): nobody may wait forever
-                results, batched = [exc] * len(waiting), 0
-            for (_, future), result in zip(waiting, results):
+                results, report = [exc] * len(waiting), None
+            for (_, _, future), result in zip(waiting, results):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
-            if batched:
-                self.batch_sizes[batched] += 1
+            if report is not None:
+                self.batch_sizes[report.size] += 1
                 if self._on_pass is not None:
-                    self._on_pass(batched)
+                    self._on_pass(report)
 
-    def _run(self, requests: list[Request]) -> tuple[list[Result | Exception], int]:
-        """Every request's result or exception, and how many went through run_batch."""
+    def _run(self, requests: list[tuple[float, Request]]) -> tuple[list[Result | Exception], PassReport | None]:
+        """Every request's result or exception, and the report of the pass (None when no
+        request got as far as run_batch)."""
+        started = time.monotonic()
         outcomes: list[Prepared | Exception] = []
-        for request in requests:
+        for _, request in requests:
             try:
                 outcomes.append(request if self._prepare is None else self._prepare(request))
             except Exception as exc:  # this request's own fault (bad audio): only it fails
                 outcomes.append(exc)
         ready = [index for index, outcome in enumerate(outcomes) if not isinstance(outcome, Exception)]
-        if ready:
-            try:
-                results = self._run_batch([outcomes[index] for index in ready])
-            except Exception as exc:
-                results = [exc] * len(ready)
-            for index, result in zip(ready, results):
-                outcomes[index] = result
-        return outcomes, len(ready)
+        if not ready:
+            return outcomes, None
+        try:
+            results = self._run_batch([outcomes[index] for index in ready])
+        except Exception as exc:
+            results = [exc] * len(ready)
+        for index, result in zip(ready, results):
+            outcomes[index] = result
+        waited = sum(started - requests[index][0] for index in ready)
+        return outcomes, PassReport(len(ready), waited, time.monotonic() - started)
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_WINDOW_MS", "SegmentBatcher", "settings_from_parameters"]
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_WINDOW_MS", "PassReport", "SegmentBatcher", "settings_from_parameters"]

@@ -10,6 +10,7 @@ import json
 import locale
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -220,6 +221,8 @@ class SequenceModel:
                                      "Batched passes over chunks of sequences", pb_utils.MetricFamily.COUNTER)
         self.pass_chunks = InstanceMetric(args, "twopass_asr_sequence_pass_chunks_total",
                                           "Chunks computed in those passes", pb_utils.MetricFamily.COUNTER)
+        self.pass_seconds = InstanceMetric(args, "twopass_asr_sequence_pass_seconds_total",
+                                           "Seconds those passes ran", pb_utils.MetricFamily.COUNTER)
         self.scheduler = None
         if self.decoupled:
             self.scheduler = ChunkScheduler(
@@ -282,7 +285,9 @@ class SequenceModel:
 
     def _process_chunks(self, chunks) -> list:
         _, states, audios, finals = zip(*chunks)
+        started = time.monotonic()
         results = self.process_batch(list(states), list(audios), list(finals))
+        self.pass_seconds.increment(time.monotonic() - started)
         self.passes.increment(1)
         self.pass_chunks.increment(len(chunks))
         return results

@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from twopass_asr.hotwords import check_language, parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.kernels.int8_recipe import INT8_KERNEL_CHOICES, INT8_PRECISIONS
-from twopass_asr.second_pass.batcher import SegmentBatcher, settings_from_parameters
+from twopass_asr.second_pass.batcher import PassReport, SegmentBatcher, settings_from_parameters
 from twopass_asr.second_pass.llm_export import mapped_input_embeddings
 from twopass_asr.second_pass.precision import (
     ENCODER_INT8_KERNEL_ENV,
@@ -129,7 +129,7 @@ class TritonPythonModel:
         # One worker for the torch work (embeddings; generation on the torch path): it uses
         # every core already, more threads would only contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
-        count_encoded = self._pass_counter(args, "encoder_passes", "encoded_segments", "audio encoder")
+        count_encoded = self._pass_counter(args, "encoder", "encoded_segments", "audio encoder")
         self.embedder = SegmentBatcher(self.recognizer.embed_prepared, self.executor, prepare=self.recognizer.prepare,
                                        on_pass=count_encoded, **embed_batching)
         try:
@@ -148,7 +148,7 @@ class TritonPythonModel:
         else:
             self.recognizer.use_dtype(TORCH_DTYPES[precision])
         if self.engine is None:
-            count_generated = self._pass_counter(args, "torch_generate_passes", "torch_generated_segments",
+            count_generated = self._pass_counter(args, "torch_generate", "torch_generated_segments",
                                                  "torch generation")
             self.generator = SegmentBatcher(self._generate_batch, self.executor, on_pass=count_generated,
                                             **generate_batching)
@@ -172,17 +172,25 @@ class TritonPythonModel:
         return self.recognizer.generate_batch(prompts, caps)
 
     @staticmethod
-    def _pass_counter(args, passes_name, segments_name, what):
-        """on_pass for a SegmentBatcher: counts its passes and the segments through them."""
-        passes = InstanceMetric(args, f"twopass_asr_nano_{passes_name}_total",
-                                f"Passes of the second pass's {what} (each over one or more segments)",
-                                pb_utils.MetricFamily.COUNTER)
+    def _pass_counter(args, stage, segments_name, what):
+        """on_pass for a SegmentBatcher: counts its passes, the segments through them, the
+        seconds the segments waited for their pass and the seconds the passes ran."""
+        family = pb_utils.MetricFamily.COUNTER
+        passes = InstanceMetric(args, f"twopass_asr_nano_{stage}_passes_total",
+                                f"Passes of the second pass's {what} (each over one or more segments)", family)
         segments = InstanceMetric(args, f"twopass_asr_nano_{segments_name}_total",
-                                  f"Segments through the second pass's {what}", pb_utils.MetricFamily.COUNTER)
+                                  f"Segments through the second pass's {what}", family)
+        waited = InstanceMetric(args, f"twopass_asr_nano_{stage}_wait_seconds_total",
+                                f"Seconds segments waited for a pass of the second pass's {what}, summed over "
+                                "the segments (the batching window, and the worker busy with other passes)", family)
+        busy = InstanceMetric(args, f"twopass_asr_nano_{stage}_pass_seconds_total",
+                              f"Seconds the passes of the second pass's {what} ran", family)
 
-        def count_pass(size: int) -> None:
+        def count_pass(report: PassReport) -> None:
             passes.increment(1)
-            segments.increment(size)
+            segments.increment(report.size)
+            waited.increment(report.waited_s)
+            busy.increment(report.busy_s)
 
         return count_pass
 
