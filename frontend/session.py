@@ -6,7 +6,8 @@ the streaming Paraformer (first pass, decoded every chunk_size[1]*60 ms). In 2pa
 first pass is restarted per VAD segment (a segment end ends its sequence, flushing the
 tail; the next audio starts a new one), as FunASR resets its online cache there. Each
 finished segment is cut from the recent audio and sent to Fun-ASR-Nano while the first
-pass carries on; the results go out in segment order. The models are reached through a
+pass carries on (on Triton, before the first pass's flush; StreamModels.second_pass_beside_flush);
+the results go out in segment order. The models are reached through a
 backend (backend.py): Triton for the service, FunASR in-process for the baseline.
 
 When the server under a stream is lost, the stream moves to another one (StreamModels.move)
@@ -337,15 +338,28 @@ class StreamSession:
     # -- segments ------------------------------------------------------------------------
 
     async def _close_segment(self, start_ms: int, end_ms: int) -> None:
-        if self.config.mode == "2pass":
-            await self._decode_first_pass(end=True)
+        reported_at = time.monotonic()
         pcm = self._history.slice_ms(start_ms, end_ms)
         # Started here, not in the job, so the backend has the segment before the stream's
-        # next audio (the baseline runs it first, as FunASR's servers do).
-        recognition = self._models.start_recognition(pcm, self.config) if len(pcm) else None
+        # next audio (the baseline runs it first, as FunASR's servers do); and, where the
+        # backend runs the passes side by side, before the first pass's flush, which would
+        # otherwise hold the segment back by a first-pass decode or two.
+        recognition = None
+        if len(pcm) and self._models.second_pass_beside_flush:
+            recognition = self._models.start_recognition(pcm, self.config)
+        if self.config.mode == "2pass":
+            try:
+                await self._decode_first_pass(end=True)
+            except BaseException:
+                if recognition is not None:
+                    # The stream moves (the segment is closed again after the replay) or ends.
+                    recognition.cancel()
+                raise
+        if len(pcm) and recognition is None:
+            recognition = self._models.start_recognition(pcm, self.config)
         self._last_segment_end_ms = end_ms
         job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, pcm, recognition,
-                                                       self._moves, time.monotonic()))
+                                                       self._moves, reported_at))
         if recognition is not None:
             # A job cancelled before it ran must still cancel its request.
             job.add_done_callback(lambda _: recognition.cancel())

@@ -394,6 +394,7 @@ class ScriptedStream:
         audio = inputs[0][1]
         self.gateway.requests.append((self.model, sequence_id, start, end, len(audio), [i[0] for i in inputs]))
         await asyncio.sleep(0)
+        self.gateway.answered.append((self.model, end, len(self.gateway.second_pass)))
         if self.model == "vad":
             return _Result(SEGMENTS=self.gateway.vad_events(len(audio), end))
         return _Result(TEXT=f"<{len(audio)}>" if len(audio) else "")
@@ -425,6 +426,7 @@ class ScriptedGateway:
         self.requests = []
         self.closed = []
         self.second_pass = []
+        self.answered = []  # (model, end, second passes started by then), in answer order
 
     def vad_events(self, samples, end):
         before, self.position = self.position, self.position + samples
@@ -482,7 +484,13 @@ class LosingGateway(ScriptedGateway):
         return LosingStream(self, model)
 
 
-def _run_session(config, gateway, pcm, frame=960, spare=None):
+class TakingTurnsModels(TritonStreamModels):
+    """The scripted Triton models as a backend that runs the passes in turn would use them."""
+
+    second_pass_beside_flush = False
+
+
+def _run_session(config, gateway, pcm, frame=960, spare=None, models_class=TritonStreamModels):
     """The session's messages; when `gateway` is lost, the stream may move to `spare`."""
     async def scenario():
         messages, failures = [], []
@@ -493,7 +501,7 @@ def _run_session(config, gateway, pcm, frame=960, spare=None):
         async def relocate(lost):
             return spare
 
-        models = TritonStreamModels(gateway, SequenceIds(), 30.0, relocate, lambda gateway: None)
+        models = models_class(gateway, SequenceIds(), 30.0, relocate, lambda gateway: None)
         session = StreamSession(config, models, emit, failures.append)
         raw = pcm.tobytes()
         for offset in range(0, len(raw), 2 * frame):
@@ -534,6 +542,41 @@ def test_2pass_pipeline_orders_segments_restarts_first_pass_and_ends_once():
         assert all(r[4] == 9600 for r in requests[:-1])  # 600 ms chunks inside a sequence
     assert sum(r[4] for r in first) == len(pcm)
     assert sorted(gateway.closed) == ["paraformer_streaming", "vad"]
+
+
+def _flushes(gateway):
+    """For each first-pass flush (a sequence's end), the second passes started before its answer."""
+    return [started for model, end, started in gateway.answered if model == "paraformer_streaming" and end]
+
+
+def test_a_segments_second_pass_starts_before_the_first_pass_flushes_its_tail():
+    segments = [(500, 1500), (2500, 3000), (4000, 4600)]
+    pcm = np.zeros(16 * 4700, dtype=np.int16)
+    config = StreamConfig(mode="2pass")
+    beside, in_turn = ScriptedGateway(segments), ScriptedGateway(segments)
+    messages = _run_session(config, beside, pcm)
+    # The n-th flush was answered after the n-th segment's second pass had gone out.
+    assert _flushes(beside) == [1, 2, 3]
+    # A backend whose passes take turns gets the segment after the flush, as FunASR's servers do.
+    assert _run_session(config, in_turn, pcm, models_class=TakingTurnsModels) == messages
+    assert _flushes(in_turn) == [0, 1, 2]
+
+
+def test_a_2pass_stream_lost_during_a_flush_asks_for_the_segment_once_on_the_new_server():
+    segments = [(500, 1500), (2500, 3000)]
+    pcm = np.zeros(16 * 3500, dtype=np.int16)
+    config = StreamConfig(mode="2pass")
+    reference = ScriptedGateway(segments)
+    expected = _run_session(config, reference, pcm)
+    first_flush = next(index for index, request in enumerate(reference.requests)
+                        if request[0] == "paraformer_streaming" and request[3])
+    lost, spare = LosingGateway(segments, lose_after=first_flush), ScriptedGateway(segments)
+    moved = _run_session(config, lost, pcm, spare=spare)
+    assert [m for m in moved if "start_time" in m] == [m for m in expected if "start_time" in m]
+    # The first segment's second pass, started beside the flush, was cancelled with it; the new
+    # server was asked for each segment once.
+    assert lost.second_pass == []
+    assert [length for length, *_ in spare.second_pass] == [length for length, *_ in reference.second_pass]
 
 
 def test_offline_mode_sends_no_partials_and_final_is_empty_after_silence():
