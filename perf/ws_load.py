@@ -597,7 +597,8 @@ def served_table(runs: list[dict]) -> str | None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         served = run["served"]
-        cells = [str(run["clients"]), "-" if served["frontend_segments"] is None else f"{served['frontend_segments']:.0f}"]
+        segments = served["frontend_segments"]
+        cells = [str(run["clients"]), "-" if segments is None else f"{segments:.0f}"]
         for key, _ in SERVED_COLUMNS:
             value = served[key]
             cells.append("-" if value is None else f"{value:.2f}" if key.endswith("_batch") else _ms(value))
