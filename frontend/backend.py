@@ -67,10 +67,11 @@ class StreamModels(ABC):
 
     vad: StreamingModel[list[tuple[int, int]]]  # VAD events (start_ms, end_ms), -1 where not known yet
     first_pass: StreamingModel[str]  # the text recognised for the audio of the step
-    # Whether a segment's second pass may start before the first pass has flushed that
-    # segment's tail: so where the two passes run side by side (separate models), not where
-    # they take turns on one model thread (FunASR's own servers flush, then decode).
-    second_pass_beside_flush = False
+    # Whether a segment's second pass may start before the first pass has decoded the audio
+    # that closed the segment and flushed its tail: so where the two passes run side by side
+    # (separate models), not where they take turns on one model thread (FunASR's own servers
+    # decode and flush, then recognise the segment).
+    second_pass_beside_first_pass = False
 
     @abstractmethod
     def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:

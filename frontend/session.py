@@ -6,9 +6,10 @@ the streaming Paraformer (first pass, decoded every chunk_size[1]*60 ms). In 2pa
 first pass is restarted per VAD segment (a segment end ends its sequence, flushing the
 tail; the next audio starts a new one), as FunASR resets its online cache there. Each
 finished segment is cut from the recent audio and sent to Fun-ASR-Nano while the first
-pass carries on (on Triton, before the first pass's flush; StreamModels.second_pass_beside_flush);
-the results go out in segment order. The models are reached through a
-backend (backend.py): Triton for the service, FunASR in-process for the baseline.
+pass carries on (on Triton even before the first pass has decoded that audio and flushed
+the segment's tail: StreamModels.second_pass_beside_first_pass); the results go out in
+segment order. The models are reached through a backend (backend.py): Triton for the
+service, FunASR in-process for the baseline.
 
 When the server under a stream is lost, the stream moves to another one (StreamModels.move)
 and replays what the fresh sequences need from the audio it keeps: the VAD from a little
@@ -230,19 +231,42 @@ class StreamSession:
                 events = await self._current_models().vad.step(vad_audio, self.config, end=final)
                 self._vad_heard_to = max(self._vad_heard_to, self._fed_samples)
                 self._vad_ended = final
-        if self._uses_first_pass:
-            self._first_pass_buffer.push(pcm[max(self._first_pass_from - start, 0):])
-            await self._decode_first_pass(end=False)
+        reported_at = time.monotonic()
+        closed, left_open = self._segments_closed_by(events)
+        # Where the passes run side by side, the closed segments' second passes start before
+        # this audio's first-pass decode (and the flush after it), which would hold them back.
+        early = [self._start_recognition_beside_first_pass(start_ms, end_ms) for start_ms, end_ms in closed]
+        try:
+            if self._uses_first_pass:
+                self._first_pass_buffer.push(pcm[max(self._first_pass_from - start, 0):])
+                await self._decode_first_pass(end=False)
+            for index, (start_ms, end_ms) in enumerate(closed):
+                self._open_segment_start = start_ms
+                await self._close_segment(start_ms, end_ms, reported_at, early[index])
+                early[index] = None
+        except BaseException:
+            for recognition in early:
+                if recognition is not None:
+                    # The stream moves (the VAD closes these segments again after the replay) or ends.
+                    recognition.cancel()
+            raise
+        self._open_segment_start = left_open
+
+    def _segments_closed_by(self, events: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int | None]:
+        """The segments (start_ms, end_ms) the VAD's events close, and the start of the one
+        they leave open (None when none is)."""
         offset_ms = self._vad_from * 1000 // SAMPLE_RATE
+        open_start, closed = self._open_segment_start, []
         for start_ms, end_ms in events:
             if start_ms >= 0:
-                self._open_segment_start = start_ms + offset_ms
+                open_start = start_ms + offset_ms
             if end_ms >= 0:
-                if self._open_segment_start is None:
+                if open_start is None:
                     log.warning("VAD reported a segment end (%d ms) without a start; ignored", end_ms + offset_ms)
                     continue
-                await self._close_segment(self._open_segment_start, end_ms + offset_ms)
-                self._open_segment_start = None
+                closed.append((open_start, end_ms + offset_ms))
+                open_start = None
+        return closed, open_start
 
     async def _finish(self) -> None:
         self._finishing = True
@@ -337,24 +361,22 @@ class StreamSession:
 
     # -- segments ------------------------------------------------------------------------
 
-    async def _close_segment(self, start_ms: int, end_ms: int) -> None:
-        reported_at = time.monotonic()
+    def _start_recognition_beside_first_pass(self, start_ms: int, end_ms: int) -> asyncio.Future[str] | None:
+        """The segment's second pass, started now where the backend runs it beside the first
+        pass (StreamModels.second_pass_beside_first_pass); else None."""
+        if not self._models.second_pass_beside_first_pass:
+            return None
         pcm = self._history.slice_ms(start_ms, end_ms)
-        # Started here, not in the job, so the backend has the segment before the stream's
-        # next audio (the baseline runs it first, as FunASR's servers do); and, where the
-        # backend runs the passes side by side, before the first pass's flush, which would
-        # otherwise hold the segment back by a first-pass decode or two.
-        recognition = None
-        if len(pcm) and self._models.second_pass_beside_flush:
-            recognition = self._models.start_recognition(pcm, self.config)
+        return self._models.start_recognition(pcm, self.config) if len(pcm) else None
+
+    async def _close_segment(self, start_ms: int, end_ms: int, reported_at: float,
+                             recognition: asyncio.Future[str] | None) -> None:
+        """Flush the first pass (2pass) and queue the segment's result. `recognition`: its
+        second pass if already started; else it starts after the flush, so the backend has
+        it before the stream's next audio (the baseline runs it first, as FunASR's servers do)."""
+        pcm = self._history.slice_ms(start_ms, end_ms)
         if self.config.mode == "2pass":
-            try:
-                await self._decode_first_pass(end=True)
-            except BaseException:
-                if recognition is not None:
-                    # The stream moves (the segment is closed again after the replay) or ends.
-                    recognition.cancel()
-                raise
+            await self._decode_first_pass(end=True)
         if len(pcm) and recognition is None:
             recognition = self._models.start_recognition(pcm, self.config)
         self._last_segment_end_ms = end_ms

@@ -363,7 +363,7 @@ class TritonStreamModels(StreamModels):
     backend's choice of another server when that one is lost (None: none is left);
     `released(gateway)` runs once when the stream closes or aborts."""
 
-    second_pass_beside_flush = True
+    second_pass_beside_first_pass = True
 
     def __init__(self, gateway: TritonGateway, sequence_ids: SequenceIds, step_timeout_s: float,
                  relocate: Callable[[TritonGateway], Awaitable[TritonGateway | None]],

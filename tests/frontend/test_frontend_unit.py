@@ -394,9 +394,12 @@ class ScriptedStream:
         audio = inputs[0][1]
         self.gateway.requests.append((self.model, sequence_id, start, end, len(audio), [i[0] for i in inputs]))
         await asyncio.sleep(0)
-        self.gateway.answered.append((self.model, end, len(self.gateway.second_pass)))
         if self.model == "vad":
-            return _Result(SEGMENTS=self.gateway.vad_events(len(audio), end))
+            events = self.gateway.vad_events(len(audio), end)
+            self.gateway.answered.append((self.model, end, len(self.gateway.second_pass),
+                                          any(stop >= 0 for _, stop in events)))
+            return _Result(SEGMENTS=events)
+        self.gateway.answered.append((self.model, end, len(self.gateway.second_pass), False))
         return _Result(TEXT=f"<{len(audio)}>" if len(audio) else "")
 
     async def close(self):
@@ -426,7 +429,7 @@ class ScriptedGateway:
         self.requests = []
         self.closed = []
         self.second_pass = []
-        self.answered = []  # (model, end, second passes started by then), in answer order
+        self.answered = []  # (model, end, second passes started by then, closes a segment), in answer order
 
     def vad_events(self, samples, end):
         before, self.position = self.position, self.position + samples
@@ -487,7 +490,7 @@ class LosingGateway(ScriptedGateway):
 class TakingTurnsModels(TritonStreamModels):
     """The scripted Triton models as a backend that runs the passes in turn would use them."""
 
-    second_pass_beside_flush = False
+    second_pass_beside_first_pass = False
 
 
 def _run_session(config, gateway, pcm, frame=960, spare=None, models_class=TritonStreamModels):
@@ -544,22 +547,38 @@ def test_2pass_pipeline_orders_segments_restarts_first_pass_and_ends_once():
     assert sorted(gateway.closed) == ["paraformer_streaming", "vad"]
 
 
-def _flushes(gateway):
-    """For each first-pass flush (a sequence's end), the second passes started before its answer."""
-    return [started for model, end, started in gateway.answered if model == "paraformer_streaming" and end]
+def _first_pass_answers_after_segment_ends(gateway):
+    """For each VAD answer that closed a segment, the first answer of the first pass after it
+    (the decode of that audio, or the flush): whether it ended the sequence, and how many
+    second passes had started by then."""
+    answers, closing = [], False
+    for model, end, started, closes in gateway.answered:
+        if model == "vad" and closes:
+            closing = True
+        elif model == "paraformer_streaming" and closing:
+            answers.append((end, started))
+            closing = False
+    return answers
 
 
-def test_a_segments_second_pass_starts_before_the_first_pass_flushes_its_tail():
-    segments = [(500, 1500), (2500, 3000), (4000, 4600)]
-    pcm = np.zeros(16 * 4700, dtype=np.int16)
+def test_a_segments_second_pass_starts_before_the_first_pass_decodes_the_audio_that_closed_it():
+    # The scripted VAD reports each end 800 ms after it: at 2400 and 4200 ms with the 60 ms
+    # piece that completes a 600 ms chunk of the first pass's sequence (restarted at 2400),
+    # at 5640 ms with one that does not.
+    segments = [(500, 1600), (2500, 3400), (4500, 4800)]
+    pcm = np.zeros(16 * 6000, dtype=np.int16)
     config = StreamConfig(mode="2pass")
     beside, in_turn = ScriptedGateway(segments), ScriptedGateway(segments)
     messages = _run_session(config, beside, pcm)
-    # The n-th flush was answered after the n-th segment's second pass had gone out.
-    assert _flushes(beside) == [1, 2, 3]
-    # A backend whose passes take turns gets the segment after the flush, as FunASR's servers do.
+    assert [m["text"] for m in messages if "start_time" in m] == ["seg17600", "seg14400", "seg4800"]
+    answers = _first_pass_answers_after_segment_ends(beside)
+    assert [end for end, _ in answers] == [False, False, True]
+    # The n-th segment's second pass had gone out before the first pass answered.
+    assert [started for _, started in answers] == [1, 2, 3]
+    # A backend whose passes take turns gets the segment after the first pass's answers, as
+    # FunASR's servers do.
     assert _run_session(config, in_turn, pcm, models_class=TakingTurnsModels) == messages
-    assert _flushes(in_turn) == [0, 1, 2]
+    assert [started for _, started in _first_pass_answers_after_segment_ends(in_turn)] == [0, 1, 2]
 
 
 def test_a_2pass_stream_lost_during_a_flush_asks_for_the_segment_once_on_the_new_server():
