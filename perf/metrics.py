@@ -219,8 +219,8 @@ Samples = Mapping[str, Mapping[str, float]]
 
 def served_breakdown(before: Samples, after: Samples) -> dict[str, float | None]:
     """Means over a run (None where a server does not count it):
-    - frontend_second_pass_s: from the frontend's start of a segment's recognition (after its
-      first-pass flush) to the text going out, per segment;
+    - frontend_second_pass_s: per segment, from the VAD's report of its end reaching the
+      frontend to its text going out;
     - <stage>_wait_s: per segment, from its arrival at the Nano model's stage to its pass;
       <stage>_pass_s: per pass; <stage>_batch: segments per pass;
     - <model>_pass_s per batched pass and <model>_batch (chunks per pass) of the first-pass

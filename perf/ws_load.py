@@ -579,7 +579,7 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SERVED_COLUMNS = (("frontend_second_pass_s", "frontend: segment start to text"),
+SERVED_COLUMNS = (("frontend_second_pass_s", "frontend: VAD end to text"),
                   ("encoder_wait_s", "Nano encoder wait"), ("encoder_pass_s", "encoder pass"),
                   ("encoder_batch", "segments per encoder pass"), ("torch_generate_wait_s", "generation wait"),
                   ("torch_generate_pass_s", "generation pass"), ("torch_generate_batch", "segments per generation"),
