@@ -212,8 +212,7 @@ def largest_passing(passes: Callable[[int], bool], max_n: int) -> tuple[int, boo
 # The torch stages of the second pass, by their metric names' stage and segment words.
 SERVED_NANO_STAGES = {"encoder": "encoded_segments", "torch_generate": "torch_generated_segments"}
 FIRST_PASS_MODELS = ("vad", "paraformer_streaming")
-# Sample name -> {model label ("" without one): value}. Named as prometheus_client's parser
-# names them: a counter's samples end in _total even where the server's exposition omits it.
+# Sample name as exposed -> {model label ("" without one): value} (triton_launcher.metric_samples).
 Samples = Mapping[str, Mapping[str, float]]
 
 

@@ -44,6 +44,7 @@ from frontend.client import StreamResult, default_frame_samples, read_wav, recei
 from frontend.session import MAX_STEP_SAMPLES, MIN_STEP_SAMPLES
 from perf import metrics
 from twopass_asr.audio import SAMPLE_RATE
+from twopass_asr.serving.triton_launcher import read_metric_samples
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ws_load"
 
@@ -372,26 +373,18 @@ def metric_endpoints(url: str, groups: dict[str, int]) -> dict[str, str]:
 
 
 def scrape(endpoints: dict[str, str]) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Every sample of the endpoints, summed by name and model label (metrics.Samples), and
-    the endpoints that could not be read (named, with why)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """Every sample of the endpoints (metric_samples, merged), and the endpoints that could
+    not be read (named, with why)."""
     samples: dict[str, dict[str, float]] = {}
     unread = []
     for group, endpoint in endpoints.items():
         try:
-            with urllib.request.urlopen(endpoint, timeout=10) as response:
-                text = response.read().decode()
+            for name, by_model in read_metric_samples(endpoint).items():
+                merged = samples.setdefault(name, {})
+                for model, value in by_model.items():
+                    merged[model] = merged.get(model, 0.0) + value
         except OSError as exc:
             unread.append(f"{group} ({endpoint}): {exc}")
-            continue
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                by_model = samples.setdefault(sample.name, {})
-                model = sample.labels.get("model", "")
-                by_model[model] = by_model.get(model, 0.0) + sample.value
     return samples, unread
 
 

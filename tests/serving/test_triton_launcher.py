@@ -13,8 +13,8 @@ import time
 import pytest
 
 from twopass_asr.serving.triton_launcher import (LOWEST_FREE_PORT, TritonLoadUnconfirmed, TritonServer,
-                                                TritonStartTimeout, free_port, load_progress, port_in_use,
-                                                unconfirmed_loads)
+                                                TritonStartTimeout, free_port, load_progress, metric_samples,
+                                                port_in_use, unconfirmed_loads)
 
 EARLIER_RUN = '''I1129 05:00:00.000001 1 model_lifecycle.cc:472] "loading: old_model:1"
 I1129 05:00:09.000001 1 model_lifecycle.cc:839] "successfully loaded 'old_model'"
@@ -165,3 +165,22 @@ def test_a_start_whose_load_is_never_confirmed_is_made_again_then_named(tmp_path
     assert "; starting tritonserver again (2 of 2)" in capsys.readouterr().err
     assert log.read_text().count('"loading: lost_load:1"') == 2
     assert server.exit_status() is not None, "the last start is stopped too"
+
+
+def test_metric_samples_sum_each_name_by_model_over_the_other_labels():
+    text = """# HELP nv_inference_exec_count Number of model executions performed
+# TYPE nv_inference_exec_count counter
+nv_inference_exec_count{model="vad",version="1"} 501
+nv_inference_exec_count{model="paraformer_streaming",version="1"} 63
+twopass_asr_sequence_passes_total{instance="vad_0_0",model="vad"} 10
+twopass_asr_sequence_passes_total{instance="vad_0_1",model="vad"} 5.5
+twopass_frontend_second_pass_seconds_bucket{le="+Inf"} 3.0
+twopass_frontend_second_pass_seconds_sum 4.5e+00
+twopass_frontend_second_pass_seconds_count 3.0
+"""
+    samples = metric_samples(text)
+    assert samples["nv_inference_exec_count"] == {"vad": 501.0, "paraformer_streaming": 63.0}
+    assert samples["twopass_asr_sequence_passes_total"] == {"vad": 15.5}
+    assert samples["twopass_frontend_second_pass_seconds_sum"] == {"": 4.5}
+    assert samples["twopass_frontend_second_pass_seconds_bucket"] == {"": 3.0}
+    assert "HELP" not in str(samples) and len(samples) == 5

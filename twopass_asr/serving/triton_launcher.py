@@ -101,6 +101,28 @@ def python_stacks(pgid: int, timeout_s: float = 10.0) -> str:
     return "\n".join(parts)
 
 
+_SAMPLE_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{([^}]*)\})? (\S+)", re.MULTILINE)
+_MODEL_LABEL = re.compile(r'(?:^|,)model="([^"]*)"')
+
+
+def metric_samples(text: str) -> dict[str, dict[str, float]]:
+    """The samples of a Prometheus text exposition by name as exposed, then by model label
+    ("" for samples without one), summed over their other labels (instances, versions)."""
+    samples: dict[str, dict[str, float]] = {}
+    for name, labels, value in _SAMPLE_LINE.findall(text):
+        model = _MODEL_LABEL.search(labels or "")
+        by_model = samples.setdefault(name, {})
+        key = model.group(1) if model else ""
+        by_model[key] = by_model.get(key, 0.0) + float(value)
+    return samples
+
+
+def read_metric_samples(url: str, timeout_s: float = 10.0) -> dict[str, dict[str, float]]:
+    """metric_samples of a metrics endpoint; OSError when it cannot be read."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return metric_samples(response.read().decode())
+
+
 # Ports free_port has handed out in this process: none twice.
 _handed_out: set[int] = set()
 LOWEST_FREE_PORT = 10000
@@ -286,12 +308,10 @@ class TritonServer:
 
     def model_counter(self, model: str, name: str) -> float:
         """A model's counter or gauge (summed over its instances) from the metrics endpoint."""
-        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.MULTILINE)
-        if not values:
+        value = read_metric_samples(f"http://{self.host}:{self.metrics_port}/metrics").get(name, {}).get(model)
+        if value is None:
             raise LookupError(f"{name} of {model} missing from tritonserver's metrics")
-        return sum(float(value) for value in values)
+        return value
 
     def is_ready(self) -> bool:
         try:
