@@ -165,14 +165,14 @@ def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_produc
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("in_features", [256, 1000], ids=["whole-vectors", "with-a-tail"])
-def test_the_compiled_kernel_gives_fbgemms_bits(in_features):
-    """The compiled product (twopass_asr.kernels.decode_step) takes fbgemm's recipe; the torch
-    int8 LLM runs on it, so its tokens are those it had on fbgemm. Rows of very different
-    magnitudes, 1 to 9 of them (the C product takes rows four at a time), and a width that is
-    not a whole number of its 32-byte vectors."""
+@pytest.mark.parametrize("in_features, out_features", [(256, 200), (1000, 201)], ids=["whole-blocks", "with-tails"])
+def test_the_compiled_kernel_gives_fbgemms_bits(in_features, out_features):
+    """The compiled product (int8_product.h) takes fbgemm's recipe; the torch int8 LLM runs on
+    it, so its tokens are those it had on fbgemm. Rows of very different magnitudes, 1 to 9 of
+    them (the C product takes rows four at a time), a width that is not a whole number of its
+    32-byte vectors and an odd number of outputs (it takes them two at a time)."""
     torch.manual_seed(3)
-    linear = torch.nn.Linear(in_features, 200, bias=False)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
     fbgemm, compiled = TokenwiseInt8Linear(linear, "fbgemm"), TokenwiseInt8Linear(linear, "compiled")
     assert torch.equal(compiled.weight().int_repr(), fbgemm.weight().int_repr())
     for count in range(1, 10):

@@ -4,37 +4,11 @@
  * with no Python or torch operator between them (twopass_asr/second_pass/native_decode.py
  * builds the model and calls it).
  *
- * The int8 products follow tokenwise_int8's fbgemm layers: weights on -63..63 per output
- * channel, each input row divided by its largest magnitude and quantized to uint8 around 128
- * in steps of 2/255, integer sums, scaled back per output and per row. On AVX2 a row's bytes
- * and a weight row's are multiplied in pairs into 16 bits (255 x 63 x 2 fits), then summed in
- * 32 bits; the products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares
- * them). The float work around them is torch's arithmetic in another summation order, so a
- * step agrees with HF's to float rounding, not bit for bit. */
+ * The int8 products are int8_product.h's, with fbgemm's bits. The float work around them is
+ * torch's arithmetic in another summation order, so a step agrees with HF's to float rounding,
+ * not bit for bit. */
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
-/* torch's clamp of a row's largest magnitude: float32's smallest normal number. */
-static const float SMALLEST_SCALE = 1.1754943508222875e-38f;
-static const int32_t INPUT_ZERO_POINT = 128;
-/* How far ahead of the product the weights are fetched: a step of one row streams every weight
- * once from memory, and with the hardware's prefetching alone it ran slower (perf/RESULTS.md,
- * 2026-12-05, session 22). A prefetch past the end of the weights is harmless. */
-#define WEIGHT_PREFETCH_BYTES 2048
-
-/* An int8 linear layer without bias. scales[o]: output o's weight scale times the input
- * step; sums[o]: the sum of its weights, to take the input's zero point back out. */
-typedef struct {
-    const int8_t *weights; /* [outputs, inputs] */
-    const float *scales;
-    const int32_t *sums;
-    int64_t outputs, inputs;
-} int8_layer;
+#include "int8_product.h"
 
 typedef struct {
     const float *input_norm, *post_attention_norm; /* [hidden] */
@@ -66,89 +40,6 @@ typedef struct {
     float *product;    /* [rows, max(hidden, 2 intermediate)] */
     float *scores;     /* [rows * heads, capacity] */
 } step_scratch;
-
-static float row_magnitude(const float *row, int64_t columns) {
-    float largest = 0.0f;
-#pragma omp simd reduction(max : largest)
-    for (int64_t c = 0; c < columns; ++c)
-        largest = fmaxf(largest, fabsf(row[c]));
-    return largest < SMALLEST_SCALE ? SMALLEST_SCALE : largest;
-}
-
-/* A row divided by its largest magnitude, in uint8 around INPUT_ZERO_POINT: fbgemm's rounding
- * (half to even) of the quotient over the input step. */
-static float quantize_row(const float *row, int64_t columns, float input_step, uint8_t *out) {
-    const float scale = row_magnitude(row, columns);
-    const float inverse_step = 1.0f / input_step;
-    for (int64_t c = 0; c < columns; ++c) {
-        float value = nearbyintf((row[c] / scale) * inverse_step) + (float)INPUT_ZERO_POINT;
-        value = value < 0.0f ? 0.0f : (value > 255.0f ? 255.0f : value);
-        out[c] = (uint8_t)value;
-    }
-    return scale;
-}
-
-#ifdef __AVX2__
-static inline int32_t sum_lanes(__m256i v) {
-    __m128i half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4e));
-    half = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0xb1));
-    return _mm_cvtsi128_si32(half);
-}
-#endif
-
-/* sums[r] = sum over c of inputs[r][c] * weights[c], for `count` (1 to 4) input rows `stride`
- * apart: the weight row is read once for all of them. */
-static inline __attribute__((always_inline)) void dot_rows(const int8_t *weights, const uint8_t *inputs,
-                                                           int64_t stride, int64_t columns, int count,
-                                                           int32_t *sums) {
-    int64_t c = 0;
-    int32_t total[4] = {0, 0, 0, 0};
-#ifdef __AVX2__
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                      _mm256_setzero_si256()};
-    for (; c + 32 <= columns; c += 32) {
-        _mm_prefetch((const char *)(weights + c + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(weights + c));
-        for (int r = 0; r < count; ++r) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(inputs + r * stride + c));
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
-        }
-    }
-    for (int r = 0; r < count; ++r)
-        total[r] = sum_lanes(acc[r]);
-#endif
-    for (; c < columns; ++c)
-        for (int r = 0; r < count; ++r)
-            total[r] += (int32_t)inputs[r * stride + c] * (int32_t)weights[c];
-    for (int r = 0; r < count; ++r)
-        sums[r] = total[r];
-}
-
-/* out[r] = layer(rows' quantized inputs) for `rows` rows, the outputs shared among the team's
- * threads (called by every thread of a parallel region). */
-static void int8_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
-                         float *out) {
-    const int64_t n = layer->outputs, k = layer->inputs;
-#pragma omp for schedule(static)
-    for (int64_t o = 0; o < n; ++o) {
-        const int8_t *weights = layer->weights + o * k;
-        const int32_t zero_point_sum = INPUT_ZERO_POINT * layer->sums[o];
-        for (int64_t r = 0; r < rows; r += 4) {
-            int32_t sums[4];
-            const int count = rows - r < 4 ? (int)(rows - r) : 4;
-            switch (count) {
-            case 4: dot_rows(weights, inputs + r * k, k, k, 4, sums); break;
-            case 3: dot_rows(weights, inputs + r * k, k, k, 3, sums); break;
-            case 2: dot_rows(weights, inputs + r * k, k, k, 2, sums); break;
-            default: dot_rows(weights, inputs + r * k, k, k, 1, sums); break;
-            }
-            for (int i = 0; i < count; ++i)
-                out[(r + i) * n + o] = (float)(sums[i] - zero_point_sum) * layer->scales[o] * row_scales[r + i];
-        }
-    }
-}
 
 /* Qwen3's RMS norm of one row: x / sqrt(mean(x^2) + eps) * weight. */
 static void rms_norm(const float *x, const float *weight, int64_t columns, float eps, float *out) {

@@ -1,11 +1,12 @@
-"""decode_step.c on torch tensors: the project's own int8 product (the "compiled" kernel of
-tokenwise_int8), and the C structures of the Qwen3 decode step built on it
+"""decode_step.c on torch tensors: the project's own int8 product (int8_product.h, the
+"compiled" kernel of tokenwise_int8), and the C structures of the Qwen3 decode step built on it
 (twopass_asr.second_pass.native_decode runs that step).
 
 The product takes tokenwise_int8's fbgemm recipe (weights on 63 levels per output channel,
 each row over its largest magnitude in uint8 steps of 2/255 around 128) and gives fbgemm's
-bits for it (the tests compare them); it exists so that a decode step can run in one C call
-with no torch operator between its products.
+bits for it (the tests compare them); it exists so that a decode step (and the first pass's
+encoder, twopass_asr.first_pass.native_encoder) can run in one C call with no torch operator
+between its products.
 
 Compiled at first use as row_kernels compiles row_scaling.c (same cache, keyed the same way),
 with OpenMP for its two threads. Where that fails, decode_step_library() is None, one warning
@@ -22,7 +23,7 @@ import torch
 
 from twopass_asr.kernels.row_kernels import compiled_library_or_none
 
-SOURCE = Path(__file__).with_name("decode_step.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h"))
 LIBRARY = "decode_step.so"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.
@@ -56,7 +57,7 @@ class Qwen3ModelStruct(ctypes.Structure):
 def decode_step_library() -> ctypes.CDLL | None:
     """decode_step.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(SOURCE, LIBRARY, FLAGS,
+    library = compiled_library_or_none(SOURCES, LIBRARY, FLAGS,
                                        "the torch int8 LLM stays on fbgemm and HF's decode steps (slower)")
     if library is None:
         return None
@@ -75,8 +76,8 @@ def decode_step_library() -> ctypes.CDLL | None:
 def require_decode_step_library() -> ctypes.CDLL:
     library = decode_step_library()
     if library is None:
-        raise RuntimeError(f"{SOURCE.name} could not be compiled (see the warning logged): the compiled int8 kernel "
-                           "and the C decode step are unavailable")
+        raise RuntimeError(f"{SOURCES[0].name} could not be compiled (see the warning logged): the compiled int8 "
+                           "kernel and the C decode step are unavailable")
     return library
 
 

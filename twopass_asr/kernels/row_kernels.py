@@ -38,7 +38,7 @@ from twopass_asr.store.export_cache import cached_export
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("row_scaling.c")
+SOURCES = (Path(__file__).with_name("row_scaling.c"),)
 LIBRARY = "row_scaling.so"
 CACHE_ENV = "TWOPASS_ASR_KERNEL_CACHE"
 # No contraction of a multiply and an add into one rounding: torch's elementwise operations
@@ -171,36 +171,39 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def compile_library(source: Path, library: str, flags: tuple[str, ...], cache_dir: Path,
+def compile_library(sources: tuple[Path, ...], library: str, flags: tuple[str, ...], cache_dir: Path,
                     compiler: list[str]) -> ctypes.CDLL:
-    """`source` compiled by `compiler` with `flags` for this CPU into `cache_dir` (an export of the
-    source, store.export_cache: reused while source, flags, compiler and CPU are the same) and
-    loaded. Raises OSError or subprocess.CalledProcessError where that fails."""
+    """The C files of `sources` compiled together by `compiler` with `flags` for this CPU into
+    `cache_dir` and loaded: an export of the first source (store.export_cache), reused while the
+    sources (the headers they include among them), flags, compiler and CPU are the same. Raises
+    OSError or subprocess.CalledProcessError where that fails."""
 
     def build(directory: Path) -> None:
-        subprocess.run([*compiler, *flags, "-o", str(directory / library), str(source), "-lm"], check=True,
-                       capture_output=True, text=True, timeout=120)
+        subprocess.run([*compiler, *flags, "-o", str(directory / library),
+                        *(str(source) for source in sources if source.suffix == ".c"), "-lm"],
+                       check=True, capture_output=True, text=True, timeout=120)
 
-    depends_on = json.dumps([flags, compiler, sorted(cpu_flags() or ())])
-    built = cached_export(source, depends_on, cache_dir, lambda directory: (directory / library).is_file(), build)
+    others = [[str(source), source.stat().st_size, source.stat().st_mtime_ns] for source in sources[1:]]
+    depends_on = json.dumps([flags, compiler, sorted(cpu_flags() or ()), others])
+    built = cached_export(sources[0], depends_on, cache_dir, lambda directory: (directory / library).is_file(), build)
     return ctypes.CDLL(str(built / library))
 
 
 def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
     """row_scaling.c compiled (compile_library) and loaded."""
-    return RowKernels(compile_library(SOURCE, LIBRARY, FLAGS, cache_dir, compiler))
+    return RowKernels(compile_library(SOURCES, LIBRARY, FLAGS, cache_dir, compiler))
 
 
-def compiled_library_or_none(source: Path, library: str, flags: tuple[str, ...],
+def compiled_library_or_none(sources: tuple[Path, ...], library: str, flags: tuple[str, ...],
                              without_it: str) -> ctypes.CDLL | None:
     """compile_library into default_cache_dir with $CC or cc; None where that fails, with one
     warning that says why and what runs instead (`without_it`)."""
     compiler = _compiler()
     try:
-        return compile_library(source, library, flags, default_cache_dir(), compiler)
+        return compile_library(sources, library, flags, default_cache_dir(), compiler)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
-        log.warning("%s: compiling %s with %s failed: %s", without_it, source.name, " ".join(compiler),
+        log.warning("%s: compiling %s with %s failed: %s", without_it, sources[0].name, " ".join(compiler),
                     str(detail).strip()[-500:])
         return None
 
@@ -209,7 +212,7 @@ def compiled_library_or_none(source: Path, library: str, flags: tuple[str, ...],
 def row_kernels() -> RowKernels | None:
     """The compiled kernels (compiled_library_or_none), once per process; None, with one
     warning, where they cannot be had."""
-    library = compiled_library_or_none(SOURCE, LIBRARY, FLAGS, "int8 layers keep torch's per-row operations (slower)")
+    library = compiled_library_or_none(SOURCES, LIBRARY, FLAGS, "int8 layers keep torch's per-row operations (slower)")
     return None if library is None else RowKernels(library)
 
 
