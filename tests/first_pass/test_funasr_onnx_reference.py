@@ -243,11 +243,12 @@ def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, par
     assert cached.stat().st_mtime_ns == made
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, int8, got 'int4'"):
         BatchedStreamingParaformer(paraformer_dir, precision="int4")
-    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, got 'mkl'"):
+    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, compiled, "
+                                         "got 'mkl'"):
         BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_kernel="mkl")
     assert at_load.precision_description == "int8 on onnxruntime"
     auto = BatchedStreamingParaformer(paraformer_dir, precision="auto")
-    assert auto.precision_description == "int8 on " + ("onednn" if cpu_has_int8_dot_products() else "fbgemm")
+    assert auto.precision_description == "int8 on " + ("onednn" if cpu_has_int8_dot_products() else "compiled")
 
 
 def test_an_export_of_other_weights_is_refused(paraformer_export, tmp_path):

@@ -19,22 +19,29 @@ def test_auto_precision_is_int8_on_a_cpu_and_fp32_on_a_gpu():
 
 
 def test_int8_on_a_gpu_and_unknown_values_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime, fbgemm or onednn\), not on cuda:1"):
+    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime, fbgemm, onednn, compiled\), "
+                                         "not on cuda:1"):
         resolve_int8_precision("int8", "cuda:1")
     with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, int8, got 'bf16'"):
         resolve_int8_precision("bf16", "cpu")
 
 
-def test_auto_kernel_is_onednn_with_int8_dot_products_and_fbgemm_without(monkeypatch):
+def test_auto_kernel_is_onednn_with_int8_dot_products_and_the_models_choice_without(monkeypatch):
     assert choose_int8_kernel("auto", int8_dot_products=True) == "onednn"
     assert choose_int8_kernel("auto", int8_dot_products=False) == "fbgemm"
+
+    def compiled():  # a model that runs faster on the compiled kernel
+        return "compiled"
+
+    assert choose_int8_kernel("auto", int8_dot_products=False, auto_without_dot_products=compiled) == "compiled"
+    assert choose_int8_kernel("auto", int8_dot_products=True, auto_without_dot_products=compiled) == "onednn"
     assert choose_int8_kernel("onnxruntime", int8_dot_products=False) == "onnxruntime"  # asked for: kept
     assert choose_int8_kernel("fbgemm", int8_dot_products=True) == "fbgemm"
     assert choose_int8_kernel("onednn", int8_dot_products=True) == "onednn"
     monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
     assert choose_int8_kernel("auto") == "fbgemm"
     with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, "
-                                         "got 'mkl'"):
+                                         "compiled, got 'mkl'"):
         choose_int8_kernel("mkl", "encoder_int8_kernel")
 
 
@@ -48,12 +55,25 @@ def test_onednn_asked_for_without_int8_dot_products_is_refused_by_name(monkeypat
         resolve_int8_setting("fp32", "onednn", "cpu", "first_pass_int8_kernel")
 
 
-def test_a_setting_resolves_to_a_kernel_in_int8_only_and_checks_it_either_way():
+def test_a_setting_resolves_to_a_kernel_in_int8_only_and_checks_it_either_way(monkeypatch):
     assert resolve_int8_setting("int8", "fbgemm", "cpu") == ("int8", "fbgemm")
     assert resolve_int8_setting("auto", "onnxruntime", "cuda") == ("fp32", None)
     assert describe_int8("int8", "fbgemm") == "int8 on fbgemm" and describe_int8("fp32", None) == "fp32"
-    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, got 'mkl'"):
+    with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, compiled, "
+                                         "got 'mkl'"):
         resolve_int8_setting("fp32", "mkl", "cpu")
+    # auto's choice without dot products (a compile, for the first pass) is asked for in int8 only
+    monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
+    asked = []
+
+    def choice():
+        asked.append(1)
+        return "compiled"
+
+    assert resolve_int8_setting("int8", "auto", "cpu", auto_without_dot_products=choice) == ("int8", "compiled")
+    assert resolve_int8_setting("fp32", "auto", "cpu", auto_without_dot_products=choice) == ("fp32", None)
+    assert resolve_int8_setting("auto", "auto", "cuda", auto_without_dot_products=choice) == ("fp32", None)
+    assert asked == [1]
 
 
 def test_the_layers_funasr_leaves_in_float_are_told_by_name():
@@ -63,6 +83,6 @@ def test_the_layers_funasr_leaves_in_float_are_told_by_name():
 
 def test_the_kernels_on_this_cpu_leave_out_onednn_without_int8_dot_products(monkeypatch):
     monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
-    assert int8_recipe.int8_kernels_on_this_cpu() == ("onnxruntime", "fbgemm")
+    assert int8_recipe.int8_kernels_on_this_cpu() == ("onnxruntime", "fbgemm", "compiled")
     monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: True)
-    assert int8_recipe.int8_kernels_on_this_cpu() == ("onnxruntime", "fbgemm", "onednn")
+    assert int8_recipe.int8_kernels_on_this_cpu() == ("onnxruntime", "fbgemm", "onednn", "compiled")

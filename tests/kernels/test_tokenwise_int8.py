@@ -25,8 +25,7 @@ def linear(request):
     return torch.nn.Linear(IN_FEATURES, OUT_FEATURES, bias=request.param)
 
 
-# The compiled kernel is the torch int8 LLM's (llm_int8), not a choice of the int8 settings.
-@pytest.fixture(params=[*TOKENWISE_KERNEL_PARAMS, "compiled"])
+@pytest.fixture(params=TOKENWISE_KERNEL_PARAMS)
 def kernel(request):
     return request.param
 

@@ -153,7 +153,7 @@ def test_a_wrong_precision_or_int8_kernel_is_named(test_models, tmp_path):
                           r"must be one of auto, fp32, int8, got 'int4'"),
                          ({PRECISION_ENV: "int8", INT8_KERNEL_ENV: "mkl"},
                           r"parameter int8_kernel \(environment TWOPASS_ASR_FIRST_PASS_INT8_KERNEL\) "
-                          r"must be one of auto, onnxruntime, fbgemm, onednn, got 'mkl'")]:
+                          r"must be one of auto, onnxruntime, fbgemm, onednn, compiled, got 'mkl'")]:
         wrong = TritonServer(test_models, repository, log_path=tmp_path / "wrong.log", env=env)
         with pytest.raises(TritonStartError, match=message):
             wrong.start()
@@ -188,7 +188,7 @@ def test_auto_precision_is_chosen_by_the_cpu_and_logged(test_models, tmp_path):
     repository = model_repository("batched", tmp_path)  # precision auto, as shipped
     # The suite's fp32 (conftest) off: the shipped default counts.
     with TritonServer(test_models, repository, log_path=tmp_path / "auto.log", env={PRECISION_ENV: ""}) as server:
-        kernel = "onednn" if cpu_has_int8_dot_products() else "fbgemm"
+        kernel = "onednn" if cpu_has_int8_dot_products() else "compiled"
         assert f"paraformer_streaming: batched engine in int8 on {kernel} (auto)" in server.log_text()
 
 

@@ -424,7 +424,8 @@ def test_prompts_from_the_engines_mapped_table_equal_the_models_own(tiny_nano, t
         quietly(NanoRecognizer, tiny_nano).release_generation_layers(table[:-1])
 
 
-INT8_ENCODER_LAYERS = {"onnxruntime": Int8Linear, "fbgemm": TokenwiseInt8Linear, "onednn": TokenwiseInt8Linear}
+INT8_ENCODER_LAYERS = {"onnxruntime": Int8Linear, "fbgemm": TokenwiseInt8Linear, "onednn": TokenwiseInt8Linear,
+                       "compiled": TokenwiseInt8Linear}
 
 
 @pytest.fixture(scope="module", params=["onnxruntime", *TOKENWISE_KERNEL_PARAMS])
@@ -505,12 +506,13 @@ def test_encoder_precision_auto_is_int8_on_a_cpu_on_the_kernel_it_is_fast_with(t
 
 def test_an_unknown_encoder_int8_kernel_is_named(tiny_nano):
     with pytest.raises(ValueError, match="encoder_int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, "
-                                         "got 'mkl'"):
+                                         "compiled, got 'mkl'"):
         NanoRecognizer(tiny_nano, encoder_precision="int8", encoder_int8_kernel="mkl")
 
 
 def test_int8_encoder_is_refused_on_a_gpu_by_name(tiny_nano):
-    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime, fbgemm or onednn\), not on cuda"):
+    with pytest.raises(ValueError, match=r"int8 runs on CPU kernels \(onnxruntime, fbgemm, onednn, compiled\), "
+                                         "not on cuda"):
         NanoRecognizer(tiny_nano, device="cuda", encoder_precision="int8")
 
 

@@ -34,6 +34,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.fused_encoder import FusedInt8EncoderLayers
+from twopass_asr.first_pass.native_encoder import NativeInt8Encoder, auto_kernel_without_dot_products
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
@@ -214,9 +215,12 @@ class BatchedStreamingParaformer:
         - onnxruntime: as FunASR's int8 runtime runs them (twopass_asr.kernels.int8_linear), the
           export read from `int8_export` (twopass_asr.store.funasr_onnx_export), or made at the
           first load into the export cache and reused by later ones (cached_paraformer_export);
-        - fbgemm, onednn: quantized at load, activations per token (twopass_asr.kernels.tokenwise_int8).
+        - fbgemm, onednn, compiled: quantized at load, activations per token
+          (twopass_asr.kernels.tokenwise_int8); the encoder's layers fused around torch's products
+          on fbgemm and oneDNN (fused_encoder), native around the compiled ones (native_encoder).
         "auto": int8 on a CPU, fp32 on a GPU (self.precision says which)."""
-        self.precision, self.int8_kernel = resolve_int8_setting(precision, int8_kernel, device)
+        self.precision, self.int8_kernel = resolve_int8_setting(
+            precision, int8_kernel, device, auto_without_dot_products=auto_kernel_without_dot_products)
         automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
                                      disable_log=True)
         self.model = automodel.model.eval()
@@ -235,7 +239,9 @@ class BatchedStreamingParaformer:
 
         encoder, decoder = self.model.encoder, self.model.decoder
         self.encoder_layers = list(encoder.encoders0) + list(encoder.encoders)
-        # Per-token int8 layers take the fused encoder where its C passes compile.
+        # Per-token int8 layers take the native encoder (compiled kernel) or the fused one
+        # (fbgemm, oneDNN) where their C code compiles.
+        self.native_encoder = NativeInt8Encoder.for_layers(self.encoder_layers)
         self.fused_encoder = FusedInt8EncoderLayers.for_layers(self.encoder_layers)
         self.d_model = encoder.output_size()
         self.input_scale = self.d_model ** 0.5
@@ -409,7 +415,9 @@ class BatchedStreamingParaformer:
         states = [s.stream.state.encoder for s in steps]
         look_back = _LookBackBuffer([None if e.keys is None else (e.keys, e.values) for e in states],
                                     len(self.encoder_layers), self.encoder_heads, self.encoder_d_k, valid)
-        if self.fused_encoder is not None:
+        if self.native_encoder is not None:
+            x = self.native_encoder.encode(x, lengths, look_back)
+        elif self.fused_encoder is not None:
             for index in range(len(self.encoder_layers)):
                 x = self.fused_encoder.forward(index, x, lengths, look_back)
         else:

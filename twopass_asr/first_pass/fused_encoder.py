@@ -35,9 +35,10 @@ class FusedInt8EncoderLayers:
 
     @classmethod
     def for_layers(cls, layers: list[torch.nn.Module]) -> FusedInt8EncoderLayers | None:
-        """The fused layers, or None where they do not apply: a layer not in per-token int8, a
-        configuration the C passes do not cover, or no compiled kernels (row_kernels has warned)."""
-        if not layers or not all(_fusable(layer) for layer in layers):
+        """The fused layers, or None where they do not apply: a layer not in per-token int8 on
+        fbgemm or oneDNN (the compiled kernel has no unscaled product: native_encoder runs those),
+        a configuration the C passes do not cover, or no compiled kernels (row_kernels has warned)."""
+        if not layers or not all(sanm_layer_kernel(layer) in ("fbgemm", "onednn") for layer in layers):
             return None
         kernels = row_kernels()
         return None if kernels is None else cls(layers, kernels)
@@ -81,27 +82,29 @@ class FusedInt8EncoderLayers:
         return x
 
 
-def _fusable(layer: torch.nn.Module) -> bool:
-    """Whether `layer` is the encoder layer forward() computes: pre-norm SANM, its four linear
-    layers per-token int8 on one kernel, its FSMN a depthwise convolution padded with zeros to
-    keep the length, its feed-forward activation ReLU."""
+def sanm_layer_kernel(layer: torch.nn.Module) -> str | None:
+    """The int8 kernel of `layer` if it is the encoder layer forward() computes (pre-norm SANM,
+    its four linear layers per-token int8 on that one kernel, its FSMN a depthwise convolution
+    padded with zeros to keep the length, its feed-forward activation ReLU); else None."""
     attention, feed_forward = getattr(layer, "self_attn", None), getattr(layer, "feed_forward", None)
     if attention is None or feed_forward is None or not getattr(layer, "normalize_before", False):
-        return False
+        return None
     linears = [getattr(attention, "linear_q_k_v", None), getattr(attention, "linear_out", None),
                getattr(feed_forward, "w_1", None), getattr(feed_forward, "w_2", None)]
     if not all(isinstance(linear, TokenwiseInt8Linear) for linear in linears):
-        return False
-    if len({linear.kernel for linear in linears}) != 1:
-        return False
+        return None
+    kernels = {linear.kernel for linear in linears}
+    if len(kernels) != 1:
+        return None
     conv, pad = getattr(attention, "fsmn_block", None), getattr(attention, "pad_fn", None)
     if not isinstance(conv, torch.nn.Conv1d) or not isinstance(pad, torch.nn.ConstantPad1d):
-        return False
+        return None
     channels, width = conv.in_channels, conv.kernel_size[0]
     left, right = pad.padding
-    return (conv.groups == channels == conv.out_channels and conv.bias is None and conv.stride == (1,)
-            and conv.dilation == (1,) and conv.padding == (0,) and pad.value == 0.0 and left + right == width - 1
-            and 0 <= left < width and isinstance(feed_forward.activation, torch.nn.ReLU))
+    fusable = (conv.groups == channels == conv.out_channels and conv.bias is None and conv.stride == (1,)
+               and conv.dilation == (1,) and conv.padding == (0,) and pad.value == 0.0 and left + right == width - 1
+               and 0 <= left < width and isinstance(feed_forward.activation, torch.nn.ReLU))
+    return kernels.pop() if fusable else None
 
 
-__all__ = ["FusedInt8EncoderLayers"]
+__all__ = ["FusedInt8EncoderLayers", "sanm_layer_kernel"]

@@ -7,21 +7,25 @@ quantization: every MatMul with a constant weight, weights per output channel as
 reduce_range off, activations quantized per call; MatMuls whose node name contains
 "output", "bias_encoder" or "bias_decoder" stay in float.
 
-The project's int8 models (the first pass, the Nano's audio encoder) run on one of three
-kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or torch's dynamic
-int8 product with activations per token (twopass_asr.kernels.tokenwise_int8) on oneDNN where
-the CPU has int8 dot products (AVX-512 VNNI, AMX), on fbgemm elsewhere. auto takes the per-token
-one: without dot products onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's 1.3-1.8x
-(perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX the first pass on oneDNN served 42
-real-time streams through tritonserver against onnxruntime's 17 (which holds the GIL around
-each call) and the audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04, session 13).
+The project's int8 models (the first pass, the Nano's audio encoder) run on one of four
+kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or an int8 product
+with activations per token (twopass_asr.kernels.tokenwise_int8): torch's on oneDNN, torch's on
+fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits). auto takes a per-token
+one: oneDNN where the CPU has int8 dot products (AVX-512 VNNI, AMX); without them, fbgemm, or the
+compiled kernel for a model that runs its layers natively on it (the first pass's encoder,
+twopass_asr.first_pass.native_encoder). Without dot products onnxruntime's int8 layers ran
+0.7-1.2x float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX
+the first pass on oneDNN served 42 real-time streams through tritonserver against onnxruntime's
+17 (which holds the GIL around each call) and the audio encoder ran 1.0-1.2x onnxruntime's
+(2026-12-04, session 13); the first pass's native encoder layers on AVX2 alone: 2026-12-05,
+session 24.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 
@@ -30,7 +34,7 @@ FLOAT_LAYER_MARKS = ("output", "bias_encoder", "bias_decoder")
 # An int8-capable model computes in float32, in int8, or auto (resolve_int8_precision).
 INT8_PRECISIONS = ("auto", "fp32", "int8")
 # Where int8 runs (choose_int8_kernel); auto: the one this CPU is fast with.
-INT8_KERNELS = ("onnxruntime", "fbgemm", "onednn")
+INT8_KERNELS = ("onnxruntime", "fbgemm", "onednn", "compiled")
 INT8_KERNEL_CHOICES = ("auto", *INT8_KERNELS)
 
 
@@ -67,7 +71,7 @@ def resolve_int8_precision(configured: str, device: str) -> str:
         raise ValueError(f"precision must be one of {', '.join(INT8_PRECISIONS)}, got {configured!r}")
     if device != "cpu":
         if configured == "int8":
-            raise ValueError(f"precision int8 runs on CPU kernels (onnxruntime, fbgemm or onednn), not on {device}; "
+            raise ValueError(f"precision int8 runs on CPU kernels ({', '.join(INT8_KERNELS)}), not on {device}; "
                              "use fp32 or auto")
         return "fp32"
     return "int8" if configured == "auto" else configured
@@ -78,11 +82,12 @@ def _runs_with(kernel: str, int8_dot_products: bool) -> bool:
     return kernel != "onednn" or int8_dot_products
 
 
-def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None) -> str:
+def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None,
+                       auto_without_dot_products: Callable[[], str] = lambda: "fbgemm") -> str:
     """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
     error). auto: onednn on a CPU with AVX-512 VNNI or AMX int8 dot products (int8_dot_products
-    None: read from this CPU), fbgemm elsewhere, both per token. onednn asked for without them
-    is refused."""
+    None: read from this CPU), elsewhere what `auto_without_dot_products` says (fbgemm unless a
+    model runs faster on another). onednn asked for without them is refused."""
     if requested not in INT8_KERNEL_CHOICES:
         raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")
     dot_products = cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products
@@ -92,7 +97,7 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
                          "use fbgemm or auto")
     if requested != "auto":
         return requested
-    return "onednn" if dot_products else "fbgemm"
+    return "onednn" if dot_products else auto_without_dot_products()
 
 
 def int8_kernels_on_this_cpu() -> tuple[str, ...]:
@@ -101,12 +106,14 @@ def int8_kernels_on_this_cpu() -> tuple[str, ...]:
     return tuple(kernel for kernel in INT8_KERNELS if _runs_with(kernel, dot_products))
 
 
-def resolve_int8_setting(precision: str, kernel: str, device: str,
-                         kernel_setting: str = "int8_kernel") -> tuple[str, str | None]:
+def resolve_int8_setting(precision: str, kernel: str, device: str, kernel_setting: str = "int8_kernel",
+                         auto_without_dot_products: Callable[[], str] = lambda: "fbgemm") -> tuple[str, str | None]:
     """A model's precision and int8 kernel settings, resolved on `device`: (fp32 or int8, the
-    kernel in int8 or None in fp32). The kernel is checked either way."""
+    kernel in int8 or None in fp32). The kernel is checked either way (choose_int8_kernel; auto's
+    choice without int8 dot products is only asked for in int8)."""
     resolved = resolve_int8_precision(precision, device)
-    chosen = choose_int8_kernel(kernel, kernel_setting)
+    without = auto_without_dot_products if resolved == "int8" else (lambda: "fbgemm")
+    chosen = choose_int8_kernel(kernel, kernel_setting, auto_without_dot_products=without)
     return resolved, chosen if resolved == "int8" else None
 
 
