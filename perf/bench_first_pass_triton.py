@@ -14,7 +14,10 @@ is reported apart: no chunk is due after it, and its answer also carries FunASR'
     python -m perf.bench_first_pass_triton --paraformer-dir .cache/bench-models/paraformer-full-seed0
 
 An engine may name its precision, ENGINE:PRECISION (paraformer_streaming's precision
-parameter: fp32, int8 or auto, the default): --engines funasr,batched:fp32,batched:int8.
+parameter: fp32, int8 or auto, the default), and the batched engine its int8 kernel after it,
+ENGINE:PRECISION:KERNEL (the int8_kernel parameter): --engines funasr,batched:fp32,batched:int8,
+or --engines batched:int8:fbgemm,batched:int8:compiled. An engine named twice is measured twice
+(the second run labelled ENGINE#2): alternating runs, on an instance whose speed drifts.
 FunASR's int8 runtime has no encoder or decoder look-back, so against it every engine runs
 without (--look-back 0; otherwise each stream takes its engine's default):
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import csv
 import itertools
 import random
@@ -56,7 +60,7 @@ from frontend.triton_client import SequenceStream, TritonGateway
 from perf.metrics import largest_passing, percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DEFAULT_STEP_SAMPLES as CHUNK_SAMPLES
-from twopass_asr.first_pass.options import PRECISION_ENV
+from twopass_asr.first_pass.options import INT8_KERNEL_ENV, PRECISION_ENV
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.serving.triton_launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 from twopass_asr.store.model_store import PARAFORMER
@@ -123,14 +127,17 @@ def substitute(text: str, pattern: str, replacement: str, config: Path) -> str:
 
 def model_repository(engine: str, root: Path, queue_delay_us: int | None = None,
                      preferred: list[int] | None = None, layout: Layout | None = None) -> Path:
-    """A repository holding only paraformer_streaming, with the given engine (ENGINE or
-    ENGINE:PRECISION) and, when
+    """A repository holding only paraformer_streaming, with the given engine (ENGINE,
+    ENGINE:PRECISION or ENGINE:PRECISION:KERNEL) and, when
     given, the sequence batcher's queue delay and preferred batch sizes ([] = none), and
     the layout (the threads parameter, empty, shares the cores out between the passes
     that can run at once)."""
-    engine, _, precision = engine.partition(":")
-    repo = root / (f"repo-{engine}-{precision or 'default'}-{queue_delay_us}-{'_'.join(map(str, preferred or []))}"
-                   f"-{layout_name(layout)}")
+    engine, _, setting = engine.partition(":")
+    precision, _, kernel = setting.partition(":")
+    # A directory of its own: an engine may be measured more than once in a run.
+    repo = Path(tempfile.mkdtemp(dir=root, prefix=f"repo-{engine}-{precision or 'default'}-{kernel or 'default'}-"
+                                                   f"{queue_delay_us}-{'_'.join(map(str, preferred or []))}-"
+                                                   f"{layout_name(layout)}-"))
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / PARAFORMER, repo / PARAFORMER,
                     ignore=shutil.ignore_patterns("__pycache__"))
     config = repo / PARAFORMER / "config.pbtxt"
@@ -139,6 +146,9 @@ def model_repository(engine: str, root: Path, queue_delay_us: int | None = None,
     if precision:
         text = substitute(text, r'\{ key: "precision" value: \{ string_value: "\w*" \} \}',
                           f'{{ key: "precision" value: {{ string_value: "{precision}" }} }}', config)
+    if kernel:
+        text = substitute(text, r'\{ key: "int8_kernel" value: \{ string_value: "\w*" \} \}',
+                          f'{{ key: "int8_kernel" value: {{ string_value: "{kernel}" }} }}', config)
     if queue_delay_us is not None:
         text = substitute(text, r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {queue_delay_us}",
                           config)
@@ -306,6 +316,7 @@ def main(argv=None) -> int:
     pcm = speech_audio(args.seconds)
     results = {}
     all_rows = []
+    runs: collections.Counter = collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         store.mkdir()
@@ -313,15 +324,17 @@ def main(argv=None) -> int:
         if args.sweep:
             return sweep(args, pcm, Path(tmp), store)
         for engine, layout in itertools.product(args.engines.split(","), parse_layouts(args.layouts)):
-            label = f"{engine} {layout_name(layout)}"
+            runs[engine, layout] += 1  # an engine named again is measured again: ENGINE#2
+            run = engine if runs[engine, layout] == 1 else f"{engine}#{runs[engine, layout]}"
+            label = f"{run} {layout_name(layout)}"
             print(f"[{label}] starting tritonserver", flush=True)
-            log_name = f"first_pass_triton_{engine.replace(':', '-')}_{layout_name(layout)}.log"
-            # The repository's precision parameter counts, not one left in this shell's environment.
+            log_name = f"first_pass_triton_{run.replace(':', '-').replace('#', '-')}_{layout_name(layout)}.log"
+            # The repository's parameters count, not ones left in this shell's environment.
             with TritonServer(store, model_repository(engine, Path(tmp), layout=layout), log_path=args.out / log_name,
-                              env={PRECISION_ENV: ""}) as server:
+                              env={PRECISION_ENV: "", INT8_KERNEL_ENV: ""}) as server:
                 asyncio.run(load(server.grpc_url, 1, pcm[: 3 * CHUNK_SAMPLES], seed=999, look_back=args.look_back))
                 results[label], rows = capacity(server.grpc_url, pcm, args.max_streams, print, args.look_back)
-            all_rows += [{"engine": engine, "layout": layout_name(layout), **row} for row in rows]
+            all_rows += [{"engine": run, "layout": layout_name(layout), **row} for row in rows]
             print(f"[{label}] sustains {results[label]} real-time streams", flush=True)
     with open(args.out / "first_pass_triton.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))

@@ -6,8 +6,8 @@ recipe quantizes is timed at several row counts (a stream's 600 ms chunk is 20 e
 frames at chunk_size [5, 10, 5], so B streams in one round are 20 x B rows), on every kernel
 this CPU runs: float32 on MLAS and on oneDNN (weights packed once, as the float32 engine
 runs them), int8 per token on fbgemm and, with VNNI or AMX, on oneDNN (the per-row work in C
-where a compiler is at hand, as the fused encoder runs them), and int8 as FunASR's own
-recipe on onnxruntime. The encoder's products of one round are the sum over its layers.
+where a compiler is at hand, as the fused encoder runs them) and on the compiled kernel (its own
+per-row work, as the native encoder runs it), and int8 as FunASR's own recipe on onnxruntime. The encoder's products of one round are the sum over its layers.
 
     .venv/bin/python -m perf.bench_linear [--rows 20,160,460] [--repeats 20] [--threads 1]
 
@@ -72,7 +72,7 @@ def kernel_products(linear: torch.nn.Linear) -> dict[str, Callable[[torch.Tensor
             products["int8 onnxruntime (FunASR's recipe)"] = recipe
             continue
         layer = TokenwiseInt8Linear(linear, kernel)
-        if kernels is None:
+        if kernels is None or kernel == "compiled":  # the compiled product does its per-row work itself
             products[f"int8 {kernel}"] = layer
         else:
             products[f"int8 {kernel}"] = lambda rows, layer=layer: layer.product_with_row_kernels(rows, kernels)
