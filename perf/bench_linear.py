@@ -7,7 +7,8 @@ frames at chunk_size [5, 10, 5], so B streams in one round are 20 x B rows), on 
 this CPU runs: float32 on MLAS and on oneDNN (weights packed once, as the float32 engine
 runs them), int8 per token on fbgemm and, with VNNI or AMX, on oneDNN (the per-row work in C
 where a compiler is at hand, as the fused encoder runs them) and on the compiled kernel (its own
-per-row work, as the native encoder runs it), and int8 as FunASR's own recipe on onnxruntime. The encoder's products of one round are the sum over its layers.
+per-row work, as the native encoder runs it), and int8 as FunASR's own recipe on onnxruntime.
+The encoder's products of one round are the sum over its layers.
 
     .venv/bin/python -m perf.bench_linear [--rows 20,160,460] [--repeats 20] [--threads 1]
 

@@ -29,8 +29,7 @@ class FusedInt8EncoderLayers:
     def __init__(self, layers: list[torch.nn.Module], kernels: RowKernels):
         self.layers = layers
         self.kernels = kernels
-        # The depthwise convolution's taps as [width, channels]: one row per step back in time.
-        self.fsmn_taps = [layer.self_attn.fsmn_block.weight.detach()[:, 0, :].t().contiguous() for layer in layers]
+        self.fsmn_taps = [fsmn_taps(layer) for layer in layers]
         self.fsmn_left = [layer.self_attn.pad_fn.padding[0] for layer in layers]
 
     @classmethod
@@ -82,6 +81,12 @@ class FusedInt8EncoderLayers:
         return x
 
 
+def fsmn_taps(layer: torch.nn.Module) -> torch.Tensor:
+    """The FSMN memory's depthwise convolution taps of a SANM layer as row_scaling.c's
+    fsmn_memory takes them: [width, channels], one row per frame of the window."""
+    return layer.self_attn.fsmn_block.weight.detach()[:, 0, :].t().contiguous()
+
+
 def sanm_layer_kernel(layer: torch.nn.Module) -> str | None:
     """The int8 kernel of `layer` if it is the encoder layer forward() computes (pre-norm SANM,
     its four linear layers per-token int8 on that one kernel, its FSMN a depthwise convolution
@@ -107,4 +112,4 @@ def sanm_layer_kernel(layer: torch.nn.Module) -> str | None:
     return kernels.pop() if fusable else None
 
 
-__all__ = ["FusedInt8EncoderLayers", "sanm_layer_kernel"]
+__all__ = ["FusedInt8EncoderLayers", "fsmn_taps", "sanm_layer_kernel"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from twopass_asr.first_pass.fused_encoder import sanm_layer_kernel
+from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
 from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library
 from twopass_asr.kernels.row_kernels import FLAGS as ROW_SCALING_FLAGS
 from twopass_asr.kernels.row_kernels import compiled_library_or_none
@@ -101,7 +101,7 @@ class NativeInt8Encoder:
     def _layer_struct(self, layer: torch.nn.Module) -> SanmLayerStruct:
         attention, feed_forward = layer.self_attn, layer.feed_forward
         linears = (attention.linear_q_k_v, attention.linear_out, feed_forward.w_1, feed_forward.w_2)
-        taps = attention.fsmn_block.weight.detach()[:, 0, :].t().contiguous()
+        taps = fsmn_taps(layer)
         return SanmLayerStruct(
             self._keep(_vector(layer.norm1.weight)), self._keep(_vector(layer.norm1.bias)),
             self._keep(_vector(layer.norm2.weight)), self._keep(_vector(layer.norm2.bias)),
