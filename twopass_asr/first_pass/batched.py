@@ -34,7 +34,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.fused_encoder import FusedInt8EncoderLayers
-from twopass_asr.first_pass.native_encoder import NativeInt8Encoder, auto_kernel_without_dot_products
+from twopass_asr.first_pass.native_layers import (NativeInt8Decoder, NativeInt8Encoder,
+                                                  auto_kernel_without_dot_products)
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
@@ -217,7 +218,8 @@ class BatchedStreamingParaformer:
           first load into the export cache and reused by later ones (cached_paraformer_export);
         - fbgemm, onednn, compiled: quantized at load, activations per token
           (twopass_asr.kernels.tokenwise_int8); the encoder's layers fused around torch's products
-          on fbgemm and oneDNN (fused_encoder), native around the compiled ones (native_encoder).
+          on fbgemm and oneDNN (fused_encoder); on the compiled kernel the encoder's layers and the
+          decoder's each in one native call (native_layers).
         "auto": int8 on a CPU, fp32 on a GPU (self.precision says which)."""
         self.precision, self.int8_kernel = resolve_int8_setting(
             precision, int8_kernel, device, auto_without_dot_products=auto_kernel_without_dot_products)
@@ -239,10 +241,11 @@ class BatchedStreamingParaformer:
 
         encoder, decoder = self.model.encoder, self.model.decoder
         self.encoder_layers = list(encoder.encoders0) + list(encoder.encoders)
-        # Per-token int8 layers take the native encoder (compiled kernel) or the fused one
-        # (fbgemm, oneDNN) where their C code compiles.
+        # Per-token int8 layers take the native encoder and decoder (compiled kernel) or the fused
+        # encoder (fbgemm, oneDNN) where their C code compiles.
         self.native_encoder = NativeInt8Encoder.for_layers(self.encoder_layers)
         self.fused_encoder = FusedInt8EncoderLayers.for_layers(self.encoder_layers)
+        self.native_decoder = NativeInt8Decoder.for_decoder(decoder)
         self.d_model = encoder.output_size()
         self.input_scale = self.d_model ** 0.5
         attn = self.encoder_layers[0].self_attn
@@ -382,14 +385,16 @@ class BatchedStreamingParaformer:
         with stream_rows(frames=lengths.tolist()):
             encoder_out = self._encode(x, valid, lengths, steps)
         alphas, embeds = self._cif(encoder_out, valid, lengths, steps)
-        token_ids = self._decode(encoder_out, valid, lengths, embeds, steps)
+        token_scores = self._decode(encoder_out, valid, lengths, embeds, steps)
 
         for i, s in enumerate(steps):
-            s.tokens = [self.token_list[t] for t in token_ids[i] if t not in self.skip_token_ids]
+            s.tokens = [self.token_list[t] for t in token_scores[i].argmax(dim=-1).tolist()
+                        if t not in self.skip_token_ids]
             if trace is not None:
                 n = int(lengths[i])
                 trace.append({"stream": s.stream, "encoder_out": encoder_out[i, :n].clone(),
-                              "alphas": alphas[i, :n].clone(), "tokens": list(s.tokens)})
+                              "alphas": alphas[i, :n].clone(), "token_scores": token_scores[i],
+                              "tokens": list(s.tokens)})
 
     def _encoder_input(self, step: _Step) -> torch.Tensor:
         """Scaled, position-encoded frames preceded by the previous chunk's overlap frames."""
@@ -515,14 +520,15 @@ class BatchedStreamingParaformer:
         embeds = [torch.stack(f) if f else torch.zeros((0, d), device=self.device) for f in fired]
         return raw_alphas, embeds
 
-    def _decode(self, encoder_out, valid, lengths, embeds, steps) -> list[list[int]]:
-        """ParaformerSANMDecoder.forward_chunk for the streams that fired tokens; FunASR
-        skips the decoder (and leaves its caches alone) for a chunk without tokens."""
-        token_ids: list[list[int]] = [[] for _ in steps]
+    def _decode(self, encoder_out, valid, lengths, embeds, steps) -> list[torch.Tensor]:
+        """ParaformerSANMDecoder.forward_chunk for the streams that fired tokens: each step's
+        log-probabilities (tokens, vocabulary). FunASR skips the decoder (and leaves its caches
+        alone) for a chunk without tokens."""
+        decoder = self.model.decoder
+        token_scores = [torch.empty((0, decoder.output_layer.out_features)) for _ in steps]
         active = [i for i, e in enumerate(embeds) if e.shape[0] > 0]
         if not active:
-            return token_ids
-        decoder = self.model.decoder
+            return token_scores
         layers = list(decoder.decoders)
         memory, memory_valid = encoder_out[active], valid[active]
         n_tokens = [embeds[i].shape[0] for i in active]
@@ -534,10 +540,15 @@ class BatchedStreamingParaformer:
                                     len(layers), self.decoder_heads, self.decoder_d_k, memory_valid, n_tokens)
 
         with stream_rows(frames=lengths[active].tolist(), tokens=n_tokens):
-            best, fsmn_inputs = self._decoder_layers(x, memory, fsmn_state, look_back)
+            if self.native_decoder is not None:
+                x, fsmn_inputs = self.native_decoder.decode(x, memory, lengths[active], n_tokens, fsmn_state,
+                                                            look_back)
+            else:
+                x, fsmn_inputs = self._decoder_layers(x, memory, fsmn_state, look_back)
+            log_probs = torch.log_softmax(decoder.output_layer(decoder.after_norm(x)), dim=-1)
         for j, (i, s) in enumerate(zip(active, active_steps)):
             count = n_tokens[j]
-            token_ids[i] = best[j, :count].tolist()
+            token_scores[i] = log_probs[j, :count]
             dec = s.stream.state.decoder
             dec.fsmn = fsmn_inputs[:, j, :, count: count + self.decoder_fsmn_memory].contiguous()
             history = s.stream.options.decoder_look_back
@@ -546,11 +557,12 @@ class BatchedStreamingParaformer:
                 (old_k, old_v), (fresh_k, fresh_v) = look_back.history_of(j), look_back.current_of(j, int(lengths[i]))
                 dec.keys = _concat_last(old_k, fresh_k, keep, 2)
                 dec.values = _concat_last(old_v, fresh_v, keep, 2)
-        return token_ids
+        return token_scores
 
     def _decoder_layers(self, x, memory, fsmn_state, look_back) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoder's layers over a batch of tokens: the best token ids and each layer's
-        FSMN input (layers, batch, d, memory + max tokens)."""
+        """The decoder's layers over a batch of tokens (NativeInt8Decoder computes the same in
+        int8 in one call): the last layer's output and each layer's FSMN input (layers, batch, d,
+        memory + max tokens)."""
         decoder = self.model.decoder
         layers = list(decoder.decoders)
         fsmn_inputs = []
@@ -571,5 +583,4 @@ class BatchedStreamingParaformer:
             x = x + cross.linear_out(look_back.attend(index, q_h, cross.d_k))
         for layer in decoder.decoders3:
             x = layer.feed_forward(layer.norm1(x))
-        log_probs = torch.log_softmax(decoder.output_layer(decoder.after_norm(x)), dim=-1)
-        return log_probs.argmax(dim=-1), torch.stack(fsmn_inputs)
+        return x, torch.stack(fsmn_inputs)

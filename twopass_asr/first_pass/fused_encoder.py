@@ -35,7 +35,7 @@ class FusedInt8EncoderLayers:
     @classmethod
     def for_layers(cls, layers: list[torch.nn.Module]) -> FusedInt8EncoderLayers | None:
         """The fused layers, or None where they do not apply: a layer not in per-token int8 on
-        fbgemm or oneDNN (the compiled kernel has no unscaled product: native_encoder runs those),
+        fbgemm or oneDNN (the compiled kernel has no unscaled product: native_layers runs those),
         a configuration the C passes do not cover, or no compiled kernels (row_kernels has warned)."""
         if not layers or not all(sanm_layer_kernel(layer) in ("fbgemm", "onednn") for layer in layers):
             return None

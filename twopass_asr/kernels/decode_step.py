@@ -5,8 +5,8 @@
 The product takes tokenwise_int8's fbgemm recipe (weights on 63 levels per output channel,
 each row over its largest magnitude in uint8 steps of 2/255 around 128) and gives fbgemm's
 bits for it (the tests compare them); it exists so that a decode step (and the first pass's
-encoder, twopass_asr.first_pass.native_encoder) can run in one C call with no torch operator
-between its products.
+encoder and decoder layers, twopass_asr.first_pass.native_layers) can run in one C call with no
+torch operator between its products.
 
 Compiled at first use as row_kernels compiles row_scaling.c (same cache, keyed the same way),
 with OpenMP for its two threads. Where that fails, decode_step_library() is None, one warning

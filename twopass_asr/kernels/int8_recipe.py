@@ -12,8 +12,8 @@ kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or an
 with activations per token (twopass_asr.kernels.tokenwise_int8): torch's on oneDNN, torch's on
 fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits). auto takes a per-token
 one: oneDNN where the CPU has int8 dot products (AVX-512 VNNI, AMX); without them, fbgemm, or the
-compiled kernel for a model that runs its layers natively on it (the first pass's encoder,
-twopass_asr.first_pass.native_encoder). Without dot products onnxruntime's int8 layers ran
+compiled kernel for a model that runs its layers natively on it (the first pass's encoder and
+decoder, twopass_asr.first_pass.native_layers). Without dot products onnxruntime's int8 layers ran
 0.7-1.2x float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX
 the first pass on oneDNN served 42 real-time streams through tritonserver against onnxruntime's
 17 (which holds the GIL around each call) and the audio encoder ran 1.0-1.2x onnxruntime's

@@ -4,7 +4,7 @@
 (perf/RESULTS.md, 2026-12-04, session 13); and "compiled", the project's own product in C
 (twopass_asr.kernels.decode_step), fbgemm's recipe and bits, which the torch int8 LLM runs on so
 that its decode steps can run in C as a whole (twopass_asr.second_pass.native_decode), and the
-first pass so that its encoder's layers can (twopass_asr.first_pass.native_encoder).
+first pass so that its encoder's and decoder's layers can (twopass_asr.first_pass.native_layers).
 
 Activations: torch's dynamic int8 layer takes one range for all the rows of a call, so one row
 with large activations (LLMs put some at a prompt's first token and at delimiters) would

@@ -1,0 +1,314 @@
+"""The first pass's encoder layers and decoder layers in int8 on the compiled kernel, each stack
+in one C call per batched step (twopass_asr/kernels/sanm_encoder.c, sanm_decoder.c).
+
+On a CPU without int8 dot products (AVX2 alone) the int8 products run no faster than float32's,
+and a one-stream round of the fused fbgemm layers (fused_encoder) spent about a third of its
+time outside them: the layer norms, attention and per-row passes as some thirty torch and C calls
+a layer from Python, fifty layers a round (perf/RESULTS.md, 2026-12-05, sessions 20 and 24).
+Here a round's encoder is one call that releases the GIL, its products those of tokenwise_int8's
+compiled kernel (fbgemm's recipe and bits), and its decoder another (the decoder's sixteen
+layers of a few token rows each took a sixth of a one-stream round as torch calls).
+
+A stream's rows depend on its own rows alone, so it gets the same bits alone or batched; the
+float work (norms, attention, the decoder's FSMN) is summed in another order than torch's, so it
+agrees with torch's layers around the same products to float rounding (the tests bound it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
+from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library
+from twopass_asr.kernels.row_kernels import FLAGS as ROW_SCALING_FLAGS
+from twopass_asr.kernels.row_kernels import compiled_library_or_none
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
+
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+ENCODER_SOURCES = tuple(KERNELS / name for name in ("sanm_encoder.c", "row_scaling.c", "sanm_rows.h",
+                                                     "int8_product.h"))
+DECODER_SOURCES = tuple(KERNELS / name for name in ("sanm_decoder.c", "sanm_rows.h", "int8_product.h"))
+# row_scaling.c's flags (its FSMN memory keeps torch's bits), and the sums over a row in SIMD lanes.
+FLAGS = (*ROW_SCALING_FLAGS, "-fopenmp-simd")
+
+_pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class SanmLayerStruct(ctypes.Structure):
+    """sanm_encoder.c's sanm_layer."""
+    _fields_ = [("norm1_weight", _pointer), ("norm1_bias", _pointer), ("norm2_weight", _pointer),
+                ("norm2_bias", _pointer), ("qkv", Int8LayerStruct), ("out", Int8LayerStruct), ("w1", Int8LayerStruct),
+                ("w2", Int8LayerStruct), ("qkv_bias", _pointer), ("out_bias", _pointer), ("w1_bias", _pointer),
+                ("w2_bias", _pointer), ("fsmn_taps", _pointer), ("fsmn_width", _size), ("fsmn_left", _size),
+                ("in_size", _size)]
+
+
+class SanmEncoderStruct(ctypes.Structure):
+    """sanm_encoder.c's sanm_encoder."""
+    _fields_ = [("layers", _size), ("size", _size), ("heads", _size), ("head_dim", _size), ("hidden", _size),
+                ("norm_eps", _real), ("input_step", _real), ("layer", ctypes.POINTER(SanmLayerStruct))]
+
+
+class SanmDecoderLayerStruct(ctypes.Structure):
+    """sanm_decoder.c's sanm_decoder_layer."""
+    _fields_ = [("norm1_weight", _pointer), ("norm1_bias", _pointer), ("ffn_norm_weight", _pointer),
+                ("ffn_norm_bias", _pointer), ("norm2_weight", _pointer), ("norm2_bias", _pointer),
+                ("norm3_weight", _pointer), ("norm3_bias", _pointer), ("w1", Int8LayerStruct), ("w2", Int8LayerStruct),
+                ("q", Int8LayerStruct), ("kv", Int8LayerStruct), ("out", Int8LayerStruct), ("w1_bias", _pointer),
+                ("q_bias", _pointer), ("kv_bias", _pointer), ("out_bias", _pointer), ("fsmn_taps", _pointer),
+                ("attends", _size)]
+
+
+class SanmDecoderStruct(ctypes.Structure):
+    """sanm_decoder.c's sanm_decoder."""
+    _fields_ = [("layers", _size), ("size", _size), ("heads", _size), ("head_dim", _size), ("hidden", _size),
+                ("fsmn_memory", _size), ("norm_eps", _real), ("input_step", _real),
+                ("layer", ctypes.POINTER(SanmDecoderLayerStruct))]
+
+
+@functools.cache
+def sanm_encoder_library() -> ctypes.CDLL | None:
+    """sanm_encoder.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
+    process; None, with one warning, where it cannot be."""
+    library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", FLAGS,
+                                       "the first pass's int8 takes fbgemm under auto, its encoder layers as torch "
+                                       "calls on the compiled kernel (slower)")
+    if library is None:
+        return None
+    model = ctypes.POINTER(SanmEncoderStruct)
+    library.sanm_encode.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, _pointer, _pointer, _pointer,
+                                    _size, _pointer]
+    library.sanm_encode.restype = None
+    library.encode_scratch_floats.argtypes = [model, _size, _size]
+    library.encode_scratch_floats.restype = _size
+    return library
+
+
+@functools.cache
+def sanm_decoder_library() -> ctypes.CDLL | None:
+    """sanm_decoder.c compiled for this CPU, once per process; None, with one warning, where it
+    cannot be."""
+    library = compiled_library_or_none(DECODER_SOURCES, "sanm_decoder.so", FLAGS,
+                                       "the first pass's int8 decoder layers run as torch calls (slower)")
+    if library is None:
+        return None
+    library.sanm_decode.argtypes = [ctypes.POINTER(SanmDecoderStruct), _size, _size, _pointer, _pointer, _size,
+                                    _pointer, _pointer, _pointer, _pointer, _pointer, _pointer, _size, _pointer]
+    library.sanm_decode.restype = None
+    library.decode_scratch_floats.argtypes = [ctypes.POINTER(SanmDecoderStruct), _size, _size, _size]
+    library.decode_scratch_floats.restype = _size
+    return library
+
+
+def auto_kernel_without_dot_products() -> str:
+    """The first pass's int8 kernel under auto on a CPU without int8 dot products: the compiled
+    one, which runs the encoder's layers natively here, where its C code compiles; else fbgemm
+    (the failed compile has warned)."""
+    return "compiled" if sanm_encoder_library() is not None and decode_step_library() is not None else "fbgemm"
+
+
+class _Pinned:
+    """The float32 tensors a C structure points into, kept alive beside it."""
+
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+
+    def __call__(self, values: torch.Tensor) -> int:
+        tensor = values.detach().float().contiguous()
+        self.tensors.append(tensor)
+        return tensor.data_ptr()
+
+
+class NativeInt8Encoder:
+    """The SANM encoder layers `layers` (FunASR's EncoderLayerSANM, their linear layers
+    TokenwiseInt8Linear on the compiled kernel) in sanm_encoder.c; build with `for_layers`."""
+
+    def __init__(self, layers: list[torch.nn.Module], library: ctypes.CDLL):
+        self.library = library
+        first, attention = layers[0], layers[0].self_attn
+        self.size, self.in_size = first.size, first.in_size
+        self._pinned = _Pinned()
+        structs = [self._layer_struct(layer) for layer in layers]
+        self._layers = (SanmLayerStruct * len(structs))(*structs)
+        norm = first.norm1
+        self.struct = SanmEncoderStruct(len(layers), self.size, attention.h, attention.d_k,
+                                        first.feed_forward.w_1.out_features, norm.eps, INPUT_STEP, self._layers)
+
+    def _layer_struct(self, layer: torch.nn.Module) -> SanmLayerStruct:
+        attention, feed_forward = layer.self_attn, layer.feed_forward
+        linears = (attention.linear_q_k_v, attention.linear_out, feed_forward.w_1, feed_forward.w_2)
+        taps, pin = fsmn_taps(layer), self._pinned
+        return SanmLayerStruct(
+            pin(layer.norm1.weight), pin(layer.norm1.bias), pin(layer.norm2.weight), pin(layer.norm2.bias),
+            *(linear.packed.struct for linear in linears), *(pin(linear.bias) for linear in linears),
+            pin(taps), taps.shape[0], attention.pad_fn.padding[0], layer.in_size)
+
+    @classmethod
+    def for_layers(cls, layers: list[torch.nn.Module]) -> NativeInt8Encoder | None:
+        """The native layers, or None where they do not apply: a layer not the fused encoder's
+        configuration on the compiled kernel, with biases and affine norms, a width change after
+        the first layer, or no compiled library (sanm_encoder_library has warned)."""
+        if not layers or not all(sanm_layer_kernel(layer) == "compiled" and _native(layer) for layer in layers):
+            return None
+        size = layers[0].size
+        if any(layer.size != size or layer.in_size != size for layer in layers[1:]):
+            return None
+        library = sanm_encoder_library()
+        return None if library is None else cls(layers, library)
+
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor, look_back) -> torch.Tensor:
+        """Every layer over frames x [batch, time, in_size] (each stream's first lengths[i] its
+        own; int64); look_back: the batch's _LookBackBuffer, whose keys and values get each
+        layer's current frames. Returns the last layer's output [batch, time, size]."""
+        batch, time, features = x.shape
+        if features != self.in_size or x.dtype != torch.float32:
+            raise ValueError(f"expected float32 frames of {self.in_size} features, got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        lengths = lengths.to(torch.int64).contiguous()
+        history_lengths = torch.tensor(look_back.history_lengths, dtype=torch.int64)
+        keys, values = look_back.keys, look_back.values
+        if not (keys.is_contiguous() and values.is_contiguous() and keys.shape[3] == look_back.history + time):
+            raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
+        out = torch.empty((batch, time, self.size))
+        scratch = torch.empty(self.library.encode_scratch_floats(ctypes.byref(self.struct), batch * time,
+                                                                 look_back.history + time))
+        self.library.sanm_encode(ctypes.byref(self.struct), batch, time, x.data_ptr(), out.data_ptr(),
+                                 lengths.data_ptr(), keys.data_ptr(), values.data_ptr(), history_lengths.data_ptr(),
+                                 look_back.history, scratch.data_ptr())
+        return out
+
+
+class NativeInt8Decoder:
+    """The streaming Paraformer decoder's layers (FunASR's ParaformerSANMDecoder: its decoders,
+    then decoders3; their linear layers TokenwiseInt8Linear on the compiled kernel) in
+    sanm_decoder.c, up to the output norm; build with `for_decoder`."""
+
+    def __init__(self, decoder: torch.nn.Module, library: ctypes.CDLL):
+        self.library = library
+        attending, tail = list(decoder.decoders), list(decoder.decoders3)
+        first = attending[0]
+        self.size = first.size
+        self.fsmn_memory = first.self_attn.kernel_size - 1
+        self.attending_layers = len(attending)
+        self._pinned = _Pinned()
+        structs = [self._layer_struct(layer) for layer in attending + tail]
+        self._layers = (SanmDecoderLayerStruct * len(structs))(*structs)
+        self.struct = SanmDecoderStruct(len(structs), self.size, first.src_attn.h, first.src_attn.d_k,
+                                        first.feed_forward.w_1.out_features, self.fsmn_memory, first.norm1.eps,
+                                        INPUT_STEP, self._layers)
+
+    def _layer_struct(self, layer: torch.nn.Module) -> SanmDecoderLayerStruct:
+        pin, feed_forward = self._pinned, layer.feed_forward
+        fields = [pin(layer.norm1.weight), pin(layer.norm1.bias), pin(feed_forward.norm.weight),
+                  pin(feed_forward.norm.bias)]
+        if layer.src_attn is None:
+            return SanmDecoderLayerStruct(*fields, None, None, None, None, feed_forward.w_1.packed.struct,
+                                          feed_forward.w_2.packed.struct, Int8LayerStruct(), Int8LayerStruct(),
+                                          Int8LayerStruct(), pin(feed_forward.w_1.bias), None, None, None, None, 0)
+        cross = layer.src_attn
+        taps = layer.self_attn.fsmn_block.weight[:, 0, :]  # [size, fsmn_memory + 1]
+        return SanmDecoderLayerStruct(
+            *fields, pin(layer.norm2.weight), pin(layer.norm2.bias), pin(layer.norm3.weight), pin(layer.norm3.bias),
+            *(linear.packed.struct for linear in (feed_forward.w_1, feed_forward.w_2, cross.linear_q,
+                                                  cross.linear_k_v, cross.linear_out)),
+            *(pin(linear.bias) for linear in (feed_forward.w_1, cross.linear_q, cross.linear_k_v, cross.linear_out)),
+            pin(taps), 1)
+
+    @classmethod
+    def for_decoder(cls, decoder: torch.nn.Module) -> NativeInt8Decoder | None:
+        """The native layers, or None where they do not apply: a linear layer not per-token int8
+        on the compiled kernel, a configuration sanm_decoder.c does not cover, or no compiled
+        library (sanm_decoder_library has warned)."""
+        attending, tail = list(decoder.decoders), list(decoder.decoders3)
+        if not attending or not all(_native_decoder_layer(layer, attending[0]) for layer in attending + tail):
+            return None
+        library = sanm_decoder_library()
+        return None if library is None else cls(decoder, library)
+
+    def decode(self, x: torch.Tensor, frames: torch.Tensor, lengths: torch.Tensor, token_counts: list[int],
+               fsmn_state: torch.Tensor, look_back) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer over token rows x [batch, tokens, size] (stream i's first token_counts[i]
+        its own) attending over the encoder's frames [batch, time, size] (its first lengths[i]);
+        fsmn_state [attending layers, batch, size, fsmn_memory]: each stream's last FSMN inputs;
+        look_back: the decoder's _LookBackBuffer, whose keys and values get this step's frames.
+        Returns the last layer's output and each attending layer's FSMN inputs [layers, batch,
+        size, fsmn_memory + tokens]."""
+        batch, tokens, size = x.shape
+        time = frames.shape[1]
+        if size != self.size or x.dtype != torch.float32 or frames.shape != (batch, time, size):
+            raise ValueError(f"expected float32 rows of {self.size} features, got {x.dtype} {tuple(x.shape)} "
+                             f"and frames {tuple(frames.shape)}")
+        keys, values = look_back.keys, look_back.values
+        if not (keys.is_contiguous() and values.is_contiguous() and keys.shape[3] == look_back.history + time):
+            raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
+        out = x.contiguous().clone()
+        frames = frames.contiguous()
+        fsmn = torch.empty((self.attending_layers, batch, size, self.fsmn_memory + tokens))
+        fsmn[..., :self.fsmn_memory] = fsmn_state
+        counts = torch.tensor(token_counts, dtype=torch.int64)
+        lengths = lengths.to(torch.int64).contiguous()
+        history_lengths = torch.tensor(look_back.history_lengths, dtype=torch.int64)
+        scratch = torch.empty(self.library.decode_scratch_floats(ctypes.byref(self.struct), batch * tokens,
+                                                                 batch * time, look_back.history + time))
+        self.library.sanm_decode(ctypes.byref(self.struct), batch, tokens, out.data_ptr(), counts.data_ptr(), time,
+                                 frames.data_ptr(), lengths.data_ptr(), fsmn.data_ptr(), keys.data_ptr(),
+                                 values.data_ptr(), history_lengths.data_ptr(), look_back.history, scratch.data_ptr())
+        return out, fsmn
+
+
+def _native(layer: torch.nn.Module) -> bool:
+    """What sanm_encoder.c assumes beyond the fused encoder's checks: biases on the four linear
+    layers, affine layer norms over the last dimension, heads that split the width."""
+    attention, feed_forward = layer.self_attn, layer.feed_forward
+    linears = (attention.linear_q_k_v, attention.linear_out, feed_forward.w_1, feed_forward.w_2)
+    norms = (layer.norm1, layer.norm2)
+    return (all(linear.bias is not None for linear in linears)
+            and all(isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
+                    and getattr(norm, "dim", -1) == -1 for norm in norms)
+            and attention.h * attention.d_k == layer.size
+            and attention.linear_q_k_v.out_features == 3 * layer.size)
+
+
+def _compiled_int8(linear: torch.nn.Module, bias: bool) -> bool:
+    return (isinstance(linear, TokenwiseInt8Linear) and linear.kernel == "compiled"
+            and (linear.bias is not None) == bias)
+
+
+def _affine_norm(norm: torch.nn.Module, eps: float) -> bool:
+    return (isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
+            and getattr(norm, "dim", -1) == -1 and norm.eps == eps)
+
+
+def _native_decoder_layer(layer: torch.nn.Module, first: torch.nn.Module) -> bool:
+    """What sanm_decoder.c computes: `layer` a pre-norm SANM decoder layer shaped as the first one
+    (or a feed-forward-only one), its feed-forward w1 (with bias) and w2 (without), its
+    cross-attention's projections (with biases) per-token int8 on the compiled kernel, its FSMN a
+    depthwise convolution over its last kernel_size - 1 inputs, its norms affine with one eps."""
+    size, eps, feed_forward = first.size, first.norm1.eps, getattr(layer, "feed_forward", None)
+    if (feed_forward is None or layer.size != size or not _affine_norm(layer.norm1, eps)
+            or not _affine_norm(getattr(feed_forward, "norm", None), eps)
+            or not _compiled_int8(feed_forward.w_1, bias=True) or not _compiled_int8(feed_forward.w_2, bias=False)
+            or feed_forward.w_1.out_features != first.feed_forward.w_1.out_features
+            or not isinstance(feed_forward.activation, torch.nn.ReLU)):
+        return False
+    if layer.src_attn is None:
+        return layer.self_attn is None
+    cross, fsmn = layer.src_attn, layer.self_attn
+    if fsmn is None or first.src_attn is None:
+        return False
+    conv = fsmn.fsmn_block
+    return (all(_affine_norm(norm, eps) for norm in (layer.norm2, layer.norm3))
+            and all(_compiled_int8(linear, bias=True) for linear in (cross.linear_q, cross.linear_k_v,
+                                                                     cross.linear_out))
+            and cross.h == first.src_attn.h and cross.h * cross.d_k == size
+            and cross.linear_k_v.out_features == 2 * size
+            and conv.bias is None and tuple(conv.weight.shape) == (size, 1, first.self_attn.kernel_size)
+            and conv.padding == (0,) and conv.stride == (1,) and conv.dilation == (1,))
+
+
+__all__ = ["NativeInt8Decoder", "NativeInt8Encoder", "auto_kernel_without_dot_products", "sanm_decoder_library",
+           "sanm_encoder_library"]
