@@ -4,6 +4,7 @@ and frame scores of FunASR's own per-stream streaming VAD (real FSMN-VAD weights
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.kernels import row_kernels
 from twopass_asr.speech_synth import ENGLISH_VOICE, MANDARIN_VOICE, speech_with_silences
 from twopass_asr.store.model_store import bundled_vad_dir
 from twopass_asr.vad.batched import DEFAULT_VAD_STEP_MS, BatchedStreamingVad, VadOptions, stream_vad_opts
+from twopass_asr.vad.native_fsmn import fsmn_vad_library
 
 torch.set_num_threads(1)
 
@@ -48,7 +51,17 @@ def recordings() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def engine() -> BatchedStreamingVad:
-    return BatchedStreamingVad(bundled_vad_dir())
+    engine = BatchedStreamingVad(bundled_vad_dir())
+    assert engine.native_encoder is not None, "did fsmn_vad.c compile?"
+    return engine
+
+
+@pytest.fixture(scope="module")
+def torch_layers_engine() -> BatchedStreamingVad:
+    """The engine where the native encoder does not apply (no C compiler, a GPU): torch's layers."""
+    engine = BatchedStreamingVad(bundled_vad_dir())
+    engine.native_encoder = None
+    return engine
 
 
 @dataclass
@@ -137,8 +150,12 @@ def run_batched(engine, rng, streams, max_batch: int):
     return out, batch_sizes
 
 
+@pytest.mark.parametrize("encoder", ["native", "torch layers"])
 @pytest.mark.parametrize("seed, count, max_batch", [(0, 6, 1), (1, 10, 4), (2, 16, 16)])
-def test_batched_equals_per_stream_funasr(engine, reference_model, recordings, seed, count, max_batch):
+def test_batched_equals_per_stream_funasr(request, reference_model, recordings, encoder, seed, count, max_batch):
+    """Each stream's events equal FunASR's for it alone, and its scores agree to float rounding,
+    batched with others, with the encoder in one C call (native_fsmn) or as torch's layers."""
+    engine = request.getfixturevalue("engine" if encoder == "native" else "torch_layers_engine")
     rng = np.random.default_rng(seed)
     streams = make_streams(rng, recordings, count)
     got, batch_sizes = run_batched(engine, rng, streams, max_batch)
@@ -258,6 +275,22 @@ def test_bad_input_is_rejected(engine):
         engine.process(stream, pcm.reshape(2, -1), False)
     with pytest.raises(ValueError, match="max_end_silence_ms"):
         VadOptions(max_end_silence_ms=0)
+
+
+def test_without_a_compiler_the_encoder_runs_as_torch_layers(recordings, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(row_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    fsmn_vad_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            engine = BatchedStreamingVad(bundled_vad_dir())
+        assert engine.native_encoder is None
+        assert any("fsmn_vad.c" in record.getMessage() and "no-such-compiler" in record.getMessage()
+                   for record in caplog.records if record.levelno == logging.WARNING), caplog.text
+        stream = engine.new_stream()
+        assert engine.process(stream, recordings[0], True), "the speech gave no segment"
+    finally:
+        fsmn_vad_library.cache_clear()
 
 
 def test_loading_keeps_the_callers_thread_count():

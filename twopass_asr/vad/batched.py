@@ -2,7 +2,8 @@
 
 Per process_batch call: each stream's new audio becomes features (fbank -> LFR -> CMVN,
 FunASR's WavFrontendOnline semantics via twopass_asr.streaming_fbank, leftovers kept per
-stream), then ONE FSMN encoder forward scores the new frames of all streams together, then
+stream), then ONE FSMN encoder forward scores the new frames of all streams together (on a
+CPU in one C call, twopass_asr.vad.native_fsmn, else as torch's layers), then
 each stream's segmentation state machine (FunASR's own FsmnVADStreaming methods, run on
 that stream's cache and options) turns its scores into segment events. Per stream the
 events equal, chunk for chunk, FunASR 1.4.16's
@@ -25,6 +26,7 @@ import torch
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.streaming_fbank import StreamingFeatures
+from twopass_asr.vad.native_fsmn import NativeFsmnEncoder
 
 # FunASR's websocket server feeds its VAD in 60 ms steps; segment times are this granular.
 DEFAULT_VAD_STEP_MS = 60
@@ -123,6 +125,7 @@ class BatchedStreamingVad:
         self.step_ms = step_ms
         self.step_samples = int(step_ms * frontend.fs / 1000)
         self._default_opts = copy.deepcopy(model.vad_opts)
+        self.native_encoder = NativeFsmnEncoder.for_encoder(model.encoder, self.device)
 
     def new_stream(self, options: VadOptions = VadOptions()) -> VadStream:
         return VadStream(options=options, vad_opts=stream_vad_opts(self._default_opts, options))
@@ -153,8 +156,9 @@ class BatchedStreamingVad:
         with_frames = [i for i, plan in enumerate(plans) if plan is not None and plan.frames > 0]
         scores: dict[int, torch.Tensor] = {}
         if with_frames:
-            encoded = self._encode([torch.cat([step.feats for step in plans[i].steps]) for i in with_frames],
-                                   [streams[i].cache["encoder"] for i in with_frames])
+            encode = self._encode if self.native_encoder is None else self.native_encoder.encode
+            encoded = encode([torch.cat([step.feats for step in plans[i].steps]) for i in with_frames],
+                             [streams[i].cache["encoder"] for i in with_frames])
             scores = dict(zip(with_frames, encoded))
 
         results = []
@@ -225,7 +229,8 @@ class BatchedStreamingVad:
         return {"max_end_silence_time": stream.options.max_end_silence_ms}
 
     def _encode(self, feats: list[torch.Tensor], caches: list[dict]) -> list[torch.Tensor]:
-        """One FSMN encoder forward over all streams' new frames (right-padded to the longest).
+        """One FSMN encoder forward over all streams' new frames (right-padded to the longest), as
+        torch's layers (NativeFsmnEncoder computes the same in one C call).
         The encoder is causal, so padding never reaches a real frame; each stream's per-layer
         memory is cut at its own last real frame. Returns (1, frames_i, pdfs) per stream."""
         encoder = self.model.encoder

@@ -1,0 +1,123 @@
+/* The streaming FSMN-VAD's encoder (FunASR's FSMN: two input affine layers, FSMN blocks with a
+ * memory of past frames only, two output affine layers, softmax) over a batched step in float32,
+ * in one call (twopass_asr/vad/native_fsmn.py builds the model and calls it).
+ *
+ * The model is small (about 0.4 M weights) and a step is a few frames a stream, so as torch calls
+ * (a dozen products and four convolutions from Python) a step cost some 4 ms of overhead for
+ * microseconds of arithmetic. Each stream's frames depend on its own frames alone; the sums run in
+ * another order than torch's, so scores agree with torch's to float rounding (the tests compare
+ * them, and the segment events, with FunASR's). */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* y = x W^T (+ bias) for weight [outputs, inputs]; bias NULL: none. */
+typedef struct {
+    const float *weight, *bias;
+    int64_t outputs, inputs;
+} dense_layer;
+
+/* One FSMN block (FunASR's BasicBlock): p = linear(x); m = p + the depthwise convolution of the
+ * last `lorder` frames `lstride` apart (this one included); x = relu(affine(m)). */
+typedef struct {
+    dense_layer linear, affine;
+    const float *taps; /* [projection, lorder]: taps[c][k] weighs frame t - (lorder - 1 - k) lstride */
+    int64_t lorder, lstride;
+} fsmn_block;
+
+typedef struct {
+    dense_layer in1, in2, out1, out2;
+    int64_t blocks, widest, softmax;
+    const fsmn_block *block;
+} fsmn_vad;
+
+/* `rows` rows of x [rows, inputs] through the layer into y [rows, outputs], four rows sharing
+ * each weight row's reading; relu: clamp at zero. */
+static void dense(const dense_layer *layer, const float *x, int64_t rows, int relu, float *y) {
+    const int64_t n = layer->outputs, k = layer->inputs;
+    for (int64_t r = 0; r < rows; r += 4) {
+        const int count = rows - r < 4 ? (int)(rows - r) : 4;
+        const float *in[4];
+        for (int i = 0; i < 4; ++i)
+            in[i] = x + (r + (i < count ? i : 0)) * k;
+        for (int64_t o = 0; o < n; ++o) {
+            const float *w = layer->weight + o * k;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t c = 0; c < k; ++c) {
+                s0 += in[0][c] * w[c];
+                s1 += in[1][c] * w[c];
+                s2 += in[2][c] * w[c];
+                s3 += in[3][c] * w[c];
+            }
+            const float sums[4] = {s0, s1, s2, s3};
+            for (int i = 0; i < count; ++i) {
+                float value = layer->bias ? sums[i] + layer->bias[o] : sums[i];
+                y[(r + i) * n + o] = relu && value < 0.0f ? 0.0f : value;
+            }
+        }
+    }
+}
+
+/* The number of floats fsmn_vad_encode's scratch_space must hold for `rows` rows. */
+int64_t fsmn_vad_scratch_floats(const fsmn_vad *model, int64_t rows) { return 3 * rows * model->widest; }
+
+/* All the encoder over a batched step of `batch` streams' `time` frames (stream b's first
+ * lengths[b] its own): input [batch, time, in1's inputs]; out [batch, time, out2's outputs].
+ * memory [blocks, batch, projection, (lorder - 1) lstride]: in, each stream's last projected
+ * frames before this step (oldest first, channel by channel); out, the same after its last own
+ * frame. scratch_space: fsmn_vad_scratch_floats(model, batch * time) floats. */
+void fsmn_vad_encode(const fsmn_vad *model, int64_t batch, int64_t time, const float *input, const int64_t *lengths,
+                     float *memory, float *out, float *scratch_space) {
+    const int64_t rows = batch * time, widest = model->widest;
+    float *x = scratch_space, *projected = x + rows * widest, *hidden = projected + rows * widest;
+    dense(&model->in1, input, rows, 0, hidden);
+    dense(&model->in2, hidden, rows, 1, x);
+    for (int64_t l = 0; l < model->blocks; ++l) {
+        const fsmn_block *block = &model->block[l];
+        const int64_t width = block->linear.outputs, span = (block->lorder - 1) * block->lstride;
+        dense(&block->linear, x, rows, 0, projected);
+        for (int64_t b = 0; b < batch; ++b) {
+            float *past = memory + (l * batch + b) * width * span;
+            const float *frames = projected + b * time * width;
+            for (int64_t t = 0; t < time; ++t)
+                for (int64_t c = 0; c < width; ++c) {
+                    float total = 0.0f;
+                    for (int64_t k = 0; k < block->lorder; ++k) {
+                        /* frame t + k lstride of the history: the past, then this step's frames */
+                        const int64_t h = t + k * block->lstride;
+                        const float value = h < span ? past[c * span + h] : frames[(h - span) * width + c];
+                        total += block->taps[c * block->lorder + k] * value;
+                    }
+                    hidden[(b * time + t) * width + c] = frames[t * width + c] + total;
+                }
+            /* The history's `span` frames that end at the stream's last own frame. */
+            for (int64_t c = 0; c < width; ++c) {
+                float kept[span > 0 ? span : 1];
+                for (int64_t j = 0; j < span; ++j) {
+                    const int64_t h = lengths[b] + j;
+                    kept[j] = h < span ? past[c * span + h] : frames[(h - span) * width + c];
+                }
+                memcpy(past + c * span, kept, (size_t)span * sizeof(float));
+            }
+        }
+        dense(&block->affine, hidden, rows, 1, x);
+    }
+    dense(&model->out1, x, rows, 0, hidden);
+    dense(&model->out2, hidden, rows, 0, out);
+    if (!model->softmax)
+        return;
+    const int64_t pdfs = model->out2.outputs;
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = out + r * pdfs, largest = -INFINITY, total = 0.0f;
+        for (int64_t c = 0; c < pdfs; ++c)
+            largest = fmaxf(largest, row[c]);
+        for (int64_t c = 0; c < pdfs; ++c) {
+            row[c] = expf(row[c] - largest);
+            total += row[c];
+        }
+        for (int64_t c = 0; c < pdfs; ++c)
+            row[c] /= total;
+    }
+}
