@@ -25,7 +25,7 @@ import torch
 from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
 from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library
 from twopass_asr.kernels.row_kernels import FLAGS as ROW_SCALING_FLAGS
-from twopass_asr.kernels.row_kernels import compiled_library_or_none
+from twopass_asr.kernels.row_kernels import PinnedTensors, compiled_library_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -106,21 +106,9 @@ def sanm_decoder_library() -> ctypes.CDLL | None:
 
 def auto_kernel_without_dot_products() -> str:
     """The first pass's int8 kernel under auto on a CPU without int8 dot products: the compiled
-    one, which runs the encoder's layers natively here, where its C code compiles; else fbgemm
-    (the failed compile has warned)."""
+    one, which runs the encoder's and decoder's layers natively here, where its C code compiles;
+    else fbgemm (the failed compile has warned)."""
     return "compiled" if sanm_encoder_library() is not None and decode_step_library() is not None else "fbgemm"
-
-
-class _Pinned:
-    """The float32 tensors a C structure points into, kept alive beside it."""
-
-    def __init__(self):
-        self.tensors: list[torch.Tensor] = []
-
-    def __call__(self, values: torch.Tensor) -> int:
-        tensor = values.detach().float().contiguous()
-        self.tensors.append(tensor)
-        return tensor.data_ptr()
 
 
 class NativeInt8Encoder:
@@ -131,7 +119,7 @@ class NativeInt8Encoder:
         self.library = library
         first, attention = layers[0], layers[0].self_attn
         self.size, self.in_size = first.size, first.in_size
-        self._pinned = _Pinned()
+        self._pinned = PinnedTensors()
         structs = [self._layer_struct(layer) for layer in layers]
         self._layers = (SanmLayerStruct * len(structs))(*structs)
         norm = first.norm1
@@ -152,7 +140,8 @@ class NativeInt8Encoder:
         """The native layers, or None where they do not apply: a layer not the fused encoder's
         configuration on the compiled kernel, with biases and affine norms, a width change after
         the first layer, or no compiled library (sanm_encoder_library has warned)."""
-        if not layers or not all(sanm_layer_kernel(layer) == "compiled" and _native(layer) for layer in layers):
+        if not layers or not all(sanm_layer_kernel(layer) == "compiled" and _native(layer, layers[0].norm1.eps)
+                                 for layer in layers):
             return None
         size = layers[0].size
         if any(layer.size != size or layer.in_size != size for layer in layers[1:]):
@@ -194,7 +183,7 @@ class NativeInt8Decoder:
         self.size = first.size
         self.fsmn_memory = first.self_attn.kernel_size - 1
         self.attending_layers = len(attending)
-        self._pinned = _Pinned()
+        self._pinned = PinnedTensors()
         structs = [self._layer_struct(layer) for layer in attending + tail]
         self._layers = (SanmDecoderLayerStruct * len(structs))(*structs)
         self.struct = SanmDecoderStruct(len(structs), self.size, first.src_attn.h, first.src_attn.d_k,
@@ -260,15 +249,14 @@ class NativeInt8Decoder:
         return out, fsmn
 
 
-def _native(layer: torch.nn.Module) -> bool:
+def _native(layer: torch.nn.Module, eps: float) -> bool:
     """What sanm_encoder.c assumes beyond the fused encoder's checks: biases on the four linear
-    layers, affine layer norms over the last dimension, heads that split the width."""
+    layers, affine layer norms over the last dimension with the first layer's eps, heads that
+    split the width."""
     attention, feed_forward = layer.self_attn, layer.feed_forward
     linears = (attention.linear_q_k_v, attention.linear_out, feed_forward.w_1, feed_forward.w_2)
-    norms = (layer.norm1, layer.norm2)
     return (all(linear.bias is not None for linear in linears)
-            and all(isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
-                    and getattr(norm, "dim", -1) == -1 for norm in norms)
+            and all(_affine_norm(norm, eps) for norm in (layer.norm1, layer.norm2))
             and attention.h * attention.d_k == layer.size
             and attention.linear_q_k_v.out_features == 3 * layer.size)
 

@@ -208,6 +208,19 @@ def compiled_library_or_none(sources: tuple[Path, ...], library: str, flags: tup
         return None
 
 
+class PinnedTensors:
+    """The float32 tensors a compiled library's C structures point into, kept alive beside them:
+    calling it with a tensor keeps a contiguous float32 copy and returns its address."""
+
+    def __init__(self):
+        self.tensors: list[torch.Tensor] = []
+
+    def __call__(self, values: torch.Tensor) -> int:
+        tensor = values.detach().float().contiguous()
+        self.tensors.append(tensor)
+        return tensor.data_ptr()
+
+
 @functools.cache
 def row_kernels() -> RowKernels | None:
     """The compiled kernels (compiled_library_or_none), once per process; None, with one
@@ -216,5 +229,5 @@ def row_kernels() -> RowKernels | None:
     return None if library is None else RowKernels(library)
 
 
-__all__ = ["CACHE_ENV", "INPUT_FORMS", "RowKernels", "compile_library", "compile_row_kernels",
+__all__ = ["CACHE_ENV", "INPUT_FORMS", "PinnedTensors", "RowKernels", "compile_library", "compile_row_kernels",
            "compiled_library_or_none", "default_cache_dir", "row_kernels"]

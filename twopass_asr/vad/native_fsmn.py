@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from twopass_asr.kernels.row_kernels import FLAGS as ROW_KERNEL_FLAGS
-from twopass_asr.kernels.row_kernels import compiled_library_or_none
+from twopass_asr.kernels.row_kernels import PinnedTensors, compiled_library_or_none
 
 SOURCES = (Path(__file__).resolve().parent.parent / "kernels" / "fsmn_vad.c",)
 FLAGS = (*ROW_KERNEL_FLAGS, "-fopenmp-simd")
@@ -62,7 +62,7 @@ class NativeFsmnEncoder:
 
     def __init__(self, encoder: torch.nn.Module, library: ctypes.CDLL):
         self.library = library
-        self._pinned: list[torch.Tensor] = []
+        self._pin = PinnedTensors()
         blocks = [self._block(block) for block in encoder.fsmn]
         self._blocks = (FsmnBlockStruct * len(blocks))(*blocks)
         dense = [self._dense(layer.linear) for layer in (encoder.in_linear1, encoder.in_linear2, encoder.out_linear1,
@@ -73,11 +73,6 @@ class NativeFsmnEncoder:
         self.projections = [block.linear.linear.out_features for block in encoder.fsmn]
         self.output_dim = encoder.out_linear2.linear.out_features
         self.struct = FsmnVadStruct(*dense, len(blocks), widest, int(encoder.use_softmax), self._blocks)
-
-    def _pin(self, tensor: torch.Tensor) -> int:
-        tensor = tensor.detach().float().contiguous()
-        self._pinned.append(tensor)
-        return tensor.data_ptr()
 
     def _dense(self, linear: torch.nn.Linear) -> DenseLayerStruct:
         return DenseLayerStruct(self._pin(linear.weight), None if linear.bias is None else self._pin(linear.bias),
