@@ -24,16 +24,13 @@ import torch
 
 from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
 from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library
-from twopass_asr.kernels.row_kernels import FLAGS as ROW_SCALING_FLAGS
-from twopass_asr.kernels.row_kernels import PinnedTensors, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 ENCODER_SOURCES = tuple(KERNELS / name for name in ("sanm_encoder.c", "row_scaling.c", "sanm_rows.h",
                                                      "int8_product.h"))
 DECODER_SOURCES = tuple(KERNELS / name for name in ("sanm_decoder.c", "sanm_rows.h", "int8_product.h"))
-# row_scaling.c's flags (its FSMN memory keeps torch's bits), and the sums over a row in SIMD lanes.
-FLAGS = (*ROW_SCALING_FLAGS, "-fopenmp-simd")
 
 _pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -74,7 +71,7 @@ class SanmDecoderStruct(ctypes.Structure):
 def sanm_encoder_library() -> ctypes.CDLL | None:
     """sanm_encoder.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", FLAGS,
+    library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", SIMD_FLAGS,
                                        "the first pass's int8 takes fbgemm under auto, its encoder layers as torch "
                                        "calls on the compiled kernel (slower)")
     if library is None:
@@ -92,7 +89,7 @@ def sanm_encoder_library() -> ctypes.CDLL | None:
 def sanm_decoder_library() -> ctypes.CDLL | None:
     """sanm_decoder.c compiled for this CPU, once per process; None, with one warning, where it
     cannot be."""
-    library = compiled_library_or_none(DECODER_SOURCES, "sanm_decoder.so", FLAGS,
+    library = compiled_library_or_none(DECODER_SOURCES, "sanm_decoder.so", SIMD_FLAGS,
                                        "the first pass's int8 decoder layers run as torch calls (slower)")
     if library is None:
         return None

@@ -41,11 +41,13 @@ log = logging.getLogger(__name__)
 SOURCES = (Path(__file__).with_name("row_scaling.c"),)
 LIBRARY = "row_scaling.so"
 CACHE_ENV = "TWOPASS_ASR_KERNEL_CACHE"
-# No contraction of a multiply and an add into one rounding: torch's elementwise operations
-# round each (the source asks for the one fused multiply-add addcmul has).
 # A product's input forms (RowKernels), and their element types.
 INPUT_FORMS = {"steps": torch.int8, "quotients": torch.float32}
+# No contraction of a multiply and an add into one rounding: torch's elementwise operations
+# round each (the source asks for the one fused multiply-add addcmul has).
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
+# The same for the native layers' C (first pass, VAD), whose sums over a row run in SIMD lanes.
+SIMD_FLAGS = (*FLAGS, "-fopenmp-simd")
 
 
 def default_cache_dir() -> Path:
@@ -229,5 +231,5 @@ def row_kernels() -> RowKernels | None:
     return None if library is None else RowKernels(library)
 
 
-__all__ = ["CACHE_ENV", "INPUT_FORMS", "PinnedTensors", "RowKernels", "compile_library", "compile_row_kernels",
-           "compiled_library_or_none", "default_cache_dir", "row_kernels"]
+__all__ = ["CACHE_ENV", "FLAGS", "INPUT_FORMS", "PinnedTensors", "RowKernels", "SIMD_FLAGS", "compile_library",
+           "compile_row_kernels", "compiled_library_or_none", "default_cache_dir", "row_kernels"]

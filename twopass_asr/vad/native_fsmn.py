@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from twopass_asr.kernels.row_kernels import FLAGS as ROW_KERNEL_FLAGS
-from twopass_asr.kernels.row_kernels import PinnedTensors, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 
 SOURCES = (Path(__file__).resolve().parent.parent / "kernels" / "fsmn_vad.c",)
-FLAGS = (*ROW_KERNEL_FLAGS, "-fopenmp-simd")
 
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
@@ -46,7 +44,8 @@ class FsmnVadStruct(ctypes.Structure):
 def fsmn_vad_library() -> ctypes.CDLL | None:
     """fsmn_vad.c compiled for this CPU (row_kernels.compiled_library_or_none), once per process;
     None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(SOURCES, "fsmn_vad.so", FLAGS, "the VAD's encoder runs as torch calls (slower)")
+    library = compiled_library_or_none(SOURCES, "fsmn_vad.so", SIMD_FLAGS,
+                                       "the VAD's encoder runs as torch calls (slower)")
     if library is None:
         return None
     model = ctypes.POINTER(FsmnVadStruct)
