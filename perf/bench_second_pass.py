@@ -49,7 +49,6 @@ import csv
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.kernels.int8_recipe import INT8_PRECISIONS
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
-from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, SegmentBatcher
+from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, PassWorker, SegmentBatcher
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
 
@@ -487,10 +486,10 @@ def main() -> None:
     else:
         encoder_sections = []
     funasr_model.use_dtype(TORCH_DTYPES[funasr_precision])
-    executor = ThreadPoolExecutor(max_workers=1)
-    embedder = SegmentBatcher(recognizer.embed_prepared, executor, prepare=recognizer.prepare,
+    worker = PassWorker(thread_name_prefix="nano")
+    embedder = SegmentBatcher(recognizer.embed_prepared, worker, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
-    generator = SegmentBatcher(recognizer.generate_batch, executor, max_batch=args.torch_max_batch)
+    generator = SegmentBatcher(recognizer.generate_batch, worker, max_batch=args.torch_max_batch)
     sections = encoder_sections + encoder_batching(recognizer, funasr_model,
                                                   [int(x) for x in args.encoder_batches.split(",")],
                                                   args.segment_seconds)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from twopass_asr.second_pass.batcher import (
     DEFAULT_MAX_BATCH,
     DEFAULT_WINDOW_MS,
+    PassWorker,
     SegmentBatcher,
     settings_from_parameters,
 )
@@ -41,19 +41,20 @@ class Recorder:
 
 
 @pytest.fixture
-def executor():
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool
+def worker():
+    pass_worker = PassWorker(thread_name_prefix="test")
+    yield pass_worker
+    pass_worker.shutdown()
 
 
-def batcher_for(recorder, executor, **settings):
-    return SegmentBatcher(recorder.encode, executor, prepare=recorder.prepare, **settings)
+def batcher_for(recorder, worker, **settings):
+    return SegmentBatcher(recorder.encode, worker, prepare=recorder.prepare, **settings)
 
 
-def test_requests_waiting_together_share_one_pass(executor):
+def test_requests_waiting_together_share_one_pass(worker):
     recorder = Recorder()
     reported = []
-    batcher = batcher_for(recorder, executor, window_ms=50, on_pass=reported.append)
+    batcher = batcher_for(recorder, worker, window_ms=50, on_pass=reported.append)
 
     async def main():
         return await asyncio.gather(*(batcher.submit(name) for name in "abcd"))
@@ -64,21 +65,20 @@ def test_requests_waiting_together_share_one_pass(executor):
     assert [report.size for report in reported] == [4]
 
 
-def test_a_pass_reports_the_time_its_segments_waited_and_ran():
+def test_a_pass_reports_the_time_its_segments_waited_and_ran(worker):
     """One worker shared by two batchers, as in the model: a segment of the second one waits
     for the first one's pass on top of its own window."""
-    with ThreadPoolExecutor(max_workers=1) as shared:
-        slow, quick = Recorder(encode_s=0.3), Recorder(encode_s=0.05)
-        slow_reports, quick_reports = [], []
-        slow_batcher = batcher_for(slow, shared, window_ms=0, on_pass=slow_reports.append)
-        quick_batcher = batcher_for(quick, shared, window_ms=20, on_pass=quick_reports.append)
+    slow, quick = Recorder(encode_s=0.3), Recorder(encode_s=0.05)
+    slow_reports, quick_reports = [], []
+    slow_batcher = batcher_for(slow, worker, window_ms=0, on_pass=slow_reports.append)
+    quick_batcher = batcher_for(quick, worker, window_ms=20, on_pass=quick_reports.append)
 
-        async def main():
-            first = asyncio.ensure_future(slow_batcher.submit("a"))
-            await asyncio.sleep(0.1)  # "a" holds the worker for 0.2 s more
-            await asyncio.gather(first, *(quick_batcher.submit(name) for name in "bc"))
+    async def main():
+        first = asyncio.ensure_future(slow_batcher.submit("a"))
+        await asyncio.sleep(0.1)  # "a" holds the worker for 0.2 s more
+        await asyncio.gather(first, *(quick_batcher.submit(name) for name in "bc"))
 
-        asyncio.run(main())
+    asyncio.run(main())
     (slow_report,), (quick_report,) = slow_reports, quick_reports
     assert slow_report.size == 1 and quick_report.size == 2
     assert 0.3 <= slow_report.busy_s < 0.6 and slow_report.waited_s < 0.1
@@ -87,9 +87,29 @@ def test_a_pass_reports_the_time_its_segments_waited_and_ran():
     assert 2 * 0.15 <= quick_report.waited_s < 2 * 0.5
 
 
-def test_max_batch_splits_the_queue(executor):
+def test_segments_reaching_a_batcher_while_the_shared_worker_is_busy_join_its_waiting_pass(worker):
+    """As in the model at two streams: x's generation waits while y's encoder pass holds the
+    worker; y's generation, which arrives only as that pass ends, still shares x's pass."""
+    encoder, generator = Recorder(encode_s=0.2), Recorder(encode_s=0.05)
+    encode = batcher_for(encoder, worker, window_ms=0)
+    generate = batcher_for(generator, worker, window_ms=0)
+
+    async def both_passes(name):
+        return await generate.submit(await encode.submit(name))
+
+    async def main():
+        x = asyncio.ensure_future(both_passes("x"))
+        await asyncio.sleep(0.1)  # x's encoder pass runs
+        return await asyncio.gather(x, both_passes("y"))
+
+    assert asyncio.run(main()) == ["encoded encoded x", "encoded encoded y"]
+    assert encoder.passes == [["prepared x"], ["prepared y"]]
+    assert generator.passes == [["prepared encoded x", "prepared encoded y"]]
+
+
+def test_max_batch_splits_the_queue(worker):
     recorder = Recorder()
-    batcher = batcher_for(recorder, executor, window_ms=20, max_batch=2)
+    batcher = batcher_for(recorder, worker, window_ms=20, max_batch=2)
 
     async def main():
         return await asyncio.gather(*(batcher.submit(name) for name in "abcde"))
@@ -98,9 +118,9 @@ def test_max_batch_splits_the_queue(executor):
     assert [len(batch) for batch in recorder.passes] == [2, 2, 1]
 
 
-def test_arrivals_during_a_pass_go_together_into_the_next(executor):
+def test_arrivals_during_a_pass_go_together_into_the_next(worker):
     recorder = Recorder(encode_s=0.3)
-    batcher = batcher_for(recorder, executor, window_ms=0)
+    batcher = batcher_for(recorder, worker, window_ms=0)
 
     async def main():
         first = asyncio.ensure_future(batcher.submit("a"))
@@ -112,9 +132,9 @@ def test_arrivals_during_a_pass_go_together_into_the_next(executor):
     assert [len(batch) for batch in recorder.passes] == [1, 3]
 
 
-def test_without_a_window_one_at_a_time_stays_one_at_a_time(executor):
+def test_without_a_window_one_at_a_time_stays_one_at_a_time(worker):
     recorder = Recorder()
-    batcher = batcher_for(recorder, executor, window_ms=0)
+    batcher = batcher_for(recorder, worker, window_ms=0)
 
     async def main():
         return [await batcher.submit(name) for name in "abc"]
@@ -123,9 +143,9 @@ def test_without_a_window_one_at_a_time_stays_one_at_a_time(executor):
     assert batcher.batch_sizes == {1: 3}
 
 
-def test_a_bad_request_fails_alone(executor):
+def test_a_bad_request_fails_alone(worker):
     recorder = Recorder()
-    batcher = batcher_for(recorder, executor, window_ms=50)
+    batcher = batcher_for(recorder, worker, window_ms=50)
 
     async def main():
         return await asyncio.gather(batcher.submit("a"), batcher.submit("bad1"), batcher.submit("c"),
@@ -137,10 +157,10 @@ def test_a_bad_request_fails_alone(executor):
     assert recorder.passes == [["prepared a", "prepared c"]]
 
 
-def test_a_failed_pass_fails_its_batch_and_the_next_pass_works(executor):
+def test_a_failed_pass_fails_its_batch_and_the_next_pass_works(worker):
     recorder = Recorder()
     recorder.fail_next_pass = True
-    batcher = batcher_for(recorder, executor, window_ms=20)
+    batcher = batcher_for(recorder, worker, window_ms=20)
 
     async def main():
         failed = await asyncio.gather(batcher.submit("a"), batcher.submit("b"), return_exceptions=True)
@@ -151,9 +171,9 @@ def test_a_failed_pass_fails_its_batch_and_the_next_pass_works(executor):
     assert later == "encoded c"
 
 
-def test_a_cancelled_caller_is_not_encoded(executor):
+def test_a_cancelled_caller_is_not_encoded(worker):
     recorder = Recorder()
-    batcher = batcher_for(recorder, executor, window_ms=100)
+    batcher = batcher_for(recorder, worker, window_ms=100)
 
     async def main():
         gone = asyncio.ensure_future(batcher.submit("gone"))
@@ -166,11 +186,11 @@ def test_a_cancelled_caller_is_not_encoded(executor):
     assert recorder.passes == [["prepared kept"]]
 
 
-def test_a_shut_down_executor_fails_the_callers_instead_of_hanging():
+def test_a_shut_down_worker_fails_the_callers_instead_of_hanging():
     recorder = Recorder()
-    pool = ThreadPoolExecutor(max_workers=1)
-    pool.shutdown()
-    batcher = batcher_for(recorder, pool, window_ms=0)
+    worker = PassWorker(thread_name_prefix="test")
+    worker.shutdown()
+    batcher = batcher_for(recorder, worker, window_ms=0)
 
     async def main():
         return await asyncio.wait_for(batcher.submit("a"), timeout=5)
@@ -179,40 +199,40 @@ def test_a_shut_down_executor_fails_the_callers_instead_of_hanging():
         asyncio.run(main())
 
 
-def test_each_event_loop_gets_its_own_worker(executor):
+def test_each_event_loop_gets_its_own_worker(worker):
     recorder = Recorder()
-    batcher = batcher_for(recorder, executor, window_ms=0)
+    batcher = batcher_for(recorder, worker, window_ms=0)
     assert asyncio.run(batcher.submit("a")) == "encoded a"
     # The first loop is closed; a new one must still be served.
     assert asyncio.run(batcher.submit("b")) == "encoded b"
 
 
-def test_encoding_runs_off_the_event_loop(executor):
+def test_encoding_runs_off_the_event_loop(worker):
     threads = []
 
     def encode(prepared):
         threads.append(threading.current_thread())
         return prepared
 
-    batcher = SegmentBatcher(encode, executor, window_ms=0)
+    batcher = SegmentBatcher(encode, worker, window_ms=0)
     assert asyncio.run(batcher.submit("a")) == "a"
     assert threads and threads[0] is not threading.main_thread()
 
 
 @pytest.mark.parametrize("settings, message", [({"window_ms": -1}, "batch window"), ({"max_batch": 0}, "batch size")])
-def test_bad_settings_are_named(executor, settings, message):
+def test_bad_settings_are_named(worker, settings, message):
     with pytest.raises(ValueError, match=message):
-        batcher_for(Recorder(), executor, **settings)
+        batcher_for(Recorder(), worker, **settings)
 
 
-def test_a_batcher_without_prepare_runs_the_requests_themselves(executor):
+def test_a_batcher_without_prepare_runs_the_requests_themselves(worker):
     passes = []
 
     def run_batch(requests):
         passes.append(list(requests))
         return [request.upper() for request in requests]
 
-    batcher = SegmentBatcher(run_batch, executor, window_ms=50)
+    batcher = SegmentBatcher(run_batch, worker, window_ms=50)
 
     async def main():
         return await asyncio.gather(*(batcher.submit(name) for name in "ab"))

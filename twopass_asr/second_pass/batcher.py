@@ -3,16 +3,17 @@
 Segments of different streams reach the model independently. Running the audio encoder
 (or, on the torch fallback, the LLM's generation) one segment at a time reads the
 weights once per segment; the batcher lets the first segment wait a short window for
-company, then runs one pass over everything queued by then (up to `max_batch`).
-Segments that arrive while a pass runs are queued and go together into the next one.
+company, then runs one pass over everything queued by the time the worker is free for it
+(up to `max_batch`). Segments that arrive while a pass runs, of this batcher or another one
+sharing the worker, are queued and go together into the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
-from concurrent.futures import Executor
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Generic, Mapping, Sequence, TypeVar
 
@@ -53,15 +54,44 @@ class PassReport:
     busy_s: float
 
 
+class PassWorker:
+    """One thread that runs passes, one at a time, for one or more batchers (the model's
+    torch work uses every core already: more threads would only contend).
+
+    A batcher takes its batch only once it holds the worker. Segments that reach a batcher
+    while another batcher's pass runs therefore join its next pass (a pass queued in an
+    executor in advance would fix its batch before its wait: two streams' generations would
+    never share one)."""
+
+    def __init__(self, thread_name_prefix: str):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name_prefix)
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def held(self) -> asyncio.Lock:
+        """The lock a batcher holds while it takes its batch and runs the pass (one lock per
+        event loop: a loop that has gone took its lock with it)."""
+        loop = asyncio.get_running_loop()
+        if self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
+    async def run(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class SegmentBatcher(Generic[Request, Prepared, Result]):
     """`await submit(request)` gives `run_batch([prepare(request), ...])`'s entry for the request.
 
     prepare (default: none) runs per request and may raise for that request alone (bad
-    audio); run_batch runs once per batch. Both run on `executor`, off the event loop. A
+    audio); run_batch runs once per batch. Both run on `worker`, off the event loop. A
     failing run_batch fails every request of its batch; the batcher keeps serving the next
     ones. `on_pass(PassReport)` is called on the event loop after each pass (metrics)."""
 
-    def __init__(self, run_batch: Callable[[Sequence[Prepared]], list[Result]], executor: Executor,
+    def __init__(self, run_batch: Callable[[Sequence[Prepared]], list[Result]], worker: PassWorker,
                  prepare: Callable[[Request], Prepared] | None = None, window_ms: float = DEFAULT_WINDOW_MS,
                  max_batch: int = DEFAULT_MAX_BATCH, on_pass: Callable[[PassReport], None] | None = None):
         if window_ms < 0:
@@ -70,52 +100,67 @@ class SegmentBatcher(Generic[Request, Prepared, Result]):
             raise ValueError(f"the batch size must be >= 1, got {max_batch}")
         self._prepare = prepare
         self._run_batch = run_batch
-        self._executor = executor
+        self._worker = worker
         self.window_s = window_ms / 1000
         self.max_batch = max_batch
         self.batch_sizes: Counter[int] = Counter()  # passes by batch size
         self._on_pass = on_pass
-        self._queue: asyncio.Queue | None = None
-        self._worker: asyncio.Task | None = None
+        self._pending: deque[tuple[float, Request, asyncio.Future]] = deque()
+        self._arrival: asyncio.Event | None = None
+        self._server: asyncio.Task | None = None
 
     async def submit(self, request: Request) -> Result:
         loop = asyncio.get_running_loop()
-        # One worker per event loop (a loop that has gone took its worker with it).
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._queue = asyncio.Queue()
-            self._worker = loop.create_task(self._serve())
+        # One server task per event loop (a loop that has gone took its task and requests with it).
+        if self._server is None or self._server.done() or self._server.get_loop() is not loop:
+            self._pending = deque()
+            self._arrival = asyncio.Event()
+            self._server = loop.create_task(self._serve())
         future = loop.create_future()
-        self._queue.put_nowait((time.monotonic(), request, future))
+        self._pending.append((time.monotonic(), request, future))
+        self._arrival.set()
         return await future
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            arrived, request, future = await self._queue.get()
-            waiting = [(arrived, request, future)]
-            await asyncio.sleep(max(0.0, arrived + self.window_s - time.monotonic()))
-            while len(waiting) < self.max_batch and not self._queue.empty():
-                waiting.append(self._queue.get_nowait())
-            # Requests whose caller has gone (cancelled) are not run.
-            waiting = [entry for entry in waiting if not entry[2].done()]
-            if not waiting:
+            if not self._pending:
+                self._arrival.clear()
+                await self._arrival.wait()
                 continue
-            try:
-                results, report = await loop.run_in_executor(self._executor, self._run,
-                                                             [(arrived, request) for arrived, request, _ in waiting])
-            except Exception as exc:  # the executor itself failed (shut down): nobody may wait forever
-                results, report = [exc] * len(waiting), None
-            for (_, _, future), result in zip(waiting, results):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-            if report is not None:
-                self.batch_sizes[report.size] += 1
-                if self._on_pass is not None:
-                    self._on_pass(report)
+            await asyncio.sleep(max(0.0, self._pending[0][0] + self.window_s - time.monotonic()))
+            # The results are set before the worker is let go: callers that go on to another
+            # batcher of the same worker reach it before that batcher's waiting pass starts.
+            async with self._worker.held():
+                batch = self._take_batch()
+                if batch:
+                    await self._run_pass(batch)
+
+    def _take_batch(self) -> list[tuple[float, Request, asyncio.Future]]:
+        """Up to max_batch of the oldest requests whose callers still wait (those cancelled
+        are dropped, not run)."""
+        batch = []
+        while self._pending and len(batch) < self.max_batch:
+            entry = self._pending.popleft()
+            if not entry[2].done():
+                batch.append(entry)
+        return batch
+
+    async def _run_pass(self, batch: list[tuple[float, Request, asyncio.Future]]) -> None:
+        try:
+            results, report = await self._worker.run(self._run, [(arrived, request) for arrived, request, _ in batch])
+        except Exception as exc:  # the worker itself failed (shut down): nobody may wait forever
+            results, report = [exc] * len(batch), None
+        for (_, _, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if report is not None:
+            self.batch_sizes[report.size] += 1
+            if self._on_pass is not None:
+                self._on_pass(report)
 
     def _run(self, requests: list[tuple[float, Request]]) -> tuple[list[Result | Exception], PassReport | None]:
         """Every request's result or exception, and the report of the pass (None when no
@@ -140,4 +185,5 @@ class SegmentBatcher(Generic[Request, Prepared, Result]):
         return outcomes, PassReport(len(ready), waited, time.monotonic() - started)
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_WINDOW_MS", "PassReport", "SegmentBatcher", "settings_from_parameters"]
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_WINDOW_MS", "PassReport", "PassWorker", "SegmentBatcher",
+           "settings_from_parameters"]

@@ -15,7 +15,6 @@ from twopass_asr.funasr_classes import use_light_funasr
 use_light_funasr()
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import numpy as np
@@ -24,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 from twopass_asr.hotwords import check_language, parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.kernels.int8_recipe import INT8_KERNEL_CHOICES, INT8_PRECISIONS
-from twopass_asr.second_pass.batcher import PassReport, SegmentBatcher, settings_from_parameters
+from twopass_asr.second_pass.batcher import PassReport, PassWorker, SegmentBatcher, settings_from_parameters
 from twopass_asr.second_pass.llm_export import mapped_input_embeddings
 from twopass_asr.second_pass.precision import (
     ENCODER_INT8_KERNEL_ENV,
@@ -126,11 +125,10 @@ class TritonPythonModel:
                                              encoder_int8_kernel=encoder_kernel)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
-        # One worker for the torch work (embeddings; generation on the torch path): it uses
-        # every core already, more threads would only contend.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nano")
+        # One worker for the torch work: embeddings, and generation on the torch path.
+        self.worker = PassWorker(thread_name_prefix="nano")
         count_encoded = self._pass_counter(args, "encoder", "encoded_segments", "audio encoder")
-        self.embedder = SegmentBatcher(self.recognizer.embed_prepared, self.executor, prepare=self.recognizer.prepare,
+        self.embedder = SegmentBatcher(self.recognizer.embed_prepared, self.worker, prepare=self.recognizer.prepare,
                                        on_pass=count_encoded, **embed_batching)
         try:
             self.engine = start_engine(mode, self.recognizer, device, params, precision, warn=pb_utils.Logger.log_warn)
@@ -150,7 +148,7 @@ class TritonPythonModel:
         if self.engine is None:
             count_generated = self._pass_counter(args, "torch_generate", "torch_generated_segments",
                                                  "torch generation")
-            self.generator = SegmentBatcher(self._generate_batch, self.executor, on_pass=count_generated,
+            self.generator = SegmentBatcher(self._generate_batch, self.worker, on_pass=count_generated,
                                             **generate_batching)
         return_freed_memory()
         generation = ("vLLM" if self.engine else "torch") + " generation"
@@ -242,7 +240,7 @@ class TritonPythonModel:
             sender.send(None, final=True)
 
     def finalize(self):
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.worker.shutdown()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
