@@ -489,7 +489,7 @@ def main() -> None:
     worker = PassWorker(thread_name_prefix="nano")
     embedder = SegmentBatcher(recognizer.embed_prepared, worker, prepare=recognizer.prepare,
                               window_ms=args.embed_window_ms, max_batch=args.embed_max_batch)
-    generator = SegmentBatcher(recognizer.generate_batch, worker, max_batch=args.torch_max_batch)
+    generator = SegmentBatcher(recognizer.generate_batch, worker, max_batch=args.torch_max_batch, priority=1)
     sections = encoder_sections + encoder_batching(recognizer, funasr_model,
                                                   [int(x) for x in args.encoder_batches.split(",")],
                                                   args.segment_seconds)

@@ -5,7 +5,8 @@ Segments of different streams reach the model independently. Running the audio e
 weights once per segment; the batcher lets the first segment wait a short window for
 company, then runs one pass over everything queued by the time the worker is free for it
 (up to `max_batch`). Segments that arrive while a pass runs, of this batcher or another one
-sharing the worker, are queued and go together into the next one.
+sharing the worker, are queued and go together into the next one. Between batchers sharing
+a worker, the later stage goes first.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def settings_from_parameters(params: Mapping[str, str], prefix: str) -> dict:
 class PassReport:
     """One pass: how many requests went through run_batch, the seconds they had waited
     from submit to the pass's start (summed over them: the batching window, and the shared
-    executor busy with other work), and the seconds the pass ran (prepare included)."""
+    worker busy with other passes), and the seconds the pass ran (prepare included)."""
 
     size: int
     waited_s: float
@@ -55,26 +56,57 @@ class PassReport:
 
 
 class PassWorker:
-    """One thread that runs passes, one at a time, for one or more batchers (the model's
-    torch work uses every core already: more threads would only contend).
+    """One thread that runs the passes of one or more batchers, one pass at a time (the
+    model's torch work uses every core already: more threads would only contend).
 
-    A batcher takes its batch only once it holds the worker. Segments that reach a batcher
-    while another batcher's pass runs therefore join its next pass (a pass queued in an
-    executor in advance would fix its batch before its wait: two streams' generations would
-    never share one)."""
+    Whenever it is free, the worker picks the next pass: that of the batcher with the highest
+    priority among those with requests waiting (a later stage first: it finishes segments
+    already started), the oldest request first between equals; it then takes that batcher's
+    batch. So segments that reach a batcher while another pass runs join its next pass. A
+    batch is only waited for (the batcher's window) when its oldest request has not waited
+    that long yet."""
 
     def __init__(self, thread_name_prefix: str):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name_prefix)
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._batchers: list[SegmentBatcher] = []
+        self._arrival: asyncio.Event | None = None
+        self._server: asyncio.Task | None = None
 
-    def held(self) -> asyncio.Lock:
-        """The lock a batcher holds while it takes its batch and runs the pass (one lock per
-        event loop: a loop that has gone took its lock with it)."""
+    def attach(self, batcher: SegmentBatcher) -> None:
+        self._batchers.append(batcher)
+
+    def serve(self) -> None:
+        """Makes sure the running event loop has the task that runs the passes, and wakes it
+        (a batcher calls this for each request it queues)."""
         loop = asyncio.get_running_loop()
-        if self._lock_loop is not loop:
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        return self._lock
+        # One server task per event loop: a loop that has gone took its task and its
+        # batchers' requests with it.
+        if self._server is None or self._server.done() or self._server.get_loop() is not loop:
+            for batcher in self._batchers:
+                batcher.forget_pending()
+            self._arrival = asyncio.Event()
+            self._server = loop.create_task(self._serve())
+        self._arrival.set()
+
+    def _next_batcher(self) -> SegmentBatcher | None:
+        waiting = [batcher for batcher in self._batchers if batcher.oldest_arrival() is not None]
+        return max(waiting, key=lambda batcher: (batcher.priority, -batcher.oldest_arrival()), default=None)
+
+    async def _serve(self) -> None:
+        while True:
+            batcher = self._next_batcher()
+            if batcher is None:
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            window_left = batcher.oldest_arrival() + batcher.window_s - time.monotonic()
+            if window_left > 0:
+                await asyncio.sleep(window_left)
+                continue  # choose again: others may have come
+            await batcher.run_pass()
+            # The callers whose results were just set go on first: those that submit to
+            # another batcher of this worker are queued there before the next choice.
+            await asyncio.sleep(0)
 
     async def run(self, function: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
@@ -87,13 +119,15 @@ class SegmentBatcher(Generic[Request, Prepared, Result]):
     """`await submit(request)` gives `run_batch([prepare(request), ...])`'s entry for the request.
 
     prepare (default: none) runs per request and may raise for that request alone (bad
-    audio); run_batch runs once per batch. Both run on `worker`, off the event loop. A
-    failing run_batch fails every request of its batch; the batcher keeps serving the next
-    ones. `on_pass(PassReport)` is called on the event loop after each pass (metrics)."""
+    audio); run_batch runs once per batch. Both run on `worker` (PassWorker: when, and
+    which batcher first by `priority`), off the event loop. A failing run_batch fails every
+    request of its batch; the batcher keeps serving the next ones. `on_pass(PassReport)` is
+    called on the event loop after each pass (metrics)."""
 
     def __init__(self, run_batch: Callable[[Sequence[Prepared]], list[Result]], worker: PassWorker,
                  prepare: Callable[[Request], Prepared] | None = None, window_ms: float = DEFAULT_WINDOW_MS,
-                 max_batch: int = DEFAULT_MAX_BATCH, on_pass: Callable[[PassReport], None] | None = None):
+                 max_batch: int = DEFAULT_MAX_BATCH, on_pass: Callable[[PassReport], None] | None = None,
+                 priority: int = 0):
         if window_ms < 0:
             raise ValueError(f"the batch window must be >= 0 ms, got {window_ms}")
         if max_batch < 1:
@@ -103,41 +137,29 @@ class SegmentBatcher(Generic[Request, Prepared, Result]):
         self._worker = worker
         self.window_s = window_ms / 1000
         self.max_batch = max_batch
+        self.priority = priority
         self.batch_sizes: Counter[int] = Counter()  # passes by batch size
         self._on_pass = on_pass
         self._pending: deque[tuple[float, Request, asyncio.Future]] = deque()
-        self._arrival: asyncio.Event | None = None
-        self._server: asyncio.Task | None = None
+        worker.attach(self)
 
     async def submit(self, request: Request) -> Result:
-        loop = asyncio.get_running_loop()
-        # One server task per event loop (a loop that has gone took its task and requests with it).
-        if self._server is None or self._server.done() or self._server.get_loop() is not loop:
-            self._pending = deque()
-            self._arrival = asyncio.Event()
-            self._server = loop.create_task(self._serve())
-        future = loop.create_future()
+        self._worker.serve()
+        future = asyncio.get_running_loop().create_future()
         self._pending.append((time.monotonic(), request, future))
-        self._arrival.set()
         return await future
 
-    async def _serve(self) -> None:
-        while True:
-            if not self._pending:
-                self._arrival.clear()
-                await self._arrival.wait()
-                continue
-            await asyncio.sleep(max(0.0, self._pending[0][0] + self.window_s - time.monotonic()))
-            # The results are set before the worker is let go: callers that go on to another
-            # batcher of the same worker reach it before that batcher's waiting pass starts.
-            async with self._worker.held():
-                batch = self._take_batch()
-                if batch:
-                    await self._run_pass(batch)
+    def forget_pending(self) -> None:
+        self._pending.clear()
+
+    def oldest_arrival(self) -> float | None:
+        """When the oldest request still waited for arrived (None: none is); requests whose
+        caller has gone (cancelled) are dropped here, never run."""
+        while self._pending and self._pending[0][2].done():
+            self._pending.popleft()
+        return self._pending[0][0] if self._pending else None
 
     def _take_batch(self) -> list[tuple[float, Request, asyncio.Future]]:
-        """Up to max_batch of the oldest requests whose callers still wait (those cancelled
-        are dropped, not run)."""
         batch = []
         while self._pending and len(batch) < self.max_batch:
             entry = self._pending.popleft()
@@ -145,7 +167,10 @@ class SegmentBatcher(Generic[Request, Prepared, Result]):
                 batch.append(entry)
         return batch
 
-    async def _run_pass(self, batch: list[tuple[float, Request, asyncio.Future]]) -> None:
+    async def run_pass(self) -> None:
+        """One pass over up to max_batch of the oldest requests, on the worker's thread; each
+        caller gets its result or exception."""
+        batch = self._take_batch()
         try:
             results, report = await self._worker.run(self._run, [(arrived, request) for arrived, request, _ in batch])
         except Exception as exc:  # the worker itself failed (shut down): nobody may wait forever

@@ -148,7 +148,8 @@ class TritonPythonModel:
         if self.engine is None:
             count_generated = self._pass_counter(args, "torch_generate", "torch_generated_segments",
                                                  "torch generation")
-            self.generator = SegmentBatcher(self._generate_batch, self.worker, on_pass=count_generated,
+            # Generation before encoding when both wait: it finishes a segment already started.
+            self.generator = SegmentBatcher(self._generate_batch, self.worker, on_pass=count_generated, priority=1,
                                             **generate_batching)
         return_freed_memory()
         generation = ("vLLM" if self.engine else "torch") + " generation"
