@@ -453,6 +453,30 @@ def test_int8_encoder_quantizes_each_segment_on_its_own(int8_encoder):
         torch.testing.assert_close(together, int8_encoder.embed_prepared([alone])[0], rtol=1e-4, atol=1e-5)
 
 
+def test_fused_int8_encoder_layers_give_funasrs_bits(int8_encoder, monkeypatch):
+    """On fbgemm and oneDNN the encoder's layers run fused (FusedAudioEncoder): its prompts are
+    those of FunASR's forward over the same int8 layers, bit for bit, alone and in a batch
+    padded to its longest segment; with one layer's FSMN taps moved a frame they are not."""
+    fused = int8_encoder.fused_audio_encoder
+    if int8_encoder.encoder_int8_kernel not in ("fbgemm", "onednn"):
+        assert fused is None
+        return
+    assert fused is not None
+    prepared = [int8_encoder.prepare(NanoRequest(pcm)) for pcm in segments()]
+
+    def prompts(batch, encoder):
+        monkeypatch.setattr(int8_encoder, "fused_audio_encoder", encoder)
+        return int8_encoder.embed_prepared(batch)
+
+    for batch in (prepared[:1], prepared):
+        want, got = prompts(batch, None), prompts(batch, fused)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+    taps = fused.layers.fsmn_taps
+    monkeypatch.setattr(fused.layers, "fsmn_taps", [*taps[:-1], taps[-1].roll(1, dims=0)])
+    want, got = prompts(prepared, None), prompts(prepared, fused)
+    assert not any(torch.equal(a, b) for a, b in zip(want, got))
+
+
 def encoder_agreement(reference: NanoRecognizer, other: NanoRecognizer) -> tuple[float, float]:
     """(relative error of other's audio prompts, teacher-forced top-1 agreement of the
     reference's LLM fed them) against the reference's float32 encoder, over every CASE of

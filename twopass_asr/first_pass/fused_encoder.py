@@ -1,5 +1,6 @@
-"""The first pass's encoder layers in int8 with the elementwise work between their products in C
-(twopass_asr.kernels.row_kernels).
+"""SANM encoder layers in int8 with the elementwise work between their products in C
+(twopass_asr.kernels.row_kernels): the first pass's encoder, and the Nano's audio encoder
+(twopass_asr.second_pass.fused_audio_encoder).
 
 In torch's operations an encoder layer makes about thirty passes over its frames besides its
 four int8 products: each product's per-row quantization and scaling, the FSMN memory's masking,
@@ -44,7 +45,8 @@ class FusedInt8EncoderLayers:
 
     def forward(self, index: int, x: torch.Tensor, lengths: torch.Tensor, look_back) -> torch.Tensor:
         """Encoder layer `index` over frames x [batch, time, features] (each stream's first
-        lengths[i] frames its own; int64); look_back: the batch's _LookBackBuffer. Returns the
+        lengths[i] frames its own; int64); look_back: the layers' attention (write, then attend:
+        the first pass's _LookBackBuffer, or the Nano's whole-segment attention). Returns the
         layer's output frames (x itself, updated in place, where the layer has a residual
         connection)."""
         layer, kernels = self.layers[index], self.kernels

@@ -31,6 +31,7 @@ from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
+from twopass_asr.second_pass.fused_audio_encoder import FusedAudioEncoder
 from twopass_asr.second_pass.llm_int8 import llm_int8_kernel, quantize_llm_for_torch
 from twopass_asr.second_pass.native_decode import NativeDecoder, greedy_generation_config
 from twopass_asr.second_pass.prompt_prefix import PromptPrefixCache
@@ -185,6 +186,8 @@ class NanoRecognizer:
         if prepack:  # what int8 left in float32
             prepack_linear_layers(self.model.audio_encoder)
             prepack_linear_layers(self.model.audio_adaptor)
+        # The int8 encoder layers' per-row work in C where it applies (else FunASR's forward).
+        self.fused_audio_encoder = FusedAudioEncoder.for_encoder(self.model.audio_encoder)
         self.llm_dir = paths["llm"]
         self.model_dir = model_dir
 
@@ -257,7 +260,7 @@ class NanoRecognizer:
         lengths = torch.tensor([len(s.fbank) for s in segments], dtype=torch.int32, device=device)
         # FunASR runs the encoder in float32 whatever the LLM's dtype (it has fp32-only ops).
         with stream_rows(frames=lengths.tolist()):
-            encoded, encoded_lengths = self.model.encode(fbank, lengths)
+            encoded, encoded_lengths = (self.fused_audio_encoder or self.model.encode)(fbank, lengths)
             adapted, adapted_lengths = self.model.audio_adaptor(encoded, encoded_lengths)
         embed_tokens = self.model.llm.model.get_input_embeddings()
         prompts = []
