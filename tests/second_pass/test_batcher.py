@@ -87,12 +87,24 @@ def test_a_pass_reports_the_time_its_segments_waited_and_ran(worker):
     assert 2 * 0.15 <= quick_report.waited_s < 2 * 0.5
 
 
-def test_segments_reaching_a_batcher_while_the_shared_worker_is_busy_join_its_waiting_pass(worker):
-    """Two stages of one priority: x's generation waits while y's encoder pass holds the
-    worker; y's generation, which arrives only as that pass ends, still shares x's pass."""
-    encoder, generator = Recorder(encode_s=0.2), Recorder(encode_s=0.05)
-    encode = batcher_for(encoder, worker, window_ms=0)
-    generate = batcher_for(generator, worker, window_ms=0)
+class Stage(Recorder):
+    """A Recorder that also notes, in a log shared by the stages, which segments each pass ran."""
+
+    def __init__(self, name: str, encode_s: float, log: list):
+        super().__init__(encode_s)
+        self.name, self.log = name, log
+
+    def encode(self, prepared: list[str]) -> list[str]:
+        self.log.append((self.name, [item.split()[-1] for item in prepared]))
+        return super().encode(prepared)
+
+
+def two_segments_through_two_stages(worker, generation_priority: int) -> list:
+    """As the model at two streams: x is encoded (0.2 s), then generated; y arrives while x's
+    encoding runs. Returns the passes in the order they ran."""
+    log = []
+    encode = batcher_for(Stage("encode", 0.2, log), worker, window_ms=0)
+    generate = batcher_for(Stage("generate", 0.05, log), worker, window_ms=0, priority=generation_priority)
 
     async def both_passes(name):
         return await generate.submit(await encode.submit(name))
@@ -103,38 +115,21 @@ def test_segments_reaching_a_batcher_while_the_shared_worker_is_busy_join_its_wa
         return await asyncio.gather(x, both_passes("y"))
 
     assert asyncio.run(main()) == ["encoded encoded x", "encoded encoded y"]
-    assert encoder.passes == [["prepared x"], ["prepared y"]]
-    assert generator.passes == [["prepared encoded x", "prepared encoded y"]]
+    return log
+
+
+def test_segments_reaching_a_batcher_while_the_shared_worker_is_busy_join_its_waiting_pass(worker):
+    """Two stages of one priority: x's generation waits while y's encoder pass holds the
+    worker; y's generation, which arrives only as that pass ends, still shares x's pass."""
+    assert two_segments_through_two_stages(worker, generation_priority=0) == [
+        ("encode", ["x"]), ("encode", ["y"]), ("generate", ["x", "y"])]
 
 
 def test_a_later_stage_goes_first_when_both_wait(worker):
     """As the model ranks generation over encoding: when x's encoding ends with y's waiting,
     x's generation runs first, and x is done before y's encoding starts."""
-    order = []
-
-    class Stage(Recorder):
-        def __init__(self, name, encode_s):
-            super().__init__(encode_s)
-            self.name = name
-
-        def encode(self, prepared):
-            order.append((self.name, [item.split()[-1] for item in prepared]))
-            return super().encode(prepared)
-
-    encoder, generator = Stage("encode", 0.2), Stage("generate", 0.05)
-    encode = batcher_for(encoder, worker, window_ms=0)
-    generate = batcher_for(generator, worker, window_ms=0, priority=1)
-
-    async def both_passes(name):
-        return await generate.submit(await encode.submit(name))
-
-    async def main():
-        x = asyncio.ensure_future(both_passes("x"))
-        await asyncio.sleep(0.1)  # x's encoder pass runs
-        return await asyncio.gather(x, both_passes("y"))
-
-    assert asyncio.run(main()) == ["encoded encoded x", "encoded encoded y"]
-    assert order == [("encode", ["x"]), ("generate", ["x"]), ("encode", ["y"]), ("generate", ["y"])]
+    assert two_segments_through_two_stages(worker, generation_priority=1) == [
+        ("encode", ["x"]), ("generate", ["x"]), ("encode", ["y"]), ("generate", ["y"])]
 
 
 def test_max_batch_splits_the_queue(worker):
