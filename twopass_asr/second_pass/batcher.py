@@ -88,18 +88,21 @@ class PassWorker:
             self._server = loop.create_task(self._serve())
         self._arrival.set()
 
-    def _next_batcher(self) -> SegmentBatcher | None:
-        waiting = [batcher for batcher in self._batchers if batcher.oldest_arrival() is not None]
-        return max(waiting, key=lambda batcher: (batcher.priority, -batcher.oldest_arrival()), default=None)
+    def _next_pass(self) -> tuple[SegmentBatcher, float] | None:
+        """The batcher whose pass comes next, and when its oldest waiting request arrived."""
+        waiting = [(batcher, arrived) for batcher in self._batchers
+                   if (arrived := batcher.oldest_arrival()) is not None]
+        return max(waiting, key=lambda pair: (pair[0].priority, -pair[1]), default=None)
 
     async def _serve(self) -> None:
         while True:
-            batcher = self._next_batcher()
-            if batcher is None:
+            chosen = self._next_pass()
+            if chosen is None:
                 self._arrival.clear()
                 await self._arrival.wait()
                 continue
-            window_left = batcher.oldest_arrival() + batcher.window_s - time.monotonic()
+            batcher, arrived = chosen
+            window_left = arrived + batcher.window_s - time.monotonic()
             if window_left > 0:
                 await asyncio.sleep(window_left)
                 continue  # choose again: others may have come
