@@ -618,24 +618,25 @@ def int8_generation_in_hf_steps(tiny_nano):
 
 
 @torch.no_grad()
-def test_int8_generation_runs_each_decode_step_in_c_with_the_tokens_of_hfs_steps(int8_generation,
-                                                                                 int8_generation_in_hf_steps,
-                                                                                 monkeypatch):
-    """native_decode: after the prefill (the LLM's own forward, once), every token comes from the
-    C step. Its products are the layers' bits and its float arithmetic another order of
-    torch's, so on the tiny model (where near ties are common) the tokens still match HF's
-    steps, alone and in batches of prompts of different lengths."""
+def test_int8_generation_runs_its_prefill_and_decode_steps_in_c_with_the_tokens_of_hfs(int8_generation,
+                                                                                       int8_generation_in_hf_steps,
+                                                                                       monkeypatch):
+    """native_decode: once a prompt opening's cache is held, generation runs no torch forward of
+    the LLM: the prefill of the prompts' other rows and every further token are C passes. Their
+    products are the layers' bits and their float arithmetic another order of torch's, so on
+    the tiny model (where near ties are common) the tokens still match HF's, alone and in
+    batches of prompts of different lengths."""
     assert int8_generation.native_decoder is not None and int8_generation_in_hf_steps.native_decoder is None
     prompts = [int8_generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
     expected = int8_generation_in_hf_steps.generate_tokens(prompts)
     assert min(len(row) for row in expected) > 3  # steps after the prefill
+    assert [int8_generation.generate_tokens([prompt])[0] for prompt in prompts] == expected
     forwards = []
     llm = int8_generation.model.llm
     monkeypatch.setattr(llm, "forward", lambda *args, original=llm.forward, **kwargs:
                         forwards.append(kwargs["inputs_embeds"].shape) or original(*args, **kwargs))
     assert int8_generation.generate_tokens(prompts) == expected
-    assert len(forwards) == 1, forwards
-    assert [int8_generation.generate_tokens([prompt])[0] for prompt in prompts[:3]] == expected[:3]
+    assert forwards == []
 
 
 @torch.no_grad()
@@ -657,6 +658,8 @@ def test_c_decode_steps_stop_each_row_at_its_cap_or_stop_token(int8_generation):
     rows = decoder.generate(embeds, mask, None, 0, [12] * len(prompts), {stop})
     assert rows[0] == unstopped[0][:3]
     assert rows == [until_stop(row, {stop}) for row in unstopped]
+    with pytest.raises(ValueError, match="right-aligned"):  # the prefill's logits come from each last entry
+        decoder.generate(embeds.flip(1), mask.flip(1), None, 0, [12] * len(prompts), set())
 
 
 def test_int8_generation_keeps_hfs_steps_where_generation_is_not_plain_greedy(tiny_nano, caplog):

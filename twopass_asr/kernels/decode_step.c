@@ -1,11 +1,12 @@
-/* One decode step of a Qwen3 LLM whose projections and output head are int8 (the torch int8
- * LLM of twopass_asr/second_pass/llm_int8.py), for a few sequences at once, in one call: the
+/* Forward passes of a Qwen3 LLM whose projections and output head are int8 (the torch int8
+ * LLM of twopass_asr/second_pass/llm_int8.py) over new rows of a few sequences, in one call: the
  * norms, the rotary embedding, the attention over a key/value cache and the int8 products,
- * with no Python or torch operator between them (twopass_asr/second_pass/native_decode.py
- * builds the model and calls it).
+ * with no Python or torch operator between them. One call is a decode step (one new row per
+ * sequence) or a prompt's prefill (all its rows, each attending the rows before it);
+ * twopass_asr/second_pass/native_decode.py builds the model and calls it.
  *
  * The int8 products are int8_product.h's, with fbgemm's bits. The float work around them is
- * torch's arithmetic in another summation order, so a step agrees with HF's to float rounding,
+ * torch's arithmetic in another summation order, so a pass agrees with HF's to float rounding,
  * not bit for bit. */
 
 #include "int8_product.h"
@@ -119,11 +120,12 @@ static void attend_head(const qwen3_model *model, const decoder_layer *layer, fl
     }
 }
 
-/* For every row and key/value head: the key normed and rotated, key and value written to the
- * cache at `index`, then the attention of the query heads that share them. Row r is sequence
- * slots[r] at rotary position positions[r]. */
+/* Row r is sequence slots[r] at rotary position positions[r], its key and value going to cache
+ * index indices[r]. First every row's keys are normed and rotated and written to the cache with
+ * its values, then each query head attends its sequence's cache up to its row's index: the
+ * rows of one prompt, written together, each see the rows before them. */
 static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t rows, const int64_t *slots,
-                   const int64_t *positions, int64_t index, const uint8_t *valid, step_scratch *scratch) {
+                   const int64_t *positions, const int64_t *indices, const uint8_t *valid, step_scratch *scratch) {
     const int64_t heads = model->heads, kv_heads = model->kv_heads, head_dim = model->head_dim;
     const int64_t capacity = model->capacity, group = heads / kv_heads;
     const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
@@ -131,16 +133,21 @@ static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t
     for (int64_t r = 0; r < rows; ++r) {
         for (int64_t g = 0; g < kv_heads; ++g) {
             float *row = scratch->qkv + r * qkv_width;
-            const int64_t cached = (slots[r] * kv_heads + g) * capacity * head_dim;
+            const int64_t entry = ((slots[r] * kv_heads + g) * capacity + indices[r]) * head_dim;
             float *key = row + (heads + g) * head_dim;
             rms_norm(key, layer->key_norm, head_dim, model->norm_eps, key);
             rotate(key, head_dim, model->inverse_frequencies, positions[r]);
-            memcpy(layer->keys + cached + index * head_dim, key, (size_t)head_dim * sizeof(float));
-            memcpy(layer->values + cached + index * head_dim, row + (heads + kv_heads + g) * head_dim,
-                   (size_t)head_dim * sizeof(float));
+            memcpy(layer->keys + entry, key, (size_t)head_dim * sizeof(float));
+            memcpy(layer->values + entry, row + (heads + kv_heads + g) * head_dim, (size_t)head_dim * sizeof(float));
+        }
+    }
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t g = 0; g < kv_heads; ++g) {
+            const int64_t cached = (slots[r] * kv_heads + g) * capacity * head_dim;
             for (int64_t h = g * group; h < (g + 1) * group; ++h)
-                attend_head(model, layer, row + h * head_dim, layer->keys + cached, layer->values + cached,
-                            valid + slots[r] * capacity, index, positions[r],
+                attend_head(model, layer, scratch->qkv + r * qkv_width + h * head_dim, layer->keys + cached,
+                            layer->values + cached, valid + slots[r] * capacity, indices[r], positions[r],
                             scratch->scores + (r * heads + h) * capacity,
                             scratch->attended + (r * heads + h) * head_dim);
         }
@@ -177,14 +184,15 @@ int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
     return lay_out_scratch(model, rows, NULL, &unused);
 }
 
-/* hidden [rows, hidden]: in, the new tokens' embeddings; out, the last layer's output before the
- * final norm. logits [rows, vocabulary]. Row r is sequence slots[r] at positions[r] (its
- * rotary position), its key and value going to cache index `index`; valid [slots, capacity]
- * marks the cache entries each sequence attends to (the new one included). scratch_space:
+/* hidden [rows, hidden]: in, the new rows' embeddings; out, the last layer's output before the
+ * final norm. Row r is sequence slots[r] at positions[r] (its rotary position), its key and
+ * value going to cache index indices[r]; it attends the entries of its sequence up to that
+ * index that valid [slots, capacity] marks (the new ones included). logits [logit_count,
+ * vocabulary]: of the rows logit_rows names, in that order. scratch_space:
  * step_scratch_floats(model, rows) floats. */
-void qwen3_decode_step(const qwen3_model *model, int64_t rows, float *hidden, const int64_t *slots,
-                       const int64_t *positions, int64_t index, const uint8_t *valid, float *scratch_space,
-                       float *logits, int threads) {
+void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const int64_t *slots,
+                   const int64_t *positions, const int64_t *indices, const uint8_t *valid, float *scratch_space,
+                   int64_t logit_count, const int64_t *logit_rows, float *logits, int threads) {
     const int64_t width = model->hidden, intermediate = model->intermediate;
     const int64_t attended_width = model->heads * model->head_dim;
     step_scratch scratch;
@@ -196,7 +204,7 @@ void qwen3_decode_step(const qwen3_model *model, int64_t rows, float *hidden, co
             /* The previous layer's MLP output is added to the hidden rows here. */
             product_inputs(model, hidden, l ? scratch.product : NULL, layer->input_norm, rows, width, &scratch);
             int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, scratch.qkv);
-            attend(model, layer, rows, slots, positions, index, valid, &scratch);
+            attend(model, layer, rows, slots, positions, indices, valid, &scratch);
             product_inputs(model, scratch.attended, NULL, NULL, rows, attended_width, &scratch);
             int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, scratch.product);
             product_inputs(model, hidden, scratch.product, layer->post_attention_norm, rows, width, &scratch);
@@ -212,15 +220,29 @@ void qwen3_decode_step(const qwen3_model *model, int64_t rows, float *hidden, co
             }
             int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, scratch.product);
         }
-        product_inputs(model, hidden, model->layers ? scratch.product : NULL, model->final_norm, rows, width,
-                       &scratch);
-        int8_product(&model->head, scratch.quantized, scratch.row_scales, rows, logits);
+        if (model->layers) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < width; ++c)
+                    hidden[r * width + c] += scratch.product[r * width + c];
+        }
+        /* Only the rows whose logits are asked for go through the output head: a prefill wants
+         * each prompt's last row. */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < logit_count; ++i) {
+            rms_norm(hidden + logit_rows[i] * width, model->final_norm, width, model->norm_eps,
+                     scratch.normed + i * width);
+            scratch.row_scales[i] = quantize_row(scratch.normed + i * width, width, model->input_step,
+                                                 scratch.quantized + i * width);
+        }
+        int8_product(&model->head, scratch.quantized, scratch.row_scales, logit_count, logits);
     }
 }
 
 /* One int8 layer over `rows` float rows [rows, inputs] into out [rows, outputs], the rows
- * quantized first: the compiled kernel's product (tokenwise_int8), which the prompt's prefill
- * runs, and the one the step runs. quantized: rows * inputs bytes; row_scales: rows floats. */
+ * quantized first: the compiled kernel's product (tokenwise_int8), which the LLM's torch
+ * forward runs (HF's steps, the prompt openings' caches), and the one qwen3_forward runs.
+ * quantized: rows * inputs bytes; row_scales: rows floats. */
 void int8_rows_product(const int8_layer *layer, const float *x, int64_t rows, float input_step, uint8_t *quantized,
                        float *row_scales, float *out, int threads) {
 #pragma omp parallel num_threads(threads)

@@ -1,6 +1,6 @@
 """decode_step.c on torch tensors: the project's own int8 product (int8_product.h, the
-"compiled" kernel of tokenwise_int8), and the C structures of the Qwen3 decode step built on it
-(twopass_asr.second_pass.native_decode runs that step).
+"compiled" kernel of tokenwise_int8), and the C structures of the Qwen3 forward pass built on it
+(twopass_asr.second_pass.native_decode runs it for the prefill and each decode step).
 
 The product takes tokenwise_int8's fbgemm recipe (weights on 63 levels per output channel,
 each row over its largest magnitude in uint8 steps of 2/255 around 128) and gives fbgemm's
@@ -62,13 +62,13 @@ def decode_step_library() -> ctypes.CDLL | None:
     if library is None:
         return None
     model = ctypes.POINTER(Qwen3ModelStruct)
-    library.qwen3_decode_step.argtypes = [model, _size, _pointer, _pointer, _pointer, _size, _pointer, _pointer,
-                                          _pointer, ctypes.c_int]
+    library.qwen3_forward.argtypes = [model, _size, _pointer, _pointer, _pointer, _pointer, _pointer, _pointer,
+                                      _size, _pointer, _pointer, ctypes.c_int]
     library.step_scratch_floats.argtypes = [model, _size]
     library.step_scratch_floats.restype = _size
     library.int8_rows_product.argtypes = [ctypes.POINTER(Int8LayerStruct), _pointer, _size, _real, _pointer,
                                           _pointer, _pointer, ctypes.c_int]
-    for function in (library.qwen3_decode_step, library.int8_rows_product):
+    for function in (library.qwen3_forward, library.int8_rows_product):
         function.restype = None
     return library
 

@@ -1,15 +1,16 @@
-"""Greedy generation for the torch int8 LLM (llm_int8, on the compiled kernel) with each decode
-step one call into C (twopass_asr/kernels/decode_step.c): the prompt is prefilled by the LLM's
-own forward, as `generate` does it, and each further token is one C step over the same int8
-layers' weights.
+"""Greedy generation for the torch int8 LLM (llm_int8, on the compiled kernel) in C
+(twopass_asr/kernels/decode_step.c): the prompts' rows after their cached opening are prefilled
+in one C pass, and each further token is one C step, over the same int8 layers' weights.
 
 A decode step of the torch int8 LLM on a 2-core AVX2 CPU spent about half its time in HF's
 and torch's operations around its int8 products (about 7,000 calls a token) and most of the
 rest in one-row products well above what reading the weights costs (perf/RESULTS.md,
 2026-12-05, session 21). The C step makes one pass per layer: the norms, rotary embedding,
-attention and the products, on the torch thread count. Its products give the layers' bits;
-its float arithmetic around them is torch's in another order, so its tokens equal HF's steps'
-where no two tokens are near a tie (the tests count both).
+attention and the products, on the torch thread count. The prefill is the same pass over all
+the prompts' rows at once (each attending the rows before it), which leaves HF's forward the
+same per-layer torch operations around its products for a few dozen rows. Its products give
+the layers' bits; its float arithmetic around them is torch's in another order, so its tokens
+equal HF's where no two tokens are near a tie (the tests count both).
 
 Used only where HF's generate would be plain greedy search (greedy_generation_config): any
 other logits processing stays with generate.
@@ -70,8 +71,8 @@ def greedy_generation_config(llm: torch.nn.Module, extra_kwargs: dict) -> bool:
 
 
 class NativeDecoder:
-    """The C decode step over a Qwen3 causal LM quantized by llm_int8.quantize_llm_for_torch
-    (which it reads, and which the prefill runs)."""
+    """The C prefill and decode steps over a Qwen3 causal LM quantized by
+    llm_int8.quantize_llm_for_torch (whose layers' weights it reads)."""
 
     def __init__(self, llm: torch.nn.Module):
         library = require_decode_step_library()
@@ -121,53 +122,70 @@ class NativeDecoder:
         """Greedy tokens of each row of inputs_embeds [rows, length, hidden] (float32), each up to
         and including its first stop token and no longer than its cap. attention_mask [rows,
         length] marks the real entries (the rest is padding); `cache`, an HF cache of the first
-        `opening` rows (all real), or None with opening 0."""
-        from transformers import DynamicCache
-
+        `opening` rows (all real), or None with opening 0. Each row's last entry must be real and
+        come after the opening (the prompts right-aligned, as generate_tokens lays them out)."""
         rows, length = attention_mask.shape
+        if length <= opening or not bool(attention_mask[:, -1].all()):
+            raise ValueError("the C prefill takes prompts right-aligned past the opening: every row's last entry "
+                             "real and after it")
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
-        cache = DynamicCache(config=self.llm.config) if cache is None else cache
-        prefill = self.llm(inputs_embeds=inputs_embeds[:, opening:], attention_mask=attention_mask,
-                           position_ids=position_ids[:, opening:], past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
-        tokens = prefill.logits[:, -1].argmax(-1).tolist()
         capacity = length + max(caps)
         # This call's own copy of the structures (the caches are its own): calls may overlap.
         layer_structs = (DecoderLayerStruct * len(self._layer_structs))(*self._layer_structs)
         model = Qwen3ModelStruct.from_buffer_copy(self.model)
         model.layer, model.slots, model.capacity = layer_structs, rows, capacity
         caches = []
-        for struct, layer_cache in zip(layer_structs, cache.layers, strict=True):
+        for layer, struct in enumerate(layer_structs):
             keys = torch.empty(rows, self.kv_heads, capacity, self.head_dim)
             values = torch.empty_like(keys)
-            keys[:, :, :length] = layer_cache.keys
-            values[:, :, :length] = layer_cache.values
+            if opening:
+                keys[:, :, :opening] = cache.layers[layer].keys[:, :, :opening]
+                values[:, :, :opening] = cache.layers[layer].values[:, :, :opening]
             struct.keys, struct.values = keys.data_ptr(), values.data_ptr()
             caches.append((keys, values))
-        del cache, prefill
+        del cache
         valid = torch.zeros(rows, capacity, dtype=torch.uint8)
         valid[:, :length] = attention_mask.to(torch.uint8)
-        next_positions = attention_mask.long().sum(-1)
+        # The prefill: every real entry after the opening, of all rows, in one pass; logits of
+        # each row's last entry only.
+        fresh = attention_mask.bool().clone()
+        fresh[:, :opening] = False
+        slots, indices = fresh.nonzero(as_tuple=True)
+        last_entries = torch.cumsum(fresh.sum(-1), 0) - 1
+        tokens = self._forward(model, inputs_embeds[slots, indices], slots, position_ids[slots, indices], indices,
+                               valid, last_entries)
+        next_positions = position_ids[:, -1] + 1
         generated = [[token] for token in tokens]
         active = [row for row in range(rows) if caps[row] > 1 and tokens[row] not in stops]
-        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), rows))
         embed_tokens = self.llm.model.get_input_embeddings()
         index = length
         while active:
             slots = torch.tensor(active, dtype=torch.int64)
-            positions = next_positions[slots].contiguous()
             valid[slots, index] = 1
-            hidden = embed_tokens(torch.tensor([generated[row][-1] for row in active])).float().contiguous()
-            logits = torch.empty(len(active), self.vocabulary)
-            self._library.qwen3_decode_step(ctypes.byref(model), len(active), hidden.data_ptr(),
-                                            slots.data_ptr(), positions.data_ptr(), index, valid.data_ptr(),
-                                            scratch.data_ptr(), logits.data_ptr(), torch.get_num_threads())
-            for row, token in zip(active, logits.argmax(-1).tolist()):
+            hidden = embed_tokens(torch.tensor([generated[row][-1] for row in active]))
+            for row, token in zip(active, self._forward(model, hidden, slots, next_positions[slots],
+                                                        torch.full_like(slots, index), valid,
+                                                        torch.arange(len(active)))):
                 generated[row].append(token)
             next_positions[slots] += 1
             index += 1
             active = [row for row in active if len(generated[row]) < caps[row] and generated[row][-1] not in stops]
         return generated
 
+    def _forward(self, model: Qwen3ModelStruct, hidden: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor) -> list[int]:
+        """One qwen3_forward over the rows of `hidden` (row r: sequence slots[r] at rotary
+        position positions[r], cache index indices[r]): the greedy token after each of
+        `logit_rows`."""
+        hidden = hidden.float().contiguous()
+        slots, positions, indices, logit_rows = (tensor.to(torch.int64).contiguous()
+                                                 for tensor in (slots, positions, indices, logit_rows))
+        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), len(hidden)))
+        logits = torch.empty(len(logit_rows), self.vocabulary)
+        self._library.qwen3_forward(ctypes.byref(model), len(hidden), hidden.data_ptr(), slots.data_ptr(),
+                                    positions.data_ptr(), indices.data_ptr(), valid.data_ptr(), scratch.data_ptr(),
+                                    len(logit_rows), logit_rows.data_ptr(), logits.data_ptr(),
+                                    torch.get_num_threads())
+        return logits.argmax(-1).tolist()
 
 __all__ = ["GREEDY_NEUTRAL_SETTINGS", "NativeDecoder", "greedy_generation_config"]

@@ -300,9 +300,9 @@ class NanoRecognizer:
     def use_int8_generation(self, native_steps: bool = True) -> None:
         """Generate on torch with the LLM's decoder projections and output head in int8
         (twopass_asr.second_pass.llm_int8), float32 elsewhere and for the prompts. CPU only;
-        before use_dtype replaces the layers. native_steps: each decode step one call into C
-        (native_decode) where the layers are on the compiled kernel and generation is plain
-        greedy search; else HF's generate runs the steps."""
+        before use_dtype replaces the layers. native_steps: the prefill and each decode step one
+        call into C (native_decode) where the layers are on the compiled kernel and generation
+        is plain greedy search; else HF's generate runs them."""
         if str(self.device) != "cpu":
             raise ValueError(f"int8 generation on torch runs on a CPU (its int8 kernels are CPU ones), not on "
                              f"{self.device}; on a GPU int8 runs on vLLM")
