@@ -184,8 +184,8 @@ int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
     return lay_out_scratch(model, rows, NULL, &unused);
 }
 
-/* hidden [rows, hidden]: in, the new rows' embeddings; out, the last layer's output before the
- * final norm. Row r is sequence slots[r] at positions[r] (its rotary position), its key and
+/* hidden [rows, hidden]: in, the new rows' embeddings; out, for the rows in logit_rows, the
+ * last layer's output before the final norm (the others are left without its MLP output). Row r is sequence slots[r] at positions[r] (its rotary position), its key and
  * value going to cache index indices[r]; it attends the entries of its sequence up to that
  * index that valid [slots, capacity] marks (the new ones included). logits [logit_count,
  * vocabulary]: of the rows logit_rows names, in that order. scratch_space:
@@ -220,18 +220,15 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             }
             int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, scratch.product);
         }
-        if (model->layers) {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; ++r)
-                for (int64_t c = 0; c < width; ++c)
-                    hidden[r * width + c] += scratch.product[r * width + c];
-        }
-        /* Only the rows whose logits are asked for go through the output head: a prefill wants
-         * each prompt's last row. */
+        /* Only the rows whose logits are asked for take the last layer's MLP output and go
+         * through the output head: a prefill wants each prompt's last row. */
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < logit_count; ++i) {
-            rms_norm(hidden + logit_rows[i] * width, model->final_norm, width, model->norm_eps,
-                     scratch.normed + i * width);
+            float *row = hidden + logit_rows[i] * width;
+            if (model->layers)
+                for (int64_t c = 0; c < width; ++c)
+                    row[c] += scratch.product[logit_rows[i] * width + c];
+            rms_norm(row, model->final_norm, width, model->norm_eps, scratch.normed + i * width);
             scratch.row_scales[i] = quantize_row(scratch.normed + i * width, width, model->input_step,
                                                  scratch.quantized + i * width);
         }

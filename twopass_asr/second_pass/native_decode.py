@@ -152,8 +152,10 @@ class NativeDecoder:
         fresh[:, :opening] = False
         slots, indices = fresh.nonzero(as_tuple=True)
         last_entries = torch.cumsum(fresh.sum(-1), 0) - 1
+        # Space for the widest pass, the prefill (every row has an entry in it).
+        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), len(slots)))
         tokens = self._forward(model, inputs_embeds[slots, indices], slots, position_ids[slots, indices], indices,
-                               valid, last_entries)
+                               valid, last_entries, scratch)
         next_positions = position_ids[:, -1] + 1
         generated = [[token] for token in tokens]
         active = [row for row in range(rows) if caps[row] > 1 and tokens[row] not in stops]
@@ -165,7 +167,7 @@ class NativeDecoder:
             hidden = embed_tokens(torch.tensor([generated[row][-1] for row in active]))
             for row, token in zip(active, self._forward(model, hidden, slots, next_positions[slots],
                                                         torch.full_like(slots, index), valid,
-                                                        torch.arange(len(active)))):
+                                                        torch.arange(len(active)), scratch)):
                 generated[row].append(token)
             next_positions[slots] += 1
             index += 1
@@ -173,14 +175,14 @@ class NativeDecoder:
         return generated
 
     def _forward(self, model: Qwen3ModelStruct, hidden: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor) -> list[int]:
+                 indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor,
+                 scratch: torch.Tensor) -> list[int]:
         """One qwen3_forward over the rows of `hidden` (row r: sequence slots[r] at rotary
         position positions[r], cache index indices[r]): the greedy token after each of
-        `logit_rows`."""
+        `logit_rows`. scratch: step_scratch_floats for at least these rows."""
         hidden = hidden.float().contiguous()
         slots, positions, indices, logit_rows = (tensor.to(torch.int64).contiguous()
                                                  for tensor in (slots, positions, indices, logit_rows))
-        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), len(hidden)))
         logits = torch.empty(len(logit_rows), self.vocabulary)
         self._library.qwen3_forward(ctypes.byref(model), len(hidden), hidden.data_ptr(), slots.data_ptr(),
                                     positions.data_ptr(), indices.data_ptr(), valid.data_ptr(), scratch.data_ptr(),
