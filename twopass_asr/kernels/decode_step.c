@@ -185,8 +185,9 @@ int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
 }
 
 /* hidden [rows, hidden]: in, the new rows' embeddings; out, for the rows in logit_rows, the
- * last layer's output before the final norm (the others are left without its MLP output). Row r is sequence slots[r] at positions[r] (its rotary position), its key and
- * value going to cache index indices[r]; it attends the entries of its sequence up to that
+ * last layer's output before the final norm (the others are left without its MLP output).
+ * Row r is sequence slots[r] at positions[r] (its rotary position), its key and value going to
+ * cache index indices[r]; it attends the entries of its sequence up to that
  * index that valid [slots, capacity] marks (the new ones included). logits [logit_count,
  * vocabulary]: of the rows logit_rows names, in that order. scratch_space:
  * step_scratch_floats(model, rows) floats. */

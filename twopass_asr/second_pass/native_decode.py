@@ -7,8 +7,8 @@ and torch's operations around its int8 products (about 7,000 calls a token) and 
 rest in one-row products well above what reading the weights costs (perf/RESULTS.md,
 2026-12-05, session 21). The C step makes one pass per layer: the norms, rotary embedding,
 attention and the products, on the torch thread count. The prefill is the same pass over all
-the prompts' rows at once (each attending the rows before it), which leaves HF's forward the
-same per-layer torch operations around its products for a few dozen rows. Its products give
+the prompts' rows at once (each attending the rows before it), which spares it HF's forward's
+per-layer torch operations around the products (perf/RESULTS.md, session 27). Its products give
 the layers' bits; its float arithmetic around them is torch's in another order, so its tokens
 equal HF's where no two tokens are near a tie (the tests count both).
 
