@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
+from twopass_asr.kernels.decode_step import CompiledInt8Weights, tiles_available
 from twopass_asr.kernels.tokenwise_int8 import (
     TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
@@ -178,6 +179,36 @@ def test_the_compiled_kernel_gives_fbgemms_bits(in_features, out_features):
         batch = torch.randn(count, in_features, generator=torch.Generator().manual_seed(count))
         batch *= torch.logspace(-3, 3, count)[:, None]
         assert torch.equal(compiled(batch), fbgemm(batch)), count
+    # A quotient whose product with the inverse step rounds to 14.500002 in float32, where
+    # fbgemm's fused multiply-add with the zero point lands below 113.5: 114 for fbgemm, and
+    # 113 when the product is rounded first.
+    tie = torch.zeros(1, in_features)
+    tie[0, 0], tie[0, 1] = 1.0, float.fromhex("-0x1.d1d1d8p-4")
+    assert torch.equal(compiled(tie), fbgemm(tie))
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not tiles_available(), reason="the compiled product runs on AMX tiles only with AMX int8")
+def test_the_compiled_kernels_amx_tiles_give_its_row_by_row_bits():
+    """Where the CPU has AMX int8 the compiled product runs on tiles, its weights kept in tile
+    order only; its sums are exact either way, so the bits are the row-by-row product's and
+    fbgemm's. Row counts under one 16-row tile (copied into zeros), between tiles and past two
+    (a last block moved back over rows already done), an odd number of 16-output blocks, and the
+    first pass's feed-forward width."""
+    torch.manual_seed(5)
+    for in_features, out_features in ((512, 208), (2048, 512)):
+        linear = torch.nn.Linear(in_features, out_features, bias=False)
+        tiled, fbgemm = TokenwiseInt8Linear(linear, "compiled"), TokenwiseInt8Linear(linear, "fbgemm")
+        assert tiled.packed.tiles is not None and tiled.packed.struct.weights is None
+        assert torch.equal(tiled.weight().int_repr(), fbgemm.weight().int_repr())
+        row_by_row = CompiledInt8Weights(tiled.packed.weights, tiled.weight_scales, tiles=False)
+        assert row_by_row.tiles is None
+        for count in (1, 5, 15, 16, 17, 31, 32, 33, 50, 70):
+            batch = torch.randn(count, in_features, generator=torch.Generator().manual_seed(count))
+            batch *= torch.logspace(-3, 3, count)[:, None]
+            product = tiled(batch)
+            assert torch.equal(product, row_by_row.product(batch)), (in_features, count)
+            assert torch.equal(product, fbgemm(batch)), (in_features, count)
 
 
 def test_layers_with_different_inputs_cannot_share_one():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from twopass_asr.kernels.row_kernels import compiled_library_or_none
+from twopass_asr.kernels.row_kernels import compiled_library_or_none, pointer_or_none
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h"))
 LIBRARY = "decode_step.so"
@@ -29,13 +29,16 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPI
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.
 INPUT_STEP = 2.0 / 255.0
 
+# An AMX tile of weights: 16 outputs by 64 inputs (int8_product.h).
+TILE_OUTPUTS, TILE_INPUTS = 16, 64
+
 _pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class Int8LayerStruct(ctypes.Structure):
-    """decode_step.c's int8_layer."""
+    """int8_product.h's int8_layer."""
     _fields_ = [("weights", _pointer), ("scales", _pointer), ("sums", _pointer), ("outputs", _size),
-                ("inputs", _size)]
+                ("inputs", _size), ("tiles", _pointer)]
 
 
 class DecoderLayerStruct(ctypes.Structure):
@@ -68,6 +71,8 @@ def decode_step_library() -> ctypes.CDLL | None:
     library.step_scratch_floats.restype = _size
     library.int8_rows_product.argtypes = [ctypes.POINTER(Int8LayerStruct), _pointer, _size, _real, _pointer,
                                           _pointer, _pointer, ctypes.c_int]
+    library.int8_tiles_available.argtypes = []
+    library.int8_tiles_available.restype = ctypes.c_int
     for function in (library.qwen3_forward, library.int8_rows_product):
         function.restype = None
     return library
@@ -81,20 +86,42 @@ def require_decode_step_library() -> ctypes.CDLL:
     return library
 
 
-class CompiledInt8Weights:
-    """An int8 layer's weights as decode_step.c takes them: int8 [outputs, inputs] on
-    -63..63, each output's scale times the input step, and each output's weight sum."""
+def tiles_available() -> bool:
+    """Whether the compiled products run on AMX tiles here (int8_product.h): the compiler
+    targets AMX int8 and Linux lets the process use it."""
+    library = decode_step_library()
+    return library is not None and bool(library.int8_tiles_available())
 
-    def __init__(self, weights: torch.Tensor, weight_scales: torch.Tensor):
+
+class CompiledInt8Weights:
+    """An int8 layer's weights as int8_product.h takes them: int8 [outputs, inputs] on -63..63
+    (in AMX tile order where tiles_available and the shape divides into tiles, unless `tiles`
+    is False), each output's scale times the input step, and each output's weight sum."""
+
+    def __init__(self, weights: torch.Tensor, weight_scales: torch.Tensor, tiles: bool = True):
         if weights.dtype != torch.int8 or weights.dim() != 2:
             raise ValueError(f"expected 2-D int8 weights, got {weights.dtype} {tuple(weights.shape)}")
         self.library = require_decode_step_library()
-        self.weights = weights.contiguous()
+        self.outputs, self.inputs = weights.shape
         self.scales = (weight_scales.float().reshape(-1) * torch.tensor(INPUT_STEP, dtype=torch.float32)).contiguous()
-        self.sums = self.weights.sum(1, dtype=torch.int32).contiguous()
-        self.outputs, self.inputs = self.weights.shape
-        self.struct = Int8LayerStruct(self.weights.data_ptr(), self.scales.data_ptr(), self.sums.data_ptr(),
-                                      self.outputs, self.inputs)
+        self.sums = weights.sum(1, dtype=torch.int32).contiguous()
+        fits = self.outputs % TILE_OUTPUTS == 0 and self.inputs % TILE_INPUTS == 0
+        if tiles and fits and tiles_available():
+            # One copy only: the row-major weights are not kept beside the tiles.
+            self._row_major, self.tiles = None, weights.view(
+                self.outputs // TILE_OUTPUTS, TILE_OUTPUTS, self.inputs // TILE_INPUTS, TILE_OUTPUTS, 4).permute(
+                0, 2, 3, 1, 4).contiguous()
+        else:
+            self._row_major, self.tiles = weights.contiguous(), None
+        self.struct = Int8LayerStruct(pointer_or_none(self._row_major), self.scales.data_ptr(), self.sums.data_ptr(),
+                                      self.outputs, self.inputs, pointer_or_none(self.tiles))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The int8 weights [outputs, inputs], row by row."""
+        if self._row_major is not None:
+            return self._row_major
+        return self.tiles.permute(0, 3, 1, 2, 4).reshape(self.outputs, self.inputs)
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """The layer over float32 rows [rows, inputs] (without bias): [rows, outputs]."""
@@ -111,4 +138,4 @@ class CompiledInt8Weights:
 
 
 __all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "INPUT_STEP", "Int8LayerStruct", "Qwen3ModelStruct",
-           "decode_step_library", "require_decode_step_library"]
+           "decode_step_library", "require_decode_step_library", "tiles_available"]

@@ -6,7 +6,11 @@
  * row divided by its largest magnitude and quantized to uint8 around 128 in steps of 2/255,
  * integer sums, scaled back per output and per row. On AVX2 a row's bytes and a weight row's
  * are multiplied in pairs into 16 bits (255 x 63 x 2 fits), then summed in 32 bits; the
- * products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares them). */
+ * products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares them).
+ *
+ * Where the compiler targets AMX int8 and the layer carries its weights in tile order
+ * (int8_tiles_available), the sums run on AMX's tiles instead. They are exact integer sums either
+ * way, so the bits are the same. */
 
 #ifndef TWOPASS_ASR_INT8_PRODUCT_H
 #define TWOPASS_ASR_INT8_PRODUCT_H
@@ -16,6 +20,12 @@
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define INT8_TILES 1
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 /* torch's clamp of a row's largest magnitude: float32's smallest normal number. */
@@ -27,12 +37,16 @@ static const int32_t INPUT_ZERO_POINT = 128;
 #define WEIGHT_PREFETCH_BYTES 2048
 
 /* An int8 linear layer without bias. scales[o]: output o's weight scale times the input
- * step; sums[o]: the sum of its weights, to take the input's zero point back out. */
+ * step; sums[o]: the sum of its weights, to take the input's zero point back out. A layer
+ * has its weights in one of two orders: `weights` row by row, or (AMX) `tiles`. */
 typedef struct {
-    const int8_t *weights; /* [outputs, inputs] */
+    const int8_t *weights; /* [outputs, inputs], or NULL with tiles */
     const float *scales;
     const int32_t *sums;
     int64_t outputs, inputs;
+    /* [outputs / 16, inputs / 64, 16, 16, 4]: for each 16 outputs and 64 inputs, one AMX tile
+     * of 16 rows, row i holding inputs 4i to 4i + 3 of each of the 16 outputs. Or NULL. */
+    const int8_t *tiles;
 } int8_layer;
 
 /* A row's largest magnitude, at least SMALLEST_SCALE. Compared as integers: with the sign bit
@@ -50,13 +64,15 @@ static float row_magnitude(const float *row, int64_t columns) {
     return scale < SMALLEST_SCALE ? SMALLEST_SCALE : scale;
 }
 
-/* A row divided by its largest magnitude, in uint8 around INPUT_ZERO_POINT: fbgemm's rounding
- * (half to even) of the quotient over the input step. */
+/* A row divided by its largest magnitude, in uint8 around INPUT_ZERO_POINT: fbgemm's rounding,
+ * the quotient times the inverse step plus the zero point in one fused multiply-add, then to the
+ * nearest integer (half to even). Rounding the product first differs where it lands within a
+ * rounding of a half. */
 static float quantize_row(const float *row, int64_t columns, float input_step, uint8_t *out) {
     const float scale = row_magnitude(row, columns);
     const float inverse_step = 1.0f / input_step;
     for (int64_t c = 0; c < columns; ++c) {
-        float value = nearbyintf((row[c] / scale) * inverse_step) + (float)INPUT_ZERO_POINT;
+        float value = nearbyintf(fmaf(row[c] / scale, inverse_step, (float)INPUT_ZERO_POINT));
         value = value < 0.0f ? 0.0f : (value > 255.0f ? 255.0f : value);
         out[c] = (uint8_t)value;
     }
@@ -109,10 +125,139 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *first_
         sums[i] = total[i];
 }
 
+/* out[r] for rows first to first + count - 1 of a block of sums (int32, `stride` a row, the
+ * first one row `first`'s) and `outputs` outputs from o: the sums scaled back. */
+static inline void scale_sums(const int8_layer *layer, const int32_t *sums, int64_t stride, int64_t first,
+                              int64_t count, int64_t o, int64_t outputs, const float *row_scales, float *out) {
+    for (int64_t i = 0; i < count; ++i)
+        for (int64_t j = 0; j < outputs; ++j)
+            out[(first + i) * layer->outputs + o + j] =
+                (float)(sums[i * stride + j] - INPUT_ZERO_POINT * layer->sums[o + j]) * layer->scales[o + j]
+                * row_scales[first + i];
+}
+
+#ifdef INT8_TILES
+#define TILE_ROWS 16
+#define TILE_INPUTS 64
+#define TILE_BYTES (TILE_ROWS * TILE_INPUTS)
+
+/* Linux gives a thread AMX's tile registers only after the process has asked for them. */
+static int tiles_permitted(void) {
+    static volatile int state; /* 0 not asked yet, 1 granted, -1 refused */
+    if (state == 0)
+        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+typedef struct __attribute__((packed)) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3 the sums of a 32 x 32 block (rows 0-15 x outputs 0-15, 0-15 x 16-31, 16-31 x 0-15,
+ * 16-31 x 16-31), 4-5 its two 16-row input tiles, 6-7 its two weight tiles; all 16 x 64 bytes. */
+static void configure_tiles(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        config.rows[t] = TILE_ROWS;
+        config.bytes_per_row[t] = TILE_INPUTS;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* sums [32, 32] (row stride 32) of input rows [16 or 32 (two_row_tiles), inputs] `stride` bytes
+ * apart and one or two (two_output_tiles) consecutive 16-output blocks of tiles. */
+static inline __attribute__((always_inline)) void tile_block(const uint8_t *inputs, int64_t stride,
+                                                             int two_row_tiles, const int8_t *tiles,
+                                                             int two_output_tiles, int64_t steps, int32_t *sums) {
+    const int8_t *second_tiles = tiles + steps * TILE_BYTES;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(4, inputs + s * TILE_INPUTS, stride);
+        _tile_loadd(6, tiles + s * TILE_BYTES, TILE_INPUTS);
+        _tile_dpbusd(0, 4, 6);
+        if (two_row_tiles) {
+            _tile_loadd(5, inputs + TILE_ROWS * stride + s * TILE_INPUTS, stride);
+            _tile_dpbusd(2, 5, 6);
+        }
+        if (two_output_tiles) {
+            _tile_loadd(7, second_tiles + s * TILE_BYTES, TILE_INPUTS);
+            _tile_dpbusd(1, 4, 7);
+            if (two_row_tiles)
+                _tile_dpbusd(3, 5, 7);
+        }
+    }
+    const int64_t row_bytes = 32 * sizeof(int32_t);
+    _tile_stored(0, sums, row_bytes);
+    _tile_stored(1, sums + 16, row_bytes);
+    _tile_stored(2, sums + 16 * 32, row_bytes);
+    _tile_stored(3, sums + 16 * 32 + 16, row_bytes);
+}
+
+/* int8_product on the layer's tiles, a block of 32 rows (16 where fewer are left) at a time
+ * over all outputs: the block's inputs stay in the first-level cache while the weights stream
+ * past (from the second level for the first pass's layers), which ran faster than a block of
+ * outputs over all rows. A last short block is moved back to end at the last row (recomputing
+ * a few rows) rather than padded; only fewer than 16 rows in all are copied into zeros. */
+static void tile_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
+                         float *out) {
+    const int64_t n = layer->outputs, k = layer->inputs, steps = k / TILE_INPUTS, blocks = n / TILE_ROWS;
+    const uint8_t *source = inputs;
+    uint8_t *padded = NULL;
+    if (rows < TILE_ROWS) {
+        padded = calloc(TILE_ROWS, (size_t)k);
+        if (padded == NULL)
+            abort();
+        memcpy(padded, inputs, (size_t)(rows * k));
+        source = padded;
+    }
+    int32_t sums[32 * 32];
+    configure_tiles();
+    const int two_row_tiles = rows >= 2 * TILE_ROWS;
+    const int64_t span = two_row_tiles ? 2 * TILE_ROWS : TILE_ROWS;
+    for (int64_t r = 0; r < rows;) {
+        const int64_t start = rows - r < span && rows >= span ? rows - span : r;
+        const int64_t end = start + span < rows ? start + span : rows;
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair) {
+            const int two_output_tiles = 2 * pair + 1 < blocks;
+            tile_block(source + start * k, k, two_row_tiles, layer->tiles + 2 * pair * steps * TILE_BYTES,
+                       two_output_tiles, steps, sums);
+            scale_sums(layer, sums + (r - start) * 32, 32, r, end - r, pair * 2 * TILE_ROWS,
+                       two_output_tiles ? 32 : 16, row_scales, out);
+        }
+        r = end;
+    }
+    _tile_release();
+    free(padded);
+}
+#endif
+
+/* Whether this build runs products on AMX tiles (a layer then carries its weights as `tiles`). */
+int int8_tiles_available(void) {
+#ifdef INT8_TILES
+    return tiles_permitted();
+#else
+    return 0;
+#endif
+}
+
 /* out[r] = layer(rows' quantized inputs) for `rows` rows, the outputs shared among the team's
  * threads (called by every thread of a parallel region) two at a time. */
 static void int8_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
                          float *out) {
+#ifdef INT8_TILES
+    if (layer->tiles != NULL) {
+        tile_product(layer, inputs, row_scales, rows, out);
+        return;
+    }
+#endif
     const int64_t n = layer->outputs, k = layer->inputs, pairs = (n + 1) / 2;
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
@@ -129,10 +274,7 @@ static void int8_product(const int8_layer *layer, const uint8_t *inputs, const f
             case 2: dot_block(first, second, inputs + r * k, k, k, 2, sums); break;
             default: dot_block(first, second, inputs + r * k, k, k, 1, sums); break;
             }
-            for (int i = 0; i < count; ++i)
-                for (int j = 0; j < outputs; ++j)
-                    out[(r + i) * n + o + j] = (float)(sums[2 * i + j] - INPUT_ZERO_POINT * layer->sums[o + j])
-                                               * layer->scales[o + j] * row_scales[r + i];
+            scale_sums(layer, sums, 2, r, count, o, outputs, row_scales, out);
         }
     }
 }

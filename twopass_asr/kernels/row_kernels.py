@@ -117,7 +117,7 @@ class RowKernels:
         rows, columns = self._check_rows(y)
         self._check_vector(scales, rows, "scales")
         self._check_vector(bias, columns, "bias")
-        self._scale(y.data_ptr(), rows, columns, scales.data_ptr(), divisor, _pointer(bias))
+        self._scale(y.data_ptr(), rows, columns, scales.data_ptr(), divisor, pointer_or_none(bias))
 
     def scale_relu_quantize_rows(self, y: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                                  divisor: float, form: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,7 @@ class RowKernels:
         self._check_vector(bias, columns, "bias")
         product_input, steps, quotients = self._input_buffers(rows, columns, form)
         next_scales = torch.empty(rows)
-        self._scale_relu_quantize(y.data_ptr(), rows, columns, scales.data_ptr(), divisor, _pointer(bias), steps,
+        self._scale_relu_quantize(y.data_ptr(), rows, columns, scales.data_ptr(), divisor, pointer_or_none(bias), steps,
                                   quotients, next_scales.data_ptr())
         return product_input, next_scales
 
@@ -141,8 +141,8 @@ class RowKernels:
                 raise ValueError(f"{name} must be {rows} x {columns} like x, got {tuple(other.shape)}")
         self._check_vector(scales, rows, "scales")
         self._check_vector(bias, columns, "bias")
-        self._add_scaled(x.data_ptr(), y.data_ptr(), rows, columns, scales.data_ptr(), divisor, _pointer(bias),
-                         _pointer(addend))
+        self._add_scaled(x.data_ptr(), y.data_ptr(), rows, columns, scales.data_ptr(), divisor, pointer_or_none(bias),
+                         pointer_or_none(addend))
 
     def fsmn_memory(self, values: torch.Tensor, lengths: torch.Tensor, taps: torch.Tensor,
                     left: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +169,7 @@ class RowKernels:
         return masked, memory
 
 
-def _pointer(tensor: torch.Tensor | None) -> int | None:
+def pointer_or_none(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
@@ -232,4 +232,4 @@ def row_kernels() -> RowKernels | None:
 
 
 __all__ = ["CACHE_ENV", "FLAGS", "INPUT_FORMS", "PinnedTensors", "RowKernels", "SIMD_FLAGS", "compile_library",
-           "compile_row_kernels", "compiled_library_or_none", "default_cache_dir", "row_kernels"]
+           "compile_row_kernels", "compiled_library_or_none", "default_cache_dir", "pointer_or_none", "row_kernels"]
