@@ -19,7 +19,8 @@ import torch
 from tests.int8_kernels import FUSED_KERNEL_PARAMS, TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
-from twopass_asr.first_pass.native_layers import sanm_decoder_library, sanm_encoder_library
+from twopass_asr.first_pass import native_layers
+from twopass_asr.first_pass.native_layers import first_pass_auto_kernel, sanm_decoder_library, sanm_encoder_library
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels import int8_recipe
 from twopass_asr.kernels import row_kernels as row_kernels_module
@@ -391,6 +392,18 @@ def test_the_native_int8_decoder_agrees_with_torchs_layers_around_the_same_produ
     assert BatchedStreamingParaformer(tiny_model_dir, precision="int8", int8_kernel="fbgemm").native_decoder is None
 
 
+def test_auto_takes_the_native_layers_without_int8_dot_products_or_with_amx_tiles_and_onednn_with_vnni_alone(
+        monkeypatch):
+    """The native layers' products run on AMX tiles where the CPU has them (int8_product.h), and
+    served more streams than oneDNN's there (perf/RESULTS.md, session 28); with VNNI alone they
+    would run on AVX2's pair sums."""
+    assert first_pass_auto_kernel(False) == "compiled"
+    monkeypatch.setattr(native_layers, "tiles_available", lambda: True)
+    assert first_pass_auto_kernel(True) == "compiled"
+    monkeypatch.setattr(native_layers, "tiles_available", lambda: False)
+    assert first_pass_auto_kernel(True) == "onednn"
+
+
 def test_without_a_compiler_auto_takes_fbgemm_where_it_would_take_the_native_layers(tiny_model_dir, tmp_path,
                                                                                    monkeypatch, caplog):
     monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)  # where auto takes "compiled"
@@ -406,7 +419,7 @@ def test_without_a_compiler_auto_takes_fbgemm_where_it_would_take_the_native_lay
         warnings = [record.getMessage() for record in caplog.records
                     if record.levelno == logging.WARNING and record.name.startswith("twopass_asr")]
         assert any("sanm_encoder.c" in warning and "no-such-compiler" in warning
-                   and "fbgemm under auto" in warning for warning in warnings), warnings
+                   and "oneDNN or fbgemm under auto" in warning for warning in warnings), warnings
         script = make_script(seed=3, n_utterances=4, max_batch=4)
         assert any(step["tokens"] for traced in traced_steps(engine, script, [script]).values() for step in traced)
     finally:

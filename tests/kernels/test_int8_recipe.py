@@ -26,15 +26,15 @@ def test_int8_on_a_gpu_and_unknown_values_are_refused_by_name():
         resolve_int8_precision("bf16", "cpu")
 
 
-def test_auto_kernel_is_onednn_with_int8_dot_products_and_the_models_choice_without(monkeypatch):
+def test_auto_kernel_is_onednn_with_int8_dot_products_fbgemm_without_or_the_models_choice(monkeypatch):
     assert choose_int8_kernel("auto", int8_dot_products=True) == "onednn"
     assert choose_int8_kernel("auto", int8_dot_products=False) == "fbgemm"
 
-    def compiled():  # a model that runs faster on the compiled kernel
-        return "compiled"
+    def compiled_without(int8_dot_products):  # a model that runs faster on the compiled kernel without them
+        return "onednn" if int8_dot_products else "compiled"
 
-    assert choose_int8_kernel("auto", int8_dot_products=False, auto_without_dot_products=compiled) == "compiled"
-    assert choose_int8_kernel("auto", int8_dot_products=True, auto_without_dot_products=compiled) == "onednn"
+    assert choose_int8_kernel("auto", int8_dot_products=False, auto_kernel=compiled_without) == "compiled"
+    assert choose_int8_kernel("auto", int8_dot_products=True, auto_kernel=compiled_without) == "onednn"
     assert choose_int8_kernel("onnxruntime", int8_dot_products=False) == "onnxruntime"  # asked for: kept
     assert choose_int8_kernel("fbgemm", int8_dot_products=True) == "fbgemm"
     assert choose_int8_kernel("onednn", int8_dot_products=True) == "onednn"
@@ -62,18 +62,18 @@ def test_a_setting_resolves_to_a_kernel_in_int8_only_and_checks_it_either_way(mo
     with pytest.raises(ValueError, match="int8_kernel must be one of auto, onnxruntime, fbgemm, onednn, compiled, "
                                          "got 'mkl'"):
         resolve_int8_setting("fp32", "mkl", "cpu")
-    # auto's choice without dot products (a compile, for the first pass) is asked for in int8 only
+    # a model's own auto choice (a compile, for the first pass) is asked for in int8 only
     monkeypatch.setattr(int8_recipe, "cpu_has_int8_dot_products", lambda: False)
     asked = []
 
-    def choice():
-        asked.append(1)
+    def choice(int8_dot_products):
+        asked.append(int8_dot_products)
         return "compiled"
 
-    assert resolve_int8_setting("int8", "auto", "cpu", auto_without_dot_products=choice) == ("int8", "compiled")
-    assert resolve_int8_setting("fp32", "auto", "cpu", auto_without_dot_products=choice) == ("fp32", None)
-    assert resolve_int8_setting("auto", "auto", "cuda", auto_without_dot_products=choice) == ("fp32", None)
-    assert asked == [1]
+    assert resolve_int8_setting("int8", "auto", "cpu", auto_kernel=choice) == ("int8", "compiled")
+    assert resolve_int8_setting("fp32", "auto", "cpu", auto_kernel=choice) == ("fp32", None)
+    assert resolve_int8_setting("auto", "auto", "cuda", auto_kernel=choice) == ("fp32", None)
+    assert asked == [False]
 
 
 def test_the_layers_funasr_leaves_in_float_are_told_by_name():

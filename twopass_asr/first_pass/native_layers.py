@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
-from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library
+from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library, tiles_available
+from twopass_asr.kernels.int8_recipe import default_auto_kernel
 from twopass_asr.kernels.row_kernels import SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
@@ -72,8 +73,8 @@ def sanm_encoder_library() -> ctypes.CDLL | None:
     """sanm_encoder.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
     library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", SIMD_FLAGS,
-                                       "the first pass's int8 takes fbgemm under auto, its encoder layers as torch "
-                                       "calls on the compiled kernel (slower)")
+                                       "the first pass's int8 takes oneDNN or fbgemm under auto, its encoder layers as "
+                                       "torch calls on the compiled kernel (slower)")
     if library is None:
         return None
     model = ctypes.POINTER(SanmEncoderStruct)
@@ -101,11 +102,15 @@ def sanm_decoder_library() -> ctypes.CDLL | None:
     return library
 
 
-def auto_kernel_without_dot_products() -> str:
-    """The first pass's int8 kernel under auto on a CPU without int8 dot products: the compiled
-    one, which runs the encoder's and decoder's layers natively here, where its C code compiles;
-    else fbgemm (the failed compile has warned)."""
-    return "compiled" if sanm_encoder_library() is not None and decode_step_library() is not None else "fbgemm"
+def first_pass_auto_kernel(int8_dot_products: bool) -> str:
+    """The first pass's int8 kernel under auto: the compiled one, which runs the encoder's and
+    decoder's layers natively, where its C code compiles and the CPU has no int8 dot products or
+    has AMX tiles for its products; else int8_recipe's default (a failed compile has warned)."""
+    native = sanm_encoder_library() is not None and sanm_decoder_library() is not None \
+        and decode_step_library() is not None
+    if native and (not int8_dot_products or tiles_available()):
+        return "compiled"
+    return default_auto_kernel(int8_dot_products)
 
 
 class NativeInt8Encoder:
@@ -295,5 +300,5 @@ def _native_decoder_layer(layer: torch.nn.Module, first: torch.nn.Module) -> boo
             and conv.padding == (0,) and conv.stride == (1,) and conv.dilation == (1,))
 
 
-__all__ = ["NativeInt8Decoder", "NativeInt8Encoder", "auto_kernel_without_dot_products", "sanm_decoder_library",
+__all__ = ["NativeInt8Decoder", "NativeInt8Encoder", "first_pass_auto_kernel", "sanm_decoder_library",
            "sanm_encoder_library"]

@@ -10,15 +10,16 @@ reduce_range off, activations quantized per call; MatMuls whose node name contai
 The project's int8 models (the first pass, the Nano's audio encoder) run on one of four
 kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or an int8 product
 with activations per token (twopass_asr.kernels.tokenwise_int8): torch's on oneDNN, torch's on
-fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits). auto takes a per-token
-one: oneDNN where the CPU has int8 dot products (AVX-512 VNNI, AMX); without them, fbgemm, or the
-compiled kernel for a model that runs its layers natively on it (the first pass's encoder and
-decoder, twopass_asr.first_pass.native_layers). Without dot products onnxruntime's int8 layers ran
-0.7-1.2x float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX
-the first pass on oneDNN served 42 real-time streams through tritonserver against onnxruntime's
-17 (which holds the GIL around each call) and the audio encoder ran 1.0-1.2x onnxruntime's
-(2026-12-04, session 13); the first pass's native encoder layers on AVX2 alone: 2026-12-05,
-session 24.
+fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits, on AMX tiles where the
+CPU has them). auto takes a per-token one: oneDNN where the CPU has int8 dot products (AVX-512
+VNNI, AMX); without them, fbgemm; and the compiled kernel for a model that runs its layers
+natively on it (the first pass's encoder and decoder, twopass_asr.first_pass.native_layers)
+without dot products or with AMX. Without dot products onnxruntime's int8 layers ran 0.7-1.2x
+float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX the first
+pass on oneDNN served 42 real-time streams through tritonserver against onnxruntime's 17 (which
+holds the GIL around each call) and the audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04,
+session 13); the first pass's native encoder layers on AVX2 alone: 2026-12-05, session 24; on
+AMX tiles: 2026-12-06, session 28.
 """
 
 from __future__ import annotations
@@ -82,12 +83,17 @@ def _runs_with(kernel: str, int8_dot_products: bool) -> bool:
     return kernel != "onednn" or int8_dot_products
 
 
+def default_auto_kernel(int8_dot_products: bool) -> str:
+    """auto's kernel for a model with no choice of its own: onednn with int8 dot products, else fbgemm."""
+    return "onednn" if int8_dot_products else "fbgemm"
+
+
 def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None,
-                       auto_without_dot_products: Callable[[], str] = lambda: "fbgemm") -> str:
+                       auto_kernel: Callable[[bool], str] = default_auto_kernel) -> str:
     """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
-    error). auto: onednn on a CPU with AVX-512 VNNI or AMX int8 dot products (int8_dot_products
-    None: read from this CPU), elsewhere what `auto_without_dot_products` says (fbgemm unless a
-    model runs faster on another). onednn asked for without them is refused."""
+    error). auto: what `auto_kernel` says for a CPU with or without AVX-512 VNNI or AMX int8 dot
+    products (int8_dot_products None: read from this CPU); a model faster on another kernel than
+    default_auto_kernel's passes its own. onednn asked for without them is refused."""
     if requested not in INT8_KERNEL_CHOICES:
         raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")
     dot_products = cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products
@@ -95,9 +101,7 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
         # Without them oneDNN adds pairs of products in 16 bits, and its weights keep 127 levels.
         raise ValueError(f"{setting} onednn needs a CPU with AVX-512 VNNI or AMX int8; this one has neither: "
                          "use fbgemm or auto")
-    if requested != "auto":
-        return requested
-    return "onednn" if dot_products else auto_without_dot_products()
+    return auto_kernel(dot_products) if requested == "auto" else requested
 
 
 def int8_kernels_on_this_cpu() -> tuple[str, ...]:
@@ -107,13 +111,13 @@ def int8_kernels_on_this_cpu() -> tuple[str, ...]:
 
 
 def resolve_int8_setting(precision: str, kernel: str, device: str, kernel_setting: str = "int8_kernel",
-                         auto_without_dot_products: Callable[[], str] = lambda: "fbgemm") -> tuple[str, str | None]:
+                         auto_kernel: Callable[[bool], str] = default_auto_kernel) -> tuple[str, str | None]:
     """A model's precision and int8 kernel settings, resolved on `device`: (fp32 or int8, the
-    kernel in int8 or None in fp32). The kernel is checked either way (choose_int8_kernel; auto's
-    choice without int8 dot products is only asked for in int8)."""
+    kernel in int8 or None in fp32). The kernel is checked either way (choose_int8_kernel; a
+    model's own auto_kernel, which may compile code, is only asked in int8)."""
     resolved = resolve_int8_precision(precision, device)
-    without = auto_without_dot_products if resolved == "int8" else (lambda: "fbgemm")
-    chosen = choose_int8_kernel(kernel, kernel_setting, auto_without_dot_products=without)
+    chosen = choose_int8_kernel(kernel, kernel_setting,
+                                auto_kernel=auto_kernel if resolved == "int8" else default_auto_kernel)
     return resolved, chosen if resolved == "int8" else None
 
 
@@ -123,5 +127,5 @@ def describe_int8(precision: str, kernel: str | None) -> str:
 
 
 __all__ = ["FLOAT_LAYER_MARKS", "INT8_KERNELS", "INT8_KERNEL_CHOICES", "INT8_PRECISIONS", "choose_int8_kernel",
-           "describe_int8", "int8_kernels_on_this_cpu", "quantize_dynamic_arguments", "quiet_quantizer",
-           "resolve_int8_precision", "resolve_int8_setting", "stays_float"]
+           "default_auto_kernel", "describe_int8", "int8_kernels_on_this_cpu", "quantize_dynamic_arguments",
+           "quiet_quantizer", "resolve_int8_precision", "resolve_int8_setting", "stays_float"]
