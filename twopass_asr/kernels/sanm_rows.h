@@ -73,20 +73,34 @@ static void score_keys(const float *const queries[4], const float *keys, int64_t
     }
 }
 
+/* LANES floats as one vector of the compiler's (GCC and Clang), for sums it must keep in registers. */
+typedef float float_lanes __attribute__((vector_size(LANES * sizeof(float))));
+
 /* out[i] += the `count` values [count, head_dim] weighted by weights[i * stride + j], for rows i
- * below `rows`. */
+ * below `rows` (of four; the weights of all four are read). Each LANES columns of the four rows
+ * are summed over all the values in registers before out is touched. */
 static void add_weighted_values(const float *values, int64_t count, int64_t head_dim, const float *weights,
                                 int64_t stride, int rows, float *out, int64_t out_stride) {
-    for (int64_t j = 0; j < count; ++j) {
-        const float *value = values + j * head_dim;
+    const int64_t whole = head_dim - head_dim % LANES;
+    for (int64_t d = 0; d < whole; d += LANES) {
+        float_lanes sums[4] = {{0.0f}};
+        for (int64_t j = 0; j < count; ++j) {
+            float_lanes value;
+            memcpy(&value, values + j * head_dim + d, sizeof value);
+            for (int i = 0; i < 4; ++i)
+                sums[i] += weights[i * stride + j] * value;
+        }
         for (int i = 0; i < rows; ++i) {
-            float *row_out = out + i * out_stride;
-            const float weight = weights[i * stride + j];
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d)
-                row_out[d] += weight * value[d];
+            float_lanes row;
+            memcpy(&row, out + i * out_stride + d, sizeof row);
+            row += sums[i];
+            memcpy(out + i * out_stride + d, &row, sizeof row);
         }
     }
+    for (int i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < count; ++j)
+            for (int64_t d = whole; d < head_dim; ++d)
+                out[i * out_stride + d] += weights[i * stride + j] * values[j * head_dim + d];
 }
 
 /* Up to four query rows (queries[i], `query_stride` apart) of one stream's head over its keys:
