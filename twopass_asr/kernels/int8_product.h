@@ -9,8 +9,9 @@
  * products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares them).
  *
  * Where the compiler targets AMX int8 and the layer carries its weights in tile order
- * (int8_tiles_available), the sums run on AMX's tiles instead. They are exact integer sums either
- * way, so the bits are the same. */
+ * (int8_tiles_available, the one function here not static: each library is asked on its own),
+ * the sums run on AMX's tiles instead. They are exact integer sums either way, so the bits are
+ * the same. */
 
 #ifndef TWOPASS_ASR_INT8_PRODUCT_H
 #define TWOPASS_ASR_INT8_PRODUCT_H
@@ -137,9 +138,10 @@ static inline void scale_sums(const int8_layer *layer, const int32_t *sums, int6
 }
 
 #ifdef INT8_TILES
-#define TILE_ROWS 16
-#define TILE_INPUTS 64
-#define TILE_BYTES (TILE_ROWS * TILE_INPUTS)
+#define TILE_ROWS 16    /* input rows of an input tile */
+#define TILE_OUTPUTS 16 /* outputs of a weight tile */
+#define TILE_INPUTS 64  /* inputs (bytes) of either */
+#define TILE_BYTES (TILE_OUTPUTS * TILE_INPUTS)
 
 /* Linux gives a thread AMX's tile registers only after the process has asked for them. */
 static int tiles_permitted(void) {
@@ -207,7 +209,7 @@ static inline __attribute__((always_inline)) void tile_block(const uint8_t *inpu
  * a few rows) rather than padded; only fewer than 16 rows in all are copied into zeros. */
 static void tile_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
                          float *out) {
-    const int64_t n = layer->outputs, k = layer->inputs, steps = k / TILE_INPUTS, blocks = n / TILE_ROWS;
+    const int64_t n = layer->outputs, k = layer->inputs, steps = k / TILE_INPUTS, blocks = n / TILE_OUTPUTS;
     const uint8_t *source = inputs;
     uint8_t *padded = NULL;
     if (rows < TILE_ROWS) {
@@ -229,8 +231,8 @@ static void tile_product(const int8_layer *layer, const uint8_t *inputs, const f
             const int two_output_tiles = 2 * pair + 1 < blocks;
             tile_block(source + start * k, k, two_row_tiles, layer->tiles + 2 * pair * steps * TILE_BYTES,
                        two_output_tiles, steps, sums);
-            scale_sums(layer, sums + (r - start) * 32, 32, r, end - r, pair * 2 * TILE_ROWS,
-                       two_output_tiles ? 32 : 16, row_scales, out);
+            scale_sums(layer, sums + (r - start) * 32, 32, r, end - r, pair * 2 * TILE_OUTPUTS,
+                       two_output_tiles ? 2 * TILE_OUTPUTS : TILE_OUTPUTS, row_scales, out);
         }
         r = end;
     }
