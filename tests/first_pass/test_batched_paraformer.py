@@ -20,7 +20,7 @@ from tests.int8_kernels import FUSED_KERNEL_PARAMS, TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass import native_layers
-from twopass_asr.first_pass.native_layers import first_pass_auto_kernel, sanm_decoder_library, sanm_encoder_library
+from twopass_asr.first_pass.native_layers import native_auto_kernel, sanm_decoder_library, sanm_encoder_library
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels import int8_recipe
 from twopass_asr.kernels import row_kernels as row_kernels_module
@@ -397,11 +397,11 @@ def test_auto_takes_the_native_layers_without_int8_dot_products_or_with_amx_tile
     """The native layers' products run on AMX tiles where the CPU has them (int8_product.h), and
     served more streams than oneDNN's there (perf/RESULTS.md, session 28); with VNNI alone they
     would run on AVX2's pair sums."""
-    assert first_pass_auto_kernel(False) == "compiled"
+    assert native_auto_kernel(False) == "compiled"
     monkeypatch.setattr(native_layers, "tiles_available", lambda: True)
-    assert first_pass_auto_kernel(True) == "compiled"
+    assert native_auto_kernel(True) == "compiled"
     monkeypatch.setattr(native_layers, "tiles_available", lambda: False)
-    assert first_pass_auto_kernel(True) == "onednn"
+    assert native_auto_kernel(True) == "onednn"
 
 
 def test_without_a_compiler_auto_takes_fbgemm_where_it_would_take_the_native_layers(tiny_model_dir, tmp_path,

@@ -20,7 +20,7 @@ from tests.conftest import SUITE_TORCH_THREADS
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
-from twopass_asr.first_pass.native_layers import first_pass_auto_kernel
+from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import module_path, stream_rows
@@ -249,7 +249,7 @@ def test_int8_made_at_load_is_the_int8_of_a_stored_export(paraformer_export, par
         BatchedStreamingParaformer(paraformer_dir, precision="int8", int8_kernel="mkl")
     assert at_load.precision_description == "int8 on onnxruntime"
     auto = BatchedStreamingParaformer(paraformer_dir, precision="auto")
-    assert auto.precision_description == "int8 on " + first_pass_auto_kernel(cpu_has_int8_dot_products())
+    assert auto.precision_description == "int8 on " + native_auto_kernel(cpu_has_int8_dot_products())
 
 
 def test_an_export_of_other_weights_is_refused(paraformer_export, tmp_path):

@@ -20,7 +20,7 @@ from tests.triton_client_utils import chunks_of, run_sequence, tensor, text_of
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.engines import FunasrOnnxStreamingParaformer
-from twopass_asr.first_pass.native_layers import first_pass_auto_kernel
+from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.first_pass.options import INT8_KERNEL_ENV, PRECISION_ENV
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.serving.triton_launcher import TritonServer, TritonStartError
@@ -189,7 +189,7 @@ def test_auto_precision_is_chosen_by_the_cpu_and_logged(test_models, tmp_path):
     repository = model_repository("batched", tmp_path)  # precision auto, as shipped
     # The suite's fp32 (conftest) off: the shipped default counts.
     with TritonServer(test_models, repository, log_path=tmp_path / "auto.log", env={PRECISION_ENV: ""}) as server:
-        kernel = first_pass_auto_kernel(cpu_has_int8_dot_products())
+        kernel = native_auto_kernel(cpu_has_int8_dot_products())
         assert f"paraformer_streaming: batched engine in int8 on {kernel} (auto)" in server.log_text()
 
 

@@ -303,6 +303,26 @@ def test_second_pass_bench_in_int8_on_torch(test_models, tmp_path):
     assert (tmp_path / "second_pass.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_audio_encoder_bench_times_every_kernel_and_bounds_its_prompts(test_models, tmp_path):
+    """bench_audio_encoder on the tiny Nano: a row per batch with every kernel this CPU runs, each
+    int8 kernel's prompts off float32's by more than nothing and less than int8's own bound, the
+    table, the CSV and the plot."""
+    from twopass_asr.kernels.int8_recipe import int8_kernels_on_this_cpu
+
+    result = run_tool("perf.bench_audio_encoder", "--model-dir", str(test_models / "funasr_nano"), "--batches", "1,2",
+                      "--rounds", "1", "--seconds", "1.5", "--out", str(tmp_path))
+    assert result.stdout.startswith("CPU: ")
+    table = (tmp_path / "audio_encoder.md").read_text(encoding="utf-8")
+    assert cpu_summary() in table
+    names = ["fp32", *(f"int8 {kernel}" for kernel in int8_kernels_on_this_cpu())]
+    rows = list(csv.DictReader((tmp_path / "audio_encoder.csv").read_text(encoding="utf-8").splitlines()))
+    assert [row["segments"] for row in rows] == ["1", "2"], table
+    for row in rows:
+        assert all(float(row[f"{name} ms"]) > 0 for name in names), row
+        assert all(0 < float(row[f"{name} prompt error"]) < 0.1 for name in names[1:]), row
+    assert (tmp_path / "audio_encoder.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_a_decode_steps_weights_in_int8_are_a_quarter_of_float32s():
     """bench_second_pass's count of the weights a decode step reads, on a small Qwen3 as loaded,
     prepacked in float32 (as float32 torch generation runs it) and after the torch int8 LLM's

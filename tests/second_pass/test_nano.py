@@ -15,6 +15,7 @@ import yaml
 
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
+from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.kernels import int8_linear, row_kernels, tokenwise_int8
 from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
@@ -453,28 +454,71 @@ def test_int8_encoder_quantizes_each_segment_on_its_own(int8_encoder):
         torch.testing.assert_close(together, int8_encoder.embed_prepared([alone])[0], rtol=1e-4, atol=1e-5)
 
 
+def prompts_with(recognizer, monkeypatch, batch, encoder):
+    monkeypatch.setattr(recognizer, "fused_audio_encoder", encoder)
+    return recognizer.embed_prepared(batch)
+
+
 def test_fused_int8_encoder_layers_give_funasrs_bits(int8_encoder, monkeypatch):
     """On fbgemm and oneDNN the encoder's layers run fused (FusedAudioEncoder): its prompts are
     those of FunASR's forward over the same int8 layers, bit for bit, alone and in a batch
     padded to its longest segment; with one layer's FSMN taps moved a frame they are not."""
     fused = int8_encoder.fused_audio_encoder
     if int8_encoder.encoder_int8_kernel not in ("fbgemm", "onednn"):
-        assert fused is None
+        assert fused is None or int8_encoder.encoder_int8_kernel == "compiled"
         return
     assert fused is not None
     prepared = [int8_encoder.prepare(NanoRequest(pcm)) for pcm in segments()]
-
-    def prompts(batch, encoder):
-        monkeypatch.setattr(int8_encoder, "fused_audio_encoder", encoder)
-        return int8_encoder.embed_prepared(batch)
-
     for batch in (prepared[:1], prepared):
-        want, got = prompts(batch, None), prompts(batch, fused)
+        want, got = (prompts_with(int8_encoder, monkeypatch, batch, encoder) for encoder in (None, fused))
         assert all(torch.equal(a, b) for a, b in zip(want, got))
-    taps = fused.layers.fsmn_taps
-    monkeypatch.setattr(fused.layers, "fsmn_taps", [*taps[:-1], taps[-1].roll(1, dims=0)])
-    want, got = prompts(prepared, None), prompts(prepared, fused)
+    layers = fused.stacks[1].layers
+    taps = layers.fsmn_taps
+    monkeypatch.setattr(layers, "fsmn_taps", [*taps[:-1], taps[-1].roll(1, dims=0)])
+    want, got = (prompts_with(int8_encoder, monkeypatch, prepared, encoder) for encoder in (None, fused))
     assert not any(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(kept)
+
+
+def test_the_native_audio_encoder_agrees_with_funasrs_layers_on_any_number_of_threads(int8_encoder, monkeypatch):
+    """On the compiled kernel each stack of the encoder's layers is one native call
+    (native_layers' encode_segments), its norms and attention summed in another order than
+    torch's: the prompts agree with FunASR's forward over the same int8 layers to float rounding
+    (measured: at most 1.0e-7 relative), and a segment gets the same bits alone or batched with
+    longer ones, on one, two or three threads. With the last layer's FSMN window a frame off they
+    do not agree."""
+    if int8_encoder.encoder_int8_kernel != "compiled":
+        return
+    native = int8_encoder.fused_audio_encoder
+    assert native is not None, "did sanm_encoder.c compile?"
+    prepared = [int8_encoder.prepare(NanoRequest(pcm)) for pcm in segments()]
+
+    def relative_errors(encoder):
+        want = prompts_with(int8_encoder, monkeypatch, prepared, None)
+        got = prompts_with(int8_encoder, monkeypatch, prepared, encoder)
+        return [float((a - b).norm() / a.norm()) for a, b in zip(want, got)]
+
+    assert max(relative_errors(native)) < 1e-5
+    by_threads = []
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
+            batched = prompts_with(int8_encoder, monkeypatch, prepared, native)
+            for alone, together in zip(prepared, batched):
+                assert torch.equal(prompts_with(int8_encoder, monkeypatch, [alone], native)[0], together)
+        by_threads.append(batched)
+    assert all(torch.equal(a, b) for other in by_threads[1:] for a, b in zip(by_threads[0], other))
+    last = native.stacks[1].layers._layers[-1]
+    monkeypatch.setattr(last, "fsmn_left", last.fsmn_left + 1)
+    assert min(relative_errors(native)) > 1e-3
 
 
 def encoder_agreement(reference: NanoRecognizer, other: NanoRecognizer) -> tuple[float, float]:
@@ -525,7 +569,7 @@ def test_int8_encoder_agrees_with_fp32_and_a_broken_quantization_does_not(tiny_n
 
 def test_encoder_precision_auto_is_int8_on_a_cpu_on_the_kernel_it_is_fast_with(tiny_nano):
     auto = quietly(NanoRecognizer, tiny_nano, encoder_precision="auto")
-    assert auto.encoder_description == "int8 on " + ("onednn" if cpu_has_int8_dot_products() else "fbgemm")
+    assert auto.encoder_description == "int8 on " + native_auto_kernel(cpu_has_int8_dot_products())
 
 
 def test_an_unknown_encoder_int8_kernel_is_named(tiny_nano):

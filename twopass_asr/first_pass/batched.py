@@ -34,7 +34,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.fused_encoder import FusedInt8EncoderLayers
-from twopass_asr.first_pass.native_layers import NativeInt8Decoder, NativeInt8Encoder, first_pass_auto_kernel
+from twopass_asr.first_pass.native_layers import NativeInt8Decoder, NativeInt8Encoder, native_auto_kernel
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
@@ -221,7 +221,7 @@ class BatchedStreamingParaformer:
           decoder's each in one native call (native_layers).
         "auto": int8 on a CPU, fp32 on a GPU (self.precision says which)."""
         self.precision, self.int8_kernel = resolve_int8_setting(
-            precision, int8_kernel, device, auto_kernel=first_pass_auto_kernel)
+            precision, int8_kernel, device, auto_kernel=native_auto_kernel)
         automodel = funasr_automodel(model_dir, device=device, disable_update=True, disable_pbar=True,
                                      disable_log=True)
         self.model = automodel.model.eval()

@@ -25,13 +25,15 @@ import torch
 from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
 from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library, tiles_available
 from twopass_asr.kernels.int8_recipe import default_auto_kernel
-from twopass_asr.kernels.row_kernels import SIMD_FLAGS, PinnedTensors, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 ENCODER_SOURCES = tuple(KERNELS / name for name in ("sanm_encoder.c", "row_scaling.c", "sanm_rows.h",
                                                      "int8_product.h"))
 DECODER_SOURCES = tuple(KERNELS / name for name in ("sanm_decoder.c", "sanm_rows.h", "int8_product.h"))
+# The encoder's layers share a call's rows among threads where asked (the Nano's audio encoder).
+ENCODER_FLAGS = (*FLAGS, "-fopenmp")
 
 _pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -72,16 +74,19 @@ class SanmDecoderStruct(ctypes.Structure):
 def sanm_encoder_library() -> ctypes.CDLL | None:
     """sanm_encoder.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", SIMD_FLAGS,
-                                       "the first pass's int8 takes oneDNN or fbgemm under auto, its encoder layers as "
-                                       "torch calls on the compiled kernel (slower)")
+    library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", ENCODER_FLAGS,
+                                       "int8 takes oneDNN or fbgemm under auto, and SANM encoder layers on the "
+                                       "compiled kernel run as torch calls (slower)")
     if library is None:
         return None
     model = ctypes.POINTER(SanmEncoderStruct)
     library.sanm_encode.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, _pointer, _pointer, _pointer,
-                                    _size, _pointer]
+                                    _size, ctypes.c_int, _pointer]
     library.sanm_encode.restype = None
-    library.encode_scratch_floats.argtypes = [model, _size, _size]
+    library.sanm_encode_segments.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, ctypes.c_int,
+                                             _pointer]
+    library.sanm_encode_segments.restype = None
+    library.encode_scratch_floats.argtypes = [model, _size, _size, ctypes.c_int]
     library.encode_scratch_floats.restype = _size
     return library
 
@@ -102,10 +107,11 @@ def sanm_decoder_library() -> ctypes.CDLL | None:
     return library
 
 
-def first_pass_auto_kernel(int8_dot_products: bool) -> str:
-    """The first pass's int8 kernel under auto: the compiled one, which runs the encoder's and
-    decoder's layers natively, where its C code compiles and the CPU has no int8 dot products or
-    has AMX tiles for its products; else int8_recipe's default (a failed compile has warned)."""
+def native_auto_kernel(int8_dot_products: bool) -> str:
+    """The int8 kernel under auto of the models whose SANM layers run natively on the compiled
+    kernel (the first pass's encoder and decoder, the Nano's audio encoder): the compiled one where
+    its C code compiles and the CPU has no int8 dot products or has AMX tiles for its products;
+    else int8_recipe's default (a failed compile has warned)."""
     native = sanm_encoder_library() is not None and sanm_decoder_library() is not None \
         and decode_step_library() is not None
     if native and (not int8_dot_products or tiles_available()):
@@ -115,7 +121,9 @@ def first_pass_auto_kernel(int8_dot_products: bool) -> str:
 
 class NativeInt8Encoder:
     """The SANM encoder layers `layers` (FunASR's EncoderLayerSANM, their linear layers
-    TokenwiseInt8Linear on the compiled kernel) in sanm_encoder.c; build with `for_layers`."""
+    TokenwiseInt8Linear on the compiled kernel) in sanm_encoder.c: the first pass's batched step
+    (`encode`) or whole segments (`encode_segments`, the Nano's audio encoder); build with
+    `for_layers`."""
 
     def __init__(self, layers: list[torch.nn.Module], library: ctypes.CDLL):
         self.library = library
@@ -166,10 +174,27 @@ class NativeInt8Encoder:
             raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
         out = torch.empty((batch, time, self.size))
         scratch = torch.empty(self.library.encode_scratch_floats(ctypes.byref(self.struct), batch * time,
-                                                                 look_back.history + time))
+                                                                 look_back.history + time, 1))
         self.library.sanm_encode(ctypes.byref(self.struct), batch, time, x.data_ptr(), out.data_ptr(),
                                  lengths.data_ptr(), keys.data_ptr(), values.data_ptr(), history_lengths.data_ptr(),
-                                 look_back.history, scratch.data_ptr())
+                                 look_back.history, 1, scratch.data_ptr())
+        return out
+
+    def encode_segments(self, x: torch.Tensor, lengths: torch.Tensor, threads: int) -> torch.Tensor:
+        """Every layer over whole segments x [batch, time, in_size] (segment i's first
+        lengths[i] frames its own), each frame attending over its segment's frames, on `threads`
+        threads. Returns the last layer's output [batch, time, size]; rows past a segment's
+        frames are not the model's (nothing of theirs reaches its own rows)."""
+        batch, time, features = x.shape
+        if features != self.in_size or x.dtype != torch.float32:
+            raise ValueError(f"expected float32 frames of {self.in_size} features, got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        lengths = lengths.to(torch.int64).contiguous()
+        out = torch.empty((batch, time, self.size))
+        scratch = torch.empty(self.library.encode_scratch_floats(ctypes.byref(self.struct), batch * time, time,
+                                                                 threads))
+        self.library.sanm_encode_segments(ctypes.byref(self.struct), batch, time, x.data_ptr(), out.data_ptr(),
+                                          lengths.data_ptr(), threads, scratch.data_ptr())
         return out
 
 
@@ -300,5 +325,5 @@ def _native_decoder_layer(layer: torch.nn.Module, first: torch.nn.Module) -> boo
             and conv.padding == (0,) and conv.stride == (1,) and conv.dilation == (1,))
 
 
-__all__ = ["NativeInt8Decoder", "NativeInt8Encoder", "first_pass_auto_kernel", "sanm_decoder_library",
+__all__ = ["NativeInt8Decoder", "NativeInt8Encoder", "native_auto_kernel", "sanm_decoder_library",
            "sanm_encoder_library"]

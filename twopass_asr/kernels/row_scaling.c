@@ -113,22 +113,26 @@ void add_scaled_rows(float *x, const float *y, int64_t rows, int64_t columns, co
  * length on; memory = its depthwise convolution over time (taps [width, columns], zeros beyond
  * the batch's frames, `left` of them before a frame) plus masked. values: rows of [batch * time]
  * whose columns start `row_stride` apart. The taps are added first to last with fused
- * multiply-adds from zero, as oneDNN's depthwise convolution does. */
+ * multiply-adds from zero, as oneDNN's depthwise convolution does. Within a parallel region
+ * (sanm_encoder.c's) the rows are shared among its threads. */
 void fsmn_memory(const float *values, int64_t row_stride, int64_t batch, int64_t time, int64_t columns,
                  const int64_t *lengths, const float *taps, int64_t width, int64_t left, float *masked,
                  float *memory) {
-    for (int64_t b = 0; b < batch; ++b) {
-        float *stream_masked = masked + b * time * columns;
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t b = 0; b < batch; ++b)
         for (int64_t t = 0; t < time; ++t) {
             const float *in = values + (b * time + t) * row_stride;
-            float *out = stream_masked + t * columns;
+            float *out = masked + (b * time + t) * columns;
             if (t < lengths[b])
                 memcpy(out, in, columns * sizeof(float));
             else
                 for (int64_t c = 0; c < columns; ++c)
                     out[c] = in[c] * 0.0f;
         }
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t b = 0; b < batch; ++b)
         for (int64_t t = 0; t < time; ++t) {
+            const float *stream_masked = masked + b * time * columns;
             float *out = memory + (b * time + t) * columns;
             memset(out, 0, columns * sizeof(float));
             for (int64_t k = 0; k < width; ++k) {
@@ -143,5 +147,4 @@ void fsmn_memory(const float *values, int64_t row_stride, int64_t batch, int64_t
             for (int64_t c = 0; c < columns; ++c)
                 out[c] = out[c] + in[c];
         }
-    }
 }

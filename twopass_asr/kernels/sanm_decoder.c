@@ -41,7 +41,7 @@ typedef struct {
     float *attended;     /* [tokens, size] */
     float *product;      /* [tokens, size] */
     float *frame_scales; /* [frames] */
-    float *scores;       /* [4, keys] */
+    float *attention;    /* [attention_scratch_floats(keys, head_dim)] */
     uint8_t *quantized;  /* [tokens, hidden] */
     uint8_t *frames;     /* [frames, size] the encoder frames quantized once for every layer */
 } decode_scratch;
@@ -51,10 +51,11 @@ static int64_t lay_out_scratch(const sanm_decoder *model, int64_t tokens, int64_
     const int64_t size = model->size, hidden = model->hidden;
     const int64_t widest = hidden > size ? hidden : size;
     const int64_t sizes[10] = {tokens * widest, tokens > frames ? tokens : frames, tokens * widest, tokens * size,
-                               tokens * size, frames * 2 * size, tokens * size, tokens * size, frames, 4 * keys};
+                               tokens * size, frames * 2 * size, tokens * size, tokens * size, frames,
+                               attention_scratch_floats(keys, model->head_dim)};
     float **parts[10] = {&scratch->normed, &scratch->row_scales, &scratch->hidden, &scratch->h, &scratch->q,
                          &scratch->kv, &scratch->attended, &scratch->product, &scratch->frame_scales,
-                         &scratch->scores};
+                         &scratch->attention};
     int64_t used = 0;
     for (int i = 0; i < 10; ++i) {
         if (base)
@@ -136,14 +137,17 @@ static void cross_attend(const sanm_decoder *model, int64_t batch, int64_t token
                 memcpy(head_keys + (history + t) * head_dim, kv, (size_t)head_dim * sizeof(float));
                 memcpy(head_values + (history + t) * head_dim, kv + size, (size_t)head_dim * sizeof(float));
             }
+            float *keys_t = attention_keys(scratch->attention, capacity);
+            const float *chunk_keys = head_keys + history * head_dim, *chunk_values = head_values + history * head_dim;
+            transpose_keys(head_keys, history_lengths[b], chunk_keys, head_dim, lengths[b], head_dim, keys_t);
             for (int64_t t = 0; t < tokens; t += 4) {
                 const int64_t rows_left = (t < token_counts[b] ? token_counts[b] : t) - t;
                 const int count = rows_left < 4 ? (int)rows_left : 4;
                 float *out = scratch->attended + (b * tokens + t) * size + h * head_dim;
                 if (count > 0)
-                    attend_rows(scratch->q + (b * tokens + t) * size + h * head_dim, size, count, head_keys,
-                                head_values, history_lengths[b], history, lengths[b], head_dim, scratch->scores,
-                                out, size);
+                    attend_rows(scratch->q + (b * tokens + t) * size + h * head_dim, size, count, keys_t,
+                                head_values, history_lengths[b], chunk_values, head_dim, lengths[b], head_dim,
+                                scratch->attention, out, size);
                 for (int64_t i = count; i < 4 && t + i < tokens; ++i)
                     memset(out + i * size, 0, (size_t)head_dim * sizeof(float));
             }

@@ -1,13 +1,20 @@
-/* The streaming Paraformer's SANM encoder layers in int8, all of them in one call per batched
- * step: the layer norms, the int8 products (int8_product.h's, fbgemm's bits), the FSMN memory
- * (row_scaling.c's fsmn_memory, linked in), the attention over each stream's look-back and the
- * residual connections, with no Python or torch operator between them
- * (twopass_asr/first_pass/native_layers.py builds the model and calls it).
+/* SANM encoder layers in int8, all of them in one call: the layer norms, the int8 products
+ * (int8_product.h's, fbgemm's bits), the FSMN memory (row_scaling.c's fsmn_memory, linked in),
+ * the attention and the residual connections, with no Python or torch operator between them
+ * (twopass_asr/first_pass/native_layers.py builds the model and calls it). Two uses:
+ * sanm_encode, the streaming Paraformer's batched step, each stream attending over its look-back
+ * and its chunk; sanm_encode_segments, the Nano's audio encoder (SenseVoice's layers), each
+ * segment attending over all its frames.
  *
  * Each stream's rows are computed from its own rows alone (per-row norms and quantization, each
- * stream attending over its own keys), so a stream gets the same bits alone or batched. The
- * float work is torch's arithmetic in another summation order: a layer agrees with torch's to
- * float rounding, not bit for bit. */
+ * stream attending over its own keys), so a stream gets the same bits alone or batched, and with
+ * any number of threads (each output of a product, each row and each head of the other passes is
+ * one thread's). The float work is torch's arithmetic in another summation order: a layer agrees
+ * with torch's to float rounding, not bit for bit. */
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "sanm_rows.h"
 
@@ -41,20 +48,21 @@ typedef struct {
     float *memory;      /* [rows, size] */
     float *attended;    /* [rows, size] */
     float *product;     /* [rows, max(size, hidden)] */
-    float *scores;      /* [4, keys] */
+    float *attention;   /* [threads, attention_scratch_floats(keys, head_dim)] */
     uint8_t *quantized; /* [rows, max(in_size, size, hidden)] */
 } encode_scratch;
 
 static int64_t larger(int64_t a, int64_t b) { return a > b ? a : b; }
 
-static int64_t lay_out_scratch(const sanm_encoder *model, int64_t rows, int64_t keys, float *base,
+static int64_t lay_out_scratch(const sanm_encoder *model, int64_t rows, int64_t keys, int threads, float *base,
                                encode_scratch *scratch) {
     const int64_t size = model->size, in_size = model->layers ? model->layer[0].in_size : size;
     const int64_t widest_input = larger(larger(in_size, size), model->hidden);
     const int64_t sizes[8] = {rows * larger(in_size, size), rows, rows * 3 * size, rows * size, rows * size,
-                              rows * size, rows * larger(size, model->hidden), 4 * keys};
+                              rows * size, rows * larger(size, model->hidden),
+                              threads * attention_scratch_floats(keys, model->head_dim)};
     float **parts[8] = {&scratch->normed, &scratch->row_scales, &scratch->qkv, &scratch->masked,
-                        &scratch->memory, &scratch->attended, &scratch->product, &scratch->scores};
+                        &scratch->memory, &scratch->attended, &scratch->product, &scratch->attention};
     int64_t used = 0;
     for (int i = 0; i < 8; ++i) {
         if (base)
@@ -66,11 +74,19 @@ static int64_t lay_out_scratch(const sanm_encoder *model, int64_t rows, int64_t 
     return used + (rows * widest_input + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
 }
 
-/* The number of floats sanm_encode's scratch_space must hold for `rows` rows and `keys` keys
- * a stream attends over at most. */
-int64_t encode_scratch_floats(const sanm_encoder *model, int64_t rows, int64_t keys) {
+/* The number of floats the scratch_space of sanm_encode or sanm_encode_segments must hold for
+ * `rows` rows, `keys` keys a stream attends over at most and `threads` threads. */
+int64_t encode_scratch_floats(const sanm_encoder *model, int64_t rows, int64_t keys, int threads) {
     encode_scratch unused;
-    return lay_out_scratch(model, rows, keys, NULL, &unused);
+    return lay_out_scratch(model, rows, keys, threads, NULL, &unused);
+}
+
+static int thread_number(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
 }
 
 static void normed_inputs(const sanm_encoder *model, const float *x, const float *weight, const float *bias,
@@ -84,53 +100,58 @@ static void quantized_inputs(const sanm_encoder *model, const float *x, int64_t 
     quantized_rows(x, rows, columns, model->input_step, scratch->row_scales, scratch->quantized);
 }
 
-/* The layer's keys and (masked) values written to its look-back buffer after each stream's
- * history, then each stream's current rows attending over them; rows past a stream's frames
- * get zeros. keys, values: the layer's [batch, heads, capacity, head_dim]. */
+/* Each stream's current rows attending over its look-back and its own frames' keys and (masked)
+ * values, which are then written to its look-back buffer after its history; rows past a stream's
+ * frames get zeros. keys, values: the layer's [batch, heads, capacity, head_dim], or NULL where
+ * nothing is kept (history_lengths NULL too: no stream has a look-back). The streams' heads are
+ * shared among the threads. */
 static void attend(const sanm_encoder *model, int64_t batch, int64_t time, const int64_t *lengths,
                    const int64_t *history_lengths, int64_t history, int64_t capacity, float *keys, float *values,
                    encode_scratch *scratch) {
     const int64_t size = model->size, heads = model->heads, head_dim = model->head_dim;
+    float *scores = scratch->attention + thread_number() * attention_scratch_floats(capacity, head_dim);
+    float *keys_t = attention_keys(scores, capacity);
+#pragma omp for schedule(static) collapse(2)
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t h = 0; h < heads; ++h) {
-            float *head_keys = keys + (b * heads + h) * capacity * head_dim;
-            float *head_values = values + (b * heads + h) * capacity * head_dim;
-            for (int64_t t = 0; t < time; ++t) {
-                const int64_t row = b * time + t;
-                memcpy(head_keys + (history + t) * head_dim, scratch->qkv + row * 3 * size + size + h * head_dim,
-                       (size_t)head_dim * sizeof(float));
-                memcpy(head_values + (history + t) * head_dim, scratch->masked + row * size + h * head_dim,
-                       (size_t)head_dim * sizeof(float));
-            }
+            const float *chunk_keys = scratch->qkv + b * time * 3 * size + size + h * head_dim;
+            const float *chunk_values = scratch->masked + b * time * size + h * head_dim;
+            float *head_keys = keys ? keys + (b * heads + h) * capacity * head_dim : NULL;
+            float *head_values = values ? values + (b * heads + h) * capacity * head_dim : NULL;
+            const int64_t look_back = history_lengths ? history_lengths[b] : 0;
+            transpose_keys(head_keys, look_back, chunk_keys, 3 * size, lengths[b], head_dim, keys_t);
             for (int64_t t = 0; t < time; t += 4) {
                 const int64_t row = b * time + t;
                 const int64_t rows_left = (t < lengths[b] ? lengths[b] : t) - t;
                 const int count = rows_left < 4 ? (int)rows_left : 4;
                 float *out = scratch->attended + row * size + h * head_dim;
                 if (count > 0)
-                    attend_rows(scratch->qkv + row * 3 * size + h * head_dim, 3 * size, count, head_keys,
-                                head_values, history_lengths[b], history, lengths[b], head_dim, scratch->scores,
-                                out, size);
+                    attend_rows(scratch->qkv + row * 3 * size + h * head_dim, 3 * size, count, keys_t, head_values,
+                                look_back, chunk_values, size, lengths[b], head_dim, scores, out, size);
                 for (int64_t i = count; i < 4 && t + i < time; ++i)
                     memset(out + i * size, 0, (size_t)head_dim * sizeof(float));
+            }
+            if (keys == NULL)
+                continue;
+            for (int64_t t = 0; t < time; ++t) {
+                memcpy(head_keys + (history + t) * head_dim, chunk_keys + t * 3 * size, (size_t)head_dim * sizeof(float));
+                memcpy(head_values + (history + t) * head_dim, chunk_values + t * size,
+                       (size_t)head_dim * sizeof(float));
             }
         }
     }
 }
 
-/* All the encoder's layers over a batched step of `batch` streams' `time` frames (stream b's
- * first lengths[b] its own). input [batch, time, layer 0's in_size]; x [batch, time, size]:
- * out, the last layer's output. keys, values [layers, batch, heads, history + time, head_dim]:
- * in, each stream's look-back at its first history_lengths[b] (of `history`) entries; out, the
- * current frames' keys and values after them. scratch_space: encode_scratch_floats(model,
- * batch * time, history + time) floats. */
-void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
-                 const int64_t *lengths, float *keys, float *values, const int64_t *history_lengths,
-                 int64_t history, float *scratch_space) {
-    const int64_t rows = batch * time, size = model->size, hidden = model->hidden;
-    const int64_t capacity = history + time, layer_cache = batch * model->heads * capacity * model->head_dim;
+/* All the encoder's layers over `batch` streams' `time` rows (stream b's first lengths[b] its
+ * own), on `threads` threads; keys and values: sanm_encode's, each layer's `layer_cache` floats
+ * apart, or NULL (nothing kept). */
+static void encode_layers(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
+                          const int64_t *lengths, float *keys, float *values, int64_t layer_cache,
+                          const int64_t *history_lengths, int64_t history, int threads, float *scratch_space) {
+    const int64_t rows = batch * time, size = model->size, hidden = model->hidden, capacity = history + time;
     encode_scratch scratch;
-    lay_out_scratch(model, rows, capacity, scratch_space, &scratch);
+    lay_out_scratch(model, rows, capacity, threads, scratch_space, &scratch);
+#pragma omp parallel num_threads(threads)
     for (int64_t l = 0; l < model->layers; ++l) {
         const sanm_layer *layer = &model->layer[l];
         const float *layer_input = l ? x : input;
@@ -139,21 +160,23 @@ void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const f
         add_bias(scratch.qkv, layer->qkv_bias, rows, 3 * size);
         fsmn_memory(scratch.qkv + 2 * size, 3 * size, batch, time, size, lengths, layer->fsmn_taps,
                     layer->fsmn_width, layer->fsmn_left, scratch.masked, scratch.memory);
-        attend(model, batch, time, lengths, history_lengths, history, capacity, keys + l * layer_cache,
-               values + l * layer_cache, &scratch);
+        attend(model, batch, time, lengths, history_lengths, history, capacity, keys ? keys + l * layer_cache : NULL,
+               values ? values + l * layer_cache : NULL, &scratch);
 
         quantized_inputs(model, scratch.attended, rows, size, &scratch);
         int8_product(&layer->out, scratch.quantized, scratch.row_scales, rows, scratch.product);
         const int residual = layer->in_size == size;
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < size; ++c) {
                 const int64_t i = r * size + c;
                 const float attended = (scratch.product[i] + layer->out_bias[c]) + scratch.memory[i];
-                x[i] = residual ? x[i] + attended : attended;
+                x[i] = residual ? layer_input[i] + attended : attended;
             }
 
         normed_inputs(model, x, layer->norm2_weight, layer->norm2_bias, rows, size, &scratch);
         int8_product(&layer->w1, scratch.quantized, scratch.row_scales, rows, scratch.product);
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r) {
             float *row = scratch.product + r * hidden;
             for (int64_t c = 0; c < hidden; ++c) {
@@ -163,8 +186,33 @@ void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const f
         }
         quantized_inputs(model, scratch.product, rows, hidden, &scratch);
         int8_product(&layer->w2, scratch.quantized, scratch.row_scales, rows, scratch.product);
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c = 0; c < size; ++c)
                 x[r * size + c] += scratch.product[r * size + c] + layer->w2_bias[c];
     }
+}
+
+/* All the encoder's layers over a batched step of `batch` streams' `time` frames (stream b's
+ * first lengths[b] its own). input [batch, time, layer 0's in_size]; x [batch, time, size]:
+ * out, the last layer's output. keys, values [layers, batch, heads, history + time, head_dim]:
+ * in, each stream's look-back at its first history_lengths[b] (of `history`) entries; out, the
+ * current frames' keys and values after them. scratch_space: encode_scratch_floats(model,
+ * batch * time, history + time, threads) floats. */
+void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
+                 const int64_t *lengths, float *keys, float *values, const int64_t *history_lengths,
+                 int64_t history, int threads, float *scratch_space) {
+    const int64_t layer_cache = batch * model->heads * (history + time) * model->head_dim;
+    encode_layers(model, batch, time, input, x, lengths, keys, values, layer_cache, history_lengths, history,
+                  threads, scratch_space);
+}
+
+/* All the encoder's layers over `batch` whole segments of `time` frames (segment b's first
+ * lengths[b] its own), each frame attending over its segment's frames. input and x as
+ * sanm_encode's; x's rows past a segment's frames are not its encoder's (nothing of theirs
+ * reaches the segment's own rows). scratch_space: encode_scratch_floats(model, batch * time,
+ * time, threads) floats. */
+void sanm_encode_segments(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
+                          const int64_t *lengths, int threads, float *scratch_space) {
+    encode_layers(model, batch, time, input, x, lengths, NULL, NULL, 0, NULL, 0, threads, scratch_space);
 }

@@ -1,6 +1,8 @@
 /* The float work of one row that the native SANM layers share (sanm_encoder.c, sanm_decoder.c):
  * torch's layer norm, the quantization of a product's input, and scaled dot-product attention of
- * a few query rows over one stream's keys. Static functions, as in int8_product.h. */
+ * a few query rows over one stream's keys. Static functions, as in int8_product.h. The passes over
+ * many rows share them among the threads of a parallel region where there is one (as
+ * int8_product does its outputs). */
 
 #ifndef TWOPASS_ASR_SANM_ROWS_H
 #define TWOPASS_ASR_SANM_ROWS_H
@@ -28,6 +30,7 @@ static void layer_norm(const float *x, const float *weight, const float *bias, i
  * input (`quantized`, its scale in row_scales). */
 static void normed_rows(const float *x, const float *weight, const float *bias, int64_t rows, int64_t columns,
                         float eps, float input_step, float *normed, float *row_scales, uint8_t *quantized) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         layer_norm(x + r * columns, weight, bias, columns, eps, normed + r * columns);
         row_scales[r] = quantize_row(normed + r * columns, columns, input_step, quantized + r * columns);
@@ -36,57 +39,135 @@ static void normed_rows(const float *x, const float *weight, const float *bias, 
 
 static void quantized_rows(const float *x, int64_t rows, int64_t columns, float input_step, float *row_scales,
                            uint8_t *quantized) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         row_scales[r] = quantize_row(x + r * columns, columns, input_step, quantized + r * columns);
 }
 
 static void add_bias(float *y, const float *bias, int64_t rows, int64_t columns) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < columns; ++c)
             y[r * columns + c] += bias[c];
 }
 
-/* The lanes of the dot products below: sums of every LANES-th product, added at the end, which
- * the compiler keeps in vector registers (an `omp simd` reduction of four sums it left scalar). */
+/* LANES floats as one vector of the compiler's (GCC and Clang), for sums it must keep in registers:
+ * as wide as the CPU's float vectors (a wider type went through memory on AVX2). */
+#ifdef __AVX512F__
 #define LANES 16
+#else
+#define LANES 8
+#endif
+typedef float float_lanes __attribute__((vector_size(LANES * sizeof(float))));
 
-/* scores[i * stride + j] = the dot product of query row i (of four) with key j, for `count`
- * keys [count, head_dim]: the four rows share each key's reading and their sums run side by side. */
-static void score_keys(const float *const queries[4], const float *keys, int64_t count, int64_t head_dim,
-                       float *scores, int64_t stride) {
-    const int64_t whole = head_dim - head_dim % LANES;
+/* e^x for x <= 0 (a softmax's scores less their largest) in operations the compiler vectorises,
+ * where a call of expf is one element at a time: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its
+ * Taylor polynomial to degree 7 (truncation below 2^-27), 2^n put in the exponent's bits; zero
+ * below -87, where e^x leaves float's normal range. Within 2 units in the last place of expf. */
+static inline float exp_nonpositive(float x) {
+    const float rounder = 12582912.0f; /* 1.5 * 2^23: adding it leaves the nearest integer in the low bits */
+    const float log2e = 1.44269504f, ln2_high = 0.693145752f, ln2_low = 1.42860677e-6f;
+    const float shifted = x * log2e + rounder, n = shifted - rounder;
+    const float r = (x - n * ln2_high) - n * ln2_low;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { float f; int32_t i; } n_bits = {shifted}, rounder_bits = {rounder}, power;
+    power.i = (n_bits.i - rounder_bits.i + 127) << 23;
+    return x < -87.0f ? 0.0f : p * power.f;
+}
+
+/* Scores (a row of `count`, count >= 1) made their softmax in place: each less their largest,
+ * to e, over their sum; the largest and the sum taken in LANES lanes, so it all vectorises. */
+static void softmax_row(float *row, int64_t count) {
+    float lanes[LANES];
+    for (int l = 0; l < LANES; ++l)
+        lanes[l] = row[0];
+    int64_t j = 0;
+    for (; j + LANES <= count; j += LANES)
+        for (int l = 0; l < LANES; ++l)
+            lanes[l] = row[j + l] > lanes[l] ? row[j + l] : lanes[l];
+    float largest = lanes[0];
+    for (int l = 1; l < LANES; ++l)
+        largest = lanes[l] > largest ? lanes[l] : largest;
+    for (; j < count; ++j)
+        largest = row[j] > largest ? row[j] : largest;
+    for (j = 0; j < count; ++j)
+        row[j] = exp_nonpositive(row[j] - largest);
+    for (int l = 0; l < LANES; ++l)
+        lanes[l] = 0.0f;
+    for (j = 0; j + LANES <= count; j += LANES)
+        for (int l = 0; l < LANES; ++l)
+            lanes[l] += row[j + l];
+    float total = 0.0f;
+    for (int l = 0; l < LANES; ++l)
+        total += lanes[l];
+    for (; j < count; ++j)
+        total += row[j];
+    for (j = 0; j < count; ++j)
+        row[j] /= total;
+}
+
+/* `keys` rounded up to whole vectors of LANES. */
+static int64_t whole_lanes(int64_t keys) { return (keys + LANES - 1) / LANES * LANES; }
+
+/* The floats a head's attention over `keys` keys works in: attend_rows' scores, then the
+ * transposed keys (transpose_keys', at attention_keys). */
+static int64_t attention_scratch_floats(int64_t keys, int64_t head_dim) { return (4 + head_dim) * whole_lanes(keys); }
+static float *attention_keys(float *scratch, int64_t keys) { return scratch + 4 * whole_lanes(keys); }
+
+/* A head's keys transposed into keys_t [head_dim, whole_lanes(history + current)], zeros after
+ * the last: its look-back's `history` keys [history, head_dim], then the chunk's `current`, rows
+ * `chunk_stride` apart. The dot products then run along the keys, LANES keys a vector, with no
+ * sum across a vector's lanes. */
+static void transpose_keys(const float *history_keys, int64_t history, const float *chunk_keys,
+                           int64_t chunk_stride, int64_t current, int64_t head_dim, float *keys_t) {
+    const int64_t count = history + current, stride = whole_lanes(count);
     for (int64_t j = 0; j < count; ++j) {
-        const float *key = keys + j * head_dim;
-        float lanes[4][LANES] = {{0.0f}};
-        for (int64_t d = 0; d < whole; d += LANES)
+        const float *key = j < history ? history_keys + j * head_dim : chunk_keys + (j - history) * chunk_stride;
+        for (int64_t d = 0; d < head_dim; ++d)
+            keys_t[d * stride + j] = key[d];
+    }
+    for (int64_t d = 0; d < head_dim; ++d)
+        memset(keys_t + d * stride + count, 0, (size_t)(stride - count) * sizeof(float));
+}
+
+/* scores[i * whole_lanes(count) + j] = the dot product of query row i (of four) with key j, for
+ * the `count` keys of transpose_keys' keys_t (and zeros up to whole_lanes(count)), each summed
+ * over d in order in its vector's lane. */
+static void score_keys(const float *const queries[4], const float *keys_t, int64_t count, int64_t head_dim,
+                       float *scores) {
+    const int64_t stride = whole_lanes(count);
+    for (int64_t j = 0; j < count; j += LANES) {
+        float_lanes sums[4] = {{0.0f}};
+        for (int64_t d = 0; d < head_dim; ++d) {
+            float_lanes key;
+            memcpy(&key, keys_t + d * stride + j, sizeof key);
             for (int i = 0; i < 4; ++i)
-                for (int l = 0; l < LANES; ++l)
-                    lanes[i][l] += queries[i][d + l] * key[d + l];
-        for (int i = 0; i < 4; ++i) {
-            float dot = 0.0f;
-            for (int l = 0; l < LANES; ++l)
-                dot += lanes[i][l];
-            for (int64_t d = whole; d < head_dim; ++d)
-                dot += queries[i][d] * key[d];
-            scores[i * stride + j] = dot;
+                sums[i] += queries[i][d] * key;
         }
+        for (int i = 0; i < 4; ++i)
+            memcpy(scores + i * stride + j, &sums[i], sizeof sums[i]);
     }
 }
 
-/* LANES floats as one vector of the compiler's (GCC and Clang), for sums it must keep in registers. */
-typedef float float_lanes __attribute__((vector_size(LANES * sizeof(float))));
-
-/* out[i] += the `count` values [count, head_dim] weighted by weights[i * stride + j], for rows i
- * below `rows` (of four; the weights of all four are read). Each LANES columns of the four rows
- * are summed over all the values in registers before out is touched. */
-static void add_weighted_values(const float *values, int64_t count, int64_t head_dim, const float *weights,
-                                int64_t stride, int rows, float *out, int64_t out_stride) {
+/* out[i] += the `count` values (head_dim each, rows `value_stride` apart) weighted by
+ * weights[i * stride + j], for rows i below `rows` (of four; the weights of all four are read).
+ * Each LANES columns of the four rows are summed over all the values in registers before out is
+ * touched. */
+static void add_weighted_values(const float *values, int64_t value_stride, int64_t count, int64_t head_dim,
+                                const float *weights, int64_t stride, int rows, float *out, int64_t out_stride) {
     const int64_t whole = head_dim - head_dim % LANES;
     for (int64_t d = 0; d < whole; d += LANES) {
         float_lanes sums[4] = {{0.0f}};
         for (int64_t j = 0; j < count; ++j) {
             float_lanes value;
-            memcpy(&value, values + j * head_dim + d, sizeof value);
+            memcpy(&value, values + j * value_stride + d, sizeof value);
             for (int i = 0; i < 4; ++i)
                 sums[i] += weights[i * stride + j] * value;
         }
@@ -100,20 +181,20 @@ static void add_weighted_values(const float *values, int64_t count, int64_t head
     for (int i = 0; i < rows; ++i)
         for (int64_t j = 0; j < count; ++j)
             for (int64_t d = whole; d < head_dim; ++d)
-                out[i * out_stride + d] += weights[i * stride + j] * values[j * head_dim + d];
+                out[i * out_stride + d] += weights[i * stride + j] * values[j * value_stride + d];
 }
 
 /* Up to four query rows (queries[i], `query_stride` apart) of one stream's head over its keys:
- * its look-back (`history` of them) and the current chunk's first `current`, into out[i]
- * (`out_stride` apart). keys, values: the head's [capacity, head_dim], the chunk's from index
- * `chunk_start` on. The look-back and the chunk are two runs of keys, each walked on its own (a
- * choice of key per index kept the compiler's vectors out of the chunk's run). scores:
- * 4 * (history + current) floats. */
-static void attend_rows(const float *queries, int64_t query_stride, int count, const float *keys,
-                        const float *values, int64_t history, int64_t chunk_start, int64_t current,
-                        int64_t head_dim, float *scores, float *out, int64_t out_stride) {
+ * its look-back (`history` of them) and the current chunk's `current`, into out[i] (`out_stride`
+ * apart). keys_t: those keys transposed (transpose_keys); values: the look-back's [history,
+ * head_dim], then the chunk's, rows `chunk_stride` apart. scores: 4 * whole_lanes(history +
+ * current) floats. */
+static void attend_rows(const float *queries, int64_t query_stride, int count, const float *keys_t,
+                        const float *history_values, int64_t history, const float *chunk_values,
+                        int64_t chunk_stride, int64_t current, int64_t head_dim, float *scores, float *out,
+                        int64_t out_stride) {
     const float scaling = 1.0f / sqrtf((float)head_dim);
-    const int64_t keys_count = history + current;
+    const int64_t keys_count = history + current, score_stride = whole_lanes(keys_count);
     /* Each query times the scaling first, as torch's SANM attention does. */
     float scaled[4 * head_dim];
     const float *q[4];
@@ -123,23 +204,13 @@ static void attend_rows(const float *queries, int64_t query_stride, int count, c
             scaled[i * head_dim + d] = query[d] * scaling;
         q[i] = scaled + i * head_dim;
     }
-    score_keys(q, keys, history, head_dim, scores, keys_count);
-    score_keys(q, keys + chunk_start * head_dim, current, head_dim, scores + history, keys_count);
+    score_keys(q, keys_t, keys_count, head_dim, scores);
     for (int i = 0; i < count; ++i) {
-        float *row = scores + i * keys_count;
-        float largest = -INFINITY, total = 0.0f;
-        for (int64_t j = 0; j < keys_count; ++j)
-            largest = row[j] > largest ? row[j] : largest;
-        for (int64_t j = 0; j < keys_count; ++j) {
-            row[j] = expf(row[j] - largest);
-            total += row[j];
-        }
-        for (int64_t j = 0; j < keys_count; ++j)
-            row[j] /= total;
+        softmax_row(scores + i * score_stride, keys_count);
         memset(out + i * out_stride, 0, (size_t)head_dim * sizeof(float));
     }
-    add_weighted_values(values, history, head_dim, scores, keys_count, count, out, out_stride);
-    add_weighted_values(values + chunk_start * head_dim, current, head_dim, scores + history, keys_count, count, out,
+    add_weighted_values(history_values, head_dim, history, head_dim, scores, score_stride, count, out, out_stride);
+    add_weighted_values(chunk_values, chunk_stride, current, head_dim, scores + history, score_stride, count, out,
                         out_stride);
 }
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
+from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
@@ -132,7 +133,7 @@ class NanoRecognizer:
 
         model_dir = Path(model_dir)
         self.encoder_precision, self.encoder_int8_kernel = resolve_int8_setting(
-            encoder_precision, encoder_int8_kernel, str(device), "encoder_int8_kernel")
+            encoder_precision, encoder_int8_kernel, str(device), "encoder_int8_kernel", auto_kernel=native_auto_kernel)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         # Absolute paths for the LLM, its tokenizer and the CTC vocabulary, so a directory
