@@ -250,8 +250,13 @@ int int8_tiles_available(void) {
 #endif
 }
 
+/* The bytes of inputs a block of rows may span: the block stays in the first-level cache while
+ * every output's weights pass over it. */
+#define ROW_BLOCK_BYTES 16384
+
 /* out[r] = layer(rows' quantized inputs) for `rows` rows, the outputs shared among the team's
- * threads (called by every thread of a parallel region) two at a time. */
+ * threads (called by every thread of a parallel region) two at a time, a block of rows at a time
+ * (ROW_BLOCK_BYTES; rows streamed past each pair of outputs came from the second level). */
 static void int8_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
                          float *out) {
 #ifdef INT8_TILES
@@ -261,22 +266,26 @@ static void int8_product(const int8_layer *layer, const uint8_t *inputs, const f
     }
 #endif
     const int64_t n = layer->outputs, k = layer->inputs, pairs = (n + 1) / 2;
+    const int64_t block = ROW_BLOCK_BYTES / k / 4 * 4 > 4 ? ROW_BLOCK_BYTES / k / 4 * 4 : 4;
+    for (int64_t start = 0; start < rows; start += block) {
+        const int64_t end = start + block < rows ? start + block : rows;
 #pragma omp for schedule(static)
-    for (int64_t pair = 0; pair < pairs; ++pair) {
-        /* An odd last output is paired with itself. */
-        const int64_t o = 2 * pair;
-        const int outputs = o + 1 < n ? 2 : 1;
-        const int8_t *first = layer->weights + o * k, *second = first + (outputs - 1) * k;
-        for (int64_t r = 0; r < rows; r += 4) {
-            int32_t sums[8];
-            const int count = rows - r < 4 ? (int)(rows - r) : 4;
-            switch (count) {
-            case 4: dot_block(first, second, inputs + r * k, k, k, 4, sums); break;
-            case 3: dot_block(first, second, inputs + r * k, k, k, 3, sums); break;
-            case 2: dot_block(first, second, inputs + r * k, k, k, 2, sums); break;
-            default: dot_block(first, second, inputs + r * k, k, k, 1, sums); break;
+        for (int64_t pair = 0; pair < pairs; ++pair) {
+            /* An odd last output is paired with itself. */
+            const int64_t o = 2 * pair;
+            const int outputs = o + 1 < n ? 2 : 1;
+            const int8_t *first = layer->weights + o * k, *second = first + (outputs - 1) * k;
+            for (int64_t r = start; r < end; r += 4) {
+                int32_t sums[8];
+                const int count = end - r < 4 ? (int)(end - r) : 4;
+                switch (count) {
+                case 4: dot_block(first, second, inputs + r * k, k, k, 4, sums); break;
+                case 3: dot_block(first, second, inputs + r * k, k, k, 3, sums); break;
+                case 2: dot_block(first, second, inputs + r * k, k, k, 2, sums); break;
+                default: dot_block(first, second, inputs + r * k, k, k, 1, sums); break;
+                }
+                scale_sums(layer, sums, 2, r, count, o, outputs, row_scales, out);
             }
-            scale_sums(layer, sums, 2, r, count, o, outputs, row_scales, out);
         }
     }
 }
