@@ -43,14 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fallback-random", choices=["tiny", "full"], default="tiny",
                         help="random models to build for missing ones that cannot be downloaded (default tiny)")
     parser.add_argument("--first-pass-precision", choices=first_pass_options.PRECISIONS, default=None,
-                        help="the first pass in fp32, int8 or auto: int8 on a CPU (on onednn with int8 dot "
-                             "products, else fbgemm; default: paraformer_streaming's config.pbtxt)")
+                        help="the first pass in fp32, int8 or auto: int8 on a CPU (its kernel by the CPU, "
+                             "README; default: paraformer_streaming's config.pbtxt)")
     parser.add_argument("--second-pass-precision", choices=second_pass_precision.PRECISIONS, default=None,
                         help="the second pass's LLM in fp32, bf16, fp16 (GPU), int8 or auto: bf16 where the "
                              "hardware computes it natively, else int8 (default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--second-pass-encoder-precision", choices=INT8_PRECISIONS, default=None,
-                        help="the second pass's audio encoder in fp32, int8 or auto: int8 on a CPU (on onednn "
-                             "with int8 dot products, else fbgemm; default: funasr_nano_vllm's config.pbtxt)")
+                        help="the second pass's audio encoder in fp32, int8 or auto: int8 on a CPU (its kernel "
+                             "by the CPU, as the first pass's; default: funasr_nano_vllm's config.pbtxt)")
     parser.add_argument("--host", default="0.0.0.0", help="WebSocket/web page address")
     parser.add_argument("--port", type=int, default=10095, help="WebSocket/web page port")
     parser.add_argument("--certfile", default=None)
