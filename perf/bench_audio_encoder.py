@@ -29,6 +29,7 @@ import torch
 from perf.bench_args import add_batch_arguments, batch_counts
 from perf.bench_second_pass import DEFAULT_MODEL_DIR, make_segments
 from perf.metrics import percentile
+from perf.plots import save_log_log_lines
 from twopass_asr import REPO_ROOT
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.kernels.int8_recipe import int8_kernels_on_this_cpu
@@ -95,22 +96,10 @@ def write_results(names: list[str], rows: list[tuple[int, dict, dict]], out_dir:
         for batch, ms, errors in rows:
             writer.writerow([batch] + [f"{ms[n]:.3f}" for n in names] + [f"{errors[n]:.3e}" for n in names[1:]])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = [batch for batch, _, _ in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, marker in zip(names, "o^<sv>"):
-        ax.plot(batches, [ms[name] for _, ms, _ in rows], f"{marker}-", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="segments in one pass", ylabel="ms per pass",
-           title="The Nano's audio encoder + adaptor")
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.legend(fontsize=8)
-    fig.suptitle(context, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "audio_encoder.png", dpi=120)
+    save_log_log_lines(out_dir / "audio_encoder.png", batches,
+                       {name: [ms[name] for _, ms, _ in rows] for name in names}, xlabel="segments in one pass",
+                       ylabel="ms per pass", title="The Nano's audio encoder + adaptor", context=context)
     return text
 
 

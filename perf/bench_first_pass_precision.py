@@ -30,6 +30,7 @@ import torch
 from perf.bench_args import add_batch_arguments, batch_counts
 from perf.bench_first_pass import DEFAULT_MODEL_DIR, ensure_model
 from perf.metrics import percentile
+from perf.plots import save_log_log_lines
 from twopass_asr import REPO_ROOT
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels.cpu_features import cpu_summary
@@ -139,23 +140,11 @@ def write_results(rows: list[Row], out_dir: Path, context: str) -> None:
                             + [f"{value:.4f}" for n in INT8_ENGINES
                                for value in (r.matches_funasr_int8[n], r.matches_float32[n])])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = [r.batch for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, marker in zip(ENGINES, "o^<sv"):
-        ax.plot(batches, [r.wall_ms[name] for r in rows], f"{marker}-", label=name)
-    ax.axhline(OPTIONS.step_samples / 16, color="grey", lw=0.8, ls="--", label="600 ms real time")
-    ax.set(xscale="log", yscale="log", xlabel="streams", ylabel="wall ms per 600 ms chunk round",
-           title="Time to advance B streams by one chunk")
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.legend(fontsize=8)
-    fig.suptitle(context, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "first_pass_precision.png", dpi=120)
+    save_log_log_lines(out_dir / "first_pass_precision.png", batches,
+                       {name: [r.wall_ms[name] for r in rows] for name in ENGINES}, xlabel="streams",
+                       ylabel="wall ms per 600 ms chunk round", title="Time to advance B streams by one chunk",
+                       context=context, reference=(OPTIONS.step_samples / 16, "600 ms real time"))
 
 
 def main(argv=None) -> int:

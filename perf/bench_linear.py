@@ -28,6 +28,7 @@ import torch
 
 from perf.bench_first_pass import DEFAULT_MODEL_DIR, ensure_model
 from perf.metrics import percentile
+from perf.plots import save_log_log_lines
 from twopass_asr import REPO_ROOT
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.kernels.int8_recipe import int8_kernels_on_this_cpu, stays_float
@@ -144,21 +145,11 @@ def write_results(shapes: Counter[Shape], timings: dict, row_counts: list[int], 
         for (rows, shape), t in timings.items():
             writer.writerow([rows, shape[0], shape[1], shapes[shape], *[f"{t[k]:.1f}" for k in kernels]])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for kernel, marker in zip(kernels, "o^<sv"):
-        ax.plot(row_counts, [totals[rows][kernel] for rows in row_counts], f"{marker}-", label=kernel)
-    ax.set(xscale="log", yscale="log", xlabel=f"rows ({FRAMES_PER_STREAM} per stream)",
-           ylabel="ms, the encoder's products of one round", title="The encoder's products by kernel")
-    ax.set_xticks(row_counts, [str(r) for r in row_counts])
-    ax.legend(fontsize=8)
-    fig.suptitle(context, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "linear_kernels.png", dpi=120)
+    save_log_log_lines(out_dir / "linear_kernels.png", row_counts,
+                       {kernel: [totals[rows][kernel] for rows in row_counts] for kernel in kernels},
+                       xlabel=f"rows ({FRAMES_PER_STREAM} per stream)",
+                       ylabel="ms, the encoder's products of one round", title="The encoder's products by kernel",
+                       context=context)
     return table
 
 
