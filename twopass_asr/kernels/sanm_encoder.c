@@ -134,7 +134,8 @@ static void attend(const sanm_encoder *model, int64_t batch, int64_t time, const
             if (keys == NULL)
                 continue;
             for (int64_t t = 0; t < time; ++t) {
-                memcpy(head_keys + (history + t) * head_dim, chunk_keys + t * 3 * size, (size_t)head_dim * sizeof(float));
+                memcpy(head_keys + (history + t) * head_dim, chunk_keys + t * 3 * size,
+                       (size_t)head_dim * sizeof(float));
                 memcpy(head_values + (history + t) * head_dim, chunk_values + t * size,
                        (size_t)head_dim * sizeof(float));
             }

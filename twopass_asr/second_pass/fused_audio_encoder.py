@@ -95,8 +95,8 @@ class FusedAudioEncoder:
         fused = FusedInt8EncoderLayers.for_layers(first + tp)
         if fused is None:
             return None
-        return cls(encoder, (_FusedStack(fused, range(len(first))), _FusedStack(fused, range(len(first),
-                                                                                           len(first) + len(tp)))))
+        split = len(first)
+        return cls(encoder, (_FusedStack(fused, range(split)), _FusedStack(fused, range(split, split + len(tp)))))
 
     @torch.no_grad()
     def __call__(self, fbank: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
