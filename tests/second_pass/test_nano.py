@@ -498,7 +498,7 @@ def test_the_native_audio_encoder_agrees_with_funasrs_layers_on_any_number_of_th
     alone or batched with longer ones, on one, two or three threads. With the last layer's FSMN
     window a frame off they do not agree (median 5.6 %)."""
     if int8_encoder.encoder_int8_kernel != "compiled":
-        return
+        pytest.skip("the audio encoder's layers run natively on the compiled kernel only")
     native = int8_encoder.fused_audio_encoder
     assert native is not None, "did sanm_encoder.c compile?"
     prepared = [int8_encoder.prepare(NanoRequest(pcm)) for pcm in segments()]
