@@ -392,16 +392,19 @@ def test_the_native_int8_decoder_agrees_with_torchs_layers_around_the_same_produ
     assert BatchedStreamingParaformer(tiny_model_dir, precision="int8", int8_kernel="fbgemm").native_decoder is None
 
 
-def test_auto_takes_the_native_layers_without_int8_dot_products_or_with_amx_tiles_and_onednn_with_vnni_alone(
-        monkeypatch):
-    """The native layers' products run on AMX tiles where the CPU has them (int8_product.h), and
-    served more streams than oneDNN's there (perf/RESULTS.md, session 28); with VNNI alone they
-    would run on AVX2's pair sums."""
+def test_auto_takes_the_native_layers_unless_the_cpus_int8_dot_products_are_beyond_their_build(monkeypatch):
+    """The native layers' products use AMX tiles or AVX-512 VNNI where their build targets them
+    (int8_product.h: tile order), and beat oneDNN's and fbgemm's there (perf/RESULTS.md, sessions
+    28 and 30). A CPU with dot products the build does not use (a compiler that does not target
+    them) keeps int8_recipe's default: oneDNN on AMX, else fbgemm."""
     assert native_auto_kernel(False) == "compiled"
-    monkeypatch.setattr(native_layers, "tiles_available", lambda: True)
+    monkeypatch.setattr(native_layers, "tile_order_available", lambda: True)
     assert native_auto_kernel(True) == "compiled"
-    monkeypatch.setattr(native_layers, "tiles_available", lambda: False)
+    monkeypatch.setattr(native_layers, "tile_order_available", lambda: False)
+    monkeypatch.setattr(int8_recipe, "cpu_has_amx_int8", lambda: True)
     assert native_auto_kernel(True) == "onednn"
+    monkeypatch.setattr(int8_recipe, "cpu_has_amx_int8", lambda: False)
+    assert native_auto_kernel(True) == "fbgemm"
 
 
 def test_without_a_compiler_auto_takes_fbgemm_where_it_would_take_the_native_layers(tiny_model_dir, tmp_path,

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_int8_dot_products, cpu_has_native_bf16, cpu_summary
+from twopass_asr.kernels.cpu_features import (
+    cpu_flags,
+    cpu_has_amx_int8,
+    cpu_has_int8_dot_products,
+    cpu_has_native_bf16,
+    cpu_summary,
+)
 
 
 def test_flags_and_summary_come_from_cpuinfo(tmp_path):
@@ -43,3 +49,12 @@ def test_int8_dot_products_are_read_from_the_cpu_flags(tmp_path):
     cpuinfo.write_text("flags\t\t: fpu avx2 avx_vnni\n")  # AVX-VNNI alone: not measured yet
     assert not cpu_has_int8_dot_products(cpuinfo)
     assert not cpu_has_int8_dot_products(tmp_path / "missing")
+
+
+def test_amx_int8_is_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n")  # Zen 4, Ice Lake: VNNI alone
+    assert not cpu_has_amx_int8(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512_vnni amx_bf16 amx_tile amx_int8\n")
+    assert cpu_has_amx_int8(cpuinfo)
+    assert not cpu_has_amx_int8(tmp_path / "missing")

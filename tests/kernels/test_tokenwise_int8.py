@@ -3,11 +3,24 @@ range, so a row's output never depends on the rows it is computed with."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+
 import pytest
 import torch
 
 from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
-from twopass_asr.kernels.decode_step import CompiledInt8Weights, tiles_available
+from twopass_asr.kernels.cpu_features import cpu_flags
+from twopass_asr.kernels.decode_step import (
+    FLAGS,
+    LIBRARY,
+    SOURCES,
+    TILE_OUTPUTS,
+    CompiledInt8Weights,
+    declare_functions,
+)
+from twopass_asr.kernels.row_kernels import compile_library
 from twopass_asr.kernels.tokenwise_int8 import (
     TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
@@ -187,28 +200,53 @@ def test_the_compiled_kernel_gives_fbgemms_bits(in_features, out_features):
     assert torch.equal(compiled(tie), fbgemm(tie))
 
 
+# Builds of int8_product.h for the instruction sets its paths are written for, and the CPU flags
+# each needs: AVX2's pair sums, AVX-VNNI's, AVX-512 VNNI (rows, and tile-ordered weights), and
+# this CPU's own build (on AMX tiles where it has them).
+PRODUCT_BUILDS = {
+    "avx2-pairs": (("-march=haswell",), {"avx2"}),
+    "avx-vnni": (("-march=haswell", "-mavxvnni"), {"avx2", "avx_vnni"}),
+    "avx512-vnni": (("-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"), {"avx512bw", "avx512_vnni"}),
+    "this-cpu": (("-march=native",), set()),
+}
+
+
 @torch.no_grad()
-@pytest.mark.skipif(not tiles_available(), reason="the compiled product runs on AMX tiles only with AMX int8")
-def test_the_compiled_kernels_amx_tiles_give_its_row_by_row_bits():
-    """Where the CPU has AMX int8 the compiled product runs on tiles, its weights kept in tile
-    order only; its sums are exact either way, so the bits are the row-by-row product's and
-    fbgemm's. Row counts under one 16-row tile (copied into zeros), between tiles and past two
-    (a last block moved back over rows already done), an odd number of 16-output blocks, and the
-    first pass's feed-forward width."""
+@pytest.mark.parametrize("build", PRODUCT_BUILDS)
+def test_every_path_of_the_compiled_product_gives_fbgemms_bits(build, tmp_path):
+    """Each instruction set's product, in tile order where its build takes it and row by row,
+    gives fbgemm's bits: the sums are exact in every path. Row counts under and between blocks
+    of rows (8 with VNNI, 16 and 32 on tiles), an odd number of 16-output blocks, the first
+    pass's feed-forward width, its first layer's 560 inputs (tile order padded, with VNNI; row by
+    row on AMX) and a shape that is row by row only."""
+    march, needs = PRODUCT_BUILDS[build]
+    missing = needs - (cpu_flags() or set())
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    flags = tuple(flag for flag in FLAGS if flag != "-march=native") + march
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if subprocess.run([*compiler, *march, "-o", str(tmp_path / "probe"), str(probe)], capture_output=True).returncode:
+        pytest.skip(f"{' '.join(compiler)} does not take {' '.join(march)}")
+    library = declare_functions(compile_library(SOURCES, LIBRARY, flags, tmp_path, compiler))
     torch.manual_seed(5)
-    for in_features, out_features in ((512, 208), (2048, 512)):
+    for in_features, out_features in ((512, 208), (2048, 512), (560, 224), (1000, 201)):
         linear = torch.nn.Linear(in_features, out_features, bias=False)
-        tiled, fbgemm = TokenwiseInt8Linear(linear, "compiled"), TokenwiseInt8Linear(linear, "fbgemm")
-        assert tiled.packed.tiles is not None and tiled.packed.struct.weights is None
-        assert torch.equal(tiled.weight().int_repr(), fbgemm.weight().int_repr())
-        row_by_row = CompiledInt8Weights(tiled.packed.weights, tiled.weight_scales, tiles=False)
-        assert row_by_row.tiles is None
-        for count in (1, 5, 15, 16, 17, 31, 32, 33, 50, 70):
+        compiled, fbgemm = TokenwiseInt8Linear(linear, "compiled"), TokenwiseInt8Linear(linear, "fbgemm")
+        assert torch.equal(compiled.weight().int_repr(), fbgemm.weight().int_repr())
+        ordered = CompiledInt8Weights(compiled.packed.weights, compiled.weight_scales, library=library)
+        row_by_row = CompiledInt8Weights(compiled.packed.weights, compiled.weight_scales, tiles=False, library=library)
+        multiple = library.int8_tile_inputs()
+        assert (ordered.tiles is not None) == (multiple > 0 and in_features % multiple == 0
+                                               and out_features % TILE_OUTPUTS == 0)
+        assert torch.equal(ordered.weights, row_by_row.weights) and row_by_row.tiles is None
+        for count in (1, 5, 8, 9, 15, 16, 17, 31, 32, 33, 50, 70):
             batch = torch.randn(count, in_features, generator=torch.Generator().manual_seed(count))
             batch *= torch.logspace(-3, 3, count)[:, None]
-            product = tiled(batch)
-            assert torch.equal(product, row_by_row.product(batch)), (in_features, count)
-            assert torch.equal(product, fbgemm(batch)), (in_features, count)
+            expected = fbgemm(batch)
+            assert torch.equal(ordered.product(batch), expected), (in_features, count)
+            assert torch.equal(row_by_row.product(batch), expected), (in_features, count)
 
 
 def test_layers_with_different_inputs_cannot_share_one():

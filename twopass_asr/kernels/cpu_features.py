@@ -40,6 +40,15 @@ def cpu_has_int8_dot_products(cpuinfo: Path = CPUINFO) -> bool:
     return flags is not None and bool(flags & {"avx512_vnni", "amx_int8"})
 
 
+def cpu_has_amx_int8(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU has AMX's int8 tiles, the one kind of CPU oneDNN's product of signed int8
+    inputs (tokenwise_int8's onednn kernel) runs fast on: held to AVX-512 VNNI, oneDNN took its
+    reference kernel for it (perf/RESULTS.md, 2026-12-06, session 30). False where the flags
+    cannot be read."""
+    flags = cpu_flags(cpuinfo)
+    return flags is not None and "amx_int8" in flags
+
+
 def cpu_summary(cpuinfo: Path = CPUINFO) -> str:
     """e.g. 'Intel(R) Xeon(R) Platinum 8481C, 2 cores: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16'."""
     try:

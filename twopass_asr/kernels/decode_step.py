@@ -29,7 +29,7 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPI
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.
 INPUT_STEP = 2.0 / 255.0
 
-# An AMX tile of weights: 16 outputs by 64 inputs (int8_product.h).
+# A tile of weights: 16 outputs by 64 inputs (int8_product.h).
 TILE_OUTPUTS, TILE_INPUTS = 16, 64
 
 _pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -62,8 +62,11 @@ def decode_step_library() -> ctypes.CDLL | None:
     process; None, with one warning, where it cannot be."""
     library = compiled_library_or_none(SOURCES, LIBRARY, FLAGS,
                                        "the torch int8 LLM stays on fbgemm and HF's decode steps (slower)")
-    if library is None:
-        return None
+    return None if library is None else declare_functions(library)
+
+
+def declare_functions(library: ctypes.CDLL) -> ctypes.CDLL:
+    """A build of decode_step.c with its functions' C types declared."""
     model = ctypes.POINTER(Qwen3ModelStruct)
     library.qwen3_forward.argtypes = [model, _size, _pointer, _pointer, _pointer, _pointer, _pointer, _pointer,
                                       _size, _pointer, _pointer, ctypes.c_int]
@@ -71,8 +74,8 @@ def decode_step_library() -> ctypes.CDLL | None:
     library.step_scratch_floats.restype = _size
     library.int8_rows_product.argtypes = [ctypes.POINTER(Int8LayerStruct), _pointer, _size, _real, _pointer,
                                           _pointer, _pointer, ctypes.c_int]
-    library.int8_tiles_available.argtypes = []
-    library.int8_tiles_available.restype = ctypes.c_int
+    library.int8_tile_inputs.argtypes = []
+    library.int8_tile_inputs.restype = ctypes.c_int
     for function in (library.qwen3_forward, library.int8_rows_product):
         function.restype = None
     return library
@@ -86,30 +89,34 @@ def require_decode_step_library() -> ctypes.CDLL:
     return library
 
 
-def tiles_available() -> bool:
-    """Whether the compiled products run on AMX tiles here (int8_product.h): the compiler
-    targets AMX int8 and Linux lets the process use it."""
+def tile_order_available() -> bool:
+    """Whether the compiled products take their weights in tile order here (int8_product.h): on
+    AMX tiles, or with AVX-512 VNNI a 64-byte row of a tile at a time."""
     library = decode_step_library()
-    return library is not None and bool(library.int8_tiles_available())
+    return library is not None and library.int8_tile_inputs() > 0
 
 
 class CompiledInt8Weights:
     """An int8 layer's weights as int8_product.h takes them: int8 [outputs, inputs] on -63..63
-    (in AMX tile order where tiles_available and the shape divides into tiles, unless `tiles`
-    is False), each output's scale times the input step, and each output's weight sum."""
+    (in tile order, padded with zeros to whole tiles, where `library` takes it for the shape,
+    unless `tiles` is False), each output's scale times the input step, and each output's weight
+    sum. `library`: the build of decode_step.c that runs the product (declare_functions), this
+    process's by default."""
 
-    def __init__(self, weights: torch.Tensor, weight_scales: torch.Tensor, tiles: bool = True):
+    def __init__(self, weights: torch.Tensor, weight_scales: torch.Tensor, tiles: bool = True,
+                 library: ctypes.CDLL | None = None):
         if weights.dtype != torch.int8 or weights.dim() != 2:
             raise ValueError(f"expected 2-D int8 weights, got {weights.dtype} {tuple(weights.shape)}")
-        self.library = require_decode_step_library()
+        self.library = require_decode_step_library() if library is None else library
         self.outputs, self.inputs = weights.shape
         self.scales = (weight_scales.float().reshape(-1) * torch.tensor(INPUT_STEP, dtype=torch.float32)).contiguous()
         self.sums = weights.sum(1, dtype=torch.int32).contiguous()
-        fits = self.outputs % TILE_OUTPUTS == 0 and self.inputs % TILE_INPUTS == 0
-        if tiles and fits and tiles_available():
+        multiple = self.library.int8_tile_inputs()
+        if tiles and multiple and self.outputs % TILE_OUTPUTS == 0 and self.inputs % multiple == 0:
             # One copy only: the row-major weights are not kept beside the tiles.
-            self._row_major, self.tiles = None, weights.view(
-                self.outputs // TILE_OUTPUTS, TILE_OUTPUTS, self.inputs // TILE_INPUTS, TILE_OUTPUTS, 4).permute(
+            padded = torch.nn.functional.pad(weights, (0, -self.inputs % TILE_INPUTS))
+            self._row_major, self.tiles = None, padded.view(
+                self.outputs // TILE_OUTPUTS, TILE_OUTPUTS, padded.shape[1] // TILE_INPUTS, TILE_OUTPUTS, 4).permute(
                 0, 2, 3, 1, 4).contiguous()
         else:
             self._row_major, self.tiles = weights.contiguous(), None
@@ -121,7 +128,7 @@ class CompiledInt8Weights:
         """The int8 weights [outputs, inputs], row by row."""
         if self._row_major is not None:
             return self._row_major
-        return self.tiles.permute(0, 3, 1, 2, 4).reshape(self.outputs, self.inputs)
+        return self.tiles.permute(0, 3, 1, 2, 4).reshape(self.outputs, -1)[:, :self.inputs]
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """The layer over float32 rows [rows, inputs] (without bias): [rows, outputs]."""
@@ -137,5 +144,6 @@ class CompiledInt8Weights:
         return out
 
 
-__all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "INPUT_STEP", "Int8LayerStruct", "Qwen3ModelStruct",
-           "decode_step_library", "require_decode_step_library", "tiles_available"]
+__all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY",
+           "Qwen3ModelStruct", "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "declare_functions", "decode_step_library",
+           "require_decode_step_library", "tile_order_available"]

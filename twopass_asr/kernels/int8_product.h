@@ -8,10 +8,11 @@
  * are multiplied in pairs into 16 bits (255 x 63 x 2 fits), then summed in 32 bits; the
  * products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares them).
  *
- * Where the compiler targets AMX int8 and the layer carries its weights in tile order
- * (int8_tiles_available, the one function here not static: each library is asked on its own),
- * the sums run on AMX's tiles instead. They are exact integer sums either way, so the bits are
- * the same. */
+ * Where the compiler targets AVX-512 VNNI or AMX int8, a layer whose shape suits carries its
+ * weights in tile order (int8_tile_inputs, the one function here not static: each library is
+ * asked on its own), and the sums run on AMX's tiles, or with VNNI on one 64-byte row of a tile
+ * (4 inputs of 16 outputs) at a time. They are exact integer sums in every path, so
+ * the bits are the same. */
 
 #ifndef TWOPASS_ASR_INT8_PRODUCT_H
 #define TWOPASS_ASR_INT8_PRODUCT_H
@@ -36,10 +37,13 @@ static const int32_t INPUT_ZERO_POINT = 128;
  * once from memory, and with the hardware's prefetching alone it ran slower (perf/RESULTS.md,
  * 2026-12-05, session 22). A prefetch past the end of the weights is harmless. */
 #define WEIGHT_PREFETCH_BYTES 2048
+/* The bytes of inputs a block of rows may span: the block stays in the first-level cache while
+ * every output's weights pass over it. */
+#define ROW_BLOCK_BYTES 16384
 
 /* An int8 linear layer without bias. scales[o]: output o's weight scale times the input
  * step; sums[o]: the sum of its weights, to take the input's zero point back out. A layer
- * has its weights in one of two orders: `weights` row by row, or (AMX) `tiles`. */
+ * has its weights in one of two orders: `weights` row by row, or (AMX, VNNI) `tiles`. */
 typedef struct {
     const int8_t *weights; /* [outputs, inputs], or NULL with tiles */
     const float *scales;
@@ -81,9 +85,21 @@ static float quantize_row(const float *row, int64_t columns, float input_step, u
 }
 
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define INT8_DOT_512 1 /* the products of layers in tile order (vnni_product) */
+#endif
+/* A 256-bit VNNI instruction: AVX-VNNI's, or AVX-512 VNNI's on 256 bits. */
+#if defined(__AVXVNNI__)
+#define DOT_256(acc, x, weights) _mm256_dpbusd_avx_epi32(acc, x, weights)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DOT_256(acc, x, weights) _mm256_dpbusd_epi32(acc, x, weights)
+#endif
+
 /* sums[2 r + j] = sum over c of inputs[r][c] * weights j [c], for `count` (1 to 4) input rows
  * `stride` apart and two weight rows: each weight row is read once for all the rows, each input
- * row once for both weight rows. */
+ * row once for both weight rows. With VNNI (AVX-VNNI, or AVX-512's on 256 bits) four bytes'
+ * products are summed into 32 bits by one instruction; without it, in pairs into 16 bits (255 x
+ * 63 x 2 fits) and then into 32. Exact integer sums either way. */
 static inline __attribute__((always_inline)) void dot_block(const int8_t *first_weights,
                                                             const int8_t *second_weights, const uint8_t *inputs,
                                                             int64_t stride, int64_t columns, int count,
@@ -91,10 +107,12 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *first_
     int64_t c = 0;
     int32_t total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #ifdef __AVX2__
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[4][2];
     for (int r = 0; r < 4; ++r)
         acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+#ifndef DOT_256
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
     for (; c + 32 <= columns; c += 32) {
         _mm_prefetch((const char *)(first_weights + c + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
         _mm_prefetch((const char *)(second_weights + c + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
@@ -102,8 +120,13 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *first_
         const __m256i second = _mm256_loadu_si256((const __m256i *)(second_weights + c));
         for (int r = 0; r < count; ++r) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(inputs + r * stride + c));
+#ifdef DOT_256
+            acc[r][0] = DOT_256(acc[r][0], x, first);
+            acc[r][1] = DOT_256(acc[r][1], x, second);
+#else
             acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, first), ones));
             acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, second), ones));
+#endif
         }
     }
     /* The eight sums of lanes at once: pairwise additions within each 128-bit half leave, in
@@ -137,11 +160,12 @@ static inline void scale_sums(const int8_layer *layer, const int32_t *sums, int6
                 * row_scales[first + i];
 }
 
-#ifdef INT8_TILES
-#define TILE_ROWS 16    /* input rows of an input tile */
 #define TILE_OUTPUTS 16 /* outputs of a weight tile */
-#define TILE_INPUTS 64  /* inputs (bytes) of either */
+#define TILE_INPUTS 64  /* inputs (bytes) of a weight tile's rows, and of an input tile's */
 #define TILE_BYTES (TILE_OUTPUTS * TILE_INPUTS)
+
+#ifdef INT8_TILES
+#define TILE_ROWS 16 /* input rows of an input tile */
 
 /* Linux gives a thread AMX's tile registers only after the process has asked for them. */
 static int tiles_permitted(void) {
@@ -241,18 +265,102 @@ static void tile_product(const int8_layer *layer, const uint8_t *inputs, const f
 }
 #endif
 
-/* Whether this build runs products on AMX tiles (a layer then carries its weights as `tiles`). */
-int int8_tiles_available(void) {
-#ifdef INT8_TILES
-    return tiles_permitted();
+#if defined(INT8_DOT_512)
+#define VNNI_BLOCK_ROWS 8 /* input rows of a block of vnni_block's sums */
+
+/* sums[r][j] (16 outputs each) for `count` (1 to VNNI_BLOCK_ROWS) input rows of `inputs` bytes,
+ * `stride` bytes apart, and one or two (two_blocks) consecutive 16-output blocks of tile-ordered
+ * weights (`steps` tiles each): each 64-byte group of weights (4 inputs of 16 outputs) meets each
+ * row's 4 inputs, broadcast, in one VNNI instruction; no sums across lanes. The groups that pad
+ * the last tile are not read. */
+static inline __attribute__((always_inline)) void vnni_block(const uint8_t *rows, int64_t inputs, int64_t stride,
+                                                             int count, const int8_t *weights, int two_blocks,
+                                                             int64_t steps, __m512i acc[VNNI_BLOCK_ROWS][2]) {
+    const int8_t *second_weights = weights + steps * TILE_BYTES;
+    for (int r = 0; r < count; ++r)
+        acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < inputs / 4; ++g) {
+        _mm_prefetch((const char *)(weights + 64 * g + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
+        const __m512i first = _mm512_loadu_si512(weights + 64 * g);
+        const __m512i second = two_blocks ? _mm512_loadu_si512(second_weights + 64 * g) : first;
+        if (two_blocks)
+            _mm_prefetch((const char *)(second_weights + 64 * g + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
+        for (int r = 0; r < count; ++r) {
+            int32_t quad;
+            memcpy(&quad, rows + r * stride + 4 * g, sizeof quad);
+            const __m512i x = _mm512_set1_epi32(quad);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, first);
+            if (two_blocks)
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, second);
+        }
+    }
+}
+
+/* out[r], outputs o to o + 16 blocks - 1, for `count` rows from `first`: vnni_block's sums scaled
+ * back as scale_sums does, 16 outputs at a time (the same operations in the same order). */
+static inline __attribute__((always_inline)) void scale_vnni_sums(const int8_layer *layer,
+                                                                  __m512i acc[VNNI_BLOCK_ROWS][2], int64_t first,
+                                                                  int count, int64_t o, int blocks,
+                                                                  const float *row_scales, float *out) {
+    for (int j = 0; j < blocks; ++j) {
+        const int64_t at = o + j * TILE_OUTPUTS;
+        const __m512i zero_point_sums =
+            _mm512_mullo_epi32(_mm512_set1_epi32(INPUT_ZERO_POINT), _mm512_loadu_si512(layer->sums + at));
+        const __m512 scales = _mm512_loadu_ps(layer->scales + at);
+        for (int r = 0; r < count; ++r) {
+            const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], zero_point_sums));
+            _mm512_storeu_ps(out + (first + r) * layer->outputs + at,
+                             _mm512_mul_ps(_mm512_mul_ps(sums, scales), _mm512_set1_ps(row_scales[first + r])));
+        }
+    }
+}
+
+/* int8_product on tile-ordered weights with AVX-512 VNNI: a block of rows at a time
+ * (ROW_BLOCK_BYTES, as int8_product), each 32 outputs of it VNNI_BLOCK_ROWS rows at a time. */
+static void vnni_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
+                         float *out) {
+    const int64_t k = layer->inputs, steps = (k + TILE_INPUTS - 1) / TILE_INPUTS;
+    const int64_t blocks = layer->outputs / TILE_OUTPUTS;
+    const int64_t block_rows = ROW_BLOCK_BYTES / k / VNNI_BLOCK_ROWS * VNNI_BLOCK_ROWS > VNNI_BLOCK_ROWS
+                                   ? ROW_BLOCK_BYTES / k / VNNI_BLOCK_ROWS * VNNI_BLOCK_ROWS : VNNI_BLOCK_ROWS;
+    for (int64_t start = 0; start < rows; start += block_rows) {
+        const int64_t end = start + block_rows < rows ? start + block_rows : rows;
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair) {
+            const int two_blocks = 2 * pair + 1 < blocks;
+            const int8_t *weights = layer->tiles + 2 * pair * steps * TILE_BYTES;
+            for (int64_t r = start; r < end; r += VNNI_BLOCK_ROWS) {
+                __m512i acc[VNNI_BLOCK_ROWS][2];
+                const int count = end - r < VNNI_BLOCK_ROWS ? (int)(end - r) : VNNI_BLOCK_ROWS;
+#define VNNI_CASE(n)                                                                                     \
+    case n:                                                                                              \
+        vnni_block(inputs + r * k, k, k, n, weights, two_blocks, steps, acc);                            \
+        scale_vnni_sums(layer, acc, r, n, 2 * pair * TILE_OUTPUTS, two_blocks ? 2 : 1, row_scales, out); \
+        break;
+                switch (count) {
+                    VNNI_CASE(8) VNNI_CASE(7) VNNI_CASE(6) VNNI_CASE(5) VNNI_CASE(4) VNNI_CASE(3) VNNI_CASE(2)
+                    VNNI_CASE(1)
+                }
+#undef VNNI_CASE
+            }
+        }
+    }
+}
+#endif
+
+/* The multiple of inputs a layer needs to carry its weights in tile order in this build (as
+ * `tiles`, padded with zeros to whole tiles): 4 with AVX-512 VNNI (a group's inputs; AMX's tiles
+ * then run the layers of whole tiles where Linux permits them), 64 on AMX's tiles alone, 0 where
+ * no product takes tile order. */
+int int8_tile_inputs(void) {
+#if defined(INT8_DOT_512)
+    return 4;
+#elif defined(INT8_TILES)
+    return tiles_permitted() ? TILE_INPUTS : 0;
 #else
     return 0;
 #endif
 }
-
-/* The bytes of inputs a block of rows may span: the block stays in the first-level cache while
- * every output's weights pass over it. */
-#define ROW_BLOCK_BYTES 16384
 
 /* out[r] = layer(rows' quantized inputs) for `rows` rows, the outputs shared among the team's
  * threads (called by every thread of a parallel region) two at a time, a block of rows at a time
@@ -260,8 +368,14 @@ int int8_tiles_available(void) {
 static void int8_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
                          float *out) {
 #ifdef INT8_TILES
-    if (layer->tiles != NULL) {
+    if (layer->tiles != NULL && layer->inputs % TILE_INPUTS == 0 && tiles_permitted()) {
         tile_product(layer, inputs, row_scales, rows, out);
+        return;
+    }
+#endif
+#ifdef INT8_DOT_512
+    if (layer->tiles != NULL) {
+        vnni_product(layer, inputs, row_scales, rows, out);
         return;
     }
 #endif

@@ -28,7 +28,7 @@ import contextlib
 import logging
 from typing import Callable, Iterator
 
-from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
+from twopass_asr.kernels.cpu_features import cpu_has_amx_int8, cpu_has_int8_dot_products
 
 # Layers whose name contains one of these stay in float.
 FLOAT_LAYER_MARKS = ("output", "bias_encoder", "bias_decoder")
@@ -78,14 +78,15 @@ def resolve_int8_precision(configured: str, device: str) -> str:
     return "int8" if configured == "auto" else configured
 
 
-def _runs_with(kernel: str, int8_dot_products: bool) -> bool:
-    """Whether `kernel` may run on a CPU with (or without) int8 dot products: onednn needs them."""
-    return kernel != "onednn" or int8_dot_products
+def _runs_with(kernel: str, amx_int8: bool) -> bool:
+    """Whether `kernel` may run on a CPU with (or without) AMX int8: onednn needs it."""
+    return kernel != "onednn" or amx_int8
 
 
 def default_auto_kernel(int8_dot_products: bool) -> str:
-    """auto's kernel for a model with no choice of its own: onednn with int8 dot products, else fbgemm."""
-    return "onednn" if int8_dot_products else "fbgemm"
+    """auto's kernel for a model with no choice of its own: onednn on AMX int8 (which has int8 dot
+    products), else fbgemm (with VNNI kernels of its own)."""
+    return "onednn" if int8_dot_products and cpu_has_amx_int8() else "fbgemm"
 
 
 def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None,
@@ -93,21 +94,23 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
     """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
     error). auto: what `auto_kernel` says for a CPU with or without AVX-512 VNNI or AMX int8 dot
     products (int8_dot_products None: read from this CPU); a model faster on another kernel than
-    default_auto_kernel's passes its own. onednn asked for without them is refused."""
+    default_auto_kernel's passes its own. onednn asked for on a CPU without AMX int8 is refused."""
     if requested not in INT8_KERNEL_CHOICES:
         raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")
+    if not _runs_with(requested, cpu_has_amx_int8()):
+        # Without VNNI oneDNN adds pairs of products in 16 bits, which its 127 weight levels overflow;
+        # with VNNI alone it ran these layers on its reference kernel.
+        raise ValueError(f"{setting} onednn needs a CPU with AMX int8; on this one oneDNN's int8 product of these "
+                         "layers overflows (AVX2) or takes its reference kernel, over 100x slower (AVX-512 VNNI): "
+                         "use compiled, fbgemm or auto")
     dot_products = cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products
-    if not _runs_with(requested, dot_products):
-        # Without them oneDNN adds pairs of products in 16 bits, and its weights keep 127 levels.
-        raise ValueError(f"{setting} onednn needs a CPU with AVX-512 VNNI or AMX int8; this one has neither: "
-                         "use fbgemm or auto")
     return auto_kernel(dot_products) if requested == "auto" else requested
 
 
 def int8_kernels_on_this_cpu() -> tuple[str, ...]:
-    """The INT8_KERNELS this CPU runs (onednn needs int8 dot products)."""
-    dot_products = cpu_has_int8_dot_products()
-    return tuple(kernel for kernel in INT8_KERNELS if _runs_with(kernel, dot_products))
+    """The INT8_KERNELS this CPU runs (onednn needs AMX int8)."""
+    amx_int8 = cpu_has_amx_int8()
+    return tuple(kernel for kernel in INT8_KERNELS if _runs_with(kernel, amx_int8))
 
 
 def resolve_int8_setting(precision: str, kernel: str, device: str, kernel_setting: str = "int8_kernel",
