@@ -5,7 +5,7 @@ Each distinct shape of the streaming Paraformer encoder's linear layers that Fun
 recipe quantizes is timed at several row counts (a stream's 600 ms chunk is 20 encoder
 frames at chunk_size [5, 10, 5], so B streams in one round are 20 x B rows), on every kernel
 this CPU runs: float32 on MLAS and on oneDNN (weights packed once, as the float32 engine
-runs them), int8 per token on fbgemm and, with VNNI or AMX, on oneDNN (the per-row work in C
+runs them), int8 per token on fbgemm and, with AMX, on oneDNN (the per-row work in C
 where a compiler is at hand, as the fused encoder runs them) and on the compiled kernel (its own
 per-row work, as the native encoder runs it), and int8 as FunASR's own recipe on onnxruntime.
 The encoder's products of one round are the sum over its layers.

@@ -10,15 +10,17 @@ reduce_range off, activations quantized per call; MatMuls whose node name contai
 The project's int8 models (the first pass, the Nano's audio encoder) run on one of four
 kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or an int8 product
 with activations per token (twopass_asr.kernels.tokenwise_int8): torch's on oneDNN, torch's on
-fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits, on AMX tiles where the
-CPU has them). auto takes a per-token one: oneDNN where the CPU has int8 dot products (AVX-512
-VNNI, AMX); without them, fbgemm; and the compiled kernel for a model that runs its layers
-natively on it (the first pass's encoder and decoder, twopass_asr.first_pass.native_layers)
-without dot products or with AMX. Without dot products onnxruntime's int8 layers ran 0.7-1.2x
-float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX the first
-pass on oneDNN served 42 real-time streams through tritonserver against onnxruntime's 17 (which
-holds the GIL around each call) and the audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04,
-session 13); the first pass's native encoder layers on AVX2 alone: 2026-12-05, session 24; on
+fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits, on AMX tiles or AVX-512
+VNNI where the CPU has them). auto takes a per-token one: the compiled kernel for a model that
+runs its layers natively on it (the first pass's encoder and decoder, the Nano's audio encoder:
+twopass_asr.first_pass.native_layers) where its build uses the CPU's int8 dot products or the
+CPU has none; otherwise oneDNN on AMX and fbgemm elsewhere (held to AVX-512 VNNI, oneDNN took
+its reference kernel for these products: 2026-12-06, session 30). Without dot products
+onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md,
+2026-12-03, sessions 7 to 9); with AMX the first pass on oneDNN served 42 real-time streams
+through tritonserver against onnxruntime's 17 (which holds the GIL around each call) and the
+audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04, session 13); the first pass's native
+encoder layers on AVX2 alone: 2026-12-05, session 24; on
 AMX tiles: 2026-12-06, session 28.
 """
 
@@ -92,8 +94,8 @@ def default_auto_kernel(int8_dot_products: bool) -> str:
 def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_products: bool | None = None,
                        auto_kernel: Callable[[bool], str] = default_auto_kernel) -> str:
     """The int8 kernel for `requested` (one of INT8_KERNEL_CHOICES; `setting` names it in the
-    error). auto: what `auto_kernel` says for a CPU with or without AVX-512 VNNI or AMX int8 dot
-    products (int8_dot_products None: read from this CPU); a model faster on another kernel than
+    error). auto: what `auto_kernel` says for a CPU with or without int8 dot products (AVX-512
+    VNNI or AMX) (int8_dot_products None: read from this CPU); a model faster on another kernel than
     default_auto_kernel's passes its own. onednn asked for on a CPU without AMX int8 is refused."""
     if requested not in INT8_KERNEL_CHOICES:
         raise ValueError(f"{setting} must be one of {', '.join(INT8_KERNEL_CHOICES)}, got {requested!r}")

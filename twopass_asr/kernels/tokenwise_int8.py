@@ -1,7 +1,8 @@
 """Linear layers in int8, activations quantized per token, on one of three kernels
 (TOKENWISE_KERNELS): torch's fbgemm, the fast one on AVX2 without VNNI (perf/RESULTS.md,
-2026-12-03); torch's oneDNN, which uses AMX and AVX-512 VNNI where the CPU has them
-(perf/RESULTS.md, 2026-12-04, session 13); and "compiled", the project's own product in C
+2026-12-03); torch's oneDNN, which uses AMX (perf/RESULTS.md, 2026-12-04, session 13; held to
+AVX-512 VNNI, oneDNN took its reference kernel for these products, session 30, so it runs on AMX
+only); and "compiled", the project's own product in C
 (twopass_asr.kernels.decode_step), fbgemm's recipe and bits, which the torch int8 LLM runs on so
 that its decode steps can run in C as a whole (twopass_asr.second_pass.native_decode), and the
 first pass so that its encoder's and decoder's layers can (twopass_asr.first_pass.native_layers).
@@ -22,8 +23,8 @@ activations' eighth bit; here the weights give up theirs instead (int8_per_outpu
 63 levels: 255 x 63 x 2 fits), because activations are the side that quantizes worse (a row's
 scale is set by its largest channel). On one layer that halves the error where a channel is
 20-100x the others and takes a third off it where none is (perf/RESULTS.md, 2026-12-03, session
-9). oneDNN is only chosen where VNNI or AMX add the products in 32 bits, so its weights keep
-127 levels.
+9). oneDNN is only chosen where AMX adds the products in 32 bits, so its weights keep 127
+levels.
 
 torch marks its quantized tensors (fbgemm's path) and TorchScript deprecated (2.13, the pinned
 version, still has both, and no other int8 matrix product in torch is fast on AVX2); the tests
