@@ -3,8 +3,6 @@ range, so a row's output never depends on the rows it is computed with."""
 
 from __future__ import annotations
 
-import os
-import shlex
 import subprocess
 
 import pytest
@@ -20,7 +18,7 @@ from twopass_asr.kernels.decode_step import (
     CompiledInt8Weights,
     declare_functions,
 )
-from twopass_asr.kernels.row_kernels import compile_library
+from twopass_asr.kernels.row_kernels import c_compiler, compile_library
 from twopass_asr.kernels.tokenwise_int8 import (
     TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
@@ -223,7 +221,7 @@ def test_every_path_of_the_compiled_product_gives_fbgemms_bits(build, tmp_path):
     missing = needs - (cpu_flags() or set())
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(sorted(missing))}")
-    compiler = shlex.split(os.environ.get("CC") or "cc")
+    compiler = c_compiler()
     flags = tuple(flag for flag in FLAGS if flag != "-march=native") + march
     probe = tmp_path / "probe.c"
     probe.write_text("int main(void) { return 0; }\n")

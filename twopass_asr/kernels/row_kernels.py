@@ -54,7 +54,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "kernels")
 
 
-def _compiler() -> list[str]:
+def c_compiler() -> list[str]:
+    """The C compiler the kernels are built with: $CC, else cc."""
     return shlex.split(os.environ.get("CC") or "cc")
 
 
@@ -200,7 +201,7 @@ def compiled_library_or_none(sources: tuple[Path, ...], library: str, flags: tup
                              without_it: str) -> ctypes.CDLL | None:
     """compile_library into default_cache_dir with $CC or cc; None where that fails, with one
     warning that says why and what runs instead (`without_it`)."""
-    compiler = _compiler()
+    compiler = c_compiler()
     try:
         return compile_library(sources, library, flags, default_cache_dir(), compiler)
     except (OSError, subprocess.SubprocessError) as error:
@@ -231,5 +232,6 @@ def row_kernels() -> RowKernels | None:
     return None if library is None else RowKernels(library)
 
 
-__all__ = ["CACHE_ENV", "FLAGS", "INPUT_FORMS", "PinnedTensors", "RowKernels", "SIMD_FLAGS", "compile_library",
-           "compile_row_kernels", "compiled_library_or_none", "default_cache_dir", "pointer_or_none", "row_kernels"]
+__all__ = ["CACHE_ENV", "FLAGS", "INPUT_FORMS", "PinnedTensors", "RowKernels", "SIMD_FLAGS", "c_compiler",
+           "compile_library", "compile_row_kernels", "compiled_library_or_none", "default_cache_dir", "pointer_or_none",
+           "row_kernels"]
