@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twopass_asr.kernels import cpu_features
 from twopass_asr.kernels.cpu_features import (
     cpu_flags,
     cpu_has_amx_int8,
@@ -51,10 +52,13 @@ def test_int8_dot_products_are_read_from_the_cpu_flags(tmp_path):
     assert not cpu_has_int8_dot_products(tmp_path / "missing")
 
 
-def test_amx_int8_is_read_from_the_cpu_flags(tmp_path):
+def test_amx_int8_is_read_from_the_cpu_flags_and_needs_linuxs_grant(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_features, "amx_tiles_granted", lambda: True)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n")  # Zen 4, Ice Lake: VNNI alone
     assert not cpu_has_amx_int8(cpuinfo)
     cpuinfo.write_text("flags\t\t: fpu avx2 avx512_vnni amx_bf16 amx_tile amx_int8\n")
     assert cpu_has_amx_int8(cpuinfo)
     assert not cpu_has_amx_int8(tmp_path / "missing")
+    monkeypatch.setattr(cpu_features, "amx_tiles_granted", lambda: False)  # an old kernel, a seccomp filter
+    assert not cpu_has_amx_int8(cpuinfo)

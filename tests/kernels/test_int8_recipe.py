@@ -54,7 +54,7 @@ def test_onednn_asked_for_without_amx_is_refused_by_name(monkeypatch):
     would overflow; with AVX-512 VNNI alone it took its reference kernel (perf/RESULTS.md,
     session 30)."""
     monkeypatch.setattr(int8_recipe, "cpu_has_amx_int8", lambda: False)
-    with pytest.raises(ValueError, match="int8_kernel onednn needs a CPU with AMX int8.*use compiled, fbgemm or auto"):
+    with pytest.raises(ValueError, match="int8_kernel onednn needs AMX int8 tiles.*use compiled, fbgemm or auto"):
         choose_int8_kernel("onednn", int8_dot_products=True)
     with pytest.raises(ValueError, match="first_pass_int8_kernel onednn needs"):
         resolve_int8_setting("fp32", "onednn", "cpu", "first_pass_int8_kernel")

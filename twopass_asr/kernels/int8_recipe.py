@@ -102,9 +102,9 @@ def choose_int8_kernel(requested: str, setting: str = "int8_kernel", int8_dot_pr
     if not _runs_with(requested, cpu_has_amx_int8()):
         # Without VNNI oneDNN adds pairs of products in 16 bits, which its 127 weight levels overflow;
         # with VNNI alone it ran these layers on its reference kernel.
-        raise ValueError(f"{setting} onednn needs a CPU with AMX int8; on this one oneDNN's int8 product of these "
-                         "layers overflows (AVX2) or takes its reference kernel, over 100x slower (AVX-512 VNNI): "
-                         "use compiled, fbgemm or auto")
+        raise ValueError(f"{setting} onednn needs AMX int8 tiles (a CPU with them, which Linux grants this process); "
+                         "without them oneDNN's int8 product of these layers overflows (AVX2) or takes its reference "
+                         "kernel, over 100x slower (AVX-512 VNNI): use compiled, fbgemm or auto")
     dot_products = cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products
     return auto_kernel(dot_products) if requested == "auto" else requested
 
