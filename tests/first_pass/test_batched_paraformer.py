@@ -18,8 +18,8 @@ import torch
 
 from tests.int8_kernels import FUSED_KERNEL_PARAMS, TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
-from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass import native_layers
+from twopass_asr.first_pass.batched import BatchedStreamingParaformer
 from twopass_asr.first_pass.native_layers import native_auto_kernel, sanm_decoder_library, sanm_encoder_library
 from twopass_asr.first_pass.options import DecodeOptions
 from twopass_asr.kernels import int8_recipe
@@ -394,13 +394,13 @@ def test_the_native_int8_decoder_agrees_with_torchs_layers_around_the_same_produ
 
 def test_auto_takes_the_native_layers_unless_the_cpus_int8_dot_products_are_beyond_their_build(monkeypatch):
     """The native layers' products use AMX tiles or AVX-512 VNNI where their build targets them
-    (int8_product.h: tile order), and beat oneDNN's and fbgemm's there (perf/RESULTS.md, sessions
-    28 and 30). A CPU with dot products the build does not use (a compiler that does not target
-    them) keeps int8_recipe's default: oneDNN on AMX, else fbgemm."""
+    (int8_product.h), and beat oneDNN's and fbgemm's there (perf/RESULTS.md, sessions 28 and 30).
+    A CPU with dot products the build does not use (a compiler that does not target them) keeps
+    int8_recipe's default: oneDNN on AMX, else fbgemm."""
     assert native_auto_kernel(False) == "compiled"
-    monkeypatch.setattr(native_layers, "tile_order_available", lambda: True)
+    monkeypatch.setattr(native_layers, "products_use_avx512_vnni", lambda: True)
     assert native_auto_kernel(True) == "compiled"
-    monkeypatch.setattr(native_layers, "tile_order_available", lambda: False)
+    monkeypatch.setattr(native_layers, "products_use_avx512_vnni", lambda: False)
     monkeypatch.setattr(int8_recipe, "cpu_has_amx_int8", lambda: True)
     assert native_auto_kernel(True) == "onednn"
     monkeypatch.setattr(int8_recipe, "cpu_has_amx_int8", lambda: False)

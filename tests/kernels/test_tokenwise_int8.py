@@ -199,8 +199,8 @@ def test_the_compiled_kernel_gives_fbgemms_bits(in_features, out_features):
 
 
 # Builds of int8_product.h for the instruction sets its paths are written for, and the CPU flags
-# each needs: AVX2's pair sums, AVX-VNNI's, AVX-512 VNNI (rows, and tile-ordered weights), and
-# this CPU's own build (on AMX tiles where it has them).
+# each needs: AVX2's pair sums, AVX-VNNI's (256 bits), AVX-512 VNNI, each in tile order and row by
+# row, and this CPU's own build (on AMX tiles where it has them).
 PRODUCT_BUILDS = {
     "avx2-pairs": (("-march=haswell",), {"avx2"}),
     "avx-vnni": (("-march=haswell", "-mavxvnni"), {"avx2", "avx_vnni"}),
@@ -214,9 +214,9 @@ PRODUCT_BUILDS = {
 def test_every_path_of_the_compiled_product_gives_fbgemms_bits(build, tmp_path):
     """Each instruction set's product, in tile order where its build takes it and row by row,
     gives fbgemm's bits: the sums are exact in every path. Row counts under and between blocks
-    of rows (8 with VNNI, 16 and 32 on tiles), an odd number of 16-output blocks, the first
-    pass's feed-forward width, its first layer's 560 inputs (tile order padded, with VNNI; row by
-    row on AMX) and a shape that is row by row only."""
+    of rows (4 on 256 bits, 8 on 512, 16 and 32 on tiles), an odd number of 16-output blocks, the
+    first pass's feed-forward width, its first layer's 560 inputs (tile order padded; not on AMX's
+    tiles, which take whole ones) and a shape that is row by row only."""
     march, needs = PRODUCT_BUILDS[build]
     missing = needs - (cpu_flags() or set())
     if missing:

@@ -23,7 +23,12 @@ from pathlib import Path
 import torch
 
 from twopass_asr.first_pass.fused_encoder import fsmn_taps, sanm_layer_kernel
-from twopass_asr.kernels.decode_step import INPUT_STEP, Int8LayerStruct, decode_step_library, tile_order_available
+from twopass_asr.kernels.decode_step import (
+    INPUT_STEP,
+    Int8LayerStruct,
+    decode_step_library,
+    products_use_avx512_vnni,
+)
 from twopass_asr.kernels.int8_recipe import default_auto_kernel
 from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
@@ -111,11 +116,10 @@ def native_auto_kernel(int8_dot_products: bool) -> str:
     """The int8 kernel under auto of the models whose SANM layers run natively on the compiled
     kernel (the first pass's encoder and decoder, the Nano's audio encoder): the compiled one where
     its C code compiles and either the CPU has no int8 dot products or the build's products use
-    them (tile order: AMX tiles or AVX-512 VNNI); else int8_recipe's default (a failed compile has
-    warned)."""
+    them (AVX-512 VNNI, AMX tiles); else int8_recipe's default (a failed compile has warned)."""
     native = sanm_encoder_library() is not None and sanm_decoder_library() is not None \
         and decode_step_library() is not None
-    if native and (not int8_dot_products or tile_order_available()):
+    if native and (not int8_dot_products or products_use_avx512_vnni()):
         return "compiled"
     return default_auto_kernel(int8_dot_products)
 

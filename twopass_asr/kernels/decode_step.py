@@ -74,8 +74,9 @@ def declare_functions(library: ctypes.CDLL) -> ctypes.CDLL:
     library.step_scratch_floats.restype = _size
     library.int8_rows_product.argtypes = [ctypes.POINTER(Int8LayerStruct), _pointer, _size, _real, _pointer,
                                           _pointer, _pointer, ctypes.c_int]
-    library.int8_tile_inputs.argtypes = []
-    library.int8_tile_inputs.restype = ctypes.c_int
+    for function in (library.int8_tile_inputs, library.int8_product_uses_avx512_vnni):
+        function.argtypes = []
+        function.restype = ctypes.c_int
     for function in (library.qwen3_forward, library.int8_rows_product):
         function.restype = None
     return library
@@ -89,11 +90,12 @@ def require_decode_step_library() -> ctypes.CDLL:
     return library
 
 
-def tile_order_available() -> bool:
-    """Whether the compiled products take their weights in tile order here (int8_product.h): on
-    AMX tiles, or with AVX-512 VNNI a 64-byte row of a tile at a time."""
+def products_use_avx512_vnni() -> bool:
+    """Whether this process's compiled products use AVX-512 VNNI (and AMX's tiles where Linux
+    grants them), the int8 dot products cpu_features counts; other builds sum with AVX-VNNI or
+    AVX2's pairs (int8_product.h)."""
     library = decode_step_library()
-    return library is not None and library.int8_tile_inputs() > 0
+    return library is not None and bool(library.int8_product_uses_avx512_vnni())
 
 
 class CompiledInt8Weights:
@@ -146,4 +148,4 @@ class CompiledInt8Weights:
 
 __all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY",
            "Qwen3ModelStruct", "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "declare_functions", "decode_step_library",
-           "require_decode_step_library", "tile_order_available"]
+           "products_use_avx512_vnni", "require_decode_step_library"]

@@ -8,11 +8,12 @@
  * are multiplied in pairs into 16 bits (255 x 63 x 2 fits), then summed in 32 bits; the
  * products give fbgemm's bits (tests/kernels/test_tokenwise_int8.py compares them).
  *
- * Where the compiler targets AVX-512 VNNI or AMX int8, a layer whose shape suits carries its
- * weights in tile order (int8_tile_inputs, the one function here not static: each library is
- * asked on its own), and the sums run on AMX's tiles, or with VNNI on one 64-byte row of a tile
- * (4 inputs of 16 outputs) at a time. They are exact integer sums in every path, so
- * the bits are the same. */
+ * Wherever the build has AVX2, a layer whose shape suits (outputs a multiple of 16, inputs of 4)
+ * carries its weights in tile order (int8_tile_inputs; it and int8_product_uses_avx512_vnni are
+ * the functions here not static: each library is asked on its own). Its sums run on AMX's tiles,
+ * or a 64-byte row of a tile (4 inputs of 16 outputs) at a time against each input row's 4 bytes,
+ * broadcast: on 512 bits with AVX-512 VNNI, on 256 with AVX-VNNI or AVX2's pair sums. Other
+ * shapes run row by row. They are exact integer sums in every path, so the bits are the same. */
 
 #ifndef TWOPASS_ASR_INT8_PRODUCT_H
 #define TWOPASS_ASR_INT8_PRODUCT_H
@@ -86,7 +87,7 @@ static float quantize_row(const float *row, int64_t columns, float input_step, u
 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define INT8_DOT_512 1 /* the products of layers in tile order (vnni_product) */
+#define INT8_DOT_512 1 /* ordered_product on 512 bits */
 #endif
 /* A 256-bit VNNI instruction: AVX-VNNI's, or AVX-512 VNNI's on 256 bits. */
 #if defined(__AVXVNNI__)
@@ -265,83 +266,105 @@ static void tile_product(const int8_layer *layer, const uint8_t *inputs, const f
 }
 #endif
 
+/* Tile order without AMX's tiles: a vector of ORDERED_LANES outputs' sums per row, each 4-input
+ * group of a tile's row meeting a row's 4 inputs, broadcast, in one instruction per vector: VNNI
+ * (AVX-512's, AVX-VNNI's) or AVX2's pair sums. No sums across lanes; ORDERED_BLOCK_ROWS rows at
+ * a time in the registers there are (32 with AVX-512, 16 with AVX2). */
 #if defined(INT8_DOT_512)
-#define VNNI_BLOCK_ROWS 8 /* input rows of a block of vnni_block's sums */
+#define ORDERED_LANES 16
+#define ORDERED_BLOCK_ROWS 8
+typedef __m512i ordered_sums;
+#define ORDERED_ZERO() _mm512_setzero_si512()
+#define ORDERED_LOAD(bytes) _mm512_loadu_si512(bytes)
+#define ORDERED_BROADCAST(quad) _mm512_set1_epi32(quad)
+#define ORDERED_DOT(acc, x, weights) _mm512_dpbusd_epi32(acc, x, weights)
+#define ORDERED_STORE(sums, acc) _mm512_storeu_si512(sums, acc)
+#elif defined(__AVX2__)
+#define ORDERED_LANES 8
+#define ORDERED_BLOCK_ROWS 4
+typedef __m256i ordered_sums;
+#define ORDERED_ZERO() _mm256_setzero_si256()
+#define ORDERED_LOAD(bytes) _mm256_loadu_si256((const __m256i *)(bytes))
+#define ORDERED_BROADCAST(quad) _mm256_set1_epi32(quad)
+#ifdef DOT_256
+#define ORDERED_DOT(acc, x, weights) DOT_256(acc, x, weights)
+#else
+#define ORDERED_DOT(acc, x, weights) \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, weights), _mm256_set1_epi16(1)))
+#endif
+#define ORDERED_STORE(sums, acc) _mm256_storeu_si256((__m256i *)(sums), acc)
+#endif
 
-/* sums[r][j] (16 outputs each) for `count` (1 to VNNI_BLOCK_ROWS) input rows of `inputs` bytes,
- * `stride` bytes apart, and one or two (two_blocks) consecutive 16-output blocks of tile-ordered
- * weights (`steps` tiles each): each 64-byte group of weights (4 inputs of 16 outputs) meets each
- * row's 4 inputs, broadcast, in one VNNI instruction; no sums across lanes. The groups that pad
- * the last tile are not read. */
-static inline __attribute__((always_inline)) void vnni_block(const uint8_t *rows, int64_t inputs, int64_t stride,
-                                                             int count, const int8_t *weights, int two_blocks,
-                                                             int64_t steps, __m512i acc[VNNI_BLOCK_ROWS][2]) {
-    const int8_t *second_weights = weights + steps * TILE_BYTES;
+#ifdef ORDERED_LANES
+/* sums[r][j * ORDERED_LANES + l] (2 ORDERED_LANES a row) for `count` (1 to ORDERED_BLOCK_ROWS)
+ * input rows of `inputs` bytes, `stride` bytes apart, and one or two (two_vectors) vectors of
+ * outputs whose tile-ordered weights start at `first` and `second`. The groups that pad the last
+ * tile are not read. */
+static inline __attribute__((always_inline)) void ordered_block(const uint8_t *rows, int64_t inputs, int64_t stride,
+                                                                int count, const int8_t *first, const int8_t *second,
+                                                                int two_vectors, int32_t *sums) {
+    ordered_sums acc[ORDERED_BLOCK_ROWS][2];
     for (int r = 0; r < count; ++r)
-        acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        acc[r][0] = acc[r][1] = ORDERED_ZERO();
     for (int64_t g = 0; g < inputs / 4; ++g) {
-        _mm_prefetch((const char *)(weights + 64 * g + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
-        const __m512i first = _mm512_loadu_si512(weights + 64 * g);
-        const __m512i second = two_blocks ? _mm512_loadu_si512(second_weights + 64 * g) : first;
-        if (two_blocks)
-            _mm_prefetch((const char *)(second_weights + 64 * g + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch((const char *)(first + 64 * g + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
+        const ordered_sums low = ORDERED_LOAD(first + 64 * g);
+        const ordered_sums high = two_vectors ? ORDERED_LOAD(second + 64 * g) : low;
+        /* 16 lanes: the second vector is the next tile's 16 outputs; 8: the same 64 bytes. */
+        if (two_vectors && ORDERED_LANES == TILE_OUTPUTS)
+            _mm_prefetch((const char *)(second + 64 * g + WEIGHT_PREFETCH_BYTES), _MM_HINT_T0);
         for (int r = 0; r < count; ++r) {
             int32_t quad;
             memcpy(&quad, rows + r * stride + 4 * g, sizeof quad);
-            const __m512i x = _mm512_set1_epi32(quad);
-            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, first);
-            if (two_blocks)
-                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, second);
+            const ordered_sums x = ORDERED_BROADCAST(quad);
+            acc[r][0] = ORDERED_DOT(acc[r][0], x, low);
+            if (two_vectors)
+                acc[r][1] = ORDERED_DOT(acc[r][1], x, high);
         }
+    }
+    for (int r = 0; r < count; ++r) {
+        ORDERED_STORE(sums + r * 2 * ORDERED_LANES, acc[r][0]);
+        if (two_vectors)
+            ORDERED_STORE(sums + r * 2 * ORDERED_LANES + ORDERED_LANES, acc[r][1]);
     }
 }
 
-/* out[r], outputs o to o + 16 blocks - 1, for `count` rows from `first`: vnni_block's sums scaled
- * back as scale_sums does, 16 outputs at a time (the same operations in the same order). */
-static inline __attribute__((always_inline)) void scale_vnni_sums(const int8_layer *layer,
-                                                                  __m512i acc[VNNI_BLOCK_ROWS][2], int64_t first,
-                                                                  int count, int64_t o, int blocks,
-                                                                  const float *row_scales, float *out) {
-    for (int j = 0; j < blocks; ++j) {
-        const int64_t at = o + j * TILE_OUTPUTS;
-        const __m512i zero_point_sums =
-            _mm512_mullo_epi32(_mm512_set1_epi32(INPUT_ZERO_POINT), _mm512_loadu_si512(layer->sums + at));
-        const __m512 scales = _mm512_loadu_ps(layer->scales + at);
-        for (int r = 0; r < count; ++r) {
-            const __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], zero_point_sums));
-            _mm512_storeu_ps(out + (first + r) * layer->outputs + at,
-                             _mm512_mul_ps(_mm512_mul_ps(sums, scales), _mm512_set1_ps(row_scales[first + r])));
-        }
-    }
+/* Where output o's weights start in a layer's tiles (o a multiple of ORDERED_LANES). */
+static inline const int8_t *ordered_weights(const int8_layer *layer, int64_t steps, int64_t o) {
+    return layer->tiles + o / TILE_OUTPUTS * steps * TILE_BYTES + o % TILE_OUTPUTS * 4;
 }
 
-/* int8_product on tile-ordered weights with AVX-512 VNNI: a block of rows at a time
- * (ROW_BLOCK_BYTES, as int8_product), each 32 outputs of it VNNI_BLOCK_ROWS rows at a time. */
-static void vnni_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
-                         float *out) {
+/* int8_product on tile-ordered weights without AMX: a block of rows at a time (ROW_BLOCK_BYTES, as
+ * int8_product), each two vectors of outputs of it ORDERED_BLOCK_ROWS rows at a time. */
+static void ordered_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
+                            float *out) {
     const int64_t k = layer->inputs, steps = (k + TILE_INPUTS - 1) / TILE_INPUTS;
-    const int64_t blocks = layer->outputs / TILE_OUTPUTS;
-    const int64_t block_rows = ROW_BLOCK_BYTES / k / VNNI_BLOCK_ROWS * VNNI_BLOCK_ROWS > VNNI_BLOCK_ROWS
-                                   ? ROW_BLOCK_BYTES / k / VNNI_BLOCK_ROWS * VNNI_BLOCK_ROWS : VNNI_BLOCK_ROWS;
+    const int64_t vectors = layer->outputs / ORDERED_LANES;
+    const int64_t block_rows = ROW_BLOCK_BYTES / k / ORDERED_BLOCK_ROWS * ORDERED_BLOCK_ROWS > ORDERED_BLOCK_ROWS
+                                   ? ROW_BLOCK_BYTES / k / ORDERED_BLOCK_ROWS * ORDERED_BLOCK_ROWS
+                                   : ORDERED_BLOCK_ROWS;
     for (int64_t start = 0; start < rows; start += block_rows) {
         const int64_t end = start + block_rows < rows ? start + block_rows : rows;
 #pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair) {
-            const int two_blocks = 2 * pair + 1 < blocks;
-            const int8_t *weights = layer->tiles + 2 * pair * steps * TILE_BYTES;
-            for (int64_t r = start; r < end; r += VNNI_BLOCK_ROWS) {
-                __m512i acc[VNNI_BLOCK_ROWS][2];
-                const int count = end - r < VNNI_BLOCK_ROWS ? (int)(end - r) : VNNI_BLOCK_ROWS;
-#define VNNI_CASE(n)                                                                                     \
-    case n:                                                                                              \
-        vnni_block(inputs + r * k, k, k, n, weights, two_blocks, steps, acc);                            \
-        scale_vnni_sums(layer, acc, r, n, 2 * pair * TILE_OUTPUTS, two_blocks ? 2 : 1, row_scales, out); \
-        break;
+        for (int64_t pair = 0; pair < (vectors + 1) / 2; ++pair) {
+            const int two_vectors = 2 * pair + 1 < vectors;
+            const int64_t o = 2 * pair * ORDERED_LANES;
+            const int8_t *first = ordered_weights(layer, steps, o);
+            const int8_t *second = two_vectors ? ordered_weights(layer, steps, o + ORDERED_LANES) : first;
+            for (int64_t r = start; r < end; r += ORDERED_BLOCK_ROWS) {
+                int32_t sums[ORDERED_BLOCK_ROWS * 2 * ORDERED_LANES];
+                const int count = end - r < ORDERED_BLOCK_ROWS ? (int)(end - r) : ORDERED_BLOCK_ROWS;
+#define ORDERED_CASE(n)                                                                   \
+    case n: ordered_block(inputs + r * k, k, k, n, first, second, two_vectors, sums); break;
                 switch (count) {
-                    VNNI_CASE(8) VNNI_CASE(7) VNNI_CASE(6) VNNI_CASE(5) VNNI_CASE(4) VNNI_CASE(3) VNNI_CASE(2)
-                    VNNI_CASE(1)
+#if ORDERED_BLOCK_ROWS == 8
+                    ORDERED_CASE(8) ORDERED_CASE(7) ORDERED_CASE(6) ORDERED_CASE(5)
+#endif
+                    ORDERED_CASE(4) ORDERED_CASE(3) ORDERED_CASE(2) ORDERED_CASE(1)
                 }
-#undef VNNI_CASE
+#undef ORDERED_CASE
+                scale_sums(layer, sums, 2 * ORDERED_LANES, r, count, o, (two_vectors ? 2 : 1) * ORDERED_LANES,
+                           row_scales, out);
             }
         }
     }
@@ -349,14 +372,21 @@ static void vnni_product(const int8_layer *layer, const uint8_t *inputs, const f
 #endif
 
 /* The multiple of inputs a layer needs to carry its weights in tile order in this build (as
- * `tiles`, padded with zeros to whole tiles): 4 with AVX-512 VNNI (a group's inputs; AMX's tiles
- * then run the layers of whole tiles where Linux permits them), 64 on AMX's tiles alone, 0 where
- * no product takes tile order. */
+ * `tiles`, padded with zeros to whole tiles): 4 (a group's inputs) wherever ordered_product runs
+ * (AMX's tiles then run the layers of whole tiles where Linux permits them), else 0. */
 int int8_tile_inputs(void) {
-#if defined(INT8_DOT_512)
+#ifdef ORDERED_LANES
     return 4;
-#elif defined(INT8_TILES)
-    return tiles_permitted() ? TILE_INPUTS : 0;
+#else
+    return 0;
+#endif
+}
+
+/* Whether this build's products use AVX-512 VNNI (and AMX's tiles where Linux grants them): the
+ * int8 dot products cpu_features counts. */
+int int8_product_uses_avx512_vnni(void) {
+#ifdef INT8_DOT_512
+    return 1;
 #else
     return 0;
 #endif
@@ -373,9 +403,9 @@ static void int8_product(const int8_layer *layer, const uint8_t *inputs, const f
         return;
     }
 #endif
-#ifdef INT8_DOT_512
+#ifdef ORDERED_LANES
     if (layer->tiles != NULL) {
-        vnni_product(layer, inputs, row_scales, rows, out);
+        ordered_product(layer, inputs, row_scales, rows, out);
         return;
     }
 #endif

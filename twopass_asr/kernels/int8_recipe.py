@@ -10,8 +10,8 @@ reduce_range off, activations quantized per call; MatMuls whose node name contai
 The project's int8 models (the first pass, the Nano's audio encoder) run on one of four
 kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or an int8 product
 with activations per token (twopass_asr.kernels.tokenwise_int8): torch's on oneDNN, torch's on
-fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits, on AMX tiles or AVX-512
-VNNI where the CPU has them). auto takes a per-token one: the compiled kernel for a model that
+fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits, on AMX tiles, AVX-512
+VNNI, AVX-VNNI or AVX2, whichever the CPU has first). auto takes a per-token one: the compiled kernel for a model that
 runs its layers natively on it (the first pass's encoder and decoder, the Nano's audio encoder:
 twopass_asr.first_pass.native_layers) where its build uses the CPU's int8 dot products or the
 CPU has none; otherwise oneDNN on AMX and fbgemm elsewhere (held to AVX-512 VNNI, oneDNN took
