@@ -11,17 +11,17 @@ The project's int8 models (the first pass, the Nano's audio encoder) run on one 
 kernels: onnxruntime, the recipe itself (twopass_asr.kernels.int8_linear); or an int8 product
 with activations per token (twopass_asr.kernels.tokenwise_int8): torch's on oneDNN, torch's on
 fbgemm, or the project's own in C ("compiled", fbgemm's recipe and bits, on AMX tiles, AVX-512
-VNNI, AVX-VNNI or AVX2, whichever the CPU has first). auto takes a per-token one: the compiled kernel for a model that
-runs its layers natively on it (the first pass's encoder and decoder, the Nano's audio encoder:
-twopass_asr.first_pass.native_layers) where its build uses the CPU's int8 dot products or the
-CPU has none; otherwise oneDNN on AMX and fbgemm elsewhere (held to AVX-512 VNNI, oneDNN took
-its reference kernel for these products: 2026-12-06, session 30). Without dot products
-onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's 1.3-1.8x (perf/RESULTS.md,
-2026-12-03, sessions 7 to 9); with AMX the first pass on oneDNN served 42 real-time streams
-through tritonserver against onnxruntime's 17 (which holds the GIL around each call) and the
-audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04, session 13); the first pass's native
-encoder layers on AVX2 alone: 2026-12-05, session 24; on
-AMX tiles: 2026-12-06, session 28.
+VNNI, AVX-VNNI or AVX2, whichever the CPU has first). auto takes a per-token one: the compiled
+kernel for a model that runs its layers natively on it (the first pass's encoder and decoder,
+the Nano's audio encoder: twopass_asr.first_pass.native_layers) where its build uses the CPU's
+int8 dot products or the CPU has none; otherwise oneDNN on AMX and fbgemm elsewhere (held to
+AVX-512 VNNI, oneDNN took its reference kernel for these products: 2026-12-06, session 30).
+Without dot products onnxruntime's int8 layers ran 0.7-1.2x float32 and fbgemm's 1.3-1.8x
+(perf/RESULTS.md, 2026-12-03, sessions 7 to 9); with AMX the first pass on oneDNN served 42
+real-time streams through tritonserver against onnxruntime's 17 (which holds the GIL around each
+call) and the audio encoder ran 1.0-1.2x onnxruntime's (2026-12-04, session 13); the first pass's
+native encoder layers on AVX2 alone: 2026-12-05, session 24; on AMX tiles: 2026-12-06, session
+28; in tile order on AVX2 and AVX-VNNI: 2026-12-06, session 31.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ activations per token, the output head too (llm_int8).
 The audio encoder and adaptor have a setting of their own, as the first pass: fp32 as FunASR
 runs them, int8, or auto (int8 on every CPU, fp32 on a GPU), with int8 on the kernel the CPU is
 fast with, chosen as the first pass's (first_pass.native_layers.native_auto_kernel: the compiled
-kernel, its layers native, its products on AMX tiles, AVX-512 VNNI or AVX2). bf16 is not
-offered: it ran them 1.08x float32 where int8 ran 2.4x (perf/RESULTS.md, 2026-12-02, session 4,
-and 2026-12-03, session 8).
+kernel, its layers native, its products on AMX tiles, AVX-512 VNNI, AVX-VNNI or AVX2). bf16
+is not offered: it ran them 1.08x float32 where int8 ran 2.4x (perf/RESULTS.md, 2026-12-02,
+session 4, and 2026-12-03, session 8).
 """
 
 from __future__ import annotations
