@@ -204,12 +204,12 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             const decoder_layer *layer = &model->layer[l];
             /* The previous layer's MLP output is added to the hidden rows here. */
             product_inputs(model, hidden, l ? scratch.product : NULL, layer->input_norm, rows, width, &scratch);
-            int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, scratch.qkv);
+            int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, NULL, scratch.qkv);
             attend(model, layer, rows, slots, positions, indices, valid, &scratch);
             product_inputs(model, scratch.attended, NULL, NULL, rows, attended_width, &scratch);
-            int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, scratch.product);
+            int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, NULL, scratch.product);
             product_inputs(model, hidden, scratch.product, layer->post_attention_norm, rows, width, &scratch);
-            int8_product(&layer->gate_up, scratch.quantized, scratch.row_scales, rows, scratch.product);
+            int8_product(&layer->gate_up, scratch.quantized, scratch.row_scales, rows, NULL, scratch.product);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
@@ -219,7 +219,7 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
                 scratch.row_scales[r] = quantize_row(activated, intermediate, model->input_step,
                                                      scratch.quantized + r * intermediate);
             }
-            int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, scratch.product);
+            int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, NULL, scratch.product);
         }
         /* Only the rows whose logits are asked for take the last layer's MLP output and go
          * through the output head: a prefill wants each prompt's last row. */
@@ -233,7 +233,7 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             scratch.row_scales[i] = quantize_row(scratch.normed + i * width, width, model->input_step,
                                                  scratch.quantized + i * width);
         }
-        int8_product(&model->head, scratch.quantized, scratch.row_scales, logit_count, logits);
+        int8_product(&model->head, scratch.quantized, scratch.row_scales, logit_count, NULL, logits);
     }
 }
 
@@ -249,6 +249,6 @@ void int8_rows_product(const int8_layer *layer, const float *x, int64_t rows, fl
         for (int64_t r = 0; r < rows; ++r)
             row_scales[r] = quantize_row(x + r * layer->inputs, layer->inputs, input_step,
                                          quantized + r * layer->inputs);
-        int8_product(layer, quantized, row_scales, rows, out);
+        int8_product(layer, quantized, row_scales, rows, NULL, out);
     }
 }

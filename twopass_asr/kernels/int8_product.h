@@ -55,6 +55,17 @@ typedef struct {
     const int8_t *tiles;
 } int8_layer;
 
+/* What a product adds to its scaled sums while they are still in the first-level cache, in this
+ * order: a bias per output, then ReLU, then the element at the same place of each addend (laid out
+ * as the output; an addend may be the output itself, its old value then added). These are the
+ * float operations of the passes over the output they replace, in their order, so the bits are
+ * the same. */
+typedef struct {
+    const float *bias; /* or NULL */
+    int relu;
+    const float *addends[2]; /* NULL, or the second alone NULL, or neither */
+} product_epilogue;
+
 /* A row's largest magnitude, at least SMALLEST_SCALE. Compared as integers: with the sign bit
  * cleared a non-NaN float's bits order as its magnitude does, and integer maxima vectorise
  * (fmaxf's, with its NaN rule, did not: a third of a quantization's time). */
@@ -150,15 +161,62 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *first_
         sums[i] = total[i];
 }
 
+/* scale_sums with the epilogue's parts as arguments; each caller passes constant flags (has_bias,
+ * relu, addend_count), so each form compiles to its own loop without branches. One loop over a
+ * row's outputs reads each addend's element before writing the output's, so an addend may be the
+ * output itself. */
+static inline __attribute__((always_inline)) void scale_sums_and_finish(
+    const int8_layer *layer, const int32_t *sums, int64_t stride, int64_t first, int64_t count, int64_t o,
+    int64_t outputs, const float *row_scales, int has_bias, const float *bias, int relu, int addend_count,
+    const float *first_addend, const float *second_addend, float *out) {
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t at = (first + i) * layer->outputs + o;
+        const int32_t *row_sums = sums + i * stride;
+        const float row_scale = row_scales[first + i];
+#pragma omp simd
+        for (int64_t j = 0; j < outputs; ++j) {
+            float value = (float)(row_sums[j] - INPUT_ZERO_POINT * layer->sums[o + j]) * layer->scales[o + j]
+                          * row_scale;
+            if (has_bias)
+                value += bias[o + j];
+            if (relu)
+                value = value > 0.0f ? value : 0.0f;
+            if (addend_count > 0)
+                value += first_addend[at + j];
+            if (addend_count > 1)
+                value += second_addend[at + j];
+            out[at + j] = value;
+        }
+    }
+}
+
 /* out[r] for rows first to first + count - 1 of a block of sums (int32, `stride` a row, the
- * first one row `first`'s) and `outputs` outputs from o: the sums scaled back. */
+ * first one row `first`'s) and `outputs` outputs from o: the sums scaled back, then the
+ * epilogue's operations (where there is one). */
 static inline void scale_sums(const int8_layer *layer, const int32_t *sums, int64_t stride, int64_t first,
-                              int64_t count, int64_t o, int64_t outputs, const float *row_scales, float *out) {
-    for (int64_t i = 0; i < count; ++i)
-        for (int64_t j = 0; j < outputs; ++j)
-            out[(first + i) * layer->outputs + o + j] =
-                (float)(sums[i * stride + j] - INPUT_ZERO_POINT * layer->sums[o + j]) * layer->scales[o + j]
-                * row_scales[first + i];
+                              int64_t count, int64_t o, int64_t outputs, const float *row_scales,
+                              const product_epilogue *epilogue, float *out) {
+#define FINISH(has_bias, relu, addend_count)                                                                \
+    scale_sums_and_finish(layer, sums, stride, first, count, o, outputs, row_scales, has_bias,             \
+                          epilogue ? epilogue->bias : NULL, relu, addend_count,                             \
+                          epilogue ? epilogue->addends[0] : NULL, epilogue ? epilogue->addends[1] : NULL, out)
+    if (epilogue == NULL) {
+        FINISH(0, 0, 0);
+        return;
+    }
+    const int has_bias = epilogue->bias != NULL, relu = epilogue->relu;
+    const int addend_count = epilogue->addends[0] == NULL ? 0 : epilogue->addends[1] == NULL ? 1 : 2;
+    if (has_bias && !relu && addend_count == 0)
+        FINISH(1, 0, 0);
+    else if (has_bias && relu && addend_count == 0)
+        FINISH(1, 1, 0);
+    else if (has_bias && !relu && addend_count == 1)
+        FINISH(1, 0, 1);
+    else if (has_bias && !relu && addend_count == 2)
+        FINISH(1, 0, 2);
+    else /* the forms no pass uses, with their branches */
+        FINISH(has_bias, relu, addend_count);
+#undef FINISH
 }
 
 #define TILE_OUTPUTS 16 /* outputs of a weight tile */
@@ -233,7 +291,7 @@ static inline __attribute__((always_inline)) void tile_block(const uint8_t *inpu
  * outputs over all rows. A last short block is moved back to end at the last row (recomputing
  * a few rows) rather than padded; only fewer than 16 rows in all are copied into zeros. */
 static void tile_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
-                         float *out) {
+                         const product_epilogue *epilogue, float *out) {
     const int64_t n = layer->outputs, k = layer->inputs, steps = k / TILE_INPUTS, blocks = n / TILE_OUTPUTS;
     const uint8_t *source = inputs;
     uint8_t *padded = NULL;
@@ -257,7 +315,7 @@ static void tile_product(const int8_layer *layer, const uint8_t *inputs, const f
             tile_block(source + start * k, k, two_row_tiles, layer->tiles + 2 * pair * steps * TILE_BYTES,
                        two_output_tiles, steps, sums);
             scale_sums(layer, sums + (r - start) * 32, 32, r, end - r, pair * 2 * TILE_OUTPUTS,
-                       two_output_tiles ? 2 * TILE_OUTPUTS : TILE_OUTPUTS, row_scales, out);
+                       two_output_tiles ? 2 * TILE_OUTPUTS : TILE_OUTPUTS, row_scales, epilogue, out);
         }
         r = end;
     }
@@ -337,7 +395,7 @@ static inline const int8_t *ordered_weights(const int8_layer *layer, int64_t ste
 /* int8_product on tile-ordered weights without AMX: a block of rows at a time (ROW_BLOCK_BYTES, as
  * int8_product), each two vectors of outputs of it ORDERED_BLOCK_ROWS rows at a time. */
 static void ordered_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
-                            float *out) {
+                            const product_epilogue *epilogue, float *out) {
     const int64_t k = layer->inputs, steps = (k + TILE_INPUTS - 1) / TILE_INPUTS;
     const int64_t vectors = layer->outputs / ORDERED_LANES;
     const int64_t block_rows = ROW_BLOCK_BYTES / k / ORDERED_BLOCK_ROWS * ORDERED_BLOCK_ROWS > ORDERED_BLOCK_ROWS
@@ -364,7 +422,7 @@ static void ordered_product(const int8_layer *layer, const uint8_t *inputs, cons
                 }
 #undef ORDERED_CASE
                 scale_sums(layer, sums, 2 * ORDERED_LANES, r, count, o, (two_vectors ? 2 : 1) * ORDERED_LANES,
-                           row_scales, out);
+                           row_scales, epilogue, out);
             }
         }
     }
@@ -392,20 +450,21 @@ int int8_product_uses_avx512_vnni(void) {
 #endif
 }
 
-/* out[r] = layer(rows' quantized inputs) for `rows` rows, the outputs shared among the team's
- * threads (called by every thread of a parallel region) two at a time, a block of rows at a time
- * (ROW_BLOCK_BYTES; rows streamed past each pair of outputs came from the second level). */
+/* out[r] = layer(rows' quantized inputs) for `rows` rows, then the epilogue's operations (where
+ * there is one), the outputs shared among the team's threads (called by every thread of a
+ * parallel region) two at a time, a block of rows at a time (ROW_BLOCK_BYTES; rows streamed past
+ * each pair of outputs came from the second level). */
 static void int8_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
-                         float *out) {
+                         const product_epilogue *epilogue, float *out) {
 #ifdef INT8_TILES
     if (layer->tiles != NULL && layer->inputs % TILE_INPUTS == 0 && tiles_permitted()) {
-        tile_product(layer, inputs, row_scales, rows, out);
+        tile_product(layer, inputs, row_scales, rows, epilogue, out);
         return;
     }
 #endif
 #ifdef ORDERED_LANES
     if (layer->tiles != NULL) {
-        ordered_product(layer, inputs, row_scales, rows, out);
+        ordered_product(layer, inputs, row_scales, rows, epilogue, out);
         return;
     }
 #endif
@@ -428,7 +487,7 @@ static void int8_product(const int8_layer *layer, const uint8_t *inputs, const f
                 case 2: dot_block(first, second, inputs + r * k, k, k, 2, sums); break;
                 default: dot_block(first, second, inputs + r * k, k, k, 1, sums); break;
                 }
-                scale_sums(layer, sums, 2, r, count, o, outputs, row_scales, out);
+                scale_sums(layer, sums, 2, r, count, o, outputs, row_scales, epilogue, out);
             }
         }
     }

@@ -39,7 +39,6 @@ typedef struct {
     float *q;            /* [tokens, size] */
     float *kv;           /* [frames, 2 size] */
     float *attended;     /* [tokens, size] */
-    float *product;      /* [tokens, size] */
     float *frame_scales; /* [frames] */
     float *attention;    /* [attention_scratch_floats(keys, head_dim)] */
     uint8_t *quantized;  /* [tokens, hidden] */
@@ -50,14 +49,13 @@ static int64_t lay_out_scratch(const sanm_decoder *model, int64_t tokens, int64_
                                float *base, decode_scratch *scratch) {
     const int64_t size = model->size, hidden = model->hidden;
     const int64_t widest = hidden > size ? hidden : size;
-    const int64_t sizes[10] = {tokens * widest, tokens > frames ? tokens : frames, tokens * widest, tokens * size,
-                               tokens * size, frames * 2 * size, tokens * size, tokens * size, frames,
-                               attention_scratch_floats(keys, model->head_dim)};
-    float **parts[10] = {&scratch->normed, &scratch->row_scales, &scratch->hidden, &scratch->h, &scratch->q,
-                         &scratch->kv, &scratch->attended, &scratch->product, &scratch->frame_scales,
-                         &scratch->attention};
+    const int64_t sizes[9] = {tokens * widest, tokens > frames ? tokens : frames, tokens * widest, tokens * size,
+                              tokens * size, frames * 2 * size, tokens * size, frames,
+                              attention_scratch_floats(keys, model->head_dim)};
+    float **parts[9] = {&scratch->normed, &scratch->row_scales, &scratch->hidden, &scratch->h, &scratch->q,
+                        &scratch->kv, &scratch->attended, &scratch->frame_scales, &scratch->attention};
     int64_t used = 0;
-    for (int i = 0; i < 10; ++i) {
+    for (int i = 0; i < 9; ++i) {
         if (base)
             *parts[i] = base + used;
         used += sizes[i];
@@ -79,20 +77,18 @@ int64_t decode_scratch_floats(const sanm_decoder *model, int64_t tokens, int64_t
     return lay_out_scratch(model, tokens, frames, keys, NULL, &unused);
 }
 
-/* h = w2(ffn_norm(relu(w1(norm1(x)) + w1_bias))) over `rows` rows. */
+/* h = w2(ffn_norm(relu(w1(norm1(x)) + w1_bias))) over `rows` rows; h may be x (read before h is
+ * written). */
 static void feed_forward(const sanm_decoder *model, const sanm_decoder_layer *layer, const float *x, int64_t rows,
                          decode_scratch *scratch, float *h) {
     const int64_t size = model->size, hidden = model->hidden;
     normed_rows(x, layer->norm1_weight, layer->norm1_bias, rows, size, model->norm_eps, model->input_step,
                 scratch->normed, scratch->row_scales, scratch->quantized);
-    int8_product(&layer->w1, scratch->quantized, scratch->row_scales, rows, scratch->hidden);
-    for (int64_t i = 0; i < rows * hidden; ++i) {
-        const float value = scratch->hidden[i] + layer->w1_bias[i % hidden];
-        scratch->hidden[i] = value > 0.0f ? value : 0.0f;
-    }
+    const product_epilogue hidden_activation = {layer->w1_bias, 1, {NULL, NULL}};
+    int8_product(&layer->w1, scratch->quantized, scratch->row_scales, rows, &hidden_activation, scratch->hidden);
     normed_rows(scratch->hidden, layer->ffn_norm_weight, layer->ffn_norm_bias, rows, hidden, model->norm_eps,
                 model->input_step, scratch->normed, scratch->row_scales, scratch->quantized);
-    int8_product(&layer->w2, scratch->quantized, scratch->row_scales, rows, h);
+    int8_product(&layer->w2, scratch->quantized, scratch->row_scales, rows, NULL, h);
 }
 
 /* x += FSMN(h) + h for each stream's rows. fsmn: the layer's [batch, size, fsmn_memory + tokens],
@@ -174,8 +170,7 @@ void sanm_decode(const sanm_decoder *model, int64_t batch, int64_t tokens, float
     for (int64_t l = 0; l < model->layers; ++l) {
         const sanm_decoder_layer *layer = &model->layer[l];
         if (!layer->attends) {
-            feed_forward(model, layer, x, rows, &scratch, scratch.product);
-            memcpy(x, scratch.product, (size_t)(rows * size) * sizeof(float));
+            feed_forward(model, layer, x, rows, &scratch, x);
             continue;
         }
         feed_forward(model, layer, x, rows, &scratch, scratch.h);
@@ -186,18 +181,15 @@ void sanm_decode(const sanm_decoder *model, int64_t batch, int64_t tokens, float
 
         normed_rows(x, layer->norm3_weight, layer->norm3_bias, rows, size, model->norm_eps, model->input_step,
                     scratch.normed, scratch.row_scales, scratch.quantized);
-        int8_product(&layer->q, scratch.quantized, scratch.row_scales, rows, scratch.q);
-        add_bias(scratch.q, layer->q_bias, rows, size);
-        int8_product(&layer->kv, scratch.frames, scratch.frame_scales, frame_rows, scratch.kv);
-        add_bias(scratch.kv, layer->kv_bias, frame_rows, 2 * size);
+        const product_epilogue q_bias = {layer->q_bias, 0, {NULL, NULL}}, kv_bias = {layer->kv_bias, 0, {NULL, NULL}};
+        int8_product(&layer->q, scratch.quantized, scratch.row_scales, rows, &q_bias, scratch.q);
+        int8_product(&layer->kv, scratch.frames, scratch.frame_scales, frame_rows, &kv_bias, scratch.kv);
         cross_attend(model, batch, tokens, time, token_counts, lengths, history_lengths, history,
                      keys + attending * layer_cache, values + attending * layer_cache, &scratch);
 
         quantized_rows(scratch.attended, rows, size, model->input_step, scratch.row_scales, scratch.quantized);
-        int8_product(&layer->out, scratch.quantized, scratch.row_scales, rows, scratch.product);
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < size; ++c)
-                x[r * size + c] += scratch.product[r * size + c] + layer->out_bias[c];
+        const product_epilogue attention_residual = {layer->out_bias, 0, {x, NULL}};
+        int8_product(&layer->out, scratch.quantized, scratch.row_scales, rows, &attention_residual, x);
         ++attending;
     }
 }

@@ -157,40 +157,26 @@ static void encode_layers(const sanm_encoder *model, int64_t batch, int64_t time
         const sanm_layer *layer = &model->layer[l];
         const float *layer_input = l ? x : input;
         normed_inputs(model, layer_input, layer->norm1_weight, layer->norm1_bias, rows, layer->in_size, &scratch);
-        int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, scratch.qkv);
-        add_bias(scratch.qkv, layer->qkv_bias, rows, 3 * size);
+        const product_epilogue qkv_bias = {layer->qkv_bias, 0, {NULL, NULL}};
+        int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, &qkv_bias, scratch.qkv);
         fsmn_memory(scratch.qkv + 2 * size, 3 * size, batch, time, size, lengths, layer->fsmn_taps,
                     layer->fsmn_width, layer->fsmn_left, scratch.masked, scratch.memory);
         attend(model, batch, time, lengths, history_lengths, history, capacity, keys ? keys + l * layer_cache : NULL,
                values ? values + l * layer_cache : NULL, &scratch);
 
+        /* x = layer_input + ((out(attended) + out_bias) + memory), without the residual where the
+         * layer changes the width. x may be layer_input: each element is read before it is written. */
         quantized_inputs(model, scratch.attended, rows, size, &scratch);
-        int8_product(&layer->out, scratch.quantized, scratch.row_scales, rows, scratch.product);
-        const int residual = layer->in_size == size;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < size; ++c) {
-                const int64_t i = r * size + c;
-                const float attended = (scratch.product[i] + layer->out_bias[c]) + scratch.memory[i];
-                x[i] = residual ? layer_input[i] + attended : attended;
-            }
+        const product_epilogue attention_output = {
+            layer->out_bias, 0, {scratch.memory, layer->in_size == size ? layer_input : NULL}};
+        int8_product(&layer->out, scratch.quantized, scratch.row_scales, rows, &attention_output, x);
 
         normed_inputs(model, x, layer->norm2_weight, layer->norm2_bias, rows, size, &scratch);
-        int8_product(&layer->w1, scratch.quantized, scratch.row_scales, rows, scratch.product);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
-            float *row = scratch.product + r * hidden;
-            for (int64_t c = 0; c < hidden; ++c) {
-                const float value = row[c] + layer->w1_bias[c];
-                row[c] = value > 0.0f ? value : 0.0f;
-            }
-        }
+        const product_epilogue hidden_activation = {layer->w1_bias, 1, {NULL, NULL}};
+        int8_product(&layer->w1, scratch.quantized, scratch.row_scales, rows, &hidden_activation, scratch.product);
         quantized_inputs(model, scratch.product, rows, hidden, &scratch);
-        int8_product(&layer->w2, scratch.quantized, scratch.row_scales, rows, scratch.product);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < size; ++c)
-                x[r * size + c] += scratch.product[r * size + c] + layer->w2_bias[c];
+        const product_epilogue feed_forward_residual = {layer->w2_bias, 0, {x, NULL}};
+        int8_product(&layer->w2, scratch.quantized, scratch.row_scales, rows, &feed_forward_residual, x);
     }
 }
 

@@ -44,13 +44,6 @@ static void quantized_rows(const float *x, int64_t rows, int64_t columns, float 
         row_scales[r] = quantize_row(x + r * columns, columns, input_step, quantized + r * columns);
 }
 
-static void add_bias(float *y, const float *bias, int64_t rows, int64_t columns) {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < columns; ++c)
-            y[r * columns + c] += bias[c];
-}
-
 /* LANES floats as one vector of the compiler's (GCC and Clang), for sums it must keep in registers:
  * as wide as the CPU's float vectors (a wider type went through memory on AVX2). */
 #ifdef __AVX512F__
