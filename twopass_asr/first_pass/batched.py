@@ -417,8 +417,11 @@ class BatchedStreamingParaformer:
 
     def _encode(self, x, valid, lengths, steps) -> torch.Tensor:
         states = [s.stream.state.encoder for s in steps]
-        look_back = _LookBackBuffer([None if e.keys is None else (e.keys, e.values) for e in states],
-                                    len(self.encoder_layers), self.encoder_heads, self.encoder_d_k, valid)
+        keeps_keys = any(s.stream.options.encoder_look_back > 0 for s in steps)
+        # The native layers need no buffer for keys that no stream keeps (the torch layers attend from it).
+        look_back = None if self.native_encoder is not None and not keeps_keys else _LookBackBuffer(
+            [None if e.keys is None else (e.keys, e.values) for e in states],
+            len(self.encoder_layers), self.encoder_heads, self.encoder_d_k, valid)
         if self.native_encoder is not None:
             x = self.native_encoder.encode(x, lengths, look_back)
         elif self.fused_encoder is not None:

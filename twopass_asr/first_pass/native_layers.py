@@ -30,7 +30,7 @@ from twopass_asr.kernels.decode_step import (
     products_use_avx512_vnni,
 )
 from twopass_asr.kernels.int8_recipe import default_auto_kernel
-from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none, pointer_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -167,22 +167,26 @@ class NativeInt8Encoder:
     def encode(self, x: torch.Tensor, lengths: torch.Tensor, look_back) -> torch.Tensor:
         """Every layer over frames x [batch, time, in_size] (each stream's first lengths[i] its
         own; int64); look_back: the batch's _LookBackBuffer, whose keys and values get each
-        layer's current frames. Returns the last layer's output [batch, time, size]."""
+        layer's current frames, or None where no stream has a look-back or keeps one. Returns the
+        last layer's output [batch, time, size]."""
         batch, time, features = x.shape
         if features != self.in_size or x.dtype != torch.float32:
             raise ValueError(f"expected float32 frames of {self.in_size} features, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         lengths = lengths.to(torch.int64).contiguous()
-        history_lengths = torch.tensor(look_back.history_lengths, dtype=torch.int64)
-        keys, values = look_back.keys, look_back.values
-        if not (keys.is_contiguous() and values.is_contiguous() and keys.shape[3] == look_back.history + time):
-            raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
+        history = 0 if look_back is None else look_back.history
+        keys = values = history_lengths = None
+        if look_back is not None:
+            history_lengths = torch.tensor(look_back.history_lengths, dtype=torch.int64)
+            keys, values = look_back.keys, look_back.values
+            if not (keys.is_contiguous() and values.is_contiguous() and keys.shape[3] == history + time):
+                raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
         out = torch.empty((batch, time, self.size))
         scratch = torch.empty(self.library.encode_scratch_floats(ctypes.byref(self.struct), batch * time,
-                                                                 look_back.history + time, 1))
+                                                                 history + time, 1))
         self.library.sanm_encode(ctypes.byref(self.struct), batch, time, x.data_ptr(), out.data_ptr(),
-                                 lengths.data_ptr(), keys.data_ptr(), values.data_ptr(), history_lengths.data_ptr(),
-                                 look_back.history, 1, scratch.data_ptr())
+                                 lengths.data_ptr(), pointer_or_none(keys), pointer_or_none(values),
+                                 pointer_or_none(history_lengths), history, 1, scratch.data_ptr())
         return out
 
     def encode_segments(self, x: torch.Tensor, lengths: torch.Tensor, threads: int) -> torch.Tensor:

@@ -184,8 +184,9 @@ static void encode_layers(const sanm_encoder *model, int64_t batch, int64_t time
  * first lengths[b] its own). input [batch, time, layer 0's in_size]; x [batch, time, size]:
  * out, the last layer's output. keys, values [layers, batch, heads, history + time, head_dim]:
  * in, each stream's look-back at its first history_lengths[b] (of `history`) entries; out, the
- * current frames' keys and values after them. scratch_space: encode_scratch_floats(model,
- * batch * time, history + time, threads) floats. */
+ * current frames' keys and values after them. Or all three NULL and history 0, where no stream
+ * has a look-back or keeps one. scratch_space: encode_scratch_floats(model, batch * time,
+ * history + time, threads) floats. */
 void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
                  const int64_t *lengths, float *keys, float *values, const int64_t *history_lengths,
                  int64_t history, int threads, float *scratch_space) {
