@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import aclosing
@@ -23,8 +24,9 @@ from perf.bench_second_pass import teacher_forced_pairs
 from tests.conftest import SUITE_TORCH_THREADS
 from tests.model_repository.test_triton_nano import CASES, reference_text, segment_inputs
 from tests.triton_client_utils import decoupled_responses, decoupled_texts
+from twopass_asr import REPO_ROOT
 from twopass_asr.hotwords import parse_hotwords
-from twopass_asr.kernels.cpu_features import cpu_has_native_bf16
+from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_native_bf16
 from twopass_asr.second_pass import llm_export, precision
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
 from twopass_asr.second_pass.precision import (PRECISION_ENV, resolve_precision, torch_generation_is_faster,
@@ -146,6 +148,46 @@ def test_closing_a_stream_aborts_it_in_the_engine(engine, run, recognizer, speec
     assert run(first_delta_then_close()) == 0
     text = "".join(delta for delta, _ in run(stream_all(engine, [embeds]))[0])
     assert text == recognizer.generate(embeds)
+
+
+UNDER_REFUSED_TILES = """
+import sys
+from pathlib import Path
+from twopass_asr.second_pass.recognizer import NanoRecognizer
+from twopass_asr.second_pass.vllm_engine import EngineUnavailable, start_engine
+
+recognizer = NanoRecognizer(Path(sys.argv[1]))
+for precision in ("bf16", "int8", "fp32"):
+    warnings = []
+    engine = start_engine("auto", recognizer, "cpu", {"vllm_enforce_eager": "true"}, precision, warnings.append)
+    print(precision, "auto:", "vllm" if engine else "torch", *warnings)
+    if engine:
+        engine.shutdown()
+try:
+    start_engine("vllm", recognizer, "cpu", {}, "bf16")
+except EngineUnavailable as error:
+    print("vllm:", error)
+"""
+
+
+def test_where_linux_refuses_amx_tiles_bf16_generation_leaves_vllm(test_models, tmp_path):
+    """vLLM takes its AMX attention in bf16 (and int8, whose activations are bf16) by the CPU's
+    flags alone; where Linux refuses the tiles (here perf.without_amx's filter) its worker died at
+    the first request (measured). There auto falls back to torch with one warning, vllm fails
+    naming the tiles, and fp32 (no AMX attention) stays on vLLM."""
+    if "amx_tile" not in (cpu_flags() or set()):
+        pytest.skip("this CPU has no AMX tiles to refuse")
+    ran = subprocess.run([sys.executable, "-m", "perf.without_amx", sys.executable, "-c", UNDER_REFUSED_TILES,
+                          str(test_models / "funasr_nano")], cwd=REPO_ROOT, text=True, capture_output=True,
+                         timeout=900, env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-6000:]
+    lines = dict(line.split(":", 1) for line in ran.stdout.splitlines() if ":" in line)
+    for bf16_activations in ("bf16", "int8"):
+        assert lines[f"{bf16_activations} auto"].startswith(
+            " torch vLLM unavailable, falling back to torch generation: "
+            f"vLLM's CPU attention in {bf16_activations} would use AMX tiles"), lines
+    assert lines["fp32 auto"] == " vllm", lines
+    assert "Linux refuses this process" in lines["vllm"], lines
 
 
 def test_llm_export_is_lossless(test_models, tmp_path):

@@ -60,6 +60,13 @@ def amx_tiles_granted() -> bool:
     return syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
 
 
+def amx_tiles_refused(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU lists AMX's tiles but Linux refuses them to this process: libraries that
+    read the flags alone then fail at their first tile instruction (vLLM's attention, for one)."""
+    flags = cpu_flags(cpuinfo) or set()
+    return bool(flags & {"amx_tile", "amx_int8", "amx_bf16"}) and not amx_tiles_granted()
+
+
 def cpu_has_amx_int8(cpuinfo: Path = CPUINFO) -> bool:
     """Whether this process can run AMX's int8 tiles (the CPU lists them and Linux grants them),
     the one case in which oneDNN's product of signed int8 inputs (tokenwise_int8's onednn kernel)
@@ -78,6 +85,6 @@ def cpu_summary(cpuinfo: Path = CPUINFO) -> str:
         model = None
     flags = cpu_flags(cpuinfo) or set()
     present = " ".join(flag for flag in RELEVANT_FLAGS if flag in flags) or "none of " + " ".join(RELEVANT_FLAGS)
-    if cpuinfo == CPUINFO and flags & {"amx_int8", "amx_bf16"} and not amx_tiles_granted():
+    if cpuinfo == CPUINFO and amx_tiles_refused():
         present += " (AMX tiles refused by Linux)"
     return f"{model.group(1) if model else 'unknown CPU'}, {os.cpu_count()} cores: {present}"

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable, Mapping
 
 import torch
 
+from twopass_asr.kernels.cpu_features import amx_tiles_refused
 from twopass_asr.second_pass.llm_export import CONFIG_FILE, export_llm_dir
 from twopass_asr.second_pass.precision import (TORCH_DTYPES, torch_generation_is_faster, torch_generation_runs,
                                                 vllm_dtype)
@@ -162,6 +163,12 @@ class VllmNanoEngine:
 
     def __init__(self, recognizer: NanoRecognizer, settings: EngineSettings):
         prepare_process_for_vllm()
+        if settings.on_cpu and TORCH_DTYPES[settings.precision] == torch.bfloat16 and amx_tiles_refused():
+            # vLLM takes its AMX attention in bf16 by the CPU's flags alone; its worker then dies at
+            # the first request (perf/RESULTS.md, 2026-12-06, session 32).
+            raise EngineUnavailable(f"vLLM's CPU attention in {settings.precision} would use AMX tiles, which "
+                                    "this CPU lists but Linux refuses this process (an old kernel, or a "
+                                    "container or seccomp filter withholding them)")
         if recognizer.kwargs.get("llm_kwargs"):
             raise EngineUnavailable("the model's llm_kwargs (extra generation arguments) have no vLLM "
                                     f"equivalent here: {recognizer.kwargs['llm_kwargs']!r}")
