@@ -198,6 +198,30 @@ def test_the_compiled_kernel_gives_fbgemms_bits(in_features, out_features):
     assert torch.equal(compiled(tie), fbgemm(tie))
 
 
+@torch.no_grad()
+def test_quotients_at_the_quantization_boundaries_give_fbgemms_bytes():
+    """Every element lying on or next to a boundary between two bytes takes fbgemm's byte: the
+    compiled kernel's quotient by the row's magnitude, and its rounding of the quotient times the
+    inverse step plus the zero point, are fbgemm's to the last bit. Each row holds, for every
+    boundary, the float nearest to it and the two floats on each side; an identity layer passes
+    every byte to its own output. Rows of magnitudes from tiny to near float's largest."""
+    boundaries = (torch.arange(255, dtype=torch.float64) + 0.5 - 128) / 127.5
+    scales = (1.0, 0.7316, 3.3e-3, 123.456, 5e-24, 2.0**-95, 1e30, 2.0**126, 3e38)
+    batch = []
+    for scale in scales:
+        near = [(boundaries * scale).float()]
+        for direction in (float("inf"), float("-inf")):
+            up_or_down = torch.nextafter(near[0], torch.tensor(direction))
+            near += [up_or_down, torch.nextafter(up_or_down, torch.tensor(direction))]
+        row = torch.cat([torch.tensor([scale], dtype=torch.float32), *near]).clamp(-scale, scale)
+        batch.append(torch.nn.functional.pad(row, (0, 1280 - row.numel())))
+    batch = torch.stack(batch)
+    identity = torch.nn.Linear(1280, 1280, bias=False)
+    identity.weight.copy_(torch.eye(1280))
+    fbgemm, compiled = TokenwiseInt8Linear(identity, "fbgemm"), TokenwiseInt8Linear(identity, "compiled")
+    assert torch.equal(compiled(batch), fbgemm(batch))
+
+
 # Builds of int8_product.h for the instruction sets its paths are written for, and the CPU flags
 # each needs: AVX2's pair sums, AVX-VNNI's (256 bits), AVX-512 VNNI, each in tile order and row by
 # row, and this CPU's own build (on AMX tiles where it has them).
