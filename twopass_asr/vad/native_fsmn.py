@@ -24,7 +24,7 @@ _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
 class DenseLayerStruct(ctypes.Structure):
     """fsmn_vad.c's dense_layer."""
-    _fields_ = [("weight", _pointer), ("bias", _pointer), ("outputs", _size), ("inputs", _size)]
+    _fields_ = [("weight_t", _pointer), ("bias", _pointer), ("outputs", _size), ("inputs", _size)]
 
 
 class FsmnBlockStruct(ctypes.Structure):
@@ -53,6 +53,8 @@ def fsmn_vad_library() -> ctypes.CDLL | None:
     library.fsmn_vad_encode.restype = None
     library.fsmn_vad_scratch_floats.argtypes = [model, _size]
     library.fsmn_vad_scratch_floats.restype = _size
+    library.fsmn_vad_dense_padding.argtypes = []
+    library.fsmn_vad_dense_padding.restype = _size
     return library
 
 
@@ -74,7 +76,10 @@ class NativeFsmnEncoder:
         self.struct = FsmnVadStruct(*dense, len(blocks), widest, int(encoder.use_softmax), self._blocks)
 
     def _dense(self, linear: torch.nn.Linear) -> DenseLayerStruct:
-        return DenseLayerStruct(self._pin(linear.weight), None if linear.bias is None else self._pin(linear.bias),
+        # Transposed, each input's row padded with zeros to the library's multiple of outputs.
+        padding = -linear.out_features % self.library.fsmn_vad_dense_padding()
+        weight_t = torch.nn.functional.pad(linear.weight.detach().t(), (0, padding))
+        return DenseLayerStruct(self._pin(weight_t), None if linear.bias is None else self._pin(linear.bias),
                                 linear.out_features, linear.in_features)
 
     def _block(self, block: torch.nn.Module) -> FsmnBlockStruct:
