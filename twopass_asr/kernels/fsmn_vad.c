@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "vector_lanes.h"
+
 /* y = x W^T (+ bias), the weights held transposed: weight_t [inputs, padded outputs], each input's
  * row padded with zeros to a multiple of DENSE_PADDING outputs; bias NULL: none. */
 typedef struct {
@@ -38,16 +40,13 @@ typedef struct {
     const fsmn_block *block;
 } fsmn_vad;
 
-/* LANES floats as one vector of the compiler's, as wide as the CPU's float vectors; VECTORS of them
- * a row's sums for four rows in registers (16 of AVX-512's 32, 8 of AVX2's 16). */
-#ifdef __AVX512F__
-#define LANES 16
+/* Vectors of LANES outputs whose sums for four rows dense keeps in registers (16 of AVX-512's 32,
+ * 8 of AVX2's 16). */
+#if LANES == 16
 #define VECTORS 4
 #else
-#define LANES 8
 #define VECTORS 2
 #endif
-typedef float float_lanes __attribute__((vector_size(LANES * sizeof(float))));
 
 /* `rows` rows of x [rows, inputs] through the layer into y [rows, outputs]; relu: clamp at zero.
  * Four rows and VECTORS vectors of outputs at a time, their sums in lanes: each input of a row,

@@ -8,6 +8,7 @@
 #define TWOPASS_ASR_SANM_ROWS_H
 
 #include "int8_product.h"
+#include "vector_lanes.h"
 
 /* torch's layer norm of one row: (x - mean) / sqrt(variance + eps) * weight + bias. */
 static void layer_norm(const float *x, const float *weight, const float *bias, int64_t columns, float eps,
@@ -44,14 +45,6 @@ static void quantized_rows(const float *x, int64_t rows, int64_t columns, float 
         row_scales[r] = quantize_row(x + r * columns, columns, input_step, quantized + r * columns);
 }
 
-/* LANES floats as one vector of the compiler's (GCC and Clang), for sums it must keep in registers:
- * as wide as the CPU's float vectors (a wider type went through memory on AVX2). */
-#ifdef __AVX512F__
-#define LANES 16
-#else
-#define LANES 8
-#endif
-typedef float float_lanes __attribute__((vector_size(LANES * sizeof(float))));
 
 /* e^x for x <= 0 (a softmax's scores less their largest) in operations the compiler vectorises,
  * where a call of expf is one element at a time: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its

@@ -17,7 +17,7 @@ import torch
 
 from twopass_asr.kernels.row_kernels import SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 
-SOURCES = (Path(__file__).resolve().parent.parent / "kernels" / "fsmn_vad.c",)
+SOURCES = tuple(Path(__file__).resolve().parent.parent / "kernels" / name for name in ("fsmn_vad.c", "vector_lanes.h"))
 
 _pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
