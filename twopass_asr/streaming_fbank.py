@@ -7,8 +7,8 @@ frames that did not fill a whole LFR window; both carry over to the next call. I
 out) afresh over those samples and the new ones at each call. This module gives each stream one
 kaldi-native-fbank extractor with FunASR's options instead, fed each call's new samples only: a
 frame is computed from its own samples alone, and the frames start at the same samples, so they
-are the same bits, without setting up the window, FFT and mel banks again at every call (about a
-third of its time). The LFR splicing is FunASR's own (WavFrontendOnline.apply_lfr).
+are the same bits, without setting up the window, FFT and mel banks again at every call. The
+LFR splicing is FunASR's own (WavFrontendOnline.apply_lfr).
 """
 
 from __future__ import annotations
