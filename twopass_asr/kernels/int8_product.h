@@ -102,7 +102,7 @@ static inline __attribute__((always_inline)) void quantize_quotients(const float
         float value = nearbyintf(fmaf(quotient, inverse_step, (float)INPUT_ZERO_POINT));
         /* The quotient is at least -1, so the value at least 0: only the top needs a clamp (a NaN
          * from a row with an infinity or NaN takes it too). Clamping both ends, or converting the
-         * float to uint8 directly, compiled into mask operations that took a third of the time. */
+         * float to uint8 directly, compiled into mask operations slower than the rest of the loop. */
         value = value < 255.0f ? value : 255.0f;
         out[c] = (uint8_t)(int32_t)value;
     }
