@@ -34,7 +34,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.fused_encoder import FusedInt8EncoderLayers
-from twopass_asr.first_pass.native_layers import NativeInt8Decoder, NativeInt8Encoder, native_auto_kernel
+from twopass_asr.first_pass.native_layers import (
+    NativeInt8Decoder,
+    NativeInt8Encoder,
+    StreamLookBack,
+    native_auto_kernel,
+)
 from twopass_asr.first_pass.options import SAMPLES_PER_CHUNK_UNIT, DecodeOptions
 from twopass_asr.funasr_classes import funasr_automodel
 from twopass_asr.kernels.int8_linear import load_exported_int8_layers, stream_rows
@@ -52,8 +57,11 @@ MIN_FINAL_STEP_SAMPLES = SAMPLES_PER_CHUNK_UNIT
 class EncoderState:
     position: int  # frames fed so far: the next frame's sinusoidal position minus one
     overlap: torch.Tensor  # embedded frames re-fed at the start of the next chunk
-    keys: torch.Tensor | None = None  # (layers, heads, history, d_k); None before the first chunk
+    # Look-back keys and values (layers, heads, room, d_k), the first `history` frames of each head
+    # this stream's; None before the first chunk. The native encoder updates them in place.
+    keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    history: int = 0
 
 
 @dataclass
@@ -418,13 +426,19 @@ class BatchedStreamingParaformer:
     def _encode(self, x, valid, lengths, steps) -> torch.Tensor:
         states = [s.stream.state.encoder for s in steps]
         keeps_keys = any(s.stream.options.encoder_look_back > 0 for s in steps)
-        # The native layers need no buffer for keys that no stream keeps (the torch layers attend from it).
-        look_back = None if self.native_encoder is not None and not keeps_keys else _LookBackBuffer(
-            [None if e.keys is None else (e.keys, e.values) for e in states],
-            len(self.encoder_layers), self.encoder_heads, self.encoder_d_k, valid)
         if self.native_encoder is not None:
+            look_back = [self._native_look_back(s, enc, frames) for s, enc, frames in
+                         zip(steps, states, lengths.tolist())] if keeps_keys else None
             x = self.native_encoder.encode(x, lengths, look_back)
-        elif self.fused_encoder is not None:
+            for enc, kept in zip(states, look_back or []):
+                if kept is not None:
+                    enc.history = kept.kept
+            return self.model.encoder.after_norm(x)
+
+        look_back = _LookBackBuffer(
+            [None if e.keys is None else (e.keys[:, :, :e.history], e.values[:, :, :e.history]) for e in states],
+            len(self.encoder_layers), self.encoder_heads, self.encoder_d_k, valid)
+        if self.fused_encoder is not None:
             for index in range(len(self.encoder_layers)):
                 x = self.fused_encoder.forward(index, x, lengths, look_back)
         else:
@@ -447,7 +461,28 @@ class BatchedStreamingParaformer:
                 old_k, old_v = look_back.history_of(i)
                 enc.keys = _concat_last(old_k, fresh_k, history * c1, 2)
                 enc.values = _concat_last(old_v, fresh_v, history * c1, 2)
+            enc.history = enc.keys.shape[2]
         return x
+
+    def _native_look_back(self, step: _Step, enc: EncoderState, frames: int) -> StreamLookBack | None:
+        """A stream's look-back for the native encoder's step, kept as FunASR keeps it (see the
+        torch path in _encode), its buffers made or grown to hold it. The native encoder writes
+        what it keeps in place: no batch buffer is assembled and no history copied a step."""
+        look_back = step.stream.options.encoder_look_back
+        if look_back == 0:
+            return None
+        _, c1, c2 = step.stream.options.chunk_size
+        fresh = len(range(frames)[:-c2])  # as _drop_last slices: with chunk_size[2] 0, none
+        kept = fresh if enc.keys is None else min(look_back * c1, enc.history + fresh)
+        room = max(kept, enc.history, look_back * c1)
+        if enc.keys is None or enc.keys.shape[2] < room:
+            shape = (len(self.encoder_layers), self.encoder_heads, room, self.encoder_d_k)
+            keys, values = torch.empty(shape, device=self.device), torch.empty(shape, device=self.device)
+            if enc.keys is not None:
+                keys[:, :, :enc.history] = enc.keys[:, :, :enc.history]
+                values[:, :, :enc.history] = enc.values[:, :, :enc.history]
+            enc.keys, enc.values = keys, values
+        return StreamLookBack(enc.keys, enc.values, enc.history, fresh, kept)
 
     @staticmethod
     def _encoder_layer(index, layer, x, valid_f, look_back) -> torch.Tensor:

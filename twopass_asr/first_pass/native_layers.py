@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from twopass_asr.kernels.decode_step import (
     products_use_avx512_vnni,
 )
 from twopass_asr.kernels.int8_recipe import default_auto_kernel
-from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none, pointer_or_none
+from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -57,6 +58,26 @@ class SanmEncoderStruct(ctypes.Structure):
     """sanm_encoder.c's sanm_encoder."""
     _fields_ = [("layers", _size), ("size", _size), ("heads", _size), ("head_dim", _size), ("hidden", _size),
                 ("norm_eps", _real), ("input_step", _real), ("layer", ctypes.POINTER(SanmLayerStruct))]
+
+
+class StreamLookBackStruct(ctypes.Structure):
+    """sanm_encoder.c's stream_look_back."""
+    _fields_ = [("keys", _pointer), ("values", _pointer), ("room", _size), ("history", _size), ("fresh", _size),
+                ("kept", _size)]
+
+
+@dataclass
+class StreamLookBack:
+    """One stream's look-back in a batched step of NativeInt8Encoder.encode: keys and values
+    (layers, heads, room, head_dim), contiguous, the first `history` frames of each head its
+    history. The step leaves in them the last `kept` frames of that history followed by the
+    step's first `fresh` frames."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    history: int
+    fresh: int
+    kept: int
 
 
 class SanmDecoderLayerStruct(ctypes.Structure):
@@ -86,8 +107,8 @@ def sanm_encoder_library() -> ctypes.CDLL | None:
     if library is None:
         return None
     model = ctypes.POINTER(SanmEncoderStruct)
-    library.sanm_encode.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, _pointer, _pointer, _pointer,
-                                    _size, ctypes.c_int, _pointer]
+    library.sanm_encode.argtypes = [model, _size, _size, _pointer, _pointer, _pointer,
+                                    ctypes.POINTER(StreamLookBackStruct), _size, ctypes.c_int, _pointer]
     library.sanm_encode.restype = None
     library.sanm_encode_segments.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, ctypes.c_int,
                                              _pointer]
@@ -165,30 +186,48 @@ class NativeInt8Encoder:
         library = sanm_encoder_library()
         return None if library is None else cls(layers, library)
 
-    def encode(self, x: torch.Tensor, lengths: torch.Tensor, look_back) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor, look_back: list[StreamLookBack | None] | None
+               ) -> torch.Tensor:
         """Every layer over frames x [batch, time, in_size] (each stream's first lengths[i] its
-        own; int64); look_back: the batch's _LookBackBuffer, whose keys and values get each
-        layer's current frames, or None where no stream has a look-back or keeps one. Returns the
-        last layer's output [batch, time, size]."""
+        own; int64); look_back: each stream's (None where it keeps none), whose buffers the step
+        updates in place, or None where no stream has a look-back or keeps one. Returns the last
+        layer's output [batch, time, size]."""
         batch, time, features = x.shape
         if features != self.in_size or x.dtype != torch.float32:
             raise ValueError(f"expected float32 frames of {self.in_size} features, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         lengths = lengths.to(torch.int64).contiguous()
-        history = 0 if look_back is None else look_back.history
-        keys = values = history_lengths = None
+        streams, history = None, 0
         if look_back is not None:
-            history_lengths = torch.tensor(look_back.history_lengths, dtype=torch.int64)
-            keys, values = look_back.keys, look_back.values
-            if not (keys.is_contiguous() and values.is_contiguous() and keys.shape[3] == history + time):
-                raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
+            if len(look_back) != batch:
+                raise ValueError(f"{len(look_back)} look-backs for {batch} streams")
+            streams = (StreamLookBackStruct * batch)()
+            for i, (kept, frames) in enumerate(zip(look_back, lengths.tolist())):
+                if kept is not None:
+                    streams[i] = self._look_back_struct(kept, frames)
+                    history = max(history, kept.history)
         out = torch.empty((batch, time, self.size))
         scratch = torch.empty(self.library.encode_scratch_floats(ctypes.byref(self.struct), batch * time,
                                                                  history + time, 1))
         self.library.sanm_encode(ctypes.byref(self.struct), batch, time, x.data_ptr(), out.data_ptr(),
-                                 lengths.data_ptr(), pointer_or_none(keys), pointer_or_none(values),
-                                 pointer_or_none(history_lengths), history, 1, scratch.data_ptr())
+                                 lengths.data_ptr(), streams, history, 1, scratch.data_ptr())
         return out
+
+    def _look_back_struct(self, look_back: StreamLookBack, frames: int) -> StreamLookBackStruct:
+        """The C side of one stream's look-back, checked first: the step writes into its buffers."""
+        keys, values = look_back.keys, look_back.values
+        layers, heads, head_dim = self.struct.layers, self.struct.heads, self.struct.head_dim
+        room = keys.shape[2] if keys.dim() == 4 else -1
+        if not (keys.shape == values.shape == (layers, heads, room, head_dim) and keys.dtype == values.dtype
+                == torch.float32 and keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError(f"look-back buffers must be contiguous float32 ({layers}, {heads}, room, {head_dim}), "
+                             f"got {keys.dtype} {tuple(keys.shape)} and {values.dtype} {tuple(values.shape)}")
+        if not (0 <= look_back.history <= room and 0 <= look_back.fresh <= frames
+                and 0 <= look_back.kept <= min(room, look_back.history + look_back.fresh)):
+            raise ValueError(f"a look-back of {look_back.history} frames keeping {look_back.kept} with "
+                             f"{look_back.fresh} of the step's {frames} does not fit its room of {room}")
+        return StreamLookBackStruct(keys.data_ptr(), values.data_ptr(), room, look_back.history, look_back.fresh,
+                                    look_back.kept)
 
     def encode_segments(self, x: torch.Tensor, lengths: torch.Tensor, threads: int) -> torch.Tensor:
         """Every layer over whole segments x [batch, time, in_size] (segment i's first

@@ -38,6 +38,15 @@ typedef struct {
     const sanm_layer *layer;
 } sanm_encoder;
 
+/* One stream's look-back for a batched step: its history's keys and values for every layer and
+ * head, [layers, heads, room, head_dim] each, the first `history` frames of each head kept from
+ * earlier steps. After the step each head holds the last `kept` frames of that history followed
+ * by this step's first `fresh` frames. keys NULL: the stream keeps no look-back. */
+typedef struct {
+    float *keys, *values;
+    int64_t room, history, fresh, kept;
+} stream_look_back;
+
 /* Space for one step (all float unless said), in one buffer the caller allocates
  * (encode_scratch_floats) and lay_out_scratch divides. */
 typedef struct {
@@ -100,26 +109,38 @@ static void quantized_inputs(const sanm_encoder *model, const float *x, int64_t 
     quantized_rows(x, rows, columns, model->input_step, scratch->row_scales, scratch->quantized);
 }
 
-/* Each stream's current rows attending over its look-back and its own frames' keys and (masked)
- * values, which are then written to its look-back buffer after its history; rows past a stream's
- * frames get zeros. keys, values: the layer's [batch, heads, capacity, head_dim], or NULL where
- * nothing is kept (history_lengths NULL too: no stream has a look-back). The streams' heads are
- * shared among the threads. */
-static void attend(const sanm_encoder *model, int64_t batch, int64_t time, const int64_t *lengths,
-                   const int64_t *history_lengths, int64_t history, int64_t capacity, float *keys, float *values,
-                   encode_scratch *scratch) {
+/* A head's history after its step (stream_look_back's): the last `kept` frames of its `history`
+ * frames at `frames` followed by the step's first `fresh` frames, rows `chunk_stride` apart at
+ * `chunk`. */
+static void keep_history(float *frames, int64_t history, const float *chunk, int64_t chunk_stride, int64_t fresh,
+                         int64_t kept, int64_t head_dim) {
+    const int64_t from_chunk = fresh < kept ? fresh : kept, from_history = kept - from_chunk;
+    const size_t row_bytes = (size_t)head_dim * sizeof(float);
+    memmove(frames, frames + (history - from_history) * head_dim, (size_t)from_history * row_bytes);
+    for (int64_t t = 0; t < from_chunk; ++t)
+        memcpy(frames + (from_history + t) * head_dim, chunk + (fresh - from_chunk + t) * chunk_stride, row_bytes);
+}
+
+/* Layer `layer`'s current rows of each stream attending over its look-back (look_back[b]'s, or
+ * none where look_back is NULL) and its own frames' keys and (masked) values; the look-back then
+ * takes the frames it keeps. Rows past a stream's frames get zeros. The streams' heads are shared
+ * among the threads; `keys` bounds history + time over the streams. */
+static void attend(const sanm_encoder *model, int64_t layer, int64_t batch, int64_t time, const int64_t *lengths,
+                   const stream_look_back *look_back, int64_t keys, encode_scratch *scratch) {
     const int64_t size = model->size, heads = model->heads, head_dim = model->head_dim;
-    float *scores = scratch->attention + thread_number() * attention_scratch_floats(capacity, head_dim);
-    float *keys_t = attention_keys(scores, capacity);
+    float *scores = scratch->attention + thread_number() * attention_scratch_floats(keys, head_dim);
+    float *keys_t = attention_keys(scores, keys);
 #pragma omp for schedule(static) collapse(2)
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t h = 0; h < heads; ++h) {
             const float *chunk_keys = scratch->qkv + b * time * 3 * size + size + h * head_dim;
             const float *chunk_values = scratch->masked + b * time * size + h * head_dim;
-            float *head_keys = keys ? keys + (b * heads + h) * capacity * head_dim : NULL;
-            float *head_values = values ? values + (b * heads + h) * capacity * head_dim : NULL;
-            const int64_t look_back = history_lengths ? history_lengths[b] : 0;
-            transpose_keys(head_keys, look_back, chunk_keys, 3 * size, lengths[b], head_dim, keys_t);
+            const stream_look_back *kept = look_back && look_back[b].keys ? &look_back[b] : NULL;
+            const int64_t head_frames = kept ? ((layer * heads + h) * kept->room) * head_dim : 0;
+            float *head_keys = kept ? kept->keys + head_frames : NULL;
+            float *head_values = kept ? kept->values + head_frames : NULL;
+            const int64_t history = kept ? kept->history : 0;
+            transpose_keys(head_keys, history, chunk_keys, 3 * size, lengths[b], head_dim, keys_t);
             for (int64_t t = 0; t < time; t += 4) {
                 const int64_t row = b * time + t;
                 const int64_t rows_left = (t < lengths[b] ? lengths[b] : t) - t;
@@ -127,31 +148,30 @@ static void attend(const sanm_encoder *model, int64_t batch, int64_t time, const
                 float *out = scratch->attended + row * size + h * head_dim;
                 if (count > 0)
                     attend_rows(scratch->qkv + row * 3 * size + h * head_dim, 3 * size, count, keys_t, head_values,
-                                look_back, chunk_values, size, lengths[b], head_dim, scores, out, size);
+                                history, chunk_values, size, lengths[b], head_dim, scores, out, size);
                 for (int64_t i = count; i < 4 && t + i < time; ++i)
                     memset(out + i * size, 0, (size_t)head_dim * sizeof(float));
             }
-            if (keys == NULL)
+            if (kept == NULL)
                 continue;
-            for (int64_t t = 0; t < time; ++t) {
-                memcpy(head_keys + (history + t) * head_dim, chunk_keys + t * 3 * size,
-                       (size_t)head_dim * sizeof(float));
-                memcpy(head_values + (history + t) * head_dim, chunk_values + t * size,
-                       (size_t)head_dim * sizeof(float));
-            }
+            keep_history(head_keys, history, chunk_keys, 3 * size, kept->fresh, kept->kept, head_dim);
+            keep_history(head_values, history, chunk_values, size, kept->fresh, kept->kept, head_dim);
         }
     }
 }
 
-/* All the encoder's layers over `batch` streams' `time` rows (stream b's first lengths[b] its
- * own), on `threads` threads; keys and values: sanm_encode's, each layer's `layer_cache` floats
- * apart, or NULL (nothing kept). */
-static void encode_layers(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
-                          const int64_t *lengths, float *keys, float *values, int64_t layer_cache,
-                          const int64_t *history_lengths, int64_t history, int threads, float *scratch_space) {
-    const int64_t rows = batch * time, size = model->size, hidden = model->hidden, capacity = history + time;
+/* All the encoder's layers over a batched step of `batch` streams' `time` frames (stream b's
+ * first lengths[b] its own), on `threads` threads. input [batch, time, layer 0's in_size]; x
+ * [batch, time, size]: out, the last layer's output. look_back: each stream's look-back (its
+ * buffers updated in place), or NULL where no stream has a look-back or keeps one; history: the
+ * largest of their histories (0 without). scratch_space: encode_scratch_floats(model, batch *
+ * time, history + time, threads) floats. */
+void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
+                 const int64_t *lengths, const stream_look_back *look_back, int64_t history, int threads,
+                 float *scratch_space) {
+    const int64_t rows = batch * time, size = model->size, hidden = model->hidden, keys = history + time;
     encode_scratch scratch;
-    lay_out_scratch(model, rows, capacity, threads, scratch_space, &scratch);
+    lay_out_scratch(model, rows, keys, threads, scratch_space, &scratch);
 #pragma omp parallel num_threads(threads)
     for (int64_t l = 0; l < model->layers; ++l) {
         const sanm_layer *layer = &model->layer[l];
@@ -161,8 +181,7 @@ static void encode_layers(const sanm_encoder *model, int64_t batch, int64_t time
         int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, &qkv_bias, scratch.qkv);
         fsmn_memory(scratch.qkv + 2 * size, 3 * size, batch, time, size, lengths, layer->fsmn_taps,
                     layer->fsmn_width, layer->fsmn_left, scratch.masked, scratch.memory);
-        attend(model, batch, time, lengths, history_lengths, history, capacity, keys ? keys + l * layer_cache : NULL,
-               values ? values + l * layer_cache : NULL, &scratch);
+        attend(model, l, batch, time, lengths, look_back, keys, &scratch);
 
         /* x = layer_input + ((out(attended) + out_bias) + memory), without the residual where the
          * layer changes the width. x may be layer_input: each element is read before it is written. */
@@ -180,21 +199,6 @@ static void encode_layers(const sanm_encoder *model, int64_t batch, int64_t time
     }
 }
 
-/* All the encoder's layers over a batched step of `batch` streams' `time` frames (stream b's
- * first lengths[b] its own). input [batch, time, layer 0's in_size]; x [batch, time, size]:
- * out, the last layer's output. keys, values [layers, batch, heads, history + time, head_dim]:
- * in, each stream's look-back at its first history_lengths[b] (of `history`) entries; out, the
- * current frames' keys and values after them. Or all three NULL and history 0, where no stream
- * has a look-back or keeps one. scratch_space: encode_scratch_floats(model, batch * time,
- * history + time, threads) floats. */
-void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
-                 const int64_t *lengths, float *keys, float *values, const int64_t *history_lengths,
-                 int64_t history, int threads, float *scratch_space) {
-    const int64_t layer_cache = batch * model->heads * (history + time) * model->head_dim;
-    encode_layers(model, batch, time, input, x, lengths, keys, values, layer_cache, history_lengths, history,
-                  threads, scratch_space);
-}
-
 /* All the encoder's layers over `batch` whole segments of `time` frames (segment b's first
  * lengths[b] its own), each frame attending over its segment's frames. input and x as
  * sanm_encode's; x's rows past a segment's frames are not its encoder's (nothing of theirs
@@ -202,5 +206,5 @@ void sanm_encode(const sanm_encoder *model, int64_t batch, int64_t time, const f
  * time, threads) floats. */
 void sanm_encode_segments(const sanm_encoder *model, int64_t batch, int64_t time, const float *input, float *x,
                           const int64_t *lengths, int threads, float *scratch_space) {
-    encode_layers(model, batch, time, input, x, lengths, NULL, NULL, 0, NULL, 0, threads, scratch_space);
+    sanm_encode(model, batch, time, input, x, lengths, NULL, 0, threads, scratch_space);
 }
