@@ -30,7 +30,7 @@ int64_t fsmn_vad_dense_padding(void) { return DENSE_PADDING; }
  * last `lorder` frames `lstride` apart (this one included); x = relu(affine(m)). */
 typedef struct {
     dense_layer linear, affine;
-    const float *taps; /* [projection, lorder]: taps[c][k] weighs frame t - (lorder - 1 - k) lstride */
+    const float *taps; /* [lorder, projection]: taps[k][c] weighs frame t - (lorder - 1 - k) lstride */
     int64_t lorder, lstride;
 } fsmn_block;
 
@@ -108,25 +108,31 @@ void fsmn_vad_encode(const fsmn_vad *model, int64_t batch, int64_t time, const f
         for (int64_t b = 0; b < batch; ++b) {
             float *past = memory + (l * batch + b) * width * span;
             const float *frames = projected + b * time * width;
-            for (int64_t t = 0; t < time; ++t)
-                for (int64_t c = 0; c < width; ++c) {
-                    float total = 0.0f;
-                    for (int64_t k = 0; k < block->lorder; ++k) {
-                        /* frame t + k lstride of the history: the past, then this step's frames */
-                        const int64_t h = t + k * block->lstride;
-                        const float value = h < span ? past[c * span + h] : frames[(h - span) * width + c];
-                        total += block->taps[c * block->lorder + k] * value;
-                    }
-                    hidden[(b * time + t) * width + c] = frames[t * width + c] + total;
+            /* The past frame by frame, so that each tap meets a row of channels, as this step's frames
+             * are laid out: the channels then run in lanes, each summed over the taps in order. */
+            float history[span > 0 ? span * width : 1], total[width];
+            for (int64_t c = 0; c < width; ++c)
+                for (int64_t j = 0; j < span; ++j)
+                    history[j * width + c] = past[c * span + j];
+            for (int64_t t = 0; t < time; ++t) {
+                memset(total, 0, sizeof total);
+                for (int64_t k = 0; k < block->lorder; ++k) {
+                    /* frame t + k lstride of the history: the past, then this step's frames */
+                    const int64_t h = t + k * block->lstride;
+                    const float *row = h < span ? history + h * width : frames + (h - span) * width;
+                    const float *tap = block->taps + k * width;
+                    for (int64_t c = 0; c < width; ++c)
+                        total[c] += tap[c] * row[c];
                 }
+                for (int64_t c = 0; c < width; ++c)
+                    hidden[(b * time + t) * width + c] = frames[t * width + c] + total[c];
+            }
             /* The history's `span` frames that end at the stream's last own frame. */
-            for (int64_t c = 0; c < width; ++c) {
-                float kept[span > 0 ? span : 1];
-                for (int64_t j = 0; j < span; ++j) {
-                    const int64_t h = lengths[b] + j;
-                    kept[j] = h < span ? past[c * span + h] : frames[(h - span) * width + c];
-                }
-                memcpy(past + c * span, kept, (size_t)span * sizeof(float));
+            for (int64_t j = 0; j < span; ++j) {
+                const int64_t h = lengths[b] + j;
+                const float *row = h < span ? history + h * width : frames + (h - span) * width;
+                for (int64_t c = 0; c < width; ++c)
+                    past[c * span + j] = row[c];
             }
         }
         dense(&block->affine, hidden, rows, 1, x);

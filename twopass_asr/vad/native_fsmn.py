@@ -84,7 +84,7 @@ class NativeFsmnEncoder:
 
     def _block(self, block: torch.nn.Module) -> FsmnBlockStruct:
         fsmn = block.fsmn_block
-        taps = fsmn.conv_left.weight[:, 0, :, 0]  # [projection, lorder]
+        taps = fsmn.conv_left.weight[:, 0, :, 0].t()  # [lorder, projection]
         return FsmnBlockStruct(self._dense(block.linear.linear), self._dense(block.affine.linear), self._pin(taps),
                                fsmn.lorder, fsmn.lstride)
 
