@@ -45,7 +45,6 @@ static void quantized_rows(const float *x, int64_t rows, int64_t columns, float 
         row_scales[r] = quantize_row(x + r * columns, columns, input_step, quantized + r * columns);
 }
 
-
 /* e^x for x <= 0 (a softmax's scores less their largest) in operations the compiler vectorises,
  * where a call of expf is one element at a time: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its
  * Taylor polynomial to degree 7 (truncation below 2^-27), 2^n put in the exponent's bits; zero
