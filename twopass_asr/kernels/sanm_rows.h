@@ -9,6 +9,9 @@
 
 #include "int8_product.h"
 #include "vector_lanes.h"
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 /* torch's layer norm of one row: (x - mean) / sqrt(variance + eps) * weight + bias. */
 static void layer_norm(const float *x, const float *weight, const float *bias, int64_t columns, float eps,
@@ -107,6 +110,58 @@ static int64_t whole_lanes(int64_t keys) { return (keys + LANES - 1) / LANES * L
 static int64_t attention_scratch_floats(int64_t keys, int64_t head_dim) { return (4 + head_dim) * whole_lanes(keys); }
 static float *attention_keys(float *scratch, int64_t keys) { return scratch + 4 * whole_lanes(keys); }
 
+#ifdef __AVX__
+/* Floats d to d + 7 of eight rows (rows[i] + d) written as eight columns of eight (out, rows
+ * `out_stride` apart) through registers: each column one vector store, where element by element
+ * it took eight strided stores. */
+static inline __attribute__((always_inline)) void transpose_eight(const float *const rows[8], int64_t d, float *out,
+                                                                  int64_t out_stride) {
+    __m256 r[8], pairs[8], quads[8];
+    for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_loadu_ps(rows[i] + d);
+    for (int i = 0; i < 8; i += 2) {
+        pairs[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        pairs[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        quads[i] = _mm256_shuffle_ps(pairs[i], pairs[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        quads[i + 1] = _mm256_shuffle_ps(pairs[i], pairs[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        quads[i + 2] = _mm256_shuffle_ps(pairs[i + 1], pairs[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        quads[i + 3] = _mm256_shuffle_ps(pairs[i + 1], pairs[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(out + i * out_stride, _mm256_permute2f128_ps(quads[i], quads[i + 4], 0x20));
+        _mm256_storeu_ps(out + (i + 4) * out_stride, _mm256_permute2f128_ps(quads[i], quads[i + 4], 0x31));
+    }
+}
+#endif
+
+/* `count` keys (head_dim floats each, rows `row_stride` apart) into columns `column` on of
+ * keys_t (rows `stride` apart). Where the build has AVX, eight keys by eight of their floats at a
+ * time; a last group of fewer keys repeats its last key to fill eight columns where they fit
+ * within the row, so it writes columns past `column + count`: transpose_keys writes those again
+ * (the chunk's keys after the look-back's, the zeros after both). */
+static void transpose_rows(const float *keys, int64_t row_stride, int64_t count, int64_t head_dim, float *keys_t,
+                           int64_t column, int64_t stride) {
+    int64_t j = 0;
+#ifdef __AVX__
+    const int64_t whole = head_dim - head_dim % 8;
+    for (; j < count && column + j + 8 <= stride; j += 8) {
+        const float *rows[8];
+        for (int64_t i = 0; i < 8; ++i)
+            rows[i] = keys + (j + i < count ? j + i : count - 1) * row_stride;
+        for (int64_t d = 0; d < whole; d += 8)
+            transpose_eight(rows, d, keys_t + d * stride + column + j, stride);
+        for (int64_t d = whole; d < head_dim; ++d)
+            for (int64_t i = 0; i < 8; ++i)
+                keys_t[d * stride + column + j + i] = rows[i][d];
+    }
+#endif
+    for (; j < count; ++j)
+        for (int64_t d = 0; d < head_dim; ++d)
+            keys_t[d * stride + column + j] = keys[j * row_stride + d];
+}
+
 /* A head's keys transposed into keys_t [head_dim, whole_lanes(history + current)], zeros after
  * the last: its look-back's `history` keys [history, head_dim], then the chunk's `current`, rows
  * `chunk_stride` apart. The dot products then run along the keys, LANES keys a vector, with no
@@ -114,11 +169,8 @@ static float *attention_keys(float *scratch, int64_t keys) { return scratch + 4 
 static void transpose_keys(const float *history_keys, int64_t history, const float *chunk_keys,
                            int64_t chunk_stride, int64_t current, int64_t head_dim, float *keys_t) {
     const int64_t count = history + current, stride = whole_lanes(count);
-    for (int64_t j = 0; j < count; ++j) {
-        const float *key = j < history ? history_keys + j * head_dim : chunk_keys + (j - history) * chunk_stride;
-        for (int64_t d = 0; d < head_dim; ++d)
-            keys_t[d * stride + j] = key[d];
-    }
+    transpose_rows(history_keys, head_dim, history, head_dim, keys_t, 0, stride);
+    transpose_rows(chunk_keys, chunk_stride, current, head_dim, keys_t, history, stride);
     for (int64_t d = 0; d < head_dim; ++d)
         memset(keys_t + d * stride + count, 0, (size_t)(stride - count) * sizeof(float));
 }
