@@ -175,22 +175,84 @@ static void transpose_keys(const float *history_keys, int64_t history, const flo
         memset(keys_t + d * stride + count, 0, (size_t)(stride - count) * sizeof(float));
 }
 
+/* a times each lane of b plus that lane of c, rounded once: FMA instructions where the build has
+ * them (two roundings without). */
+static inline __attribute__((always_inline)) float_lanes multiply_add(float a, float_lanes b, float_lanes c) {
+#if defined(__AVX512F__)
+    return (float_lanes)_mm512_fmadd_ps(_mm512_set1_ps(a), (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    return (float_lanes)_mm256_fmadd_ps(_mm256_set1_ps(a), (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* score_keys for keys j to j + vectors * LANES - 1 (vectors 1 or 2): two vectors of keys give
+ * eight independent sums, as many as keep two FMA units busy. */
+static inline __attribute__((always_inline)) void score_vectors(const float *const queries[4], const float *keys_t,
+                                                                int64_t stride, int64_t j, int64_t head_dim,
+                                                                int vectors, float *scores) {
+    float_lanes sums[4][2] = {{{0.0f}}};
+    for (int64_t d = 0; d < head_dim; ++d) {
+        float_lanes first, second = {0.0f};
+        memcpy(&first, keys_t + d * stride + j, sizeof first);
+        if (vectors > 1)
+            memcpy(&second, keys_t + d * stride + j + LANES, sizeof second);
+        for (int i = 0; i < 4; ++i) {
+            sums[i][0] = multiply_add(queries[i][d], first, sums[i][0]);
+            if (vectors > 1)
+                sums[i][1] = multiply_add(queries[i][d], second, sums[i][1]);
+        }
+    }
+    for (int i = 0; i < 4; ++i) {
+        memcpy(scores + i * stride + j, &sums[i][0], sizeof sums[i][0]);
+        if (vectors > 1)
+            memcpy(scores + i * stride + j + LANES, &sums[i][1], sizeof sums[i][1]);
+    }
+}
+
 /* scores[i * whole_lanes(count) + j] = the dot product of query row i (of four) with key j, for
  * the `count` keys of transpose_keys' keys_t (and zeros up to whole_lanes(count)), each summed
  * over d in order in its vector's lane. */
 static void score_keys(const float *const queries[4], const float *keys_t, int64_t count, int64_t head_dim,
                        float *scores) {
     const int64_t stride = whole_lanes(count);
-    for (int64_t j = 0; j < count; j += LANES) {
-        float_lanes sums[4] = {{0.0f}};
-        for (int64_t d = 0; d < head_dim; ++d) {
-            float_lanes key;
-            memcpy(&key, keys_t + d * stride + j, sizeof key);
-            for (int i = 0; i < 4; ++i)
-                sums[i] += queries[i][d] * key;
+    int64_t j = 0;
+    for (; j + 2 * LANES <= stride; j += 2 * LANES)
+        score_vectors(queries, keys_t, stride, j, head_dim, 2, scores);
+    if (j < stride)
+        score_vectors(queries, keys_t, stride, j, head_dim, 1, scores);
+}
+
+/* add_weighted_values for columns d to d + vectors * LANES - 1 (vectors 1 or 2), as
+ * score_vectors. */
+static inline __attribute__((always_inline)) void weigh_vectors(const float *values, int64_t value_stride,
+                                                                int64_t count, int64_t d, const float *weights,
+                                                                int64_t stride, int rows, int vectors, float *out,
+                                                                int64_t out_stride) {
+    float_lanes sums[4][2] = {{{0.0f}}};
+    for (int64_t j = 0; j < count; ++j) {
+        float_lanes first, second = {0.0f};
+        memcpy(&first, values + j * value_stride + d, sizeof first);
+        if (vectors > 1)
+            memcpy(&second, values + j * value_stride + d + LANES, sizeof second);
+        for (int i = 0; i < 4; ++i) {
+            sums[i][0] = multiply_add(weights[i * stride + j], first, sums[i][0]);
+            if (vectors > 1)
+                sums[i][1] = multiply_add(weights[i * stride + j], second, sums[i][1]);
         }
-        for (int i = 0; i < 4; ++i)
-            memcpy(scores + i * stride + j, &sums[i], sizeof sums[i]);
+    }
+    for (int i = 0; i < rows; ++i) {
+        float *row_out = out + i * out_stride + d;
+        float_lanes row;
+        memcpy(&row, row_out, sizeof row);
+        row += sums[i][0];
+        memcpy(row_out, &row, sizeof row);
+        if (vectors > 1) {
+            memcpy(&row, row_out + LANES, sizeof row);
+            row += sums[i][1];
+            memcpy(row_out + LANES, &row, sizeof row);
+        }
     }
 }
 
@@ -201,25 +263,16 @@ static void score_keys(const float *const queries[4], const float *keys_t, int64
 static void add_weighted_values(const float *values, int64_t value_stride, int64_t count, int64_t head_dim,
                                 const float *weights, int64_t stride, int rows, float *out, int64_t out_stride) {
     const int64_t whole = head_dim - head_dim % LANES;
-    for (int64_t d = 0; d < whole; d += LANES) {
-        float_lanes sums[4] = {{0.0f}};
-        for (int64_t j = 0; j < count; ++j) {
-            float_lanes value;
-            memcpy(&value, values + j * value_stride + d, sizeof value);
-            for (int i = 0; i < 4; ++i)
-                sums[i] += weights[i * stride + j] * value;
-        }
-        for (int i = 0; i < rows; ++i) {
-            float_lanes row;
-            memcpy(&row, out + i * out_stride + d, sizeof row);
-            row += sums[i];
-            memcpy(out + i * out_stride + d, &row, sizeof row);
-        }
-    }
+    int64_t d = 0;
+    for (; d + 2 * LANES <= whole; d += 2 * LANES)
+        weigh_vectors(values, value_stride, count, d, weights, stride, rows, 2, out, out_stride);
+    if (d < whole)
+        weigh_vectors(values, value_stride, count, d, weights, stride, rows, 1, out, out_stride);
     for (int i = 0; i < rows; ++i)
         for (int64_t j = 0; j < count; ++j)
-            for (int64_t d = whole; d < head_dim; ++d)
-                out[i * out_stride + d] += weights[i * stride + j] * values[j * value_stride + d];
+            for (d = whole; d < head_dim; ++d)
+                out[i * out_stride + d] = fmaf(weights[i * stride + j], values[j * value_stride + d],
+                                               out[i * out_stride + d]);
 }
 
 /* Up to four query rows (queries[i], `query_stride` apart) of one stream's head over its keys:
