@@ -71,39 +71,39 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : p * power.f;
 }
 
-/* Scores (a row of `count`, count >= 1) made their softmax in place: each less their largest,
- * to e, over their sum; the largest and the sum taken in LANES lanes, so it all vectorises. */
+/* `keys` rounded up to whole vectors of LANES. */
+static int64_t whole_lanes(int64_t keys) { return (keys + LANES - 1) / LANES * LANES; }
+
+/* Scores (a row of `count`, count >= 1, with room for whole_lanes(count)) made their softmax in
+ * place: each less their largest, to e, over their sum. The room past `count` takes scores that
+ * weigh nothing, so every pass runs over whole vectors of LANES (a row shorter than a vector
+ * otherwise ran element by element); the largest and the sum are taken lane by lane. */
 static void softmax_row(float *row, int64_t count) {
+    const int64_t whole = whole_lanes(count);
+    for (int64_t j = count; j < whole; ++j)
+        row[j] = -INFINITY; /* exp_nonpositive's 0, whatever its arithmetic gives before the cut-off */
     float lanes[LANES];
     for (int l = 0; l < LANES; ++l)
-        lanes[l] = row[0];
-    int64_t j = 0;
-    for (; j + LANES <= count; j += LANES)
+        lanes[l] = row[l];
+    for (int64_t j = LANES; j < whole; j += LANES)
         for (int l = 0; l < LANES; ++l)
             lanes[l] = row[j + l] > lanes[l] ? row[j + l] : lanes[l];
     float largest = lanes[0];
     for (int l = 1; l < LANES; ++l)
         largest = lanes[l] > largest ? lanes[l] : largest;
-    for (; j < count; ++j)
-        largest = row[j] > largest ? row[j] : largest;
-    for (j = 0; j < count; ++j)
+    for (int64_t j = 0; j < whole; ++j)
         row[j] = exp_nonpositive(row[j] - largest);
     for (int l = 0; l < LANES; ++l)
         lanes[l] = 0.0f;
-    for (j = 0; j + LANES <= count; j += LANES)
+    for (int64_t j = 0; j < whole; j += LANES)
         for (int l = 0; l < LANES; ++l)
             lanes[l] += row[j + l];
     float total = 0.0f;
     for (int l = 0; l < LANES; ++l)
         total += lanes[l];
-    for (; j < count; ++j)
-        total += row[j];
-    for (j = 0; j < count; ++j)
+    for (int64_t j = 0; j < whole; ++j)
         row[j] /= total;
 }
-
-/* `keys` rounded up to whole vectors of LANES. */
-static int64_t whole_lanes(int64_t keys) { return (keys + LANES - 1) / LANES * LANES; }
 
 /* The floats a head's attention over `keys` keys works in: attend_rows' scores, then the
  * transposed keys (transpose_keys', at attention_keys). */
@@ -224,55 +224,58 @@ static void score_keys(const float *const queries[4], const float *keys_t, int64
         score_vectors(queries, keys_t, stride, j, head_dim, 1, scores);
 }
 
-/* add_weighted_values for columns d to d + vectors * LANES - 1 (vectors 1 or 2), as
- * score_vectors. */
-static inline __attribute__((always_inline)) void weigh_vectors(const float *values, int64_t value_stride,
-                                                                int64_t count, int64_t d, const float *weights,
-                                                                int64_t stride, int rows, int vectors, float *out,
-                                                                int64_t out_stride) {
+/* weigh_values for columns d to d + vectors * LANES - 1 (vectors 1 or 2), as score_vectors. */
+static inline __attribute__((always_inline)) void weigh_vectors(const float *const values[2],
+                                                                const int64_t value_strides[2],
+                                                                const int64_t counts[2], int64_t d,
+                                                                const float *weights, int64_t stride, int rows,
+                                                                int vectors, float *out, int64_t out_stride) {
     float_lanes sums[4][2] = {{{0.0f}}};
-    for (int64_t j = 0; j < count; ++j) {
-        float_lanes first, second = {0.0f};
-        memcpy(&first, values + j * value_stride + d, sizeof first);
-        if (vectors > 1)
-            memcpy(&second, values + j * value_stride + d + LANES, sizeof second);
-        for (int i = 0; i < 4; ++i) {
-            sums[i][0] = multiply_add(weights[i * stride + j], first, sums[i][0]);
+    for (int part = 0; part < 2; ++part)
+        for (int64_t j = 0; j < counts[part]; ++j) {
+            const float *value = values[part] + j * value_strides[part] + d;
+            const float *weight = weights + part * counts[0] + j;
+            float_lanes first, second = {0.0f};
+            memcpy(&first, value, sizeof first);
             if (vectors > 1)
-                sums[i][1] = multiply_add(weights[i * stride + j], second, sums[i][1]);
+                memcpy(&second, value + LANES, sizeof second);
+            for (int i = 0; i < 4; ++i) {
+                sums[i][0] = multiply_add(weight[i * stride], first, sums[i][0]);
+                if (vectors > 1)
+                    sums[i][1] = multiply_add(weight[i * stride], second, sums[i][1]);
+            }
         }
-    }
     for (int i = 0; i < rows; ++i) {
-        float *row_out = out + i * out_stride + d;
-        float_lanes row;
-        memcpy(&row, row_out, sizeof row);
-        row += sums[i][0];
-        memcpy(row_out, &row, sizeof row);
-        if (vectors > 1) {
-            memcpy(&row, row_out + LANES, sizeof row);
-            row += sums[i][1];
-            memcpy(row_out + LANES, &row, sizeof row);
-        }
+        memcpy(out + i * out_stride + d, &sums[i][0], sizeof sums[i][0]);
+        if (vectors > 1)
+            memcpy(out + i * out_stride + d + LANES, &sums[i][1], sizeof sums[i][1]);
     }
 }
 
-/* out[i] += the `count` values (head_dim each, rows `value_stride` apart) weighted by
- * weights[i * stride + j], for rows i below `rows` (of four; the weights of all four are read).
- * Each LANES columns of the four rows are summed over all the values in registers before out is
- * touched. */
-static void add_weighted_values(const float *values, int64_t value_stride, int64_t count, int64_t head_dim,
-                                const float *weights, int64_t stride, int rows, float *out, int64_t out_stride) {
+/* out[i] = the look-back's `history` values [history, head_dim] and the chunk's `current` (rows
+ * `chunk_stride` apart) weighted by weights[i * stride + j] (the look-back's first), for rows i
+ * below `rows` (of four; the weights of all four are read). Each LANES columns of the four rows
+ * are summed over all the values in registers, then stored. */
+static void weigh_values(const float *history_values, int64_t history, const float *chunk_values,
+                         int64_t chunk_stride, int64_t current, int64_t head_dim, const float *weights,
+                         int64_t stride, int rows, float *out, int64_t out_stride) {
+    const float *values[2] = {history_values, chunk_values};
+    const int64_t value_strides[2] = {head_dim, chunk_stride}, counts[2] = {history, current};
     const int64_t whole = head_dim - head_dim % LANES;
     int64_t d = 0;
     for (; d + 2 * LANES <= whole; d += 2 * LANES)
-        weigh_vectors(values, value_stride, count, d, weights, stride, rows, 2, out, out_stride);
+        weigh_vectors(values, value_strides, counts, d, weights, stride, rows, 2, out, out_stride);
     if (d < whole)
-        weigh_vectors(values, value_stride, count, d, weights, stride, rows, 1, out, out_stride);
+        weigh_vectors(values, value_strides, counts, d, weights, stride, rows, 1, out, out_stride);
     for (int i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < count; ++j)
-            for (d = whole; d < head_dim; ++d)
-                out[i * out_stride + d] = fmaf(weights[i * stride + j], values[j * value_stride + d],
-                                               out[i * out_stride + d]);
+        for (d = whole; d < head_dim; ++d) {
+            float sum = 0.0f;
+            for (int part = 0; part < 2; ++part)
+                for (int64_t j = 0; j < counts[part]; ++j)
+                    sum = fmaf(weights[i * stride + part * history + j], values[part][j * value_strides[part] + d],
+                               sum);
+            out[i * out_stride + d] = sum;
+        }
 }
 
 /* Up to four query rows (queries[i], `query_stride` apart) of one stream's head over its keys:
@@ -296,13 +299,10 @@ static void attend_rows(const float *queries, int64_t query_stride, int count, c
         q[i] = scaled + i * head_dim;
     }
     score_keys(q, keys_t, keys_count, head_dim, scores);
-    for (int i = 0; i < count; ++i) {
+    for (int i = 0; i < count; ++i)
         softmax_row(scores + i * score_stride, keys_count);
-        memset(out + i * out_stride, 0, (size_t)head_dim * sizeof(float));
-    }
-    add_weighted_values(history_values, head_dim, history, head_dim, scores, score_stride, count, out, out_stride);
-    add_weighted_values(chunk_values, chunk_stride, current, head_dim, scores + history, score_stride, count, out,
-                        out_stride);
+    weigh_values(history_values, history, chunk_values, chunk_stride, current, head_dim, scores, score_stride, count,
+                 out, out_stride);
 }
 
 #endif
