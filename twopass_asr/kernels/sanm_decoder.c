@@ -6,7 +6,8 @@
  * builds the model and calls it; the output norm and layer stay in torch.
  *
  * As in sanm_encoder.c, a stream's rows are computed from its own rows alone (a stream gets the
- * same bits alone or batched), and the float work is torch's in another summation order. */
+ * same bits alone or batched), and the float work is torch's in another summation order, the
+ * attention's multiply-adds fused. */
 
 #include "sanm_rows.h"
 

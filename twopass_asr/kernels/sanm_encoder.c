@@ -9,8 +9,8 @@
  * Each stream's rows are computed from its own rows alone (per-row norms and quantization, each
  * stream attending over its own keys), so a stream gets the same bits alone or batched, and with
  * any number of threads (each output of a product, each row and each head of the other passes is
- * one thread's). The float work is torch's arithmetic in another summation order: a layer agrees
- * with torch's to float rounding, not bit for bit. */
+ * one thread's). The float work is torch's arithmetic in another summation order, the attention's
+ * multiply-adds fused: a layer agrees with torch's to float rounding, not bit for bit. */
 
 #ifdef _OPENMP
 #include <omp.h>

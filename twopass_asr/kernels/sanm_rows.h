@@ -136,9 +136,9 @@ static inline __attribute__((always_inline)) void transpose_eight(const float *c
 }
 #endif
 
-/* `count` keys (head_dim floats each, rows `row_stride` apart) into columns `column` on of
- * keys_t (rows `stride` apart). Where the build has AVX, eight keys by eight of their floats at a
- * time; a last group of fewer keys repeats its last key to fill eight columns where they fit
+/* `count` keys (head_dim floats each, rows `row_stride` apart) into keys_t's columns from
+ * `column` on (rows `stride` apart). Where the build has AVX, eight keys by eight of their floats
+ * at a time; a last group of fewer keys repeats its last key to fill eight columns where they fit
  * within the row, so it writes columns past `column + count`: transpose_keys writes those again
  * (the chunk's keys after the look-back's, the zeros after both). */
 static void transpose_rows(const float *keys, int64_t row_stride, int64_t count, int64_t head_dim, float *keys_t,
