@@ -137,42 +137,57 @@ static inline __attribute__((always_inline)) void transpose_eight(const float *c
 #endif
 
 /* `count` keys (head_dim floats each, rows `row_stride` apart) into keys_t's columns from
- * `column` on (rows `stride` apart). Where the build has AVX, eight keys by eight of their floats
- * at a time; a last group of fewer keys repeats its last key to fill eight columns where they fit
- * within the row, so it writes columns past `column + count`: transpose_keys writes those again
- * (the chunk's keys after the look-back's, the zeros after both). */
-static void transpose_rows(const float *keys, int64_t row_stride, int64_t count, int64_t head_dim, float *keys_t,
-                           int64_t column, int64_t stride) {
+ * `column` on (rows `stride` apart); returns the column after the last it wrote. Where the build
+ * has AVX, eight keys by eight of their floats at a time; a last group of fewer keys is filled
+ * out with `zeros` (head_dim of them) where eight columns fit within the row, so it writes zeros
+ * past `column + count`. */
+static int64_t transpose_rows(const float *keys, int64_t row_stride, int64_t count, int64_t head_dim,
+                              const float *zeros, float *keys_t, int64_t column, int64_t stride) {
     int64_t j = 0;
 #ifdef __AVX__
     const int64_t whole = head_dim - head_dim % 8;
     for (; j < count && column + j + 8 <= stride; j += 8) {
         const float *rows[8];
         for (int64_t i = 0; i < 8; ++i)
-            rows[i] = keys + (j + i < count ? j + i : count - 1) * row_stride;
+            rows[i] = j + i < count ? keys + (j + i) * row_stride : zeros;
         for (int64_t d = 0; d < whole; d += 8)
             transpose_eight(rows, d, keys_t + d * stride + column + j, stride);
         for (int64_t d = whole; d < head_dim; ++d)
             for (int64_t i = 0; i < 8; ++i)
                 keys_t[d * stride + column + j + i] = rows[i][d];
     }
+    if (j >= count)
+        return column + j;
 #endif
     for (; j < count; ++j)
         for (int64_t d = 0; d < head_dim; ++d)
             keys_t[d * stride + column + j] = keys[j * row_stride + d];
+    return column + count;
 }
 
 /* A head's keys transposed into keys_t [head_dim, whole_lanes(history + current)], zeros after
  * the last: its look-back's `history` keys [history, head_dim], then the chunk's `current`, rows
  * `chunk_stride` apart. The dot products then run along the keys, LANES keys a vector, with no
- * sum across a vector's lanes. */
+ * sum across a vector's lanes. The chunk's keys overwrite the look-back's zero fill; the columns
+ * neither call wrote take zeros here, eight at a time where they fit: a memset of each row's few
+ * padding floats cost more than the attention's arithmetic over them. */
 static void transpose_keys(const float *history_keys, int64_t history, const float *chunk_keys,
                            int64_t chunk_stride, int64_t current, int64_t head_dim, float *keys_t) {
     const int64_t count = history + current, stride = whole_lanes(count);
-    transpose_rows(history_keys, head_dim, history, head_dim, keys_t, 0, stride);
-    transpose_rows(chunk_keys, chunk_stride, current, head_dim, keys_t, history, stride);
+    float zeros[head_dim];
+    memset(zeros, 0, sizeof zeros);
+    const int64_t after_history = transpose_rows(history_keys, head_dim, history, head_dim, zeros, keys_t, 0, stride);
+    const int64_t after_chunk = transpose_rows(chunk_keys, chunk_stride, current, head_dim, zeros, keys_t, history,
+                                               stride);
+    int64_t written = after_history > after_chunk ? after_history : after_chunk;
+#ifdef __AVX__
+    for (; written + 8 <= stride; written += 8)
+        for (int64_t d = 0; d < head_dim; ++d)
+            _mm256_storeu_ps(keys_t + d * stride + written, _mm256_setzero_ps());
+#endif
     for (int64_t d = 0; d < head_dim; ++d)
-        memset(keys_t + d * stride + count, 0, (size_t)(stride - count) * sizeof(float));
+        for (int64_t c = written; c < stride; ++c)
+            keys_t[d * stride + c] = 0.0f;
 }
 
 /* a times each lane of b plus that lane of c, rounded once: FMA instructions where the build has
