@@ -73,8 +73,11 @@ class CifState:
 @dataclass
 class DecoderState:
     fsmn: torch.Tensor  # (layers, d, kernel - 1): last inputs of each layer's causal FSMN
-    keys: torch.Tensor | None = None  # (layers, heads, history, d_k) cross-attention look-back
+    # Cross-attention look-back (layers, heads, room, d_k), as EncoderState's; the native decoder
+    # updates them, and fsmn, in place.
+    keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    history: int = 0
 
 
 @dataclass
@@ -135,6 +138,22 @@ def _window_linear(conv: torch.nn.Conv1d) -> torch.nn.Linear:
         if conv.bias is not None:
             linear.bias.copy_(conv.bias)
     return linear.to(conv.weight.device)
+
+
+def _look_back_in_place(state: EncoderState | DecoderState, fresh: int, kept: int, most: int,
+                        shape: tuple[int, int, int], device: torch.device) -> StreamLookBack:
+    """A native step's look-back over state's keys and values, which are made or grown (layers,
+    heads, room, d_k) for `shape` (layers, heads, d_k) to hold its history, the `kept` frames it
+    keeps and the `most` frames it may keep later, its history copied over when they grow."""
+    room = max(kept, state.history, most)
+    if state.keys is None or state.keys.shape[2] < room:
+        layers, heads, d_k = shape
+        keys, values = (torch.empty((layers, heads, room, d_k), device=device) for _ in range(2))
+        if state.keys is not None:
+            keys[:, :, :state.history] = state.keys[:, :, :state.history]
+            values[:, :, :state.history] = state.values[:, :, :state.history]
+        state.keys, state.values = keys, values
+    return StreamLookBack(state.keys, state.values, state.history, fresh, kept)
 
 
 class _LookBackBuffer:
@@ -474,15 +493,20 @@ class BatchedStreamingParaformer:
         _, c1, c2 = step.stream.options.chunk_size
         fresh = len(range(frames)[:-c2])  # as _drop_last slices: with chunk_size[2] 0, none
         kept = fresh if enc.keys is None else min(look_back * c1, enc.history + fresh)
-        room = max(kept, enc.history, look_back * c1)
-        if enc.keys is None or enc.keys.shape[2] < room:
-            shape = (len(self.encoder_layers), self.encoder_heads, room, self.encoder_d_k)
-            keys, values = torch.empty(shape, device=self.device), torch.empty(shape, device=self.device)
-            if enc.keys is not None:
-                keys[:, :, :enc.history] = enc.keys[:, :, :enc.history]
-                values[:, :, :enc.history] = enc.values[:, :, :enc.history]
-            enc.keys, enc.values = keys, values
-        return StreamLookBack(enc.keys, enc.values, enc.history, fresh, kept)
+        return _look_back_in_place(enc, fresh, kept, look_back * c1,
+                                   (len(self.encoder_layers), self.encoder_heads, self.encoder_d_k), self.device)
+
+    def _native_decoder_look_back(self, step: _Step, dec: DecoderState, frames: int) -> StreamLookBack | None:
+        """As _native_look_back, for the native decoder's cross-attention: FunASR keeps the last
+        look-back chunks of its history and all of this step's frames (see the torch path in
+        _decode)."""
+        look_back = step.stream.options.decoder_look_back
+        if look_back == 0:
+            return None
+        keep = look_back * step.stream.options.chunk_size[1]
+        return _look_back_in_place(dec, frames, min(keep, dec.history + frames), keep,
+                                   (len(self.model.decoder.decoders), self.decoder_heads, self.decoder_d_k),
+                                   self.device)
 
     @staticmethod
     def _encoder_layer(index, layer, x, valid_f, look_back) -> torch.Tensor:
@@ -566,35 +590,51 @@ class BatchedStreamingParaformer:
         active = [i for i, e in enumerate(embeds) if e.shape[0] > 0]
         if not active:
             return token_scores
-        layers = list(decoder.decoders)
         memory, memory_valid = encoder_out[active], valid[active]
         n_tokens = [embeds[i].shape[0] for i in active]
         x = pad_sequence([embeds[i] for i in active], batch_first=True)
         active_steps = [steps[i] for i in active]
         dec_states = [s.stream.state.decoder for s in active_steps]
-        fsmn_state = torch.stack([d.fsmn for d in dec_states], dim=1)  # (layers, batch, d, memory)
-        look_back = _LookBackBuffer([None if d.keys is None else (d.keys, d.values) for d in dec_states],
-                                    len(layers), self.decoder_heads, self.decoder_d_k, memory_valid, n_tokens)
+        frames = lengths[active].tolist()
 
-        with stream_rows(frames=lengths[active].tolist(), tokens=n_tokens):
+        with stream_rows(frames=frames, tokens=n_tokens):
             if self.native_decoder is not None:
-                x, fsmn_inputs = self.native_decoder.decode(x, memory, lengths[active], n_tokens, fsmn_state,
-                                                            look_back)
+                look_back = [self._native_decoder_look_back(s, dec, n) for s, dec, n in
+                             zip(active_steps, dec_states, frames)]
+                x = self.native_decoder.decode(x, memory, lengths[active], n_tokens, [d.fsmn for d in dec_states],
+                                               None if all(kept is None for kept in look_back) else look_back)
+                for dec, kept in zip(dec_states, look_back):
+                    if kept is not None:
+                        dec.history = kept.kept
             else:
-                x, fsmn_inputs = self._decoder_layers(x, memory, fsmn_state, look_back)
+                x = self._torch_decoder_step(x, memory, memory_valid, n_tokens, active_steps, frames)
             log_probs = torch.log_softmax(decoder.output_layer(decoder.after_norm(x)), dim=-1)
-        for j, (i, s) in enumerate(zip(active, active_steps)):
+        for j, i in enumerate(active):
+            token_scores[i] = log_probs[j, :n_tokens[j]]
+        return token_scores
+
+    def _torch_decoder_step(self, x, memory, memory_valid, n_tokens, active_steps, frames) -> torch.Tensor:
+        """The decoder's layers for the streams with tokens in torch (_decoder_layers), their
+        FSMN inputs and look-back kept in their states as FunASR keeps them: the last layer's
+        output."""
+        dec_states = [s.stream.state.decoder for s in active_steps]
+        fsmn_state = torch.stack([d.fsmn for d in dec_states], dim=1)  # (layers, batch, d, memory)
+        histories = [None if d.keys is None else (d.keys[:, :, :d.history], d.values[:, :, :d.history])
+                     for d in dec_states]
+        look_back = _LookBackBuffer(histories, len(self.model.decoder.decoders), self.decoder_heads,
+                                    self.decoder_d_k, memory_valid, n_tokens)
+        x, fsmn_inputs = self._decoder_layers(x, memory, fsmn_state, look_back)
+        for j, (s, dec) in enumerate(zip(active_steps, dec_states)):
             count = n_tokens[j]
-            token_scores[i] = log_probs[j, :count]
-            dec = s.stream.state.decoder
             dec.fsmn = fsmn_inputs[:, j, :, count: count + self.decoder_fsmn_memory].contiguous()
             history = s.stream.options.decoder_look_back
             if history > 0:
                 keep = history * s.stream.options.chunk_size[1]
-                (old_k, old_v), (fresh_k, fresh_v) = look_back.history_of(j), look_back.current_of(j, int(lengths[i]))
+                (old_k, old_v), (fresh_k, fresh_v) = look_back.history_of(j), look_back.current_of(j, frames[j])
                 dec.keys = _concat_last(old_k, fresh_k, keep, 2)
                 dec.values = _concat_last(old_v, fresh_v, keep, 2)
-        return token_scores
+                dec.history = dec.keys.shape[2]
+        return x
 
     def _decoder_layers(self, x, memory, fsmn_state, look_back) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's layers over a batch of tokens (NativeInt8Decoder computes the same in

@@ -61,17 +61,17 @@ class SanmEncoderStruct(ctypes.Structure):
 
 
 class StreamLookBackStruct(ctypes.Structure):
-    """sanm_encoder.c's stream_look_back."""
+    """sanm_rows.h's stream_look_back."""
     _fields_ = [("keys", _pointer), ("values", _pointer), ("room", _size), ("history", _size), ("fresh", _size),
                 ("kept", _size)]
 
 
 @dataclass
 class StreamLookBack:
-    """One stream's look-back in a batched step of NativeInt8Encoder.encode: keys and values
-    (layers, heads, room, head_dim), contiguous, the first `history` frames of each head its
-    history. The step leaves in them the last `kept` frames of that history followed by the
-    step's first `fresh` frames."""
+    """One stream's look-back in a batched step of NativeInt8Encoder.encode (self-attention) or
+    NativeInt8Decoder.decode (cross-attention): keys and values (layers, heads, room, head_dim),
+    contiguous, the first `history` frames of each head its history. The step leaves in them the
+    last `kept` frames of that history followed by the step's first `fresh` frames."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -127,7 +127,8 @@ def sanm_decoder_library() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.sanm_decode.argtypes = [ctypes.POINTER(SanmDecoderStruct), _size, _size, _pointer, _pointer, _size,
-                                    _pointer, _pointer, _pointer, _pointer, _pointer, _pointer, _size, _pointer]
+                                    _pointer, _pointer, _pointer, ctypes.POINTER(StreamLookBackStruct), _size,
+                                    _pointer]
     library.sanm_decode.restype = None
     library.decode_scratch_floats.argtypes = [ctypes.POINTER(SanmDecoderStruct), _size, _size, _size]
     library.decode_scratch_floats.restype = _size
@@ -144,6 +145,40 @@ def native_auto_kernel(int8_dot_products: bool) -> str:
     if native and (not int8_dot_products or products_use_avx512_vnni()):
         return "compiled"
     return default_auto_kernel(int8_dot_products)
+
+
+def look_back_struct(look_back: StreamLookBack, frames: int, layers: int, heads: int,
+                     head_dim: int) -> StreamLookBackStruct:
+    """The C side of one stream's look-back over `layers` layers of `heads` heads, checked first:
+    the step writes into its buffers."""
+    keys, values = look_back.keys, look_back.values
+    room = keys.shape[2] if keys.dim() == 4 else -1
+    if not (keys.shape == values.shape == (layers, heads, room, head_dim) and keys.dtype == values.dtype
+            == torch.float32 and keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError(f"look-back buffers must be contiguous float32 ({layers}, {heads}, room, {head_dim}), "
+                         f"got {keys.dtype} {tuple(keys.shape)} and {values.dtype} {tuple(values.shape)}")
+    if not (0 <= look_back.history <= room and 0 <= look_back.fresh <= frames
+            and 0 <= look_back.kept <= min(room, look_back.history + look_back.fresh)):
+        raise ValueError(f"a look-back of {look_back.history} frames keeping {look_back.kept} with "
+                         f"{look_back.fresh} of the step's {frames} does not fit its room of {room}")
+    return StreamLookBackStruct(keys.data_ptr(), values.data_ptr(), room, look_back.history, look_back.fresh,
+                                look_back.kept)
+
+
+def look_back_structs(look_back: list[StreamLookBack | None] | None, frames: list[int], layers: int, heads: int,
+                      head_dim: int) -> tuple[ctypes.Array | None, int]:
+    """Each stream's look_back_struct (zeros where it keeps none), and the largest history; (None,
+    0) where look_back is None."""
+    if look_back is None:
+        return None, 0
+    if len(look_back) != len(frames):
+        raise ValueError(f"{len(look_back)} look-backs for {len(frames)} streams")
+    streams, history = (StreamLookBackStruct * len(frames))(), 0
+    for i, (kept, count) in enumerate(zip(look_back, frames)):
+        if kept is not None:
+            streams[i] = look_back_struct(kept, count, layers, heads, head_dim)
+            history = max(history, kept.history)
+    return streams, history
 
 
 class NativeInt8Encoder:
@@ -197,37 +232,14 @@ class NativeInt8Encoder:
             raise ValueError(f"expected float32 frames of {self.in_size} features, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
         lengths = lengths.to(torch.int64).contiguous()
-        streams, history = None, 0
-        if look_back is not None:
-            if len(look_back) != batch:
-                raise ValueError(f"{len(look_back)} look-backs for {batch} streams")
-            streams = (StreamLookBackStruct * batch)()
-            for i, (kept, frames) in enumerate(zip(look_back, lengths.tolist())):
-                if kept is not None:
-                    streams[i] = self._look_back_struct(kept, frames)
-                    history = max(history, kept.history)
+        streams, history = look_back_structs(look_back, lengths.tolist(), self.struct.layers, self.struct.heads,
+                                             self.struct.head_dim)
         out = torch.empty((batch, time, self.size))
         scratch = torch.empty(self.library.encode_scratch_floats(ctypes.byref(self.struct), batch * time,
                                                                  history + time, 1))
         self.library.sanm_encode(ctypes.byref(self.struct), batch, time, x.data_ptr(), out.data_ptr(),
                                  lengths.data_ptr(), streams, history, 1, scratch.data_ptr())
         return out
-
-    def _look_back_struct(self, look_back: StreamLookBack, frames: int) -> StreamLookBackStruct:
-        """The C side of one stream's look-back, checked first: the step writes into its buffers."""
-        keys, values = look_back.keys, look_back.values
-        layers, heads, head_dim = self.struct.layers, self.struct.heads, self.struct.head_dim
-        room = keys.shape[2] if keys.dim() == 4 else -1
-        if not (keys.shape == values.shape == (layers, heads, room, head_dim) and keys.dtype == values.dtype
-                == torch.float32 and keys.is_contiguous() and values.is_contiguous()):
-            raise ValueError(f"look-back buffers must be contiguous float32 ({layers}, {heads}, room, {head_dim}), "
-                             f"got {keys.dtype} {tuple(keys.shape)} and {values.dtype} {tuple(values.shape)}")
-        if not (0 <= look_back.history <= room and 0 <= look_back.fresh <= frames
-                and 0 <= look_back.kept <= min(room, look_back.history + look_back.fresh)):
-            raise ValueError(f"a look-back of {look_back.history} frames keeping {look_back.kept} with "
-                             f"{look_back.fresh} of the step's {frames} does not fit its room of {room}")
-        return StreamLookBackStruct(keys.data_ptr(), values.data_ptr(), room, look_back.history, look_back.fresh,
-                                    look_back.kept)
 
     def encode_segments(self, x: torch.Tensor, lengths: torch.Tensor, threads: int) -> torch.Tensor:
         """Every layer over whole segments x [batch, time, in_size] (segment i's first
@@ -295,34 +307,34 @@ class NativeInt8Decoder:
         return None if library is None else cls(decoder, library)
 
     def decode(self, x: torch.Tensor, frames: torch.Tensor, lengths: torch.Tensor, token_counts: list[int],
-               fsmn_state: torch.Tensor, look_back) -> tuple[torch.Tensor, torch.Tensor]:
+               fsmn_states: list[torch.Tensor], look_back: list[StreamLookBack | None] | None) -> torch.Tensor:
         """Every layer over token rows x [batch, tokens, size] (stream i's first token_counts[i]
         its own) attending over the encoder's frames [batch, time, size] (its first lengths[i]);
-        fsmn_state [attending layers, batch, size, fsmn_memory]: each stream's last FSMN inputs;
-        look_back: the decoder's _LookBackBuffer, whose keys and values get this step's frames.
-        Returns the last layer's output and each attending layer's FSMN inputs [layers, batch,
-        size, fsmn_memory + tokens]."""
+        fsmn_states[i]: stream i's last FSMN inputs [attending layers, size, fsmn_memory], updated
+        in place; look_back: each stream's cross-attention look-back over the attending layers
+        (None where it keeps none), whose buffers the step updates in place, or None where no
+        stream has one or keeps one. Returns the last layer's output."""
         batch, tokens, size = x.shape
         time = frames.shape[1]
         if size != self.size or x.dtype != torch.float32 or frames.shape != (batch, time, size):
             raise ValueError(f"expected float32 rows of {self.size} features, got {x.dtype} {tuple(x.shape)} "
                              f"and frames {tuple(frames.shape)}")
-        keys, values = look_back.keys, look_back.values
-        if not (keys.is_contiguous() and values.is_contiguous() and keys.shape[3] == look_back.history + time):
-            raise ValueError("the look-back buffer must be contiguous with room for this step's frames")
+        state_shape = (self.attending_layers, size, self.fsmn_memory)
+        if len(fsmn_states) != batch or not all(
+                s.shape == state_shape and s.dtype == torch.float32 and s.is_contiguous() for s in fsmn_states):
+            raise ValueError(f"expected {batch} contiguous float32 FSMN states of {state_shape}")
         out = x.contiguous().clone()
         frames = frames.contiguous()
-        fsmn = torch.empty((self.attending_layers, batch, size, self.fsmn_memory + tokens))
-        fsmn[..., :self.fsmn_memory] = fsmn_state
         counts = torch.tensor(token_counts, dtype=torch.int64)
         lengths = lengths.to(torch.int64).contiguous()
-        history_lengths = torch.tensor(look_back.history_lengths, dtype=torch.int64)
+        states = (ctypes.c_void_p * batch)(*(s.data_ptr() for s in fsmn_states))
+        streams, history = look_back_structs(look_back, lengths.tolist(), self.attending_layers,
+                                             self.struct.heads, self.struct.head_dim)
         scratch = torch.empty(self.library.decode_scratch_floats(ctypes.byref(self.struct), batch * tokens,
-                                                                 batch * time, look_back.history + time))
+                                                                 batch * time, history + time))
         self.library.sanm_decode(ctypes.byref(self.struct), batch, tokens, out.data_ptr(), counts.data_ptr(), time,
-                                 frames.data_ptr(), lengths.data_ptr(), fsmn.data_ptr(), keys.data_ptr(),
-                                 values.data_ptr(), history_lengths.data_ptr(), look_back.history, scratch.data_ptr())
-        return out, fsmn
+                                 frames.data_ptr(), lengths.data_ptr(), states, streams, history, scratch.data_ptr())
+        return out
 
 
 def _native(layer: torch.nn.Module, eps: float) -> bool:

@@ -92,20 +92,21 @@ static void feed_forward(const sanm_decoder *model, const sanm_decoder_layer *la
     int8_product(&layer->w2, scratch->quantized, scratch->row_scales, rows, NULL, h);
 }
 
-/* x += FSMN(h) + h for each stream's rows. fsmn: the layer's [batch, size, fsmn_memory + tokens],
- * its first fsmn_memory columns a stream's last FSMN inputs before this step; h is written after
- * them (the caller keeps each stream's last fsmn_memory inputs from there). */
+/* x += FSMN(h) + h for each stream's rows. fsmn_states[b]: stream b's [size, fsmn_memory] last
+ * FSMN inputs of this layer before the step, left holding the last fsmn_memory of them and its
+ * token_counts[b] rows of h. */
 static void fsmn_block(const sanm_decoder *model, const sanm_decoder_layer *layer, int64_t batch, int64_t tokens,
-                       float *fsmn, decode_scratch *scratch, float *x) {
+                       const int64_t *token_counts, float *const *fsmn_states, decode_scratch *scratch,
+                       float *x) {
     const int64_t size = model->size, memory = model->fsmn_memory, width = memory + 1;
-    const int64_t columns = memory + tokens;
-    for (int64_t b = 0; b < batch; ++b) {
-        float *stream_fsmn = fsmn + b * size * columns;
-        for (int64_t t = 0; t < tokens; ++t)
-            for (int64_t c = 0; c < size; ++c)
-                stream_fsmn[c * columns + memory + t] = scratch->h[(b * tokens + t) * size + c];
+    float inputs[memory + tokens];
+    for (int64_t b = 0; b < batch; ++b)
         for (int64_t c = 0; c < size; ++c) {
-            const float *taps = layer->fsmn_taps + c * width, *inputs = stream_fsmn + c * columns;
+            float *state = fsmn_states[b] + c * memory;
+            memcpy(inputs, state, (size_t)memory * sizeof(float));
+            for (int64_t t = 0; t < tokens; ++t)
+                inputs[memory + t] = scratch->h[(b * tokens + t) * size + c];
+            const float *taps = layer->fsmn_taps + c * width;
             for (int64_t t = 0; t < tokens; ++t) {
                 float total = 0.0f;
                 for (int64_t k = 0; k < width; ++k)
@@ -113,57 +114,62 @@ static void fsmn_block(const sanm_decoder *model, const sanm_decoder_layer *laye
                 const int64_t i = (b * tokens + t) * size + c;
                 x[i] = x[i] + (total + scratch->h[i]);
             }
+            memcpy(state, inputs + token_counts[b], (size_t)memory * sizeof(float));
         }
-    }
 }
 
 /* Each stream's tokens (token_counts[b] of them) attending over its keys: its look-back
- * (history_lengths[b] of `history`) and its first lengths[b] frames of this step, whose keys and
- * values are written after the look-back. Rows past a stream's tokens get zeros. keys, values:
- * the layer's [batch, heads, history + time, head_dim]. */
-static void cross_attend(const sanm_decoder *model, int64_t batch, int64_t tokens, int64_t time,
-                         const int64_t *token_counts, const int64_t *lengths, const int64_t *history_lengths,
-                         int64_t history, float *keys, float *values, decode_scratch *scratch) {
-    const int64_t size = model->size, heads = model->heads, head_dim = model->head_dim, capacity = history + time;
+ * (look_back[b]'s for attending layer `layer`, none where look_back is NULL) and its first
+ * lengths[b] frames of this step, whose keys and values are read where the product wrote them;
+ * the look-back then takes the frames it keeps. Rows past a stream's tokens get zeros. `keys`
+ * bounds history + time over the streams. */
+static void cross_attend(const sanm_decoder *model, int64_t layer, int64_t batch, int64_t tokens, int64_t time,
+                         const int64_t *token_counts, const int64_t *lengths, const stream_look_back *look_back,
+                         int64_t keys, decode_scratch *scratch) {
+    const int64_t size = model->size, heads = model->heads, head_dim = model->head_dim;
+    float *keys_t = attention_keys(scratch->attention, keys);
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t h = 0; h < heads; ++h) {
-            float *head_keys = keys + (b * heads + h) * capacity * head_dim;
-            float *head_values = values + (b * heads + h) * capacity * head_dim;
-            for (int64_t t = 0; t < time; ++t) {
-                const float *kv = scratch->kv + (b * time + t) * 2 * size + h * head_dim;
-                memcpy(head_keys + (history + t) * head_dim, kv, (size_t)head_dim * sizeof(float));
-                memcpy(head_values + (history + t) * head_dim, kv + size, (size_t)head_dim * sizeof(float));
-            }
-            float *keys_t = attention_keys(scratch->attention, capacity);
-            const float *chunk_keys = head_keys + history * head_dim, *chunk_values = head_values + history * head_dim;
-            transpose_keys(head_keys, history_lengths[b], chunk_keys, head_dim, lengths[b], head_dim, keys_t);
+            const float *chunk_keys = scratch->kv + b * time * 2 * size + h * head_dim;
+            const float *chunk_values = chunk_keys + size;
+            const stream_look_back *kept = look_back && look_back[b].keys ? &look_back[b] : NULL;
+            const int64_t head_frames = kept ? ((layer * heads + h) * kept->room) * head_dim : 0;
+            float *head_keys = kept ? kept->keys + head_frames : NULL;
+            float *head_values = kept ? kept->values + head_frames : NULL;
+            const int64_t history = kept ? kept->history : 0;
+            transpose_keys(head_keys, history, chunk_keys, 2 * size, lengths[b], head_dim, keys_t);
             for (int64_t t = 0; t < tokens; t += 4) {
                 const int64_t rows_left = (t < token_counts[b] ? token_counts[b] : t) - t;
                 const int count = rows_left < 4 ? (int)rows_left : 4;
                 float *out = scratch->attended + (b * tokens + t) * size + h * head_dim;
                 if (count > 0)
                     attend_rows(scratch->q + (b * tokens + t) * size + h * head_dim, size, count, keys_t,
-                                head_values, history_lengths[b], chunk_values, head_dim, lengths[b], head_dim,
+                                head_values, history, chunk_values, 2 * size, lengths[b], head_dim,
                                 scratch->attention, out, size);
                 for (int64_t i = count; i < 4 && t + i < tokens; ++i)
                     memset(out + i * size, 0, (size_t)head_dim * sizeof(float));
             }
+            if (kept == NULL)
+                continue;
+            keep_history(head_keys, history, chunk_keys, 2 * size, kept->fresh, kept->kept, head_dim);
+            keep_history(head_values, history, chunk_values, 2 * size, kept->fresh, kept->kept, head_dim);
         }
 }
 
 /* All the decoder's layers over a batched step: x [batch, tokens, size], stream b's first
  * token_counts[b] rows its own (in: the acoustic embeddings; out: the last layer's output).
  * frames [batch, time, size]: the encoder's output, stream b's first lengths[b] its own.
- * fsmn [attending layers, batch, size, fsmn_memory + tokens]: see fsmn_block. keys, values
- * [attending layers, batch, heads, history + time, head_dim]: in, each stream's look-back at its
- * first history_lengths[b] entries; out, this step's keys and values after `history`.
- * scratch_space: decode_scratch_floats(model, batch * tokens, batch * time, history + time). */
+ * fsmn_states[b]: stream b's [attending layers, size, fsmn_memory] last FSMN inputs, updated in
+ * place (fsmn_block). look_back: each stream's cross-attention look-back over the attending layers
+ * (its buffers updated in place), or NULL where no stream has one or keeps one; history: the
+ * largest of their histories (0 without). scratch_space: decode_scratch_floats(model, batch *
+ * tokens, batch * time, history + time). */
 void sanm_decode(const sanm_decoder *model, int64_t batch, int64_t tokens, float *x, const int64_t *token_counts,
-                 int64_t time, const float *frames, const int64_t *lengths, float *fsmn, float *keys, float *values,
-                 const int64_t *history_lengths, int64_t history, float *scratch_space) {
+                 int64_t time, const float *frames, const int64_t *lengths, float *const *fsmn_states,
+                 const stream_look_back *look_back, int64_t history, float *scratch_space) {
     const int64_t rows = batch * tokens, frame_rows = batch * time, size = model->size;
-    const int64_t layer_cache = batch * model->heads * (history + time) * model->head_dim;
-    const int64_t layer_fsmn = batch * size * (model->fsmn_memory + tokens);
+    const int64_t layer_fsmn = size * model->fsmn_memory;
+    float *layer_states[batch];
     decode_scratch scratch = {0};
     lay_out_scratch(model, rows, frame_rows, history + time, scratch_space, &scratch);
     quantized_rows(frames, frame_rows, size, model->input_step, scratch.frame_scales, scratch.frames);
@@ -178,15 +184,17 @@ void sanm_decode(const sanm_decoder *model, int64_t batch, int64_t tokens, float
         for (int64_t r = 0; r < rows; ++r)
             layer_norm(scratch.h + r * size, layer->norm2_weight, layer->norm2_bias, size, model->norm_eps,
                        scratch.h + r * size);
-        fsmn_block(model, layer, batch, tokens, fsmn + attending * layer_fsmn, &scratch, x);
+        for (int64_t b = 0; b < batch; ++b)
+            layer_states[b] = fsmn_states[b] + attending * layer_fsmn;
+        fsmn_block(model, layer, batch, tokens, token_counts, layer_states, &scratch, x);
 
         normed_rows(x, layer->norm3_weight, layer->norm3_bias, rows, size, model->norm_eps, model->input_step,
                     scratch.normed, scratch.row_scales, scratch.quantized);
         const product_epilogue q_bias = {layer->q_bias, 0, {NULL, NULL}}, kv_bias = {layer->kv_bias, 0, {NULL, NULL}};
         int8_product(&layer->q, scratch.quantized, scratch.row_scales, rows, &q_bias, scratch.q);
         int8_product(&layer->kv, scratch.frames, scratch.frame_scales, frame_rows, &kv_bias, scratch.kv);
-        cross_attend(model, batch, tokens, time, token_counts, lengths, history_lengths, history,
-                     keys + attending * layer_cache, values + attending * layer_cache, &scratch);
+        cross_attend(model, attending, batch, tokens, time, token_counts, lengths, look_back, history + time,
+                     &scratch);
 
         quantized_rows(scratch.attended, rows, size, model->input_step, scratch.row_scales, scratch.quantized);
         const product_epilogue attention_residual = {layer->out_bias, 0, {x, NULL}};

@@ -38,15 +38,6 @@ typedef struct {
     const sanm_layer *layer;
 } sanm_encoder;
 
-/* One stream's look-back for a batched step: its history's keys and values for every layer and
- * head, [layers, heads, room, head_dim] each, the first `history` frames of each head kept from
- * earlier steps. After the step each head holds the last `kept` frames of that history followed
- * by this step's first `fresh` frames. keys NULL: the stream keeps no look-back. */
-typedef struct {
-    float *keys, *values;
-    int64_t room, history, fresh, kept;
-} stream_look_back;
-
 /* Space for one step (all float unless said), in one buffer the caller allocates
  * (encode_scratch_floats) and lay_out_scratch divides. */
 typedef struct {
@@ -107,18 +98,6 @@ static void normed_inputs(const sanm_encoder *model, const float *x, const float
 static void quantized_inputs(const sanm_encoder *model, const float *x, int64_t rows, int64_t columns,
                              encode_scratch *scratch) {
     quantized_rows(x, rows, columns, model->input_step, scratch->row_scales, scratch->quantized);
-}
-
-/* A head's history after its step (stream_look_back's): the last `kept` frames of its `history`
- * frames at `frames` followed by the step's first `fresh` frames, rows `chunk_stride` apart at
- * `chunk`. */
-static void keep_history(float *frames, int64_t history, const float *chunk, int64_t chunk_stride, int64_t fresh,
-                         int64_t kept, int64_t head_dim) {
-    const int64_t from_chunk = fresh < kept ? fresh : kept, from_history = kept - from_chunk;
-    const size_t row_bytes = (size_t)head_dim * sizeof(float);
-    memmove(frames, frames + (history - from_history) * head_dim, (size_t)from_history * row_bytes);
-    for (int64_t t = 0; t < from_chunk; ++t)
-        memcpy(frames + (from_history + t) * head_dim, chunk + (fresh - from_chunk + t) * chunk_stride, row_bytes);
 }
 
 /* Layer `layer`'s current rows of each stream attending over its look-back (look_back[b]'s, or

@@ -1,8 +1,8 @@
 /* The float work of one row that the native SANM layers share (sanm_encoder.c, sanm_decoder.c):
- * torch's layer norm, the quantization of a product's input, and scaled dot-product attention of
- * a few query rows over one stream's keys. Static functions, as in int8_product.h. The passes over
- * many rows share them among the threads of a parallel region where there is one (as
- * int8_product does its outputs). */
+ * torch's layer norm, the quantization of a product's input, scaled dot-product attention of a
+ * few query rows over one stream's keys, and what a stream keeps of its keys for the next step.
+ * Static functions, as in int8_product.h. The passes over many rows share them among the
+ * threads of a parallel region where there is one (as int8_product does its outputs). */
 
 #ifndef TWOPASS_ASR_SANM_ROWS_H
 #define TWOPASS_ASR_SANM_ROWS_H
@@ -69,6 +69,27 @@ static inline float exp_nonpositive(float x) {
     union { float f; int32_t i; } n_bits = {shifted}, rounder_bits = {rounder}, power;
     power.i = (n_bits.i - rounder_bits.i + 127) << 23;
     return x < -87.0f ? 0.0f : p * power.f;
+}
+
+/* One stream's look-back for a batched step: its history's keys and values for every attending
+ * layer and head, [layers, heads, room, head_dim] each, the first `history` frames of each head
+ * kept from earlier steps. After the step each head holds the last `kept` frames of that history
+ * followed by this step's first `fresh` frames. keys NULL: the stream keeps no look-back. */
+typedef struct {
+    float *keys, *values;
+    int64_t room, history, fresh, kept;
+} stream_look_back;
+
+/* A head's history after its step (stream_look_back's): the last `kept` frames of its `history`
+ * frames at `frames` followed by the step's first `fresh` frames, rows `chunk_stride` apart at
+ * `chunk`. */
+static void keep_history(float *frames, int64_t history, const float *chunk, int64_t chunk_stride, int64_t fresh,
+                         int64_t kept, int64_t head_dim) {
+    const int64_t from_chunk = fresh < kept ? fresh : kept, from_history = kept - from_chunk;
+    const size_t row_bytes = (size_t)head_dim * sizeof(float);
+    memmove(frames, frames + (history - from_history) * head_dim, (size_t)from_history * row_bytes);
+    for (int64_t t = 0; t < from_chunk; ++t)
+        memcpy(frames + (from_history + t) * head_dim, chunk + (fresh - from_chunk + t) * chunk_stride, row_bytes);
 }
 
 /* `keys` rounded up to whole vectors of LANES. */
