@@ -127,32 +127,13 @@ static void cross_attend(const sanm_decoder *model, int64_t layer, int64_t batch
                          const int64_t *token_counts, const int64_t *lengths, const stream_look_back *look_back,
                          int64_t keys, decode_scratch *scratch) {
     const int64_t size = model->size, heads = model->heads, head_dim = model->head_dim;
-    float *keys_t = attention_keys(scratch->attention, keys);
     for (int64_t b = 0; b < batch; ++b)
         for (int64_t h = 0; h < heads; ++h) {
-            const float *chunk_keys = scratch->kv + b * time * 2 * size + h * head_dim;
-            const float *chunk_values = chunk_keys + size;
-            const stream_look_back *kept = look_back && look_back[b].keys ? &look_back[b] : NULL;
-            const int64_t head_frames = kept ? ((layer * heads + h) * kept->room) * head_dim : 0;
-            float *head_keys = kept ? kept->keys + head_frames : NULL;
-            float *head_values = kept ? kept->values + head_frames : NULL;
-            const int64_t history = kept ? kept->history : 0;
-            transpose_keys(head_keys, history, chunk_keys, 2 * size, lengths[b], head_dim, keys_t);
-            for (int64_t t = 0; t < tokens; t += 4) {
-                const int64_t rows_left = (t < token_counts[b] ? token_counts[b] : t) - t;
-                const int count = rows_left < 4 ? (int)rows_left : 4;
-                float *out = scratch->attended + (b * tokens + t) * size + h * head_dim;
-                if (count > 0)
-                    attend_rows(scratch->q + (b * tokens + t) * size + h * head_dim, size, count, keys_t,
-                                head_values, history, chunk_values, 2 * size, lengths[b], head_dim,
-                                scratch->attention, out, size);
-                for (int64_t i = count; i < 4 && t + i < tokens; ++i)
-                    memset(out + i * size, 0, (size_t)head_dim * sizeof(float));
-            }
-            if (kept == NULL)
-                continue;
-            keep_history(head_keys, history, chunk_keys, 2 * size, kept->fresh, kept->kept, head_dim);
-            keep_history(head_values, history, chunk_values, 2 * size, kept->fresh, kept->kept, head_dim);
+            const float *kv = scratch->kv + b * time * 2 * size + h * head_dim;
+            attend_head(look_back && look_back[b].keys ? &look_back[b] : NULL, layer, heads, h,
+                        scratch->q + b * tokens * size + h * head_dim, size, token_counts[b], tokens, kv, 2 * size,
+                        kv + size, 2 * size, lengths[b], head_dim, keys, scratch->attention,
+                        scratch->attended + b * tokens * size + h * head_dim, size);
         }
 }
 

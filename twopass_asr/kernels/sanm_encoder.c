@@ -108,35 +108,15 @@ static void attend(const sanm_encoder *model, int64_t layer, int64_t batch, int6
                    const stream_look_back *look_back, int64_t keys, encode_scratch *scratch) {
     const int64_t size = model->size, heads = model->heads, head_dim = model->head_dim;
     float *scores = scratch->attention + thread_number() * attention_scratch_floats(keys, head_dim);
-    float *keys_t = attention_keys(scores, keys);
 #pragma omp for schedule(static) collapse(2)
-    for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t b = 0; b < batch; ++b)
         for (int64_t h = 0; h < heads; ++h) {
-            const float *chunk_keys = scratch->qkv + b * time * 3 * size + size + h * head_dim;
-            const float *chunk_values = scratch->masked + b * time * size + h * head_dim;
-            const stream_look_back *kept = look_back && look_back[b].keys ? &look_back[b] : NULL;
-            const int64_t head_frames = kept ? ((layer * heads + h) * kept->room) * head_dim : 0;
-            float *head_keys = kept ? kept->keys + head_frames : NULL;
-            float *head_values = kept ? kept->values + head_frames : NULL;
-            const int64_t history = kept ? kept->history : 0;
-            transpose_keys(head_keys, history, chunk_keys, 3 * size, lengths[b], head_dim, keys_t);
-            for (int64_t t = 0; t < time; t += 4) {
-                const int64_t row = b * time + t;
-                const int64_t rows_left = (t < lengths[b] ? lengths[b] : t) - t;
-                const int count = rows_left < 4 ? (int)rows_left : 4;
-                float *out = scratch->attended + row * size + h * head_dim;
-                if (count > 0)
-                    attend_rows(scratch->qkv + row * 3 * size + h * head_dim, 3 * size, count, keys_t, head_values,
-                                history, chunk_values, size, lengths[b], head_dim, scores, out, size);
-                for (int64_t i = count; i < 4 && t + i < time; ++i)
-                    memset(out + i * size, 0, (size_t)head_dim * sizeof(float));
-            }
-            if (kept == NULL)
-                continue;
-            keep_history(head_keys, history, chunk_keys, 3 * size, kept->fresh, kept->kept, head_dim);
-            keep_history(head_values, history, chunk_values, size, kept->fresh, kept->kept, head_dim);
+            const float *qkv = scratch->qkv + b * time * 3 * size + h * head_dim;
+            attend_head(look_back && look_back[b].keys ? &look_back[b] : NULL, layer, heads, h, qkv, 3 * size,
+                        lengths[b], time, qkv + size, 3 * size, scratch->masked + b * time * size + h * head_dim,
+                        size, lengths[b], head_dim, keys, scores, scratch->attended + b * time * size + h * head_dim,
+                        size);
         }
-    }
 }
 
 /* All the encoder's layers over a batched step of `batch` streams' `time` frames (stream b's

@@ -341,4 +341,34 @@ static void attend_rows(const float *queries, int64_t query_stride, int count, c
                  out, out_stride);
 }
 
+/* Head h of one stream: its `rows` query rows (`query_stride` apart; the first `queries` its own)
+ * attending over its look-back (`kept`'s for layer `layer`, none where kept is NULL) and the
+ * chunk's `current` keys and values (`key_stride` and `value_stride` apart), into out
+ * (`out_stride` apart; rows past its own get zeros); the look-back then keeps its frames.
+ * scores: attention_scratch_floats(keys, head_dim) floats, `keys` bounding history + current. */
+static void attend_head(const stream_look_back *kept, int64_t layer, int64_t heads, int64_t h, const float *query,
+                        int64_t query_stride, int64_t queries, int64_t rows, const float *chunk_keys,
+                        int64_t key_stride, const float *chunk_values, int64_t value_stride, int64_t current,
+                        int64_t head_dim, int64_t keys, float *scores, float *out, int64_t out_stride) {
+    float *keys_t = attention_keys(scores, keys);
+    const int64_t head_frames = kept ? ((layer * heads + h) * kept->room) * head_dim : 0;
+    float *head_keys = kept ? kept->keys + head_frames : NULL;
+    float *head_values = kept ? kept->values + head_frames : NULL;
+    const int64_t history = kept ? kept->history : 0;
+    transpose_keys(head_keys, history, chunk_keys, key_stride, current, head_dim, keys_t);
+    for (int64_t t = 0; t < rows; t += 4) {
+        const int64_t rows_left = (t < queries ? queries : t) - t;
+        const int count = rows_left < 4 ? (int)rows_left : 4;
+        if (count > 0)
+            attend_rows(query + t * query_stride, query_stride, count, keys_t, head_values, history, chunk_values,
+                        value_stride, current, head_dim, scores, out + t * out_stride, out_stride);
+        for (int64_t i = count; i < 4 && t + i < rows; ++i)
+            memset(out + (t + i) * out_stride, 0, (size_t)head_dim * sizeof(float));
+    }
+    if (kept == NULL)
+        return;
+    keep_history(head_keys, history, chunk_keys, key_stride, kept->fresh, kept->kept, head_dim);
+    keep_history(head_values, history, chunk_values, value_stride, kept->fresh, kept->kept, head_dim);
+}
+
 #endif
