@@ -1,6 +1,7 @@
 """StreamingFeatures against FunASR's own online frontend: each stream's features, call for call,
-are the bits FunASR's WavFrontendOnline gives with its cache, whatever the chunk sizes (the VAD's
-frontend is checked the same way in tests/vad)."""
+are the bits FunASR's WavFrontendOnline gives with its cache, whatever the chunk sizes, on the
+compiled fbank (kaldi_fbank.c) and on kaldi-native-fbank's extractor (the VAD's frontend is
+checked the same way in tests/vad)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def frontend(tmp_path_factory):
     return WavFrontendOnline(cmvn_file=str(model_dir / "am.mvn"), **config["frontend_conf"])
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["kaldi_fbank.c", "kaldi-native-fbank"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_features_are_funasrs_bits_call_for_call(frontend, seed):
+def test_features_are_funasrs_bits_call_for_call(frontend, seed, compiled):
     rng = np.random.default_rng(seed)
     pcm = (rng.standard_normal(int(rng.integers(16000, 64000))) * 3000).clip(-32768, 32767).astype(np.int16)
     audio = pcm16_to_float(pcm)
@@ -33,7 +35,8 @@ def test_features_are_funasrs_bits_call_for_call(frontend, seed):
         size = int(rng.choice(sizes))
         chunks.append(audio[at:at + size])
         at += size
-    features = StreamingFeatures(frontend)
+    features = StreamingFeatures(frontend, compiled=compiled)
+    assert (features.compiled_fbank is not None) == compiled
     state, cache, frames = features.new_state(), {}, 0
     for index, chunk in enumerate(chunks):
         final = index == len(chunks) - 1

@@ -1,0 +1,114 @@
+"""Kaldi log mel filterbank frames from kaldi_fbank.c, with kaldi-native-fbank's bits.
+
+kaldi-native-fbank, FunASR's fbank, plans its FFT again for every frame (KISS FFT's tables, a
+sine and cosine for each of them); with the samples' conversion to a Python list and a call per
+frame to read the result, a 600 ms chunk of a stream cost about as much as a tenth of that
+stream's first-pass work on an AMX Xeon (perf/RESULTS.md, 2026-12-07, session 37). kaldi_fbank.c
+plans once and does kaldi-native-fbank's float operations in their order, many frames a call;
+the window and mel weights are kaldi-native-fbank's own, read from it. The tests compare the
+frames' bits with kaldi-native-fbank's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import kaldi_native_fbank as knf
+import numpy as np
+
+from twopass_asr.kernels.row_kernels import FLAGS, compiled_library_or_none
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kaldi_fbank.c", "vector_lanes.h"))
+
+_pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class FbankPlanStruct(ctypes.Structure):
+    """kaldi_fbank.c's fbank_plan."""
+    _fields_ = [("frame_length", _size), ("frame_shift", _size), ("fft_length", _size), ("remove_dc_offset", _size),
+                ("preemphasis", _real), ("log_floor", _real), ("window", _pointer), ("bins", _size),
+                ("bin_first", _pointer), ("bin_size", _pointer), ("bin_weights", _pointer), ("twiddles", _pointer),
+                ("real_twiddles", _pointer), ("order", _pointer)]
+
+
+@functools.cache
+def kaldi_fbank_library() -> ctypes.CDLL | None:
+    """kaldi_fbank.c compiled for this CPU (row_kernels.compiled_library_or_none), once per process;
+    None, with one warning, where it cannot be."""
+    library = compiled_library_or_none(SOURCES, "kaldi_fbank.so", FLAGS,
+                                       "features are computed by kaldi-native-fbank (slower)")
+    if library is None:
+        return None
+    library.fbank_fft_tables.argtypes = [_size, _pointer, _pointer, _pointer]
+    library.fbank_fft_tables.restype = None
+    library.fbank_frames.argtypes = [ctypes.POINTER(FbankPlanStruct), _pointer, _size, _pointer]
+    library.fbank_frames.restype = None
+    return library
+
+
+def window_samples(options: knf.FbankOptions) -> tuple[int, int, int]:
+    """A frame's length and shift in samples, rounded as kaldi-native-fbank rounds them (float32
+    products, truncated), and its FFT's length (the length rounded up to a power of two)."""
+    frame = options.frame_opts
+    per_ms = np.float32(frame.samp_freq) * np.float32(0.001)
+    length, shift = int(per_ms * np.float32(frame.frame_length_ms)), int(per_ms * np.float32(frame.frame_shift_ms))
+    return length, shift, 1 << (length - 1).bit_length()
+
+
+def unsupported(options: knf.FbankOptions) -> str | None:
+    """Why kaldi_fbank.c cannot compute frames with these options, or None where it can: it does
+    kaldi's log mel energies without dither, energy or edge reflection, on an FFT whose length is
+    twice a power of 4 (512 for 16 kHz audio's 25 ms frames)."""
+    frame = options.frame_opts
+    fft_points = window_samples(options)[2] // 2
+    checks = {"fft_length": fft_points >= 4 and fft_points & (fft_points - 1) == 0 and fft_points.bit_length() % 2,
+              "dither": frame.dither == 0, "snip_edges": frame.snip_edges, "use_energy": not options.use_energy,
+              "use_log_fbank": options.use_log_fbank, "use_log_floor": options.use_log_floor,
+              "use_power": options.use_power, "round_to_power_of_two": frame.round_to_power_of_two,
+              "htk_mode": not options.mel_opts.htk_mode}
+    wrong = [name for name, fine in checks.items() if not fine]
+    return f"unsupported fbank options: {', '.join(wrong)}" if wrong else None
+
+
+class NativeFbank:
+    """One fbank configuration planned for kaldi_fbank.c (see `unsupported`)."""
+
+    def __init__(self, options: knf.FbankOptions, library: ctypes.CDLL):
+        reason = unsupported(options)
+        if reason is not None:
+            raise ValueError(reason)
+        self.library = library
+        self.frame_length, self.frame_shift, fft_length = window_samples(options)
+        window = np.asarray(knf.FeatureWindowFunction(options.frame_opts).window, dtype=np.float32)
+        mel = knf.MelBanks(options.mel_opts, options.frame_opts, 1.0).get_matrix()
+        self.bins = mel.shape[0]
+        # Each bin's weights from its first non-zero one to its last, as kaldi-native-fbank keeps them.
+        spans = [np.flatnonzero(row)[[0, -1]] for row in mel]
+        bin_first = np.array([first for first, _ in spans], dtype=np.int64)
+        bin_size = np.array([last - first + 1 for first, last in spans], dtype=np.int64)
+        bin_weights = np.concatenate([row[first:last + 1] for row, (first, last) in zip(mel, spans)]).astype(np.float32)
+        twiddles = np.empty(fft_length, dtype=np.float32)
+        real_twiddles = np.empty(fft_length // 2, dtype=np.float32)
+        order = np.empty(fft_length // 2, dtype=np.int32)
+        library.fbank_fft_tables(fft_length, twiddles.ctypes.data, real_twiddles.ctypes.data, order.ctypes.data)
+        # The plan points into these arrays: they live as long as it.
+        self._arrays = (window, bin_first, bin_size, bin_weights, twiddles, real_twiddles, order)
+        self.plan = FbankPlanStruct(
+            self.frame_length, self.frame_shift, fft_length, int(options.frame_opts.remove_dc_offset),
+            options.frame_opts.preemph_coeff, options.eps, window.ctypes.data, self.bins, bin_first.ctypes.data,
+            bin_size.ctypes.data, bin_weights.ctypes.data, twiddles.ctypes.data, real_twiddles.ctypes.data,
+            order.ctypes.data)
+
+    def frames(self, samples: np.ndarray) -> np.ndarray:
+        """The whole frames of contiguous float32 `samples`, frame f from sample f * frame_shift:
+        shape (frames, bins)."""
+        count = 0 if len(samples) < self.frame_length else 1 + (len(samples) - self.frame_length) // self.frame_shift
+        features = np.empty((count, self.bins), dtype=np.float32)
+        if count:
+            self.library.fbank_frames(ctypes.byref(self.plan), samples.ctypes.data, count, features.ctypes.data)
+        return features
+
+
+__all__ = ["FbankPlanStruct", "NativeFbank", "kaldi_fbank_library", "unsupported", "window_samples"]
