@@ -93,3 +93,10 @@ def test_unsupported_options_are_named_and_refused(library):
     assert unsupported(narrowband) == "unsupported fbank options: fft_length"
     with pytest.raises(ValueError, match="dither"):
         NativeFbank(dithered, library)
+
+
+def test_samples_in_another_float_type_are_taken_as_float32(library):
+    fbank = NativeFbank(fbank_options(), library)
+    samples = np.random.default_rng(3).standard_normal(4000) * 3000
+    assert np.array_equal(fbank.frames(samples), fbank.frames(samples.astype(np.float32)))
+    assert np.array_equal(fbank.frames(samples[::2]), fbank.frames(samples[::2].astype(np.float32)))

@@ -1,11 +1,11 @@
 """Kaldi log mel filterbank frames from kaldi_fbank.c, with kaldi-native-fbank's bits.
 
 kaldi-native-fbank, FunASR's fbank, plans its FFT again for every frame (KISS FFT's tables, a
-sine and cosine for each of them); with the samples' conversion to a Python list and a call per
-frame to read the result, a 600 ms chunk of a stream cost about as much as a tenth of that
-stream's first-pass work on an AMX Xeon (perf/RESULTS.md, 2026-12-07, session 37). kaldi_fbank.c
-plans once and does kaldi-native-fbank's float operations in their order, many frames a call;
-the window and mel weights are kaldi-native-fbank's own, read from it. The tests compare the
+sine and cosine for each of them), takes the samples as a Python list, is read a frame a call,
+and holds the GIL throughout, so the first pass's worker threads took turns on it
+(perf/RESULTS.md, 2026-12-07, session 37). kaldi_fbank.c plans once and does
+kaldi-native-fbank's float operations in their order, many frames a call, without the GIL; the
+window and mel weights are kaldi-native-fbank's own, read from it. The tests compare the
 frames' bits with kaldi-native-fbank's.
 """
 
@@ -102,8 +102,9 @@ class NativeFbank:
             order.ctypes.data)
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
-        """The whole frames of contiguous float32 `samples`, frame f from sample f * frame_shift:
-        shape (frames, bins)."""
+        """The whole frames of `samples` (as float32, the precision kaldi-native-fbank takes them
+        in), frame f from sample f * frame_shift: shape (frames, bins)."""
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
         count = 0 if len(samples) < self.frame_length else 1 + (len(samples) - self.frame_length) // self.frame_shift
         features = np.empty((count, self.bins), dtype=np.float32)
         if count:
