@@ -23,7 +23,7 @@ import torch
 
 from twopass_asr.kernels.row_kernels import compiled_library_or_none, pointer_or_none
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h", "row_magnitude.h"))
 LIBRARY = "decode_step.so"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.

@@ -87,6 +87,12 @@ static void dense(const dense_layer *layer, const float *x, int64_t rows, int re
     }
 }
 
+/* Frame h of a stream's FSMN history: its `span` past frames, then this step's `frames`. */
+static inline const float *history_row(const float *history, const float *frames, int64_t span, int64_t width,
+                                       int64_t h) {
+    return h < span ? history + h * width : frames + (h - span) * width;
+}
+
 /* The number of floats fsmn_vad_encode's scratch_space must hold for `rows` rows. */
 int64_t fsmn_vad_scratch_floats(const fsmn_vad *model, int64_t rows) { return 3 * rows * model->widest; }
 
@@ -117,9 +123,7 @@ void fsmn_vad_encode(const fsmn_vad *model, int64_t batch, int64_t time, const f
             for (int64_t t = 0; t < time; ++t) {
                 memset(total, 0, sizeof total);
                 for (int64_t k = 0; k < block->lorder; ++k) {
-                    /* frame t + k lstride of the history: the past, then this step's frames */
-                    const int64_t h = t + k * block->lstride;
-                    const float *row = h < span ? history + h * width : frames + (h - span) * width;
+                    const float *row = history_row(history, frames, span, width, t + k * block->lstride);
                     const float *tap = block->taps + k * width;
                     for (int64_t c = 0; c < width; ++c)
                         total[c] += tap[c] * row[c];
@@ -129,8 +133,7 @@ void fsmn_vad_encode(const fsmn_vad *model, int64_t batch, int64_t time, const f
             }
             /* The history's `span` frames that end at the stream's last own frame. */
             for (int64_t j = 0; j < span; ++j) {
-                const int64_t h = lengths[b] + j;
-                const float *row = h < span ? history + h * width : frames + (h - span) * width;
+                const float *row = history_row(history, frames, span, width, lengths[b] + j);
                 for (int64_t c = 0; c < width; ++c)
                     past[c * span + j] = row[c];
             }

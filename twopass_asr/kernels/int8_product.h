@@ -24,6 +24,9 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+
+#include "row_magnitude.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define INT8_TILES 1
 #include <stdlib.h>
@@ -31,8 +34,6 @@
 #include <unistd.h>
 #endif
 
-/* torch's clamp of a row's largest magnitude: float32's smallest normal number. */
-static const float SMALLEST_SCALE = 1.1754943508222875e-38f;
 static const int32_t INPUT_ZERO_POINT = 128;
 /* How far ahead of the product the weights are fetched: a step of one row streams every weight
  * once from memory, and with the hardware's prefetching alone it ran slower (perf/RESULTS.md,
@@ -65,21 +66,6 @@ typedef struct {
     int relu;
     const float *addends[2]; /* NULL, or the second alone NULL, or neither */
 } product_epilogue;
-
-/* A row's largest magnitude, at least SMALLEST_SCALE. Compared as integers: with the sign bit
- * cleared a non-NaN float's bits order as its magnitude does, and integer maxima vectorise
- * (fmaxf's, with its NaN rule, did not: a third of a quantization's time). */
-static float row_magnitude(const float *row, int64_t columns) {
-    const uint32_t *bits = (const uint32_t *)row;
-    uint32_t largest = 0;
-    for (int64_t c = 0; c < columns; ++c) {
-        const uint32_t magnitude = bits[c] & 0x7fffffffu;
-        largest = magnitude > largest ? magnitude : largest;
-    }
-    float scale;
-    memcpy(&scale, &largest, sizeof scale);
-    return scale < SMALLEST_SCALE ? SMALLEST_SCALE : scale;
-}
 
 /* The row magnitudes by which quantize_row divides by multiplying: from 2^-90, above which the
  * remainder of no quotient of 2^-9 or more falls below float's normal range, to 2^126, below which

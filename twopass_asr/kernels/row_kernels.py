@@ -38,7 +38,7 @@ from twopass_asr.store.export_cache import cached_export
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("row_scaling.c"),)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("row_scaling.c", "row_magnitude.h"))
 LIBRARY = "row_scaling.so"
 CACHE_ENV = "TWOPASS_ASR_KERNEL_CACHE"
 # A product's input forms (RowKernels), and their element types.

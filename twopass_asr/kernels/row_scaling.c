@@ -15,23 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* torch's clamp_(min=...) of a row's largest magnitude: float32's smallest normal number. */
-static const float SMALLEST_SCALE = 1.1754943508222875e-38f;
-
-/* The largest magnitude in a row, at least SMALLEST_SCALE. Compared as integers: the sign bit
- * cleared, a non-NaN float's bits order as its magnitude does, and integer maxima vectorise
- * without relaxing float semantics. */
-static float row_magnitude(const float *row, int64_t columns) {
-    const uint32_t *bits = (const uint32_t *)row;
-    uint32_t largest = 0;
-    for (int64_t c = 0; c < columns; ++c) {
-        uint32_t magnitude = bits[c] & 0x7fffffffu;
-        largest = magnitude > largest ? magnitude : largest;
-    }
-    float scale;
-    memcpy(&scale, &largest, sizeof scale);
-    return scale < SMALLEST_SCALE ? SMALLEST_SCALE : scale;
-}
+#include "row_magnitude.h"
 
 /* One row as a product's input, scale being its magnitude: int8 steps where `steps` is given,
  * else the quotients into `quotients`. */
