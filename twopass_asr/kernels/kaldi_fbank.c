@@ -1,17 +1,16 @@
 /* Kaldi's log mel filterbank frames with the bits kaldi-native-fbank gives, for many frames a call.
  *
- * kaldi-native-fbank (FunASR's fbank) sets up its FFT afresh for every frame: its tables' sines and
- * cosines were a quarter of its time. Here they are computed once, and the same float operations as
- * kaldi-native-fbank's are done in the same order: the frame's mean removed (a serial sum),
- * pre-emphasis, the window, the real FFT of the zero-padded frame as KISS FFT computes it (a
- * radix-4 complex FFT of half the length over the even and odd samples, then the split into the
- * real transform), the power spectrum, the mel bins' serial sums and their floored log. Built with -ffp-contract=off, as kaldi-native-fbank
- * is built without fused multiply-adds. A vector's lanes hold different frames, so each lane does
- * exactly one frame's scalar operations. */
+ * kaldi-native-fbank (FunASR's fbank) sets up its FFT afresh for every frame, a sine and a cosine
+ * for each of its tables' entries. Here the tables are computed once, and the same float
+ * operations as kaldi-native-fbank's are done in the same order: the frame's mean removed (a
+ * serial sum), pre-emphasis, the window, the real FFT of the zero-padded frame as KISS FFT
+ * computes it (a radix-4 complex FFT of half the length over the even and odd samples, then the
+ * split into the real transform), the power spectrum, the mel bins' serial sums and their floored
+ * log. Built with -ffp-contract=off, as kaldi-native-fbank is built without fused multiply-adds.
+ * A vector's lanes hold different frames, so each lane does exactly one frame's scalar operations. */
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "vector_lanes.h"
 
@@ -33,10 +32,10 @@ typedef struct {
     const int32_t *order;       /* fft_length / 2 */
 } fbank_plan;
 
-/* The tables of an fft_length real FFT (fft_length / 2 a power of 4, at least 4). Twiddles as KISS FFT
- * makes them: the angle in double, its cosine and sine rounded to float. `order` is the complex
- * input each slot of the complex FFT starts from: the input decimated by 4 stage by stage, as KISS
- * FFT's recursion reads it (slot digits in base 4 reversed). */
+/* The tables of an fft_length real FFT (fft_length / 2 a power of 4, at least 4). Twiddles as
+ * KISS FFT makes them: the angle in double, its cosine and sine rounded to float. `order` is the
+ * complex input each slot of the complex FFT starts from: the input decimated by 4 stage by stage,
+ * as KISS FFT's recursion reads it (slot digits in base 4 reversed). */
 void fbank_fft_tables(int64_t fft_length, float *twiddles, float *real_twiddles, int32_t *order) {
     const int64_t points = fft_length / 2;
     const double pi = 3.14159265358979323846264338327950288;
