@@ -13,12 +13,12 @@ from twopass_asr.kernels.cpu_features import cpu_flags
 from twopass_asr.kernels.decode_step import (
     FLAGS,
     LIBRARY,
+    SIGNATURES,
     SOURCES,
     TILE_OUTPUTS,
     CompiledInt8Weights,
-    declare_functions,
 )
-from twopass_asr.kernels.row_kernels import c_compiler, compile_library
+from twopass_asr.kernels.row_kernels import c_compiler, compile_library, declare
 from twopass_asr.kernels.tokenwise_int8 import (
     TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
@@ -251,7 +251,7 @@ def test_every_path_of_the_compiled_product_gives_fbgemms_bits(build, tmp_path):
     probe.write_text("int main(void) { return 0; }\n")
     if subprocess.run([*compiler, *march, "-o", str(tmp_path / "probe"), str(probe)], capture_output=True).returncode:
         pytest.skip(f"{' '.join(compiler)} does not take {' '.join(march)}")
-    library = declare_functions(compile_library(SOURCES, LIBRARY, flags, tmp_path, compiler))
+    library = declare(compile_library(SOURCES, LIBRARY, flags, tmp_path, compiler), SIGNATURES)
     torch.manual_seed(5)
     for in_features, out_features in ((512, 208), (2048, 512), (560, 224), (1000, 201)):
         linear = torch.nn.Linear(in_features, out_features, bias=False)

@@ -31,7 +31,15 @@ from twopass_asr.kernels.decode_step import (
     products_use_avx512_vnni,
 )
 from twopass_asr.kernels.int8_recipe import default_auto_kernel
-from twopass_asr.kernels.row_kernels import FLAGS, SIMD_FLAGS, PinnedTensors, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import (
+    C_POINTER,
+    C_REAL,
+    C_SIZE,
+    FLAGS,
+    SIMD_FLAGS,
+    PinnedTensors,
+    compiled_library_or_none,
+)
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
@@ -42,28 +50,26 @@ DECODER_SOURCES = tuple(KERNELS / name for name in ("sanm_decoder.c", "sanm_rows
 # The encoder's layers share a call's rows among threads where asked (the Nano's audio encoder).
 ENCODER_FLAGS = (*FLAGS, "-fopenmp")
 
-_pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-
 
 class SanmLayerStruct(ctypes.Structure):
     """sanm_encoder.c's sanm_layer."""
-    _fields_ = [("norm1_weight", _pointer), ("norm1_bias", _pointer), ("norm2_weight", _pointer),
-                ("norm2_bias", _pointer), ("qkv", Int8LayerStruct), ("out", Int8LayerStruct), ("w1", Int8LayerStruct),
-                ("w2", Int8LayerStruct), ("qkv_bias", _pointer), ("out_bias", _pointer), ("w1_bias", _pointer),
-                ("w2_bias", _pointer), ("fsmn_taps", _pointer), ("fsmn_width", _size), ("fsmn_left", _size),
-                ("in_size", _size)]
+    _fields_ = [("norm1_weight", C_POINTER), ("norm1_bias", C_POINTER), ("norm2_weight", C_POINTER),
+                ("norm2_bias", C_POINTER), ("qkv", Int8LayerStruct), ("out", Int8LayerStruct), ("w1", Int8LayerStruct),
+                ("w2", Int8LayerStruct), ("qkv_bias", C_POINTER), ("out_bias", C_POINTER), ("w1_bias", C_POINTER),
+                ("w2_bias", C_POINTER), ("fsmn_taps", C_POINTER), ("fsmn_width", C_SIZE), ("fsmn_left", C_SIZE),
+                ("in_size", C_SIZE)]
 
 
 class SanmEncoderStruct(ctypes.Structure):
     """sanm_encoder.c's sanm_encoder."""
-    _fields_ = [("layers", _size), ("size", _size), ("heads", _size), ("head_dim", _size), ("hidden", _size),
-                ("norm_eps", _real), ("input_step", _real), ("layer", ctypes.POINTER(SanmLayerStruct))]
+    _fields_ = [("layers", C_SIZE), ("size", C_SIZE), ("heads", C_SIZE), ("head_dim", C_SIZE), ("hidden", C_SIZE),
+                ("norm_eps", C_REAL), ("input_step", C_REAL), ("layer", ctypes.POINTER(SanmLayerStruct))]
 
 
 class StreamLookBackStruct(ctypes.Structure):
     """sanm_rows.h's stream_look_back."""
-    _fields_ = [("keys", _pointer), ("values", _pointer), ("room", _size), ("history", _size), ("fresh", _size),
-                ("kept", _size)]
+    _fields_ = [("keys", C_POINTER), ("values", C_POINTER), ("room", C_SIZE), ("history", C_SIZE), ("fresh", C_SIZE),
+                ("kept", C_SIZE)]
 
 
 @dataclass
@@ -82,57 +88,51 @@ class StreamLookBack:
 
 class SanmDecoderLayerStruct(ctypes.Structure):
     """sanm_decoder.c's sanm_decoder_layer."""
-    _fields_ = [("norm1_weight", _pointer), ("norm1_bias", _pointer), ("ffn_norm_weight", _pointer),
-                ("ffn_norm_bias", _pointer), ("norm2_weight", _pointer), ("norm2_bias", _pointer),
-                ("norm3_weight", _pointer), ("norm3_bias", _pointer), ("w1", Int8LayerStruct), ("w2", Int8LayerStruct),
-                ("q", Int8LayerStruct), ("kv", Int8LayerStruct), ("out", Int8LayerStruct), ("w1_bias", _pointer),
-                ("q_bias", _pointer), ("kv_bias", _pointer), ("out_bias", _pointer), ("fsmn_taps", _pointer),
-                ("attends", _size)]
+    _fields_ = [("norm1_weight", C_POINTER), ("norm1_bias", C_POINTER), ("ffn_norm_weight", C_POINTER),
+                ("ffn_norm_bias", C_POINTER), ("norm2_weight", C_POINTER), ("norm2_bias", C_POINTER),
+                ("norm3_weight", C_POINTER), ("norm3_bias", C_POINTER), ("w1", Int8LayerStruct),
+                ("w2", Int8LayerStruct), ("q", Int8LayerStruct), ("kv", Int8LayerStruct), ("out", Int8LayerStruct),
+                ("w1_bias", C_POINTER), ("q_bias", C_POINTER), ("kv_bias", C_POINTER), ("out_bias", C_POINTER),
+                ("fsmn_taps", C_POINTER), ("attends", C_SIZE)]
 
 
 class SanmDecoderStruct(ctypes.Structure):
     """sanm_decoder.c's sanm_decoder."""
-    _fields_ = [("layers", _size), ("size", _size), ("heads", _size), ("head_dim", _size), ("hidden", _size),
-                ("fsmn_memory", _size), ("norm_eps", _real), ("input_step", _real),
+    _fields_ = [("layers", C_SIZE), ("size", C_SIZE), ("heads", C_SIZE), ("head_dim", C_SIZE), ("hidden", C_SIZE),
+                ("fsmn_memory", C_SIZE), ("norm_eps", C_REAL), ("input_step", C_REAL),
                 ("layer", ctypes.POINTER(SanmDecoderLayerStruct))]
 
+
+
+ENCODER_SIGNATURES = {
+    "sanm_encode": ([ctypes.POINTER(SanmEncoderStruct), C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_POINTER,
+                     ctypes.POINTER(StreamLookBackStruct), C_SIZE, ctypes.c_int, C_POINTER], None),
+    "sanm_encode_segments": ([ctypes.POINTER(SanmEncoderStruct), C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_POINTER,
+                              ctypes.c_int, C_POINTER], None),
+    "encode_scratch_floats": ([ctypes.POINTER(SanmEncoderStruct), C_SIZE, C_SIZE, ctypes.c_int], C_SIZE),
+}
+DECODER_SIGNATURES = {
+    "sanm_decode": ([ctypes.POINTER(SanmDecoderStruct), C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_SIZE, C_POINTER,
+                     C_POINTER, C_POINTER, ctypes.POINTER(StreamLookBackStruct), C_SIZE, C_POINTER], None),
+    "decode_scratch_floats": ([ctypes.POINTER(SanmDecoderStruct), C_SIZE, C_SIZE, C_SIZE], C_SIZE),
+}
 
 @functools.cache
 def sanm_encoder_library() -> ctypes.CDLL | None:
     """sanm_encoder.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", ENCODER_FLAGS,
-                                       "int8 takes oneDNN or fbgemm under auto, and SANM encoder layers on the "
-                                       "compiled kernel run as torch calls (slower)")
-    if library is None:
-        return None
-    model = ctypes.POINTER(SanmEncoderStruct)
-    library.sanm_encode.argtypes = [model, _size, _size, _pointer, _pointer, _pointer,
-                                    ctypes.POINTER(StreamLookBackStruct), _size, ctypes.c_int, _pointer]
-    library.sanm_encode.restype = None
-    library.sanm_encode_segments.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, ctypes.c_int,
-                                             _pointer]
-    library.sanm_encode_segments.restype = None
-    library.encode_scratch_floats.argtypes = [model, _size, _size, ctypes.c_int]
-    library.encode_scratch_floats.restype = _size
-    return library
+    return compiled_library_or_none(ENCODER_SOURCES, "sanm_encoder.so", ENCODER_FLAGS,
+                                    "int8 takes oneDNN or fbgemm under auto, and SANM encoder layers on the "
+                                    "compiled kernel run as torch calls (slower)", ENCODER_SIGNATURES)
 
 
 @functools.cache
 def sanm_decoder_library() -> ctypes.CDLL | None:
     """sanm_decoder.c compiled for this CPU, once per process; None, with one warning, where it
     cannot be."""
-    library = compiled_library_or_none(DECODER_SOURCES, "sanm_decoder.so", SIMD_FLAGS,
-                                       "the first pass's int8 decoder layers run as torch calls (slower)")
-    if library is None:
-        return None
-    library.sanm_decode.argtypes = [ctypes.POINTER(SanmDecoderStruct), _size, _size, _pointer, _pointer, _size,
-                                    _pointer, _pointer, _pointer, ctypes.POINTER(StreamLookBackStruct), _size,
-                                    _pointer]
-    library.sanm_decode.restype = None
-    library.decode_scratch_floats.argtypes = [ctypes.POINTER(SanmDecoderStruct), _size, _size, _size]
-    library.decode_scratch_floats.restype = _size
-    return library
+    return compiled_library_or_none(DECODER_SOURCES, "sanm_decoder.so", SIMD_FLAGS,
+                                    "the first pass's int8 decoder layers run as torch calls (slower)",
+                                    DECODER_SIGNATURES)
 
 
 def native_auto_kernel(int8_dot_products: bool) -> str:

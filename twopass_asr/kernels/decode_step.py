@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from twopass_asr.kernels.row_kernels import compiled_library_or_none, pointer_or_none
+from twopass_asr.kernels.row_kernels import C_POINTER, C_REAL, C_SIZE, compiled_library_or_none, pointer_or_none
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h", "row_magnitude.h"))
 LIBRARY = "decode_step.so"
@@ -32,54 +32,45 @@ INPUT_STEP = 2.0 / 255.0
 # A tile of weights: 16 outputs by 64 inputs (int8_product.h).
 TILE_OUTPUTS, TILE_INPUTS = 16, 64
 
-_pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-
 
 class Int8LayerStruct(ctypes.Structure):
     """int8_product.h's int8_layer."""
-    _fields_ = [("weights", _pointer), ("scales", _pointer), ("sums", _pointer), ("outputs", _size),
-                ("inputs", _size), ("tiles", _pointer)]
+    _fields_ = [("weights", C_POINTER), ("scales", C_POINTER), ("sums", C_POINTER), ("outputs", C_SIZE),
+                ("inputs", C_SIZE), ("tiles", C_POINTER)]
 
 
 class DecoderLayerStruct(ctypes.Structure):
     """decode_step.c's decoder_layer."""
-    _fields_ = [("input_norm", _pointer), ("post_attention_norm", _pointer), ("query_norm", _pointer),
-                ("key_norm", _pointer), ("qkv", Int8LayerStruct), ("output", Int8LayerStruct),
-                ("gate_up", Int8LayerStruct), ("down", Int8LayerStruct), ("keys", _pointer), ("values", _pointer)]
+    _fields_ = [("input_norm", C_POINTER), ("post_attention_norm", C_POINTER), ("query_norm", C_POINTER),
+                ("key_norm", C_POINTER), ("qkv", Int8LayerStruct), ("output", Int8LayerStruct),
+                ("gate_up", Int8LayerStruct), ("down", Int8LayerStruct), ("keys", C_POINTER), ("values", C_POINTER)]
 
 
 class Qwen3ModelStruct(ctypes.Structure):
     """decode_step.c's qwen3_model."""
-    _fields_ = [("layers", _size), ("hidden", _size), ("heads", _size), ("kv_heads", _size), ("head_dim", _size),
-                ("intermediate", _size), ("slots", _size), ("capacity", _size), ("norm_eps", _real),
-                ("input_step", _real), ("inverse_frequencies", _pointer),
-                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", _pointer), ("head", Int8LayerStruct)]
+    _fields_ = [("layers", C_SIZE), ("hidden", C_SIZE), ("heads", C_SIZE), ("kv_heads", C_SIZE), ("head_dim", C_SIZE),
+                ("intermediate", C_SIZE), ("slots", C_SIZE), ("capacity", C_SIZE), ("norm_eps", C_REAL),
+                ("input_step", C_REAL), ("inverse_frequencies", C_POINTER),
+                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", C_POINTER), ("head", Int8LayerStruct)]
 
+
+
+SIGNATURES = {
+    "qwen3_forward": ([ctypes.POINTER(Qwen3ModelStruct), C_SIZE, C_POINTER, C_POINTER, C_POINTER, C_POINTER, C_POINTER,
+                       C_POINTER, C_SIZE, C_POINTER, C_POINTER, ctypes.c_int], None),
+    "step_scratch_floats": ([ctypes.POINTER(Qwen3ModelStruct), C_SIZE], C_SIZE),
+    "int8_rows_product": ([ctypes.POINTER(Int8LayerStruct), C_POINTER, C_SIZE, C_REAL, C_POINTER, C_POINTER, C_POINTER,
+                           ctypes.c_int], None),
+    "int8_tile_inputs": ([], ctypes.c_int),
+    "int8_product_uses_avx512_vnni": ([], ctypes.c_int),
+}
 
 @functools.cache
 def decode_step_library() -> ctypes.CDLL | None:
     """decode_step.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(SOURCES, LIBRARY, FLAGS,
-                                       "the torch int8 LLM stays on fbgemm and HF's decode steps (slower)")
-    return None if library is None else declare_functions(library)
-
-
-def declare_functions(library: ctypes.CDLL) -> ctypes.CDLL:
-    """A build of decode_step.c with its functions' C types declared."""
-    model = ctypes.POINTER(Qwen3ModelStruct)
-    library.qwen3_forward.argtypes = [model, _size, _pointer, _pointer, _pointer, _pointer, _pointer, _pointer,
-                                      _size, _pointer, _pointer, ctypes.c_int]
-    library.step_scratch_floats.argtypes = [model, _size]
-    library.step_scratch_floats.restype = _size
-    library.int8_rows_product.argtypes = [ctypes.POINTER(Int8LayerStruct), _pointer, _size, _real, _pointer,
-                                          _pointer, _pointer, ctypes.c_int]
-    for function in (library.int8_tile_inputs, library.int8_product_uses_avx512_vnni):
-        function.argtypes = []
-        function.restype = ctypes.c_int
-    for function in (library.qwen3_forward, library.int8_rows_product):
-        function.restype = None
-    return library
+    return compiled_library_or_none(SOURCES, LIBRARY, FLAGS,
+                                    "the torch int8 LLM stays on fbgemm and HF's decode steps (slower)", SIGNATURES)
 
 
 def require_decode_step_library() -> ctypes.CDLL:
@@ -102,7 +93,7 @@ class CompiledInt8Weights:
     """An int8 layer's weights as int8_product.h takes them: int8 [outputs, inputs] on -63..63
     (in tile order, padded with zeros to whole tiles, where `library` takes it for the shape,
     unless `tiles` is False), each output's scale times the input step, and each output's weight
-    sum. `library`: the build of decode_step.c that runs the product (declare_functions), this
+    sum. `library`: the build of decode_step.c that runs the product, declared (SIGNATURES), this
     process's by default."""
 
     def __init__(self, weights: torch.Tensor, weight_scales: torch.Tensor, tiles: bool = True,
@@ -147,5 +138,5 @@ class CompiledInt8Weights:
 
 
 __all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY",
-           "Qwen3ModelStruct", "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "declare_functions", "decode_step_library",
+           "Qwen3ModelStruct", "SIGNATURES", "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "decode_step_library",
            "products_use_avx512_vnni", "require_decode_step_library"]

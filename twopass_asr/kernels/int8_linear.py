@@ -61,7 +61,8 @@ class Int8Linear(torch.nn.Module):
         out = x.new_zeros(*x.shape[:-1], self.out_features)
         for entry, count in enumerate(counts[self.rows]):
             if count:
-                (y,) = self.session.run(None, {self.input_name: x[entry:entry + 1, :count].detach().contiguous().numpy()})
+                rows = x[entry:entry + 1, :count].detach().contiguous().numpy()
+                (y,) = self.session.run(None, {self.input_name: rows})
                 out[entry, :count] = torch.from_numpy(y[0])
         return out
 

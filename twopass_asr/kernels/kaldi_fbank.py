@@ -18,34 +18,29 @@ from pathlib import Path
 import kaldi_native_fbank as knf
 import numpy as np
 
-from twopass_asr.kernels.row_kernels import FLAGS, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import C_POINTER, C_REAL, C_SIZE, FLAGS, compiled_library_or_none
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("kaldi_fbank.c", "vector_lanes.h"))
-
-_pointer, _size, _real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class FbankPlanStruct(ctypes.Structure):
     """kaldi_fbank.c's fbank_plan."""
-    _fields_ = [("frame_length", _size), ("frame_shift", _size), ("fft_length", _size), ("remove_dc_offset", _size),
-                ("preemphasis", _real), ("log_floor", _real), ("window", _pointer), ("bins", _size),
-                ("bin_first", _pointer), ("bin_size", _pointer), ("bin_weights", _pointer), ("twiddles", _pointer),
-                ("real_twiddles", _pointer), ("order", _pointer)]
+    _fields_ = [("frame_length", C_SIZE), ("frame_shift", C_SIZE), ("fft_length", C_SIZE), ("remove_dc_offset", C_SIZE),
+                ("preemphasis", C_REAL), ("log_floor", C_REAL), ("window", C_POINTER), ("bins", C_SIZE),
+                ("bin_first", C_POINTER), ("bin_size", C_POINTER), ("bin_weights", C_POINTER), ("twiddles", C_POINTER),
+                ("real_twiddles", C_POINTER), ("order", C_POINTER)]
+
+
+SIGNATURES = {"fbank_fft_tables": ([C_SIZE, C_POINTER, C_POINTER, C_POINTER], None),
+              "fbank_frames": ([ctypes.POINTER(FbankPlanStruct), C_POINTER, C_SIZE, C_POINTER], None)}
 
 
 @functools.cache
 def kaldi_fbank_library() -> ctypes.CDLL | None:
     """kaldi_fbank.c compiled for this CPU (row_kernels.compiled_library_or_none), once per process;
     None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(SOURCES, "kaldi_fbank.so", FLAGS,
-                                       "features are computed by kaldi-native-fbank (slower)")
-    if library is None:
-        return None
-    library.fbank_fft_tables.argtypes = [_size, _pointer, _pointer, _pointer]
-    library.fbank_fft_tables.restype = None
-    library.fbank_frames.argtypes = [ctypes.POINTER(FbankPlanStruct), _pointer, _size, _pointer]
-    library.fbank_frames.restype = None
-    return library
+    return compiled_library_or_none(SOURCES, "kaldi_fbank.so", FLAGS,
+                                    "features are computed by kaldi-native-fbank (slower)", SIGNATURES)
 
 
 def window_samples(options: knf.FbankOptions) -> tuple[int, int, int]:

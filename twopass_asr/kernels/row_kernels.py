@@ -48,6 +48,20 @@ INPUT_FORMS = {"steps": torch.int8, "quotients": torch.float32}
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 # The same for the native layers' C (first pass, VAD), whose sums over a row run in SIMD lanes.
 SIMD_FLAGS = (*FLAGS, "-fopenmp-simd")
+# The C types the kernels' functions take: an address, a size or count (int64_t), a float.
+C_POINTER, C_SIZE, C_REAL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# A library's function signatures: its name -> (argument types, result type or None for void).
+Signatures = dict[str, tuple[list, type | None]]
+# row_scaling.c's.
+SIGNATURES: Signatures = {
+    "quantize_rows": ([C_POINTER, C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_POINTER], None),
+    "scale_rows": ([C_POINTER, C_SIZE, C_SIZE, C_POINTER, C_REAL, C_POINTER], None),
+    "scale_relu_quantize_rows": ([C_POINTER, C_SIZE, C_SIZE, C_POINTER, C_REAL, C_POINTER, C_POINTER, C_POINTER,
+                                  C_POINTER], None),
+    "add_scaled_rows": ([C_POINTER, C_POINTER, C_SIZE, C_SIZE, C_POINTER, C_REAL, C_POINTER, C_POINTER], None),
+    "fsmn_memory": ([C_POINTER, C_SIZE, C_SIZE, C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_SIZE, C_SIZE, C_POINTER,
+                     C_POINTER], None),
+}
 
 
 def default_cache_dir() -> Path:
@@ -64,22 +78,15 @@ class RowKernels:
     trusts its pointers and sizes.
 
     A product's input comes in one of the two forms of INPUT_FORMS (row_scaling.c): "steps",
-    int8 on -127..127 (oneDNN), or "quotients", float32 (fbgemm)."""
+    int8 on -127..127 (oneDNN), or "quotients", float32 (fbgemm). `library` is row_scaling.c
+    built and declared (SIGNATURES)."""
 
     def __init__(self, library: ctypes.CDLL):
-        pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
         self._quantize = library.quantize_rows
-        self._quantize.argtypes = [pointer, size, size, pointer, pointer, pointer]
         self._scale = library.scale_rows
-        self._scale.argtypes = [pointer, size, size, pointer, real, pointer]
         self._scale_relu_quantize = library.scale_relu_quantize_rows
-        self._scale_relu_quantize.argtypes = [pointer, size, size, pointer, real, pointer, pointer, pointer, pointer]
         self._add_scaled = library.add_scaled_rows
-        self._add_scaled.argtypes = [pointer, pointer, size, size, pointer, real, pointer, pointer]
         self._fsmn = library.fsmn_memory
-        self._fsmn.argtypes = [pointer, size, size, size, size, pointer, pointer, size, size, pointer, pointer]
-        for function in (self._quantize, self._scale, self._scale_relu_quantize, self._add_scaled, self._fsmn):
-            function.restype = None
 
     @staticmethod
     def _check_rows(x: torch.Tensor, name: str = "rows") -> tuple[int, int]:
@@ -192,18 +199,28 @@ def compile_library(sources: tuple[Path, ...], library: str, flags: tuple[str, .
     return ctypes.CDLL(str(built / library))
 
 
+def declare(library: ctypes.CDLL, signatures: Signatures) -> ctypes.CDLL:
+    """`library` with its functions' C types set from `signatures`: undeclared, ctypes would pass
+    Python ints as C ints, cutting 64-bit sizes and addresses."""
+    for name, (arguments, result) in signatures.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = arguments, result
+    return library
+
+
 def compile_row_kernels(cache_dir: Path, compiler: list[str]) -> RowKernels:
     """row_scaling.c compiled (compile_library) and loaded."""
-    return RowKernels(compile_library(SOURCES, LIBRARY, FLAGS, cache_dir, compiler))
+    return RowKernels(declare(compile_library(SOURCES, LIBRARY, FLAGS, cache_dir, compiler), SIGNATURES))
 
 
-def compiled_library_or_none(sources: tuple[Path, ...], library: str, flags: tuple[str, ...],
-                             without_it: str) -> ctypes.CDLL | None:
-    """compile_library into default_cache_dir with $CC or cc; None where that fails, with one
-    warning that says why and what runs instead (`without_it`)."""
+def compiled_library_or_none(sources: tuple[Path, ...], library: str, flags: tuple[str, ...], without_it: str,
+                             signatures: Signatures) -> ctypes.CDLL | None:
+    """compile_library into default_cache_dir with $CC or cc, its functions declared
+    (`signatures`); None where that fails, with one warning that says why and what runs instead
+    (`without_it`)."""
     compiler = c_compiler()
     try:
-        return compile_library(sources, library, flags, default_cache_dir(), compiler)
+        return declare(compile_library(sources, library, flags, default_cache_dir(), compiler), signatures)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         log.warning("%s: compiling %s with %s failed: %s", without_it, sources[0].name, " ".join(compiler),
@@ -228,10 +245,11 @@ class PinnedTensors:
 def row_kernels() -> RowKernels | None:
     """The compiled kernels (compiled_library_or_none), once per process; None, with one
     warning, where they cannot be had."""
-    library = compiled_library_or_none(SOURCES, LIBRARY, FLAGS, "int8 layers keep torch's per-row operations (slower)")
+    library = compiled_library_or_none(SOURCES, LIBRARY, FLAGS, "int8 layers keep torch's per-row operations (slower)",
+                                       SIGNATURES)
     return None if library is None else RowKernels(library)
 
 
-__all__ = ["CACHE_ENV", "FLAGS", "INPUT_FORMS", "PinnedTensors", "RowKernels", "SIMD_FLAGS", "c_compiler",
-           "compile_library", "compile_row_kernels", "compiled_library_or_none", "default_cache_dir", "pointer_or_none",
-           "row_kernels"]
+__all__ = ["CACHE_ENV", "C_POINTER", "C_REAL", "C_SIZE", "FLAGS", "INPUT_FORMS", "PinnedTensors", "RowKernels",
+           "SIGNATURES", "SIMD_FLAGS", "Signatures", "c_compiler", "compile_library", "compile_row_kernels",
+           "compiled_library_or_none", "declare", "default_cache_dir", "pointer_or_none", "row_kernels"]

@@ -15,47 +15,43 @@ from pathlib import Path
 
 import torch
 
-from twopass_asr.kernels.row_kernels import SIMD_FLAGS, PinnedTensors, compiled_library_or_none
+from twopass_asr.kernels.row_kernels import C_POINTER, C_SIZE, SIMD_FLAGS, PinnedTensors, compiled_library_or_none
 
 SOURCES = tuple(Path(__file__).resolve().parent.parent / "kernels" / name for name in ("fsmn_vad.c", "vector_lanes.h"))
-
-_pointer, _size = ctypes.c_void_p, ctypes.c_int64
 
 
 class DenseLayerStruct(ctypes.Structure):
     """fsmn_vad.c's dense_layer."""
-    _fields_ = [("weight_t", _pointer), ("bias", _pointer), ("outputs", _size), ("inputs", _size)]
+    _fields_ = [("weight_t", C_POINTER), ("bias", C_POINTER), ("outputs", C_SIZE), ("inputs", C_SIZE)]
 
 
 class FsmnBlockStruct(ctypes.Structure):
     """fsmn_vad.c's fsmn_block."""
-    _fields_ = [("linear", DenseLayerStruct), ("affine", DenseLayerStruct), ("taps", _pointer), ("lorder", _size),
-                ("lstride", _size)]
+    _fields_ = [("linear", DenseLayerStruct), ("affine", DenseLayerStruct), ("taps", C_POINTER), ("lorder", C_SIZE),
+                ("lstride", C_SIZE)]
 
 
 class FsmnVadStruct(ctypes.Structure):
     """fsmn_vad.c's fsmn_vad."""
     _fields_ = [("in1", DenseLayerStruct), ("in2", DenseLayerStruct), ("out1", DenseLayerStruct),
-                ("out2", DenseLayerStruct), ("blocks", _size), ("widest", _size), ("softmax", _size),
+                ("out2", DenseLayerStruct), ("blocks", C_SIZE), ("widest", C_SIZE), ("softmax", C_SIZE),
                 ("block", ctypes.POINTER(FsmnBlockStruct))]
+
+
+SIGNATURES = {
+    "fsmn_vad_encode": ([ctypes.POINTER(FsmnVadStruct), C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_POINTER, C_POINTER,
+                         C_POINTER], None),
+    "fsmn_vad_scratch_floats": ([ctypes.POINTER(FsmnVadStruct), C_SIZE], C_SIZE),
+    "fsmn_vad_dense_padding": ([], C_SIZE),
+}
 
 
 @functools.cache
 def fsmn_vad_library() -> ctypes.CDLL | None:
     """fsmn_vad.c compiled for this CPU (row_kernels.compiled_library_or_none), once per process;
     None, with one warning, where it cannot be."""
-    library = compiled_library_or_none(SOURCES, "fsmn_vad.so", SIMD_FLAGS,
-                                       "the VAD's encoder runs as torch calls (slower)")
-    if library is None:
-        return None
-    model = ctypes.POINTER(FsmnVadStruct)
-    library.fsmn_vad_encode.argtypes = [model, _size, _size, _pointer, _pointer, _pointer, _pointer, _pointer]
-    library.fsmn_vad_encode.restype = None
-    library.fsmn_vad_scratch_floats.argtypes = [model, _size]
-    library.fsmn_vad_scratch_floats.restype = _size
-    library.fsmn_vad_dense_padding.argtypes = []
-    library.fsmn_vad_dense_padding.restype = _size
-    return library
+    return compiled_library_or_none(SOURCES, "fsmn_vad.so", SIMD_FLAGS,
+                                    "the VAD's encoder runs as torch calls (slower)", SIGNATURES)
 
 
 class NativeFsmnEncoder:
