@@ -27,6 +27,7 @@ from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr import REPO_ROOT
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_native_bf16
+from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.second_pass import llm_export, precision
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
 from twopass_asr.second_pass.precision import (PRECISION_ENV, resolve_precision, torch_generation_is_faster,
@@ -173,8 +174,9 @@ except EngineUnavailable as error:
 def test_where_linux_refuses_amx_tiles_bf16_generation_leaves_vllm(test_models, tmp_path):
     """vLLM takes its AMX attention in bf16 (and int8, whose activations are bf16) by the CPU's
     flags alone; where Linux refuses the tiles (here perf.without_amx's filter) its worker died at
-    the first request (measured). There auto falls back to torch with one warning, vllm fails
-    naming the tiles, and fp32 (no AMX attention) stays on vLLM."""
+    the first request (measured). There auto falls back to torch with one warning in bf16 (int8
+    goes to torch's C steps without trying vLLM), vllm fails naming the tiles, and fp32 (no AMX
+    attention) stays on vLLM."""
     if "amx_tile" not in (cpu_flags() or set()):
         pytest.skip("this CPU has no AMX tiles to refuse")
     ran = subprocess.run([sys.executable, "-m", "perf.without_amx", sys.executable, "-c", UNDER_REFUSED_TILES,
@@ -182,10 +184,10 @@ def test_where_linux_refuses_amx_tiles_bf16_generation_leaves_vllm(test_models, 
                          timeout=900, env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-6000:]
     lines = dict(line.split(":", 1) for line in ran.stdout.splitlines() if ":" in line)
-    for bf16_activations in ("bf16", "int8"):
-        assert lines[f"{bf16_activations} auto"].startswith(
-            " torch vLLM unavailable, falling back to torch generation: "
-            f"vLLM's CPU attention in {bf16_activations} would use AMX tiles"), lines
+    assert lines["bf16 auto"].startswith(" torch vLLM unavailable, falling back to torch generation: "
+                                         "vLLM's CPU attention in bf16 would use AMX tiles"), lines
+    assert lines["int8 auto"] == (" torch" if decode_step_library() else " torch vLLM unavailable, falling back to "
+                                  "torch generation: vLLM's CPU attention in int8 would use AMX tiles"), lines
     assert lines["fp32 auto"] == " vllm", lines
     assert "Linux refuses this process" in lines["vllm"], lines
 
@@ -339,11 +341,13 @@ def test_auto_precision_is_bf16_where_it_is_native_and_int8_on_other_cpus():
 def test_int8_on_the_torch_engine_is_a_cpu_precision():
     assert torch_generation_runs("int8", "cpu") and torch_generation_runs("bf16", "cuda:0")
     assert not torch_generation_runs("int8", "cuda:0")
-    # engine auto: torch's int8 layers where the CPU lacks the int8 dot products vLLM's W8A8 needs.
-    assert torch_generation_is_faster("int8", "cpu", int8_dot_products=False)
-    assert not torch_generation_is_faster("int8", "cpu", int8_dot_products=True)
-    assert not torch_generation_is_faster("fp32", "cpu", int8_dot_products=False)
-    assert not torch_generation_is_faster("int8", "cuda:0", int8_dot_products=False)
+    # engine auto: torch for int8 where its steps run in C, and where the CPU lacks the int8 dot
+    # products vLLM's W8A8 needs.
+    assert torch_generation_is_faster("int8", "cpu", int8_dot_products=True, c_steps=True)
+    assert torch_generation_is_faster("int8", "cpu", int8_dot_products=False, c_steps=False)
+    assert not torch_generation_is_faster("int8", "cpu", int8_dot_products=True, c_steps=False)
+    assert not torch_generation_is_faster("fp32", "cpu", int8_dot_products=False, c_steps=True)
+    assert not torch_generation_is_faster("int8", "cuda:0", int8_dot_products=False, c_steps=True)
     assert start_engine("torch", None, "cpu", {}, "int8") is None  # torch generation, nothing started
     with pytest.raises(ValueError, match="precision int8 on cuda:0 runs on vLLM only: set engine vllm or auto"):
         start_engine("torch", None, "cuda:0", {}, "int8")
@@ -358,12 +362,17 @@ def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
         start_engine("vllm", recognizer, "cpu", {}, "fp32", warn=warnings.append)
     assert start_engine("torch", recognizer, "cpu", {}, "fp32", warn=warnings.append) is None
     assert len(warnings) == 1
-    # int8 on a CPU with int8 dot products falls back to torch's int8 layers (on a GPU it has
-    # none: the test below); without them auto goes to torch before trying vLLM, no warning.
+    # int8 on a CPU with int8 dot products but no C steps falls back to torch's int8 layers (on a
+    # GPU it has none: the test below); with the C steps, or without int8 dot products, auto goes
+    # to torch before trying vLLM, no warning.
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
+    monkeypatch.setattr(precision, "decode_step_library", lambda: None)
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     assert len(warnings) == 2 and "falling back to torch" in warnings[1]
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: False)
+    assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
+    monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
+    monkeypatch.setattr(precision, "decode_step_library", lambda: object())
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     assert len(warnings) == 2
     with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):

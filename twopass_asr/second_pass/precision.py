@@ -8,8 +8,12 @@ precision there that keeps up with speech (float32 serves no real-time 2pass str
 cores). int8 gives the LLM's decoder projections int8 weights per output channel (one rule,
 kernels.tokenwise_int8.int8_per_output_channel: 127 levels for vLLM, 63 on fbgemm) and quantizes
 their inputs at run time. On vLLM it is W8A8 (the project's own export, activations per token,
-everything else in bf16); on the torch fallback, CPU only, fbgemm's dynamic int8 product with
-activations per token, the output head too (llm_int8).
+everything else in bf16); on torch, CPU only, the compiled int8 kernel with activations per
+token, the output head too, each prefill and decode step one call into C (llm_int8,
+native_decode; fbgemm's product and HF's steps where the C does not compile). Engine auto
+generates int8 on torch wherever those C steps run, and where the CPU has no int8 dot products
+(vLLM's W8A8 is then slower than its float32): served, vLLM's engine processes cost CPU of
+their own beside the same products.
 
 The audio encoder and adaptor have a setting of their own, as the first pass: fp32 as FunASR
 runs them, int8, or auto (int8 on every CPU, fp32 on a GPU), with int8 on the kernel the CPU is
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products, cpu_has_native_bf16
+from twopass_asr.kernels.decode_step import decode_step_library
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
@@ -56,13 +61,17 @@ def torch_generation_runs(precision: str, device: str) -> bool:
     return precision != "int8" or device == "cpu"
 
 
-def torch_generation_is_faster(precision: str, device: str, int8_dot_products: bool | None = None) -> bool:
-    """Whether engine auto should generate on torch rather than vLLM: int8 on a CPU without
-    int8 dot products (int8_dot_products None: read from this CPU), where vLLM's W8A8 kernels
-    are slower than its float32 and torch's int8 layers (fbgemm) faster."""
+def torch_generation_is_faster(precision: str, device: str, int8_dot_products: bool | None = None,
+                               c_steps: bool | None = None) -> bool:
+    """Whether engine auto should generate on torch rather than vLLM: int8 on a CPU where
+    torch's prefill and decode steps run in C (c_steps None: where decode_step.c compiles here),
+    or without int8 dot products (int8_dot_products None: read from this CPU), where vLLM's W8A8
+    kernels are slower than its float32."""
     if precision != "int8" or device != "cpu":
         return False
-    return not (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products)
+    if c_steps is None:
+        c_steps = decode_step_library() is not None
+    return c_steps or not (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products)
 
 
 def vllm_dtype(precision: str) -> str:
