@@ -103,7 +103,6 @@ class SanmDecoderStruct(ctypes.Structure):
                 ("layer", ctypes.POINTER(SanmDecoderLayerStruct))]
 
 
-
 ENCODER_SIGNATURES = {
     "sanm_encode": ([ctypes.POINTER(SanmEncoderStruct), C_SIZE, C_SIZE, C_POINTER, C_POINTER, C_POINTER,
                      ctypes.POINTER(StreamLookBackStruct), C_SIZE, ctypes.c_int, C_POINTER], None),
@@ -116,6 +115,7 @@ DECODER_SIGNATURES = {
                      C_POINTER, C_POINTER, ctypes.POINTER(StreamLookBackStruct), C_SIZE, C_POINTER], None),
     "decode_scratch_floats": ([ctypes.POINTER(SanmDecoderStruct), C_SIZE, C_SIZE, C_SIZE], C_SIZE),
 }
+
 
 @functools.cache
 def sanm_encoder_library() -> ctypes.CDLL | None:

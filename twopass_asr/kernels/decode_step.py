@@ -54,7 +54,6 @@ class Qwen3ModelStruct(ctypes.Structure):
                 ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", C_POINTER), ("head", Int8LayerStruct)]
 
 
-
 SIGNATURES = {
     "qwen3_forward": ([ctypes.POINTER(Qwen3ModelStruct), C_SIZE, C_POINTER, C_POINTER, C_POINTER, C_POINTER, C_POINTER,
                        C_POINTER, C_SIZE, C_POINTER, C_POINTER, ctypes.c_int], None),
@@ -64,6 +63,7 @@ SIGNATURES = {
     "int8_tile_inputs": ([], ctypes.c_int),
     "int8_product_uses_avx512_vnni": ([], ctypes.c_int),
 }
+
 
 @functools.cache
 def decode_step_library() -> ctypes.CDLL | None:

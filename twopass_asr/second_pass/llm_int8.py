@@ -1,11 +1,11 @@
-"""The Nano's LLM in int8 for torch generation (the fallback engine, on a CPU).
+"""The Nano's LLM in int8 for torch generation (engine torch, on a CPU).
 
 Engine auto generates int8 here wherever its steps run in C, and on a CPU without VNNI, where
 vLLM's int8 kernels are slow (second_pass.precision.torch_generation_is_faster). The layers are
 tokenwise_int8's: int8 weights per output channel as in vLLM's int8 export, but on 63 levels
-where AVX2 needs them, activations quantized per token as vLLM's W8A8 does. It takes the same decoder
-projections as that export (INT8_LINEARS), plus the output head, whose 151,936 rows are a
-quarter of the LLM's weights and, in float32, half of a decode step's memory traffic.
+where AVX2 needs them, activations quantized per token as vLLM's W8A8 does. It takes the same
+decoder projections as that export (INT8_LINEARS), plus the output head, whose 151,936 rows are
+a quarter of the LLM's weights and, in float32, half of a decode step's memory traffic.
 Everything else runs in float32.
 
 The projections that take one same input run as one product (SHARED_INPUT_LAYERS), as vLLM
