@@ -46,9 +46,10 @@ def batch_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
 REAL_SPEECH_TOKENS_PER_S = 2.2
 
 
-# The service's precision profiles: both passes auto (as each chooses on the machine) or both
-# fp32 (FunASR's own precision).
-PROFILES = ("auto", "fp32")
+# The service's precision profiles: both passes auto (as each chooses on the machine), both fp32
+# (FunASR's own precision), or both int8 (on a CPU; the LLM too, which auto keeps in bf16 where
+# the CPU has native bf16).
+PROFILES = ("auto", "fp32", "int8")
 
 
 def comma_choices(parser: argparse.ArgumentParser, option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
@@ -56,7 +57,7 @@ def comma_choices(parser: argparse.ArgumentParser, option: str, text: str, allow
     but `allowed`."""
     chosen = text.split(",")
     if not set(chosen) <= set(allowed):
-        parser.error(f"{option} takes {' and/or '.join(allowed)}, got {text!r}")
+        parser.error(f"{option} takes one or more of {', '.join(allowed)}, comma-separated, got {text!r}")
     return chosen
 
 

@@ -9,8 +9,9 @@ first failure; each step is one perf.ws_load run.
     # a running server
     python -m perf.capacity --url ws://127.0.0.1:10095 --max-clients 32
     # the service (tritonserver + frontend) and the FunASR baselines, one after the other,
-    # on the same model store and audio; prints the capacity ratios (--profiles auto,fp32:
-    # the service in its default precisions and in FunASR's float32; --baselines fp32,int8:
+    # on the same model store and audio; prints the capacity ratios (--profiles auto,fp32,int8:
+    # the service in its default precisions, in FunASR's float32, and in int8 with the LLM too;
+    # --baselines fp32,int8:
     # FunASR per stream with its online Paraformer in torch float32, and on its ONNX runtime
     # in int8, as FunASR's CPU runtime runs it by default)
     python -m perf.capacity --compare --store .model_store-full --max-clients 16 --profiles auto,fp32
@@ -162,7 +163,7 @@ def python_server(module_args: list[str], port: int, log_path: Path, what: str, 
 
 def start_triton(store: Path, log_dir: Path, max_new_tokens: int, tokens_per_second: float, profile: str = "auto",
                  extra_env: dict[str, str] | None = None, attempts: int = 3) -> TritonServer:
-    """tritonserver on free ports, both passes in precision `profile` (auto or fp32), then
+    """tritonserver on free ports, both passes in precision `profile` (auto, fp32 or int8), then
     `extra_env` on top. Another program can take a port between choosing it and tritonserver
     binding it (loading the models takes a minute): then try new ports."""
     env = {MAX_NEW_TOKENS_ENV: str(max_new_tokens), MAX_NEW_TOKENS_PER_SECOND_ENV: str(tokens_per_second),
@@ -231,7 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-threads", type=int, default=2, help="torch threads of the baseline server")
     parser.add_argument("--profiles", default="auto",
                         help="with --compare: the service's precision profiles to measure, comma-separated: auto "
-                             "(both passes as they choose on this machine) and/or fp32 (FunASR's own precision)")
+                             "(both passes as they choose on this machine), fp32 (FunASR's own precision) and/or "
+                             "int8 (both passes, the LLM too)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="with --compare: the FunASR baselines to measure, comma-separated: fp32 (its online "
                              "Paraformer in torch) and/or int8 (on FunASR's ONNX runtime, its int8 export); "

@@ -4,10 +4,10 @@ several processes, such as torch's libraries, in each of them) and PSS (each sha
 split between the processes that map it: the sum over processes is the physical memory the
 service holds).
 
-    python -m perf.memory --store .model_store-full [--profiles auto,fp32]
+    python -m perf.memory --store .model_store-full [--profiles auto,fp32,int8]
 
 Each profile starts its own tritonserver on the store (both passes in that precision: auto
-as each chooses on this machine, or fp32), waits until it is ready and a few seconds more,
+as each chooses on this machine, fp32 or int8), waits until it is ready and a few seconds more,
 reads every process's RSS and PSS (psutil) and stops it.
 Writes perf/results/memory.{md,json}; the first line printed names the CPU.
 """
@@ -77,7 +77,7 @@ def markdown(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, required=True, help="model store the service serves")
-    parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: auto and/or fp32")
+    parser.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: auto, fp32 and/or int8")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results")
     args = parser.parse_args(argv)
     profiles = comma_choices(parser, "--profiles", args.profiles, PROFILES)

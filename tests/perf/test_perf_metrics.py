@@ -1,13 +1,19 @@
 """Latency accounting of the load tool (perf/metrics.py, perf/ws_load.py's per-stream
-summary, perf/capacity.py's search) on scripted timelines: no server, no models."""
+summary, perf/capacity.py's search) on scripted timelines, and the precision profiles the perf
+tools start the service in: no server, no models."""
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import pytest
 
 from perf import capacity, metrics, ws_load
+from perf.bench_args import PROFILES, comma_choices, profile_environment
 from perf.metrics import Piece
+from twopass_asr.first_pass.options import PRECISION_ENV as FIRST_PASS_PRECISION_ENV
+from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV, PRECISION_ENV
 
 FRAME = 960  # 60 ms at 16 kHz, what FunASR's clients send per frame
 CHUNK = 9600  # 600 ms first-pass chunk
@@ -224,3 +230,16 @@ def test_the_served_table_names_each_runs_breakdown():
     rows = table.splitlines()
     assert len(rows) == 3 and rows[2].startswith("| 2 | 3 | - | 200 | - | 1.50 |")
     assert ws_load.served_table([{"clients": 1, "served": None}]) is None
+
+
+
+def test_each_profile_sets_every_models_precision_and_others_are_refused():
+    """perf's precision profiles start tritonserver with all three precision settings given (so
+    int8 takes the LLM too); --profiles refuses a name it does not know."""
+    for profile in PROFILES:
+        assert profile_environment(profile) == {FIRST_PASS_PRECISION_ENV: profile, PRECISION_ENV: profile,
+                                                ENCODER_PRECISION_ENV: profile}
+    parser = argparse.ArgumentParser()
+    assert comma_choices(parser, "--profiles", "auto,int8", PROFILES) == ["auto", "int8"]
+    with pytest.raises(SystemExit):
+        comma_choices(parser, "--profiles", "auto,int4", PROFILES)
