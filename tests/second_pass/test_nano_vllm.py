@@ -27,9 +27,9 @@ from tests.triton_client_utils import decoupled_responses, decoupled_texts
 from twopass_asr import REPO_ROOT
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_native_bf16
-from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.second_pass import llm_export, precision
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
+from twopass_asr.second_pass.llm_int8 import llm_int8_kernel
 from twopass_asr.second_pass.precision import (PRECISION_ENV, resolve_precision, torch_generation_is_faster,
                                                 torch_generation_runs, vllm_dtype)
 from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response, generation_cap
@@ -186,8 +186,8 @@ def test_where_linux_refuses_amx_tiles_bf16_generation_leaves_vllm(test_models, 
     lines = dict(line.split(":", 1) for line in ran.stdout.splitlines() if ":" in line)
     assert lines["bf16 auto"].startswith(" torch vLLM unavailable, falling back to torch generation: "
                                          "vLLM's CPU attention in bf16 would use AMX tiles"), lines
-    assert lines["int8 auto"] == (" torch" if decode_step_library() else " torch vLLM unavailable, falling back to "
-                                  "torch generation: vLLM's CPU attention in int8 would use AMX tiles"), lines
+    assert lines["int8 auto"] == (" torch" if llm_int8_kernel() == "compiled" else " torch vLLM unavailable, falling "
+                                  "back to torch generation: vLLM's CPU attention in int8 would use AMX tiles"), lines
     assert lines["fp32 auto"] == " vllm", lines
     assert "Linux refuses this process" in lines["vllm"], lines
 
@@ -366,13 +366,13 @@ def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
     # GPU it has none: the test below); with the C steps, or without int8 dot products, auto goes
     # to torch before trying vLLM, no warning.
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
-    monkeypatch.setattr(precision, "decode_step_library", lambda: None)
+    monkeypatch.setattr(precision, "llm_int8_kernel", lambda: "fbgemm")
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     assert len(warnings) == 2 and "falling back to torch" in warnings[1]
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: False)
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
-    monkeypatch.setattr(precision, "decode_step_library", lambda: object())
+    monkeypatch.setattr(precision, "llm_int8_kernel", lambda: "compiled")
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     assert len(warnings) == 2
     with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):

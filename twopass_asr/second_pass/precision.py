@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products, cpu_has_native_bf16
-from twopass_asr.kernels.decode_step import decode_step_library
+from twopass_asr.second_pass.llm_int8 import llm_int8_kernel
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
@@ -64,13 +64,13 @@ def torch_generation_runs(precision: str, device: str) -> bool:
 def torch_generation_is_faster(precision: str, device: str, int8_dot_products: bool | None = None,
                                c_steps: bool | None = None) -> bool:
     """Whether engine auto should generate on torch rather than vLLM: int8 on a CPU where
-    torch's prefill and decode steps run in C (c_steps None: where decode_step.c compiles here),
-    or without int8 dot products (int8_dot_products None: read from this CPU), where vLLM's W8A8
-    kernels are slower than its float32."""
+    torch's prefill and decode steps run in C (c_steps None: where its int8 LLM is on the compiled
+    kernel here, llm_int8_kernel), or without int8 dot products (int8_dot_products None: read from
+    this CPU), where vLLM's W8A8 kernels are slower than its float32."""
     if precision != "int8" or device != "cpu":
         return False
     if c_steps is None:
-        c_steps = decode_step_library() is not None
+        c_steps = llm_int8_kernel() == "compiled"
     return c_steps or not (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products)
 
 
