@@ -24,10 +24,11 @@ prompts.
 
 Latency is segment submitted -> last text delta; throughput is segments / wall time of the
 level. Every engine decodes in --precision (auto: as funasr_nano_vllm resolves it on this
-CPU; int8 is vLLM's W8A8 on vLLM and fbgemm's int8 (activations per token) on torch,
-twopass_asr.second_pass.llm_int8, while FunASR, which has no int8, runs in fp32); with
-another than fp32 it is also compared with fp32 (greedy texts and teacher-forced tokens:
-of the torch path in that precision, and of vLLM's compiled engine for int8). The served audio
+CPU; int8 is vLLM's W8A8 on vLLM and the compiled int8 kernel (activations per token) on torch,
+bf16 on torch the compiled bf16 product, twopass_asr.second_pass.llm_on_torch, while FunASR,
+which has no int8, runs in fp32); with another than fp32 it is also compared with fp32 (greedy
+texts and teacher-forced tokens: of the torch path in that precision, and of vLLM's compiled
+engine for int8). The served audio
 encoder runs in --encoder-precision (auto: as funasr_nano_vllm resolves it, int8 on a CPU), compared
 the same way with FunASR's float32 encoder. In-process (no tritonserver), so the numbers are the engines', not
 gRPC's. A random model rarely emits EOS: every segment decodes --max-new-tokens tokens, by
@@ -60,10 +61,12 @@ from perf.bench_args import REAL_SPEECH_TOKENS_PER_S
 from perf.metrics import percentile
 from twopass_asr import REPO_ROOT
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
+from twopass_asr.kernels.bf16_linear import CompiledBf16Linear
 from twopass_asr.kernels.cpu_features import cpu_summary
 from twopass_asr.kernels.int8_recipe import INT8_PRECISIONS
+from twopass_asr.kernels.layer_replacement import SharedInputSlice
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear
-from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, PassWorker, SegmentBatcher
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
@@ -225,13 +228,15 @@ def read_bandwidth_gb_s(gib: float = 1.0, repeats: int = 3) -> float:
 
 def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
     """The bytes of weights a decode step reads: every linear layer's, in the precision it runs
-    in (int8: one byte a weight, the slices of a shared int8 product together making it up;
-    prepacked: float32), the output head included; the input embeddings give one row a step
-    and are not counted."""
+    in (int8: one byte a weight; compiled bf16: two; the slices of a shared product together
+    making it up; prepacked: float32), the output head included; the input embeddings give one
+    row a step and are not counted."""
     total = 0
     for module in linear_layers_of(llm):
-        if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice)):
-            total += module.in_features * module.out_features
+        layer = module.shared_layer if isinstance(module, SharedInputSlice) else module
+        if isinstance(layer, (TokenwiseInt8Linear, CompiledBf16Linear)):
+            per_weight = 1 if isinstance(layer, TokenwiseInt8Linear) else 2
+            total += per_weight * module.in_features * module.out_features
         elif isinstance(module, PrepackedLinear):
             total += 4 * module.in_features * module.out_features
         else:
@@ -241,9 +246,10 @@ def decode_step_weight_bytes(llm: torch.nn.Module) -> int:
 
 def linear_layers_of(llm: torch.nn.Module) -> list[torch.nn.Module]:
     """The LLM's linear layers as decode_step_weight_bytes counts them: calling each once is
-    calling every product once (a shared int8 product runs in the first of its slices called)."""
-    return [module for module in llm.modules()
-            if isinstance(module, (TokenwiseInt8Linear, TokenwiseInt8Slice, PrepackedLinear, torch.nn.Linear))]
+    calling every product once (a shared product runs in the first of its slices called)."""
+    return [module for module in llm.modules() if isinstance(module, (TokenwiseInt8Linear, CompiledBf16Linear,
+                                                                      SharedInputSlice, PrepackedLinear,
+                                                                      torch.nn.Linear))]
 
 
 def time_in_products(recognizer: NanoRecognizer, prompt: torch.Tensor, cap: int) -> float:
@@ -369,12 +375,13 @@ async def engine_text(engine, embeds: torch.Tensor) -> str:
 
 
 def precision_agreement(reference: NanoRecognizer, other, precision: str, count: int, seconds: float,
-                        loop: asyncio.AbstractEventLoop | None = None) -> list[str]:
+                        loop: asyncio.AbstractEventLoop | None = None, where: str = "torch") -> list[str]:
     """Markdown lines: `other` in `precision` (a NanoRecognizer, or with `loop` a vLLM engine)
     against `reference` (float32 torch) on the same segments: how many greedy texts are
     equal, and how many of the reference's greedy tokens `other` also ranks first when fed the
     reference's tokens (teacher forcing), which counts every position rather than stopping at
-    the first difference. The random weights make both a lower bound of what trained ones give."""
+    the first difference. The random weights make both a lower bound of what trained ones give.
+    where: how `other` runs, for the heading (vLLM with `loop`)."""
     prompts = [reference.prompt_embeds(pcm) for pcm in make_segments(count, seconds, seed=11)]
     texts = reference.generate_batch(prompts)
     if loop is None:
@@ -382,7 +389,6 @@ def precision_agreement(reference: NanoRecognizer, other, precision: str, count:
         same_text = sum(other.generate(prompt) == text for prompt, text in zip(prompts, texts))
         pairs = [(got, want) for prompt, row in zip(prompts, rows)
                  for got, want in zip(other.teacher_forced_tokens(prompt, row), row)]
-        where = "torch"
     else:
         same_text = sum(loop.run_until_complete(engine_text(other, prompt)) == text
                         for prompt, text in zip(prompts, texts))
@@ -498,18 +504,22 @@ def main() -> None:
     if funasr_precision != "fp32":
         # The served recognizer is still float32 here (FunASR's runtime default).
         sections += precision_agreement(recognizer, funasr_model, funasr_precision, args.agreement_segments,
-                                        args.segment_seconds)
+                                        args.segment_seconds, where="FunASR's model on torch")
     rows.append(run_funasr(funasr_model, args.funasr_segments, args.segment_seconds, funasr_precision))
     del funasr_model  # its memory, before vLLM starts its own copy of the LLM
     print(f"funasr: {rows[-1].segments_per_s:.3f} seg/s", flush=True)
-    if precision == "int8":
-        # The float32 reference for the int8 agreements below, before the recognizer changes.
+    # int8 and bf16 on torch run on the compiled products (llm_on_torch), not FunASR's model.
+    compiled_on_torch = bool(torch_levels) and precision in ("int8", "bf16")
+    if precision == "int8" or compiled_on_torch:
+        # The float32 reference for the agreements below, before the recognizer changes.
         reference = NanoRecognizer(args.model_dir, max_new_tokens=args.max_new_tokens)
-    if precision == "int8" and torch_levels:
-        # torch's int8 layers (llm_int8); vLLM after them gets float32 prompts, cast to its dtype.
-        recognizer.use_int8_generation()
-        sections += precision_agreement(reference, recognizer, precision, args.agreement_segments,
-                                        args.segment_seconds)
+    if torch_levels:
+        # As served on torch; vLLM after it gets the prompts in float32 where the LLM was
+        # replaced, cast to its dtype.
+        recognizer.use_torch_generation(precision)
+        if compiled_on_torch:
+            sections += precision_agreement(reference, recognizer, precision, args.agreement_segments,
+                                            args.segment_seconds, where="torch, as served")
     else:
         # As served: vLLM's int8 takes prompts built in bf16.
         recognizer.use_dtype(TORCH_DTYPES[precision])

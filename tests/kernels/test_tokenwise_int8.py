@@ -18,11 +18,11 @@ from twopass_asr.kernels.decode_step import (
     TILE_OUTPUTS,
     CompiledInt8Weights,
 )
+from twopass_asr.kernels.layer_replacement import SharedInputSlice
 from twopass_asr.kernels.row_kernels import c_compiler, compile_library, declare
 from twopass_asr.kernels.tokenwise_int8 import (
     TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
-    TokenwiseInt8Slice,
     fuse_shared_input_layers,
     int8_per_output_channel,
     replace_linear_layers,
@@ -152,7 +152,7 @@ def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_produc
     block, separate = GatedBlock(bias), GatedBlock(bias)
     fuse_shared_input_layers(block, ("a", "b", "c"), shared_kernel)
     replace_linear_layers(separate, lambda name: True, shared_kernel)
-    assert all(type(getattr(block, name)) is TokenwiseInt8Slice for name in "abc")
+    assert all(type(getattr(block, name)) is SharedInputSlice for name in "abc")
     for name in "abc":
         assert torch.equal(getattr(block, name).weight().int_repr(), getattr(separate, name).weight().int_repr())
 

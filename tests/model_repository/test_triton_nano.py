@@ -208,19 +208,22 @@ def test_int8_audio_encoder_serves_its_text_and_a_wrong_precision_is_named(test_
     assert all(expected), "the tiny model must produce text"
 
 
-def test_int8_on_the_torch_engine_serves_its_text(test_models, speech_wav, tmp_path):
-    """precision int8 with engine torch: torch's int8 layers (llm_int8), each decode step in C
-    (native_decode). The segments go together, so the model may decode them in one batch:
-    activations quantized per token give each the text it has alone."""
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_compiled_precisions_on_the_torch_engine_serve_their_text(test_models, speech_wav, tmp_path, precision):
+    """precision int8 or bf16 with engine torch: torch's layers on the compiled products
+    (llm_on_torch), each decode step in C (native_decode). The segments go together, so the
+    model may decode them in one batch: each row's products and attention are its own (int8
+    activations quantized per token), so each gets the text it has alone."""
     repository = tmp_path / "repository"
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / "funasr_nano_vllm", repository / "funasr_nano_vllm",
                     ignore=shutil.ignore_patterns("__pycache__"))
     segments = [speech_wav.pcm[i * 16000:i * 16000 + (2 + i) * 8000] for i in range(3)]
     recognizer = NanoRecognizer(test_models / "funasr_nano")
-    recognizer.use_int8_generation()
+    recognizer.use_torch_generation(precision)
     expected = [recognizer.recognize(pcm) for pcm in segments]
-    with TritonServer(test_models, repository, log_path=tmp_path / "int8.log",
-                      env={ENGINE_ENV: "torch", PRECISION_ENV: "int8", ENCODER_PRECISION_ENV: "fp32"}) as server:
+    with TritonServer(test_models, repository, log_path=tmp_path / f"{precision}.log",
+                      env={ENGINE_ENV: "torch", PRECISION_ENV: precision, ENCODER_PRECISION_ENV: "fp32"}) as server:
         got = decoupled_texts(server.grpc_url, "funasr_nano_vllm", [segment_inputs(pcm) for pcm in segments])
-        assert "(torch generation, decode steps in C), LLM in int8, audio encoder in fp32," in server.log_text()
+        assert (f"(torch generation, decode steps in C), LLM in {precision}, audio encoder in fp32,"
+                in server.log_text())
     assert got == expected and all(expected)

@@ -273,18 +273,21 @@ def test_soak_short_run_samples_every_process(test_models, speech_wav, tmp_path)
     assert (out / "soak.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_second_pass_bench_in_int8_on_torch(test_models, tmp_path):
-    """bench_second_pass on the tiny Nano, int8 on torch only (no vLLM): its rows, the agreement
-    with float32 and the CPU line."""
-    run_tool("perf.bench_second_pass", "--model-dir", str(test_models / "funasr_nano"), "--precision", "int8",
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_second_pass_bench_on_torch(test_models, tmp_path, precision):
+    """bench_second_pass on the tiny Nano, int8 or bf16 on torch only (no vLLM): its rows, the
+    agreement of the served LLM with float32 and the CPU line."""
+    run_tool("perf.bench_second_pass", "--model-dir", str(test_models / "funasr_nano"), "--precision", precision,
              "--encoder-precision", "fp32", "--vllm-modes=", "--torch-concurrency", "1,2", "--funasr-segments", "1",
              "--agreement-segments", "2", "--segments-per-client", "1", "--encoder-batches", "1",
              "--out", str(tmp_path))
     report = (tmp_path / "second_pass.md").read_text()
     rows = [line.split(" | ")[:3] for line in report.splitlines() if line.startswith(("| funasr", "| torch"))]
     assert rows == [["| funasr", "1", "1"], ["| torch", "1", "1"], ["| torch", "2", "2"]], report
-    assert "LLM in int8 (precision int8; FunASR in fp32)" in report and cpu_summary() in report
-    assert re.search(r"Agreement of int8 \(torch\) with fp32 .*\n\n.*\n.*\n\| \d/2 \(\d+%\) \| \d+/\d+ ", report), report
+    funasr = "fp32" if precision == "int8" else precision  # FunASR has no int8
+    assert f"LLM in {precision} (precision {precision}; FunASR in {funasr})" in report and cpu_summary() in report
+    assert re.search(rf"Agreement of {precision} \(torch, as served\) with fp32 .*\n\n.*\n.*\n\| \d/2 \(\d+%\) "
+                     r"\| \d+/\d+ ", report), report
     # The cached prompt opening against whole prompts, per batch: the opening is the chat text
     # before the audio, so shorter than the prompt.
     openings = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| \d+ \| \d+ \| -?\d+ \| [\d.]+x \|$", report, re.MULTILINE)
@@ -332,7 +335,7 @@ def test_a_decode_steps_weights_in_int8_are_a_quarter_of_float32s():
 
     from perf.bench_second_pass import decode_step_weight_bytes
     from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
-    from twopass_asr.second_pass.llm_int8 import quantize_llm_for_torch
+    from twopass_asr.second_pass.llm_on_torch import quantize_llm_for_torch
 
     config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)

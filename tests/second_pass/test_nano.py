@@ -20,15 +20,16 @@ from twopass_asr.kernels import int8_linear, row_kernels, tokenwise_int8
 from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import Int8Linear
+from twopass_asr.kernels.bf16_linear import CompiledBf16Linear
+from twopass_asr.kernels.layer_replacement import SharedInputSlice
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear, choose_kernel
 from twopass_asr.kernels.tokenwise_int8 import (
     TokenwiseInt8Linear,
-    TokenwiseInt8Slice,
     int8_per_output_channel,
     replace_linear_layers,
 )
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, export_llm_dir, mapped_input_embeddings
-from twopass_asr.second_pass.llm_int8 import is_int8_layer
+from twopass_asr.second_pass.llm_on_torch import is_product_layer
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
     MAX_NEW_TOKENS_PER_SECOND_ENV,
@@ -359,9 +360,9 @@ def test_tokenizer_loads_in_transformers_with_chatml(tiny_nano):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "user\n语音转写：hello\nassistant\n"
 
 
-# bf16 against fp32, teacher-forced top-1: 0.97 on the tiny random model (flat logits make
-# near ties common: a lower bound of what trained weights give); an LLM head with one standard
-# deviation of noise added scores 0.24.
+# bf16 against fp32, teacher-forced top-1 on the tiny random model: 1.00 in torch's bf16, 0.99 on
+# the compiled bf16 product (flat logits make near ties common: a lower bound of what trained
+# weights give); with one standard deviation of noise added to the LLM head, 0.42 either way.
 BF16_AGREEMENT_FLOOR = 0.85
 
 
@@ -371,7 +372,9 @@ def top1_agreement(recognizer, prompts, reference_rows) -> float:
     return sum(p == r for p, r in pairs) / len(pairs)
 
 
-def test_bf16_agrees_with_fp32_above_a_floor(tiny_nano, recognizer):
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-bf16", "compiled-bf16"])
+def test_bf16_agrees_with_fp32_above_a_floor(tiny_nano, recognizer, compiled):
+    """In torch's bf16 (use_dtype) and on the compiled bf16 product (use_bf16_generation)."""
     rng = np.random.default_rng(3)
     pcms = [(rng.standard_normal(16000 * (1 + i % 4)) * 3000).astype(np.int16) for i in range(12)]
     prompts = [recognizer.prompt_embeds(pcm, **CASES[i % len(CASES)]) for i, pcm in enumerate(pcms)]
@@ -379,14 +382,22 @@ def test_bf16_agrees_with_fp32_above_a_floor(tiny_nano, recognizer):
     assert all(reference_rows)
     # Teacher forcing in the reference's own precision gives back its greedy tokens.
     assert top1_agreement(recognizer, prompts, reference_rows) == 1.0
-    bf16 = quietly(NanoRecognizer, tiny_nano)
-    bf16.use_dtype(torch.bfloat16)
-    assert top1_agreement(bf16, prompts, reference_rows) >= BF16_AGREEMENT_FLOOR
+
+    def in_bf16(noisy_head: bool) -> NanoRecognizer:
+        bf16 = quietly(NanoRecognizer, tiny_nano)
+        if noisy_head:
+            head = bf16.model.llm.lm_head.weight
+            with torch.no_grad():
+                head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * head.std())
+        if compiled:
+            bf16.use_bf16_generation()
+        else:
+            bf16.use_dtype(torch.bfloat16)
+        return bf16
+
+    assert top1_agreement(in_bf16(False), prompts, reference_rows) >= BF16_AGREEMENT_FLOOR
     # The floor tells a broken conversion apart.
-    head = bf16.model.llm.lm_head.weight
-    with torch.no_grad():
-        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)).to(head.dtype) * head.std())
-    assert top1_agreement(bf16, prompts, reference_rows) < BF16_AGREEMENT_FLOOR
+    assert top1_agreement(in_bf16(True), prompts, reference_rows) < BF16_AGREEMENT_FLOOR
 
 
 def test_released_generation_layers_leave_the_prompts_as_they_were(tiny_nano, recognizer):
@@ -596,13 +607,13 @@ def test_int8_generation_quantizes_the_projections_and_head_per_output_channel(t
                                                                                  int8_generation):
     plain = dict(recognizer.model.llm.named_modules())
     quantized = {name: module for name, module in int8_generation.model.llm.named_modules()
-                 if type(module) in (TokenwiseInt8Linear, TokenwiseInt8Slice)}
+                 if type(module) in (TokenwiseInt8Linear, SharedInputSlice)}
     expected = {name for name, module in plain.items() if type(module) in (torch.nn.Linear, PrepackedLinear)
                 and (name.rpartition(".")[2] in INT8_LINEARS or name == "lm_head")}
     assert set(quantized) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
     float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
     for name, layer in quantized.items():
-        # The LLM's layers are on fbgemm's levels (the compiled kernel's too, llm_int8).
+        # The LLM's layers are on fbgemm's levels (the compiled kernel's too, llm_on_torch).
         weights, scales = int8_per_output_channel(float_llm.get_submodule(name).weight,
                                                   tokenwise_int8.TOKENWISE_KERNELS["fbgemm"])
         packed = layer.weight()
@@ -618,9 +629,9 @@ def test_int8_generation_fuses_projections_of_one_input_without_changing_a_bit(t
     """The query/key/value and gate/up projections run as one product each; the LLM must give
     the bits of its layers quantized one by one."""
     separate = quietly(NanoRecognizer, tiny_nano, prepack=False)
-    replace_linear_layers(separate.model.llm, is_int8_layer)
+    replace_linear_layers(separate.model.llm, is_product_layer)
     layer = int8_generation.model.llm.model.layers[0]
-    assert type(layer.self_attn.k_proj) is TokenwiseInt8Slice and type(layer.mlp.up_proj) is TokenwiseInt8Slice
+    assert type(layer.self_attn.k_proj) is SharedInputSlice and type(layer.mlp.up_proj) is SharedInputSlice
     prompts = [recognizer.prompt_embeds(pcm) for pcm in segments()]
     for prompt in prompts:
         assert torch.equal(int8_generation.model.llm(inputs_embeds=prompt[None]).logits,
@@ -662,26 +673,57 @@ def int8_generation_in_hf_steps(tiny_nano):
     return int8
 
 
+@pytest.fixture(scope="module")
+def bf16_generation(tiny_nano):
+    bf16 = quietly(NanoRecognizer, tiny_nano)
+    bf16.use_bf16_generation()
+    return bf16
+
+
+@pytest.fixture(scope="module")
+def bf16_generation_in_hf_steps(tiny_nano):
+    bf16 = quietly(NanoRecognizer, tiny_nano)
+    bf16.use_bf16_generation(native_steps=False)
+    return bf16
+
+
 @torch.no_grad()
-def test_int8_generation_runs_its_prefill_and_decode_steps_in_c_with_the_tokens_of_hfs(int8_generation,
-                                                                                       int8_generation_in_hf_steps,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_compiled_generation_runs_its_prefill_and_decode_steps_in_c_with_the_tokens_of_hfs(precision, request,
+                                                                                           monkeypatch):
     """native_decode: once a prompt opening's cache is held, generation runs no torch forward of
     the LLM: the prefill of the prompts' other rows and every further token are C passes. Their
-    products are the layers' bits and their float arithmetic another order of torch's, so on
+    products are the layers' own and their float arithmetic another order of torch's, so on
     the tiny model (where near ties are common) the tokens still match HF's, alone and in
     batches of prompts of different lengths."""
-    assert int8_generation.native_decoder is not None and int8_generation_in_hf_steps.native_decoder is None
-    prompts = [int8_generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
-    expected = int8_generation_in_hf_steps.generate_tokens(prompts)
+    in_c = request.getfixturevalue(f"{precision}_generation")
+    in_hf_steps = request.getfixturevalue(f"{precision}_generation_in_hf_steps")
+    assert in_c.native_decoder is not None and in_hf_steps.native_decoder is None
+    assert in_c.native_decoder.bf16 == (precision == "bf16")
+    prompts = [in_c.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
+    expected = in_hf_steps.generate_tokens(prompts)
     assert min(len(row) for row in expected) > 3  # steps after the prefill
-    assert [int8_generation.generate_tokens([prompt])[0] for prompt in prompts] == expected
+    assert [in_c.generate_tokens([prompt])[0] for prompt in prompts] == expected
     forwards = []
-    llm = int8_generation.model.llm
+    llm = in_c.model.llm
     monkeypatch.setattr(llm, "forward", lambda *args, original=llm.forward, **kwargs:
                         forwards.append(kwargs["inputs_embeds"].shape) or original(*args, **kwargs))
-    assert int8_generation.generate_tokens(prompts) == expected
+    assert in_c.generate_tokens(prompts) == expected
     assert forwards == []
+
+
+def test_bf16_generation_rounds_the_projections_and_head_to_bf16(tiny_nano, recognizer, bf16_generation):
+    plain = dict(recognizer.model.llm.named_modules())
+    replaced = {name: module for name, module in bf16_generation.model.llm.named_modules()
+                if type(module) in (CompiledBf16Linear, SharedInputSlice)}
+    expected = {name for name, module in plain.items() if type(module) in (torch.nn.Linear, PrepackedLinear)
+                and is_product_layer(name)}
+    assert set(replaced) == expected and len(expected) == 7 * len(recognizer.model.llm.model.layers) + 1
+    float_llm = quietly(NanoRecognizer, tiny_nano, prepack=False).model.llm
+    for name, layer in replaced.items():
+        assert torch.equal(layer.weight(), float_llm.get_submodule(name).weight.bfloat16()), name
+    assert bf16_generation.dtype == torch.float32
+    assert bf16_generation.model.llm.model.embed_tokens.weight.dtype == torch.float32  # prompts in float32
 
 
 @torch.no_grad()
@@ -729,6 +771,11 @@ def test_without_a_compiler_the_int8_llm_stays_on_fbgemm_with_hfs_steps(tiny_nan
                     if record.levelno == logging.WARNING and record.name.startswith("twopass_asr")]
         assert len(warnings) == 1 and "no-such-compiler" in warnings[0] and "fbgemm" in warnings[0], warnings
         assert fallback.generate_tokens([fallback.prompt_embeds(segments()[0])])[0]
+        # bf16 takes torch's own bf16 model.
+        fallback_bf16 = quietly(NanoRecognizer, tiny_nano)
+        fallback_bf16.use_torch_generation("bf16")
+        assert fallback_bf16.dtype == torch.bfloat16 and fallback_bf16.native_decoder is None
+        assert type(fallback_bf16.model.llm.lm_head) is torch.nn.Linear
     finally:
         decode_step_library.cache_clear()
 
@@ -739,6 +786,8 @@ def test_int8_generation_fixes_the_llms_layers(tiny_nano, int8_generation):
     int8_generation.use_dtype(torch.float32)  # what it is already
     with pytest.raises(ValueError, match="already replaced"):
         int8_generation.use_int8_generation()
+    with pytest.raises(ValueError, match="already replaced"):
+        int8_generation.use_bf16_generation()
     prepacked = quietly(NanoRecognizer, tiny_nano)
     prepacked.use_dtype(torch.float32)
     with pytest.raises(ValueError, match="already replaced"):

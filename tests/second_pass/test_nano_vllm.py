@@ -29,7 +29,7 @@ from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_features import cpu_flags, cpu_has_native_bf16
 from twopass_asr.second_pass import llm_export, precision
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, SCALE_SUFFIX, WEIGHTS_FILE, export_llm_dir
-from twopass_asr.second_pass.llm_int8 import llm_int8_kernel
+from twopass_asr.second_pass.llm_on_torch import steps_run_in_c
 from twopass_asr.second_pass.precision import (PRECISION_ENV, resolve_precision, torch_generation_is_faster,
                                                 torch_generation_runs, vllm_dtype)
 from twopass_asr.second_pass.recognizer import NanoRecognizer, clean_response, generation_cap
@@ -174,9 +174,9 @@ except EngineUnavailable as error:
 def test_where_linux_refuses_amx_tiles_bf16_generation_leaves_vllm(test_models, tmp_path):
     """vLLM takes its AMX attention in bf16 (and int8, whose activations are bf16) by the CPU's
     flags alone; where Linux refuses the tiles (here perf.without_amx's filter) its worker died at
-    the first request (measured). There auto falls back to torch with one warning in bf16 (int8
-    goes to torch's C steps without trying vLLM), vllm fails naming the tiles, and fp32 (no AMX
-    attention) stays on vLLM."""
+    the first request (measured). There auto falls back to torch with one warning in bf16 and int8
+    (where their steps run in C, auto takes torch without trying vLLM), vllm fails naming the
+    tiles, and fp32 (no AMX attention) stays on vLLM."""
     if "amx_tile" not in (cpu_flags() or set()):
         pytest.skip("this CPU has no AMX tiles to refuse")
     ran = subprocess.run([sys.executable, "-m", "perf.without_amx", sys.executable, "-c", UNDER_REFUSED_TILES,
@@ -184,10 +184,10 @@ def test_where_linux_refuses_amx_tiles_bf16_generation_leaves_vllm(test_models, 
                          timeout=900, env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")})
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-6000:]
     lines = dict(line.split(":", 1) for line in ran.stdout.splitlines() if ":" in line)
-    assert lines["bf16 auto"].startswith(" torch vLLM unavailable, falling back to torch generation: "
-                                         "vLLM's CPU attention in bf16 would use AMX tiles"), lines
-    assert lines["int8 auto"] == (" torch" if llm_int8_kernel() == "compiled" else " torch vLLM unavailable, falling "
-                                  "back to torch generation: vLLM's CPU attention in int8 would use AMX tiles"), lines
+    for chosen in ("bf16", "int8"):
+        assert lines[f"{chosen} auto"] == (" torch" if steps_run_in_c() else " torch vLLM unavailable, falling back "
+                                           f"to torch generation: vLLM's CPU attention in {chosen} would use AMX "
+                                           "tiles"), lines
     assert lines["fp32 auto"] == " vllm", lines
     assert "Linux refuses this process" in lines["vllm"], lines
 
@@ -341,13 +341,16 @@ def test_auto_precision_is_bf16_where_it_is_native_and_int8_on_other_cpus():
 def test_int8_on_the_torch_engine_is_a_cpu_precision():
     assert torch_generation_runs("int8", "cpu") and torch_generation_runs("bf16", "cuda:0")
     assert not torch_generation_runs("int8", "cuda:0")
-    # engine auto: torch for int8 where its steps run in C, and where the CPU lacks the int8 dot
-    # products vLLM's W8A8 needs.
+    # engine auto: torch for int8 and bf16 where their steps run in C, and for int8 where the CPU
+    # lacks the int8 dot products vLLM's W8A8 needs.
     assert torch_generation_is_faster("int8", "cpu", int8_dot_products=True, c_steps=True)
     assert torch_generation_is_faster("int8", "cpu", int8_dot_products=False, c_steps=False)
     assert not torch_generation_is_faster("int8", "cpu", int8_dot_products=True, c_steps=False)
+    assert torch_generation_is_faster("bf16", "cpu", int8_dot_products=True, c_steps=True)
+    assert not torch_generation_is_faster("bf16", "cpu", int8_dot_products=False, c_steps=False)
     assert not torch_generation_is_faster("fp32", "cpu", int8_dot_products=False, c_steps=True)
     assert not torch_generation_is_faster("int8", "cuda:0", int8_dot_products=False, c_steps=True)
+    assert not torch_generation_is_faster("bf16", "cuda:0", int8_dot_products=False, c_steps=True)
     assert start_engine("torch", None, "cpu", {}, "int8") is None  # torch generation, nothing started
     with pytest.raises(ValueError, match="precision int8 on cuda:0 runs on vLLM only: set engine vllm or auto"):
         start_engine("torch", None, "cuda:0", {}, "int8")
@@ -363,17 +366,18 @@ def test_without_vllm_auto_falls_back_and_vllm_fails(recognizer, monkeypatch):
     assert start_engine("torch", recognizer, "cpu", {}, "fp32", warn=warnings.append) is None
     assert len(warnings) == 1
     # int8 on a CPU with int8 dot products but no C steps falls back to torch's int8 layers (on a
-    # GPU it has none: the test below); with the C steps, or without int8 dot products, auto goes
-    # to torch before trying vLLM, no warning.
+    # GPU it has none: the test below); with the C steps (int8 and bf16), or without int8 dot
+    # products, auto goes to torch before trying vLLM, no warning.
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
-    monkeypatch.setattr(precision, "llm_int8_kernel", lambda: "fbgemm")
+    monkeypatch.setattr(precision, "steps_run_in_c", lambda: False)
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     assert len(warnings) == 2 and "falling back to torch" in warnings[1]
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: False)
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
     monkeypatch.setattr(precision, "cpu_has_int8_dot_products", lambda: True)
-    monkeypatch.setattr(precision, "llm_int8_kernel", lambda: "compiled")
+    monkeypatch.setattr(precision, "steps_run_in_c", lambda: True)
     assert start_engine("auto", recognizer, "cpu", {}, "int8", warn=warnings.append) is None
+    assert start_engine("auto", recognizer, "cpu", {}, "bf16", warn=warnings.append) is None
     assert len(warnings) == 2
     with pytest.raises(EngineUnavailable, match="vLLM cannot be imported"):
         start_engine("vllm", recognizer, "cpu", {}, "int8", warn=warnings.append)
@@ -480,7 +484,7 @@ def test_server_models_fail_to_load_with_the_reason(test_models, tmp_path):
     assert "precision fp16 runs on a GPU only" in message
     # auto: bf16 on a CPU that computes it natively, int8 on others.
     chosen = "bf16" if cpu_has_native_bf16() else "int8"
-    steps = ", decode steps in C" if chosen == "int8" else ""  # native_decode: the int8 LLM's steps
+    steps = ", decode steps in C" if steps_run_in_c() else ""  # native_decode: the int8 and bf16 LLMs' steps
     assert f"on cpu (torch generation{steps}), LLM in {chosen} (auto)" in message
     # vLLM's EngineCore subprocess logs the root cause; its exception only points there.
     assert "No available memory for the cache blocks" in server.log_text()

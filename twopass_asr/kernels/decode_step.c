@@ -1,41 +1,50 @@
-/* Forward passes of a Qwen3 LLM whose projections and output head are int8 (the torch int8
- * LLM of twopass_asr/second_pass/llm_int8.py) over new rows of a few sequences, in one call: the
- * norms, the rotary embedding, the attention over a key/value cache and the int8 products,
- * with no Python or torch operator between them. One call is a decode step (one new row per
+/* Forward passes of a Qwen3 LLM whose projections and output head are int8 or bf16 (the torch
+ * LLMs of twopass_asr/second_pass/llm_on_torch.py) over new rows of a few sequences, in one call:
+ * the norms, the rotary embedding, the attention over a key/value cache and the products, with
+ * no Python or torch operator between them. One call is a decode step (one new row per
  * sequence) or a prompt's prefill (all its rows, each attending the rows before it);
  * twopass_asr/second_pass/native_decode.py builds the model and calls it.
  *
- * The int8 products are int8_product.h's, with fbgemm's bits. The float work around them is
- * torch's arithmetic in another summation order, so a pass agrees with HF's to float rounding,
- * not bit for bit. */
+ * The int8 products are int8_product.h's, with fbgemm's bits; the bf16 ones bf16_product.h's.
+ * The float work around them is torch's arithmetic in another summation order, so a pass agrees
+ * with HF's to float rounding, not bit for bit. */
 
+#include "bf16_product.h"
 #include "int8_product.h"
+
+/* One of the model's projections: int8 or bf16, as the model's products are (the other left
+ * empty). */
+typedef struct {
+    int8_layer int8;
+    bf16_layer bf16;
+} projection;
 
 typedef struct {
     const float *input_norm, *post_attention_norm; /* [hidden] */
     const float *query_norm, *key_norm;            /* [head_dim] */
-    int8_layer qkv;                                /* queries, keys, values stacked */
-    int8_layer output;
-    int8_layer gate_up;                            /* gate, up stacked */
-    int8_layer down;
+    projection qkv;                                /* queries, keys, values stacked */
+    projection output;
+    projection gate_up;                            /* gate, up stacked */
+    projection down;
     float *keys, *values; /* [slots, kv_heads, capacity, head_dim] */
 } decoder_layer;
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, slots, capacity;
-    float norm_eps, input_step;
+    float norm_eps, input_step; /* input_step: the int8 products' */
+    int bf16_products;          /* else int8 */
     const float *inverse_frequencies; /* [head_dim / 2] */
     const decoder_layer *layer;
     const float *final_norm;
-    int8_layer head;
+    projection head;
 } qwen3_model;
 
 /* Space for one step of `rows` sequences (all float unless said), in one buffer the caller
  * allocates (step_scratch_floats) and lay_out_scratch divides. */
 typedef struct {
-    float *normed;     /* [rows, max(hidden, intermediate)] the next product's float input */
-    uint8_t *quantized; /* [rows, max(hidden, heads * head_dim, intermediate)] */
-    float *row_scales; /* [rows] */
+    float *normed;       /* [rows, max(hidden, intermediate)] the next product's float input */
+    void *product_input; /* [rows, max(hidden, heads * head_dim, intermediate)]: uint8 or bf16 */
+    float *row_scales;   /* [rows], of int8 inputs */
     float *qkv;        /* [rows, (heads + 2 kv_heads) head_dim] */
     float *attended;   /* [rows, heads * head_dim] */
     float *product;    /* [rows, max(hidden, 2 intermediate)] */
@@ -53,8 +62,27 @@ static void rms_norm(const float *x, const float *weight, int64_t columns, float
         out[c] = weight[c] * (x[c] * inverse);
 }
 
+/* Row r of a product's input, from the float row [columns]: quantized (int8) or rounded (bf16). */
+static void make_product_input(const qwen3_model *model, const float *row, int64_t columns, int64_t r,
+                               step_scratch *scratch) {
+    if (model->bf16_products)
+        bf16_row(row, columns, (uint16_t *)scratch->product_input + r * columns);
+    else
+        scratch->row_scales[r] = quantize_row(row, columns, model->input_step,
+                                              (uint8_t *)scratch->product_input + r * columns);
+}
+
+/* out [rows, outputs] = the projection over the rows of scratch's product input. */
+static void project(const qwen3_model *model, const projection *layer, int64_t rows, const step_scratch *scratch,
+                    float *out) {
+    if (model->bf16_products)
+        bf16_product(&layer->bf16, scratch->product_input, rows, out);
+    else
+        int8_product(&layer->int8, scratch->product_input, scratch->row_scales, rows, NULL, out);
+}
+
 /* Each row of `x` [rows, columns], `addend`'s row added to it first in place (if given: the
- * residual connection), normed (if `norm`) and quantized as a product's input. */
+ * residual connection), normed (if `norm`) and made a product's input. */
 static void product_inputs(const qwen3_model *model, float *x, const float *addend, const float *norm,
                            int64_t rows, int64_t columns, step_scratch *scratch) {
 #pragma omp for schedule(static)
@@ -68,7 +96,7 @@ static void product_inputs(const qwen3_model *model, float *x, const float *adde
             rms_norm(row, norm, columns, model->norm_eps, scratch->normed + r * columns);
             input = scratch->normed + r * columns;
         }
-        scratch->row_scales[r] = quantize_row(input, columns, model->input_step, scratch->quantized + r * columns);
+        make_product_input(model, input, columns, r, scratch);
     }
 }
 
@@ -174,8 +202,10 @@ static int64_t lay_out_scratch(const qwen3_model *model, int64_t rows, float *ba
         used += sizes[i];
     }
     if (base)
-        scratch->quantized = (uint8_t *)(base + used);
-    return used + (rows * widest_input + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
+        scratch->product_input = base + used;
+    /* As bf16, two bytes an input (int8 takes one). */
+    const int64_t input_bytes = rows * widest_input * (int64_t)sizeof(uint16_t);
+    return used + (input_bytes + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
 }
 
 /* The number of floats qwen3_decode_step's scratch_space must hold for `rows` rows. */
@@ -204,22 +234,21 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             const decoder_layer *layer = &model->layer[l];
             /* The previous layer's MLP output is added to the hidden rows here. */
             product_inputs(model, hidden, l ? scratch.product : NULL, layer->input_norm, rows, width, &scratch);
-            int8_product(&layer->qkv, scratch.quantized, scratch.row_scales, rows, NULL, scratch.qkv);
+            project(model, &layer->qkv, rows, &scratch, scratch.qkv);
             attend(model, layer, rows, slots, positions, indices, valid, &scratch);
             product_inputs(model, scratch.attended, NULL, NULL, rows, attended_width, &scratch);
-            int8_product(&layer->output, scratch.quantized, scratch.row_scales, rows, NULL, scratch.product);
+            project(model, &layer->output, rows, &scratch, scratch.product);
             product_inputs(model, hidden, scratch.product, layer->post_attention_norm, rows, width, &scratch);
-            int8_product(&layer->gate_up, scratch.quantized, scratch.row_scales, rows, NULL, scratch.product);
+            project(model, &layer->gate_up, rows, &scratch, scratch.product);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; ++r) {
                 const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
                 float *activated = scratch.normed + r * intermediate;
                 for (int64_t c = 0; c < intermediate; ++c)
                     activated[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
-                scratch.row_scales[r] = quantize_row(activated, intermediate, model->input_step,
-                                                     scratch.quantized + r * intermediate);
+                make_product_input(model, activated, intermediate, r, &scratch);
             }
-            int8_product(&layer->down, scratch.quantized, scratch.row_scales, rows, NULL, scratch.product);
+            project(model, &layer->down, rows, &scratch, scratch.product);
         }
         /* Only the rows whose logits are asked for take the last layer's MLP output and go
          * through the output head: a prefill wants each prompt's last row. */
@@ -230,10 +259,9 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
                 for (int64_t c = 0; c < width; ++c)
                     row[c] += scratch.product[logit_rows[i] * width + c];
             rms_norm(row, model->final_norm, width, model->norm_eps, scratch.normed + i * width);
-            scratch.row_scales[i] = quantize_row(scratch.normed + i * width, width, model->input_step,
-                                                 scratch.quantized + i * width);
+            make_product_input(model, scratch.normed + i * width, width, i, &scratch);
         }
-        int8_product(&model->head, scratch.quantized, scratch.row_scales, logit_count, NULL, logits);
+        project(model, &model->head, logit_count, &scratch, logits);
     }
 }
 
@@ -250,5 +278,19 @@ void int8_rows_product(const int8_layer *layer, const float *x, int64_t rows, fl
             row_scales[r] = quantize_row(x + r * layer->inputs, layer->inputs, input_step,
                                          quantized + r * layer->inputs);
         int8_product(layer, quantized, row_scales, rows, NULL, out);
+    }
+}
+
+/* One bf16 layer over `rows` float rows [rows, inputs] into out [rows, outputs], the rows
+ * rounded to bf16 first: the product the bf16 LLM's torch forward runs (the prompt openings'
+ * caches), and the one qwen3_forward runs. rounded: rows * inputs bf16. */
+void bf16_rows_product(const bf16_layer *layer, const float *x, int64_t rows, uint16_t *rounded, float *out,
+                       int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            bf16_row(x + r * layer->inputs, layer->inputs, rounded + r * layer->inputs);
+        bf16_product(layer, rounded, rows, out);
     }
 }

@@ -1,6 +1,7 @@
 """decode_step.c on torch tensors: the project's own int8 product (int8_product.h, the
-"compiled" kernel of tokenwise_int8), and the C structures of the Qwen3 forward pass built on it
-(twopass_asr.second_pass.native_decode runs it for the prefill and each decode step).
+"compiled" kernel of tokenwise_int8) and bf16 product (bf16_product.h), and the C structures of
+the Qwen3 forward pass built on them (twopass_asr.second_pass.native_decode runs it for the
+prefill and each decode step).
 
 The product takes tokenwise_int8's fbgemm recipe (weights on 63 levels per output channel,
 each row over its largest magnitude in uint8 steps of 2/255 around 128) and gives fbgemm's
@@ -10,7 +11,7 @@ torch operator between its products.
 
 Compiled at first use as row_kernels compiles row_scaling.c (same cache, keyed the same way),
 with OpenMP for its two threads. Where that fails, decode_step_library() is None, one warning
-says why, and the torch int8 LLM stays on fbgemm with HF's decode steps.
+says why, and the torch LLM stays on fbgemm (int8) or torch's bf16, with HF's decode steps.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ import torch
 
 from twopass_asr.kernels.row_kernels import C_POINTER, C_REAL, C_SIZE, compiled_library_or_none, pointer_or_none
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h", "row_magnitude.h"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h", "bf16_product.h",
+                                                           "amx_tiles.h", "row_magnitude.h"))
 LIBRARY = "decode_step.so"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.
 INPUT_STEP = 2.0 / 255.0
 
-# A tile of weights: 16 outputs by 64 inputs (int8_product.h).
-TILE_OUTPUTS, TILE_INPUTS = 16, 64
+# A tile of weights: 16 outputs by 64 inputs in int8 (int8_product.h), by 32 in bf16 (bf16_product.h).
+TILE_OUTPUTS, TILE_INPUTS, BF16_TILE_INPUTS = 16, 64, 32
 
 
 class Int8LayerStruct(ctypes.Structure):
@@ -39,19 +41,29 @@ class Int8LayerStruct(ctypes.Structure):
                 ("inputs", C_SIZE), ("tiles", C_POINTER)]
 
 
+class Bf16LayerStruct(ctypes.Structure):
+    """bf16_product.h's bf16_layer."""
+    _fields_ = [("weights", C_POINTER), ("outputs", C_SIZE), ("inputs", C_SIZE), ("tiles", C_POINTER)]
+
+
+class ProjectionStruct(ctypes.Structure):
+    """decode_step.c's projection: int8 or bf16, the other left empty."""
+    _fields_ = [("int8", Int8LayerStruct), ("bf16", Bf16LayerStruct)]
+
+
 class DecoderLayerStruct(ctypes.Structure):
     """decode_step.c's decoder_layer."""
     _fields_ = [("input_norm", C_POINTER), ("post_attention_norm", C_POINTER), ("query_norm", C_POINTER),
-                ("key_norm", C_POINTER), ("qkv", Int8LayerStruct), ("output", Int8LayerStruct),
-                ("gate_up", Int8LayerStruct), ("down", Int8LayerStruct), ("keys", C_POINTER), ("values", C_POINTER)]
+                ("key_norm", C_POINTER), ("qkv", ProjectionStruct), ("output", ProjectionStruct),
+                ("gate_up", ProjectionStruct), ("down", ProjectionStruct), ("keys", C_POINTER), ("values", C_POINTER)]
 
 
 class Qwen3ModelStruct(ctypes.Structure):
     """decode_step.c's qwen3_model."""
     _fields_ = [("layers", C_SIZE), ("hidden", C_SIZE), ("heads", C_SIZE), ("kv_heads", C_SIZE), ("head_dim", C_SIZE),
                 ("intermediate", C_SIZE), ("slots", C_SIZE), ("capacity", C_SIZE), ("norm_eps", C_REAL),
-                ("input_step", C_REAL), ("inverse_frequencies", C_POINTER),
-                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", C_POINTER), ("head", Int8LayerStruct)]
+                ("input_step", C_REAL), ("bf16_products", ctypes.c_int), ("inverse_frequencies", C_POINTER),
+                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", C_POINTER), ("head", ProjectionStruct)]
 
 
 SIGNATURES = {
@@ -60,7 +72,10 @@ SIGNATURES = {
     "step_scratch_floats": ([ctypes.POINTER(Qwen3ModelStruct), C_SIZE], C_SIZE),
     "int8_rows_product": ([ctypes.POINTER(Int8LayerStruct), C_POINTER, C_SIZE, C_REAL, C_POINTER, C_POINTER, C_POINTER,
                            ctypes.c_int], None),
+    "bf16_rows_product": ([ctypes.POINTER(Bf16LayerStruct), C_POINTER, C_SIZE, C_POINTER, C_POINTER, ctypes.c_int],
+                          None),
     "int8_tile_inputs": ([], ctypes.c_int),
+    "bf16_products_native": ([], ctypes.c_int),
     "int8_product_uses_avx512_vnni": ([], ctypes.c_int),
 }
 
@@ -69,15 +84,15 @@ SIGNATURES = {
 def decode_step_library() -> ctypes.CDLL | None:
     """decode_step.c compiled for this CPU (row_kernels.compiled_library_or_none), once per
     process; None, with one warning, where it cannot be."""
-    return compiled_library_or_none(SOURCES, LIBRARY, FLAGS,
-                                    "the torch int8 LLM stays on fbgemm and HF's decode steps (slower)", SIGNATURES)
+    return compiled_library_or_none(SOURCES, LIBRARY, FLAGS, "the torch LLM stays on fbgemm (int8) or torch's bf16, "
+                                    "with HF's decode steps (slower)", SIGNATURES)
 
 
 def require_decode_step_library() -> ctypes.CDLL:
     library = decode_step_library()
     if library is None:
         raise RuntimeError(f"{SOURCES[0].name} could not be compiled (see the warning logged): the compiled int8 "
-                           "kernel and the C decode step are unavailable")
+                           "and bf16 kernels and the C decode step are unavailable")
     return library
 
 
@@ -87,6 +102,13 @@ def products_use_avx512_vnni() -> bool:
     AVX2's pairs (int8_product.h)."""
     library = decode_step_library()
     return library is not None and bool(library.int8_product_uses_avx512_vnni())
+
+
+def bf16_products_are_native() -> bool:
+    """Whether this process's compiled bf16 products use the CPU's bf16 dot products (AVX-512
+    BF16, and AMX's tiles where Linux grants them); other builds widen the weights to float."""
+    library = decode_step_library()
+    return library is not None and bool(library.bf16_products_native())
 
 
 class CompiledInt8Weights:
@@ -137,6 +159,49 @@ class CompiledInt8Weights:
         return out
 
 
-__all__ = ["CompiledInt8Weights", "DecoderLayerStruct", "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY",
-           "Qwen3ModelStruct", "SIGNATURES", "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "decode_step_library",
+class CompiledBf16Weights:
+    """A linear layer's weights in bf16 as bf16_product.h takes them: [outputs, inputs] (in tile
+    order, padded with zeros to whole tiles, where `library`'s products are native and the shape
+    suits). `library`: the build of decode_step.c that runs the product, this process's by
+    default."""
+
+    def __init__(self, weights: torch.Tensor, library: ctypes.CDLL | None = None):
+        if not weights.dtype.is_floating_point or weights.dim() != 2:
+            raise ValueError(f"expected 2-D float weights, got {weights.dtype} {tuple(weights.shape)}")
+        self.library = require_decode_step_library() if library is None else library
+        self.outputs, self.inputs = weights.shape
+        rounded = weights.detach().to(torch.bfloat16).view(torch.int16)
+        if self.library.bf16_products_native() and self.outputs % TILE_OUTPUTS == 0 and self.inputs % 2 == 0:
+            padded = torch.nn.functional.pad(rounded, (0, -self.inputs % BF16_TILE_INPUTS))
+            self._row_major, self.tiles = None, padded.view(
+                self.outputs // TILE_OUTPUTS, TILE_OUTPUTS, padded.shape[1] // BF16_TILE_INPUTS, TILE_OUTPUTS,
+                2).permute(0, 2, 3, 1, 4).contiguous()
+        else:
+            self._row_major, self.tiles = rounded.contiguous(), None
+        self.struct = Bf16LayerStruct(pointer_or_none(self._row_major), self.outputs, self.inputs,
+                                      pointer_or_none(self.tiles))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The bf16 weights [outputs, inputs], row by row."""
+        if self._row_major is not None:
+            return self._row_major.view(torch.bfloat16)
+        return self.tiles.permute(0, 3, 1, 2, 4).reshape(self.outputs, -1)[:, :self.inputs].view(torch.bfloat16)
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """The layer over float32 rows [rows, inputs] (without bias), each rounded to bf16 first:
+        [rows, outputs] in float32."""
+        if rows.dim() != 2 or rows.shape[1] != self.inputs or rows.dtype != torch.float32:
+            raise ValueError(f"expected float32 rows of {self.inputs}, got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.contiguous()
+        count = rows.shape[0]
+        rounded, out = torch.empty(count, self.inputs, dtype=torch.int16), torch.empty(count, self.outputs)
+        self.library.bf16_rows_product(ctypes.byref(self.struct), rows.data_ptr(), count, rounded.data_ptr(),
+                                       out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+__all__ = ["BF16_TILE_INPUTS", "Bf16LayerStruct", "CompiledBf16Weights", "CompiledInt8Weights", "DecoderLayerStruct",
+           "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY", "ProjectionStruct", "Qwen3ModelStruct", "SIGNATURES",
+           "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "bf16_products_are_native", "decode_step_library",
            "products_use_avx512_vnni", "require_decode_step_library"]

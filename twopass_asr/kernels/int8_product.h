@@ -27,11 +27,11 @@
 
 #include "row_magnitude.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define INT8_TILES 1
 #include <stdlib.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_tiles.h"
+#ifdef AMX_PRODUCTS
+#define INT8_TILES 1
 #endif
 
 static const int32_t INPUT_ZERO_POINT = 128;
@@ -242,103 +242,28 @@ static inline void scale_sums(const int8_layer *layer, const int32_t *sums, int6
 #define TILE_BYTES (TILE_OUTPUTS * TILE_INPUTS)
 
 #ifdef INT8_TILES
-#define TILE_ROWS 16 /* input rows of an input tile */
+/* A tile block's sums of int8_product, scaled back (tile_sums_finish). */
+typedef struct {
+    const int8_layer *layer;
+    const float *row_scales;
+    const product_epilogue *epilogue;
+    float *out;
+} tile_scaling;
 
-/* Linux gives a thread AMX's tile registers only after the process has asked for them. */
-static int tiles_permitted(void) {
-    static volatile int state; /* 0 not asked yet, 1 granted, -1 refused */
-    if (state == 0)
-        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
-    return state > 0;
+static inline __attribute__((always_inline)) void scale_tile_sums(const void *context, const void *sums,
+                                                                  int64_t start, int64_t r, int64_t end, int64_t o,
+                                                                  int64_t width) {
+    const tile_scaling *scaling = context;
+    scale_sums(scaling->layer, (const int32_t *)sums + (r - start) * 32, 32, r, end - r, o, width,
+               scaling->row_scales, scaling->epilogue, scaling->out);
 }
 
-typedef struct __attribute__((packed)) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Tiles 0-3 the sums of a 32 x 32 block (rows 0-15 x outputs 0-15, 0-15 x 16-31, 16-31 x 0-15,
- * 16-31 x 16-31), 4-5 its two 16-row input tiles, 6-7 its two weight tiles; all 16 x 64 bytes. */
-static void configure_tiles(void) {
-    tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = TILE_ROWS;
-        config.bytes_per_row[t] = TILE_INPUTS;
-    }
-    _tile_loadconfig(&config);
-}
-
-/* sums [32, 32] (row stride 32) of input rows [16 or 32 (two_row_tiles), inputs] `stride` bytes
- * apart and one or two (two_output_tiles) consecutive 16-output blocks of tiles. */
-static inline __attribute__((always_inline)) void tile_block(const uint8_t *inputs, int64_t stride,
-                                                             int two_row_tiles, const int8_t *tiles,
-                                                             int two_output_tiles, int64_t steps, int32_t *sums) {
-    const int8_t *second_tiles = tiles + steps * TILE_BYTES;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
-        _tile_loadd(4, inputs + s * TILE_INPUTS, stride);
-        _tile_loadd(6, tiles + s * TILE_BYTES, TILE_INPUTS);
-        _tile_dpbusd(0, 4, 6);
-        if (two_row_tiles) {
-            _tile_loadd(5, inputs + TILE_ROWS * stride + s * TILE_INPUTS, stride);
-            _tile_dpbusd(2, 5, 6);
-        }
-        if (two_output_tiles) {
-            _tile_loadd(7, second_tiles + s * TILE_BYTES, TILE_INPUTS);
-            _tile_dpbusd(1, 4, 7);
-            if (two_row_tiles)
-                _tile_dpbusd(3, 5, 7);
-        }
-    }
-    const int64_t row_bytes = 32 * sizeof(int32_t);
-    _tile_stored(0, sums, row_bytes);
-    _tile_stored(1, sums + 16, row_bytes);
-    _tile_stored(2, sums + 16 * 32, row_bytes);
-    _tile_stored(3, sums + 16 * 32 + 16, row_bytes);
-}
-
-/* int8_product on the layer's tiles, a block of 32 rows (16 where fewer are left) at a time
- * over all outputs: the block's inputs stay in the first-level cache while the weights stream
- * past (from the second level for the first pass's layers), which ran faster than a block of
- * outputs over all rows. A last short block is moved back to end at the last row (recomputing
- * a few rows) rather than padded; only fewer than 16 rows in all are copied into zeros. */
+/* int8_product on the layer's tiles (tile_product_rows). */
 static void tile_product(const int8_layer *layer, const uint8_t *inputs, const float *row_scales, int64_t rows,
                          const product_epilogue *epilogue, float *out) {
-    const int64_t n = layer->outputs, k = layer->inputs, steps = k / TILE_INPUTS, blocks = n / TILE_OUTPUTS;
-    const uint8_t *source = inputs;
-    uint8_t *padded = NULL;
-    if (rows < TILE_ROWS) {
-        padded = calloc(TILE_ROWS, (size_t)k);
-        if (padded == NULL)
-            abort();
-        memcpy(padded, inputs, (size_t)(rows * k));
-        source = padded;
-    }
-    int32_t sums[32 * 32];
-    configure_tiles();
-    const int two_row_tiles = rows >= 2 * TILE_ROWS;
-    const int64_t span = two_row_tiles ? 2 * TILE_ROWS : TILE_ROWS;
-    for (int64_t r = 0; r < rows;) {
-        const int64_t start = rows - r < span && rows >= span ? rows - span : r;
-        const int64_t end = start + span < rows ? start + span : rows;
-#pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair) {
-            const int two_output_tiles = 2 * pair + 1 < blocks;
-            tile_block(source + start * k, k, two_row_tiles, layer->tiles + 2 * pair * steps * TILE_BYTES,
-                       two_output_tiles, steps, sums);
-            scale_sums(layer, sums + (r - start) * 32, 32, r, end - r, pair * 2 * TILE_OUTPUTS,
-                       two_output_tiles ? 2 * TILE_OUTPUTS : TILE_OUTPUTS, row_scales, epilogue, out);
-        }
-        r = end;
-    }
-    _tile_release();
-    free(padded);
+    const tile_scaling scaling = {layer, row_scales, epilogue, out};
+    tile_product_rows(inputs, layer->inputs, rows, (const uint8_t *)layer->tiles, layer->inputs / TILE_INPUTS,
+                      layer->outputs / TILE_OUTPUTS, 0, scale_tile_sums, &scaling);
 }
 #endif
 

@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
+from twopass_asr.kernels import layer_replacement
 from twopass_asr.kernels.decode_step import CompiledInt8Weights
 from twopass_asr.kernels.row_kernels import row_kernels
 
@@ -221,100 +222,25 @@ def _scripted(product):
         return torch.jit.script(product)
 
 
-class _SharedProduct:
-    """One TokenwiseInt8Linear over the stacked weights of layers that take the same input, and
-    its product for the input it was last called with. The pair is read and replaced as one
-    tuple, so a caller always gets the product of its own input."""
-
-    def __init__(self, layer: TokenwiseInt8Linear):
-        self.layer = layer
-        self._last: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
-
-    def of(self, x: torch.Tensor) -> torch.Tensor:
-        last_input, product = self._last
-        if last_input is not x:
-            product = self.layer(x)
-            self._last = (x, product)
-        return product
-
-    def release(self, *_) -> None:
-        self._last = (None, None)
-
-
-class TokenwiseInt8Slice(torch.nn.Module):
-    """One of several layers fused by fuse_shared_input_layers: its rows of their shared product."""
-
-    def __init__(self, product: _SharedProduct, start: int, stop: int):
-        super().__init__()
-        self._product = product  # not a submodule: the layers of one group share it
-        self.start, self.stop = start, stop
-        self.in_features, self.out_features = product.layer.in_features, stop - start
-
-    @property
-    def shared_layer(self) -> TokenwiseInt8Linear:
-        """The int8 layer over the stacked weights whose outputs start:stop this slice is."""
-        return self._product.layer
-
-    def weight(self) -> torch.Tensor:
-        """This layer's int8 weights (a per-channel quantized tensor)."""
-        return self._product.layer.weight()[self.start:self.stop]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product.of(x)[..., self.start:self.stop]
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rows {self.start}:{self.stop} of a shared product")
-
-
 def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...], kernel: str = "fbgemm") -> None:
-    """Replace, in place, the float32 linear layers `names` of `module`, which `module`'s forward
-    applies to one same input (an attention's query, key and value projections; a gated MLP's
-    gate and up projections), by TokenwiseInt8Slices of one int8 product over their stacked
-    weights: one call per input instead of one per layer, the input quantized once. The
-    weights are quantized per output channel and the input per row, so each slice equals its
-    layer's own TokenwiseInt8Linear bit for bit. The product is computed by the first slice
-    called with an input (again for another input) and dropped when `module`'s forward ends.
-    On fbgemm or the compiled kernel only: the torch int8 LLM, the one user, is faster on them
-    one token a time (and oneDNN's dynamic product, measured in session 13, rounded stacked
-    shapes differently)."""
+    """layer_replacement.fuse_shared_input_layers with TokenwiseInt8Linear on `kernel`: the
+    slices give the bits of each layer's own TokenwiseInt8Linear (weights quantized per output
+    channel, inputs per row), the input quantized once. On fbgemm or the compiled kernel only: the
+    torch int8 LLM, the one user, is faster on them one token a time (and oneDNN's dynamic
+    product, measured in session 13, rounded stacked shapes differently)."""
     if kernel == "onednn":
         raise ValueError("layers sharing an input run as one product on fbgemm or the compiled kernel, not onednn")
-    linears = [getattr(module, name) for name in names]
-    for name, layer in zip(names, linears):
-        if type(layer) is not torch.nn.Linear or layer.weight.dtype != torch.float32:
-            raise ValueError(f"int8 layers are made from float32 torch.nn.Linear ones; {name} is {layer}")
-    if len({layer.in_features for layer in linears}) != 1 or len({layer.bias is None for layer in linears}) != 1:
-        raise ValueError(f"{', '.join(names)} cannot share an input: their input sizes or biases differ")
-    stacked = torch.nn.Linear(linears[0].in_features, sum(layer.out_features for layer in linears),
-                              bias=linears[0].bias is not None)
-    with torch.no_grad():
-        stacked.weight.copy_(torch.cat([layer.weight for layer in linears]))
-        if stacked.bias is not None:
-            stacked.bias.copy_(torch.cat([layer.bias for layer in linears]))
-    product = _SharedProduct(TokenwiseInt8Linear(stacked, kernel))
-    start = 0
-    for name, layer in zip(names, linears):
-        setattr(module, name, TokenwiseInt8Slice(product, start, start + layer.out_features))
-        start += layer.out_features
-    module.register_forward_hook(product.release, always_call=True)
+    _levels_of(kernel)
+    layer_replacement.fuse_shared_input_layers(module, names, lambda linear: TokenwiseInt8Linear(linear, kernel))
 
 
 def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool], kernel: str = "fbgemm") -> int:
     """Replace, in place, each float32 torch.nn.Linear of `module` whose name `chosen` accepts
     by a TokenwiseInt8Linear on `kernel` (one of TOKENWISE_KERNELS). Returns how many were
     replaced."""
-    replaced = 0
-    for name, layer in list(module.named_modules()):
-        if type(layer) is not torch.nn.Linear or not chosen(name):
-            continue
-        if layer.weight.dtype != torch.float32:
-            raise ValueError(f"int8 layers are made from float32 ones; {name} is {layer.weight.dtype}")
-        parent, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, attribute, TokenwiseInt8Linear(layer, kernel))
-        replaced += 1
-    return replaced
+    _levels_of(kernel)
+    return layer_replacement.replace_linear_layers(module, chosen, lambda linear: TokenwiseInt8Linear(linear, kernel))
 
 
-__all__ = ["TOKENWISE_KERNELS", "TokenwiseInt8Linear", "TokenwiseInt8Slice", "fuse_shared_input_layers",
-           "int8_per_output_channel", "replace_linear_layers"]
+__all__ = ["TOKENWISE_KERNELS", "TokenwiseInt8Linear", "fuse_shared_input_layers", "int8_per_output_channel",
+           "replace_linear_layers"]

@@ -1,6 +1,6 @@
-"""Greedy generation for the torch int8 LLM (llm_int8, on the compiled kernel) in C
-(twopass_asr/kernels/decode_step.c): the prompts' rows after their cached opening are prefilled
-in one C pass, and each further token is one C step, over the same int8 layers' weights.
+"""Greedy generation for the torch int8 and bf16 LLMs (llm_on_torch, on the compiled kernels) in
+C (twopass_asr/kernels/decode_step.c): the prompts' rows after their cached opening are
+prefilled in one C pass, and each further token is one C step, over the same layers' weights.
 
 A decode step of the torch int8 LLM on a 2-core AVX2 CPU spent about half its time in HF's
 and torch's operations around its int8 products (about 7,000 calls a token) and most of the
@@ -23,14 +23,16 @@ from typing import Sequence
 
 import torch
 
+from twopass_asr.kernels.bf16_linear import CompiledBf16Linear
 from twopass_asr.kernels.decode_step import (
     INPUT_STEP,
     DecoderLayerStruct,
-    Int8LayerStruct,
+    ProjectionStruct,
     Qwen3ModelStruct,
     require_decode_step_library,
 )
-from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear, TokenwiseInt8Slice
+from twopass_asr.kernels.layer_replacement import SharedInputSlice
+from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 
 # Generation settings that leave HF's greedy search without logits processing (token ids, and
 # sampling and output settings greedy search ignores).
@@ -39,17 +41,21 @@ GREEDY_NEUTRAL_SETTINGS = {"bos_token_id", "eos_token_id", "pad_token_id", "do_s
                            "use_cache", "output_attentions", "output_hidden_states"}
 
 
-def _compiled_struct(layer: torch.nn.Module) -> Int8LayerStruct:
-    if not isinstance(layer, TokenwiseInt8Linear) or layer.kernel != "compiled" or layer.bias is not None:
-        raise ValueError(f"the C decode step takes int8 layers on the compiled kernel without bias, got {layer}")
-    return layer.packed.struct
+def _projection(layer: torch.nn.Module, bf16: bool) -> ProjectionStruct:
+    """The C projection of a layer on the compiled bf16 product (bf16) or int8 kernel."""
+    if bf16 and isinstance(layer, CompiledBf16Linear) and layer.bias is None:
+        return ProjectionStruct(bf16=layer.packed.struct)
+    if not bf16 and isinstance(layer, TokenwiseInt8Linear) and layer.kernel == "compiled" and layer.bias is None:
+        return ProjectionStruct(int8=layer.packed.struct)
+    raise ValueError(f"the C decode step takes {'bf16' if bf16 else 'int8'} layers on the compiled kernel without "
+                     f"bias, as the output head is, got {layer}")
 
 
-def _stacked(module: torch.nn.Module, names: Sequence[str]) -> Int8LayerStruct:
-    """The one int8 layer behind the fused slices `names` of `module`, checked to be them in order."""
+def _stacked(module: torch.nn.Module, names: Sequence[str], bf16: bool) -> ProjectionStruct:
+    """The one layer behind the fused slices `names` of `module`, checked to be them in order."""
     slices = [getattr(module, name) for name in names]
-    if not all(isinstance(piece, TokenwiseInt8Slice) for piece in slices):
-        raise ValueError(f"expected {', '.join(names)} fused into one int8 product (llm_int8), got {slices}")
+    if not all(isinstance(piece, SharedInputSlice) for piece in slices):
+        raise ValueError(f"expected {', '.join(names)} fused into one product (llm_on_torch), got {slices}")
     layer = slices[0].shared_layer
     start = 0
     for piece in slices:
@@ -58,7 +64,7 @@ def _stacked(module: torch.nn.Module, names: Sequence[str]) -> Int8LayerStruct:
         start = piece.stop
     if start != layer.out_features:
         raise ValueError(f"{', '.join(names)} do not cover their product's {layer.out_features} outputs")
-    return _compiled_struct(layer)
+    return _projection(layer, bf16)
 
 
 def greedy_generation_config(llm: torch.nn.Module, extra_kwargs: dict) -> bool:
@@ -71,8 +77,8 @@ def greedy_generation_config(llm: torch.nn.Module, extra_kwargs: dict) -> bool:
 
 
 class NativeDecoder:
-    """The C prefill and decode steps over a Qwen3 causal LM quantized by
-    llm_int8.quantize_llm_for_torch (whose layers' weights it reads)."""
+    """The C prefill and decode steps over a Qwen3 causal LM made int8 or bf16 by llm_on_torch
+    (whose layers' weights it reads; bf16 where its output head is)."""
 
     def __init__(self, llm: torch.nn.Module):
         library = require_decode_step_library()
@@ -85,6 +91,7 @@ class NativeDecoder:
             raise ValueError(f"the C decode step takes the default rotary embedding without sliding windows, "
                              f"got {rope}")
         self.llm = llm
+        self.bf16 = isinstance(llm.lm_head, CompiledBf16Linear)
         self._library = library
         self.head_dim = config.head_dim
         self.kv_heads = config.num_key_value_heads
@@ -97,19 +104,19 @@ class NativeDecoder:
             struct.post_attention_norm = self._floats(layer.post_attention_layernorm.weight)
             struct.query_norm = self._floats(attention.q_norm.weight)
             struct.key_norm = self._floats(attention.k_norm.weight)
-            struct.qkv = _stacked(attention, ("q_proj", "k_proj", "v_proj"))
-            struct.output = _compiled_struct(attention.o_proj)
-            struct.gate_up = _stacked(mlp, ("gate_proj", "up_proj"))
-            struct.down = _compiled_struct(mlp.down_proj)
+            struct.qkv = _stacked(attention, ("q_proj", "k_proj", "v_proj"), self.bf16)
+            struct.output = _projection(attention.o_proj, self.bf16)
+            struct.gate_up = _stacked(mlp, ("gate_proj", "up_proj"), self.bf16)
+            struct.down = _projection(mlp.down_proj, self.bf16)
         base = rope["rope_theta"]
         inverse_frequencies = 1.0 / (base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         self.model = Qwen3ModelStruct(
             layers=len(layers), hidden=config.hidden_size, heads=config.num_attention_heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, intermediate=config.intermediate_size, slots=0, capacity=0,
-            norm_eps=config.rms_norm_eps, input_step=INPUT_STEP, inverse_frequencies=self._floats(inverse_frequencies),
-            layer=self._layer_structs, final_norm=self._floats(llm.model.norm.weight),
-            head=_compiled_struct(llm.lm_head))
-        self.vocabulary = self.model.head.outputs
+            norm_eps=config.rms_norm_eps, input_step=INPUT_STEP, bf16_products=self.bf16,
+            inverse_frequencies=self._floats(inverse_frequencies), layer=self._layer_structs,
+            final_norm=self._floats(llm.model.norm.weight), head=_projection(llm.lm_head, self.bf16))
+        self.vocabulary = llm.lm_head.out_features
 
     def _floats(self, tensor: torch.Tensor) -> int:
         kept = tensor.detach().float().contiguous()

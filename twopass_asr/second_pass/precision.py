@@ -9,11 +9,12 @@ cores). int8 gives the LLM's decoder projections int8 weights per output channel
 kernels.tokenwise_int8.int8_per_output_channel: 127 levels for vLLM, 63 on fbgemm) and quantizes
 their inputs at run time. On vLLM it is W8A8 (the project's own export, activations per token,
 everything else in bf16); on torch, CPU only, the compiled int8 kernel with activations per
-token, the output head too, each prefill and decode step one call into C (llm_int8,
-native_decode; fbgemm's product and HF's steps where the C does not compile). Engine auto
-generates int8 on torch wherever those C steps run, and where the CPU has no int8 dot products
-(vLLM's W8A8 is then slower than its float32): served, vLLM's engine processes cost CPU of
-their own beside the same products.
+token, the output head too, each prefill and decode step one call into C (llm_on_torch,
+native_decode; fbgemm's product and HF's steps where the C does not compile). bf16 on torch on
+a CPU is the same with bf16 weights on the compiled bf16 product (torch's own bf16 model where
+the C does not compile). Engine auto generates int8 and bf16 on torch wherever those C steps
+run, and int8 also where the CPU has no int8 dot products (vLLM's W8A8 is then slower than its
+float32): served, vLLM's engine processes cost CPU of their own beside the same products.
 
 The audio encoder and adaptor have a setting of their own, as the first pass: fp32 as FunASR
 runs them, int8, or auto (int8 on every CPU, fp32 on a GPU), with int8 on the kernel the CPU is
@@ -28,14 +29,14 @@ from __future__ import annotations
 import torch
 
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products, cpu_has_native_bf16
-from twopass_asr.second_pass.llm_int8 import llm_int8_kernel
+from twopass_asr.second_pass.llm_on_torch import steps_run_in_c
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_ENV = "TWOPASS_ASR_SECOND_PASS_PRECISION"
 ENCODER_PRECISION_ENV = "TWOPASS_ASR_NANO_ENCODER_PRECISION"
 ENCODER_INT8_KERNEL_ENV = "TWOPASS_ASR_NANO_ENCODER_INT8_KERNEL"
 # The dtype of the LLM's activations and of the prompt embeddings (int8 on vLLM: of all but
-# its linear layers' products; int8 on torch runs in float32 around them, llm_int8).
+# its linear layers' products; int8 on torch runs in float32 around them, llm_on_torch).
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 
 
@@ -63,15 +64,18 @@ def torch_generation_runs(precision: str, device: str) -> bool:
 
 def torch_generation_is_faster(precision: str, device: str, int8_dot_products: bool | None = None,
                                c_steps: bool | None = None) -> bool:
-    """Whether engine auto should generate on torch rather than vLLM: int8 on a CPU where
-    torch's prefill and decode steps run in C (c_steps None: where its int8 LLM is on the compiled
-    kernel here, llm_int8_kernel), or without int8 dot products (int8_dot_products None: read from
-    this CPU), where vLLM's W8A8 kernels are slower than its float32."""
-    if precision != "int8" or device != "cpu":
+    """Whether engine auto should generate on torch rather than vLLM: int8 or bf16 on a CPU
+    where torch's prefill and decode steps run in C (c_steps None: where decode_step.c compiles
+    here, llm_on_torch.steps_run_in_c), and int8 without int8 dot products (int8_dot_products
+    None: read from this CPU), where vLLM's W8A8 kernels are slower than its float32."""
+    if precision not in ("int8", "bf16") or device != "cpu":
         return False
     if c_steps is None:
-        c_steps = llm_int8_kernel() == "compiled"
-    return c_steps or not (cpu_has_int8_dot_products() if int8_dot_products is None else int8_dot_products)
+        c_steps = steps_run_in_c()
+    if c_steps:
+        return True
+    return precision == "int8" and not (cpu_has_int8_dot_products() if int8_dot_products is None
+                                        else int8_dot_products)
 
 
 def vllm_dtype(precision: str) -> str:

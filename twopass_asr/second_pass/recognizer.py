@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,14 +27,16 @@ import torch
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.funasr_classes import funasr_automodel
+from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.second_pass.fused_audio_encoder import FusedAudioEncoder
-from twopass_asr.second_pass.llm_int8 import llm_int8_kernel, quantize_llm_for_torch
+from twopass_asr.second_pass.llm_on_torch import bf16_llm_for_torch, llm_int8_kernel, quantize_llm_for_torch
 from twopass_asr.second_pass.native_decode import NativeDecoder, greedy_generation_config
+from twopass_asr.second_pass.precision import TORCH_DTYPES
 from twopass_asr.second_pass.prompt_prefix import PromptPrefixCache
 from twopass_asr.store.nano_dir import validate_nano_dir
 
@@ -300,30 +302,55 @@ class NanoRecognizer:
 
     def use_int8_generation(self, native_steps: bool = True) -> None:
         """Generate on torch with the LLM's decoder projections and output head in int8
-        (twopass_asr.second_pass.llm_int8), float32 elsewhere and for the prompts. CPU only;
+        (twopass_asr.second_pass.llm_on_torch), float32 elsewhere and for the prompts. CPU only;
         before use_dtype replaces the layers. native_steps: the prefill and each decode step one
         call into C (native_decode) where the layers are on the compiled kernel and generation
         is plain greedy search; else HF's generate runs them."""
+        kernel = llm_int8_kernel()
+        self._replace_generation_layers("int8", lambda llm: quantize_llm_for_torch(llm, kernel))
+        # Without the compiled kernel (no C compiler) decode_step_library has said so already.
+        if native_steps and kernel == "compiled":
+            self._use_native_steps("int8")
+
+    def use_bf16_generation(self, native_steps: bool = True) -> None:
+        """Generate on torch with the LLM's decoder projections and output head on the compiled
+        bf16 product (llm_on_torch): bf16 weights, float32 elsewhere and for the prompts. CPU
+        only, where decode_step.c compiles (RuntimeError otherwise); before use_dtype replaces
+        the layers. native_steps: as use_int8_generation's."""
+        self._replace_generation_layers("bf16", bf16_llm_for_torch)
+        if native_steps:
+            self._use_native_steps("bf16")
+
+    def use_torch_generation(self, precision: str) -> None:
+        """Generate on torch in `precision` (resolved) the fastest way this machine has: int8 on
+        its int8 layers, bf16 on a CPU on the compiled bf16 product where decode_step.c compiles,
+        else (and in the other precisions) HF's model in that dtype."""
+        if precision == "int8":
+            self.use_int8_generation()
+        elif precision == "bf16" and str(self.device) == "cpu" and decode_step_library() is not None:
+            self.use_bf16_generation()
+        else:
+            self.use_dtype(TORCH_DTYPES[precision])
+
+    def _replace_generation_layers(self, precision: str, replace: Callable[[torch.nn.Module], None]) -> None:
         if str(self.device) != "cpu":
-            raise ValueError(f"int8 generation on torch runs on a CPU (its int8 kernels are CPU ones), not on "
-                             f"{self.device}; on a GPU int8 runs on vLLM")
+            raise ValueError(f"{precision} generation on torch's compiled products runs on a CPU, not on "
+                             f"{self.device}; on a GPU it runs on vLLM")
         if self._llm_layers_replaced:
             raise ValueError(f"the LLM's linear layers were already replaced in {self.dtype}")
         self._require_generation_layers()
         self.dtype = torch.float32
         self.model.llm.to(torch.float32)
-        kernel = llm_int8_kernel()
-        quantize_llm_for_torch(self.model.llm, kernel)
+        replace(self.model.llm)
         self._llm_layers_replaced = True
         self.prompt_prefixes.clear()
-        # Without the compiled kernel (no C compiler) decode_step_library has said so already.
-        if not native_steps or kernel != "compiled":
-            return
+
+    def _use_native_steps(self, precision: str) -> None:
         if greedy_generation_config(self.model.llm, self.kwargs.get("llm_kwargs", {})):
             self.native_decoder = NativeDecoder(self.model.llm)
         else:
-            log.warning("the int8 LLM's decode steps run in HF's generate: its generation settings are not plain "
-                        "greedy search, which is all the C step does")
+            log.warning("the %s LLM's decode steps run in HF's generate: its generation settings are not plain "
+                        "greedy search, which is all the C step does", precision)
 
     def release_generation_layers(self, input_embeddings: torch.Tensor | None = None) -> None:
         """Free the LLM's decoder layers and output head, keeping the token embeddings the

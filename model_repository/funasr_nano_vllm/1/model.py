@@ -6,8 +6,8 @@ The prompt embeddings are built in torch, with one audio encoder pass over the s
 that wait together (SegmentBatcher). The LLM runs on vLLM's async engine (text streamed
 as it is generated, or in one response when the request sets STREAM=false) or, with
 engine=torch or when `auto` finds no vLLM, on torch: one generate call over the segments
-that wait together (text in one response; precision int8 there: torch's int8 layers,
-twopass_asr.second_pass.llm_int8)."""
+that wait together (text in one response; on a CPU in int8 or bf16 on the compiled products,
+twopass_asr.second_pass.llm_on_torch)."""
 
 # First of all: FunASR without its import-everything __init__ (twopass_asr.funasr_classes).
 from twopass_asr.funasr_classes import use_light_funasr
@@ -141,8 +141,8 @@ class TritonPythonModel:
             self.recognizer.release_generation_layers(mapped_input_embeddings(self.engine.llm_dir))
         # Prompts are built in the precision the LLM decodes in (with vLLM: the same values
         # vLLM's cast would give).
-        if self.engine is None and precision == "int8":
-            self.recognizer.use_int8_generation()
+        if self.engine is None:
+            self.recognizer.use_torch_generation(precision)
         else:
             self.recognizer.use_dtype(TORCH_DTYPES[precision])
         if self.engine is None:
