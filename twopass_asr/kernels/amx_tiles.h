@@ -50,12 +50,12 @@ static void configure_tiles(void) {
 
 /* The dot product of tile c += tile a . tile b: bf16 pairs summed in float (bf16), or uint8
  * inputs by int8 weights in groups of 4 summed in int32. */
-#define TILE_DOT(bf16, c, a, b)          \
-    do {                                 \
-        if (bf16)                        \
-            _tile_dpbf16ps(c, a, b);     \
-        else                             \
-            _tile_dpbusd(c, a, b);       \
+#define TILE_DOT(bf16, c, a, b)      \
+    do {                             \
+        if (bf16)                    \
+            _tile_dpbf16ps(c, a, b); \
+        else                         \
+            _tile_dpbusd(c, a, b);   \
     } while (0)
 
 /* sums [32, 32] (row stride 32; float for bf16, else int32) of input rows [16 or 32

@@ -31,8 +31,8 @@ typedef struct {
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, slots, capacity;
-    float norm_eps, input_step; /* input_step: the int8 products' */
-    int bf16_products;          /* else int8 */
+    float norm_eps, input_step;       /* input_step: the int8 products' */
+    int bf16_products;                /* else int8 */
     const float *inverse_frequencies; /* [head_dim / 2] */
     const decoder_layer *layer;
     const float *final_norm;
@@ -45,10 +45,10 @@ typedef struct {
     float *normed;       /* [rows, max(hidden, intermediate)] the next product's float input */
     void *product_input; /* [rows, max(hidden, heads * head_dim, intermediate)]: uint8 or bf16 */
     float *row_scales;   /* [rows], of int8 inputs */
-    float *qkv;        /* [rows, (heads + 2 kv_heads) head_dim] */
-    float *attended;   /* [rows, heads * head_dim] */
-    float *product;    /* [rows, max(hidden, 2 intermediate)] */
-    float *scores;     /* [rows * heads, capacity] */
+    float *qkv;          /* [rows, (heads + 2 kv_heads) head_dim] */
+    float *attended;     /* [rows, heads * head_dim] */
+    float *product;      /* [rows, max(hidden, 2 intermediate)] */
+    float *scores;       /* [rows * heads, capacity] */
 } step_scratch;
 
 /* Qwen3's RMS norm of one row: x / sqrt(mean(x^2) + eps) * weight. */

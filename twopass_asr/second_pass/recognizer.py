@@ -27,14 +27,14 @@ import torch
 from twopass_asr.audio import SAMPLE_RATE, pcm16_to_float
 from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.funasr_classes import funasr_automodel
-from twopass_asr.kernels.decode_step import decode_step_library
 from twopass_asr.kernels.int8_linear import quantize_linear_layers, stream_rows
 from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
 from twopass_asr.second_pass.fused_audio_encoder import FusedAudioEncoder
-from twopass_asr.second_pass.llm_on_torch import bf16_llm_for_torch, llm_int8_kernel, quantize_llm_for_torch
+from twopass_asr.second_pass.llm_on_torch import (bf16_llm_for_torch, llm_int8_kernel, quantize_llm_for_torch,
+                                                   steps_run_in_c)
 from twopass_asr.second_pass.native_decode import NativeDecoder, greedy_generation_config
 from twopass_asr.second_pass.precision import TORCH_DTYPES
 from twopass_asr.second_pass.prompt_prefix import PromptPrefixCache
@@ -327,7 +327,7 @@ class NanoRecognizer:
         else (and in the other precisions) HF's model in that dtype."""
         if precision == "int8":
             self.use_int8_generation()
-        elif precision == "bf16" and str(self.device) == "cpu" and decode_step_library() is not None:
+        elif precision == "bf16" and str(self.device) == "cpu" and steps_run_in_c():
             self.use_bf16_generation()
         else:
             self.use_dtype(TORCH_DTYPES[precision])
