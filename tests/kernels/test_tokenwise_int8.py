@@ -18,15 +18,15 @@ from twopass_asr.kernels.decode_step import (
     TILE_OUTPUTS,
     CompiledInt8Weights,
 )
-from twopass_asr.kernels.layer_replacement import SharedInputSlice
+from twopass_asr.kernels.layer_replacement import SharedInputSlice, fuse_shared_input_layers
 from twopass_asr.kernels.row_kernels import c_compiler, compile_library, declare
 from twopass_asr.kernels.tokenwise_int8 import (
     TOKENWISE_KERNELS,
     TokenwiseInt8Linear,
-    fuse_shared_input_layers,
     int8_per_output_channel,
     replace_linear_layers,
 )
+from twopass_asr.second_pass.llm_on_torch import quantize_llm_for_torch
 
 IN_FEATURES, OUT_FEATURES = 256, 192
 
@@ -150,7 +150,7 @@ class GatedBlock(torch.nn.Module):
 @pytest.mark.parametrize("shared_kernel", ["fbgemm", "compiled"])
 def test_layers_sharing_an_input_give_their_own_int8_layers_bits_from_one_product(bias, shared_kernel, monkeypatch):
     block, separate = GatedBlock(bias), GatedBlock(bias)
-    fuse_shared_input_layers(block, ("a", "b", "c"), shared_kernel)
+    fuse_shared_input_layers(block, ("a", "b", "c"), lambda linear: TokenwiseInt8Linear(linear, shared_kernel))
     replace_linear_layers(separate, lambda name: True, shared_kernel)
     assert all(type(getattr(block, name)) is SharedInputSlice for name in "abc")
     for name in "abc":
@@ -275,8 +275,10 @@ def test_layers_with_different_inputs_cannot_share_one():
     block = GatedBlock(bias=False)
     block.c = torch.nn.Linear(IN_FEATURES // 2, 32, bias=False)
     with pytest.raises(ValueError, match="a, c cannot share an input"):
-        fuse_shared_input_layers(block, ("a", "c"))
+        fuse_shared_input_layers(block, ("a", "c"), TokenwiseInt8Linear)
     with pytest.raises(ValueError, match="float32 torch.nn.Linear"):
-        fuse_shared_input_layers(torch.nn.Sequential(torch.nn.Linear(8, 8).half()), ("0",))
-    with pytest.raises(ValueError, match="not onednn"):
-        fuse_shared_input_layers(GatedBlock(bias=False), ("a", "b"), "onednn")
+        fuse_shared_input_layers(torch.nn.Sequential(torch.nn.Linear(8, 8).half()), ("0",), TokenwiseInt8Linear)
+    # The torch int8 LLM fuses its layers on fbgemm or the compiled kernel: oneDNN's dynamic
+    # product rounded stacked shapes differently (session 13).
+    with pytest.raises(ValueError, match="not 'onednn'"):
+        quantize_llm_for_torch(None, "onednn")

@@ -222,18 +222,6 @@ def _scripted(product):
         return torch.jit.script(product)
 
 
-def fuse_shared_input_layers(module: torch.nn.Module, names: tuple[str, ...], kernel: str = "fbgemm") -> None:
-    """layer_replacement.fuse_shared_input_layers with TokenwiseInt8Linear on `kernel`: the
-    slices give the bits of each layer's own TokenwiseInt8Linear (weights quantized per output
-    channel, inputs per row), the input quantized once. On fbgemm or the compiled kernel only: the
-    torch int8 LLM, the one user, is faster on them one token a time (and oneDNN's dynamic
-    product, measured in session 13, rounded stacked shapes differently)."""
-    if kernel == "onednn":
-        raise ValueError("layers sharing an input run as one product on fbgemm or the compiled kernel, not onednn")
-    _levels_of(kernel)
-    layer_replacement.fuse_shared_input_layers(module, names, lambda linear: TokenwiseInt8Linear(linear, kernel))
-
-
 def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool], kernel: str = "fbgemm") -> int:
     """Replace, in place, each float32 torch.nn.Linear of `module` whose name `chosen` accepts
     by a TokenwiseInt8Linear on `kernel` (one of TOKENWISE_KERNELS). Returns how many were
@@ -242,5 +230,4 @@ def replace_linear_layers(module: torch.nn.Module, chosen: Callable[[str], bool]
     return layer_replacement.replace_linear_layers(module, chosen, lambda linear: TokenwiseInt8Linear(linear, kernel))
 
 
-__all__ = ["TOKENWISE_KERNELS", "TokenwiseInt8Linear", "fuse_shared_input_layers", "int8_per_output_channel",
-           "replace_linear_layers"]
+__all__ = ["TOKENWISE_KERNELS", "TokenwiseInt8Linear", "int8_per_output_channel", "replace_linear_layers"]

@@ -54,6 +54,7 @@ def quantize_llm_for_torch(llm: torch.nn.Module, kernel: str | None = None) -> N
     on `kernel` (fbgemm or compiled; None: llm_int8_kernel()); the input embeddings (tied to the
     head in Qwen3) stay float32 for building prompts."""
     kernel = llm_int8_kernel() if kernel is None else kernel
+    # Its fused products: oneDNN's dynamic product rounded stacked shapes differently (session 13).
     if kernel not in ("fbgemm", "compiled"):
         raise ValueError(f"the torch int8 LLM runs on fbgemm or the compiled kernel, not {kernel!r}")
     _replace_product_layers(llm, lambda linear: TokenwiseInt8Linear(linear, kernel))
