@@ -104,13 +104,6 @@ def products_use_avx512_vnni() -> bool:
     return library is not None and bool(library.int8_product_uses_avx512_vnni())
 
 
-def bf16_products_are_native() -> bool:
-    """Whether this process's compiled bf16 products use the CPU's bf16 dot products (AVX-512
-    BF16, and AMX's tiles where Linux grants them); other builds widen the weights to float."""
-    library = decode_step_library()
-    return library is not None and bool(library.bf16_products_native())
-
-
 class CompiledInt8Weights:
     """An int8 layer's weights as int8_product.h takes them: int8 [outputs, inputs] on -63..63
     (in tile order, padded with zeros to whole tiles, where `library` takes it for the shape,
@@ -203,5 +196,5 @@ class CompiledBf16Weights:
 
 __all__ = ["BF16_TILE_INPUTS", "Bf16LayerStruct", "CompiledBf16Weights", "CompiledInt8Weights", "DecoderLayerStruct",
            "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY", "ProjectionStruct", "Qwen3ModelStruct", "SIGNATURES",
-           "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "bf16_products_are_native", "decode_step_library",
-           "products_use_avx512_vnni", "require_decode_step_library"]
+           "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "decode_step_library", "products_use_avx512_vnni",
+           "require_decode_step_library"]
