@@ -1,10 +1,16 @@
 /* AMX's tile registers as the compiled products use them (int8_product.h, bf16_product.h):
  * eight tiles of 16 rows of 64 bytes, which Linux lends a process only once it has asked. The
  * products use them where the build has AMX's int8 and bf16 dot products both (AMX_PRODUCTS),
- * as every CPU with AMX has. */
+ * as every CPU with AMX has. Also the weights' prefetch distance, which every path shares. */
 
 #ifndef TWOPASS_ASR_AMX_TILES_H
 #define TWOPASS_ASR_AMX_TILES_H
+
+/* How far ahead of every path of the products (int8 and bf16, tiles or vectors) the weights are
+ * fetched: a step of one row streams every weight once from memory, and with the hardware's
+ * prefetching alone the products ran slower, AMX's tile loads too (perf/RESULTS.md, sessions 22
+ * and 40). A prefetch past the end of the weights is harmless. */
+#define WEIGHT_PREFETCH_BYTES 2048
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 #define AMX_PRODUCTS 1
@@ -73,6 +79,12 @@ static inline __attribute__((always_inline)) void tile_block(const uint8_t *inpu
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t *ahead = tiles + s * tile_bytes + WEIGHT_PREFETCH_BYTES;
+        for (int64_t line = 0; line < tile_bytes; line += AMX_TILE_ROW_BYTES) {
+            _mm_prefetch((const char *)ahead + line, _MM_HINT_T0);
+            if (two_output_tiles)
+                _mm_prefetch((const char *)ahead + steps * tile_bytes + line, _MM_HINT_T0);
+        }
         _tile_loadd(4, inputs + s * AMX_TILE_ROW_BYTES, stride);
         _tile_loadd(6, tiles + s * tile_bytes, AMX_TILE_ROW_BYTES);
         TILE_DOT(bf16, 0, 4, 6);

@@ -29,9 +29,8 @@
 #define BF16_TILE_OUTPUTS 16
 #define BF16_TILE_INPUTS 32 /* a tile's 16 rows of 64 bytes: 16 pairs of inputs */
 #define BF16_TILE_ELEMENTS (BF16_TILE_OUTPUTS * BF16_TILE_INPUTS)
-/* As int8_product.h's: how far ahead the weights are fetched, and the bytes of inputs a block
- * of rows may span to stay in the first-level cache while the weights pass over it. */
-#define BF16_PREFETCH_ELEMENTS 1024
+/* As int8_product.h's: the bytes of inputs a block of rows may span to stay in the first-level
+ * cache while the weights pass over it. */
 #define BF16_ROW_BLOCK_BYTES 16384
 
 /* A bf16 linear layer without bias, its weights in one of two orders. */
@@ -102,11 +101,11 @@ static inline __attribute__((always_inline)) void bf16_ordered_block(const uint1
     for (int r = 0; r < count; ++r)
         acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < inputs / 2; ++g) {
-        _mm_prefetch((const char *)(first + 32 * g + BF16_PREFETCH_ELEMENTS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(first + 32 * g) + WEIGHT_PREFETCH_BYTES, _MM_HINT_T0);
         const __m512bh low = (__m512bh)_mm512_loadu_si512(first + 32 * g);
         __m512bh high = low;
         if (two_vectors) {
-            _mm_prefetch((const char *)(second + 32 * g + BF16_PREFETCH_ELEMENTS), _MM_HINT_T0);
+            _mm_prefetch((const char *)(second + 32 * g) + WEIGHT_PREFETCH_BYTES, _MM_HINT_T0);
             high = (__m512bh)_mm512_loadu_si512(second + 32 * g);
         }
         for (int r = 0; r < count; ++r) {

@@ -35,10 +35,6 @@
 #endif
 
 static const int32_t INPUT_ZERO_POINT = 128;
-/* How far ahead of the product the weights are fetched: a step of one row streams every weight
- * once from memory, and with the hardware's prefetching alone it ran slower (perf/RESULTS.md,
- * 2026-12-05, session 22). A prefetch past the end of the weights is harmless. */
-#define WEIGHT_PREFETCH_BYTES 2048
 /* The bytes of inputs a block of rows may span: the block stays in the first-level cache while
  * every output's weights pass over it. */
 #define ROW_BLOCK_BYTES 16384
