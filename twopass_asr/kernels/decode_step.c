@@ -49,6 +49,7 @@ typedef struct {
     float *attended;     /* [rows, heads * head_dim] */
     float *product;      /* [rows, max(hidden, 2 intermediate)] */
     float *scores;       /* [rows * heads, capacity] */
+    float *rotary;       /* [rows, head_dim]: the cosines, then the sines, of each row's rotary angles */
 } step_scratch;
 
 /* Qwen3's RMS norm of one row: x / sqrt(mean(x^2) + eps) * weight. */
@@ -100,12 +101,23 @@ static void product_inputs(const qwen3_model *model, float *x, const float *adde
     }
 }
 
-/* The rotary embedding of one head at `position`: x * cos + rotate_half(x) * sin. */
-static void rotate(float *x, int64_t head_dim, const float *inverse_frequencies, int64_t position) {
+/* The cosines and sines of the rotary angles at `position` into rotary [head_dim]: computed
+ * once a row for all its heads and layers (the trigonometry cost more than the rotations). */
+static void rotary_angles(const float *inverse_frequencies, int64_t head_dim, int64_t position, float *rotary) {
     const int64_t half = head_dim / 2;
     for (int64_t i = 0; i < half; ++i) {
         const float angle = (float)position * inverse_frequencies[i];
-        const float cosine = cosf(angle), sine = sinf(angle);
+        rotary[i] = cosf(angle);
+        rotary[half + i] = sinf(angle);
+    }
+}
+
+/* The rotary embedding of one head (rotary: rotary_angles' at its position): x * cos +
+ * rotate_half(x) * sin. */
+static void rotate(float *x, int64_t head_dim, const float *rotary) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const float cosine = rotary[i], sine = rotary[half + i];
         const float first = x[i], second = x[i + half];
         x[i] = first * cosine - second * sine;
         x[i + half] = second * cosine + first * sine;
@@ -115,12 +127,12 @@ static void rotate(float *x, int64_t head_dim, const float *inverse_frequencies,
 /* The attention of one query head (normed and rotated in place) over its sequence's cache up
  * to `index`, into `out`. */
 static void attend_head(const qwen3_model *model, const decoder_layer *layer, float *query, const float *keys,
-                        const float *values, const uint8_t *present, int64_t index, int64_t position,
+                        const float *values, const uint8_t *present, int64_t index, const float *rotary,
                         float *scores, float *out) {
     const int64_t head_dim = model->head_dim;
     const float scaling = 1.0f / sqrtf((float)head_dim);
     rms_norm(query, layer->query_norm, head_dim, model->norm_eps, query);
-    rotate(query, head_dim, model->inverse_frequencies, position);
+    rotate(query, head_dim, rotary);
     float largest = -INFINITY;
     for (int64_t t = 0; t <= index; ++t) {
         if (!present[t])
@@ -148,12 +160,12 @@ static void attend_head(const qwen3_model *model, const decoder_layer *layer, fl
     }
 }
 
-/* Row r is sequence slots[r] at rotary position positions[r], its key and value going to cache
+/* Row r is sequence slots[r] (its rotary angles in scratch's), its key and value going to cache
  * index indices[r]. First every row's keys are normed and rotated and written to the cache with
  * its values, then each query head attends its sequence's cache up to its row's index: the
  * rows of one prompt, written together, each see the rows before them. */
 static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t rows, const int64_t *slots,
-                   const int64_t *positions, const int64_t *indices, const uint8_t *valid, step_scratch *scratch) {
+                   const int64_t *indices, const uint8_t *valid, step_scratch *scratch) {
     const int64_t heads = model->heads, kv_heads = model->kv_heads, head_dim = model->head_dim;
     const int64_t capacity = model->capacity, group = heads / kv_heads;
     const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
@@ -164,7 +176,7 @@ static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t
             const int64_t entry = ((slots[r] * kv_heads + g) * capacity + indices[r]) * head_dim;
             float *key = row + (heads + g) * head_dim;
             rms_norm(key, layer->key_norm, head_dim, model->norm_eps, key);
-            rotate(key, head_dim, model->inverse_frequencies, positions[r]);
+            rotate(key, head_dim, scratch->rotary + r * head_dim);
             memcpy(layer->keys + entry, key, (size_t)head_dim * sizeof(float));
             memcpy(layer->values + entry, row + (heads + kv_heads + g) * head_dim, (size_t)head_dim * sizeof(float));
         }
@@ -175,8 +187,8 @@ static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t
             const int64_t cached = (slots[r] * kv_heads + g) * capacity * head_dim;
             for (int64_t h = g * group; h < (g + 1) * group; ++h)
                 attend_head(model, layer, scratch->qkv + r * qkv_width + h * head_dim, layer->keys + cached,
-                            layer->values + cached, valid + slots[r] * capacity, indices[r], positions[r],
-                            scratch->scores + (r * heads + h) * capacity,
+                            layer->values + cached, valid + slots[r] * capacity, indices[r],
+                            scratch->rotary + r * head_dim, scratch->scores + (r * heads + h) * capacity,
                             scratch->attended + (r * heads + h) * head_dim);
         }
     }
@@ -191,12 +203,12 @@ static int64_t lay_out_scratch(const qwen3_model *model, int64_t rows, float *ba
     const int64_t widest = intermediate > width ? intermediate : width;
     const int64_t widest_input = attended_width > widest ? attended_width : widest;
     const int64_t widest_output = 2 * intermediate > width ? 2 * intermediate : width;
-    const int64_t sizes[6] = {rows * widest, rows, rows * qkv_width, rows * attended_width, rows * widest_output,
-                              rows * model->heads * model->capacity};
-    float **parts[6] = {&scratch->normed, &scratch->row_scales, &scratch->qkv, &scratch->attended,
-                        &scratch->product, &scratch->scores};
+    const int64_t sizes[7] = {rows * widest, rows, rows * qkv_width, rows * attended_width, rows * widest_output,
+                              rows * model->heads * model->capacity, rows * model->head_dim};
+    float **parts[7] = {&scratch->normed, &scratch->row_scales, &scratch->qkv, &scratch->attended,
+                        &scratch->product, &scratch->scores, &scratch->rotary};
     int64_t used = 0;
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < 7; ++i) {
         if (base)
             *parts[i] = base + used;
         used += sizes[i];
@@ -224,18 +236,21 @@ int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
 void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const int64_t *slots,
                    const int64_t *positions, const int64_t *indices, const uint8_t *valid, float *scratch_space,
                    int64_t logit_count, const int64_t *logit_rows, float *logits, int threads) {
-    const int64_t width = model->hidden, intermediate = model->intermediate;
-    const int64_t attended_width = model->heads * model->head_dim;
+    const int64_t width = model->hidden, intermediate = model->intermediate, head_dim = model->head_dim;
+    const int64_t attended_width = model->heads * head_dim;
     step_scratch scratch;
     lay_out_scratch(model, rows, scratch_space, &scratch);
 #pragma omp parallel num_threads(threads)
     {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            rotary_angles(model->inverse_frequencies, head_dim, positions[r], scratch.rotary + r * head_dim);
         for (int64_t l = 0; l < model->layers; ++l) {
             const decoder_layer *layer = &model->layer[l];
             /* The previous layer's MLP output is added to the hidden rows here. */
             product_inputs(model, hidden, l ? scratch.product : NULL, layer->input_norm, rows, width, &scratch);
             project(model, &layer->qkv, rows, &scratch, scratch.qkv);
-            attend(model, layer, rows, slots, positions, indices, valid, &scratch);
+            attend(model, layer, rows, slots, indices, valid, &scratch);
             product_inputs(model, scratch.attended, NULL, NULL, rows, attended_width, &scratch);
             project(model, &layer->output, rows, &scratch, scratch.product);
             product_inputs(model, hidden, scratch.product, layer->post_attention_norm, rows, width, &scratch);
