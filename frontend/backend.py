@@ -74,8 +74,10 @@ class StreamModels(ABC):
     second_pass_beside_first_pass = False
 
     @abstractmethod
-    def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:
-        """Start the second pass of one segment now; cancelling the future cancels it."""
+    def start_recognition(self, pcm: np.ndarray, config: StreamConfig, draft: str = "") -> asyncio.Future[str]:
+        """Start the second pass of one segment now; cancelling the future cancels it. draft:
+        the first pass's text of the segment, which may speed up the second pass where it
+        takes drafts (twopass_asr/second_pass/drafts.py); the text it gives stays the same."""
 
     async def move(self) -> bool:
         """After BackendLost: go on on another inference server. Later calls go there, and

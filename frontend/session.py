@@ -124,6 +124,9 @@ class StreamSession:
         self._first_pass_sequence_from = 0  # where the open (or next) first-pass sequence began
         self._first_pass_decoded_to = 0
         self._partials_sent_to = 0  # stream sample up to which first-pass texts went out
+        # The texts of the open (or last) first-pass sequence: in 2pass one segment's, its
+        # second pass's draft.
+        self._sequence_texts: list[str] = []
         self._moves = 0  # moves to another server so far
         self._moved: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # set at the next move
         self._move_lock = asyncio.Lock()
@@ -367,7 +370,12 @@ class StreamSession:
         if not self._models.second_pass_beside_first_pass:
             return None
         pcm = self._history.slice_ms(start_ms, end_ms)
-        return self._models.start_recognition(pcm, self.config) if len(pcm) else None
+        return self._models.start_recognition(pcm, self.config, self._draft()) if len(pcm) else None
+
+    def _draft(self) -> str:
+        """The first pass's text of the segment closing now, for its second pass (2pass only:
+        there the first pass's sequences are the segments)."""
+        return "".join(self._sequence_texts) if self.config.mode == "2pass" else ""
 
     async def _close_segment(self, start_ms: int, end_ms: int, reported_at: float,
                              recognition: asyncio.Future[str] | None) -> None:
@@ -377,10 +385,11 @@ class StreamSession:
         pcm = self._history.slice_ms(start_ms, end_ms)
         if self.config.mode == "2pass":
             await self._decode_first_pass(end=True)
+        draft = self._draft()
         if len(pcm) and recognition is None:
-            recognition = self._models.start_recognition(pcm, self.config)
+            recognition = self._models.start_recognition(pcm, self.config, draft)
         self._last_segment_end_ms = end_ms
-        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, pcm, recognition,
+        job = asyncio.create_task(self._segment_result(self.config, start_ms, end_ms, pcm, draft, recognition,
                                                        self._moves, reported_at))
         if recognition is not None:
             # A job cancelled before it ran must still cancel its request.
@@ -390,14 +399,14 @@ class StreamSession:
         else:
             self._delivery.submit(job)
 
-    async def _segment_result(self, config: StreamConfig, start_ms: int, end_ms: int, pcm: np.ndarray,
+    async def _segment_result(self, config: StreamConfig, start_ms: int, end_ms: int, pcm: np.ndarray, draft: str,
                               recognition: asyncio.Future[str] | None, moves: int, reported_at: float
                               ) -> tuple[dict[str, Any], float]:
         """The segment's message, and when the VAD reported its end."""
-        text = await self._recognize(pcm, config, recognition, moves) if recognition is not None else ""
+        text = await self._recognize(pcm, config, draft, recognition, moves) if recognition is not None else ""
         return segment_message(config, text, start_ms, end_ms), reported_at
 
-    async def _recognize(self, pcm: np.ndarray, config: StreamConfig, recognition: asyncio.Future[str],
+    async def _recognize(self, pcm: np.ndarray, config: StreamConfig, draft: str, recognition: asyncio.Future[str],
                          moves: int) -> str:
         """The text of `recognition` (asked after `moves` moves); asked again on the stream's
         new server when the stream moves while it waits, or when its server was lost."""
@@ -413,7 +422,7 @@ class StreamSession:
                 else:
                     recognition.cancel()  # asked of a server the stream has left
                 moves = self._moves
-                recognition = self._models.start_recognition(pcm, config)
+                recognition = self._models.start_recognition(pcm, config, draft)
         finally:
             recognition.cancel()
 
@@ -447,7 +456,9 @@ class StreamSession:
         models = self._current_models()
         if not models.first_pass.is_open:
             self._first_pass_chunk = self.config.first_pass_chunk_samples
+            self._sequence_texts = []
         text = await models.first_pass.step(pcm, self.config, end=end)
+        self._sequence_texts.append(text)
         decoded_to = self._fed_samples - self._first_pass_buffer.size
         self._first_pass_decoded_to = decoded_to
         if end:

@@ -246,23 +246,27 @@ class TritonGateway:
         return b"".join(v if isinstance(v, bytes) else str(v).encode() for v in values.reshape(-1)).decode("utf-8")
 
     @staticmethod
-    def segment_inputs(pcm: np.ndarray, hotwords: str, language: str, itn: bool,
-                       stream: bool = False) -> list[grpcclient.InferInput]:
-        """A second-pass request; stream=True asks for text deltas instead of one response."""
+    def segment_inputs(pcm: np.ndarray, hotwords: str, language: str, itn: bool, stream: bool = False,
+                       draft: str = "") -> list[grpcclient.InferInput]:
+        """A second-pass request; stream=True asks for text deltas instead of one response;
+        draft: the first pass's text of the segment (none when empty)."""
         inputs = [_tensor("AUDIO", pcm.reshape(-1), "INT16"), _bytes("LANGUAGE", language),
                   _tensor("ITN", np.array([itn], dtype=bool), "BOOL"),
                   _tensor("STREAM", np.array([stream], dtype=bool), "BOOL")]
         if hotwords:
             inputs.append(_bytes("HOTWORDS", hotwords))
+        if draft:
+            inputs.append(_bytes("DRAFT", draft))
         return inputs
 
-    async def recognize_segment(self, pcm: np.ndarray, hotwords: str, language: str, itn: bool) -> str:
+    async def recognize_segment(self, pcm: np.ndarray, hotwords: str, language: str, itn: bool,
+                                draft: str = "") -> str:
         """Second pass on one segment: the TEXT of its response stream.
         Cancelling the caller cancels the gRPC stream, which Triton passes on to the model."""
         # One response per segment (not deltas): only the whole text is forwarded, and
         # tritonserver 2.51 can crash when a request is cancelled while deltas stream to it
         # (README "Known limitations"); cancelling this one response has not.
-        inputs = self.segment_inputs(pcm, hotwords, language, itn)
+        inputs = self.segment_inputs(pcm, hotwords, language, itn, draft=draft)
 
         async def one_request():
             yield {"model_name": SECOND_PASS_MODEL, "inputs": inputs}
@@ -396,9 +400,9 @@ class TritonStreamModels(StreamModels):
         self._use(gateway)
         return True
 
-    def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:
+    def start_recognition(self, pcm: np.ndarray, config: StreamConfig, draft: str = "") -> asyncio.Future[str]:
         return asyncio.ensure_future(self._gateway.recognize_segment(pcm, config.hotwords, config.svs_lang,
-                                                                     config.itn))
+                                                                     config.itn, draft))
 
     async def close(self) -> None:
         try:

@@ -150,7 +150,8 @@ class FunasrStreamModels(StreamModels):
             await asyncio.wait([self._recognition])
         return await self._models.submit(function, *args)
 
-    def start_recognition(self, pcm: np.ndarray, config: StreamConfig) -> asyncio.Future[str]:
+    def start_recognition(self, pcm: np.ndarray, config: StreamConfig, draft: str = "") -> asyncio.Future[str]:
+        # FunASR's runtime has no drafts: it is the baseline as FunASR runs it.
         self._recognition = self._models.submit(self._models.recognize, pcm, config)
         return self._recognition
 

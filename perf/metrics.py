@@ -223,7 +223,9 @@ def served_breakdown(before: Samples, after: Samples) -> dict[str, float | None]
     - <stage>_wait_s: per segment, from its arrival at the Nano model's stage to its pass;
       <stage>_pass_s: per pass; <stage>_batch: segments per pass;
     - <model>_pass_s per batched pass and <model>_batch (chunks per pass) of the first-pass
-      models, the VAD and the streaming Paraformer."""
+      models, the VAD and the streaming Paraformer;
+    - draft_tokens_per_segment: the first pass's draft tokens torch generation kept, per
+      segment it generated (each a decode pass saved)."""
 
     def delta(name: str, model: str | None = None) -> float | None:
         if name not in after:
@@ -250,6 +252,8 @@ def served_breakdown(before: Samples, after: Samples) -> dict[str, float | None]
         out[f"{stage}_wait_s"] = ratio(delta(f"twopass_asr_nano_{stage}_wait_seconds_total"), segments)
         out[f"{stage}_pass_s"] = ratio(delta(f"twopass_asr_nano_{stage}_pass_seconds_total"), passes)
         out[f"{stage}_batch"] = ratio(segments, passes)
+    out["draft_tokens_per_segment"] = ratio(delta("twopass_asr_nano_draft_tokens_accepted_total"),
+                                            delta("twopass_asr_nano_torch_generated_segments_total"))
     for model in FIRST_PASS_MODELS:
         passes = delta("twopass_asr_sequence_passes_total", model)
         out[f"{model}_pass_s"] = ratio(delta("twopass_asr_sequence_pass_seconds_total", model), passes)

@@ -576,6 +576,7 @@ SERVED_COLUMNS = (("frontend_second_pass_s", "frontend: VAD end to text"),
                   ("encoder_wait_s", "Nano encoder wait"), ("encoder_pass_s", "encoder pass"),
                   ("encoder_batch", "segments per encoder pass"), ("torch_generate_wait_s", "generation wait"),
                   ("torch_generate_pass_s", "generation pass"), ("torch_generate_batch", "segments per generation"),
+                  ("draft_tokens_per_segment", "draft tokens kept per segment"),
                   ("paraformer_streaming_pass_s", "first pass"), ("paraformer_streaming_batch", "chunks per pass"),
                   ("vad_pass_s", "VAD pass"), ("vad_batch", "VAD chunks per pass"))
 
@@ -594,7 +595,8 @@ def served_table(runs: list[dict]) -> str | None:
         cells = [str(run["clients"]), "-" if segments is None else f"{segments:.0f}"]
         for key, _ in SERVED_COLUMNS:
             value = served[key]
-            cells.append("-" if value is None else f"{value:.2f}" if key.endswith("_batch") else _ms(value))
+            counted = key.endswith(("_batch", "_per_segment"))
+            cells.append("-" if value is None else f"{value:.2f}" if counted else _ms(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

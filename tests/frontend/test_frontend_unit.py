@@ -470,8 +470,8 @@ class ScriptedGateway:
     def text(result):
         return result.outputs["TEXT"]
 
-    async def recognize_segment(self, pcm, hotwords, language, itn):
-        self.second_pass.append((len(pcm), hotwords, language, itn))
+    async def recognize_segment(self, pcm, hotwords, language, itn, draft=""):
+        self.second_pass.append((len(pcm), hotwords, language, itn, draft))
         await asyncio.sleep(0.2 / len(self.second_pass))
         return f"seg{len(pcm)}"
 
@@ -527,7 +527,7 @@ def test_2pass_pipeline_orders_segments_restarts_first_pass_and_ends_once():
     assert [(m["start_time"], m["end_time"]) for m in segments] == [(500, 1500), (2500, 3000), (4000, 4600)]
     # Text from exactly the audio between VAD start and end (16 samples per ms).
     assert [m["text"] for m in segments] == ["seg16000", "seg8000", "seg9600"]
-    assert gateway.second_pass[0][1:] == ("hw", "zh", False)
+    assert gateway.second_pass[0][1:4] == ("hw", "zh", False)
     # Exactly one final, last, and it carries the segment closed by the end-of-stream flush.
     assert [m.get("is_final") for m in messages].count(True) == 1
     assert messages[-1] == {**segments[-1], "is_final": True, "is_end": True}
@@ -579,6 +579,10 @@ def test_a_segments_second_pass_starts_before_the_first_pass_decodes_the_audio_t
     # FunASR's servers do.
     assert _run_session(config, in_turn, pcm, models_class=TakingTurnsModels) == messages
     assert [started for _, started in _first_pass_answers_after_segment_ends(in_turn)] == [0, 1, 2]
+    # Each second pass has the first pass's text of its segment as its draft: beside the first
+    # pass, without the audio that closed the segment; taking turns, with it and the flush.
+    assert [draft for *_, draft in beside.second_pass] == ["<9600>" * 3, "<9600>" * 2, "<9600>" * 2]
+    assert [draft for *_, draft in in_turn.second_pass] == ["<9600>" * 4, "<9600>" * 3, "<9600>" * 2 + "<3840>"]
 
 
 def test_a_2pass_stream_lost_during_a_flush_asks_for_the_segment_once_on_the_new_server():
@@ -602,6 +606,7 @@ def test_offline_mode_sends_no_partials_and_final_is_empty_after_silence():
     gateway = ScriptedGateway([(300, 1000)])
     messages = _run_session(StreamConfig(mode="offline"), gateway, np.zeros(16 * 3000, dtype=np.int16))
     assert [m["mode"] for m in messages] == ["offline", "offline"]
+    assert [draft for *_, draft in gateway.second_pass] == [""]  # no first pass, no draft
     assert (messages[0]["start_time"], messages[0]["end_time"], messages[0]["is_final"]) == (300, 1000, False)
     assert messages[1] == {"mode": "offline", "text": "", "wav_name": "demo", "is_final": True, "is_end": True}
     assert not [r for r in gateway.requests if r[0] == "paraformer_streaming"]

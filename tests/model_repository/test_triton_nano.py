@@ -20,6 +20,7 @@ from tests.triton_client_utils import decoupled_texts, tensor
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.hotwords import parse_hotwords
 from twopass_asr.kernels.cpu_priority import DEFAULT_CPU_NICE, MAX_NICE
+from twopass_asr.second_pass.drafts import DRAFT_ROWS_ENV
 from twopass_asr.second_pass.precision import ENCODER_PRECISION_ENV, PRECISION_ENV
 from twopass_asr.second_pass.recognizer import NanoRecognizer
 from twopass_asr.second_pass.vllm_engine import CANCELLED_IN_ENGINE, ENGINE_ENV
@@ -37,8 +38,10 @@ def reference_nano(test_models):
                      ncpu=SUITE_TORCH_THREADS)
 
 
-def segment_inputs(pcm, hotwords=None, language=None, itn=None, stream=None):
+def segment_inputs(pcm, hotwords=None, language=None, itn=None, stream=None, draft=None):
     inputs = [tensor("AUDIO", pcm.astype(np.int16), "INT16")]
+    if draft is not None:
+        inputs.append(tensor("DRAFT", np.array([draft.encode()], dtype=np.object_), "BYTES"))
     if stream is not None:
         inputs.append(tensor("STREAM", np.array([stream], dtype=bool), "BOOL"))
     if hotwords is not None:
@@ -213,7 +216,11 @@ def test_compiled_precisions_on_the_torch_engine_serve_their_text(test_models, s
     """precision int8 or bf16 with engine torch: torch's layers on the compiled products
     (llm_on_torch), each decode step in C (native_decode). The segments go together, so the
     model may decode them in one batch: each row's products and attention are its own (int8
-    activations quantized per token), so each gets the text it has alone."""
+    activations quantized per token), so each gets the text it has alone. With a draft of
+    the first pass's text (here the text itself, then one with every other character
+    another) the decode steps check its tokens in passes of up to 12 rows (the env's, where
+    three segments have rows to spare on any CPU): the texts stay the same, and the model
+    counts the draft tokens it kept."""
     repository = tmp_path / "repository"
     shutil.copytree(DEFAULT_MODEL_REPOSITORY / "funasr_nano_vllm", repository / "funasr_nano_vllm",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -222,8 +229,15 @@ def test_compiled_precisions_on_the_torch_engine_serve_their_text(test_models, s
     recognizer.use_torch_generation(precision)
     expected = [recognizer.recognize(pcm) for pcm in segments]
     with TritonServer(test_models, repository, log_path=tmp_path / f"{precision}.log",
-                      env={ENGINE_ENV: "torch", PRECISION_ENV: precision, ENCODER_PRECISION_ENV: "fp32"}) as server:
+                      env={ENGINE_ENV: "torch", PRECISION_ENV: precision, ENCODER_PRECISION_ENV: "fp32",
+                           DRAFT_ROWS_ENV: "12"}) as server:
         got = decoupled_texts(server.grpc_url, "funasr_nano_vllm", [segment_inputs(pcm) for pcm in segments])
-        assert (f"(torch generation, decode steps in C), LLM in {precision}, audio encoder in fp32,"
-                in server.log_text())
+        log = server.log_text()
+        assert f"(torch generation, decode steps in C), LLM in {precision}, audio encoder in fp32," in log
+        assert "new tokens, the first pass's drafts checked in passes of up to 12 rows" in log
+        assert server.model_counter("funasr_nano_vllm", "twopass_asr_nano_draft_tokens_proposed_total") == 0
+        for drafts in (expected, ["".join(c if i % 2 else "的" for i, c in enumerate(text)) for text in expected]):
+            requests = [segment_inputs(pcm, draft=draft) for pcm, draft in zip(segments, drafts)]
+            assert decoupled_texts(server.grpc_url, "funasr_nano_vllm", requests) == expected
+        assert server.model_counter("funasr_nano_vllm", "twopass_asr_nano_draft_tokens_accepted_total") > 0
     assert got == expected and all(expected)

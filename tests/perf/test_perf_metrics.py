@@ -206,6 +206,8 @@ def test_served_breakdown_takes_means_over_the_run_from_the_counters():
         "twopass_asr_sequence_passes_total": {"vad": 108.0, "paraformer_streaming": 45.0},
         "twopass_asr_sequence_pass_chunks_total": {"vad": 110.0, "paraformer_streaming": 60.0},
         "twopass_asr_sequence_pass_seconds_total": {"vad": 1.4, "paraformer_streaming": 10.5},
+        "twopass_asr_nano_torch_generated_segments_total": {"funasr_nano_vllm": 4.0},
+        "twopass_asr_nano_draft_tokens_accepted_total": {"funasr_nano_vllm": 10.0},
     }
     served = metrics.served_breakdown(before, after)
     assert served["frontend_segments"] == 3
@@ -217,6 +219,7 @@ def test_served_breakdown_takes_means_over_the_run_from_the_counters():
     assert served["paraformer_streaming_batch"] == pytest.approx(2.0)
     assert served["vad_pass_s"] == pytest.approx(0.05)
     assert served["vad_batch"] == pytest.approx(1.25)
+    assert served["draft_tokens_per_segment"] == pytest.approx(2.5)  # counted since its server started
     # vLLM generation keeps no torch counters: nothing is made up for it.
     assert served["torch_generate_wait_s"] is None and served["torch_generate_batch"] is None
     # A server restarted by the run has no counters from before.
@@ -225,10 +228,11 @@ def test_served_breakdown_takes_means_over_the_run_from_the_counters():
 
 def test_the_served_table_names_each_runs_breakdown():
     served = {key: None for key in metrics.served_breakdown({}, {})}
-    served.update(frontend_segments=3.0, encoder_wait_s=0.2, encoder_batch=1.5)
+    served.update(frontend_segments=3.0, encoder_wait_s=0.2, encoder_batch=1.5, draft_tokens_per_segment=4.25)
     table = ws_load.served_table([{"clients": 2, "served": served}, {"clients": 4, "served": None}])
     rows = table.splitlines()
     assert len(rows) == 3 and rows[2].startswith("| 2 | 3 | - | 200 | - | 1.50 |")
+    assert "| draft tokens kept per segment |" in rows[0] and "| 4.25 |" in rows[2]
     assert ws_load.served_table([{"clients": 1, "served": None}]) is None
 
 

@@ -28,6 +28,7 @@ from twopass_asr.kernels.tokenwise_int8 import (
     int8_per_output_channel,
     replace_linear_layers,
 )
+from twopass_asr.second_pass.drafts import DraftTally
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, export_llm_dir, mapped_input_embeddings
 from twopass_asr.second_pass.llm_on_torch import is_product_layer
 from twopass_asr.second_pass.recognizer import (
@@ -792,3 +793,54 @@ def test_int8_generation_fixes_the_llms_layers(tiny_nano, int8_generation):
     prepacked.use_dtype(torch.float32)
     with pytest.raises(ValueError, match="already replaced"):
         prepacked.use_int8_generation()
+
+
+def corrupted(tokens: list[int], vocabulary: int) -> list[int]:
+    """A draft that strays from `tokens` as a first pass's text would: every fourth token
+    replaced, one dropped and one added."""
+    draft = [(token + 1) % vocabulary if i % 4 == 3 else token for i, token in enumerate(tokens)]
+    del draft[1]
+    draft.insert(len(draft) // 2, 7)
+    return draft
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_drafts_cut_the_c_steps_and_leave_the_tokens_as_they_were(precision, request):
+    """drafts.py: the C steps check a draft's proposals in one pass per run and keep what greedy
+    decoding gives, so with the tokens' own sequence as the draft the steps are few, and with
+    a draft that strays, or one of other tokens, the tokens stay those generated without one,
+    alone and batched with prompts of other lengths, however few rows a pass may hold."""
+    generation = request.getfixturevalue(f"{precision}_generation")
+    prompts = [generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
+    caps = [20] * len(prompts)
+    plain = generation.generate_tokens(prompts, caps)
+    assert min(len(row) for row in plain) > 8
+    vocabulary = generation.native_decoder.vocabulary
+    straying = [corrupted(row, vocabulary) for row in plain]
+    configured = generation.draft_rows
+    try:
+        generation.draft_rows = 9
+        own = DraftTally()
+        assert [generation.generate_tokens([prompt], [cap], [row], own)[0]
+                for prompt, cap, row in zip(prompts, caps, plain)] == plain
+        # A pass keeps a run of up to 9 tokens; the prefill gives the first.
+        tokens_after_prefill = sum(len(row) - 1 for row in plain)
+        assert own.passes <= tokens_after_prefill // 2 and own.accepted >= tokens_after_prefill // 2, own
+        # Batched, with rows for every prompt's proposals, and with five rows to share.
+        generation.draft_rows = len(prompts) * 9
+        wide, shared, unrelated = DraftTally(), DraftTally(), DraftTally()
+        assert generation.generate_tokens(prompts, caps, straying, wide) == plain
+        assert 0 < wide.accepted < own.accepted and wide.proposed > wide.accepted, wide
+        generation.draft_rows = len(prompts) + 5
+        assert generation.generate_tokens(prompts, caps, straying, shared) == plain
+        assert 0 < shared.proposed <= 5 * shared.passes, shared
+        other_tokens = [[(token + 5) % vocabulary for token in row] for row in plain]
+        assert generation.generate_tokens(prompts, caps, other_tokens, unrelated) == plain
+        # With one row a pass a draft changes nothing, and no pass checks one.
+        generation.draft_rows = 1
+        unchecked = DraftTally()
+        assert generation.generate_tokens(prompts, caps, plain, unchecked) == plain
+        assert unchecked.proposed == 0 and not generation.checks_drafts
+    finally:
+        generation.draft_rows = configured

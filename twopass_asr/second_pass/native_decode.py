@@ -33,6 +33,7 @@ from twopass_asr.kernels.decode_step import (
 )
 from twopass_asr.kernels.layer_replacement import SharedInputSlice
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
+from twopass_asr.second_pass.drafts import DraftFollower, DraftTally, default_draft_rows, share_draft_rows
 
 # Generation settings that leave HF's greedy search without logits processing (token ids, and
 # sampling and output settings greedy search ignores).
@@ -117,6 +118,8 @@ class NativeDecoder:
             inverse_frequencies=self._floats(inverse_frequencies), layer=self._layer_structs,
             final_norm=self._floats(llm.model.norm.weight), head=_projection(llm.lm_head, self.bf16))
         self.vocabulary = llm.lm_head.out_features
+        # The rows a pass may hold when it checks drafts, unless generate is told otherwise.
+        self.draft_rows = default_draft_rows("bf16" if self.bf16 else "int8")
 
     def _floats(self, tensor: torch.Tensor) -> int:
         kept = tensor.detach().float().contiguous()
@@ -125,12 +128,16 @@ class NativeDecoder:
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache, opening: int,
-                 caps: Sequence[int], stops: set[int]) -> list[list[int]]:
+                 caps: Sequence[int], stops: set[int], drafts: Sequence[Sequence[int]] | None = None,
+                 draft_rows: int | None = None, tally: DraftTally | None = None) -> list[list[int]]:
         """Greedy tokens of each row of inputs_embeds [rows, length, hidden] (float32), each up to
         and including its first stop token and no longer than its cap. attention_mask [rows,
         length] marks the real entries (the rest is padding); `cache`, an HF cache of the first
         `opening` rows (all real), or None with opening 0. Each row's last entry must be real and
-        come after the opening (the prompts right-aligned, as generate_tokens lays them out)."""
+        come after the opening (the prompts right-aligned, as generate_tokens lays them out).
+        drafts: each row's draft token ids (drafts.py), whose tokens a step checks in the rows
+        left of `draft_rows` (default self.draft_rows) after each row's next token; the tokens
+        are the same with or without them. `tally` counts what the drafts did."""
         rows, length = attention_mask.shape
         if length <= opening or not bool(attention_mask[:, -1].all()):
             raise ValueError("the C prefill takes prompts right-aligned past the opening: every row's last entry "
@@ -159,25 +166,57 @@ class NativeDecoder:
         fresh[:, :opening] = False
         slots, indices = fresh.nonzero(as_tuple=True)
         last_entries = torch.cumsum(fresh.sum(-1), 0) - 1
-        # Space for the widest pass, the prefill (every row has an entry in it).
-        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), len(slots)))
+        draft_rows = self.draft_rows if draft_rows is None else draft_rows
+        followers = [DraftFollower(draft) for draft in drafts] if drafts is not None and draft_rows > 1 else None
+        # Space for the widest pass: the prefill (every row has an entry in it), or a step.
+        widest = max(len(slots), rows, draft_rows if followers else 0)
+        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), widest))
         tokens = self._forward(model, inputs_embeds[slots, indices], slots, position_ids[slots, indices], indices,
                                valid, last_entries, scratch)
-        next_positions = position_ids[:, -1] + 1
+        # Each row's last token goes next at this rotary position and cache index.
+        next_positions = (position_ids[:, -1] + 1).tolist()
         generated = [[token] for token in tokens]
         active = [row for row in range(rows) if caps[row] > 1 and tokens[row] not in stops]
         embed_tokens = self.llm.model.get_input_embeddings()
-        index = length
+        tally = DraftTally() if tally is None else tally
         while active:
-            slots = torch.tensor(active, dtype=torch.int64)
-            valid[slots, index] = 1
-            hidden = embed_tokens(torch.tensor([generated[row][-1] for row in active]))
-            for row, token in zip(active, self._forward(model, hidden, slots, next_positions[slots],
-                                                        torch.full_like(slots, index), valid,
-                                                        torch.arange(len(active)), scratch)):
-                generated[row].append(token)
-            next_positions[slots] += 1
-            index += 1
+            # A step: each active row's last token, then the draft tokens proposed after it (at
+            # most what its cap leaves room for, and the rows left), each at the next position.
+            checking = followers is not None and draft_rows > len(active)
+            proposals = [followers[row].propose(generated[row], min(draft_rows, caps[row] - len(generated[row]) - 1))
+                         if checking else [] for row in active]
+            granted = share_draft_rows([len(proposed) for proposed in proposals], draft_rows,
+                                       [followers[row].left if checking else 0 for row in active])
+            proposals = [proposed[:count] for proposed, count in zip(proposals, granted)]
+            fed, step_slots, step_positions, step_indices = [], [], [], []
+            for row, proposed in zip(active, proposals):
+                index = length + len(generated[row]) - 1
+                fed += [generated[row][-1], *proposed]
+                step_slots += [row] * (1 + len(proposed))
+                step_positions += range(next_positions[row], next_positions[row] + 1 + len(proposed))
+                step_indices += range(index, index + 1 + len(proposed))
+            slots, indices = torch.tensor(step_slots), torch.tensor(step_indices)
+            valid[slots, indices] = 1
+            predicted = self._forward(model, embed_tokens(torch.tensor(fed)), slots, torch.tensor(step_positions),
+                                      indices, valid, torch.arange(len(fed)), scratch)
+            tally.passes += 1
+            offset = 0
+            for row, proposed in zip(active, proposals):
+                # The row's next token, then one more for every proposal that token confirms.
+                kept = 0
+                while True:
+                    token = predicted[offset + kept]
+                    generated[row].append(token)
+                    if kept == len(proposed) or token != proposed[kept] or token in stops:
+                        break
+                    kept += 1
+                tally.proposed += len(proposed)
+                tally.accepted += kept
+                # The rejected proposals' cache entries are no longer part of the sequence.
+                index = length + len(generated[row]) - 1
+                valid[row, index:index + len(proposed) - kept] = 0
+                next_positions[row] += 1 + kept
+                offset += 1 + len(proposed)
             active = [row for row in active if len(generated[row]) < caps[row] and generated[row][-1] not in stops]
         return generated
 

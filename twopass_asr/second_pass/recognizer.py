@@ -32,6 +32,7 @@ from twopass_asr.kernels.int8_recipe import describe_int8, resolve_int8_setting
 from twopass_asr.kernels.prepacked_linear import prepack_linear_layers
 from twopass_asr.kernels.tokenwise_int8 import TOKENWISE_KERNELS, replace_linear_layers
 from twopass_asr.parameters import whole_number
+from twopass_asr.second_pass.drafts import DRAFT_CHARACTERS_PER_TOKEN, DraftTally
 from twopass_asr.second_pass.fused_audio_encoder import FusedAudioEncoder
 from twopass_asr.second_pass.llm_on_torch import (bf16_llm_for_torch, llm_int8_kernel, quantize_llm_for_torch,
                                                    steps_run_in_c)
@@ -130,7 +131,7 @@ class NanoRecognizer:
 
     def __init__(self, model_dir, device: str = "cpu", max_new_tokens: int | None = None, prepack: bool = True,
                  tokens_per_second: float | None = None, encoder_precision: str = "fp32",
-                 encoder_int8_kernel: str = "auto"):
+                 encoder_int8_kernel: str = "auto", draft_rows: int | None = None):
         from funasr.models.fun_asr_nano.model import dtype_map
 
         model_dir = Path(model_dir)
@@ -157,6 +158,10 @@ class NanoRecognizer:
         configured = int(self.kwargs.get("max_length", 512))
         self.max_new_tokens = configured if max_new_tokens is None else min(max_new_tokens, configured)
         self.tokens_per_second = tokens_per_second
+        if draft_rows is not None and draft_rows < 1:
+            raise ValueError(f"draft_rows must be at least 1, got {draft_rows}")
+        # The rows a C decode pass may hold when it checks drafts (None: as the CPU suits).
+        self.draft_rows = draft_rows
         # The precision FunASRNano.inference_llm decodes in (runtime kwargs, not llm_conf).
         llm_dtype = self.kwargs.get("llm_dtype", "fp32")
         if llm_dtype == "fp32":
@@ -383,23 +388,43 @@ class NanoRecognizer:
         (one unpadded segment: data_load_speech's attention mask is all ones)."""
         return self.generate_batch([embeds])[0]
 
-    def generate_batch(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None) -> list[str]:
+    def draft_ids(self, text: str, cap: int) -> list[int]:
+        """A draft for generate_tokens from the first pass's text of a segment that generates up
+        to `cap` tokens (drafts.py); none where no C decode step would check it."""
+        if not self.checks_drafts or not text.strip():
+            return []
+        return self._tokenizer.encode(text[:cap * DRAFT_CHARACTERS_PER_TOKEN], add_special_tokens=False)
+
+    @property
+    def checks_drafts(self) -> bool:
+        """Whether generation checks drafts: where its decode steps run in C, with rows to spare."""
+        if self.native_decoder is None:
+            return False
+        return (self.native_decoder.draft_rows if self.draft_rows is None else self.draft_rows) > 1
+
+    def generate_batch(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None,
+                       drafts: Sequence[Sequence[int]] | None = None, tally: DraftTally | None = None) -> list[str]:
         """Greedy texts for several prompt_embeds outputs in one `generate` call: prompts are
         padded to the longest (after the cached opening they share, if any; generate_tokens) and
         the padding masked out. In float32 each text equals the segment's text alone; in half
         precision the padded shapes round differently and a near tie between two tokens can go
-        the other way. caps: each prompt's token cap (default max_new_tokens)."""
-        rows = self.generate_tokens(prompts, caps)
+        the other way. caps: each prompt's token cap (default max_new_tokens). drafts, tally:
+        as generate_tokens'."""
+        rows = self.generate_tokens(prompts, caps, drafts, tally)
         if not rows:
             return []  # batch_decode([]) gives one empty text
         responses = self._tokenizer.batch_decode(rows, skip_special_tokens=self.kwargs.get("skip_special_tokens", True))
         return [clean_response(response) for response in responses]
 
     @torch.no_grad()
-    def generate_tokens(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None) -> list[list[int]]:
+    def generate_tokens(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None,
+                        drafts: Sequence[Sequence[int]] | None = None,
+                        tally: DraftTally | None = None) -> list[list[int]]:
         """generate_batch's greedy token ids, each row up to and including its stop token, and
         no longer than its cap (greedy decoding: the first tokens of a longer run are those of
-        a shorter one)."""
+        a shorter one). drafts: each prompt's draft (draft_ids), which the C decode steps check
+        in passes of up to self.draft_rows rows (the tokens stay the same; HF's generate leaves
+        them aside); `tally` counts what they did."""
         if not prompts:
             return []
         self._require_generation_layers()
@@ -422,7 +447,8 @@ class NanoRecognizer:
         cache = None if prefix is None else self.prompt_prefixes.cache_for(prefix, len(prompts))
         stops = stop_token_ids(llm.generation_config.eos_token_id)
         if self.native_decoder is not None:
-            return self.native_decoder.generate(inputs_embeds, attention_mask, cache, opening, caps, stops)
+            return self.native_decoder.generate(inputs_embeds, attention_mask, cache, opening, caps, stops, drafts,
+                                                self.draft_rows, tally)
         cached = {} if cache is None else {"past_key_values": cache}
         pad_token_id = llm.config.pad_token_id or llm.config.eos_token_id
         with self._autocast():

@@ -24,6 +24,7 @@ from twopass_asr.hotwords import check_language, parse_hotwords
 from twopass_asr.kernels.cpu_priority import lower_priority, nice_setting
 from twopass_asr.kernels.int8_recipe import INT8_KERNEL_CHOICES, INT8_PRECISIONS
 from twopass_asr.second_pass.batcher import PassReport, PassWorker, SegmentBatcher, settings_from_parameters
+from twopass_asr.second_pass.drafts import DraftTally, draft_rows_setting
 from twopass_asr.second_pass.llm_export import mapped_input_embeddings
 from twopass_asr.second_pass.precision import (
     ENCODER_INT8_KERNEL_ENV,
@@ -115,6 +116,7 @@ class TritonPythonModel:
                                     "auto")
             max_new_tokens = max_new_tokens_setting(params.get("max_new_tokens"))
             tokens_per_second = tokens_per_second_setting(params.get("max_new_tokens_per_second"))
+            draft_rows = draft_rows_setting(params.get("draft_rows"))
             embed_batching = settings_from_parameters(params, "embed")
             generate_batching = settings_from_parameters(params, "torch")
             cpu_nice = nice_setting(params.get("cpu_nice"), device)
@@ -122,7 +124,7 @@ class TritonPythonModel:
             lower_priority(cpu_nice)
             self.recognizer = NanoRecognizer(model_dir, device=device, max_new_tokens=max_new_tokens,
                                              tokens_per_second=tokens_per_second, encoder_precision=configured_encoder,
-                                             encoder_int8_kernel=encoder_kernel)
+                                             encoder_int8_kernel=encoder_kernel, draft_rows=draft_rows)
         except (model_store.ModelDirError, ValueError) as exc:
             raise pb_utils.TritonModelException(str(exc)) from exc
         # One worker for the torch work: embeddings, and generation on the torch path.
@@ -151,10 +153,21 @@ class TritonPythonModel:
             # Generation before encoding when both wait: it finishes a segment already started.
             self.generator = SegmentBatcher(self._generate_batch, self.worker, on_pass=count_generated, priority=1,
                                             **generate_batching)
+            family = pb_utils.MetricFamily.COUNTER
+            self.draft_tokens_proposed = InstanceMetric(
+                args, "twopass_asr_nano_draft_tokens_proposed_total",
+                "Tokens of the first pass's drafts the second pass's decode steps checked", family)
+            self.draft_tokens_accepted = InstanceMetric(
+                args, "twopass_asr_nano_draft_tokens_accepted_total",
+                "Tokens of the first pass's drafts the second pass kept (each a decode step saved)", family)
         return_freed_memory()
         generation = ("vLLM" if self.engine else "torch") + " generation"
         if self.recognizer.native_decoder is not None:
             generation += ", decode steps in C"
+        drafts = ""
+        if self.recognizer.checks_drafts:
+            rows = self.recognizer.draft_rows or self.recognizer.native_decoder.draft_rows
+            drafts = f", the first pass's drafts checked in passes of up to {rows} rows"
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
         encoder = self.recognizer.encoder_description
         encoder_chosen = f"{encoder} (auto)" if configured_encoder == "auto" else encoder
@@ -163,12 +176,16 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(f"{args['model_name']}: loaded {model_store.served_path(model_dir)} on {device} "
                                  f"({generation}), LLM in {chosen}, audio encoder in {encoder_chosen}, "
                                  f"CPU nice +{cpu_nice}, at most {self.recognizer.max_new_tokens} new tokens"
-                                 f"{length_cap}")
+                                 f"{length_cap}{drafts}")
 
     def _generate_batch(self, items):
-        """Torch generation of (prompt embeddings, token cap) pairs in one call."""
-        prompts, caps = zip(*items) if items else ((), ())
-        return self.recognizer.generate_batch(prompts, caps)
+        """Torch generation of (prompt embeddings, token cap, draft) triples in one call."""
+        prompts, caps, drafts = zip(*items) if items else ((), (), ())
+        tally = DraftTally()
+        texts = self.recognizer.generate_batch(prompts, caps, drafts, tally)
+        self.draft_tokens_proposed.increment(tally.proposed)
+        self.draft_tokens_accepted.increment(tally.accepted)
+        return texts
 
     @staticmethod
     def _pass_counter(args, stage, segments_name, what):
@@ -209,13 +226,15 @@ class TritonPythonModel:
             itn = True if itn is None else bool(itn)
             stream = optional_scalar(request, "STREAM")
             stream = True if stream is None else bool(stream)
+            draft = _optional_text(request, "DRAFT") or ""
             if request.is_cancelled():
                 sender.send(error_response("request cancelled"), final=True)
                 return
             embeds = await self.embedder.submit(NanoRequest(audio, tuple(hotwords), language, itn))
             cap = self.recognizer.generation_cap(len(audio))
             if self.generator is not None:
-                sender.send(_text_response(await self.generator.submit((embeds, cap))), final=True)
+                drafted = (embeds, cap, self.recognizer.draft_ids(draft, cap))
+                sender.send(_text_response(await self.generator.submit(drafted)), final=True)
                 return
             # Leaving the loop early closes the stream, which aborts the request in vLLM.
             pieces = []
