@@ -58,7 +58,7 @@ def test_the_draft_rows_setting(monkeypatch):
     assert draft_rows_setting("") is None and draft_rows_setting("1") == 1 and draft_rows_setting("12") == 12
     monkeypatch.setenv(DRAFT_ROWS_ENV, "5")
     assert draft_rows_setting("3") == 5
-    for wrong in ("0", "many"):
+    for wrong in ("0", "many", "65"):
         monkeypatch.setenv(DRAFT_ROWS_ENV, wrong)
         with pytest.raises(ValueError, match=DRAFT_ROWS_ENV):
             draft_rows_setting("")

@@ -34,6 +34,9 @@ LONGEST_MATCH = 3
 
 # Overrides the draft_rows model parameter.
 DRAFT_ROWS_ENV = "TWOPASS_ASR_NANO_DRAFT_ROWS"
+# More rows than this cost more than they save on any CPU measured, and a pass's logits take
+# 0.6 MB a row.
+MAX_DRAFT_ROWS = 64
 # A draft's characters a token of the generation cap may take: the rest could not be checked.
 DRAFT_CHARACTERS_PER_TOKEN = 16
 
@@ -101,7 +104,13 @@ def draft_rows_setting(parameter: str | None) -> int | None:
     """The rows a decode pass may hold when it checks drafts (1: drafts are left aside; None:
     default_draft_rows), from $TWOPASS_ASR_NANO_DRAFT_ROWS, else the draft_rows model parameter."""
     value = (os.environ.get(DRAFT_ROWS_ENV) or parameter or "").strip()
-    return whole_number(value, f"draft_rows (parameter or ${DRAFT_ROWS_ENV})") if value else None
+    if not value:
+        return None
+    label = f"draft_rows (parameter or ${DRAFT_ROWS_ENV})"
+    rows = whole_number(value, label)
+    if rows > MAX_DRAFT_ROWS:
+        raise ValueError(f"{label} must be at most {MAX_DRAFT_ROWS}, got {value!r}")
+    return rows
 
 
 def share_draft_rows(wanted: Sequence[int], rows: int, work_left: Sequence[int]) -> list[int]:
@@ -121,4 +130,4 @@ def share_draft_rows(wanted: Sequence[int], rows: int, work_left: Sequence[int])
 
 
 __all__ = ["DRAFT_CHARACTERS_PER_TOKEN", "DRAFT_ROWS_ENV", "DraftFollower", "DraftTally", "LONGEST_MATCH",
-           "default_draft_rows", "draft_rows_setting", "share_draft_rows"]
+           "MAX_DRAFT_ROWS", "default_draft_rows", "draft_rows_setting", "share_draft_rows"]
