@@ -159,8 +159,8 @@ def main() -> None:
     recognizer.use_torch_generation(precision)
     if recognizer.native_decoder is None:
         sys.exit("the C decode steps did not load (no C compiler?): drafts need them")
-    pass_rows = args.draft_rows or recognizer.native_decoder.draft_rows
-    context = (f"{cpu_summary()}; LLM in {precision} on torch's C steps, passes of up to {pass_rows} rows, "
+    context = (f"{cpu_summary()}; LLM in {precision} on torch's C steps, passes of up to "
+               f"{recognizer.draft_pass_rows} rows, "
                f"{REAL_SPEECH_TOKENS_PER_S} tokens a second of audio, {args.threads} threads")
     print(context + "\n\n| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER), flush=True)
     rows = [row for index, length in enumerate(seconds)

@@ -101,8 +101,8 @@ static void product_inputs(const qwen3_model *model, float *x, const float *adde
     }
 }
 
-/* The cosines and sines of the rotary angles at `position` into rotary [head_dim]: computed
- * once a row for all its heads and layers (the trigonometry cost more than the rotations). */
+/* The cosines and sines of the rotary angles at `position` into rotary [head_dim]: once a row
+ * for all its heads and layers, not once per head and layer. */
 static void rotary_angles(const float *inverse_frequencies, int64_t head_dim, int64_t position, float *rotary) {
     const int64_t half = head_dim / 2;
     for (int64_t i = 0; i < half; ++i) {

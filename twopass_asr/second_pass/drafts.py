@@ -34,8 +34,8 @@ LONGEST_MATCH = 3
 
 # Overrides the draft_rows model parameter.
 DRAFT_ROWS_ENV = "TWOPASS_ASR_NANO_DRAFT_ROWS"
-# More rows than this cost more than they save on any CPU measured, and a pass's logits take
-# 0.6 MB a row.
+# Beyond this a pass costs several one-row passes on every CPU measured (perf/RESULTS.md,
+# session 41), and its logits take 0.6 MB a row.
 MAX_DRAFT_ROWS = 64
 # A draft's characters a token of the generation cap may take: the rest could not be checked.
 DRAFT_CHARACTERS_PER_TOKEN = 16

@@ -391,16 +391,18 @@ class NanoRecognizer:
     def draft_ids(self, text: str, cap: int) -> list[int]:
         """A draft for generate_tokens from the first pass's text of a segment that generates up
         to `cap` tokens (drafts.py); none where no C decode step would check it."""
-        if not self.checks_drafts or not text.strip():
+        if not self.draft_pass_rows or not text.strip():
             return []
         return self._tokenizer.encode(text[:cap * DRAFT_CHARACTERS_PER_TOKEN], add_special_tokens=False)
 
     @property
-    def checks_drafts(self) -> bool:
-        """Whether generation checks drafts: where its decode steps run in C, with rows to spare."""
+    def draft_pass_rows(self) -> int:
+        """The rows a decode pass holds when it checks drafts; 0 where drafts are left aside (the
+        decode steps not in C, or one row a pass)."""
         if self.native_decoder is None:
-            return False
-        return (self.native_decoder.draft_rows if self.draft_rows is None else self.draft_rows) > 1
+            return 0
+        rows = self.native_decoder.draft_rows if self.draft_rows is None else self.draft_rows
+        return rows if rows > 1 else 0
 
     def generate_batch(self, prompts: Sequence[torch.Tensor], caps: Sequence[int] | None = None,
                        drafts: Sequence[Sequence[int]] | None = None, tally: DraftTally | None = None) -> list[str]:

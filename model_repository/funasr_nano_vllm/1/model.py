@@ -164,10 +164,8 @@ class TritonPythonModel:
         generation = ("vLLM" if self.engine else "torch") + " generation"
         if self.recognizer.native_decoder is not None:
             generation += ", decode steps in C"
-        drafts = ""
-        if self.recognizer.checks_drafts:
-            rows = self.recognizer.draft_rows or self.recognizer.native_decoder.draft_rows
-            drafts = f", the first pass's drafts checked in passes of up to {rows} rows"
+        rows = self.recognizer.draft_pass_rows
+        drafts = f", the first pass's drafts checked in passes of up to {rows} rows" if rows else ""
         chosen = f"{precision} (auto)" if configured_precision == "auto" else precision
         encoder = self.recognizer.encoder_description
         encoder_chosen = f"{encoder} (auto)" if configured_encoder == "auto" else encoder
