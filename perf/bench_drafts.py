@@ -117,10 +117,8 @@ def measure(recognizer: NanoRecognizer, seconds: float, rates: list[float], batc
             same &= tokens == plain
         batch_ms = percentile(batch_times, 50) * 1000
         after_prefill = sum(len(row) - 1 for row in plain)
-        rows.append(Row(seconds, draft_name, cap, float(np.mean(alone_ms)), batch_ms, batch,
-                        # Without drafts each token after the prefill's is one step of the whole batch.
-                        tally.passes if drafts is not None else cap - 1, tally.accepted / max(1, after_prefill),
-                        same))
+        rows.append(Row(seconds, draft_name, cap, float(np.mean(alone_ms)), batch_ms, batch, tally.passes,
+                        tally.accepted / max(1, after_prefill), same))
         print("| " + " | ".join(rows[-1].cells()) + " |", flush=True)
     return rows
 

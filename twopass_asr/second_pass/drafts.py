@@ -49,11 +49,6 @@ class DraftTally:
     accepted: int = 0
     passes: int = 0
 
-    def add(self, other: DraftTally) -> None:
-        self.proposed += other.proposed
-        self.accepted += other.accepted
-        self.passes += other.passes
-
 
 class DraftFollower:
     """Follows one sequence's draft (token ids) along the tokens it generates."""
