@@ -117,16 +117,19 @@ typedef void (*tile_sums_finish)(const void *context, const void *sums, int64_t 
  * rows (16 where fewer are left) at a time over all outputs, two 16-output blocks of tiles
  * (`steps` tiles each, 1 KiB a tile) at a time: the block's inputs stay in the first-level cache
  * while the weights stream past, which ran faster than a block of outputs over all rows. A last
- * short block is moved back to end at the last row (recomputing a few rows) rather than padded;
- * only fewer than 16 rows in all are copied into zeros. rows of `row_bytes` bytes each. */
+ * short block is moved back to end at the last row (recomputing a few rows) rather than padded.
+ * Fewer than 32 rows in all are copied into zeros of one block (16 rows, or 32 past 16): two
+ * 16-row blocks would stream the weights twice. rows of `row_bytes` bytes each. */
 static inline __attribute__((always_inline)) void tile_product_rows(const uint8_t *inputs, int64_t row_bytes,
                                                                     int64_t rows, const uint8_t *tiles,
                                                                     int64_t steps, int64_t output_blocks, int bf16,
                                                                     tile_sums_finish finish, const void *context) {
+    const int two_row_tiles = rows > AMX_TILE_ROWS;
+    const int64_t span = two_row_tiles ? 2 * AMX_TILE_ROWS : AMX_TILE_ROWS;
     const uint8_t *source = inputs;
     uint8_t *padded = NULL;
-    if (rows < AMX_TILE_ROWS) {
-        padded = calloc(AMX_TILE_ROWS, (size_t)row_bytes);
+    if (rows < span) {
+        padded = calloc((size_t)span, (size_t)row_bytes);
         if (padded == NULL)
             abort();
         memcpy(padded, inputs, (size_t)(rows * row_bytes));
@@ -134,8 +137,6 @@ static inline __attribute__((always_inline)) void tile_product_rows(const uint8_
     }
     uint32_t sums[32 * 32]; /* int32 or float */
     configure_tiles();
-    const int two_row_tiles = rows >= 2 * AMX_TILE_ROWS;
-    const int64_t span = two_row_tiles ? 2 * AMX_TILE_ROWS : AMX_TILE_ROWS;
     const int64_t block_bytes = steps * AMX_TILE_ROWS * AMX_TILE_ROW_BYTES;
     for (int64_t r = 0; r < rows;) {
         const int64_t start = rows - r < span && rows >= span ? rows - span : r;
