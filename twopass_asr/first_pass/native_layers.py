@@ -45,9 +45,10 @@ from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 ENCODER_SOURCES = tuple(KERNELS / name for name in ("sanm_encoder.c", "row_scaling.c", "sanm_rows.h",
                                                      "int8_product.h", "amx_tiles.h", "row_magnitude.h",
-                                                     "vector_lanes.h"))
+                                                     "vector_lanes.h", "exp_nonpositive.h"))
 DECODER_SOURCES = tuple(KERNELS / name for name in ("sanm_decoder.c", "sanm_rows.h", "int8_product.h",
-                                                     "amx_tiles.h", "row_magnitude.h", "vector_lanes.h"))
+                                                     "amx_tiles.h", "row_magnitude.h", "vector_lanes.h",
+                                                     "exp_nonpositive.h"))
 # The encoder's layers share a call's rows among threads where asked (the Nano's audio encoder).
 ENCODER_FLAGS = (*FLAGS, "-fopenmp")
 

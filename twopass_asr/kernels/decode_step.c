@@ -10,6 +10,7 @@
  * with HF's to float rounding, not bit for bit. */
 
 #include "bf16_product.h"
+#include "exp_nonpositive.h"
 #include "int8_product.h"
 
 /* One of the model's projections: int8 or bf16, as the model's products are (the other left
@@ -145,8 +146,9 @@ static void attend_head(const qwen3_model *model, const decoder_layer *layer, fl
         largest = fmaxf(largest, scores[t]);
     }
     float total = 0.0f;
+#pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t <= index; ++t) {
-        scores[t] = present[t] ? expf(scores[t] - largest) : 0.0f;
+        scores[t] = present[t] ? exp_nonpositive(scores[t] - largest) : 0.0f;
         total += scores[t];
     }
     memset(out, 0, (size_t)head_dim * sizeof(float));
@@ -259,8 +261,11 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             for (int64_t r = 0; r < rows; ++r) {
                 const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
                 float *activated = scratch.normed + r * intermediate;
-                for (int64_t c = 0; c < intermediate; ++c)
-                    activated[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+                /* SiLU, g / (1 + e^-g), from e^-|g| (which vectorises): g e^g / (1 + e^g) for g < 0. */
+                for (int64_t c = 0; c < intermediate; ++c) {
+                    const float g = gate[c], e = exp_nonpositive(-fabsf(g));
+                    activated[c] = (g < 0.0f ? g * e : g) / (1.0f + e) * up[c];
+                }
                 make_product_input(model, activated, intermediate, r, &scratch);
             }
             project(model, &layer->down, rows, &scratch, scratch.product);

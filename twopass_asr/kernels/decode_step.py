@@ -25,7 +25,7 @@ import torch
 from twopass_asr.kernels.row_kernels import C_POINTER, C_REAL, C_SIZE, compiled_library_or_none, pointer_or_none
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_step.c", "int8_product.h", "bf16_product.h",
-                                                           "amx_tiles.h", "row_magnitude.h"))
+                                                           "amx_tiles.h", "row_magnitude.h", "exp_nonpositive.h"))
 LIBRARY = "decode_step.so"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.

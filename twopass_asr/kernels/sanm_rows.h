@@ -7,6 +7,7 @@
 #ifndef TWOPASS_ASR_SANM_ROWS_H
 #define TWOPASS_ASR_SANM_ROWS_H
 
+#include "exp_nonpositive.h"
 #include "int8_product.h"
 #include "vector_lanes.h"
 #ifdef __AVX__
@@ -46,29 +47,6 @@ static void quantized_rows(const float *x, int64_t rows, int64_t columns, float 
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
         row_scales[r] = quantize_row(x + r * columns, columns, input_step, quantized + r * columns);
-}
-
-/* e^x for x <= 0 (a softmax's scores less their largest) in operations the compiler vectorises,
- * where a call of expf is one element at a time: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its
- * Taylor polynomial to degree 7 (truncation below 2^-27), 2^n put in the exponent's bits; zero
- * below -87, where e^x leaves float's normal range. Within one unit in the last place of expf
- * (every float of [-87, 0] compared). */
-static inline float exp_nonpositive(float x) {
-    const float rounder = 12582912.0f; /* 1.5 * 2^23: adding it leaves the nearest integer in the low bits */
-    const float log2e = 1.44269504f, ln2_high = 0.693145752f, ln2_low = 1.42860677e-6f;
-    const float shifted = x * log2e + rounder, n = shifted - rounder;
-    const float r = (x - n * ln2_high) - n * ln2_low;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { float f; int32_t i; } n_bits = {shifted}, rounder_bits = {rounder}, power;
-    power.i = (n_bits.i - rounder_bits.i + 127) << 23;
-    return x < -87.0f ? 0.0f : p * power.f;
 }
 
 /* One stream's look-back for a batched step: its history's keys and values for every attending
