@@ -228,16 +228,32 @@ int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
     return lay_out_scratch(model, rows, NULL, &unused);
 }
 
+/* The index of the largest of `count` values, the first where several are (torch's argmax; a
+ * NaN counts as the largest). */
+static int64_t first_largest(const float *values, int64_t count) {
+    float largest = values[0];
+    int unordered = 0;
+#pragma omp simd reduction(max : largest) reduction(| : unordered)
+    for (int64_t i = 0; i < count; ++i) {
+        largest = values[i] > largest ? values[i] : largest;
+        unordered |= values[i] != values[i];
+    }
+    for (int64_t i = 0; i < count; ++i)
+        if (unordered ? values[i] != values[i] : values[i] == largest)
+            return i;
+    return 0;
+}
+
 /* hidden [rows, hidden]: in, the new rows' embeddings; out, for the rows in logit_rows, the
  * last layer's output before the final norm (the others are left without its MLP output).
  * Row r is sequence slots[r] at positions[r] (its rotary position), its key and value going to
  * cache index indices[r]; it attends the entries of its sequence up to that
  * index that valid [slots, capacity] marks (the new ones included). logits [logit_count,
- * vocabulary]: of the rows logit_rows names, in that order. scratch_space:
- * step_scratch_floats(model, rows) floats. */
+ * vocabulary]: of the rows logit_rows names, in that order; tokens [logit_count]: the greedy
+ * token of each (its largest logit). scratch_space: step_scratch_floats(model, rows) floats. */
 void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const int64_t *slots,
                    const int64_t *positions, const int64_t *indices, const uint8_t *valid, float *scratch_space,
-                   int64_t logit_count, const int64_t *logit_rows, float *logits, int threads) {
+                   int64_t logit_count, const int64_t *logit_rows, float *logits, int64_t *tokens, int threads) {
     const int64_t width = model->hidden, intermediate = model->intermediate, head_dim = model->head_dim;
     const int64_t attended_width = model->heads * head_dim;
     step_scratch scratch;
@@ -282,6 +298,10 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             make_product_input(model, scratch.normed + i * width, width, i, &scratch);
         }
         project(model, &model->head, logit_count, &scratch, logits);
+        const int64_t vocabulary = model->bf16_products ? model->head.bf16.outputs : model->head.int8.outputs;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < logit_count; ++i)
+            tokens[i] = first_largest(logits + i * vocabulary, vocabulary);
     }
 }
 

@@ -68,7 +68,7 @@ class Qwen3ModelStruct(ctypes.Structure):
 
 SIGNATURES = {
     "qwen3_forward": ([ctypes.POINTER(Qwen3ModelStruct), C_SIZE, C_POINTER, C_POINTER, C_POINTER, C_POINTER, C_POINTER,
-                       C_POINTER, C_SIZE, C_POINTER, C_POINTER, ctypes.c_int], None),
+                       C_POINTER, C_SIZE, C_POINTER, C_POINTER, C_POINTER, ctypes.c_int], None),
     "step_scratch_floats": ([ctypes.POINTER(Qwen3ModelStruct), C_SIZE], C_SIZE),
     "int8_rows_product": ([ctypes.POINTER(Int8LayerStruct), C_POINTER, C_SIZE, C_REAL, C_POINTER, C_POINTER, C_POINTER,
                            ctypes.c_int], None),

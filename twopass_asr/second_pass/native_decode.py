@@ -168,11 +168,13 @@ class NativeDecoder:
         last_entries = torch.cumsum(fresh.sum(-1), 0) - 1
         draft_rows = self.draft_rows if draft_rows is None else draft_rows
         followers = [DraftFollower(draft) for draft in drafts] if drafts is not None and draft_rows > 1 else None
-        # Space for the widest pass: the prefill (every row has an entry in it), or a step.
-        widest = max(len(slots), rows, draft_rows if followers else 0)
-        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), widest))
+        # Space for the widest pass: the prefill (every row has an entry in it), or a step; logits
+        # for a step's rows (the prefill's are one a prompt).
+        widest_step = max(rows, draft_rows if followers else 0)
+        scratch = torch.empty(self._library.step_scratch_floats(ctypes.byref(model), max(len(slots), widest_step)))
+        logits = torch.empty(widest_step, self.vocabulary)
         tokens = self._forward(model, inputs_embeds[slots, indices], slots, position_ids[slots, indices], indices,
-                               valid, last_entries, scratch)
+                               valid, last_entries, scratch, logits)
         # Each row's last token goes next at this rotary position and cache index.
         next_positions = (position_ids[:, -1] + 1).tolist()
         generated = [[token] for token in tokens]
@@ -198,7 +200,7 @@ class NativeDecoder:
             slots, indices = torch.tensor(step_slots), torch.tensor(step_indices)
             valid[slots, indices] = 1
             predicted = self._forward(model, embed_tokens(torch.tensor(fed)), slots, torch.tensor(step_positions),
-                                      indices, valid, torch.arange(len(fed)), scratch)
+                                      indices, valid, torch.arange(len(fed)), scratch, logits)
             tally.passes += 1
             offset = 0
             for row, proposed in zip(active, proposals):
@@ -221,19 +223,21 @@ class NativeDecoder:
         return generated
 
     def _forward(self, model: Qwen3ModelStruct, hidden: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor,
-                 scratch: torch.Tensor) -> list[int]:
+                 indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor, scratch: torch.Tensor,
+                 logits: torch.Tensor) -> list[int]:
         """One qwen3_forward over the rows of `hidden` (row r: sequence slots[r] at rotary
         position positions[r], cache index indices[r]): the greedy token after each of
-        `logit_rows`. scratch: step_scratch_floats for at least these rows."""
+        `logit_rows`. scratch: step_scratch_floats for at least these rows; logits: room for
+        the logits of logit_rows, [at least len(logit_rows), vocabulary]."""
         hidden = hidden.float().contiguous()
         slots, positions, indices, logit_rows = (tensor.to(torch.int64).contiguous()
                                                  for tensor in (slots, positions, indices, logit_rows))
-        logits = torch.empty(len(logit_rows), self.vocabulary)
+        tokens = torch.empty(len(logit_rows), dtype=torch.int64)
         self._library.qwen3_forward(ctypes.byref(model), len(hidden), hidden.data_ptr(), slots.data_ptr(),
                                     positions.data_ptr(), indices.data_ptr(), valid.data_ptr(), scratch.data_ptr(),
-                                    len(logit_rows), logit_rows.data_ptr(), logits.data_ptr(),
+                                    len(logit_rows), logit_rows.data_ptr(), logits.data_ptr(), tokens.data_ptr(),
                                     torch.get_num_threads())
-        return logits.argmax(-1).tolist()
+        return tokens.tolist()
+
 
 __all__ = ["GREEDY_NEUTRAL_SETTINGS", "NativeDecoder", "greedy_generation_config"]
