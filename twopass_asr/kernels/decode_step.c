@@ -12,6 +12,7 @@
 #include "bf16_product.h"
 #include "exp_nonpositive.h"
 #include "int8_product.h"
+#include "vector_lanes.h"
 
 /* One of the model's projections: int8 or bf16, as the model's products are (the other left
  * empty). */
@@ -51,6 +52,7 @@ typedef struct {
     float *product;      /* [rows, max(hidden, 2 intermediate)] */
     float *scores;       /* [rows * heads, capacity] */
     float *rotary;       /* [rows, head_dim]: the cosines, then the sines, of each row's rotary angles */
+    int32_t *runs;       /* [rows + 1]: find_runs' */
 } step_scratch;
 
 /* Qwen3's RMS norm of one row: x / sqrt(mean(x^2) + eps) * weight. */
@@ -125,49 +127,215 @@ static void rotate(float *x, int64_t head_dim, const float *rotary) {
     }
 }
 
-/* The attention of one query head (normed and rotated in place) over its sequence's cache up
- * to `index`, into `out`. */
-static void attend_head(const qwen3_model *model, const decoder_layer *layer, float *query, const float *keys,
-                        const float *values, const uint8_t *present, int64_t index, const float *rotary,
-                        float *scores, float *out) {
-    const int64_t head_dim = model->head_dim;
-    const float scaling = 1.0f / sqrtf((float)head_dim);
-    rms_norm(query, layer->query_norm, head_dim, model->norm_eps, query);
-    rotate(query, head_dim, rotary);
-    float largest = -INFINITY;
-    for (int64_t t = 0; t <= index; ++t) {
-        if (!present[t])
-            continue;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < head_dim; ++d)
-            dot += query[d] * keys[t * head_dim + d];
-        scores[t] = dot * scaling;
-        largest = fmaxf(largest, scores[t]);
+/* Up to GROUP_QUERIES query heads of one key/value head attend together, sharing each key and
+ * value they load; KEY_BLOCK keys are scored at a time, one vector of sums for each query and key,
+ * as many as a vector has lanes: their lanes are then summed together (sum_lanes), where summing
+ * each vector's alone cost several times the multiply-adds of a 128-float head. */
+#define GROUP_QUERIES 2
+#define KEY_BLOCK (LANES / GROUP_QUERIES)
+
+/* out[i] = the sum of the lanes of v[i], for the LANES vectors v: added in halves across vectors,
+ * so that a few shuffles and adds serve them all. */
+static inline __attribute__((always_inline)) void sum_lanes(const float_lanes v[LANES], float out[LANES]) {
+#if defined(__AVX512F__)
+    /* Each step halves the lanes a vector's partial sums take and doubles the vectors one register
+     * holds: quarters of two vectors, then quarters of four, then pairs, then single lanes. */
+    __m512 halves[8], quarters[4], pairs[2];
+    for (int i = 0; i < 8; ++i) {
+        const __m512 a = (__m512)v[i], b = (__m512)v[i + 8];
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));
     }
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t <= index; ++t) {
-        scores[t] = present[t] ? exp_nonpositive(scores[t] - largest) : 0.0f;
-        total += scores[t];
+    for (int i = 0; i < 4; ++i)
+        quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
+                                    _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xdd));
+    for (int i = 0; i < 2; ++i)
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(quarters[i], quarters[i + 2]),
+                                 _mm512_unpackhi_ps(quarters[i], quarters[i + 2]));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* sums holds v 0 2 1 3 8 10 9 11 4 6 5 7 12 14 13 15's. */
+    const __m512i order = _mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, sums));
+#elif defined(__AVX__)
+    __m256 halves[4], pairs[2];
+    for (int i = 0; i < 4; ++i) {
+        const __m256 a = (__m256)v[i], b = (__m256)v[i + 4];
+        halves[i] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
     }
-    memset(out, 0, (size_t)head_dim * sizeof(float));
-    for (int64_t t = 0; t <= index; ++t) {
-        if (!present[t])
-            continue;
-        const float weight = scores[t] / total;
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d)
-            out[d] += weight * values[t * head_dim + d];
+    for (int i = 0; i < 2; ++i)
+        pairs[i] = _mm256_add_ps(_mm256_unpacklo_ps(halves[i], halves[i + 2]),
+                                 _mm256_unpackhi_ps(halves[i], halves[i + 2]));
+    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* sums holds v 0 2 1 3 4 6 5 7's. */
+    _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7)));
+#else
+    for (int i = 0; i < LANES; ++i) {
+        float total = 0.0f;
+        for (int l = 0; l < LANES; ++l)
+            total += v[i][l];
+        out[i] = total;
     }
+#endif
 }
+
+/* scores[i][t + k] = query[i] . key t + k (of `keys` [*, head_dim]) for the `queries` (1 to
+ * GROUP_QUERIES) and `count` (1 to KEY_BLOCK) keys from t: over each key's whole vectors of LANES
+ * in lanes, then the lanes (sum_lanes) and the floats past them. A block short of queries or keys
+ * takes the first query again and `zeros` (head_dim of them) for the keys past `count`, so each
+ * score is summed the same way in any block. */
+static inline __attribute__((always_inline)) void score_block(const float *const query[GROUP_QUERIES], int queries,
+                                                              const float *keys, int64_t t, int count,
+                                                              int64_t head_dim, const float *zeros,
+                                                              float *const scores[GROUP_QUERIES]) {
+    const int64_t whole = head_dim - head_dim % LANES;
+    const float *q[GROUP_QUERIES], *key[KEY_BLOCK];
+    for (int i = 0; i < GROUP_QUERIES; ++i)
+        q[i] = query[i < queries ? i : 0];
+    for (int k = 0; k < KEY_BLOCK; ++k)
+        key[k] = k < count ? keys + (t + k) * head_dim : zeros;
+    float_lanes sums[LANES];
+    for (int s = 0; s < LANES; ++s)
+        sums[s] = (float_lanes){0.0f};
+    for (int64_t d = 0; d < whole; d += LANES) {
+        float_lanes lanes[GROUP_QUERIES];
+        for (int i = 0; i < GROUP_QUERIES; ++i)
+            memcpy(&lanes[i], q[i] + d, sizeof lanes[i]);
+        for (int k = 0; k < KEY_BLOCK; ++k) {
+            float_lanes row;
+            memcpy(&row, key[k] + d, sizeof row);
+            for (int i = 0; i < GROUP_QUERIES; ++i)
+                sums[i * KEY_BLOCK + k] += lanes[i] * row;
+        }
+    }
+    float dots[LANES];
+    sum_lanes(sums, dots);
+    for (int i = 0; i < queries; ++i)
+        for (int k = 0; k < count; ++k) {
+            float dot = dots[i * KEY_BLOCK + k];
+            for (int64_t d = whole; d < head_dim; ++d)
+                dot += q[i][d] * key[k][d];
+            scores[i][t + k] = dot;
+        }
+}
+
+/* out[i] += the `queries` rows of weights [*, index + 1] times the values of entries 0..index
+ * that `present` marks, for columns d to d + WEIGHED_VECTORS * LANES (or the head's end): the
+ * outputs stay in registers over all the values. */
+#define WEIGHED_VECTORS 4
+static inline __attribute__((always_inline)) void weigh_columns(const float *const weights[GROUP_QUERIES],
+                                                                int queries, const float *values,
+                                                                const uint8_t *present, int64_t index,
+                                                                int64_t head_dim, int64_t d, int vectors,
+                                                                float *const out[GROUP_QUERIES]) {
+    float_lanes sums[GROUP_QUERIES][WEIGHED_VECTORS];
+    for (int i = 0; i < queries; ++i)
+        for (int v = 0; v < vectors; ++v)
+            sums[i][v] = (float_lanes){0.0f};
+    for (int64_t t = 0; t <= index; ++t) {
+        if (!present[t])
+            continue;
+        for (int v = 0; v < vectors; ++v) {
+            float_lanes value;
+            memcpy(&value, values + t * head_dim + d + v * LANES, sizeof value);
+            for (int i = 0; i < queries; ++i)
+                sums[i][v] += weights[i][t] * value;
+        }
+    }
+    for (int i = 0; i < queries; ++i)
+        memcpy(out[i] + d, sums[i], (size_t)vectors * sizeof sums[i][0]);
+}
+
+/* Up to GROUP_QUERIES query heads of one row over one key/value head: their queries (normed and
+ * rotated), where their scores (index + 1 floats each) and outputs go, and the last cache entry
+ * the row attends. */
+typedef struct {
+    const float *query[GROUP_QUERIES];
+    float *scores[GROUP_QUERIES], *out[GROUP_QUERIES];
+    int queries;
+    int64_t index;
+} query_group;
+
+/* The attention of `count` rows of one sequence (groups[j], each over the entries up to its own
+ * index that `present` marks; the others are never read as values, and their scores weigh
+ * nothing) over the cache of one key/value head. Key by key block and value column by column
+ * block, every row takes its turn while the block is in the first-level cache: the rows a pass
+ * holds for a sequence (a prompt's, or a step's drafts) read its cache once. Each row's sums run
+ * in the same order whatever rows come with it. */
+static void attend_rows(const query_group *groups, int64_t count, const float *keys, const float *values,
+                        const uint8_t *present, int64_t head_dim) {
+    const float scaling = 1.0f / sqrtf((float)head_dim);
+    int64_t last = 0;
+    for (int64_t j = 0; j < count; ++j)
+        last = groups[j].index > last ? groups[j].index : last;
+    float zeros[head_dim];
+    memset(zeros, 0, sizeof zeros);
+    for (int64_t t = 0; t <= last; t += KEY_BLOCK)
+        for (int64_t j = 0; j < count; ++j) {
+            const query_group *group = &groups[j];
+            if (t <= group->index)
+                score_block(group->query, group->queries, keys, t,
+                            (int)(group->index + 1 - t < KEY_BLOCK ? group->index + 1 - t : KEY_BLOCK), head_dim,
+                            zeros, group->scores);
+        }
+    for (int64_t j = 0; j < count; ++j)
+        for (int i = 0; i < groups[j].queries; ++i) {
+            float *row = groups[j].scores[i], largest = -INFINITY;
+            const int64_t index = groups[j].index;
+#pragma omp simd reduction(max : largest)
+            for (int64_t e = 0; e <= index; ++e) {
+                row[e] *= scaling;
+                largest = present[e] && row[e] > largest ? row[e] : largest;
+            }
+            float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+            for (int64_t e = 0; e <= index; ++e) {
+                row[e] = present[e] ? exp_nonpositive(row[e] - largest) : 0.0f;
+                total += row[e];
+            }
+#pragma omp simd
+            for (int64_t e = 0; e <= index; ++e)
+                row[e] /= total;
+        }
+    const int64_t whole = head_dim - head_dim % LANES;
+    for (int64_t d = 0; d < whole; d += WEIGHED_VECTORS * LANES) {
+        const int vectors = whole - d < WEIGHED_VECTORS * LANES ? (int)((whole - d) / LANES) : WEIGHED_VECTORS;
+        for (int64_t j = 0; j < count; ++j) {
+            const query_group *group = &groups[j];
+            const float *const weights[GROUP_QUERIES] = {group->scores[0],
+                                                         group->scores[group->queries > 1 ? 1 : 0]};
+            if (group->queries == GROUP_QUERIES && vectors == WEIGHED_VECTORS)
+                weigh_columns(weights, GROUP_QUERIES, values, present, group->index, head_dim, d, WEIGHED_VECTORS,
+                              group->out);
+            else
+                weigh_columns(weights, group->queries, values, present, group->index, head_dim, d, vectors,
+                              group->out);
+        }
+    }
+    for (int64_t j = 0; j < count; ++j)
+        for (int i = 0; i < groups[j].queries; ++i)
+            for (int64_t d = whole; d < head_dim; ++d) {
+                float sum = 0.0f;
+                for (int64_t e = 0; e <= groups[j].index; ++e)
+                    if (present[e])
+                        sum += groups[j].scores[i][e] * values[e * head_dim + d];
+                groups[j].out[i][d] = sum;
+            }
+}
+
+/* The most rows of one sequence that attend together (attend_rows): a longer run is cut, so
+ * that its query groups fit on the stack. */
+#define RUN_ROWS 64
 
 /* Row r is sequence slots[r] (its rotary angles in scratch's), its key and value going to cache
  * index indices[r]. First every row's keys are normed and rotated and written to the cache with
- * its values, then each query head attends its sequence's cache up to its row's index: the
- * rows of one prompt, written together, each see the rows before them. */
+ * its values (and its queries normed and rotated), then each run of rows of one sequence
+ * (runs: the first row of each, and the row count after the last) attends that sequence's cache,
+ * each row up to its own index: the rows of one prompt, written together, each see the rows
+ * before them. */
 static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t rows, const int64_t *slots,
-                   const int64_t *indices, const uint8_t *valid, step_scratch *scratch) {
+                   const int64_t *indices, const uint8_t *valid, const int32_t *runs, int64_t run_count,
+                   step_scratch *scratch) {
     const int64_t heads = model->heads, kv_heads = model->kv_heads, head_dim = model->head_dim;
     const int64_t capacity = model->capacity, group = heads / kv_heads;
     const int64_t qkv_width = (heads + 2 * kv_heads) * head_dim;
@@ -181,19 +349,47 @@ static void attend(const qwen3_model *model, const decoder_layer *layer, int64_t
             rotate(key, head_dim, scratch->rotary + r * head_dim);
             memcpy(layer->keys + entry, key, (size_t)head_dim * sizeof(float));
             memcpy(layer->values + entry, row + (heads + kv_heads + g) * head_dim, (size_t)head_dim * sizeof(float));
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+                float *query = row + h * head_dim;
+                rms_norm(query, layer->query_norm, head_dim, model->norm_eps, query);
+                rotate(query, head_dim, scratch->rotary + r * head_dim);
+            }
         }
     }
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp for schedule(dynamic) collapse(2)
+    for (int64_t u = 0; u < run_count; ++u) {
         for (int64_t g = 0; g < kv_heads; ++g) {
-            const int64_t cached = (slots[r] * kv_heads + g) * capacity * head_dim;
-            for (int64_t h = g * group; h < (g + 1) * group; ++h)
-                attend_head(model, layer, scratch->qkv + r * qkv_width + h * head_dim, layer->keys + cached,
-                            layer->values + cached, valid + slots[r] * capacity, indices[r],
-                            scratch->rotary + r * head_dim, scratch->scores + (r * heads + h) * capacity,
-                            scratch->attended + (r * heads + h) * head_dim);
+            const int64_t first = runs[u], count = runs[u + 1] - first, slot = slots[first];
+            const int64_t cached = (slot * kv_heads + g) * capacity * head_dim;
+            for (int64_t h = g * group; h < (g + 1) * group; h += GROUP_QUERIES) {
+                const int queries = (g + 1) * group - h < GROUP_QUERIES ? (int)((g + 1) * group - h) : GROUP_QUERIES;
+                query_group groups[RUN_ROWS];
+                for (int64_t j = 0; j < count; ++j) {
+                    const int64_t r = first + j;
+                    groups[j].queries = queries;
+                    groups[j].index = indices[r];
+                    for (int i = 0; i < queries; ++i) {
+                        groups[j].query[i] = scratch->qkv + r * qkv_width + (h + i) * head_dim;
+                        groups[j].scores[i] = scratch->scores + (r * heads + h + i) * capacity;
+                        groups[j].out[i] = scratch->attended + (r * heads + h + i) * head_dim;
+                    }
+                }
+                attend_rows(groups, count, layer->keys + cached, layer->values + cached, valid + slot * capacity,
+                            head_dim);
+            }
         }
     }
+}
+
+/* The runs of rows of one sequence, at most RUN_ROWS rows each, that attend together: the first
+ * row of each into runs, then `rows`; returns their count. */
+static int64_t find_runs(const int64_t *slots, int64_t rows, int32_t *runs) {
+    int64_t count = 0;
+    for (int64_t r = 0; r < rows; ++r)
+        if (r == 0 || slots[r] != slots[r - 1] || r - runs[count - 1] == RUN_ROWS)
+            runs[count++] = (int32_t)r;
+    runs[count] = (int32_t)rows;
+    return count;
 }
 
 /* The scratch of a step of `rows` rows laid out from `base` (when given); returns the floats
@@ -219,7 +415,10 @@ static int64_t lay_out_scratch(const qwen3_model *model, int64_t rows, float *ba
         scratch->product_input = base + used;
     /* As bf16, two bytes an input (int8 takes one). */
     const int64_t input_bytes = rows * widest_input * (int64_t)sizeof(uint16_t);
-    return used + (input_bytes + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
+    used += (input_bytes + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
+    if (base)
+        scratch->runs = (int32_t *)(base + used);
+    return used + rows + 1;
 }
 
 /* The number of floats qwen3_decode_step's scratch_space must hold for `rows` rows. */
@@ -258,6 +457,7 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
     const int64_t attended_width = model->heads * head_dim;
     step_scratch scratch;
     lay_out_scratch(model, rows, scratch_space, &scratch);
+    const int64_t run_count = find_runs(slots, rows, scratch.runs);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
@@ -268,7 +468,7 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             /* The previous layer's MLP output is added to the hidden rows here. */
             product_inputs(model, hidden, l ? scratch.product : NULL, layer->input_norm, rows, width, &scratch);
             project(model, &layer->qkv, rows, &scratch, scratch.qkv);
-            attend(model, layer, rows, slots, indices, valid, &scratch);
+            attend(model, layer, rows, slots, indices, valid, scratch.runs, run_count, &scratch);
             product_inputs(model, scratch.attended, NULL, NULL, rows, attended_width, &scratch);
             project(model, &layer->output, rows, &scratch, scratch.product);
             product_inputs(model, hidden, scratch.product, layer->post_attention_norm, rows, width, &scratch);
