@@ -113,13 +113,15 @@ static inline __attribute__((always_inline)) void tile_block(const uint8_t *inpu
 typedef void (*tile_sums_finish)(const void *context, const void *sums, int64_t start, int64_t r, int64_t end,
                                  int64_t o, int64_t width);
 
-/* A product on AMX's tiles (called by every thread of a parallel region), a block of 32 input
- * rows (16 where fewer are left) at a time over all outputs, two 16-output blocks of tiles
- * (`steps` tiles each, 1 KiB a tile) at a time: the block's inputs stay in the first-level cache
- * while the weights stream past, which ran faster than a block of outputs over all rows. A last
- * short block is moved back to end at the last row (recomputing a few rows) rather than padded.
- * Fewer than 32 rows in all are copied into zeros of one block (16 rows, or 32 past 16): two
- * 16-row blocks would stream the weights twice. rows of `row_bytes` bytes each. */
+/* A product on AMX's tiles (called by every thread of a parallel region) in blocks of 32 input
+ * rows (16 where fewer are left) by two 16-output blocks of tiles (`steps` tiles each, 1 KiB a
+ * tile). In int8 each block of rows goes over all outputs: its inputs stay in the first-level
+ * cache while the weights stream past, which ran faster than a pair of output blocks over all
+ * rows. In bf16, whose weights take twice the bytes a product, the other way ran faster: each
+ * pair's weight tiles are read from memory once, whatever the rows. A last short block of rows
+ * is moved back to end at the last row (recomputing a few rows) rather than padded. Fewer than
+ * 32 rows in all are copied into zeros of one block (16 rows, or 32 past 16): two 16-row blocks
+ * would stream the weights twice. rows of `row_bytes` bytes each. */
 static inline __attribute__((always_inline)) void tile_product_rows(const uint8_t *inputs, int64_t row_bytes,
                                                                     int64_t rows, const uint8_t *tiles,
                                                                     int64_t steps, int64_t output_blocks, int bf16,
@@ -137,20 +139,30 @@ static inline __attribute__((always_inline)) void tile_product_rows(const uint8_
     }
     uint32_t sums[32 * 32]; /* int32 or float */
     configure_tiles();
-    const int64_t block_bytes = steps * AMX_TILE_ROWS * AMX_TILE_ROW_BYTES;
-    for (int64_t r = 0; r < rows;) {
-        const int64_t start = rows - r < span && rows >= span ? rows - span : r;
-        const int64_t end = start + span < rows ? start + span : rows;
+    const int64_t block_bytes = steps * AMX_TILE_ROWS * AMX_TILE_ROW_BYTES, pairs = (output_blocks + 1) / 2;
+/* The block of rows from r (moved back to end at the last row) by output blocks 2 pair and 2 pair + 1. */
+#define TILE_PAIR(r, pair)                                                                                   \
+    do {                                                                                                     \
+        const int64_t start = rows - (r) < span && rows >= span ? rows - span : (r);                         \
+        const int two_output_tiles = 2 * (pair) + 1 < output_blocks;                                         \
+        tile_block(source + start * row_bytes, row_bytes, two_row_tiles, tiles + 2 * (pair) * block_bytes,   \
+                   two_output_tiles, steps, bf16, sums);                                                     \
+        finish(context, sums, start, (r), start + span < rows ? start + span : rows,                         \
+               (pair) * 2 * AMX_TILE_OUTPUTS, (two_output_tiles ? 2 : 1) * AMX_TILE_OUTPUTS);                \
+    } while (0)
+    if (bf16) {
 #pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < (output_blocks + 1) / 2; ++pair) {
-            const int two_output_tiles = 2 * pair + 1 < output_blocks;
-            tile_block(source + start * row_bytes, row_bytes, two_row_tiles, tiles + 2 * pair * block_bytes,
-                       two_output_tiles, steps, bf16, sums);
-            finish(context, sums, start, r, end, pair * 2 * AMX_TILE_OUTPUTS,
-                   (two_output_tiles ? 2 : 1) * AMX_TILE_OUTPUTS);
+        for (int64_t pair = 0; pair < pairs; ++pair)
+            for (int64_t r = 0; r < rows; r += span)
+                TILE_PAIR(r, pair);
+    } else {
+        for (int64_t r = 0; r < rows; r += span) {
+#pragma omp for schedule(static)
+            for (int64_t pair = 0; pair < pairs; ++pair)
+                TILE_PAIR(r, pair);
         }
-        r = end;
     }
+#undef TILE_PAIR
     _tile_release();
     free(padded);
 }
