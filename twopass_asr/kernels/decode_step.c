@@ -477,10 +477,11 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
             for (int64_t r = 0; r < rows; ++r) {
                 const float *gate = scratch.product + r * 2 * intermediate, *up = gate + intermediate;
                 float *activated = scratch.normed + r * intermediate;
-                /* SiLU, g / (1 + e^-g), from e^-|g| (which vectorises): g e^g / (1 + e^g) for g < 0. */
+                /* SiLU, g / (1 + e^-g), from e^-|g| (which vectorises): g e^g / (1 + e^g) for g < 0,
+                 * where g e^g is the larger of the two numerators. */
                 for (int64_t c = 0; c < intermediate; ++c) {
-                    const float g = gate[c], e = exp_nonpositive(-fabsf(g));
-                    activated[c] = (g < 0.0f ? g * e : g) / (1.0f + e) * up[c];
+                    const float g = gate[c], e = exp_nonpositive(-fabsf(g)), scaled = g * e;
+                    activated[c] = (scaled > g ? scaled : g) / (1.0f + e) * up[c];
                 }
                 make_product_input(model, activated, intermediate, r, &scratch);
             }

@@ -24,9 +24,13 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    union { float f; int32_t i; } n_bits = {shifted}, rounder_bits = {rounder}, power;
+    union { float f; int32_t i; } n_bits = {shifted}, rounder_bits = {rounder}, power, value;
     power.i = (n_bits.i - rounder_bits.i + 127) << 23;
-    return x < -87.0f ? 0.0f : p * power.f;
+    value.f = p * power.f;
+    /* The cut to zero as a mask of the bits: a branch around the product (x < -87 ? 0 : p * 2^n)
+     * kept the compiler from vectorising it without AVX-512's masks. */
+    value.i &= -(int32_t)(x >= -87.0f);
+    return value.f;
 }
 
 #endif
