@@ -129,8 +129,8 @@ static void rotate(float *x, int64_t head_dim, const float *rotary) {
 
 /* Up to GROUP_QUERIES query heads of one key/value head attend together, sharing each key and
  * value they load; KEY_BLOCK keys are scored at a time, one vector of sums for each query and key,
- * as many as a vector has lanes: their lanes are then summed together (sum_lanes), where summing
- * each vector's alone cost several times the multiply-adds of a 128-float head. */
+ * as many vectors as a vector has lanes: their lanes are then summed together (sum_lanes), a few
+ * shuffles for them all where each vector's own sum takes several. */
 #define GROUP_QUERIES 2
 #define KEY_BLOCK (LANES / GROUP_QUERIES)
 
@@ -219,7 +219,7 @@ static inline __attribute__((always_inline)) void score_block(const float *const
         }
 }
 
-/* out[i] += the `queries` rows of weights [*, index + 1] times the values of entries 0..index
+/* out[i] = the `queries` rows of weights [*, index + 1] times the values of entries 0..index
  * that `present` marks, for columns d to d + WEIGHED_VECTORS * LANES (or the head's end): the
  * outputs stay in registers over all the values. */
 #define WEIGHED_VECTORS 4
@@ -421,7 +421,7 @@ static int64_t lay_out_scratch(const qwen3_model *model, int64_t rows, float *ba
     return used + rows + 1;
 }
 
-/* The number of floats qwen3_decode_step's scratch_space must hold for `rows` rows. */
+/* The number of floats qwen3_forward's scratch_space must hold for `rows` rows. */
 int64_t step_scratch_floats(const qwen3_model *model, int64_t rows) {
     step_scratch unused;
     return lay_out_scratch(model, rows, NULL, &unused);

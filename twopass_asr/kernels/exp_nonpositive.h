@@ -9,8 +9,9 @@
 /* e^x for x <= 0 (a softmax's scores less their largest) in operations the compiler vectorises,
  * where a call of expf is one element at a time: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its
  * Taylor polynomial to degree 7 (truncation below 2^-27), 2^n put in the exponent's bits; zero
- * below -87, where e^x leaves float's normal range. Within one unit in the last place of expf
- * (every float of [-87, 0] compared). */
+ * below -87, where e^x leaves float's normal range. Within about one unit in the last place of
+ * e^x, with or without fused multiply-adds (every float of [-87, 0] compared: perf/RESULTS.md,
+ * 2026-12-07, session 42). */
 static inline float exp_nonpositive(float x) {
     const float rounder = 12582912.0f; /* 1.5 * 2^23: adding it leaves the nearest integer in the low bits */
     const float log2e = 1.44269504f, ln2_high = 0.693145752f, ln2_low = 1.42860677e-6f;
