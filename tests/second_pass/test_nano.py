@@ -31,6 +31,7 @@ from twopass_asr.kernels.tokenwise_int8 import (
 from twopass_asr.second_pass.drafts import DraftTally
 from twopass_asr.second_pass.llm_export import INT8_LINEARS, export_llm_dir, mapped_input_embeddings
 from twopass_asr.second_pass.llm_on_torch import is_product_layer
+from twopass_asr.second_pass.native_decode import NativeDecoder
 from twopass_asr.second_pass.recognizer import (
     MAX_NEW_TOKENS_ENV,
     MAX_NEW_TOKENS_PER_SECOND_ENV,
@@ -711,6 +712,34 @@ def test_compiled_generation_runs_its_prefill_and_decode_steps_in_c_with_the_tok
                         forwards.append(kwargs["inputs_embeds"].shape) or original(*args, **kwargs))
     assert in_c.generate_tokens(prompts) == expected
     assert forwards == []
+
+
+@torch.no_grad()
+def test_a_prompts_bf16_logits_are_the_same_bits_alone_or_batched(bf16_generation, monkeypatch):
+    """native_decode in bf16: a row's products, norms and attention in a C pass are its own
+    whatever rows come with it: decode_step.c attends a sequence's rows together and adds a
+    block of keys' sums across vectors, but sums each row in its own order, and a softmax's
+    total in the cache's order. So a prompt's first logits are the same bits alone as in a
+    batch of prompts of other lengths (padded, its cache entries elsewhere). (In int8 some
+    prompts' logits differ in the last bit between the two, as they did before these passes
+    changed; not yet traced.)"""
+    generation = bf16_generation
+    prompts = [generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
+    assert len({len(prompt) for prompt in prompts}) > 1
+    passes = []
+
+    def recording(self, model, hidden, slots, positions, indices, valid, logit_rows, scratch, logits):
+        tokens = forward(self, model, hidden, slots, positions, indices, valid, logit_rows, scratch, logits)
+        passes.append(logits[:len(logit_rows)].clone())
+        return tokens
+
+    forward = NativeDecoder._forward
+    monkeypatch.setattr(NativeDecoder, "_forward", recording)
+    generation.generate_tokens(prompts, [1] * len(prompts))  # the prefill alone: one token each
+    together = passes[-1]
+    for index, prompt in enumerate(prompts):
+        generation.generate_tokens([prompt], [1])
+        assert torch.equal(passes[-1][0], together[index]), index
 
 
 def test_bf16_generation_rounds_the_projections_and_head_to_bf16(tiny_nano, recognizer, bf16_generation):

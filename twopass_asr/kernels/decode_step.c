@@ -287,12 +287,14 @@ static void attend_rows(const query_group *groups, int64_t count, const float *k
                 row[e] *= scaling;
                 largest = present[e] && row[e] > largest ? row[e] : largest;
             }
-            float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-            for (int64_t e = 0; e <= index; ++e) {
+#pragma omp simd
+            for (int64_t e = 0; e <= index; ++e)
                 row[e] = present[e] ? exp_nonpositive(row[e] - largest) : 0.0f;
+            /* Summed in order, not in lanes: the same total wherever the row's entries sit in the
+             * cache (a prompt padded in a batch, or alone). */
+            float total = 0.0f;
+            for (int64_t e = 0; e <= index; ++e)
                 total += row[e];
-            }
 #pragma omp simd
             for (int64_t e = 0; e <= index; ++e)
                 row[e] /= total;
