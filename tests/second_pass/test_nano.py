@@ -715,15 +715,16 @@ def test_compiled_generation_runs_its_prefill_and_decode_steps_in_c_with_the_tok
 
 
 @torch.no_grad()
-def test_a_prompts_bf16_logits_are_the_same_bits_alone_or_batched(bf16_generation, monkeypatch):
-    """native_decode in bf16: a row's products, norms and attention in a C pass are its own
-    whatever rows come with it: decode_step.c attends a sequence's rows together and adds a
-    block of keys' sums across vectors, but sums each row in its own order, and a softmax's
-    total in the cache's order. So a prompt's first logits are the same bits alone as in a
-    batch of prompts of other lengths (padded, its cache entries elsewhere). (In int8 some
-    prompts' logits differ in the last bit between the two, as they did before these passes
-    changed; not yet traced.)"""
-    generation = bf16_generation
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_a_prompts_logits_are_the_same_bits_alone_or_batched(precision, request, monkeypatch):
+    """native_decode: a row's products, norms and attention in a C pass are its own whatever
+    rows come with it: decode_step.c attends a sequence's rows together and adds a block of
+    keys' sums across vectors, but sums each row in its own order, and a softmax's total in
+    the cache's order. A prompt prefix's cache is the C prefill's too. So a prompt's first
+    logits are the same bits alone (continuing from its prefix's cache) as in a batch of
+    prompts of other prefixes and lengths (prefilled whole, padded, its cache entries
+    elsewhere)."""
+    generation = request.getfixturevalue(f"{precision}_generation")
     prompts = [generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
     assert len({len(prompt) for prompt in prompts}) > 1
     passes = []

@@ -1,6 +1,7 @@
 """Greedy generation for the torch int8 and bf16 LLMs (llm_on_torch, on the compiled kernels) in
 C (twopass_asr/kernels/decode_step.c): the prompts' rows after their cached opening are
 prefilled in one C pass, and each further token is one C step, over the same layers' weights.
+The opening's cache is a C pass too (prefix_cache), once per prompt prefix.
 
 A decode step of the torch int8 LLM on a 2-core AVX2 CPU spent about half its time in HF's
 and torch's operations around its int8 products (about 7,000 calls a token) and most of the
@@ -144,19 +145,11 @@ class NativeDecoder:
                              "real and after it")
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
         capacity = length + max(caps)
-        # This call's own copy of the structures (the caches are its own): calls may overlap.
-        layer_structs = (DecoderLayerStruct * len(self._layer_structs))(*self._layer_structs)
-        model = Qwen3ModelStruct.from_buffer_copy(self.model)
-        model.layer, model.slots, model.capacity = layer_structs, rows, capacity
-        caches = []
-        for layer, struct in enumerate(layer_structs):
-            keys = torch.empty(rows, self.kv_heads, capacity, self.head_dim)
-            values = torch.empty_like(keys)
-            if opening:
+        model, caches = self._sequences(rows, capacity)
+        if opening:
+            for layer, (keys, values) in enumerate(caches):
                 keys[:, :, :opening] = cache.layers[layer].keys[:, :, :opening]
                 values[:, :, :opening] = cache.layers[layer].values[:, :, :opening]
-            struct.keys, struct.values = keys.data_ptr(), values.data_ptr()
-            caches.append((keys, values))
         del cache
         valid = torch.zeros(rows, capacity, dtype=torch.uint8)
         valid[:, :length] = attention_mask.to(torch.uint8)
@@ -221,6 +214,42 @@ class NativeDecoder:
                 offset += 1 + len(proposed)
             active = [row for row in active if len(generated[row]) < caps[row] and generated[row][-1] not in stops]
         return generated
+
+    def _sequences(self, rows: int, capacity: int) -> tuple[Qwen3ModelStruct, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The model's C structure for `rows` sequences of up to `capacity` entries, and each
+        layer's key and value caches it points to ([rows, kv_heads, capacity, head_dim] each):
+        a call's own copy of the structures, so that calls may overlap."""
+        layer_structs = (DecoderLayerStruct * len(self._layer_structs))(*self._layer_structs)
+        model = Qwen3ModelStruct.from_buffer_copy(self.model)
+        model.layer, model.slots, model.capacity = layer_structs, rows, capacity
+        caches = []
+        for struct in layer_structs:
+            keys = torch.empty(rows, self.kv_heads, capacity, self.head_dim)
+            values = torch.empty_like(keys)
+            struct.keys, struct.values = keys.data_ptr(), values.data_ptr()
+            caches.append((keys, values))
+        return model, caches
+
+    @torch.no_grad()
+    def prefix_cache(self, embeds: torch.Tensor):
+        """The keys and values of `embeds` [rows, hidden] as one sequence, in an HF cache (what
+        generate continues from): by the C prefill, so that a prompt continuing from them gets
+        the bits it gets prefilled whole (a prompt prefix's cache, prompt_prefix: alone, a
+        segment's prompt continues from its prefix's cache; batched with prompts of other
+        prefixes, it is prefilled whole)."""
+        from transformers import DynamicCache
+
+        rows = embeds.shape[0]
+        model, caches = self._sequences(1, rows)
+        entries = torch.arange(rows)
+        self._forward(model, embeds, torch.zeros(rows, dtype=torch.int64), entries, entries,
+                      torch.ones(1, rows, dtype=torch.uint8), entries[-1:],
+                      torch.empty(self._library.step_scratch_floats(ctypes.byref(model), rows)),
+                      torch.empty(1, self.vocabulary))
+        cache = DynamicCache(config=self.llm.config)
+        for layer, (keys, values) in enumerate(caches):
+            cache.update(keys, values, layer)
+        return cache
 
     def _forward(self, model: Qwen3ModelStruct, hidden: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                  indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor, scratch: torch.Tensor,

@@ -468,9 +468,13 @@ class NanoRecognizer:
 
     @torch.no_grad()
     def _prefix_cache(self, embeds: torch.Tensor):
-        """The LLM's cache of a prompt prefix ([rows, hidden]) as one sequence."""
+        """The LLM's cache of a prompt prefix ([rows, hidden]) as one sequence: by the C prefill
+        where generation runs in C (the same bits as the prefix prefilled with the rest of a
+        prompt), else by HF's forward."""
         from transformers import DynamicCache
 
+        if self.native_decoder is not None:
+            return self.native_decoder.prefix_cache(embeds.float())
         llm = self.model.llm
         cache = DynamicCache(config=llm.config)
         with self._autocast():
