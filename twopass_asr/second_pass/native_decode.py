@@ -232,11 +232,10 @@ class NativeDecoder:
 
     @torch.no_grad()
     def prefix_cache(self, embeds: torch.Tensor):
-        """The keys and values of `embeds` [rows, hidden] as one sequence, in an HF cache (what
-        generate continues from): by the C prefill, so that a prompt continuing from them gets
-        the bits it gets prefilled whole (a prompt prefix's cache, prompt_prefix: alone, a
-        segment's prompt continues from its prefix's cache; batched with prompts of other
-        prefixes, it is prefilled whole)."""
+        """The keys and values of `embeds` [rows, hidden] as one sequence, in an HF cache that
+        generate continues from (a prompt prefix's, prompt_prefix). By the C prefill, so that a
+        prompt continuing from them gets the bits it gets prefilled whole, as it is in a batch
+        with prompts of other prefixes."""
         from transformers import DynamicCache
 
         rows = embeds.shape[0]

@@ -474,7 +474,7 @@ class NanoRecognizer:
         from transformers import DynamicCache
 
         if self.native_decoder is not None:
-            return self.native_decoder.prefix_cache(embeds.float())
+            return self.native_decoder.prefix_cache(embeds)
         llm = self.model.llm
         cache = DynamicCache(config=llm.config)
         with self._autocast():
