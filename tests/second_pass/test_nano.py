@@ -739,6 +739,8 @@ def test_a_prompts_logits_are_the_same_bits_alone_or_batched(precision, request,
     generation.generate_tokens(prompts, [1] * len(prompts))  # the prefill alone: one token each
     together = passes[-1]
     for index, prompt in enumerate(prompts):
+        generation.generate_tokens([prompt], [1])  # holds its prefix's cache from here on
+        assert generation.prompt_prefixes.prefix_of([prompt]) is not None, index
         generation.generate_tokens([prompt], [1])
         assert torch.equal(passes[-1][0], together[index]), index
 

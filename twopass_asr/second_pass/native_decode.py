@@ -241,7 +241,7 @@ class NativeDecoder:
         rows = embeds.shape[0]
         model, caches = self._sequences(1, rows)
         entries = torch.arange(rows)
-        self._forward(model, embeds, torch.zeros(rows, dtype=torch.int64), entries, entries,
+        self._forward(model, embeds.clone(), torch.zeros(rows, dtype=torch.int64), entries, entries,
                       torch.ones(1, rows, dtype=torch.uint8), entries[-1:],
                       torch.empty(self._library.step_scratch_floats(ctypes.byref(model), rows)),
                       torch.empty(1, self.vocabulary))
@@ -254,8 +254,8 @@ class NativeDecoder:
                  indices: torch.Tensor, valid: torch.Tensor, logit_rows: torch.Tensor, scratch: torch.Tensor,
                  logits: torch.Tensor) -> list[int]:
         """One qwen3_forward over the rows of `hidden` (row r: sequence slots[r] at rotary
-        position positions[r], cache index indices[r]): the greedy token after each of
-        `logit_rows`. scratch: step_scratch_floats for at least these rows; logits: room for
+        position positions[r], cache index indices[r]; the pass overwrites them where they are
+        float32 already): the greedy token after each of `logit_rows`. scratch: step_scratch_floats for at least these rows; logits: room for
         the logits of logit_rows, [at least len(logit_rows), vocabulary]."""
         hidden = hidden.float().contiguous()
         slots, positions, indices, logit_rows = (tensor.to(torch.int64).contiguous()
