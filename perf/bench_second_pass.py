@@ -68,6 +68,7 @@ from twopass_asr.kernels.layer_replacement import SharedInputSlice
 from twopass_asr.kernels.prepacked_linear import PrepackedLinear
 from twopass_asr.kernels.tokenwise_int8 import TokenwiseInt8Linear
 from twopass_asr.second_pass.batcher import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, PassWorker, SegmentBatcher
+from twopass_asr.second_pass.native_decode import NativeDecoder
 from twopass_asr.second_pass.precision import PRECISIONS, TORCH_DTYPES, resolve_precision
 from twopass_asr.second_pass.recognizer import DEFAULT_MAX_NEW_TOKENS, NanoRecognizer, NanoRequest, generation_cap
 
@@ -276,9 +277,13 @@ def time_in_products(recognizer: NanoRecognizer, prompt: torch.Tensor, cap: int)
 
 def step_engines(recognizer: NanoRecognizer) -> list[tuple[str, object]]:
     """The decode-step engines segment_time_lines times, as (name, the recognizer's
-    native_decoder for it): the C step where the recognizer has one, and HF's generate."""
+    native_decoder for it): the C step where the recognizer has one (and where it reads a bf16
+    head through its int8 screen, the C step reading the whole bf16 head), and HF's generate."""
     native = recognizer.native_decoder
-    return ([("C step", native)] if native is not None else []) + [("HF generate", None)]
+    engines = [("C step", native)] if native is not None else []
+    if native is not None and native.head_screen is not None:
+        engines.append(("C step, whole bf16 head", NativeDecoder(recognizer.model.llm, screen_head=False)))
+    return engines + [("HF generate", None)]
 
 
 def segment_time_lines(recognizer: NanoRecognizer, precision: str, seconds: float, tokens: int,

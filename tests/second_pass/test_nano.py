@@ -17,7 +17,7 @@ from tests.int8_kernels import TOKENWISE_KERNEL_PARAMS
 from twopass_asr.audio import pcm16_to_float
 from twopass_asr.first_pass.native_layers import native_auto_kernel
 from twopass_asr.kernels import int8_linear, row_kernels, tokenwise_int8
-from twopass_asr.kernels.decode_step import decode_step_library
+from twopass_asr.kernels.decode_step import Bf16HeadScreen, decode_step_library
 from twopass_asr.kernels.cpu_features import cpu_has_int8_dot_products
 from twopass_asr.kernels.int8_linear import Int8Linear
 from twopass_asr.kernels.bf16_linear import CompiledBf16Linear
@@ -702,6 +702,9 @@ def test_compiled_generation_runs_its_prefill_and_decode_steps_in_c_with_the_tok
     in_hf_steps = request.getfixturevalue(f"{precision}_generation_in_hf_steps")
     assert in_c.native_decoder is not None and in_hf_steps.native_decoder is None
     assert in_c.native_decoder.bf16 == (precision == "bf16")
+    # A bf16 head is read through its int8 screen wherever the build allows one.
+    screened = precision == "bf16" and Bf16HeadScreen.suits(in_c.model.llm.lm_head.packed)
+    assert (in_c.native_decoder.head_screen is not None) == screened
     prompts = [in_c.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
     expected = in_hf_steps.generate_tokens(prompts)
     assert min(len(row) for row in expected) > 3  # steps after the prefill

@@ -155,6 +155,29 @@ static void bf16_ordered_product(const bf16_layer *layer, const uint16_t *inputs
         }
     }
 }
+
+/* out [16] = outputs 16 block to 16 block + 15 of the layer (weights in tile order) over one bf16
+ * input row, with the bits bf16_product gives them: on either of its native paths an output's sum
+ * runs over the inputs in the same order whatever other outputs and rows it is computed with. Not
+ * a worksharing call: each thread may compute blocks of its own. */
+static void bf16_block_of_row(const bf16_layer *layer, const uint16_t *row, int64_t block, float out[16]) {
+    const int64_t steps = (layer->inputs + BF16_TILE_INPUTS - 1) / BF16_TILE_INPUTS;
+    const uint16_t *tiles = layer->tiles + block * steps * BF16_TILE_ELEMENTS;
+#ifdef BF16_TILES
+    if (layer->inputs % BF16_TILE_INPUTS == 0 && tiles_permitted()) {
+        float sums[32 * 32];
+        configure_tiles();
+        /* A stride of 0 loads the row into every row of the input tile. */
+        tile_block((const uint8_t *)row, 0, 0, (const uint8_t *)tiles, 0, steps, 1, sums);
+        _tile_release();
+        memcpy(out, sums, BF16_TILE_OUTPUTS * sizeof(float));
+        return;
+    }
+#endif
+    float sums[BF16_BLOCK_ROWS * 32];
+    bf16_ordered_block(row, layer->inputs, layer->inputs, 1, tiles, tiles, 0, sums);
+    memcpy(out, sums, BF16_TILE_OUTPUTS * sizeof(float));
+}
 #endif
 
 /* Whether this build's bf16 products use the CPU's bf16 dot products (AVX-512 BF16, and AMX's

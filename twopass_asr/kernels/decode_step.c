@@ -9,6 +9,8 @@
  * The float work around them is torch's arithmetic in another summation order, so a pass agrees
  * with HF's to float rounding, not bit for bit. */
 
+#include <float.h>
+
 #include "bf16_product.h"
 #include "exp_nonpositive.h"
 #include "int8_product.h"
@@ -31,6 +33,15 @@ typedef struct {
     float *keys, *values; /* [slots, kv_heads, capacity, head_dim] */
 } decoder_layer;
 
+/* A bf16 output head's int8 copy, by which the greedy token is found reading half the head's bytes
+ * (screened_head): the head's weights on 127 levels per output (no input step in its scales,
+ * unlike the other int8 layers'), and per output the sum of its bf16 weights' magnitudes and the
+ * largest difference between a bf16 weight and its int8 value (rounded up). No screen: outputs 0. */
+typedef struct {
+    int8_layer weights;
+    const float *magnitudes, *rounding; /* [outputs] each */
+} head_screen;
+
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, slots, capacity;
     float norm_eps, input_step;       /* input_step: the int8 products' */
@@ -39,6 +50,7 @@ typedef struct {
     const decoder_layer *layer;
     const float *final_norm;
     projection head;
+    head_screen screen; /* of a bf16 head, or none */
 } qwen3_model;
 
 /* Space for one step of `rows` sequences (all float unless said), in one buffer the caller
@@ -53,6 +65,10 @@ typedef struct {
     float *scores;       /* [rows * heads, capacity] */
     float *rotary;       /* [rows, head_dim]: the cosines, then the sines, of each row's rotary angles */
     int32_t *runs;       /* [rows + 1]: find_runs' */
+    /* Where the model has a head screen: */
+    uint8_t *screened_input; /* [rows, hidden]: the screen's quantized input */
+    int32_t *blocks;         /* [rows, head outputs / 16]: each row's candidate blocks (screened_head) */
+    int64_t *block_starts;   /* [rows + 1]: where each row's candidates start among all rows' */
 } step_scratch;
 
 /* Qwen3's RMS norm of one row: x / sqrt(mean(x^2) + eps) * weight. */
@@ -420,7 +436,20 @@ static int64_t lay_out_scratch(const qwen3_model *model, int64_t rows, float *ba
     used += (input_bytes + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
     if (base)
         scratch->runs = (int32_t *)(base + used);
-    return used + rows + 1;
+    used += rows + 1;
+    if (model->screen.weights.outputs == 0)
+        return used;
+    /* Each part below starts at an even float, so on 8 bytes. */
+    used += used % 2;
+    if (base)
+        scratch->block_starts = (int64_t *)(base + used);
+    used += 2 * (rows + 1);
+    if (base)
+        scratch->blocks = (int32_t *)(base + used);
+    used += rows * (model->screen.weights.outputs / BF16_TILE_OUTPUTS);
+    if (base)
+        scratch->screened_input = (uint8_t *)(base + used);
+    return used + (rows * model->hidden + (int64_t)sizeof(float) - 1) / (int64_t)sizeof(float);
 }
 
 /* The number of floats qwen3_forward's scratch_space must hold for `rows` rows. */
@@ -445,6 +474,132 @@ static int64_t first_largest(const float *values, int64_t count) {
     return 0;
 }
 
+#ifdef BF16_DOT_512
+/* The greedy token among blocks of 16 values (of `count` blocks, in ascending order) that hold
+ * every largest value of a row: first_largest's, the first of equals or the first NaN. */
+static int64_t first_largest_of_blocks(const float *values, const int32_t *blocks, int64_t count) {
+    int64_t chosen = -1;
+    float largest = 0.0f;
+    for (int64_t n = 0; n < count; ++n)
+        for (int64_t j = 0; j < BF16_TILE_OUTPUTS; ++j) {
+            const int64_t index = (int64_t)blocks[n] * BF16_TILE_OUTPUTS + j;
+            const float value = values[index];
+            if (value != value)
+                return index;
+            if (chosen < 0 || value > largest) {
+                chosen = index;
+                largest = value;
+            }
+        }
+    return chosen;
+}
+
+/* Row i's blocks of 16 outputs of the bf16 head that may hold its largest logit, from the screen's
+ * approximate logits (`approximate`, the int8 copy's), into `blocks` in ascending order; returns
+ * how many. Each output's exact logit lies within a bound of its approximation: the input's
+ * largest difference from the screen's input times the output's weight magnitudes, plus the
+ * screen's input magnitudes times the output's largest weight rounding, plus what float sums may
+ * round (the exact product's, the screen's scaling), with a generous margin. An output whose
+ * approximation plus its bound falls below some output's approximation minus its bound cannot
+ * hold the largest logit. A row that is not finite, or whose bounds are not, keeps every block. */
+static int64_t candidate_blocks(const qwen3_model *model, const step_scratch *scratch, int64_t i,
+                                const float *approximate, int32_t *blocks) {
+    const head_screen *screen = &model->screen;
+    const int64_t width = model->hidden, outputs = screen->weights.outputs;
+    const int64_t block_count = outputs / BF16_TILE_OUTPUTS;
+    const uint16_t *rounded = (const uint16_t *)scratch->product_input + i * width;
+    const uint8_t *quantized = scratch->screened_input + i * width;
+    const double step = (double)scratch->row_scales[i] * (double)model->input_step;
+    double input_error = 0.0, screened_magnitude = 0.0, largest_input = 0.0;
+    for (int64_t c = 0; c < width; ++c) {
+        const double x = bf16_to_float(rounded[c]);
+        const double screened = (double)((int32_t)quantized[c] - INPUT_ZERO_POINT) * step;
+        const double error = fabs(x - screened);
+        input_error = error > input_error || error != error ? error : input_error;
+        largest_input = fabs(x) > largest_input || x != x ? fabs(x) : largest_input;
+        screened_magnitude += fabs(screened);
+    }
+    /* A float sum of n products rounds by at most n units of its last place per product magnitude;
+     * twice that, for however the hardware rounds its pairs. */
+    const double sum_rounding = 2.0 * (double)width * 0x1p-24;
+    const double margin = 1.0 + 0x1p-10;
+    const float per_magnitude = (float)((input_error + sum_rounding * largest_input) * margin);
+    const float per_rounding = (float)(screened_magnitude * margin);
+    /* One pass over the outputs: the floor, and each block's largest upper end, held in `blocks`
+     * (as floats) until the blocks above the floor are listed there in their place. */
+    float floor = -FLT_MAX, widest = 0.0f;
+    for (int64_t b = 0; b < block_count; ++b) {
+        float upper = -INFINITY;
+#pragma omp simd reduction(max : floor, widest, upper)
+        for (int64_t o = b * BF16_TILE_OUTPUTS; o < (b + 1) * BF16_TILE_OUTPUTS; ++o) {
+            const float bound = per_magnitude * screen->magnitudes[o] + per_rounding * screen->rounding[o]
+                                + 0x1p-20f * fabsf(approximate[o]) + 0x1p-100f;
+            floor = approximate[o] - bound > floor ? approximate[o] - bound : floor;
+            upper = approximate[o] + bound > upper ? approximate[o] + bound : upper;
+            /* A NaN counts as infinite. */
+            const float reach = approximate[o] == approximate[o] ? fabsf(approximate[o]) + bound : INFINITY;
+            widest = reach > widest ? reach : widest;
+        }
+        memcpy(blocks + b, &upper, sizeof upper);
+    }
+    const int keep_all = !(widest < FLT_MAX && per_magnitude < FLT_MAX && per_rounding < FLT_MAX);
+    int64_t count = 0;
+    for (int64_t b = 0; b < block_count; ++b) {
+        float upper;
+        memcpy(&upper, blocks + b, sizeof upper);
+        if (keep_all || upper >= floor)
+            blocks[count++] = (int32_t)b;
+    }
+    return count;
+}
+
+/* The greedy token of each of `count` rows through the bf16 head (their product inputs ready,
+ * and the screen's), reading the head's int8 copy whole and only the bf16 blocks that may hold a
+ * row's largest logit (candidate_blocks): those logits have the bits the whole bf16 head gives
+ * them, so the tokens are the same. logits: the screen's approximations, those blocks exact. */
+static void screened_head(const qwen3_model *model, int64_t count, step_scratch *scratch, float *logits,
+                          int64_t *tokens) {
+    const bf16_layer *head = &model->head.bf16;
+    const int64_t width = model->hidden, outputs = head->outputs, block_count = outputs / BF16_TILE_OUTPUTS;
+    int8_product(&model->screen.weights, scratch->screened_input, scratch->row_scales, count, NULL, logits);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < count; ++i)
+        scratch->block_starts[i + 1] = candidate_blocks(model, scratch, i, logits + i * outputs,
+                                                        scratch->blocks + i * block_count);
+#pragma omp single
+    {
+        scratch->block_starts[0] = 0;
+        for (int64_t i = 0; i < count; ++i)
+            scratch->block_starts[i + 1] += scratch->block_starts[i];
+    }
+    const int64_t *starts = scratch->block_starts;
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t item = 0; item < starts[count]; ++item) {
+        int64_t i = 0;
+        while (starts[i + 1] <= item)
+            ++i;
+        const int64_t block = scratch->blocks[i * block_count + item - starts[i]];
+        bf16_block_of_row(head, (const uint16_t *)scratch->product_input + i * width, block,
+                          logits + i * outputs + block * BF16_TILE_OUTPUTS);
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < count; ++i)
+        tokens[i] = first_largest_of_blocks(logits + i * outputs, scratch->blocks + i * block_count,
+                                            starts[i + 1] - starts[i]);
+}
+#endif
+
+/* Whether the pass finds its tokens through the head's screen: only builds with native bf16
+ * blocks have one (native_decode builds none elsewhere). */
+static int head_is_screened(const qwen3_model *model) {
+#ifdef BF16_DOT_512
+    return model->bf16_products && model->screen.weights.outputs > 0;
+#else
+    (void)model;
+    return 0;
+#endif
+}
+
 /* hidden [rows, hidden]: in, the new rows' embeddings; out, for the rows in logit_rows, the
  * last layer's output before the final norm (the others are left without its MLP output).
  * Row r is sequence slots[r] at positions[r] (its rotary position), its key and value going to
@@ -460,6 +615,7 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
     step_scratch scratch;
     lay_out_scratch(model, rows, scratch_space, &scratch);
     const int64_t run_count = find_runs(slots, rows, scratch.runs);
+    const int screened = head_is_screened(model);
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
@@ -499,12 +655,22 @@ void qwen3_forward(const qwen3_model *model, int64_t rows, float *hidden, const 
                     row[c] += scratch.product[logit_rows[i] * width + c];
             rms_norm(row, model->final_norm, width, model->norm_eps, scratch.normed + i * width);
             make_product_input(model, scratch.normed + i * width, width, i, &scratch);
+            if (screened)
+                scratch.row_scales[i] = quantize_row(scratch.normed + i * width, width, model->input_step,
+                                                     scratch.screened_input + i * width);
         }
-        project(model, &model->head, logit_count, &scratch, logits);
-        const int64_t vocabulary = model->bf16_products ? model->head.bf16.outputs : model->head.int8.outputs;
+#ifdef BF16_DOT_512
+        if (screened) {
+            screened_head(model, logit_count, &scratch, logits, tokens);
+        } else
+#endif
+        {
+            project(model, &model->head, logit_count, &scratch, logits);
+            const int64_t vocabulary = model->bf16_products ? model->head.bf16.outputs : model->head.int8.outputs;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < logit_count; ++i)
-            tokens[i] = first_largest(logits + i * vocabulary, vocabulary);
+            for (int64_t i = 0; i < logit_count; ++i)
+                tokens[i] = first_largest(logits + i * vocabulary, vocabulary);
+        }
     }
 }
 

@@ -31,6 +31,9 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPI
 # fbgemm's input quantization in tokenwise_int8: rows over their magnitude, on [-1, 1] in 255 steps.
 INPUT_STEP = 2.0 / 255.0
 
+# The levels of each output's weights in a bf16 head's int8 screen (Bf16HeadScreen): the more, the
+# tighter its bounds and the fewer bf16 blocks a row reads.
+SCREEN_LEVELS = 127
 # A tile of weights: 16 outputs by 64 inputs in int8 (int8_product.h), by 32 in bf16 (bf16_product.h).
 TILE_OUTPUTS, TILE_INPUTS, BF16_TILE_INPUTS = 16, 64, 32
 
@@ -58,12 +61,18 @@ class DecoderLayerStruct(ctypes.Structure):
                 ("gate_up", ProjectionStruct), ("down", ProjectionStruct), ("keys", C_POINTER), ("values", C_POINTER)]
 
 
+class HeadScreenStruct(ctypes.Structure):
+    """decode_step.c's head_screen."""
+    _fields_ = [("weights", Int8LayerStruct), ("magnitudes", C_POINTER), ("rounding", C_POINTER)]
+
+
 class Qwen3ModelStruct(ctypes.Structure):
     """decode_step.c's qwen3_model."""
     _fields_ = [("layers", C_SIZE), ("hidden", C_SIZE), ("heads", C_SIZE), ("kv_heads", C_SIZE), ("head_dim", C_SIZE),
                 ("intermediate", C_SIZE), ("slots", C_SIZE), ("capacity", C_SIZE), ("norm_eps", C_REAL),
                 ("input_step", C_REAL), ("bf16_products", ctypes.c_int), ("inverse_frequencies", C_POINTER),
-                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", C_POINTER), ("head", ProjectionStruct)]
+                ("layer", ctypes.POINTER(DecoderLayerStruct)), ("final_norm", C_POINTER), ("head", ProjectionStruct),
+                ("screen", HeadScreenStruct)]
 
 
 SIGNATURES = {
@@ -194,7 +203,57 @@ class CompiledBf16Weights:
         return out
 
 
-__all__ = ["BF16_TILE_INPUTS", "Bf16LayerStruct", "CompiledBf16Weights", "CompiledInt8Weights", "DecoderLayerStruct",
-           "FLAGS", "INPUT_STEP", "Int8LayerStruct", "LIBRARY", "ProjectionStruct", "Qwen3ModelStruct", "SIGNATURES",
-           "SOURCES", "TILE_INPUTS", "TILE_OUTPUTS", "decode_step_library", "products_use_avx512_vnni",
-           "require_decode_step_library"]
+class Bf16HeadScreen:
+    """The int8 copy of a bf16 output head (CompiledBf16Weights) by which the C pass finds a row's
+    greedy token reading half the head's bytes, the same token as the whole bf16 head gives
+    (decode_step.c's screened_head): each output's weights on SCREEN_LEVELS levels, the sum of its
+    bf16 weights' magnitudes, and the largest difference between a bf16 weight and the value the
+    int8 product gives it, both rounded up to float. Only where the bf16 product is native (tile
+    order) and the int8 one sums with VNNI or AMX: AVX2's 16-bit pair sums would overflow on 127
+    levels."""
+
+    @staticmethod
+    def suits(head: CompiledBf16Weights) -> bool:
+        """Whether `head` can have a screen: its weights in tile order, its library's int8 products
+        summed with VNNI or AMX."""
+        return head.tiles is not None and bool(head.library.int8_product_uses_avx512_vnni())
+
+    def __init__(self, head: CompiledBf16Weights, chunk_rows: int = 8192):
+        if not self.suits(head):
+            raise ValueError("a head screen needs the native bf16 product's tile order and int8 sums with VNNI or "
+                             "AMX")
+        exact = head.weights
+        quantized = torch.empty(exact.shape, dtype=torch.int8)
+        scales = torch.empty(head.outputs, dtype=torch.float64)
+        for start in range(0, head.outputs, chunk_rows):
+            rows = exact[start:start + chunk_rows].double()
+            largest = rows.abs().amax(1)
+            scale = torch.where(largest > 0, largest / SCREEN_LEVELS, torch.ones_like(largest))
+            quantized[start:start + chunk_rows] = torch.round(rows / scale[:, None]).clamp(
+                -SCREEN_LEVELS, SCREEN_LEVELS).to(torch.int8)
+            scales[start:start + chunk_rows] = scale
+        self.weights = CompiledInt8Weights(quantized, scales.float(), library=head.library)
+        # What the int8 product multiplies each weight by: its scales hold the input step too.
+        applied = self.weights.scales.double() / torch.tensor(INPUT_STEP, dtype=torch.float32).double()
+        magnitudes = torch.empty(head.outputs, dtype=torch.float64)
+        rounding = torch.empty(head.outputs, dtype=torch.float64)
+        for start in range(0, head.outputs, chunk_rows):
+            rows = exact[start:start + chunk_rows].double()
+            magnitudes[start:start + chunk_rows] = rows.abs().sum(1)
+            rounding[start:start + chunk_rows] = (rows - quantized[start:start + chunk_rows].double()
+                                                  * applied[start:start + chunk_rows, None]).abs().amax(1)
+        self.magnitudes, self.rounding = _rounded_up(magnitudes), _rounded_up(rounding)
+        self.struct = HeadScreenStruct(self.weights.struct, self.magnitudes.data_ptr(), self.rounding.data_ptr())
+
+
+def _rounded_up(values: torch.Tensor) -> torch.Tensor:
+    """float64 values as the float32 values at or above them."""
+    nearest = values.float()
+    return torch.where(nearest.double() < values, torch.nextafter(nearest, torch.tensor(float("inf"))),
+                       nearest).contiguous()
+
+
+__all__ = ["BF16_TILE_INPUTS", "Bf16HeadScreen", "Bf16LayerStruct", "CompiledBf16Weights", "CompiledInt8Weights",
+           "DecoderLayerStruct", "FLAGS", "HeadScreenStruct", "INPUT_STEP", "Int8LayerStruct", "LIBRARY",
+           "ProjectionStruct", "Qwen3ModelStruct", "SCREEN_LEVELS", "SIGNATURES", "SOURCES", "TILE_INPUTS",
+           "TILE_OUTPUTS", "decode_step_library", "products_use_avx512_vnni", "require_decode_step_library"]

@@ -14,7 +14,9 @@ the layers' bits; its float arithmetic around them is torch's in another order, 
 equal HF's where no two tokens are near a tie (the tests count both).
 
 Used only where HF's generate would be plain greedy search (greedy_generation_config): any
-other logits processing stays with generate.
+other logits processing stays with generate. So a pass gives tokens, not logits: a bf16 head is
+read through its int8 screen where the CPU allows one (decode_step.Bf16HeadScreen), which finds
+the same tokens from half the head's bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import torch
 from twopass_asr.kernels.bf16_linear import CompiledBf16Linear
 from twopass_asr.kernels.decode_step import (
     INPUT_STEP,
+    Bf16HeadScreen,
     DecoderLayerStruct,
+    HeadScreenStruct,
     ProjectionStruct,
     Qwen3ModelStruct,
     require_decode_step_library,
@@ -82,7 +86,9 @@ class NativeDecoder:
     """The C prefill and decode steps over a Qwen3 causal LM made int8 or bf16 by llm_on_torch
     (whose layers' weights it reads; bf16 where its output head is)."""
 
-    def __init__(self, llm: torch.nn.Module):
+    def __init__(self, llm: torch.nn.Module, screen_head: bool = True):
+        """screen_head: read a bf16 head through an int8 screen where the CPU allows one
+        (Bf16HeadScreen); the tokens are the same either way."""
         library = require_decode_step_library()
         config = llm.config
         if config.model_type != "qwen3" or getattr(config, "attention_bias", False) or config.hidden_act != "silu":
@@ -118,6 +124,10 @@ class NativeDecoder:
             norm_eps=config.rms_norm_eps, input_step=INPUT_STEP, bf16_products=self.bf16,
             inverse_frequencies=self._floats(inverse_frequencies), layer=self._layer_structs,
             final_norm=self._floats(llm.model.norm.weight), head=_projection(llm.lm_head, self.bf16))
+        self.head_screen = None
+        if screen_head and self.bf16 and Bf16HeadScreen.suits(llm.lm_head.packed):
+            self.head_screen = Bf16HeadScreen(llm.lm_head.packed)
+        self.model.screen = self.head_screen.struct if self.head_screen else HeadScreenStruct()
         self.vocabulary = llm.lm_head.out_features
         # The rows a pass may hold when it checks drafts, unless generate is told otherwise.
         self.draft_rows = default_draft_rows("bf16" if self.bf16 else "int8")
