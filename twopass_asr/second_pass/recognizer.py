@@ -258,9 +258,10 @@ class NanoRecognizer:
 
     @torch.no_grad()
     def embed_prepared(self, segments: Sequence[PreparedSegment]) -> list[torch.Tensor]:
-        """The batched half of prompt_embeds: one audio encoder + adaptor pass over all the
-        segments' fbank features (zero-padded to the longest; the encoder masks the padding),
-        then each segment's audio embeddings spliced into its own prompt."""
+        """The batched half of prompt_embeds: one audio encoder pass over all the segments'
+        fbank features (zero-padded to the longest; the encoder masks the padding), an adaptor
+        pass over each segment's own rows, then each segment's audio embeddings spliced into its
+        own prompt."""
         if not segments:
             return []
         device = self.device
@@ -269,17 +270,21 @@ class NanoRecognizer:
         # FunASR runs the encoder in float32 whatever the LLM's dtype (it has fp32-only ops).
         with stream_rows(frames=lengths.tolist()):
             encoded, encoded_lengths = (self.fused_audio_encoder or self.model.encode)(fbank, lengths)
-            adapted, adapted_lengths = self.model.audio_adaptor(encoded, encoded_lengths)
         embed_tokens = self.model.llm.model.get_input_embeddings()
         prompts = []
         for index, segment in enumerate(segments):
             # The table may be stored in another dtype (release_generation_layers).
             prompt = embed_tokens(segment.source_ids.to(device)).to(self.dtype)
             if segment.audio_start > 0:
+                # Alone: over a padded batch torch's attention sums in another order, so a
+                # segment's prompt would depend on the segments it was batched with.
+                rows = encoded_lengths[index:index + 1]
+                with stream_rows(frames=[int(lengths[index])]):
+                    adapted, adapted_lengths = self.model.audio_adaptor(encoded[index:index + 1, :int(rows)], rows)
                 # inference_prepare copies audio_tokens rows, or the adaptor's whole output
                 # when it is shorter (its fallback when the slice does not fit).
-                count = min(segment.audio_tokens, int(adapted_lengths[index]))
-                prompt[segment.audio_start:segment.audio_start + count] = adapted[index, :count]
+                count = min(segment.audio_tokens, int(adapted_lengths[0]))
+                prompt[segment.audio_start:segment.audio_start + count] = adapted[0, :count]
                 if not self._generation_released:
                     self.prompt_prefixes.remember(segment.source_ids[:segment.audio_start].tolist(),
                                                   prompt[:segment.audio_start])
