@@ -334,6 +334,7 @@ TINY_LLM = {
     "tie_word_embeddings": False,
 }
 TINY_BPE_VOCAB = 512
+VOCABULARY_MULTIPLE = 128
 TINY_CTC_VOCAB = 2048
 TINY_MAX_NEW_TOKENS = 12
 
@@ -363,7 +364,10 @@ def _qwen_config(size: str, special_ids: dict[str, int]) -> dict:
     config = copy.deepcopy(REAL_QWEN3_CONFIG)
     if size == "tiny":
         config.update(TINY_LLM)
-        config["vocab_size"] = special_ids[QWEN_ADDED_TOKENS[-1][0]] + 1
+        # Padded past the tokenizer's tokens as Qwen's own configs are (151,936 for 151,669), so
+        # that the output head has the shape the compiled kernels' tile order takes, as the real one.
+        tokens = special_ids[QWEN_ADDED_TOKENS[-1][0]] + 1
+        config["vocab_size"] = -(-tokens // VOCABULARY_MULTIPLE) * VOCABULARY_MULTIPLE
     config["bos_token_id"] = special_ids["<|endoftext|>"]
     config["eos_token_id"] = special_ids["<|im_end|>"]
     return config
