@@ -34,9 +34,9 @@ typedef struct {
 } decoder_layer;
 
 /* A bf16 output head's int8 copy, by which the greedy token is found reading half the head's bytes
- * (screened_head): the head's weights on 127 levels per output (no input step in its scales,
- * unlike the other int8 layers'), and per output the sum of its bf16 weights' magnitudes and the
- * largest difference between a bf16 weight and its int8 value (rounded up). No screen: outputs 0. */
+ * (screened_head): the head's weights on 127 levels per output, and per output the sum of its bf16
+ * weights' magnitudes and the largest difference between a bf16 weight and its int8 value (both
+ * rounded up). No screen: outputs 0. */
 typedef struct {
     int8_layer weights;
     const float *magnitudes, *rounding; /* [outputs] each */
