@@ -224,24 +224,23 @@ class Bf16HeadScreen:
                              "AMX")
         exact = head.weights
         quantized = torch.empty(exact.shape, dtype=torch.int8)
-        scales = torch.empty(head.outputs, dtype=torch.float64)
-        for start in range(0, head.outputs, chunk_rows):
-            rows = exact[start:start + chunk_rows].double()
-            largest = rows.abs().amax(1)
-            scale = torch.where(largest > 0, largest / SCREEN_LEVELS, torch.ones_like(largest))
-            quantized[start:start + chunk_rows] = torch.round(rows / scale[:, None]).clamp(
-                -SCREEN_LEVELS, SCREEN_LEVELS).to(torch.int8)
-            scales[start:start + chunk_rows] = scale
-        self.weights = CompiledInt8Weights(quantized, scales.float(), library=head.library)
-        # What the int8 product multiplies each weight by: its scales hold the input step too.
-        applied = self.weights.scales.double() / torch.tensor(INPUT_STEP, dtype=torch.float32).double()
+        scales = torch.empty(head.outputs)
         magnitudes = torch.empty(head.outputs, dtype=torch.float64)
         rounding = torch.empty(head.outputs, dtype=torch.float64)
+        step = torch.tensor(INPUT_STEP, dtype=torch.float32)
         for start in range(0, head.outputs, chunk_rows):
             rows = exact[start:start + chunk_rows].double()
-            magnitudes[start:start + chunk_rows] = rows.abs().sum(1)
-            rounding[start:start + chunk_rows] = (rows - quantized[start:start + chunk_rows].double()
-                                                  * applied[start:start + chunk_rows, None]).abs().amax(1)
+            sizes = rows.abs()
+            largest = sizes.amax(1)
+            scale = torch.where(largest > 0, largest / SCREEN_LEVELS, torch.ones_like(largest)).float()
+            levels = torch.round(rows / scale.double()[:, None]).clamp_(-SCREEN_LEVELS, SCREEN_LEVELS)
+            # What the int8 product multiplies each weight by: its scales hold the input step too.
+            applied = (scale * step).double() / step.double()
+            quantized[start:start + chunk_rows] = levels.to(torch.int8)
+            scales[start:start + chunk_rows] = scale
+            magnitudes[start:start + chunk_rows] = sizes.sum(1)
+            rounding[start:start + chunk_rows] = (rows - levels * applied[:, None]).abs_().amax(1)
+        self.weights = CompiledInt8Weights(quantized, scales, library=head.library)
         self.magnitudes, self.rounding = _rounded_up(magnitudes), _rounded_up(rounding)
         self.struct = HeadScreenStruct(self.weights.struct, self.magnitudes.data_ptr(), self.rounding.data_ptr())
 
