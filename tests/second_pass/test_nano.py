@@ -727,7 +727,8 @@ def test_a_prompts_logits_are_the_same_bits_alone_or_batched(precision, request,
     the cache's order. A prompt prefix's cache is the C prefill's too. So a prompt's first
     logits are the same bits alone (continuing from its prefix's cache) as in a batch of
     prompts of other prefixes and lengths (prefilled whole, padded, its cache entries
-    elsewhere)."""
+    elsewhere). Through a bf16 head's int8 screen the logits outside the blocks it kept are its
+    approximations, a row's own int8 products: the same bits too."""
     generation = request.getfixturevalue(f"{precision}_generation")
     prompts = [generation.prompt_embeds(pcm, **case) for pcm in segments() for case in CASES]
     assert len({len(prompt) for prompt in prompts}) > 1

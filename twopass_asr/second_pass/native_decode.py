@@ -265,8 +265,10 @@ class NativeDecoder:
                  logits: torch.Tensor) -> list[int]:
         """One qwen3_forward over the rows of `hidden` (row r: sequence slots[r] at rotary
         position positions[r], cache index indices[r]; the pass overwrites them where they are
-        float32 already): the greedy token after each of `logit_rows`. scratch: step_scratch_floats for at least these rows; logits: room for
-        the logits of logit_rows, [at least len(logit_rows), vocabulary]."""
+        float32 already): the greedy token after each of `logit_rows`. scratch:
+        step_scratch_floats for at least these rows; logits: room for the logits of logit_rows,
+        [at least len(logit_rows), vocabulary] (through a head screen, its approximations outside
+        the blocks it kept)."""
         hidden = hidden.float().contiguous()
         slots, positions, indices, logit_rows = (tensor.to(torch.int64).contiguous()
                                                  for tensor in (slots, positions, indices, logit_rows))
