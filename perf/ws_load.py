@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -150,13 +151,18 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
     """Learn which frame each partial comes from: send frames back to back, and after each
     frame that triggers a first-pass decode wait for the server; partials arriving in that
     wait belong to that frame. The wait ends at the expected number of partials or after a
-    timeout that adapts to how fast this server answers (an empty decode sends nothing)."""
+    timeout that adapts to how fast this server answers (an empty decode sends nothing).
+    While a segment the VAD has ended has no second-pass result yet, the wait has no such
+    timeout: a server that runs a segment's second pass before the stream's next audio
+    (FunASR's, perf/baseline_server.py) answers the decodes after it only once it is done."""
     if plan.config["mode"] == "offline":
         plan.partial_frames, plan.partial_texts = [], []
         return
     triggers: dict[int, int] = {}
     for frame in plan.decode_frames:
         triggers[frame] = triggers.get(frame, 0) + 1
+    segment_end_frames = sorted(plan.detection_frames.values())
+    second_passes_seen = 0
     frames, texts, unexpected = [], [], []
     inbox: asyncio.Queue = asyncio.Queue()
     slowest = 0.0
@@ -173,6 +179,7 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
         receiver = asyncio.create_task(receive())
 
         def take(message: dict, frame: int) -> None:
+            nonlocal second_passes_seen
             if "closed" in message:
                 raise RuntimeError(f"probe stream: the server closed the connection (code {message['closed']}) "
                                    "before the final message")
@@ -181,12 +188,18 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
             if is_partial(message):
                 frames.append(frame)
                 texts.append(message.get("text", ""))
+            elif "end_time" in message:
+                second_passes_seen += 1
 
         async def wait_for_frame(frame: int, expected: int) -> None:
             nonlocal slowest
             started, got = time.monotonic(), 0
             while got < expected:
-                timeout = min(max_wait_s, 0.3 + 4 * slowest) if slowest else max_wait_s
+                second_pass_due = bisect.bisect_right(segment_end_frames, frame) > second_passes_seen
+                if second_pass_due:
+                    timeout = final_timeout_s
+                else:
+                    timeout = min(max_wait_s, 0.3 + 4 * slowest) if slowest else max_wait_s
                 try:
                     message = await asyncio.wait_for(inbox.get(), timeout)
                 except asyncio.TimeoutError:
@@ -194,7 +207,10 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
                 take(message, frame)
                 if is_partial(message):
                     got += 1
-                    slowest = max(slowest, time.monotonic() - started)
+                    if not second_pass_due:
+                        slowest = max(slowest, time.monotonic() - started)
+                if second_pass_due:
+                    started = time.monotonic()  # a decode's own time counts from the second pass's end
 
         await websocket.send(json.dumps({**plan.config, "wav_name": "probe"}))
         for index, data in enumerate(plan.frames()):

@@ -1,13 +1,16 @@
 """Latency accounting of the load tool (perf/metrics.py, perf/ws_load.py's per-stream
-summary, perf/capacity.py's search) on scripted timelines, and the precision profiles the perf
-tools start the service in: no server, no models."""
+summary and probe, perf/capacity.py's search) on scripted timelines and a scripted websocket server,
+and the precision profiles the perf tools start the service in: no service, no models."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 
 import numpy as np
 import pytest
+from websockets.asyncio.server import serve
 
 from perf import capacity, metrics, ws_load
 from perf.bench_args import PROFILES, comma_choices, profile_environment
@@ -131,6 +134,61 @@ def test_stream_metrics_of_a_scripted_stream():
     short = _record(plan, messages[:3] + messages[4:], frame_sent, end_sent)
     result = ws_load.stream_metrics(plan, short)
     assert result["partial_lag"] == [] and result["partial_unmatched"]
+
+
+async def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second_pass_first: bool):
+    """A websocket server answering plan's decodes with a partial each at once, and each
+    segment end the VAD reports with a second-pass result after second_pass_s: before the
+    stream's next audio and decodes (second_pass_first, as FunASR's servers) or beside them."""
+    decodes = [plan.decode_frames.count(f) for f in range(len(plan.frame_lengths) + 1)]
+    segment_ends = {frame: end_ms for end_ms, frame in plan.detection_frames.items()}
+
+    async def second_pass(websocket, end_ms: int) -> None:
+        await asyncio.sleep(second_pass_s)
+        await websocket.send(json.dumps({"mode": "2pass-offline", "text": "s", "is_final": False,
+                                         "start_time": 0, "end_time": end_ms}))
+
+    async def handle(websocket) -> None:
+        frame, passes = 0, []
+        async for message in websocket:
+            if isinstance(message, str) and not json.loads(message).get("is_end"):
+                continue  # the stream's config
+            if frame in segment_ends:
+                passes.append(asyncio.create_task(second_pass(websocket, segment_ends[frame])))
+                if second_pass_first:
+                    await passes[-1]
+            for _ in range(decodes[frame]):
+                await websocket.send(json.dumps({"mode": "2pass-online", "text": f"p{frame}", "is_final": False}))
+            if isinstance(message, str):  # the end: the final after every second pass
+                await asyncio.gather(*passes)
+                await websocket.send(json.dumps({"mode": "2pass-offline", "text": "", "is_final": True}))
+            frame += 1
+
+    return await serve(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("second_pass_first", [True, False], ids=["before the next audio", "beside it"])
+def test_probe_ties_partials_to_their_frames_across_a_slow_second_pass(second_pass_first):
+    """A second pass that takes far longer than the server's decodes: the probe still ties
+    each partial to the frame whose decode sent it, whether the server holds the stream's
+    next decodes until that pass is done or answers them beside it."""
+    frame_lengths = [FRAME] * 25
+    pieces = metrics.server_pieces(frame_lengths, FRAME, CHUNK)
+    decodes = metrics.first_pass_decodes(pieces, CHUNK, flush_pieces=[12])
+    plan = ws_load.AudioPlan(np.zeros(25 * FRAME, np.int16), ws_load.stream_config("2pass"), frame_lengths,
+                             pieces, decodes, {700: 12})
+
+    async def run() -> None:
+        server = await _scripted_server(plan, second_pass_s=1.0, second_pass_first=second_pass_first)
+        try:
+            await ws_load.probe(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/", plan, max_wait_s=5.0,
+                                final_timeout_s=30.0)
+        finally:
+            server.close()
+
+    asyncio.run(run())
+    assert plan.partial_frames == decodes
+    assert plan.partial_texts == [f"p{frame}" for frame in decodes]
 
 
 def test_stream_without_final_is_dropped_and_error_is_counted():
