@@ -72,7 +72,7 @@ def extra_delays(plan: ws_load.AudioPlan, calm: list[ws_load.StreamRecord], faul
     for index in sorted(streams):
         before, after = ws_load.stream_metrics(plan, calm[index]), ws_load.stream_metrics(plan, faulty[index])
         arrivals = [t for m, t in zip(faulty[index].result.messages, faulty[index].result.arrival_s)
-                    if "end_time" in m and "error" not in m]
+                    if ws_load.is_second_pass(m)]
         for calm_s, faulty_s, arrived in zip(before["second_pass"], after["second_pass"], arrivals):
             if arrived >= killed_at:
                 delays.append(faulty_s - calm_s)

@@ -147,6 +147,11 @@ def is_partial(message: dict) -> bool:
     return message.get("mode") in ("online", "2pass-online") and not message.get("is_final") and "error" not in message
 
 
+def is_second_pass(message: dict) -> bool:
+    """A segment's second-pass text (2pass-offline, with the segment's times)."""
+    return "end_time" in message and "error" not in message
+
+
 async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeout_s: float = 300.0) -> None:
     """Learn which frame each partial comes from: send frames back to back, and after each
     frame that triggers a first-pass decode wait for the server; partials arriving in that
@@ -188,7 +193,7 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
             if is_partial(message):
                 frames.append(frame)
                 texts.append(message.get("text", ""))
-            elif "end_time" in message:
+            elif is_second_pass(message):
                 second_passes_seen += 1
 
         async def wait_for_frame(frame: int, expected: int) -> None:
@@ -304,7 +309,7 @@ def stream_metrics(plan: AudioPlan, record: StreamRecord) -> dict[str, Any]:
     messages = list(zip(result.messages, result.arrival_s))
     partial_arrivals = [t for m, t in messages if is_partial(m)]
     partial_texts = [m.get("text", "") for m, _ in messages if is_partial(m)]
-    segments = [(m["end_time"], t) for m, t in messages if "end_time" in m and "error" not in m]
+    segments = [(m["end_time"], t) for m, t in messages if is_second_pass(m)]
     first_sent = record.frame_sent[0] if record.frame_sent else None
     lags = None
     if plan.partial_frames is not None and result.final is not None:
@@ -492,7 +497,7 @@ def progress_line(clients: int, records: list[StreamRecord], elapsed: float) -> 
     done = sum(r.done for r in records)
     failed = sum(1 for r in records if r.done and (r.failure or r.result.error or r.result.final is None))
     partials = sum(sum(1 for m in r.result.messages if is_partial(m)) for r in records)
-    segments = sum(sum(1 for m in r.result.messages if "end_time" in m) for r in records)
+    segments = sum(sum(1 for m in r.result.messages if is_second_pass(m)) for r in records)
     width = 30
     filled = width * done // max(clients, 1)
     return (f"\r[ws_load] N={clients:<3} [{'#' * filled}{'.' * (width - filled)}] {done}/{clients} done, "

@@ -136,7 +136,7 @@ def test_stream_metrics_of_a_scripted_stream():
     assert result["partial_lag"] == [] and result["partial_unmatched"]
 
 
-async def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second_pass_first: bool):
+def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second_pass_first: bool):
     """A websocket server answering plan's decodes with a partial each at once, and each
     segment end the VAD reports with a second-pass result after second_pass_s: before the
     stream's next audio and decodes (second_pass_first, as FunASR's servers) or beside them."""
@@ -164,7 +164,7 @@ async def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second
                 await websocket.send(json.dumps({"mode": "2pass-offline", "text": "", "is_final": True}))
             frame += 1
 
-    return await serve(handle, "127.0.0.1", 0)
+    return serve(handle, "127.0.0.1", 0)
 
 
 @pytest.mark.parametrize("second_pass_first", [True, False], ids=["before the next audio", "beside it"])
@@ -179,12 +179,9 @@ def test_probe_ties_partials_to_their_frames_across_a_slow_second_pass(second_pa
                              pieces, decodes, {700: 12})
 
     async def run() -> None:
-        server = await _scripted_server(plan, second_pass_s=1.0, second_pass_first=second_pass_first)
-        try:
+        async with _scripted_server(plan, second_pass_s=1.0, second_pass_first=second_pass_first) as server:
             await ws_load.probe(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/", plan, max_wait_s=5.0,
                                 final_timeout_s=30.0)
-        finally:
-            server.close()
 
     asyncio.run(run())
     assert plan.partial_frames == decodes
