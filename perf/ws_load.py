@@ -157,9 +157,10 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
     frame that triggers a first-pass decode wait for the server; partials arriving in that
     wait belong to that frame. The wait ends at the expected number of partials or after a
     timeout that adapts to how fast this server answers (an empty decode sends nothing).
-    While a segment the VAD has ended has no second-pass result yet, the wait has no such
-    timeout: a server that runs a segment's second pass before the stream's next audio
-    (FunASR's, perf/baseline_server.py) answers the decodes after it only once it is done."""
+    While a segment the VAD has ended has no second-pass result yet, the wait runs until
+    final_timeout_s after the frame that ended it: a server that runs a segment's second pass
+    before the stream's next audio (FunASR's, perf/baseline_server.py) answers the decodes after
+    it only once it is done. A second pass that never comes is a mismatch (ProbeMismatch)."""
     if plan.config["mode"] == "offline":
         plan.partial_frames, plan.partial_texts = [], []
         return
@@ -167,6 +168,7 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
     for frame in plan.decode_frames:
         triggers[frame] = triggers.get(frame, 0) + 1
     segment_end_frames = sorted(plan.detection_frames.values())
+    second_pass_deadlines: list[float] = []  # per segment end, in order, once its frame is sent
     second_passes_seen = 0
     frames, texts, unexpected = [], [], []
     inbox: asyncio.Queue = asyncio.Queue()
@@ -202,12 +204,18 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
             while got < expected:
                 second_pass_due = bisect.bisect_right(segment_end_frames, frame) > second_passes_seen
                 if second_pass_due:
-                    timeout = final_timeout_s
+                    timeout = second_pass_deadlines[second_passes_seen] - time.monotonic()
                 else:
                     timeout = min(max_wait_s, 0.3 + 4 * slowest) if slowest else max_wait_s
                 try:
-                    message = await asyncio.wait_for(inbox.get(), timeout)
+                    message = await asyncio.wait_for(inbox.get(), max(timeout, 0.0))
                 except asyncio.TimeoutError:
+                    if second_pass_due:
+                        raise ProbeMismatch(
+                            f"probe: no second-pass result within {final_timeout_s:g} s of frame "
+                            f"{segment_end_frames[second_passes_seen]}, where the plan's VAD ends a segment; "
+                            "the server's VAD differs from --vad-dir's, or its second pass is slower than "
+                            "--timeout-s") from None
                     return
                 take(message, frame)
                 if is_partial(message):
@@ -225,6 +233,8 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
                     unexpected.append(index)
                 take(message, index - 1)
             await websocket.send(data)
+            ends_here = bisect.bisect_right(segment_end_frames, index) - bisect.bisect_left(segment_end_frames, index)
+            second_pass_deadlines += [time.monotonic() + final_timeout_s] * ends_here
             if index in triggers:
                 await wait_for_frame(index, triggers[index])
         await websocket.send(json.dumps({"is_speaking": False, "is_end": True}))

@@ -136,12 +136,15 @@ def test_stream_metrics_of_a_scripted_stream():
     assert result["partial_lag"] == [] and result["partial_unmatched"]
 
 
-def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second_pass_first: bool):
-    """A websocket server answering plan's decodes with a partial each at once, and each
-    segment end the VAD reports with a second-pass result after second_pass_s: before the
-    stream's next audio and decodes (second_pass_first, as FunASR's servers) or beside them."""
-    decodes = [plan.decode_frames.count(f) for f in range(len(plan.frame_lengths) + 1)]
-    segment_ends = {frame: end_ms for end_ms, frame in plan.detection_frames.items()}
+def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second_pass_first: bool,
+                     segment_ends: dict[int, int] | None = None, empty_decodes: tuple[int, ...] = ()):
+    """A websocket server answering plan's decodes with a partial each at once (none for the
+    frames in empty_decodes), and each segment end its VAD reports (by default the plan's, as
+    {frame: end_ms}) with a second-pass result after second_pass_s: before the stream's next
+    audio and decodes (second_pass_first, as FunASR's servers) or beside them."""
+    decodes = [0 if f in empty_decodes else plan.decode_frames.count(f) for f in range(len(plan.frame_lengths) + 1)]
+    if segment_ends is None:
+        segment_ends = {frame: end_ms for end_ms, frame in plan.detection_frames.items()}
 
     async def second_pass(websocket, end_ms: int) -> None:
         await asyncio.sleep(second_pass_s)
@@ -186,6 +189,26 @@ def test_probe_ties_partials_to_their_frames_across_a_slow_second_pass(second_pa
     asyncio.run(run())
     assert plan.partial_frames == decodes
     assert plan.partial_texts == [f"p{frame}" for frame in decodes]
+
+
+def test_probe_reports_a_segment_end_the_server_never_answers():
+    """The plan's VAD ends a segment the server's does not: the probe waits for its second
+    pass up to final_timeout_s after the frame that ended it (once, not again for each empty
+    decode after it), then says what differs."""
+    frame_lengths = [FRAME] * 25
+    pieces = metrics.server_pieces(frame_lengths, FRAME, CHUNK)
+    decodes = metrics.first_pass_decodes(pieces, CHUNK, flush_pieces=[12])
+    plan = ws_load.AudioPlan(np.zeros(25 * FRAME, np.int16), ws_load.stream_config("2pass"), frame_lengths,
+                             pieces, decodes, {700: 12})
+
+    async def run() -> None:
+        async with _scripted_server(plan, second_pass_s=0.0, second_pass_first=False, segment_ends={},
+                                    empty_decodes=(12, 22)) as server:
+            await ws_load.probe(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/", plan, max_wait_s=5.0,
+                                final_timeout_s=1.5)
+
+    with pytest.raises(ws_load.ProbeMismatch, match="no second-pass result within 1.5 s of frame 12"):
+        asyncio.run(run())
 
 
 def test_stream_without_final_is_dropped_and_error_is_counted():
