@@ -113,6 +113,15 @@ def products_use_avx512_vnni() -> bool:
     return library is not None and bool(library.int8_product_uses_avx512_vnni())
 
 
+_INPUT_STEP_FLOAT32 = torch.tensor(INPUT_STEP, dtype=torch.float32)
+
+
+def _stored_scales(weight_scales: torch.Tensor) -> torch.Tensor:
+    """Each output's scale as int8_product.h applies it to that output's sums: times the input
+    step, in float32."""
+    return (weight_scales.float().reshape(-1) * _INPUT_STEP_FLOAT32).contiguous()
+
+
 class CompiledInt8Weights:
     """An int8 layer's weights as int8_product.h takes them: int8 [outputs, inputs] on -63..63
     (in tile order, padded with zeros to whole tiles, where `library` takes it for the shape,
@@ -126,7 +135,7 @@ class CompiledInt8Weights:
             raise ValueError(f"expected 2-D int8 weights, got {weights.dtype} {tuple(weights.shape)}")
         self.library = require_decode_step_library() if library is None else library
         self.outputs, self.inputs = weights.shape
-        self.scales = (weight_scales.float().reshape(-1) * torch.tensor(INPUT_STEP, dtype=torch.float32)).contiguous()
+        self.scales = _stored_scales(weight_scales)
         self.sums = weights.sum(1, dtype=torch.int32).contiguous()
         multiple = self.library.int8_tile_inputs()
         if tiles and multiple and self.outputs % TILE_OUTPUTS == 0 and self.inputs % multiple == 0:
@@ -227,15 +236,14 @@ class Bf16HeadScreen:
         scales = torch.empty(head.outputs)
         magnitudes = torch.empty(head.outputs, dtype=torch.float64)
         rounding = torch.empty(head.outputs, dtype=torch.float64)
-        step = torch.tensor(INPUT_STEP, dtype=torch.float32)
         for start in range(0, head.outputs, chunk_rows):
             rows = exact[start:start + chunk_rows].double()
             sizes = rows.abs()
             largest = sizes.amax(1)
             scale = torch.where(largest > 0, largest / SCREEN_LEVELS, torch.ones_like(largest)).float()
             levels = torch.round(rows / scale.double()[:, None]).clamp_(-SCREEN_LEVELS, SCREEN_LEVELS)
-            # What the int8 product multiplies each weight by: its scales hold the input step too.
-            applied = (scale * step).double() / step.double()
+            # What the int8 product multiplies each weight by.
+            applied = _stored_scales(scale).double() / _INPUT_STEP_FLOAT32.double()
             quantized[start:start + chunk_rows] = levels.to(torch.int8)
             scales[start:start + chunk_rows] = scale
             magnitudes[start:start + chunk_rows] = sizes.sum(1)
