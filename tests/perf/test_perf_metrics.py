@@ -170,23 +170,35 @@ def _scripted_server(plan: ws_load.AudioPlan, second_pass_s: float, second_pass_
     return serve(handle, "127.0.0.1", 0)
 
 
+def _one_segment_plan() -> ws_load.AudioPlan:
+    """25 frames whose VAD ends a segment at 700 ms, reported with frame 12 (the first pass
+    flushes there)."""
+    frame_lengths = [FRAME] * 25
+    pieces = metrics.server_pieces(frame_lengths, FRAME, CHUNK)
+    decodes = metrics.first_pass_decodes(pieces, CHUNK, flush_pieces=[12])
+    return ws_load.AudioPlan(np.zeros(25 * FRAME, np.int16), ws_load.stream_config("2pass"), frame_lengths,
+                             pieces, decodes, {700: 12})
+
+
+def _probe_scripted_server(plan: ws_load.AudioPlan, final_timeout_s: float, **server) -> None:
+    """ws_load.probe of `plan` against _scripted_server(plan, **server)."""
+
+    async def run() -> None:
+        async with _scripted_server(plan, **server) as scripted:
+            await ws_load.probe(f"ws://127.0.0.1:{scripted.sockets[0].getsockname()[1]}/", plan, max_wait_s=5.0,
+                                final_timeout_s=final_timeout_s)
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("second_pass_first", [True, False], ids=["before the next audio", "beside it"])
 def test_probe_ties_partials_to_their_frames_across_a_slow_second_pass(second_pass_first):
     """A second pass that takes far longer than the server's decodes: the probe still ties
     each partial to the frame whose decode sent it, whether the server holds the stream's
     next decodes until that pass is done or answers them beside it."""
-    frame_lengths = [FRAME] * 25
-    pieces = metrics.server_pieces(frame_lengths, FRAME, CHUNK)
-    decodes = metrics.first_pass_decodes(pieces, CHUNK, flush_pieces=[12])
-    plan = ws_load.AudioPlan(np.zeros(25 * FRAME, np.int16), ws_load.stream_config("2pass"), frame_lengths,
-                             pieces, decodes, {700: 12})
-
-    async def run() -> None:
-        async with _scripted_server(plan, second_pass_s=1.0, second_pass_first=second_pass_first) as server:
-            await ws_load.probe(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/", plan, max_wait_s=5.0,
-                                final_timeout_s=30.0)
-
-    asyncio.run(run())
+    plan = _one_segment_plan()
+    decodes = list(plan.decode_frames)
+    _probe_scripted_server(plan, 30.0, second_pass_s=1.0, second_pass_first=second_pass_first)
     assert plan.partial_frames == decodes
     assert plan.partial_texts == [f"p{frame}" for frame in decodes]
 
@@ -195,20 +207,10 @@ def test_probe_reports_a_segment_end_the_server_never_answers():
     """The plan's VAD ends a segment the server's does not: the probe waits for its second
     pass up to final_timeout_s after the frame that ended it (once, not again for each empty
     decode after it), then says what differs."""
-    frame_lengths = [FRAME] * 25
-    pieces = metrics.server_pieces(frame_lengths, FRAME, CHUNK)
-    decodes = metrics.first_pass_decodes(pieces, CHUNK, flush_pieces=[12])
-    plan = ws_load.AudioPlan(np.zeros(25 * FRAME, np.int16), ws_load.stream_config("2pass"), frame_lengths,
-                             pieces, decodes, {700: 12})
-
-    async def run() -> None:
-        async with _scripted_server(plan, second_pass_s=0.0, second_pass_first=False, segment_ends={},
-                                    empty_decodes=(12, 22)) as server:
-            await ws_load.probe(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/", plan, max_wait_s=5.0,
-                                final_timeout_s=1.5)
-
+    plan = _one_segment_plan()
     with pytest.raises(ws_load.ProbeMismatch, match="no second-pass result within 1.5 s of frame 12"):
-        asyncio.run(run())
+        _probe_scripted_server(plan, 1.5, second_pass_s=0.0, second_pass_first=False, segment_ends={},
+                               empty_decodes=(12, 22))
 
 
 def test_stream_without_final_is_dropped_and_error_is_counted():
