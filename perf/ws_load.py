@@ -236,8 +236,7 @@ async def probe(url: str, plan: AudioPlan, max_wait_s: float = 5.0, final_timeou
                     unexpected.append(index)
                 take(message, index - 1)
             await websocket.send(data)
-            ends_here = bisect.bisect_right(segment_end_frames, index) - bisect.bisect_left(segment_end_frames, index)
-            second_pass_deadlines += [time.monotonic() + final_timeout_s] * ends_here
+            second_pass_deadlines += [time.monotonic() + final_timeout_s] * segment_end_frames.count(index)
             if index in triggers:
                 await wait_for_frame(index, triggers[index])
         await websocket.send(json.dumps({"is_speaking": False, "is_end": True}))
